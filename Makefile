@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine:
+#   make run  ARGS="convert HuggingFaceTB/SmolLM2-135M-Instruct --out work/"   (the main job)
+#   make test                                                                   (the test suite)
+PYTHON ?= python3
+VENV ?= .venv
+# CPU build of PyTorch; on a GPU box: make TORCH_SPEC=torch (a CUDA build)
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+ARGS ?= --help
+
+.PHONY: setup toolchain run test bench clean
+
+$(BIN)/ggufbot: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $(BIN)/ggufbot
+
+setup: $(BIN)/ggufbot
+
+toolchain: setup
+	$(BIN)/ggufbot toolchain install
+
+run: toolchain
+	$(BIN)/ggufbot $(ARGS)
+
+test: toolchain
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: toolchain
+	$(BIN)/python benchmarks/ladder.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,162 @@
+"""Benchmark: the bot's ladder pipeline vs the same steps as a plain serial sequence of llama.cpp commands.
+
+Runs, in one process and one run, on the SmolLM2 checkpoint (tests/models.py):
+  plain     convert_hf_to_gguf.py -> llama-imatrix (+ .dat) -> llama-quantize per type, one after another
+  serial    the bot's pipeline with --jobs 1
+  parallel  the bot's pipeline with --jobs N (N = cores)
+and prints JSON: wall seconds per stage, peak RSS of the programs, peak disk of the work dir, leftover
+temporary files, and the ratios bot/plain. Targets: serial/plain <= 1.05; parallel/plain < 1 with cores.
+
+usage: python benchmarks/ladder.py [--ladder Q8_0,Q4_K_M,IQ4_XS,Q2_K] [--chunks 16] [--ctx 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from converters import checkpoint as ck_mod  # noqa: E402
+from converters import pipeline, quants, records, toolchain  # noqa: E402
+from converters.calibrate import TextFile  # noqa: E402
+from tests.models import smollm2_checkpoint  # noqa: E402
+
+
+class DiskPeak:
+    """Samples the size of a directory tree in a thread; .peak is the largest seen."""
+
+    def __init__(self, path: Path, every: float = 0.1):
+        self.path, self.every, self.peak = path, every, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+
+    def _size(self) -> int:
+        total = 0
+        for dirpath, _, files in os.walk(self.path):
+            for f in files:
+                try:
+                    total += os.lstat(os.path.join(dirpath, f)).st_size
+                except FileNotFoundError:
+                    pass
+        return total
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._size())
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> "DiskPeak":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._size())
+
+
+def children_peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def run_plain(tc, ck_dir: Path, out: Path, cal: Path, types, chunks: int, ctx: int) -> dict:
+    threads = str(os.cpu_count() or 1)
+    stages = {}
+    t0 = time.monotonic()
+    ref = out / "model-BF16.gguf"
+    toolchain.run([sys.executable, tc.converter, ck_dir, "--outtype", "bf16", "--outfile", ref], env=tc.python_env())
+    stages["convert"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    imat = out / "imatrix.gguf"
+    toolchain.run([tc.program("llama-imatrix"), "-m", ref, "-f", cal, "-o", imat, "--output-format", "gguf",
+                   "-c", str(ctx), "-t", threads, "--no-ppl", "-ofreq", "1000000", "--chunks", str(chunks)])
+    toolchain.run([tc.program("llama-imatrix"), "-m", ref, "--in-file", imat, "--output-format", "dat", "-o", out / "imatrix.dat"])
+    stages["calibrate"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    for q in types:
+        toolchain.run([tc.program("llama-quantize"), "--imatrix", imat, ref, out / f"model-{q.name}.gguf",
+                       q.base_name, threads])
+    stages["quantize"] = time.monotonic() - t0
+    return stages
+
+
+def run_bot(tc, ck, out: Path, cal: Path, ladder: str, chunks: int, ctx: int, jobs: int) -> dict:
+    p = pipeline.plan(ck, out, model_name="model", ladder=ladder, calibration=TextFile.of(cal),
+                      calibration_chunks=chunks, ctx=ctx, jobs=jobs)
+    stages: dict[str, float] = {}
+    starts: dict[str, float] = {}
+
+    def on_event(stage, state, info):
+        if state == "start":
+            starts[stage] = time.monotonic()
+        elif state in ("end", "skip"):
+            stages[stage] = time.monotonic() - starts[stage]
+
+    pipeline.execute(p, toolchain=tc, on_event=on_event)
+    return stages
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ladder", default="Q8_0,Q4_K_M,IQ4_XS,Q2_K")
+    ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--calibration", type=Path, default=ROOT.parent / "shared" / "data" / "groups_merged.txt")
+    ap.add_argument("--keep", action="store_true", help="keep the work directories")
+    args = ap.parse_args()
+
+    tc = toolchain.find(required=True)
+    ck_dir = smollm2_checkpoint()
+    ck = ck_mod.inspect(ck_dir)
+    types = quants.parse_ladder(args.ladder)
+    cores = os.cpu_count() or 1
+    base = Path(tempfile.mkdtemp(prefix="ggufbot-bench-"))
+    result: dict = {"model": ck_dir.name, "parameters": ck.parameters, "ladder": [q.name for q in types],
+                    "calibration_chunks": args.chunks, "ctx": args.ctx, "cores": cores, "toolchain": tc.version,
+                    "runs": {}}
+    try:
+        for name in ("plain", "serial", "parallel"):
+            out = base / name
+            out.mkdir()
+            rss_before = children_peak_rss_mb()
+            t0 = time.monotonic()
+            with DiskPeak(out) as disk:
+                if name == "plain":
+                    stages = run_plain(tc, ck_dir, out, args.calibration, types, args.chunks, args.ctx)
+                else:
+                    stages = run_bot(tc, ck, out, args.calibration, args.ladder, args.chunks, args.ctx,
+                                     jobs=1 if name == "serial" else cores)
+            wall = time.monotonic() - t0
+            leftovers = [str(p.relative_to(out)) for p in out.rglob(f"{records.TMP_MARK}*")]
+            result["runs"][name] = {
+                "wall_seconds": round(wall, 2),
+                "stages_seconds": {k: round(v, 2) for k, v in stages.items()},
+                "peak_rss_mb_programs": round(max(children_peak_rss_mb(), rss_before), 1),
+                "peak_disk_mb": round(disk.peak / 1e6, 1),
+                "temporary_files_left": leftovers,
+            }
+        plain = result["runs"]["plain"]["wall_seconds"]
+        result["ratio_serial_to_plain"] = round(result["runs"]["serial"]["wall_seconds"] / plain, 3)
+        result["ratio_parallel_to_plain"] = round(result["runs"]["parallel"]["wall_seconds"] / plain, 3)
+        result["peak_rss_mb_this_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        result["targets"] = {"serial_overhead_ok": result["ratio_serial_to_plain"] <= 1.05,
+                             "parallel_faster": result["ratio_parallel_to_plain"] < 1.0,
+                             "no_temporary_files": not any(r["temporary_files_left"] for r in result["runs"].values())}
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""``ggufbot convert``, ``ggufbot toolchain install|info`` and ``ggufbot doctor``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from converters import checkpoint as ckpt_mod
+from converters import pipeline, quants, toolchain
+from converters.errors import ConfigError, InputError, UnsupportedModel
+from converters.stages import free_bytes
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="checkpoint (folder or Hub repo id) -> BF16 GGUF -> imatrix -> quant ladder",
+                       description="Convert, calibrate and quantize one model; then evaluate unless --no-eval.")
+    p.add_argument("source", help="a local checkpoint folder or a Hub repo id (ORG/NAME[@REVISION])")
+    p.add_argument("--out", required=True, type=Path, help="work directory for this model")
+    p.add_argument("--ladder", default="default",
+                   help=f"comma list of quant types or a preset ({', '.join(quants.LADDERS)}); default: default")
+    p.add_argument("--calibration", help="calibration text: FILE, URL or hf://datasets/OWNER/NAME/PATH "
+                   "(default: the GGUF-my-repo calibration file, fetched once and cached)")
+    p.add_argument("--chunks", type=int, default=None, help="calibration chunks (default: all of the text)")
+    p.add_argument("--ctx", type=int, default=512, help="calibration context length (default 512)")
+    p.add_argument("--no-imatrix", action="store_true", help="quantize without an importance matrix")
+    p.add_argument("--outtype", default="bf16", choices=["bf16", "f16", "f32"], help="reference GGUF type")
+    p.add_argument("--jobs", type=int, default=1, help="quant types to build in parallel (default 1)")
+    p.add_argument("--split-max-size", default="45G", help="split files larger than this (e.g. 45G, 500M)")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("--allow-remote-code", action="store_true",
+                   help="accept models whose config has auto_map (their code is still never executed)")
+    p.add_argument("--no-eval", action="store_true", help="skip evaluation and checks")
+    p.add_argument("--eval-text", help="evaluation text: FILE, URL or hf://... (never the calibration text)")
+    p.add_argument("--eval-chunks", type=int, default=None, help="evaluation chunks (default: evaluator's choice)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (files, types, sizes, disk) and stop")
+    p.add_argument("--json", action="store_true", help="print ladder.json (or the plan) as JSON")
+    p.set_defaults(func=cmd_convert)
+
+    t = sub.add_parser("toolchain", help="install or describe the pinned llama.cpp build")
+    tsub = t.add_subparsers(dest="action", metavar="ACTION")
+    tsub.required = True
+    ti = tsub.add_parser("install", help="fetch and build the pinned llama.cpp (cached; a no-op when built)")
+    ti.add_argument("--jobs", type=int, default=None, help="build jobs (default: all cores)")
+    ti.set_defaults(func=cmd_toolchain_install)
+    tf = tsub.add_parser("info", help="print the toolchain in use as JSON")
+    tf.set_defaults(func=cmd_toolchain_info)
+
+    d = sub.add_parser("doctor", help="print what is installed and what is missing")
+    d.set_defaults(func=cmd_doctor)
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text.upper())
+    if not m:
+        raise ConfigError(f"bad size {text!r}; use e.g. 45G or 500M", key="split-max-size")
+    return int(float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[m.group(2)])
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _events(stage: str, state: str, info: dict[str, Any]) -> None:
+    if state == "progress":
+        if "type" in info:
+            _stderr(f"[{stage}] {info['type']} {'(already done)' if info.get('skipped') else 'done'} "
+                    f"({info['done']}/{info['total']})")
+        elif info.get("line"):
+            _stderr(f"[{stage}] {info['line']}")
+    elif state == "skip":
+        _stderr(f"[{stage}] already done for these inputs, skipped")
+    elif state == "end":
+        secs = info.get("seconds")
+        _stderr(f"[{stage}] done" + (f" in {secs:.1f} s" if isinstance(secs, (int, float)) else ""))
+    else:
+        _stderr(f"[{stage}] {state}")
+
+
+def _split_source(source: str, revision: str | None) -> tuple[str, str | None]:
+    if "@" in source and not Path(source).exists():
+        repo, rev = source.rsplit("@", 1)
+        return repo, revision or rev
+    return source, revision
+
+
+def _fetch_hub_source(repo: str, revision: str | None, out: Path, allow_remote_code: bool) -> tuple[Path, str]:
+    """Download only the files that matter (weights as safetensors, config, tokenizer, template)."""
+    from bot.hub import Hub
+
+    hub = Hub()
+    info = hub.model_info(repo, revision)
+    names = [s.rfilename for s in info.siblings]
+    if not any(n.endswith(".safetensors") for n in names):
+        if any(n.endswith(ckpt_mod.PICKLE_SUFFIXES) for n in names):
+            raise UnsupportedModel("only pickle weights; refused: pickle can run code", repo=repo)
+        raise UnsupportedModel("no safetensors weights", repo=repo)
+    if (info.config or {}).get("auto_map") and not allow_remote_code:
+        raise UnsupportedModel("needs trust_remote_code (config has auto_map); refused by default", repo=repo)
+    wanted = sum(s.size or 0 for s in info.siblings if any(
+        __import__("fnmatch").fnmatch(s.rfilename, pat) for pat in ckpt_mod.RELEVANT_PATTERNS))
+    # the download plus the reference GGUF (about the same size again) must fit
+    from converters.stages import check_disk
+
+    check_disk(out, 2 * wanted)
+    dest = out / "source"
+    _stderr(f"[fetch] {repo}@{info.sha} ({wanted / 1e9:.2f} GB)")
+    hub.download_snapshot(repo, info.sha, dest, allow_patterns=list(ckpt_mod.RELEVANT_PATTERNS))
+    return dest, info.sha
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from bot.texts import DEFAULT_CALIBRATION, resolve_text, same_text
+
+    out: Path = args.out
+    source, revision = _split_source(args.source, args.revision)
+    local = Path(source).expanduser()
+    tc = toolchain.find(required=True)
+    assert tc is not None
+    supported = ckpt_mod.supported_architectures(tc.root)
+    started = time.monotonic()
+    if local.is_dir():
+        ck_dir, repo, sha = local, None, None
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        out.mkdir(parents=True, exist_ok=True)
+        ck_dir, sha = _fetch_hub_source(source, revision, out, args.allow_remote_code)
+        repo = source
+    else:
+        raise InputError(f"source {source!r} is neither a folder nor a Hub repo id (ORG/NAME)")
+    ck = ckpt_mod.inspect(ck_dir, allow_remote_code=args.allow_remote_code, supported=supported)
+    ladder = quants.parse_ladder(args.ladder)
+    imatrix = not args.no_imatrix
+    cal = resolve_text(args.calibration or DEFAULT_CALIBRATION) if imatrix else None
+    eval_text = None
+    if not args.no_eval and not args.dry_run:
+        from bot.texts import DEFAULT_EVALUATION
+
+        eval_text = resolve_text(args.eval_text or DEFAULT_EVALUATION)
+        if cal is not None and same_text(cal, eval_text):
+            raise InputError("the evaluation text is the calibration text: a quant must not be judged on the text "
+                             "it was calibrated on")
+    p = pipeline.plan(ck, out, model_name=pipeline.model_name_for(repo or str(ck_dir.resolve())),
+                      ladder=[q.name for q in ladder], outtype=args.outtype, calibration=cal,
+                      calibration_chunks=args.chunks, ctx=args.ctx, imatrix=imatrix,
+                      split_max_bytes=parse_size(args.split_max_size), jobs=args.jobs,
+                      source_repo=repo, source_revision=sha)
+    if args.dry_run:
+        print(json.dumps(p.to_json(), indent=2) if args.json else p.describe())
+        return 0
+    result = pipeline.execute(p, toolchain=tc, on_event=_events)
+    if eval_text is not None:
+        from converters import evaluate
+
+        _stderr("[evaluate] start")
+        evaluate.run(out, eval_text=eval_text.path, calibration_text=cal.path if cal else None,
+                     chunks=args.eval_chunks, source_dir=ck.path)
+        _stderr("[evaluate] done")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_ladder(result, out, time.monotonic() - started)
+    return 0
+
+
+def _print_ladder(result: dict[str, Any], out: Path, seconds: float) -> None:
+    report = {}
+    rp = out / "report.json"
+    if rp.exists():
+        report = {f["type"]: f for f in json.loads(rp.read_text()).get("files", [])}
+    print(f"{result['model_name']}: {len(result['files'])} files in {out} ({seconds:.0f} s)")
+    print(f"{'type':<10} {'size':>10} {'bpw':>6}  {'status':<8} file")
+    for f in sorted(result["files"], key=lambda f: -f["size"]):
+        st = report.get(f["type"], {}).get("status", "-")
+        print(f"{f['type']:<10} {f['size'] / 1e6:>8.1f}MB {f['bpw'] or 0:>6.2f}  {st:<8} {f['path']}"
+              + (f" (+{len(f['parts']) - 1} parts)" if len(f["parts"]) > 1 else ""))
+    if result.get("imatrix"):
+        print(f"imatrix    {result['imatrix']['gguf']}, {result['imatrix']['dat']}")
+
+
+def cmd_toolchain_install(args: argparse.Namespace) -> int:
+    existing = toolchain.find(required=False)
+    if existing is not None and not existing.missing():
+        print(f"{existing.version} ready ({'CUDA' if existing.cuda else 'CPU'}) in {existing.bin_dir.parent}")
+        return 0
+    _stderr("building llama.cpp: this takes several minutes (about 6 on 2 cores)")
+    last = [0.0]
+
+    def on_line(line: str) -> None:
+        now = time.monotonic()
+        if line.startswith("[") and now - last[0] > 5:
+            last[0] = now
+            _stderr(line[:160])
+
+    tc = toolchain.install(jobs=args.jobs, on_line=on_line)
+    print(f"{tc.version} ready ({'CUDA' if tc.cuda else 'CPU'}) in {tc.bin_dir.parent}")
+    return 0
+
+
+def cmd_toolchain_info(args: argparse.Namespace) -> int:
+    tc = toolchain.find(required=True)
+    assert tc is not None
+    print(json.dumps(tc.describe(), indent=2))
+    return 0
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    problems = []
+    rows: list[tuple[str, str]] = [("python", platform.python_version())]
+    for pkg in ("huggingface_hub", "transformers", "torch", "gguf", "safetensors", "jinja2", "apscheduler",
+                "sqlalchemy"):
+        v = _version(pkg)
+        rows.append((pkg, v or "MISSING"))
+        if v is None:
+            problems.append(f"python package {pkg} is not installed")
+    for prog in ("cmake", "ninja", "cc", "c++"):
+        path = shutil.which(prog)
+        rows.append((prog, "found" if path else "missing"))
+        if path is None and prog in ("cmake", "cc", "c++"):
+            problems.append(f"{prog} is needed to build llama.cpp")
+    rows.append(("nvcc", "found" if shutil.which("nvcc") else "not found"))
+    rows.append(("GPU", "visible" if toolchain.gpu_visible() else "none (CPU build)"))
+    tc = None
+    try:
+        tc = toolchain.find(required=False)
+    except Exception as e:  # a broken LLAMA_CPP_DIR is reported, not raised
+        problems.append(str(e))
+    if tc is None:
+        rows.append(("llama.cpp", f"not built (pinned {toolchain.PINNED_PACKAGE} {toolchain.PINNED_VERSION})"))
+        problems.append("llama.cpp is not built: run 'ggufbot toolchain install'")
+    else:
+        rows.append(("llama.cpp", f"{tc.version}, {'CUDA' if tc.cuda else 'CPU'}, {tc.origin}"))
+        for m in tc.missing():
+            problems.append(f"llama.cpp program missing: {m}")
+    cache = toolchain.cache_root()
+    rows.append(("cache", str(cache)))
+    rows.append(("free disk (cache)", f"{free_bytes(cache) / 1e9:.1f} GB"))
+    rows.append(("free disk (here)", f"{free_bytes(Path.cwd()) / 1e9:.1f} GB"))
+    rows.append(("HF token", "set" if (os.environ.get("HF_TOKEN") or _token_file()) else "not set (no publishing)"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    if problems:
+        print("\nmissing:")
+        for pr in problems:
+            print(f"  - {pr}")
+        return 1
+    print("\nall set")
+    return 0
+
+
+def _token_file() -> bool:
+    home = os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
+    return (Path(home) / "token").exists()

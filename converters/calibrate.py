@@ -1,0 +1,116 @@
+"""Stage calibrate: an importance matrix (imatrix) from calibration text with llama-imatrix.
+
+Keeps the GGUF form (what llama-quantize reads) and also writes the legacy ``.dat`` form, which
+ik_llama.cpp users need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from converters import records
+from converters.errors import InputError, ToolError
+from converters.stages import StageOutcome
+from converters.toolchain import Toolchain, run
+
+log = logging.getLogger(__name__)
+STAGE = "calibrate"
+
+
+@dataclasses.dataclass(frozen=True)
+class TextFile:
+    """A text used for calibration or evaluation, with where it came from."""
+
+    path: Path
+    name: str
+    source: str  # the path, URL or hf:// spec the user gave
+    sha256: str
+    bytes: int
+
+    @classmethod
+    def of(cls, path: Path, source: str | None = None, name: str | None = None) -> "TextFile":
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"text file not found: {path}")
+        return cls(path=path, name=name or path.name, source=source or path.name,
+                   sha256=records.sha256_file(path), bytes=path.stat().st_size)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "source": self.source, "sha256": self.sha256, "bytes": self.bytes}
+
+
+def imatrix_names(model_name: str) -> tuple[str, str]:
+    return f"{model_name}-imatrix.gguf", f"{model_name}-imatrix.dat"
+
+
+def calibrate(reference: Path, workdir: Path, model_name: str, text: TextFile, *, toolchain: Toolchain,
+              chunks: int | None = None, ctx: int = 512, threads: int | None = None,
+              extra_args: tuple[str, ...] = (), timeout: float | None = None,
+              on_line: Callable[[str], None] | None = None) -> StageOutcome:
+    if ctx < 8:
+        raise InputError(f"calibration context {ctx} is too small")
+    if chunks is not None and chunks < 1:
+        raise InputError(f"calibration chunks must be at least 1 (got {chunks})")
+    # a token is at least one byte of text: fewer than 2*ctx bytes can never fill one chunk
+    if text.bytes < 2 * ctx:
+        raise InputError(f"calibration text {text.name} is too short: {text.bytes} bytes cannot make one chunk of {ctx} tokens")
+    ref_rec = records.load(workdir, "convert")
+    inputs = {"reference": ref_rec.outputs[0].sha256 if ref_rec else records.fingerprint_file(reference),
+              "text": text.sha256, "chunks": chunks, "ctx": ctx, "extra": list(extra_args),
+              "toolchain": toolchain.version}
+    done = records.complete(workdir, STAGE, inputs)
+    if done is not None:
+        log.info("calibrate: imatrix already computed, skipped")
+        return StageOutcome(STAGE, done, skipped=True)
+    gguf_name, dat_name = imatrix_names(model_name)
+    final_gguf, final_dat = workdir / gguf_name, workdir / dat_name
+    started = time.monotonic()
+    threads = threads or os.cpu_count() or 1
+    log.info("calibrate: llama-imatrix on %s (%s chunks of %d)", text.name, chunks or "all", ctx)
+    progress = _chunk_progress(on_line)
+    with records.atomic_output(final_gguf) as tmp:
+        argv = [toolchain.program("llama-imatrix"), "-m", reference, "-f", text.path, "-o", tmp,
+                "--output-format", "gguf", "-c", str(ctx), "-t", str(threads), "--no-ppl", "-ofreq", "1000000",
+                *extra_args]
+        if chunks is not None:
+            argv += ["--chunks", str(chunks)]
+        try:
+            res = run(argv, timeout=timeout, on_line=progress)
+        except ToolError as e:
+            m = re.search(r"tokenizes to only (\d+) tokens", e.stderr_tail)
+            if m:
+                raise InputError(f"calibration text {text.name} is too short: {m.group(1)} tokens, one chunk of "
+                                 f"{ctx} needs {2 * ctx}") from e
+            raise
+    n_chunks = _computed_chunks(res.stderr + res.stdout)
+    with records.atomic_output(final_dat) as tmp:
+        run([toolchain.program("llama-imatrix"), "-m", reference, "--in-file", final_gguf, "--output-format", "dat",
+             "-o", tmp],
+            timeout=timeout)
+    seconds = time.monotonic() - started
+    rec = records.save(workdir, STAGE, inputs, [final_gguf, final_dat], seconds, toolchain.version,
+                       extra={"text": text.describe(), "chunks_requested": chunks, "chunks": n_chunks, "ctx": ctx})
+    log.info("calibrate: done in %.1f s (%s chunks)", seconds, n_chunks)
+    return StageOutcome(STAGE, rec, skipped=False)
+
+
+def _computed_chunks(output: str) -> int | None:
+    m = re.search(r"computing over (\d+) chunks", output)
+    return int(m.group(1)) if m else None
+
+
+def _chunk_progress(on_line: Callable[[str], None] | None) -> Callable[[str], None] | None:
+    if on_line is None:
+        return None
+
+    def cb(line: str) -> None:
+        if "computing over" in line or "seconds per pass" in line or re.search(r"\[\d+\]", line):
+            on_line(line.strip())
+
+    return cb

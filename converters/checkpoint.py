@@ -1,0 +1,237 @@
+"""Inspect and validate a local Hugging Face checkpoint before anything is converted.
+
+Refuses what must never be loaded (pickle-only weights, models that need remote code) and what cannot
+work (missing or malformed config, unsupported architecture, corrupt safetensors, no tokenizer), each
+with a one-line reason. Reads only JSON and safetensors headers: nothing here executes model code.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import math
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+from converters.errors import InputError, UnsupportedModel
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1, "F6_E2M3": 1, "F6_E3M2": 1,
+}
+TOKENIZER_SETS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("tokenizer.tiktoken",))
+# files that change the conversion result; the Hub fetch downloads exactly these
+RELEVANT_PATTERNS = (
+    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.tiktoken", "chat_template.jinja",
+    "chat_template.json", "preprocessor_config.json", "README.md",
+)
+MAX_HEADER_BYTES = 100 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    config: dict[str, Any]
+    architecture: str
+    model_type: str | None
+    weight_files: tuple[Path, ...]
+    weight_bytes: int
+    parameters: int
+    dtypes: tuple[str, ...]
+    tokenizer_files: tuple[str, ...]
+    chat_template: str | None
+    license: str | None
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_template)
+
+    def estimate_gguf_bytes(self, bits_per_weight: float) -> int:
+        """Approximate size of a GGUF of this model at the given bits per weight."""
+        return int(self.parameters * bits_per_weight / 8) + 16 * 1024 * 1024
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Identity of the checkpoint for stage records: every relevant file's size and hash."""
+        from converters.records import fingerprint_file
+
+        files = sorted(p for p in self.path.iterdir() if p.is_file() and _relevant(p.name) and p.name != "README.md")
+        return {"architecture": self.architecture, "files": [fingerprint_file(p) for p in files]}
+
+
+def _relevant(name: str) -> bool:
+    from fnmatch import fnmatch
+
+    return any(fnmatch(name, pat) for pat in RELEVANT_PATTERNS)
+
+
+def supported_architectures(converter_root: Path) -> frozenset[str] | None:
+    """Architectures the converter registers, read from its source (no import, no torch)."""
+    init = converter_root / "conversion" / "__init__.py"
+    names: set[str] = set()
+    if init.exists():
+        tree = ast.parse(init.read_text())
+        for node in ast.walk(tree):
+            target = None
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                target, value = node.target.id, node.value
+            elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                target, value = node.targets[0].id, node.value
+            if target == "TEXT_MODEL_MAP" and isinstance(value, ast.Dict):
+                names.update(k.value for k in value.keys if isinstance(k, ast.Constant))
+    else:
+        script = converter_root / "convert_hf_to_gguf.py"
+        if not script.exists():
+            return None
+        for m in re.finditer(r"@ModelBase\.register\(([^)]*)\)", script.read_text()):
+            names.update(re.findall(r"[\"']([A-Za-z0-9_]+)[\"']", m.group(1)))
+    return frozenset(names) or None
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """Parse and check a safetensors header: offsets in range and the data region filling the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise InputError(f"corrupt safetensors {path.name}: file too short")
+        (n,) = struct.unpack("<Q", head)
+        if n <= 0 or n > MAX_HEADER_BYTES or 8 + n > size:
+            raise InputError(f"corrupt safetensors {path.name}: header length {n} does not fit the file")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InputError(f"corrupt safetensors {path.name}: header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"corrupt safetensors {path.name}: header is not an object")
+    data_len = size - 8 - n
+    end_max = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"corrupt safetensors {path.name}: bad entry for tensor {name}") from None
+        width = SAFETENSORS_DTYPE_BYTES.get(dtype)
+        if width is None:
+            raise InputError(f"corrupt safetensors {path.name}: unknown dtype {dtype} for {name}")
+        if not (0 <= start <= end <= data_len):
+            raise InputError(f"corrupt safetensors {path.name}: tensor {name} lies outside the file (truncated?)")
+        if dtype not in ("F4", "F6_E2M3", "F6_E3M2") and (end - start) != math.prod(shape) * width:
+            raise InputError(f"corrupt safetensors {path.name}: tensor {name} size does not match its shape")
+        end_max = max(end_max, end)
+    if end_max != data_len:
+        raise InputError(f"corrupt safetensors {path.name}: {data_len - end_max} bytes unaccounted for (truncated or padded)")
+    return header
+
+
+def _load_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UnsupportedModel(f"no {path.name} ({what})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UnsupportedModel(f"malformed {path.name}: {e}") from None
+    if not isinstance(data, dict):
+        raise UnsupportedModel(f"malformed {path.name}: not a JSON object")
+    return data
+
+
+def _card_license(path: Path) -> str | None:
+    readme = path / "README.md"
+    if not readme.exists():
+        return None
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    m = re.match(r"^---\s*\n(.*?)\n---", text, re.S)
+    if not m:
+        return None
+    lm = re.search(r"^license:\s*['\"]?([^'\"\n]+)", m.group(1), re.M)
+    return lm.group(1).strip() if lm else None
+
+
+def inspect(path: str | Path, *, allow_remote_code: bool = False,
+            supported: frozenset[str] | None = None) -> Checkpoint:
+    """Validate a local checkpoint; raise UnsupportedModel / InputError with a one-line reason."""
+    root = Path(path)
+    if not root.is_dir():
+        raise InputError(f"checkpoint folder not found: {root}")
+    config = _load_json(root / "config.json", "not a transformers checkpoint")
+    archs = config.get("architectures")
+    if not isinstance(archs, list) or not archs or not all(isinstance(a, str) for a in archs):
+        raise UnsupportedModel("config.json has no 'architectures' list")
+    arch = archs[0]
+    tok_cfg: dict[str, Any] = {}
+    if (root / "tokenizer_config.json").exists():
+        tok_cfg = _load_json(root / "tokenizer_config.json", "tokenizer settings")
+    if not allow_remote_code:
+        for where, cfg in (("config.json", config), ("tokenizer_config.json", tok_cfg)):
+            if cfg.get("auto_map"):
+                raise UnsupportedModel(f"needs trust_remote_code ({where} has auto_map); refused by default")
+    if supported is not None and arch not in supported:
+        raise UnsupportedModel(f"architecture {arch} is not supported by the pinned llama.cpp converter")
+
+    files = [p for p in root.iterdir() if p.is_file()]
+    weights = sorted(p for p in files if p.name.endswith(".safetensors"))
+    if not weights:
+        pickles = [p.name for p in files if p.name.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise UnsupportedModel(f"only pickle weights ({', '.join(sorted(pickles)[:3])}); refused: pickle can run code")
+        raise UnsupportedModel("no safetensors weights")
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        wmap = _load_json(index, "shard index").get("weight_map", {})
+        missing = sorted({f for f in wmap.values() if not (root / f).exists()})
+        if missing:
+            raise InputError(f"shard index names missing files: {', '.join(missing[:3])}")
+    params = 0
+    dtypes: set[str] = set()
+    for w in weights:
+        header = read_safetensors_header(w)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            params += math.prod(info["shape"])
+            dtypes.add(info["dtype"])
+
+    names = {p.name for p in files}
+    tok_files: tuple[str, ...] = ()
+    for group in TOKENIZER_SETS:
+        if all(g in names for g in group):
+            tok_files = group
+            break
+    if not tok_files:
+        raise UnsupportedModel("no tokenizer (tokenizer.json, tokenizer.model or vocab.json+merges.txt)")
+    template = _chat_template(root, tok_cfg)
+    return Checkpoint(
+        path=root, config=config, architecture=arch, model_type=config.get("model_type"),
+        weight_files=tuple(weights), weight_bytes=sum(w.stat().st_size for w in weights), parameters=params,
+        dtypes=tuple(sorted(dtypes)), tokenizer_files=tok_files, chat_template=template, license=_card_license(root),
+    )
+
+
+def _chat_template(root: Path, tok_cfg: dict[str, Any]) -> str | None:
+    jinja = root / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text(encoding="utf-8")
+    cj = root / "chat_template.json"
+    if cj.exists():
+        try:
+            t = json.loads(cj.read_text(encoding="utf-8")).get("chat_template")
+        except ValueError:
+            t = None
+        if isinstance(t, str):
+            return t
+    t = tok_cfg.get("chat_template")
+    if isinstance(t, str):
+        return t
+    if isinstance(t, list):  # named templates: the default one
+        for item in t:
+            if isinstance(item, dict) and item.get("name") == "default":
+                return item.get("template")
+    return None

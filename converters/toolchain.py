@@ -1,0 +1,439 @@
+"""The one place that finds, builds and runs llama.cpp programs.
+
+The pinned llama.cpp comes from the source distribution of ``llama-cpp-python`` on PyPI (its
+``vendor/llama.cpp`` holds the C++ tools, ``convert_hf_to_gguf.py`` and ``gguf-py``). It is built once
+per (version, build flags) into a cache directory outside any work tree; an install lock makes two
+processes installing at once safe. A user can instead point ``LLAMA_CPP_DIR`` at a llama.cpp checkout
+with built programs.
+
+Every program is started through :func:`run`: an argument list (never a shell string), a timeout, the
+exit code checked, and the tail of stderr kept in the raised :class:`ToolError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from converters.errors import ToolchainError, ToolError
+
+log = logging.getLogger(__name__)
+
+# The pinned engine. Changing these is an upgrade of every published quant: the version is recorded in
+# each stage record and report, so the bot can re-quantize what was built with an older one.
+PINNED_PACKAGE = "llama-cpp-python"
+PINNED_VERSION = "0.3.36"
+PINNED_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+
+# The programs the pipeline uses. llama-completion is the plain text-generation tool.
+PROGRAMS = (
+    "llama-quantize",
+    "llama-imatrix",
+    "llama-perplexity",
+    "llama-gguf-split",
+    "llama-tokenize",
+    "llama-completion",
+)
+
+STDERR_TAIL_CHARS = 4000
+
+
+# --------------------------------------------------------------------------------------------------
+# Running programs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    timeout: float | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    on_line: Callable[[str], None] | None = None,
+    keep_output: int = 2_000_000,
+) -> RunResult:
+    """Run one program and return its output; raise ToolError on a non-zero exit or a timeout.
+
+    ``on_line`` is called with every line the program prints (stdout and stderr), for progress.
+    The child runs in its own process group, so a timeout (or our own death by SIGTERM handled
+    upstream) kills the whole tree. At most ``keep_output`` characters of each stream are kept.
+    """
+    args = [os.fspath(a) for a in argv]
+    if not args:
+        raise ValueError("empty argument list")
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    started = time.monotonic()
+    log.debug("run: %s", " ".join(args))
+    try:
+        proc = subprocess.Popen(
+            args,
+            cwd=cwd,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as e:
+        raise ToolError(args, None, f"could not start: {e}") from e
+
+    out_buf: deque[str] = deque()
+    err_buf: deque[str] = deque()
+    sizes = {"out": 0, "err": 0}
+
+    def pump(stream, buf: deque[str], key: str) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            buf.append(line)
+            sizes[key] += len(line)
+            while sizes[key] > keep_output and len(buf) > 1:
+                sizes[key] -= len(buf.popleft())
+            if on_line is not None:
+                try:
+                    on_line(line.rstrip("\n"))
+                except Exception:  # progress must never break the run
+                    log.debug("on_line callback failed", exc_info=True)
+        stream.close()
+
+    threads = [
+        threading.Thread(target=pump, args=(proc.stdout, out_buf, "out"), daemon=True),
+        threading.Thread(target=pump, args=(proc.stderr, err_buf, "err"), daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _kill_group(proc)
+    except BaseException:
+        # KeyboardInterrupt, SIGTERM turned into an exception...: never leave the child running
+        _kill_group(proc)
+        raise
+    for t in threads:
+        t.join(timeout=10)
+    stdout = "".join(out_buf)
+    stderr = "".join(err_buf)
+    seconds = time.monotonic() - started
+    if timed_out or proc.returncode != 0:
+        raise ToolError(args, None if timed_out else proc.returncode, stderr[-STDERR_TAIL_CHARS:] or stdout[-STDERR_TAIL_CHARS:],
+                        timed_out=timed_out)
+    return RunResult(tuple(args), proc.returncode, stdout, stderr, seconds)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding and building
+# --------------------------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """Where builds and fetched files are cached: $GGUFBOT_CACHE, else $XDG_CACHE_HOME/ggufbot, else ~/.cache/ggufbot."""
+    if os.environ.get("GGUFBOT_CACHE"):
+        return Path(os.environ["GGUFBOT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ggufbot"
+
+
+def gpu_visible() -> bool:
+    """True when an NVIDIA GPU is usable: nvidia-smi lists one. A CUDA compiler alone is not enough."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return False
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def want_cuda() -> bool:
+    """CUDA on when nvcc is found and a GPU is visible; GGUFBOT_CUDA=1/0 forces it either way."""
+    forced = os.environ.get("GGUFBOT_CUDA", "").strip().lower()
+    if forced in ("1", "true", "yes", "on"):
+        return True
+    if forced in ("0", "false", "no", "off"):
+        return False
+    return shutil.which("nvcc") is not None and gpu_visible()
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildFlags:
+    cuda: bool
+    native: bool = True
+
+    def cmake_args(self) -> list[str]:
+        args = [
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DBUILD_SHARED_LIBS=OFF",
+            "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_EXAMPLES=OFF",
+            "-DLLAMA_BUILD_SERVER=OFF",
+            "-DLLAMA_BUILD_APP=OFF",
+            "-DLLAMA_BUILD_UI=OFF",
+            "-DLLAMA_OPENSSL=OFF",
+            f"-DGGML_NATIVE={'ON' if self.native else 'OFF'}",
+            f"-DGGML_CUDA={'ON' if self.cuda else 'OFF'}",
+        ]
+        return args
+
+    def key(self) -> str:
+        # a native build is only valid on the same CPU family: the key includes the machine
+        ident = json.dumps({"cmake": self.cmake_args(), "machine": platform.machine(),
+                            "cpu": _cpu_flags_digest() if self.native else ""}, sort_keys=True)
+        return hashlib.sha256(ident.encode()).hexdigest()[:12]
+
+
+def _cpu_flags_digest() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    m = re.search(r"^(flags|Features)\s*:\s*(.*)$", text, re.M)
+    return hashlib.sha256((m.group(2) if m else "").encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass(frozen=True)
+class Toolchain:
+    """A usable llama.cpp: source tree (converter, gguf-py) and built programs."""
+
+    root: Path  # llama.cpp source tree
+    bin_dir: Path
+    version: str  # e.g. "llama-cpp-python 0.3.36 (llama.cpp 0c1e570)"
+    commit: str | None
+    cuda: bool
+    origin: str  # "pinned" or "LLAMA_CPP_DIR"
+
+    def program(self, name: str) -> Path:
+        path = self.bin_dir / name
+        if not path.exists():
+            raise ToolchainError(f"{name} is missing from {self.bin_dir}; run 'ggufbot toolchain install'")
+        return path
+
+    @property
+    def converter(self) -> Path:
+        return self.root / "convert_hf_to_gguf.py"
+
+    @property
+    def gguf_py(self) -> Path:
+        return self.root / "gguf-py"
+
+    def python_env(self) -> dict[str, str]:
+        """Environment for running the converter with the gguf-py that matches it."""
+        pp = os.environ.get("PYTHONPATH", "")
+        return {"PYTHONPATH": str(self.gguf_py) + (os.pathsep + pp if pp else ""),
+                "NO_LOCAL_GGUF": ""}
+
+    def missing(self) -> list[str]:
+        out = [p for p in PROGRAMS if not (self.bin_dir / p).exists()]
+        if not self.converter.exists():
+            out.append("convert_hf_to_gguf.py")
+        return out
+
+    def describe(self) -> dict:
+        return {"version": self.version, "commit": self.commit, "cuda": self.cuda, "origin": self.origin,
+                "root": str(self.root), "bin_dir": str(self.bin_dir), "missing": self.missing()}
+
+
+def pinned_dir(flags: BuildFlags | None = None) -> Path:
+    flags = flags or BuildFlags(cuda=want_cuda())
+    return cache_root() / "llama.cpp" / f"{PINNED_VERSION}-{flags.key()}"
+
+
+def find(required: bool = True) -> Toolchain | None:
+    """The toolchain to use: LLAMA_CPP_DIR if set, else the pinned build in the cache."""
+    user_dir = os.environ.get("LLAMA_CPP_DIR")
+    if user_dir:
+        tc = _from_user_dir(Path(user_dir).expanduser())
+        if required and tc.missing():
+            raise ToolchainError(f"LLAMA_CPP_DIR={user_dir} lacks: {', '.join(tc.missing())}")
+        return tc
+    d = pinned_dir()
+    meta = d / "toolchain.json"
+    if meta.exists():
+        info = json.loads(meta.read_text())
+        return Toolchain(root=d / "src", bin_dir=d / "bin", version=info["version"], commit=info.get("commit"),
+                         cuda=info["cuda"], origin="pinned")
+    if required:
+        raise ToolchainError("llama.cpp is not installed; run 'ggufbot toolchain install' (about 6 minutes on 2 cores)")
+    return None
+
+
+def _from_user_dir(root: Path) -> Toolchain:
+    bin_dir = next((b for b in (root / "build" / "bin", root / "bin", root) if (b / "llama-quantize").exists()),
+                   root / "build" / "bin")
+    version = "llama.cpp (user build)"
+    commit = None
+    q = bin_dir / "llama-quantize"
+    if q.exists():
+        try:
+            res = subprocess.run([str(q), "--version"], capture_output=True, text=True, timeout=30)
+            m = re.search(r"version:\s*(\d+)\s*\(([0-9a-f]+)\)", res.stdout + res.stderr)
+            if m:
+                version = f"llama.cpp b{m.group(1)} ({m.group(2)})"
+                commit = m.group(2)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return Toolchain(root=root, bin_dir=bin_dir, version=version, commit=commit, cuda=False, origin="LLAMA_CPP_DIR")
+
+
+def install(*, jobs: int | None = None, sdist: Path | None = None, on_line: Callable[[str], None] | None = None,
+            timeout: float = 3 * 3600) -> Toolchain:
+    """Fetch and build the pinned llama.cpp unless already built; safe to call from several processes."""
+    if os.environ.get("LLAMA_CPP_DIR"):
+        tc = find(required=True)
+        assert tc is not None
+        return tc
+    flags = BuildFlags(cuda=want_cuda())
+    final = pinned_dir(flags)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = final.parent / f"{final.name}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second installer waits here, then finds the build done
+        existing = find(required=False)
+        if existing is not None and not existing.missing():
+            return existing
+        staging = Path(tempfile.mkdtemp(prefix=f"{final.name}.build-", dir=final.parent))
+        try:
+            _build_into(staging, flags, jobs=jobs, sdist=sdist, on_line=on_line, timeout=timeout)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(staging, final)  # the build appears whole or not at all
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    tc = find(required=True)
+    assert tc is not None
+    return tc
+
+
+def _fetch_sdist(dest: Path, on_line: Callable[[str], None] | None) -> Path:
+    """Download the pinned sdist with pip (so the user's index configuration applies); check its hash."""
+    cached = cache_root() / "downloads" / f"llama_cpp_python-{PINNED_VERSION}.tar.gz"
+    if cached.exists() and _sha256(cached) == PINNED_SHA256:
+        return cached
+    dest.mkdir(parents=True, exist_ok=True)
+    run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+         "--disable-pip-version-check", "-d", str(dest), f"{PINNED_PACKAGE}=={PINNED_VERSION}"],
+        timeout=1800, on_line=on_line)
+    found = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
+    if not found:
+        raise ToolchainError(f"pip did not produce the {PINNED_PACKAGE} {PINNED_VERSION} source distribution")
+    got = _sha256(found[0])
+    if got != PINNED_SHA256:
+        raise ToolchainError(f"{found[0].name}: sha256 {got} does not match the pinned {PINNED_SHA256}")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".part")
+    shutil.copyfile(found[0], tmp)
+    os.replace(tmp, cached)
+    return cached
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _extract_llama_cpp(sdist: Path, dest: Path) -> str | None:
+    """Extract vendor/llama.cpp into dest; return the llama.cpp commit recorded in the sdist, if any."""
+    commit = None
+    prefix_vendor = None
+    with tarfile.open(sdist, "r:gz") as tf:
+        members = []
+        for m in tf.getmembers():
+            parts = m.name.split("/", 1)
+            if len(parts) < 2:
+                continue
+            rel = parts[1]
+            if rel == ".git/modules/vendor/llama.cpp/HEAD":
+                f = tf.extractfile(m)
+                if f is not None:
+                    head = f.read().decode().strip()
+                    if re.fullmatch(r"[0-9a-f]{40}", head):
+                        commit = head
+            if rel.startswith("vendor/llama.cpp/"):
+                prefix_vendor = parts[0] + "/vendor/llama.cpp/"
+                sub = m.name[len(prefix_vendor):]
+                if not sub or sub == ".git":
+                    continue
+                m.name = sub
+                members.append(m)
+        if prefix_vendor is None:
+            raise ToolchainError(f"{sdist.name} holds no vendor/llama.cpp")
+        tf.extractall(dest, members=members, filter="data")
+    return commit
+
+
+def _build_into(staging: Path, flags: BuildFlags, *, jobs: int | None, sdist: Path | None,
+                on_line: Callable[[str], None] | None, timeout: float) -> None:
+    started = time.monotonic()
+    if shutil.which("cmake") is None:
+        raise ToolchainError("cmake is not installed (needed to build llama.cpp)")
+    sdist = sdist or _fetch_sdist(staging / "download", on_line)
+    src = staging / "src"
+    src.mkdir()
+    commit = _extract_llama_cpp(sdist, src)
+    shutil.rmtree(staging / "download", ignore_errors=True)
+    build = staging / "build"
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    log.info("toolchain: configuring llama.cpp (%s)", "CUDA" if flags.cuda else "CPU")
+    run(["cmake", "-S", str(src), "-B", str(build), *gen, *flags.cmake_args()], timeout=1800, on_line=on_line)
+    n = jobs or os.cpu_count() or 2
+    log.info("toolchain: building %s with %d jobs", ", ".join(PROGRAMS), n)
+    run(["cmake", "--build", str(build), "--config", "Release", "-j", str(n), "--target", *PROGRAMS],
+        timeout=timeout, on_line=on_line)
+    bin_dir = staging / "bin"
+    bin_dir.mkdir()
+    for p in PROGRAMS:
+        built = build / "bin" / p
+        if not built.exists():
+            raise ToolchainError(f"build finished but {p} is missing")
+        shutil.copy2(built, bin_dir / p)
+    shutil.rmtree(build)
+    version = f"{PINNED_PACKAGE} {PINNED_VERSION} (llama.cpp {commit[:7] if commit else 'unknown'})"
+    meta = {"version": version, "package": PINNED_PACKAGE, "package_version": PINNED_VERSION, "commit": commit,
+            "cuda": flags.cuda, "cmake_args": flags.cmake_args(), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "build_seconds": round(time.monotonic() - started, 1)}
+    (staging / "toolchain.json").write_text(json.dumps(meta, indent=2))

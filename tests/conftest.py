@@ -1,0 +1,75 @@
+"""Session-wide fixtures shared by every test layer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["tests.hub_fixtures"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+# keep the ggufbot cache (toolchain build, model fixtures) shared between test runs
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.fail(f"shared test data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def calibration_text(shared_data: Path) -> Path:
+    return shared_data / "groups_merged.txt"
+
+
+@pytest.fixture(scope="session")
+def eval_text(shared_data: Path) -> Path:
+    return shared_data / "wiki.test.raw"
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    from tests.models import smollm2_checkpoint
+
+    return smollm2_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def toolchain():
+    from converters import toolchain as tc_mod
+
+    return tc_mod.find(required=True)
+
+
+# The SmolLM2 ladder used by integration tests of several layers: built once per session.
+SMOL_LADDER = "Q8_0,Q4_K_M,IQ4_XS,Q2_K"
+SMOL_CAL_CHUNKS = 8
+SMOL_CAL_CTX = 256
+
+
+def build_smol_ladder(out: Path, checkpoint: Path, calibration: Path, toolchain, *, jobs: int = 2,
+                      on_event=None, should_stop=None) -> dict:
+    from converters import checkpoint as ck_mod
+    from converters import pipeline
+    from converters.calibrate import TextFile
+
+    ck = ck_mod.inspect(checkpoint, supported=ck_mod.supported_architectures(toolchain.root))
+    plan = pipeline.plan(ck, out, model_name=checkpoint.name, ladder=SMOL_LADDER,
+                         calibration=TextFile.of(calibration), calibration_chunks=SMOL_CAL_CHUNKS, ctx=SMOL_CAL_CTX,
+                         jobs=jobs, source_repo="HuggingFaceTB/SmolLM2-135M-Instruct", source_revision=None)
+    return pipeline.execute(plan, toolchain=toolchain, on_event=on_event, should_stop=should_stop)
+
+
+@pytest.fixture(scope="session")
+def smol_workdir(tmp_path_factory, smollm2, calibration_text, toolchain) -> Path:
+    """A finished work dir: SmolLM2 -> BF16 -> imatrix -> Q8_0, Q4_K_M, IQ4_XS, Q2_K (ladder.json inside)."""
+    out = tmp_path_factory.mktemp("smol-ladder")
+    build_smol_ladder(out, smollm2, calibration_text, toolchain)
+    return out

@@ -1,0 +1,93 @@
+"""Bad checkpoints give one clear reason each; nothing here loads weights or runs model code."""
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from converters import checkpoint as ck
+from converters.errors import InputError, UnsupportedModel
+
+CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8}
+
+
+def make(tmp: Path, *, config=CONFIG, weights=True, tokenizer=True, extra=None) -> Path:
+    d = tmp / "model"
+    d.mkdir()
+    if config is not None:
+        (d / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    if weights:
+        save_file({"w": torch.zeros(4, 8, dtype=torch.bfloat16), "b": torch.ones(8)}, str(d / "model.safetensors"))
+    if tokenizer:
+        (d / "tokenizer.json").write_text("{}")
+        (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    for name, content in (extra or {}).items():
+        (d / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return d
+
+
+def test_good_checkpoint_facts(tmp_path):
+    d = make(tmp_path, extra={"README.md": "---\nlicense: apache-2.0\n---\n# x\n"})
+    c = ck.inspect(d, supported=frozenset({"LlamaForCausalLM"}))
+    assert c.architecture == "LlamaForCausalLM" and c.parameters == 4 * 8 + 8
+    assert c.dtypes == ("BF16", "F32") and c.has_chat_template and c.license == "apache-2.0"
+    assert c.tokenizer_files == ("tokenizer.json",)
+    fp = c.fingerprint()
+    assert [f["name"] for f in fp["files"]] == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+
+def _truncate(d: Path) -> None:
+    p = d / "model.safetensors"
+    p.write_bytes(p.read_bytes()[:-7])
+
+
+def _bad_header(d: Path) -> None:
+    p = d / "model.safetensors"
+    p.write_bytes(struct.pack("<Q", 5) + b"{oops" + b"\0" * 64)
+
+
+CASES = [
+    ("no config", dict(config=None), None, UnsupportedModel, "no config.json"),
+    ("malformed config", dict(config="{not json"), None, UnsupportedModel, "malformed config.json"),
+    ("no architectures", dict(config={"model_type": "llama"}), None, UnsupportedModel, "architectures"),
+    ("remote code", dict(config={**CONFIG, "auto_map": {"AutoModel": "m.M"}}), None, UnsupportedModel, "trust_remote_code"),
+    ("pickle only", dict(weights=False, extra={"pytorch_model.bin": b"\x80\x04"}), None, UnsupportedModel, "pickle"),
+    ("no weights", dict(weights=False), None, UnsupportedModel, "no safetensors"),
+    ("truncated safetensors", {}, _truncate, InputError, "corrupt safetensors"),
+    ("garbage header", {}, _bad_header, InputError, "corrupt safetensors"),
+    ("no tokenizer", dict(tokenizer=False), None, UnsupportedModel, "no tokenizer"),
+    ("unsupported architecture", dict(config={**CONFIG, "architectures": ["FancyNetForCausalLM"]}), None,
+     UnsupportedModel, "FancyNetForCausalLM is not supported"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,damage,err,text", CASES, ids=[c[0] for c in CASES])
+def test_bad_checkpoints(tmp_path, name, kwargs, damage, err, text):
+    d = make(tmp_path, **kwargs)
+    if damage:
+        damage(d)
+    with pytest.raises(err) as ei:
+        ck.inspect(d, supported=frozenset({"LlamaForCausalLM"}))
+    msg = str(ei.value)
+    assert text in msg and "\n" not in msg
+
+
+def test_remote_code_can_be_allowed(tmp_path):
+    d = make(tmp_path, config={**CONFIG, "auto_map": {"AutoModel": "m.M"}})
+    assert ck.inspect(d, allow_remote_code=True).architecture == "LlamaForCausalLM"
+
+
+def test_shard_index_with_missing_file(tmp_path):
+    d = make(tmp_path, extra={"model.safetensors.index.json": json.dumps({"weight_map": {"x": "model-00002.safetensors"}})})
+    with pytest.raises(InputError, match="missing files"):
+        ck.inspect(d)
+
+
+def test_supported_architectures_read_from_converter_source(tmp_path):
+    conv = tmp_path / "conversion"
+    conv.mkdir()
+    (conv / "__init__.py").write_text('TEXT_MODEL_MAP: dict[str, str] = {\n  "LlamaForCausalLM": "llama",\n  "Qwen2ForCausalLM": "qwen"}\n')
+    assert ck.supported_architectures(tmp_path) == {"LlamaForCausalLM", "Qwen2ForCausalLM"}

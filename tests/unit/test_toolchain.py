@@ -1,0 +1,85 @@
+import sys
+import time
+
+import pytest
+
+from converters import toolchain
+from converters.errors import ToolchainError, ToolError
+
+
+def test_run_returns_output_of_an_argument_list():
+    res = toolchain.run([sys.executable, "-c", "import sys; print('out; $HOME'); print('err', file=sys.stderr)"])
+    assert res.stdout.strip() == "out; $HOME"  # no shell: nothing is expanded
+    assert res.stderr.strip() == "err" and res.returncode == 0
+
+
+def test_non_zero_exit_raises_with_stderr_tail():
+    code = "import sys; sys.stderr.write('x' * 10000 + '\\nfinal reason\\n'); sys.exit(3)"
+    with pytest.raises(ToolError) as ei:
+        toolchain.run([sys.executable, "-c", code])
+    e = ei.value
+    assert e.returncode == 3 and not e.timed_out and not e.transient
+    assert e.stderr_tail.endswith("final reason\n") and len(e.stderr_tail) <= toolchain.STDERR_TAIL_CHARS
+    assert "final reason" in str(e) and "code 3" in str(e)
+
+
+def test_timeout_kills_the_process_group(tmp_path):
+    marker = tmp_path / "child.pid"
+    code = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+            f"open({str(marker)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    t0 = time.monotonic()
+    with pytest.raises(ToolError) as ei:
+        toolchain.run([sys.executable, "-c", code], timeout=2)
+    assert ei.value.timed_out and ei.value.transient
+    assert time.monotonic() - t0 < 30
+    child = int(marker.read_text())
+    assert _dead(child)  # the grandchild died with the group
+
+
+def _dead(pid: int) -> bool:
+    for _ in range(50):
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):  # killed, waiting to be reaped by init
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_missing_program_is_a_tool_error(tmp_path):
+    with pytest.raises(ToolError):
+        toolchain.run([str(tmp_path / "no-such-program")])
+
+
+def test_on_line_sees_every_line():
+    lines = []
+    toolchain.run([sys.executable, "-c", "print('a'); print('b')"], on_line=lines.append)
+    assert lines == ["a", "b"]
+
+
+def test_build_key_depends_on_flags():
+    assert toolchain.BuildFlags(cuda=False).key() != toolchain.BuildFlags(cuda=True).key()
+    assert "-DGGML_CUDA=ON" in toolchain.BuildFlags(cuda=True).cmake_args()
+
+
+def test_cuda_needs_a_visible_gpu_not_just_nvcc(monkeypatch):
+    monkeypatch.delenv("GGUFBOT_CUDA", raising=False)
+    monkeypatch.setattr(toolchain, "gpu_visible", lambda: False)
+    assert toolchain.want_cuda() is False
+    monkeypatch.setenv("GGUFBOT_CUDA", "1")
+    assert toolchain.want_cuda() is True
+
+
+def test_user_dir_without_programs_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(tmp_path))
+    with pytest.raises(ToolchainError) as ei:
+        toolchain.find(required=True)
+    assert "llama-quantize" in str(ei.value)
+
+
+def test_cache_root_honours_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("GGUFBOT_CACHE", str(tmp_path))
+    assert toolchain.cache_root() == tmp_path
+    assert toolchain.pinned_dir().parent == tmp_path / "llama.cpp"
