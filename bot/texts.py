@@ -60,14 +60,13 @@ def resolve_text(spec: str | os.PathLike[str], *, hub=None) -> TextFile:
 def _cache_name(source: str, name: str) -> Path:
     key = hashlib.sha256(source.encode()).hexdigest()[:16]
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", name) or "text"
-    return texts_cache() / f"{key}-{safe}"
+    return texts_cache() / key / safe  # a folder per source keeps the file's own name
 
 
 def _fetch_url(url: str) -> Path:
     dest = _cache_name(url, url.rstrip("/").rsplit("/", 1)[-1])
     if dest.exists():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
     log.info("fetching text %s", url)
     try:
         with urllib.request.urlopen(url, timeout=120) as resp, records.atomic_output(dest) as tmp:

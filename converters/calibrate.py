@@ -75,13 +75,15 @@ def calibrate(reference: Path, workdir: Path, model_name: str, text: TextFile, *
     log.info("calibrate: llama-imatrix on %s (%s chunks of %d)", text.name, chunks or "all", ctx)
     progress = _chunk_progress(on_line)
     with records.atomic_output(final_gguf) as tmp:
-        argv = [toolchain.program("llama-imatrix"), "-m", reference, "-f", text.path, "-o", tmp,
+        # run from the text's folder with its bare name: llama-imatrix records the name as the dataset, and
+        # published files must say "groups_merged.txt", not a path of this machine
+        argv = [toolchain.program("llama-imatrix"), "-m", reference.resolve(), "-f", text.path.name, "-o", tmp.resolve(),
                 "--output-format", "gguf", "-c", str(ctx), "-t", str(threads), "--no-ppl", "-ofreq", "1000000",
                 *extra_args]
         if chunks is not None:
             argv += ["--chunks", str(chunks)]
         try:
-            res = run(argv, timeout=timeout, on_line=progress)
+            res = run(argv, timeout=timeout, on_line=progress, cwd=text.path.absolute().parent)
         except ToolError as e:
             m = re.search(r"tokenizes to only (\d+) tokens", e.stderr_tail)
             if m:

@@ -60,7 +60,9 @@ def quantize(reference: Path, workdir: Path, model_name: str, q: QuantType, *, t
     started = time.monotonic()
     argv: list[str | os.PathLike[str]] = [toolchain.program("llama-quantize")]
     if imatrix is not None:
-        argv += ["--imatrix", imatrix]
+        # relative to the work dir (the cwd below): llama-quantize records this name in the file's metadata,
+        # and a published GGUF must not carry the bot's paths (it also makes outputs independent of the dir)
+        argv += ["--imatrix", os.path.relpath(imatrix, workdir)]
     if q.large:
         argv += ["--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0"]
     log.info("quantize %s: start", q.name)
@@ -68,7 +70,8 @@ def quantize(reference: Path, workdir: Path, model_name: str, q: QuantType, *, t
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         argv += [reference, tmp, q.base_name, str(threads or os.cpu_count() or 1)]
-        run(argv, timeout=timeout, on_line=on_line)
+        run([os.path.abspath(a) if isinstance(a, Path) else a for a in argv], timeout=timeout, on_line=on_line,
+            cwd=workdir)
         if tmp.stat().st_size > split_max_bytes:
             outputs = _split(tmp, workdir, model_name, q, split_max_bytes, toolchain, timeout)
         else:

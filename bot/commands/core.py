@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import importlib.metadata
 import json
 import os
@@ -17,7 +18,7 @@ from typing import Any
 from converters import checkpoint as ckpt_mod
 from converters import pipeline, quants, toolchain
 from converters.errors import ConfigError, InputError, UnsupportedModel
-from converters.stages import free_bytes
+from converters.stages import check_disk, free_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip evaluation and checks")
     p.add_argument("--eval-text", help="evaluation text: FILE, URL or hf://... (never the calibration text)")
     p.add_argument("--eval-chunks", type=int, default=None, help="evaluation chunks (default: evaluator's choice)")
+    p.add_argument("--publish", action="store_true",
+                   help="publish the result to the Hub (the quants that passed the gate, one commit)")
+    p.add_argument("--repo", help="with --publish: target repo ORG/NAME (default: {namespace}/{model}-GGUF)")
+    p.add_argument("--private", action="store_true", help="with --publish: create the repo private")
     p.add_argument("--dry-run", action="store_true", help="print the plan (files, types, sizes, disk) and stop")
     p.add_argument("--json", action="store_true", help="print ladder.json (or the plan) as JSON")
     p.set_defaults(func=cmd_convert)
@@ -92,8 +97,8 @@ def _split_source(source: str, revision: str | None) -> tuple[str, str | None]:
     return source, revision
 
 
-def _fetch_hub_source(repo: str, revision: str | None, out: Path, allow_remote_code: bool) -> tuple[Path, str]:
-    """Download only the files that matter (weights as safetensors, config, tokenizer, template)."""
+def _hub_info(repo: str, revision: str | None, allow_remote_code: bool):
+    """Model facts from the Hub, refusing pickle-only and remote-code repos before anything is downloaded."""
     from bot.hub import Hub
 
     hub = Hub()
@@ -105,11 +110,31 @@ def _fetch_hub_source(repo: str, revision: str | None, out: Path, allow_remote_c
         raise UnsupportedModel("no safetensors weights", repo=repo)
     if (info.config or {}).get("auto_map") and not allow_remote_code:
         raise UnsupportedModel("needs trust_remote_code (config has auto_map); refused by default", repo=repo)
-    wanted = sum(s.size or 0 for s in info.siblings if any(
-        __import__("fnmatch").fnmatch(s.rfilename, pat) for pat in ckpt_mod.RELEVANT_PATTERNS))
-    # the download plus the reference GGUF (about the same size again) must fit
-    from converters.stages import check_disk
+    return hub, info
 
+
+def _hub_checkpoint_facts(info, supported) -> ckpt_mod.Checkpoint:
+    """A Checkpoint built from Hub metadata alone, for --dry-run (nothing is downloaded)."""
+    cfg = dict(info.config or {})
+    archs = cfg.get("architectures") or []
+    if not archs:
+        raise UnsupportedModel("the Hub lists no architecture for this model", repo=info.id)
+    if supported is not None and archs[0] not in supported:
+        raise UnsupportedModel(f"architecture {archs[0]} is not supported by the pinned llama.cpp converter", repo=info.id)
+    weights = [s for s in info.siblings if s.rfilename.endswith(".safetensors")]
+    weight_bytes = sum(s.size or 0 for s in weights)
+    params = info.safetensors_total or weight_bytes // 2
+    return ckpt_mod.Checkpoint(
+        path=Path(f"hf://{info.id}"), config=cfg, architecture=archs[0], model_type=cfg.get("model_type"),
+        weight_files=(), weight_bytes=weight_bytes, parameters=params, dtypes=(), tokenizer_files=(),
+        chat_template=None, license=info.license)
+
+
+def _fetch_hub_source(hub, info, repo: str, out: Path) -> tuple[Path, str]:
+    """Download only the files that matter (weights as safetensors, config, tokenizer, template)."""
+    wanted = sum(s.size or 0 for s in info.siblings
+                 if any(fnmatch.fnmatch(s.rfilename, pat) for pat in ckpt_mod.RELEVANT_PATTERNS))
+    # the download plus the reference GGUF (about the same size again) must fit
     check_disk(out, 2 * wanted)
     dest = out / "source"
     _stderr(f"[fetch] {repo}@{info.sha} ({wanted / 1e9:.2f} GB)")
@@ -120,6 +145,8 @@ def _fetch_hub_source(repo: str, revision: str | None, out: Path, allow_remote_c
 def cmd_convert(args: argparse.Namespace) -> int:
     from bot.texts import DEFAULT_CALIBRATION, resolve_text, same_text
 
+    if args.publish and args.no_eval:
+        raise InputError("--publish needs the evaluation: a file is published only after it passed the gate")
     out: Path = args.out
     source, revision = _split_source(args.source, args.revision)
     local = Path(source).expanduser()
@@ -130,12 +157,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if local.is_dir():
         ck_dir, repo, sha = local, None, None
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-        out.mkdir(parents=True, exist_ok=True)
-        ck_dir, sha = _fetch_hub_source(source, revision, out, args.allow_remote_code)
+        hub, info = _hub_info(source, revision, args.allow_remote_code)
         repo = source
+        if args.dry_run:
+            ck_dir, sha = None, info.sha
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            ck_dir, sha = _fetch_hub_source(hub, info, source, out)
     else:
         raise InputError(f"source {source!r} is neither a folder nor a Hub repo id (ORG/NAME)")
-    ck = ckpt_mod.inspect(ck_dir, allow_remote_code=args.allow_remote_code, supported=supported)
+    if ck_dir is None:
+        ck = _hub_checkpoint_facts(info, supported)
+    else:
+        ck = ckpt_mod.inspect(ck_dir, allow_remote_code=args.allow_remote_code, supported=supported)
     ladder = quants.parse_ladder(args.ladder)
     imatrix = not args.no_imatrix
     cal = resolve_text(args.calibration or DEFAULT_CALIBRATION) if imatrix else None
@@ -147,7 +181,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if cal is not None and same_text(cal, eval_text):
             raise InputError("the evaluation text is the calibration text: a quant must not be judged on the text "
                              "it was calibrated on")
-    p = pipeline.plan(ck, out, model_name=pipeline.model_name_for(repo or str(ck_dir.resolve())),
+    p = pipeline.plan(ck, out, model_name=pipeline.model_name_for(repo or str(Path(ck.path).resolve())),
                       ladder=[q.name for q in ladder], outtype=args.outtype, calibration=cal,
                       calibration_chunks=args.chunks, ctx=args.ctx, imatrix=imatrix,
                       split_max_bytes=parse_size(args.split_max_size), jobs=args.jobs,
@@ -167,6 +201,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         _print_ladder(result, out, time.monotonic() - started)
+    if args.publish:
+        from bot.hub import Hub
+        from bot.publish import PublishOptions, publish
+
+        _stderr("[publish] start")
+        _, res = publish(out, Hub(), PublishOptions(repo_id=args.repo, private=args.private))
+        if res is not None:
+            print(f"{res.repo_id}: {'up to date, no commit' if res.action == 'none' else f'{res.action}d, commit {res.commit}'}"
+                  f" ({res.url})")
     return 0
 
 

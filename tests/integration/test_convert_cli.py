@@ -116,3 +116,15 @@ def test_dry_run_prints_the_plan(tiny, tmp_path, capsys, calibration_text, toolc
     assert code == 0
     assert "tiny-Q8_0.gguf" in stdout and "tiny-Q4_K_M.gguf" in stdout and "disk" in stdout
     assert not out.exists() or not list(out.rglob("*.gguf"))
+
+
+def test_toolchain_info_and_doctor(capsys, toolchain):
+    assert main(["toolchain", "info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["version"] == toolchain.version and info["missing"] == [] and info["cuda"] in (True, False)
+    assert main(["toolchain", "install"]) == 0  # already built: a no-op that says so
+    assert "ready" in capsys.readouterr().out
+    code = main(["doctor"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert toolchain.version in out and "free disk" in out and "transformers" in out and "all set" in out

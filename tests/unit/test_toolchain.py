@@ -83,3 +83,41 @@ def test_cache_root_honours_env(monkeypatch, tmp_path):
     monkeypatch.setenv("GGUFBOT_CACHE", str(tmp_path))
     assert toolchain.cache_root() == tmp_path
     assert toolchain.pinned_dir().parent == tmp_path / "llama.cpp"
+
+
+FAKE_INSTALL = r"""
+import json, os, sys, time
+from pathlib import Path
+from converters import toolchain
+
+def fake_build(staging, flags, **kw):
+    with open(os.environ["COUNTER"], "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(1.0)  # long enough for the other process to arrive at the lock
+    (staging / "src").mkdir()
+    (staging / "src" / "convert_hf_to_gguf.py").write_text("")
+    (staging / "bin").mkdir()
+    for p in toolchain.PROGRAMS:
+        (staging / "bin" / p).write_text("")
+    (staging / "toolchain.json").write_text(json.dumps({"version": "fake", "cuda": False}))
+
+toolchain._build_into = fake_build
+tc = toolchain.install()
+print(tc.bin_dir)
+"""
+
+
+def test_concurrent_installs_build_once(tmp_path):
+    import subprocess
+
+    env = {**__import__("os").environ, "GGUFBOT_CACHE": str(tmp_path / "cache"), "COUNTER": str(tmp_path / "n"),
+           "GGUFBOT_CUDA": "0"}
+    env.pop("LLAMA_CPP_DIR", None)
+    procs = [subprocess.Popen([sys.executable, "-c", FAKE_INSTALL], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert outs[0] == outs[1] and outs[0].endswith("/bin")
+    assert len((tmp_path / "n").read_text().splitlines()) == 1  # the second waited and found the build
+    leftovers = [p.name for p in (tmp_path / "cache" / "llama.cpp").iterdir() if ".build-" in p.name]
+    assert leftovers == []

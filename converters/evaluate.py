@@ -1,0 +1,766 @@
+"""Measure every quant of a ladder against its reference, check it, gate it, and write report.json.
+
+The measurements are llama.cpp's own: ``llama-perplexity --kl-divergence-base`` stores the reference
+(BF16) model's log-probabilities over the evaluation text once; ``--kl-divergence`` then scores each quant
+against that file (each quant is read once). The output is parsed into :class:`~converters.report.KldStats`;
+output that cannot be parsed raises :class:`~converters.errors.ParseError` (a figure is never a silent 0).
+
+The converter itself can be wrong (rope, norms, tokenizer) in a way GGUF-against-GGUF cannot see, so the
+reference's stored log-probabilities are also compared with the source checkpoint run in ``transformers``
+on the same token ids (top-1 agreement and mean KL divergence), for models up to a size limit.
+
+The gate (:func:`gate`, a pure function) marks a file failed when its figures are not finite, when it is
+out of line with the ladder (a type with clearly more bits per weight measures clearly worse than one with
+fewer), when its mean KLD is above the ceiling for its type, or when one of its checks failed. When the
+BF16-vs-source comparison or the tokenizer check fails, the report says ``publishable: false``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from converters import quants, records, verify
+from converters import report as rep
+from converters import toolchain as tc_mod
+from converters.errors import DiskSpaceError, GgufbotError, InputError, ParseError, ToolError, UnknownName
+from converters.report import FAILED, PASSED, Check, FileResult, KldStats, Report, TextInfo
+
+log = logging.getLogger(__name__)
+
+STAGE = "evaluate"
+DEFAULT_CHUNKS = 64  # chunks of ``ctx`` tokens when not given: about 16k scored tokens at ctx 512
+KLD_TIMEOUT = 48 * 3600
+TOKENIZE_TIMEOUT = 1800
+DISK_MARGIN = 256 << 20
+N_PREDICT = 96  # bound on the smoke-test generation (and on the length of the reference's chat reply)
+
+# BF16-vs-source comparison: pass when top-1 agreement is at least this and mean KLD at most this.
+COMPARE_MIN_TOP1 = 0.95
+COMPARE_MAX_KLD = 0.02
+COMPARE_F32_MAX_PARAMS = 1_500_000_000  # larger models run in bfloat16 on the transformers side
+
+# Ladder-order tolerance: a file with at least ORDER_MIN_BITS more nominal bits per weight than another
+# fails when its mean KLD exceeds the other's by more than ORDER_REL_TOL of it plus ORDER_SIGMAS errors.
+ORDER_MIN_BITS = 0.5
+ORDER_REL_TOL = 0.25
+ORDER_SIGMAS = 3.0
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing llama-perplexity's output
+# --------------------------------------------------------------------------------------------------
+
+_NUM = r"([-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf))"
+_PM = _NUM + r"\s*±\s*" + _NUM
+
+_KLD_FIELDS: tuple[tuple[str, str, int], ...] = (
+    # (regex, figure names, how many numbers)
+    (r"Mean PPL\(Q\)\s*:\s*" + _PM, "ppl ppl_err", 2),
+    (r"Mean PPL\(base\)\s*:\s*" + _PM, "ppl_base ppl_base_err", 2),
+    (r"Mean ln\(PPL\(Q\)/PPL\(base\)\)\s*:\s*" + _PM, "ln_ppl_ratio ln_ppl_ratio_err", 2),
+    (r"Mean PPL\(Q\)/PPL\(base\)\s*:\s*" + _PM, "ppl_ratio ppl_ratio_err", 2),
+    (r"Mean PPL\(Q\)-PPL\(base\)\s*:\s*" + _PM, "ppl_diff ppl_diff_err", 2),
+    (r"Mean\s+KLD:\s*" + _PM, "kld_mean kld_mean_err", 2),
+    (r"Maximum KLD:\s*" + _NUM, "kld_max", 1),
+    (r"99\.9%\s+KLD:\s*" + _NUM, "kld_p999", 1),
+    (r"99\.0%\s+KLD:\s*" + _NUM, "kld_p99", 1),
+    (r"Median\s+KLD:\s*" + _NUM, "kld_median", 1),
+    (r"Mean\s+Δp:\s*" + _PM + r"\s*%", "dp_mean dp_mean_err", 2),
+    (r"RMS Δp\s*:\s*" + _PM + r"\s*%", "rms_dp rms_dp_err", 2),
+    (r"Same top p:\s*" + _PM + r"\s*%", "same_top_p same_top_p_err", 2),
+)
+_PERCENT = {"dp_mean", "dp_mean_err", "rms_dp", "rms_dp_err", "same_top_p", "same_top_p_err"}
+
+
+def _float(s: str) -> float:
+    return float(s.lower().lstrip("+"))
+
+
+def parse_kld_output(text: str) -> KldStats:
+    """The final statistics of ``llama-perplexity --kl-divergence`` (stdout and stderr together)."""
+    if "====== KL divergence statistics ======" not in text:
+        errors = [ln for ln in text.splitlines() if re.search(r"\b(error|failed|inconsistent)\b", ln, re.I)]
+        hint = errors[-1].strip() if errors else "no statistics block (fewer than 100 tokens scored?)"
+        raise ParseError(f"llama-perplexity --kl-divergence printed no KL divergence statistics: {hint}")
+    values: dict[str, Any] = {}
+    for pattern, names, _n in _KLD_FIELDS:
+        m = re.search(pattern, text, re.I)
+        if not m:
+            raise ParseError(f"llama-perplexity output has no {names.split()[0]!r} line (pattern {pattern!r})")
+        for name, raw in zip(names.split(), m.groups()):
+            v = _float(raw)
+            if name in _PERCENT:
+                v = round(v / 100.0, 12) if math.isfinite(v) else v / 100.0
+            values[name] = v
+    m = re.search(r"Cor\(ln\(PPL\(Q\)\), ln\(PPL\(base\)\)\):\s*" + _NUM + r"\s*%", text, re.I)
+    values["ppl_correlation"] = round(_float(m.group(1)) / 100.0, 12) if m else None
+    chunk_rows = re.findall(r"^\s*(\d+)\s+" + _PM, text, re.M | re.I)
+    if not chunk_rows:
+        raise ParseError("llama-perplexity output has no per-chunk table")
+    values["chunks"] = int(chunk_rows[-1][0])
+    return KldStats(**values)
+
+
+def parse_base_output(text: str) -> tuple[float, float]:
+    """PPL ± error of the reference from ``llama-perplexity --kl-divergence-base`` (its final estimate)."""
+    m = re.search(r"Final estimate: PPL = " + _NUM + r" \+/- " + _NUM, text, re.I)
+    if not m:
+        errors = [ln for ln in text.splitlines() if re.search(r"\b(error|failed|need at least)\b", ln, re.I)]
+        hint = errors[-1].strip() if errors else "no final estimate"
+        raise ParseError(f"llama-perplexity --kl-divergence-base did not finish: {hint}")
+    return _float(m.group(1)), _float(m.group(2))
+
+
+# --------------------------------------------------------------------------------------------------
+# The base-logits file (format written by tools/perplexity/perplexity.cpp)
+# --------------------------------------------------------------------------------------------------
+# "_logits_" | n_ctx u32 | n_vocab i32 | n_chunk i32 | tokens i32[n_chunk*n_ctx] |
+# per chunk, per scored position (n_ctx - 1 - n_ctx/2 of them): nv = 2*((n_vocab+1)/2) + 4 uint16, the
+# first four holding two float32 (scale, min_log_prob), then log p_i = scale * q_i + min_log_prob.
+
+LOGITS_MAGIC = b"_logits_"
+
+
+def scored_per_chunk(ctx: int) -> int:
+    return ctx - 1 - ctx // 2
+
+
+def base_logits_bytes(n_vocab: int, ctx: int, chunks: int) -> int:
+    nv = 2 * ((n_vocab + 1) // 2) + 4
+    return 8 + 12 + 4 * ctx * chunks + chunks * scored_per_chunk(ctx) * nv * 2
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseLogits:
+    path: Path
+    n_ctx: int
+    n_vocab: int
+    n_chunk: int
+
+    @property
+    def nv(self) -> int:
+        return 2 * ((self.n_vocab + 1) // 2) + 4
+
+    @property
+    def header_bytes(self) -> int:
+        return 20 + 4 * self.n_ctx * self.n_chunk
+
+    @classmethod
+    def open(cls, path: Path) -> "BaseLogits":
+        import numpy as np
+
+        with open(path, "rb") as f:
+            head = f.read(20)
+        if len(head) < 20 or head[:8] != LOGITS_MAGIC:
+            raise InputError(f"{path.name} is not a llama.cpp base-logits file")
+        n_ctx, n_vocab, n_chunk = (int(x) for x in np.frombuffer(head[8:20], dtype="<i4"))
+        bl = cls(path, n_ctx, n_vocab, n_chunk)
+        expected = base_logits_bytes(n_vocab, n_ctx, n_chunk)
+        if path.stat().st_size != expected:
+            raise InputError(f"{path.name}: {path.stat().st_size} bytes, expected {expected} for "
+                             f"{n_chunk} chunks of {n_ctx} tokens and {n_vocab} vocabulary entries")
+        return bl
+
+    def tokens(self, chunk: int):
+        import numpy as np
+
+        return np.fromfile(self.path, dtype="<i4", count=self.n_ctx, offset=20 + 4 * self.n_ctx * chunk)
+
+    def log_probs(self, chunk: int):
+        """float64 [scored positions, n_vocab] log-probabilities of the reference for one chunk."""
+        import numpy as np
+
+        rows = scored_per_chunk(self.n_ctx)
+        off = self.header_bytes + chunk * rows * self.nv * 2
+        q = np.fromfile(self.path, dtype="<u2", count=rows * self.nv, offset=off).reshape(rows, self.nv)
+        head = np.ascontiguousarray(q[:, :4]).view("<f4").reshape(rows, 2).astype(np.float64)
+        return head[:, :1] * q[:, 4:4 + self.n_vocab].astype(np.float64) + head[:, 1:2]
+
+
+# --------------------------------------------------------------------------------------------------
+# The BF16 reference against the source checkpoint in transformers
+# --------------------------------------------------------------------------------------------------
+
+
+def compare_with_source(source_dir: Path, base: BaseLogits, *, chunks: int, add_bos: bool, bos_id: int | None,
+                        parameters: int | None, max_params: int, threads: int | None = None,
+                        min_top1: float = COMPARE_MIN_TOP1, max_kld: float = COMPARE_MAX_KLD) -> Check:
+    """Top-1 agreement and mean KLD(GGUF || transformers) on the same tokens as the stored reference run."""
+    if parameters is not None and parameters > max_params:
+        return Check.skip(f"skipped: the model has {parameters / 1e9:.1f} B parameters, above the "
+                          f"{max_params / 1e9:.1f} B limit of the transformers comparison", parameters=parameters)
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    big = parameters is not None and parameters > COMPARE_F32_MAX_PARAMS
+    dtype = torch.bfloat16 if big else torch.float32
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(source_dir), dtype=dtype, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - an architecture transformers cannot run is a note, not a crash
+        return Check.skip(f"skipped: transformers cannot load the source model ({type(e).__name__}: {e})"[:400])
+    model.eval()
+    n = min(chunks, base.n_chunk)
+    first = base.n_ctx // 2
+    klds: list[Any] = []
+    agree = 0
+    total = 0
+    try:
+        for c in range(n):
+            ids = base.tokens(c).astype(np.int64)
+            if add_bos and bos_id is not None:
+                ids[0] = bos_id
+            with torch.no_grad():
+                logits = model(torch.from_numpy(ids)[None, :]).logits[0, first:base.n_ctx - 1].float()
+            hf = torch.log_softmax(logits, dim=-1).double().numpy()
+            gg = base.log_probs(c)
+            if hf.shape[1] < base.n_vocab:  # a padded GGUF vocabulary: extra entries have no HF logit
+                gg = gg[:, :hf.shape[1]]
+            hf = hf[:, :gg.shape[1]]
+            p = np.where(gg > -16.0, np.exp(gg), 0.0)  # llama.cpp's cut-off for stored log-probabilities
+            klds.append((p * (gg - hf)).sum(axis=1))
+            agree += int((gg.argmax(axis=1) == hf.argmax(axis=1)).sum())
+            total += gg.shape[0]
+    finally:
+        del model
+    kld = np.concatenate(klds)
+    top1 = agree / total
+    top1_err = math.sqrt(top1 * (1 - top1) / max(1, total - 1))
+    data = {"top1_agreement": top1, "top1_agreement_err": top1_err, "kld_mean": float(kld.mean()),
+            "kld_mean_err": float(kld.std(ddof=1) / math.sqrt(len(kld))) if len(kld) > 1 else None,
+            "kld_max": float(kld.max()), "tokens": total, "chunks": n, "dtype": str(dtype).replace("torch.", ""),
+            "min_top1": min_top1, "max_kld": max_kld}
+    summary = (f"top-1 agreement {100 * top1:.2f} ± {100 * top1_err:.2f} %, mean KLD {data['kld_mean']:.5f} "
+               f"on {total} tokens ({n} chunks, transformers {data['dtype']})")
+    if not all(math.isfinite(x) for x in (top1, data["kld_mean"])):
+        return Check.fail(f"BF16 GGUF and source disagree: figures not finite ({summary})", **data)
+    if top1 < min_top1 or data["kld_mean"] > max_kld:
+        return Check.fail(f"BF16 GGUF and source disagree (a converter bug: rope, norms, tokenizer?): {summary}; "
+                          f"limits: top-1 >= {100 * min_top1:.0f} %, KLD <= {max_kld}", **data)
+    return Check.ok(summary, **data)
+
+
+# --------------------------------------------------------------------------------------------------
+# The gate (pure)
+# --------------------------------------------------------------------------------------------------
+
+
+def default_ceiling(bpw: float) -> float:
+    """Mean-KLD ceiling by nominal bits per weight: generous (small models lose the most), never absurd."""
+    for bits, ceiling in ((7.5, 0.05), (6.0, 0.10), (5.0, 0.20), (4.0, 0.40), (3.0, 0.80), (2.0, 1.50)):
+        if bpw >= bits:
+            return ceiling
+    return 3.0
+
+
+def nominal_bits(f: FileResult) -> float | None:
+    if f.bpw_nominal is not None:
+        return float(f.bpw_nominal)
+    try:
+        return quants.get(f.type).bpw
+    except UnknownName:
+        return f.bpw
+
+
+def ceiling_for(f: FileResult, overrides: Mapping[str, float] | None = None) -> float | None:
+    if overrides:
+        for k, v in overrides.items():
+            if k.upper() == f.type.upper():
+                return float(v)
+        if "default" in overrides:
+            return float(overrides["default"])
+    bits = nominal_bits(f)
+    return default_ceiling(bits) if bits is not None else None
+
+
+def gate(files: Sequence[FileResult], ceilings: Mapping[str, float] | None = None, *,
+         job_checks: Mapping[str, Check] | None = None, min_bits: float = ORDER_MIN_BITS,
+         rel_tol: float = ORDER_REL_TOL, sigmas: float = ORDER_SIGMAS) -> dict[str, list[str]]:
+    """Reasons each file fails (an empty list: it passes). Pure: reads the figures and checks only."""
+    out: dict[str, list[str]] = {f.type: [] for f in files}
+    for f in files:
+        why = out[f.type]
+        if f.error:
+            why.append(f"measurement failed: {f.error}")
+        elif f.stats is None:
+            why.append("not measured")
+        else:
+            bad = f.stats.non_finite()
+            if bad:
+                why.append("figures are not finite: " + ", ".join(bad))
+            else:
+                c = ceiling_for(f, ceilings)
+                if c is not None and f.stats.kld_mean > c:
+                    why.append(f"mean KLD {f.stats.kld_mean:.4f} ± {f.stats.kld_mean_err:.4f} is above the "
+                               f"{f.type} ceiling of {c:g}")
+        for name, check in f.checks.items():
+            if check.status == FAILED:
+                why.append(f"{name} check failed: {check.detail}")
+        for name, check in (job_checks or {}).items():
+            if check.status == FAILED:
+                why.append(f"{name} check failed on the reference: {check.detail}")
+    usable = [f for f in files if f.stats is not None and not f.stats.non_finite() and nominal_bits(f) is not None]
+    for hi in usable:
+        worse_than = []
+        for lo in usable:
+            if hi is lo or nominal_bits(hi) < nominal_bits(lo) + min_bits:  # type: ignore[operator]
+                continue
+            assert hi.stats and lo.stats
+            tol = rel_tol * lo.stats.kld_mean + sigmas * math.hypot(hi.stats.kld_mean_err, lo.stats.kld_mean_err)
+            if hi.stats.kld_mean > lo.stats.kld_mean + tol:
+                worse_than.append(lo)
+        if worse_than:
+            lo = min(worse_than, key=lambda x: x.stats.kld_mean)  # type: ignore[union-attr]
+            h, lw = hi.stats, lo.stats
+            assert h is not None and lw is not None
+            out[hi.type].append(
+                f"out of line with the ladder: mean KLD {h.kld_mean:.4f} ± {h.kld_mean_err:.4f} is clearly higher "
+                f"than {lo.type}'s {lw.kld_mean:.4f} ± {lw.kld_mean_err:.4f} although {hi.type} has more bits per "
+                f"weight ({nominal_bits(hi):g} vs {nominal_bits(lo):g})")
+    return out
+
+
+def publishable(checks: Mapping[str, Check]) -> tuple[bool, list[str]]:
+    """Nothing is published when the conversion itself is suspect: BF16-vs-source or tokenizer failed."""
+    reasons = []
+    for name, what in (("bf16_vs_source", "the BF16 conversion disagrees with the source model"),
+                       ("tokenizer", "the GGUF tokenizer differs from the source tokenizer")):
+        c = checks.get(name)
+        if c is None:
+            reasons.append(f"{name} check did not run")
+        elif c.status == FAILED:
+            reasons.append(f"{what}: {c.detail}")
+    return not reasons, reasons
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LadderFile:
+    type: str
+    path: str
+    size: int
+    bpw: float | None
+    bpw_nominal: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Ladder:
+    """The parts of ladder.json evaluation needs (the rest is kept in ``raw``)."""
+
+    model_name: str
+    source: dict[str, Any]
+    toolchain: dict[str, Any]
+    reference_type: str
+    reference_path: str
+    imatrix_calibration: dict[str, Any] | None
+    files: tuple[LadderFile, ...]
+    raw: dict[str, Any]
+
+    @classmethod
+    def load(cls, workdir: Path) -> "Ladder":
+        p = workdir / "ladder.json"
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read {p}: {e}") from e
+        if d.get("schema_version") != 1:
+            raise InputError(f"{p}: unsupported schema_version {d.get('schema_version')!r}")
+        try:
+            files = tuple(LadderFile(type=f["type"], path=f["path"], size=int(f.get("size") or 0),
+                                     bpw=f.get("bpw"), bpw_nominal=f.get("bpw_nominal")) for f in d["files"])
+            ref = d["reference"]
+            return cls(model_name=d.get("model_name") or workdir.name, source=dict(d.get("source") or {}),
+                       toolchain=dict(d.get("toolchain") or {}), reference_type=ref.get("type", "BF16"),
+                       reference_path=ref["path"], imatrix_calibration=(d.get("imatrix") or {}).get("calibration"),
+                       files=files, raw=d)
+        except (KeyError, TypeError) as e:
+            raise InputError(f"{p}: missing or malformed field {e}") from e
+
+
+def _sha256_text(path: Path) -> str:
+    return records.sha256_file(path)
+
+
+def count_tokens(tc: tc_mod.Toolchain, gguf: Path, text: Path) -> int:
+    res = tc_mod.run([tc.program("llama-tokenize"), "-m", gguf, "-f", text, "--ids", "--show-count", "--log-disable"],
+                     timeout=TOKENIZE_TIMEOUT, keep_output=20_000)
+    m = re.search(r"Total number of tokens:\s*(\d+)", res.stdout)
+    if not m:
+        raise ParseError("llama-tokenize printed no token count")
+    return int(m.group(1))
+
+
+def _tool_versions(tc: tc_mod.Toolchain) -> dict[str, str | None]:
+    out: dict[str, str | None] = {"llama.cpp": tc.version, "llama.cpp_commit": tc.commit}
+    for dist in ("ggufbot", "transformers", "torch", "gguf", "jinja2", "numpy"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _fingerprint(path: Path | None) -> dict[str, Any] | None:
+    return records.fingerprint_file(path) if path is not None and path.exists() else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Running llama-perplexity
+# --------------------------------------------------------------------------------------------------
+
+
+def _perplexity_argv(tc: tc_mod.Toolchain, model: Path, threads: int | None) -> list[Any]:
+    argv: list[Any] = [tc.program("llama-perplexity"), "-m", model]
+    if threads:
+        argv += ["-t", str(threads)]
+    return argv
+
+
+def run_base(tc: tc_mod.Toolchain, model: Path, text: Path, out: Path, *, ctx: int, chunks: int,
+             threads: int | None = None) -> tuple[float, float, float]:
+    """Store the reference's log-probabilities in ``out``; return (PPL, PPL error, seconds)."""
+    argv = _perplexity_argv(tc, model, threads) + ["-f", text, "-c", str(ctx), "--chunks", str(chunks),
+                                                    "--kl-divergence-base", out]
+    res = tc_mod.run(argv, timeout=KLD_TIMEOUT)
+    ppl, err = parse_base_output(res.stdout + "\n" + res.stderr)
+    if not out.exists():
+        raise ParseError("llama-perplexity did not write the base-logits file")
+    return ppl, err, res.seconds
+
+
+def run_kld(tc: tc_mod.Toolchain, model: Path, base: Path, *, ctx: int,
+            threads: int | None = None) -> tuple[KldStats, float]:
+    """Score ``model`` against the stored reference log-probabilities: (figures, seconds)."""
+    argv = _perplexity_argv(tc, model, threads) + ["-c", str(ctx), "--kl-divergence-base", base, "--kl-divergence"]
+    res = tc_mod.run(argv, timeout=KLD_TIMEOUT)
+    return parse_kld_output(res.stdout + "\n" + res.stderr), res.seconds
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def run(workdir: Path, *, eval_text: Path, calibration_text: Path | None = None, chunks: int | None = None,
+        ctx: int = 512, threads: int | None = None, source_dir: Path | None = None,
+        reference_logits: Path | None = None, hf_compare_max_params: int = 3_000_000_000,
+        hf_compare_chunks: int = 2, ceilings: dict[str, float] | None = None,
+        on_progress: ProgressFn | None = None, toolchain: tc_mod.Toolchain | None = None,
+        eval_text_name: str | None = None, eval_text_source: str | None = None,
+        keep_base_logits: Path | None = None) -> Report:
+    """Evaluate and check every file of ``workdir/ladder.json``; write report.json and the chart; return the report.
+
+    ``reference_logits``: a base-logits file to measure against instead of this work dir's own reference
+    (for pruned or distilled variants: the teacher's BF16). It is read, never deleted.
+    ``eval_text_name`` / ``eval_text_source``: how the report names the text (a URL or hf:// address is
+    recorded; a local path never is). ``on_progress(step, done, total)`` is called between steps.
+    ``keep_base_logits``: move the base-logits file there instead of deleting it (benchmarks, tests).
+    """
+    started = time.monotonic()
+    workdir = Path(workdir)
+    eval_text = Path(eval_text)
+    progress = on_progress or (lambda step, done, total: None)
+    ladder = Ladder.load(workdir)
+    if not eval_text.is_file():
+        raise InputError(f"evaluation text not found: {eval_text}")
+    eval_sha = _sha256_text(eval_text)
+    cal_sha = None
+    if calibration_text is not None:
+        if Path(calibration_text).resolve() == eval_text.resolve():
+            raise InputError("the evaluation text is the calibration text: a quant must not be judged on the text "
+                             "it was calibrated on")
+        cal_sha = _sha256_text(Path(calibration_text))
+    cal_info = ladder.imatrix_calibration or {}
+    if eval_sha in {cal_sha, cal_info.get("sha256")}:
+        raise InputError(f"the evaluation text {eval_text.name} has the same content as the calibration text: a quant "
+                         "must not be judged on the text it was calibrated on")
+    if chunks is not None and chunks < 1:
+        raise InputError(f"chunks must be at least 1, not {chunks}")
+    if ceilings:
+        for k in ceilings:
+            if k != "default":
+                quants.get(k)  # UnknownName for a typo
+    src_path = source_dir or (Path(ladder.source["path"]) if ladder.source.get("path") else None)
+    tc = toolchain or tc_mod.find(required=True)
+    assert tc is not None
+    reference = workdir / ladder.reference_path
+    if not reference.exists():
+        raise InputError(f"the reference GGUF {ladder.reference_path} is missing from {workdir}")
+
+    inputs = {"ladder": _fingerprint(workdir / "ladder.json"), "eval_text": eval_sha, "chunks": chunks, "ctx": ctx,
+              "reference_logits": _fingerprint(reference_logits), "ceilings": ceilings or {},
+              "hf_compare_max_params": hf_compare_max_params, "hf_compare_chunks": hf_compare_chunks,
+              "source_dir": str(src_path) if src_path else None, "toolchain": tc.version}
+    done = records.complete(workdir, STAGE, inputs)
+    if done is not None and (workdir / rep.REPORT_NAME).exists():
+        log.info("evaluate: %s already evaluated for these inputs; skipped", ladder.model_name)
+        return rep.load(workdir)
+
+    seconds: dict[str, float] = {}
+    ref_facts = verify.GgufFacts.read(reference)
+    n_vocab = len(ref_facts.tokens)
+    for stale in workdir.glob(f"{records.TMP_MARK}*/base-logits*.kld"):  # left by a killed evaluation
+        _remove_scratch(stale)
+
+    t0 = time.monotonic()
+    text_tokens = count_tokens(tc, reference, eval_text)
+    seconds["tokenize"] = time.monotonic() - t0
+    base_path: Path
+    own_base: Path | None = None
+    ref_block: dict[str, Any] = {"type": ladder.reference_type, "path": ladder.reference_path,
+                                 "size": reference.stat().st_size}
+    if reference_logits is not None:
+        base = BaseLogits.open(Path(reference_logits))
+        if base.n_vocab != n_vocab:
+            raise InputError(f"reference logits have {base.n_vocab} vocabulary entries, the model {n_vocab}")
+        ctx, n_chunks, base_path = base.n_ctx, base.n_chunk, Path(reference_logits)
+        ref_block["logits"] = {"name": base_path.name, "chunks": n_chunks, "ctx": ctx, "given": True}
+    else:
+        available = text_tokens // ctx
+        if available < 2:
+            raise InputError(f"the evaluation text {eval_text.name} has {text_tokens} tokens: at least {2 * ctx} are "
+                             f"needed for a context of {ctx}")
+        n_chunks = min(chunks or DEFAULT_CHUNKS, available)
+        if n_chunks * scored_per_chunk(ctx) < 100:
+            n_chunks = min(available, -(-100 // scored_per_chunk(ctx)))  # llama.cpp reports nothing below 100 tokens
+        need = base_logits_bytes(n_vocab, ctx, n_chunks)
+        free = shutil.disk_usage(workdir).free
+        if free < need + DISK_MARGIN:
+            raise DiskSpaceError(str(workdir), need + DISK_MARGIN, free)
+        base_path = own_base = records.tmp_path_for(workdir / "base-logits.kld")
+        own_base.parent.mkdir(parents=True, exist_ok=True)
+
+    files: list[FileResult] = []
+    checks: dict[str, Check] = {}
+    total_steps = len(ladder.files) + 3
+    step = 0
+    try:
+        if own_base is not None:
+            progress("base logits", step, total_steps)
+            log.info("evaluate: base logits of %s over %d chunks of %d tokens (%.2f GB)", reference.name, n_chunks,
+                     ctx, base_logits_bytes(n_vocab, ctx, n_chunks) / 1e9)
+            ppl, ppl_err, secs = run_base(tc, reference, eval_text, own_base, ctx=ctx, chunks=n_chunks,
+                                          threads=threads)
+            ref_block.update(ppl=ppl, ppl_err=ppl_err)
+            seconds["base_logits"] = secs
+        step += 1
+
+        # the reference against the source checkpoint
+        progress("bf16 vs source", step, total_steps)
+        t0 = time.monotonic()
+        if src_path is None or not src_path.is_dir():
+            checks["bf16_vs_source"] = Check.fail("the source checkpoint is not available, so the conversion cannot "
+                                                  "be compared with it")
+        else:
+            checks["bf16_vs_source"] = _compare(tc, reference, ref_facts, src_path, eval_text, own_base, ctx=ctx,
+                                                chunks=hf_compare_chunks, threads=threads,
+                                                parameters=ladder.source.get("parameters"),
+                                                max_params=hf_compare_max_params, workdir=workdir)
+        seconds["source_comparison"] = time.monotonic() - t0
+        step += 1
+
+        if reference_logits is not None:  # the variant's own reference, measured against the teacher
+            try:
+                stats, secs = run_kld(tc, reference, base_path, ctx=ctx, threads=threads)
+                ref_block.update({k: v for k, v in stats.figures().items()})
+                ref_block.update(ppl=stats.ppl, ppl_err=stats.ppl_err)
+                seconds["reference_kld"] = secs
+            except (ToolError, ParseError) as e:
+                ref_block["error"] = e.short()
+
+        # each quant: figures against the reference
+        for lf in ladder.files:
+            progress(f"kld {lf.type}", step, total_steps)
+            fr = FileResult(type=lf.type, path=lf.path, size=lf.size, bpw=lf.bpw, bpw_nominal=lf.bpw_nominal)
+            path = workdir / lf.path
+            if not path.exists():
+                fr.error = f"{lf.path} is missing"
+            else:
+                try:
+                    fr.stats, fr.seconds["kld"] = run_kld(tc, path, base_path, ctx=ctx, threads=threads)
+                except ToolError as e:
+                    fr.error = verify.tool_error_reason(e)
+                except ParseError as e:
+                    fr.error = str(e)
+            log.info("evaluate: %s %s", lf.type, f"KLD {fr.stats.kld_mean:.5f} ± {fr.stats.kld_mean_err:.5f}"
+                     if fr.stats else f"failed: {fr.error}")
+            files.append(fr)
+            step += 1
+        if "ppl" not in ref_block:
+            first = next((f.stats for f in files if f.stats), None)
+            if first is not None:
+                ref_block.update(ppl=first.ppl_base, ppl_err=first.ppl_base_err)
+    finally:
+        if own_base is not None:
+            if keep_base_logits is not None and own_base.exists():
+                shutil.move(own_base, keep_base_logits)
+            _remove_scratch(own_base)
+    seconds["kld"] = sum(f.seconds.get("kld", 0.0) for f in files)
+
+    # checks
+    progress("checks", step, total_steps)
+    t0 = time.monotonic()
+    job_checks, file_checks = _run_checks(tc, reference, ref_facts, src_path, files, workdir, threads)
+    checks.update(job_checks)
+    for f in files:
+        f.checks.update(file_checks.get(f.type, {}))
+    seconds["checks"] = time.monotonic() - t0
+
+    per_job = {k: v for k, v in checks.items() if k in ("chat_template", "special_tokens", "end_of_reply")}
+    verdicts = gate(files, ceilings, job_checks=per_job)
+    for f in files:
+        f.reasons = verdicts[f.type]
+        f.status = FAILED if f.reasons else PASSED
+    ok, why = publishable(checks)
+
+    settings = {"chunks": n_chunks, "chunks_asked": chunks, "ctx": ctx, "threads": threads,
+                "ceilings": {f.type: ceiling_for(f, ceilings) for f in files},
+                "ladder_order": {"min_bits": ORDER_MIN_BITS, "rel_tol": ORDER_REL_TOL, "sigmas": ORDER_SIGMAS},
+                "hf_compare": {"max_params": hf_compare_max_params, "chunks": hf_compare_chunks,
+                               "min_top1": COMPARE_MIN_TOP1, "max_kld": COMPARE_MAX_KLD},
+                "n_predict": N_PREDICT, "reference_logits": reference_logits is not None}
+    texts = {
+        "eval": TextInfo(name=eval_text_name or eval_text.name, source=_public_source(eval_text_source),
+                         sha256=eval_sha, bytes=eval_text.stat().st_size, tokens=text_tokens,
+                         tokens_scored=n_chunks * scored_per_chunk(ctx), chunks=n_chunks, ctx=ctx),
+        "calibration": (TextInfo(name=cal_info.get("name") or (Path(calibration_text).name if calibration_text else ""),
+                                 sha256=cal_info.get("sha256") or cal_sha or "", bytes=int(cal_info.get("bytes") or 0),
+                                 chunks=cal_info.get("chunks"), ctx=cal_info.get("ctx"),
+                                 source=_public_source(cal_info.get("source")))
+                        if (cal_info or calibration_text) else None),
+    }
+    source = {k: ladder.source.get(k) for k in ("repo", "revision", "architecture", "parameters",
+                                                 "has_chat_template", "license")}
+    report = Report(model_name=ladder.model_name, source=source, toolchain=dict(ladder.toolchain),
+                    tools=_tool_versions(tc), texts=texts, settings=settings, reference=ref_block, checks=checks,
+                    files=files, publishable=ok, reasons=why, seconds=seconds)
+    t0 = time.monotonic()
+    try:
+        from converters import chart
+
+        report.chart = chart.render(report, workdir / rep.CHART_NAME).name
+    except Exception as e:  # noqa: BLE001 - a chart is decoration; its failure must not lose the measurements
+        log.warning("evaluate: chart failed: %s", e)
+        report.chart = None
+    seconds["chart"] = time.monotonic() - t0
+    seconds["total"] = time.monotonic() - started
+    out = rep.write(workdir, report)
+    outputs = [out] + ([workdir / report.chart] if report.chart else [])
+    records.save(workdir, STAGE, inputs, outputs, seconds["total"], tc.version,
+                 extra={"publishable": ok, "failed": [f.type for f in files if f.status == FAILED]})
+    progress("done", total_steps, total_steps)
+    log.info("evaluate: %s: %d/%d files passed, publishable=%s (%.0f s)", ladder.model_name,
+             sum(f.status == PASSED for f in files), len(files), ok, seconds["total"])
+    return report
+
+
+def _remove_scratch(path: Path) -> None:
+    """Delete a base-logits file (they are large) and its scratch folder when that is left empty."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
+
+
+def _public_source(source: str | None) -> str | None:
+    """A URL or hf:// address may be published; a local path never is."""
+    if source and re.match(r"^(https?|hf)://", source):
+        return source
+    return None
+
+
+def _compare(tc: tc_mod.Toolchain, reference: Path, facts: verify.GgufFacts, source_dir: Path, eval_text: Path,
+             own_base: Path | None, *, ctx: int, chunks: int, threads: int | None, parameters: int | None,
+             max_params: int, workdir: Path) -> Check:
+    if parameters is not None and parameters > max_params:
+        return compare_with_source(source_dir, None, chunks=chunks, add_bos=facts.add_bos,  # type: ignore[arg-type]
+                                   bos_id=facts.bos_id, parameters=parameters, max_params=max_params)
+    tmp = None
+    try:
+        if own_base is None:  # measured against someone else's logits: a short run of our own reference
+            tmp = records.tmp_path_for(workdir / "base-logits-compare.kld")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            run_base(tc, reference, eval_text, tmp, ctx=ctx, chunks=chunks, threads=threads)
+            base = BaseLogits.open(tmp)
+        else:
+            base = BaseLogits.open(own_base)
+        return compare_with_source(source_dir, base, chunks=chunks, add_bos=facts.add_bos, bos_id=facts.bos_id,
+                                   parameters=parameters, max_params=max_params, threads=threads)
+    except (ToolError, ParseError) as e:
+        return Check.fail(f"the reference could not be run for the comparison: {e.short()}")
+    finally:
+        if tmp is not None:
+            _remove_scratch(tmp)
+
+
+def _run_checks(tc: tc_mod.Toolchain, reference: Path, ref_facts: verify.GgufFacts, source_dir: Path | None,
+                files: Sequence[FileResult], workdir: Path,
+                threads: int | None) -> tuple[dict[str, Check], dict[str, dict[str, Check]]]:
+    job: dict[str, Check] = {}
+    per_file: dict[str, dict[str, Check]] = {}
+    tok = None
+    if source_dir is None or not source_dir.is_dir():
+        missing = Check.fail("the source checkpoint is not available")
+        job.update(tokenizer=missing, chat_template=missing, special_tokens=missing)
+    else:
+        try:
+            tok = verify._hf_tokenizer(source_dir)
+        except InputError as e:
+            job["tokenizer"] = Check.fail(str(e))
+        if tok is not None:
+            for name, fn in (("tokenizer", lambda: verify.tokenizer_parity(tc, reference, source_dir)),
+                             ("chat_template", lambda: verify.chat_template_check(ref_facts, source_dir)),
+                             ("special_tokens", lambda: verify.special_tokens_check(ref_facts, source_dir, tok))):
+                try:
+                    job[name] = fn()
+                except GgufbotError as e:
+                    job[name] = Check.fail(f"the check could not run: {e.short()}")
+    prompt, is_chat = verify.prompt_for(ref_facts, tok)
+    try:
+        gen = verify.generate(tc, reference, prompt, n_predict=N_PREDICT, threads=threads)
+        job["end_of_reply"] = verify.end_of_reply_check(gen, is_chat, N_PREDICT)
+        job["generation"] = verify.generation_check(gen)
+    except ToolError as e:
+        job["generation"] = Check.fail(f"the reference does not generate: {verify.tool_error_reason(e)}")
+    for f in files:
+        checks: dict[str, Check] = {}
+        path = workdir / f.path
+        if path.exists():
+            try:
+                checks["metadata"] = verify.metadata_check(verify.GgufFacts.read(path), ref_facts)
+            except InputError as e:
+                checks["metadata"] = Check.fail(str(e))
+            try:
+                checks["generation"] = verify.generation_check(
+                    verify.generate(tc, path, prompt, n_predict=N_PREDICT, threads=threads))
+            except ToolError as e:
+                checks["generation"] = Check.fail(f"llama.cpp cannot generate with it: {verify.tool_error_reason(e)}")
+        per_file[f.type] = checks
+    return job, per_file
+
+
+def default_eval_text_same(a: Path, b: Path) -> bool:
+    """True when two text files have the same content (used by callers before a long run)."""
+    if a.resolve() == b.resolve():
+        return True
+    return a.stat().st_size == b.stat().st_size and _sha256_text(a) == _sha256_text(b)
+

@@ -1,0 +1,539 @@
+"""Checks that a GGUF behaves like its source checkpoint: tokenizer, chat template, special tokens, generation.
+
+Every check returns a :class:`~converters.report.Check` (passed / failed / skipped, a readable detail and
+its data); none raises for a failing model, only for a broken environment (no toolchain, unreadable
+source). llama.cpp programs run through :func:`converters.toolchain.run`; the source side uses the HF
+tokenizer (``transformers``) and, for templates, Jinja2's immutable sandbox (templates are untrusted).
+
+Which checks run where (see ``converters.evaluate.run``):
+- on the reference (BF16) GGUF: tokenizer parity, chat template, special tokens, end of a chat reply;
+- on every quant: its metadata (tokenizer, template, hyperparameters) equals the reference's, and a
+  short generation is not degenerate.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import struct
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from converters import toolchain as tc_mod
+from converters.errors import InputError, ToolError
+from converters.report import Check
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------------
+# GGUF metadata (header only; no tensor data is touched)
+# --------------------------------------------------------------------------------------------------
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Buf:
+    def __init__(self, f):
+        self.f = f
+
+    def read(self, n: int) -> bytes:
+        b = self.f.read(n)
+        if len(b) != n:
+            raise InputError("truncated GGUF header")
+        return b
+
+    def unpack(self, fmt: str):
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if n > 1 << 30:
+            raise InputError("corrupt GGUF header (string too long)")
+        return self.read(n).decode("utf-8", "surrogateescape")
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            itype = self.unpack("<I")
+            count = self.unpack("<Q")
+            if itype in _SCALARS:
+                fmt = _SCALARS[itype]
+                size = struct.calcsize(fmt)
+                raw = self.read(size * count)
+                return list(struct.unpack(f"<{count}{fmt[1:]}", raw))
+            return [self.value(itype) for _ in range(count)]
+        raise InputError(f"unknown GGUF value type {vtype}")
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The key/value metadata of a GGUF file (for a split file: of its first part)."""
+    try:
+        with open(path, "rb") as f:
+            b = _Buf(f)
+            if b.read(4) != b"GGUF":
+                raise InputError(f"{path.name} is not a GGUF file")
+            version = b.unpack("<I")
+            if version < 2:
+                raise InputError(f"{path.name}: GGUF version {version} is not supported")
+            b.unpack("<Q")  # tensor count
+            n_kv = b.unpack("<Q")
+            out: dict[str, Any] = {}
+            for _ in range(n_kv):
+                key = b.string()
+                out[key] = b.value(b.unpack("<I"))
+            return out
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class GgufFacts:
+    """What the checks need from a GGUF's metadata."""
+
+    path: Path
+    arch: str
+    tokenizer_model: str | None
+    pre: str | None
+    tokens: tuple[str, ...]
+    bos_id: int | None
+    eos_id: int | None
+    eot_id: int | None
+    eom_id: int | None
+    add_bos: bool
+    chat_template: str | None
+    digests: Mapping[str, str]  # key -> sha256 of the value, for the keys compared across files
+
+    @classmethod
+    def read(cls, path: Path) -> "GgufFacts":
+        md = read_metadata(path)
+        arch = str(md.get("general.architecture", ""))
+
+        def opt_int(key: str) -> int | None:
+            v = md.get(key)
+            return int(v) if isinstance(v, int) else None
+
+        compared = {k: v for k, v in md.items() if _compared_key(k, arch)}
+        digests = {k: hashlib.sha256(json.dumps(v, default=str, ensure_ascii=False).encode("utf-8", "surrogateescape"))
+                   .hexdigest() for k, v in compared.items()}
+        add_bos = md.get("tokenizer.ggml.add_bos_token")
+        return cls(path=path, arch=arch, tokenizer_model=md.get("tokenizer.ggml.model"),
+                   pre=md.get("tokenizer.ggml.pre"), tokens=tuple(md.get("tokenizer.ggml.tokens") or ()),
+                   bos_id=opt_int("tokenizer.ggml.bos_token_id"), eos_id=opt_int("tokenizer.ggml.eos_token_id"),
+                   eot_id=opt_int("tokenizer.ggml.eot_token_id"), eom_id=opt_int("tokenizer.ggml.eom_token_id"),
+                   # llama.cpp's default when the key is absent: add BOS for SPM vocabularies
+                   add_bos=bool(add_bos) if add_bos is not None else md.get("tokenizer.ggml.model") == "llama",
+                   chat_template=md.get("tokenizer.chat_template"), digests=digests)
+
+    def token_text(self, i: int | None) -> str:
+        if i is None or not 0 <= i < len(self.tokens):
+            return "?"
+        return self.tokens[i]
+
+
+def _compared_key(key: str, arch: str) -> bool:
+    """Keys that every quant must share with the reference: tokenizer, template and hyperparameters."""
+    return key.startswith("tokenizer.") or (bool(arch) and key.startswith(arch + ".")) or key == "general.architecture"
+
+
+def metadata_check(quant: GgufFacts, reference: GgufFacts) -> Check:
+    """The quant carries the reference's tokenizer, chat template and hyperparameters unchanged."""
+    missing = sorted(set(reference.digests) - set(quant.digests))
+    added = sorted(set(quant.digests) - set(reference.digests))
+    changed = sorted(k for k in set(reference.digests) & set(quant.digests) if reference.digests[k] != quant.digests[k])
+    if not (missing or added or changed):
+        return Check.ok(f"tokenizer, template and {len(reference.digests)} metadata keys match the reference")
+    parts = []
+    if changed:
+        parts.append("changed: " + ", ".join(changed[:6]))
+    if missing:
+        parts.append("missing: " + ", ".join(missing[:6]))
+    if added:
+        parts.append("added: " + ", ".join(added[:6]))
+    return Check.fail("metadata differs from the reference GGUF (" + "; ".join(parts) + ")",
+                      changed=changed, missing=missing, added=added)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer parity
+# --------------------------------------------------------------------------------------------------
+
+# (name, text). Special tokens of the source tokenizer are added at run time ("special").
+TOKENIZER_SAMPLES: tuple[tuple[str, str], ...] = (
+    ("prose", "The quick brown fox jumps over the lazy dog. It wasn't me, she said; we'll see what they've done!"),
+    ("leading space", " Hello world"),
+    ("case", "HELLO World hello WORLD iPhone McDonald's USA-based"),
+    ("accents", "Ça va très bien, merci. Grüße aus Köln! El niño comió jalapeños. Ångström, façade, naïve."),
+    ("cyrillic", "Съешь же ещё этих мягких французских булок, да выпей чаю."),
+    ("greek", "Ξεσκεπάζω την ψυχοφθόρα βδελυγμία."),
+    ("arabic", "نص حكيم له سر قاطع وذو شأن عظيم مكتوب على ثوب أخضر"),
+    ("hebrew", "דג סקרן שט בים מאוכזב ולפתע מצא חברה"),
+    ("devanagari", "ऋषियों को सताने वाले दुष्ट राक्षसों के राजा रावण का सर्वनाश करने वाले विष्णुवतार भगवान श्रीराम"),
+    ("chinese", "我能吞下玻璃而不伤身体。北京是中华人民共和国的首都。"),
+    ("japanese", "いろはにほへと ちりぬるを 東京都は日本の首都です。カタカナ"),
+    ("korean", "다람쥐 헌 쳇바퀴에 타고파. 안녕하세요!"),
+    ("thai", "เป็นมนุษย์สุดประเสริฐเลิศคุณค่า"),
+    ("emoji", "I ❤️ 🦙 and 🤗! 👩‍👩‍👧‍👦 🇫🇷 👍🏽 ✅ 🚀🚀🚀"),
+    ("code", "def f(x: int) -> int:\n    \"\"\"Square.\"\"\"\n\treturn x ** 2  # comment\n\n"
+             "if __name__ == '__main__':\n    print(f(3), {'a': [1, 2]}, \"\\n\")\n"),
+    ("spaces", "a  b   c    d     e\t\tf \t g" + " " * 17 + "h"),
+    ("newlines", "line one\n\nline two\n\n\n\nline three\r\n\r\nend \n \n  \n"),
+    ("digits", "3.14159 2718281828 1234567890 12,345.67 1e-9 0x1F 007 99% 2024-11-22 +49 (0)30 1/3"),
+    ("symbols", "<html><body class=\"x\">&amp; a->b => c != d <= e; $HOME ~/.cache @user #tag`x`</body></html>"),
+)
+
+TOKENIZER_TIMEOUT = 300
+
+
+def _hf_tokenizer(source_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source_dir), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - any loader failure is a missing input for the check
+        raise InputError(f"cannot load the source tokenizer from {source_dir}: {e}") from e
+
+
+def special_sample(tok) -> str | None:
+    """A sample with the source's special tokens written into plain text."""
+    specials = [t for t in (getattr(tok, "all_special_tokens", None) or []) if t]
+    specials = list(dict.fromkeys(specials))[:6]
+    if not specials:
+        return None
+    return "Start " + " and ".join(f"{s}text{i}" for i, s in enumerate(specials)) + " end" + specials[0] + "\n"
+
+
+def llama_tokenize(tc: tc_mod.Toolchain, gguf: Path, text: str, *, add_bos: bool, workdir: Path) -> list[int]:
+    """Token ids of ``text`` from llama.cpp's tokenizer (special tokens parsed, bytes passed verbatim)."""
+    f = workdir / "sample.txt"
+    f.write_bytes(text.encode("utf-8"))
+    argv = [tc.program("llama-tokenize"), "-m", gguf, "-f", f, "--ids", "--no-escape"]
+    if not add_bos:
+        argv.append("--no-bos")
+    res = tc_mod.run(argv, timeout=TOKENIZER_TIMEOUT)
+    return parse_ids(res.stdout)
+
+
+def tool_error_reason(e: ToolError) -> str:
+    """The most telling line of a failed llama.cpp run: its first error line, else the last line."""
+    lines = [ln.strip() for ln in e.stderr_tail.splitlines() if ln.strip()]
+    for ln in lines:
+        if re.search(r"\berror\b", ln, re.I):
+            return re.sub(r"^[\d.]+ [EWI] ", "", ln)[:300]
+    return e.short()
+
+
+def parse_ids(stdout: str) -> list[int]:
+    m = re.search(r"\[([\d,\s]*)\]\s*$", stdout.strip())
+    if not m:
+        from converters.errors import ParseError
+
+        raise ParseError(f"llama-tokenize printed no id list: {stdout.strip()[-200:]!r}")
+    body = m.group(1).strip()
+    return [int(x) for x in body.split(",")] if body else []
+
+
+def first_mismatch(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Index of the first difference between two id lists (the shorter length if one is a prefix); None if equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def tokenizer_parity(tc: tc_mod.Toolchain, gguf: Path, source_dir: Path,
+                     samples: Sequence[tuple[str, str]] = TOKENIZER_SAMPLES) -> Check:
+    """The source's HF tokenizer and llama.cpp's tokenizer of the GGUF give the same ids on every sample."""
+    tok = _hf_tokenizer(source_dir)
+    facts = GgufFacts.read(gguf)
+    cases = [(name, text, False) for name, text in samples]
+    sp = special_sample(tok)
+    if sp is not None:
+        cases.append(("special tokens", sp, False))
+    # once with the tokenizer's own special-token handling: does each side add a BOS the same way?
+    cases.append(("with BOS/EOS handling", samples[0][1] if samples else "Hello", True))
+    n_ids = 0
+    with tempfile.TemporaryDirectory(prefix="ggufbot-tok-") as td:
+        for name, text, with_special in cases:
+            hf_ids = list(tok(text, add_special_tokens=with_special)["input_ids"])
+            try:
+                gg_ids = llama_tokenize(tc, gguf, text, add_bos=with_special, workdir=Path(td))
+            except ToolError as e:
+                return Check.fail(f"llama.cpp cannot tokenize with this GGUF: {tool_error_reason(e)}", sample=name)
+            n_ids += len(hf_ids)
+            i = first_mismatch(hf_ids, gg_ids)
+            if i is not None:
+                def show(ids: Sequence[int], pieces) -> str:
+                    return ", ".join(f"{t} {p!r}" for t, p in zip(ids[i:i + 3], pieces(ids[i:i + 3]))) or "(end)"
+
+                detail = (f"sample {name!r}: first difference at token {i}: source "
+                          f"[{show(hf_ids, tok.convert_ids_to_tokens)}] vs GGUF "
+                          f"[{show(gg_ids, lambda ids: [facts.token_text(t) for t in ids])}]")
+                if name == "with BOS/EOS handling":
+                    detail += " (the GGUF's add_bos_token/add_eos_token differ from the source tokenizer)"
+                return Check.fail(detail, sample=name, index=i, source_ids=hf_ids[max(0, i - 3):i + 8],
+                                  gguf_ids=gg_ids[max(0, i - 3):i + 8], pre=facts.pre)
+    return Check.ok(f"identical token ids on {len(cases)} samples ({n_ids} tokens: prose, {len(samples) - 1} "
+                    "scripts/code/whitespace/digit samples, special tokens)", samples=len(cases), tokens=n_ids,
+                    pre=facts.pre)
+
+
+# --------------------------------------------------------------------------------------------------
+# Chat template
+# --------------------------------------------------------------------------------------------------
+
+SAMPLE_CONVERSATIONS: tuple[tuple[dict[str, str], ...], ...] = (
+    ({"role": "system", "content": "You are a concise assistant."},
+     {"role": "user", "content": "Name a colour."},
+     {"role": "assistant", "content": "Blue."},
+     {"role": "user", "content": "And a fruit?"}),
+    ({"role": "user", "content": "Name a colour."},
+     {"role": "assistant", "content": "Blue."},
+     {"role": "user", "content": "And a fruit?"}),
+)
+REPLY_QUESTION = "What is the capital of France? Answer in one short sentence."
+
+
+def _source_template(tok) -> str | None:
+    t = getattr(tok, "chat_template", None)
+    if isinstance(t, Mapping):
+        return t.get("default") or next(iter(t.values()), None)
+    return t or None
+
+
+def render_template(template: str, messages: Sequence[Mapping[str, str]], *, bos: str = "", eos: str = "",
+                    add_generation_prompt: bool = True) -> str:
+    """Render a chat template as transformers does, in Jinja2's immutable sandbox."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg: str) -> None:
+        raise jinja2.TemplateError(msg)
+
+    def strftime_now(fmt: str) -> str:
+        import datetime
+
+        return datetime.datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, **_: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent)
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                            bos_token=bos, eos_token=eos, tools=None, documents=None)
+
+
+def _diff_at(a: str, b: str) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def chat_template_check(gguf: GgufFacts, source_dir: Path) -> Check:
+    """The GGUF carries the source's chat template and renders the same prompt (a base model passes)."""
+    tok = _hf_tokenizer(source_dir)
+    src = _source_template(tok)
+    if not src:
+        if gguf.chat_template:
+            return Check.fail("the GGUF has a chat template but the source has none")
+        return Check.ok("no template (base model)", has_template=False)
+    if not gguf.chat_template:
+        return Check.fail("the source has a chat template but the GGUF has none (tokenizer.chat_template missing)",
+                          has_template=True)
+    bos, eos = tok.bos_token or "", tok.eos_token or ""
+    for conv in SAMPLE_CONVERSATIONS:
+        try:
+            expected = tok.apply_chat_template(list(conv), tokenize=False, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 - e.g. the template refuses a system message: try the next conversation
+            continue
+        try:
+            got = render_template(gguf.chat_template, conv, bos=bos, eos=eos)
+        except Exception as e:  # noqa: BLE001
+            return Check.fail(f"the GGUF's chat template does not render: {type(e).__name__}: {e}", has_template=True)
+        if got != expected:
+            i = _diff_at(got, expected)
+            return Check.fail(f"the GGUF's chat template renders a different prompt: first difference at character "
+                              f"{i}: GGUF {got[max(0, i - 15):i + 25]!r} vs source {expected[max(0, i - 15):i + 25]!r}",
+                              has_template=True, index=i)
+        return Check.ok(f"template present and renders the same prompt as the source ({len(conv)} messages, "
+                        f"{len(got)} characters)", has_template=True, same_text=gguf.chat_template == src)
+    return Check.fail("the source's own chat template does not render the sample conversations", has_template=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Special tokens
+# --------------------------------------------------------------------------------------------------
+
+# Token texts llama.cpp treats as end of generation on its own (src/llama-vocab.cpp).
+LLAMA_EOG_TEXTS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
+    "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
+    "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "<｜end▁of▁sentence｜>", "[e~[",
+})
+
+
+def _ids(v: Any) -> list[int]:
+    if isinstance(v, bool) or v is None:
+        return []
+    if isinstance(v, int):
+        return [v]
+    if isinstance(v, (list, tuple)):
+        return [int(x) for x in v if isinstance(x, int) and not isinstance(x, bool)]
+    return []
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {path}: {e}") from e
+    return d if isinstance(d, dict) else {}
+
+
+def special_tokens_check(gguf: GgufFacts, source_dir: Path, tok=None) -> Check:
+    """BOS/EOS/EOT ids in the GGUF agree with the source's config, generation config and tokenizer."""
+    cfg = _read_json(source_dir / "config.json")
+    if isinstance(cfg.get("text_config"), dict):  # multimodal wrappers keep the LM's ids inside
+        cfg = {**cfg["text_config"], **{k: v for k, v in cfg.items() if k.endswith("_token_id")}}
+    gen = _read_json(source_dir / "generation_config.json")
+    tok = tok if tok is not None else _hf_tokenizer(source_dir)
+    problems: list[str] = []
+    n_vocab = len(gguf.tokens)
+    for name, i in (("BOS", gguf.bos_id), ("EOS", gguf.eos_id), ("EOT", gguf.eot_id), ("EOM", gguf.eom_id)):
+        if i is not None and n_vocab and not 0 <= i < n_vocab:
+            problems.append(f"{name} id {i} is outside the vocabulary ({n_vocab} tokens)")
+
+    bos_src = set(_ids(cfg.get("bos_token_id")) + _ids(gen.get("bos_token_id")))
+    if getattr(tok, "bos_token_id", None) is not None:
+        bos_src.add(int(tok.bos_token_id))
+    if gguf.add_bos and gguf.bos_id is None:
+        problems.append("the GGUF adds a BOS token but has no BOS id")
+    if gguf.bos_id is not None and bos_src and gguf.bos_id not in bos_src:
+        problems.append(f"BOS id {gguf.bos_id} ({gguf.token_text(gguf.bos_id)!r}) is not the source's "
+                        f"({', '.join(str(i) for i in sorted(bos_src))})")
+
+    eos_src = set(_ids(cfg.get("eos_token_id")) + _ids(gen.get("eos_token_id")))
+    if getattr(tok, "eos_token_id", None) is not None:
+        eos_src.add(int(tok.eos_token_id))
+    if eos_src and gguf.eos_id is None and gguf.eot_id is None:
+        problems.append("the GGUF has no EOS id although the source has "
+                        + ", ".join(str(i) for i in sorted(eos_src)))
+    elif gguf.eos_id is not None and eos_src and gguf.eos_id not in eos_src and gguf.eot_id not in eos_src:
+        problems.append(f"EOS id {gguf.eos_id} ({gguf.token_text(gguf.eos_id)!r}) is none of the source's end ids "
+                        f"({', '.join(str(i) for i in sorted(eos_src))})")
+
+    # every end id the source generates with must stop llama.cpp too, or replies never end
+    gguf_eog = {i for i in (gguf.eos_id, gguf.eot_id, gguf.eom_id) if i is not None}
+    for i in sorted(set(_ids(gen.get("eos_token_id")) + _ids(cfg.get("eos_token_id")))):
+        if i in gguf_eog or gguf.token_text(i) in LLAMA_EOG_TEXTS:
+            continue
+        problems.append(f"the source ends generation with {i} ({gguf.token_text(i)!r}) but llama.cpp will not stop "
+                        "on it (not the GGUF's EOS/EOT/EOM)")
+    data = {"gguf": {"bos": gguf.bos_id, "eos": gguf.eos_id, "eot": gguf.eot_id, "eom": gguf.eom_id,
+                     "add_bos": gguf.add_bos},
+            "source": {"bos": sorted(bos_src), "eos": sorted(eos_src)}}
+    if problems:
+        return Check.fail("; ".join(problems), **data)
+    return Check.ok(f"BOS {gguf.bos_id} ({gguf.token_text(gguf.bos_id)!r}), EOS {gguf.eos_id} "
+                    f"({gguf.token_text(gguf.eos_id)!r})" + (f", EOT {gguf.eot_id}" if gguf.eot_id is not None else "")
+                    + " agree with the source", **data)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation: end of a chat reply, and not degenerate
+# --------------------------------------------------------------------------------------------------
+
+END_MARK = "[end of text]"
+GENERATION_TIMEOUT = 900
+PLAIN_PROMPT = "The history of the printing press begins in"
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    text: str
+    ended: bool  # stopped on an end-of-generation token
+    tokens: int | None  # tokens generated, as llama.cpp counts them
+    seconds: float
+
+
+def prompt_for(gguf: GgufFacts, tok=None) -> tuple[str, bool]:
+    """The smoke-test prompt: a rendered chat turn when the GGUF has a template, else plain text."""
+    if gguf.chat_template:
+        bos = tok.bos_token if tok is not None and tok.bos_token else gguf.token_text(gguf.bos_id)
+        eos = tok.eos_token if tok is not None and tok.eos_token else gguf.token_text(gguf.eos_id)
+        for conv in ([{"role": "system", "content": "You are a helpful assistant."},
+                      {"role": "user", "content": REPLY_QUESTION}],
+                     [{"role": "user", "content": REPLY_QUESTION}]):
+            try:
+                return render_template(gguf.chat_template, conv, bos=bos, eos=eos), True
+            except Exception:  # noqa: BLE001 - reported by the template check
+                continue
+    return PLAIN_PROMPT, False
+
+
+def generate(tc: tc_mod.Toolchain, gguf: Path, prompt: str, *, n_predict: int, threads: int | None = None,
+             ctx: int = 1024) -> Generation:
+    """Greedy generation with llama-completion; the text printed after the prompt."""
+    argv: list[Any] = [tc.program("llama-completion"), "-m", gguf, "-p", prompt, "-n", str(n_predict),
+                       "--temp", "0", "--seed", "1", "-c", str(ctx), "-no-cnv", "--no-display-prompt",
+                       "--no-escape", "--no-warmup"]
+    if threads:
+        argv += ["-t", str(threads)]
+    res = tc_mod.run(argv, timeout=GENERATION_TIMEOUT)
+    text = res.stdout.rstrip()
+    ended = text.endswith(END_MARK)
+    if ended:
+        text = text[: -len(END_MARK)]
+    m = re.search(r"eval time =\s*[\d.]+ ms /\s*(\d+) runs", res.stderr + res.stdout)
+    return Generation(text=text.strip("\n").rstrip(" "), ended=ended, tokens=int(m.group(1)) if m else None,
+                      seconds=res.seconds)
+
+
+def degenerate(text: str) -> str | None:
+    """Why a generated text is degenerate (empty, garbage, one token repeated, a tiny loop), or None."""
+    t = text.strip()
+    if not t:
+        return "empty output"
+    if t.count("\ufffd") > max(2, len(t) // 10):
+        return "invalid UTF-8 bytes in the output"
+    words = re.findall(r"\w+|[^\w\s]", t)
+    if len(words) >= 6:
+        word, n = collections.Counter(words).most_common(1)[0]
+        if n / len(words) > 0.5:
+            return f"one token repeated: {word!r} is {n} of {len(words)} tokens"
+    if len(words) >= 16 and len(set(words)) <= max(4, len(words) // 8):
+        return f"a loop over {len(set(words))} distinct tokens in {len(words)}"
+    if len(t) >= 24 and len(set(t)) <= 3:
+        return f"only {len(set(t))} distinct characters"
+    return None
+
+
+def generation_check(gen: Generation) -> Check:
+    why = degenerate(gen.text)
+    data = {"text": gen.text[:200], "tokens": gen.tokens, "ended": gen.ended}
+    if why:
+        return Check.fail(f"degenerate output ({why}): {gen.text[:60]!r}", **data)
+    n = gen.tokens if gen.tokens is not None else "?"
+    return Check.ok(f"{n} tokens, not degenerate: {gen.text[:60]!r}", **data)
+
+
+def end_of_reply_check(gen: Generation, is_chat: bool, n_predict: int) -> Check:
+    if not is_chat:
+        return Check.skip("base model (no chat template): no chat reply to end")
+    data = {"text": gen.text[:200], "tokens": gen.tokens, "n_predict": n_predict}
+    if gen.ended:
+        return Check.ok(f"the chat reply ended with an end token after {gen.tokens} tokens: {gen.text[:60]!r}", **data)
+    return Check.fail(f"the chat reply did not end within {n_predict} tokens: {gen.text[:60]!r}...", **data)
