@@ -1,0 +1,52 @@
+"""``ggufbot publish DIR [--repo ORG/NAME] [--private] [--dry-run]``: publish one work directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("publish", help="publish a finished work directory to the Hub (one atomic commit)",
+                       description="Upload the quants that passed the gate, the imatrix files, report.json, the "
+                       "chart and a generated model card in one commit. Publishing the same again makes no "
+                       "commit. The token comes from HF_TOKEN (or the settings file given with --config).")
+    p.add_argument("workdir", type=Path, metavar="DIR", help="work directory with ladder.json and report.json")
+    p.add_argument("--repo", help="target repo ORG/NAME (default: from --repo-template)")
+    p.add_argument("--repo-template", default=None,
+                   help="target repo name template with {org} and {model} (default: {org}/{model}-GGUF)")
+    p.add_argument("--namespace", help="{org} of the template (default: the token's user)")
+    p.add_argument("--quantized-by", help="the card's quantized_by (default: the namespace)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--config", type=Path, help="settings file (token file, endpoint, target namespace/template)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan as JSON and upload nothing")
+    p.set_defaults(func=cmd_publish)
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from bot.hub import Hub
+    from bot.publish import DEFAULT_REPO_TEMPLATE, PublishOptions, publish
+
+    token = endpoint = None
+    namespace, template, private = args.namespace, args.repo_template, args.private
+    if args.config is not None:
+        from bot import settings as settings_mod
+
+        s = settings_mod.load(args.config)
+        token, endpoint = s.token, s.hub.endpoint
+        namespace = namespace or s.target.namespace
+        template = template or s.target.repo_template
+        private = private or s.target.private
+    options = PublishOptions(repo_id=args.repo, repo_template=template or DEFAULT_REPO_TEMPLATE,
+                             namespace=namespace, private=private, quantized_by=args.quantized_by)
+    hub = Hub(token=token, endpoint=endpoint)
+    plan, result = publish(args.workdir, hub, options, dry_run=args.dry_run)
+    if result is None:
+        print(json.dumps(plan.describe(), indent=2))
+        return 0
+    if result.action == "none":
+        print(f"{result.repo_id} is up to date: nothing to publish ({result.url})")
+    else:
+        print(f"{result.action}d {result.repo_id}: commit {result.commit} ({result.url})")
+    return 0

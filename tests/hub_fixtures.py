@@ -1,0 +1,101 @@
+"""pytest plugin: a session-wide local Hub server that the real ``huggingface_hub`` client talks to.
+
+Load it from ``tests/conftest.py`` with ``pytest_plugins = ["tests.hub_fixtures"]``. Importing this module
+sets ``HF_ENDPOINT`` (to a port reserved now, served later), ``HF_HOME``, ``HF_TOKEN`` and the switches of
+HUB_API.md. The client reads the endpoint when it is imported, so this plugin must be loaded before
+anything imports ``huggingface_hub`` (transformers does): keep conftest.py free of such imports at module
+level.
+
+Fixtures:
+- ``hub_server_session`` (session): the running :class:`tests.hubserver.HubServer`.
+- ``hub_server`` (function): the same server, reset (no repos, no faults, empty log, default tokens);
+  the client's own backoff sleeps are recorded in ``hub_server.client_sleeps`` and not slept.
+- ``hub_token``: the token the server accepts (user ``TEST_USER``, member of ``TEST_ORG``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Iterator
+
+import pytest
+
+from tests.hubserver import HubServer
+
+TEST_TOKEN = "hf_localtesttoken0123456789"
+TEST_USER = "tester"
+TEST_ORG = "ggufbot-test"
+
+
+def _reserve_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_PORT = _reserve_port()
+ENDPOINT = f"http://127.0.0.1:{_PORT}"
+_HF_HOME = tempfile.mkdtemp(prefix="ggufbot-hfhome-")
+
+if "huggingface_hub" in sys.modules and os.environ.get("HF_ENDPOINT") != ENDPOINT:
+    _EARLY_IMPORT = True  # reported by the fixture, with the fix
+else:
+    _EARLY_IMPORT = False
+os.environ.update({
+    "HF_ENDPOINT": ENDPOINT,
+    "HF_HOME": _HF_HOME,
+    "HF_TOKEN": TEST_TOKEN,
+    "HF_HUB_DISABLE_XET": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+})
+for _var in ("HUGGINGFACE_CO_STAGING", "HF_HUB_OFFLINE", "HF_HUB_ETAG_TIMEOUT"):
+    os.environ.pop(_var, None)
+
+
+def default_tokens() -> dict[str, str]:
+    return {TEST_TOKEN: TEST_USER}
+
+
+@pytest.fixture(scope="session")
+def hub_server_session() -> Iterator[HubServer]:
+    if _EARLY_IMPORT:
+        pytest.fail("huggingface_hub was imported before tests.hub_fixtures set HF_ENDPOINT; load the plugin "
+                    "first (pytest_plugins in tests/conftest.py) and keep conftest free of hub imports")
+    server = HubServer(valid_tokens=default_tokens(), user_orgs={TEST_USER: [TEST_ORG]}, port=_PORT)
+    server.start()
+    assert server.url == ENDPOINT
+    yield server
+    server.stop()
+
+
+class _NoSleepTime(types.SimpleNamespace):
+    """Stands in for the ``time`` module inside huggingface_hub's backoff: records sleeps, does not sleep."""
+
+
+@pytest.fixture
+def hub_server(hub_server_session: HubServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
+    from huggingface_hub.utils import _http  # imported here: the environment above is set by now
+
+    hub_server_session.reset(valid_tokens=default_tokens())
+    hub_server_session.page_size = 50
+    hub_server_session.user_orgs = {TEST_USER: [TEST_ORG]}
+    sleeps: list[float] = []
+    fake = _NoSleepTime(sleep=sleeps.append, time=time.time, monotonic=time.monotonic,
+                        perf_counter=time.perf_counter)
+    monkeypatch.setattr(_http, "time", fake)
+    hub_server_session.client_sleeps = sleeps  # type: ignore[attr-defined]
+    monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
+    yield hub_server_session
+    if hub_server_session.errors:  # a bug of the test server must not pass for an injected fault
+        pytest.fail("hubserver raised:\n" + "\n".join(hub_server_session.errors))
+
+
+@pytest.fixture
+def hub_token() -> str:
+    return TEST_TOKEN
