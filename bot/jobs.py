@@ -1,0 +1,83 @@
+"""Job states, the legal moves between them, and the retry rule.
+
+A job is one ``repo@revision`` to turn into a published ladder. Its status is an enum; :func:`check` refuses a
+move that is not in :data:`TRANSITIONS`, and the state store applies a move only if the row is still in an
+allowed source state (a compare-and-set), so two workers can never both move the same job.
+
+::
+
+    queued ──claim──▶ running ──▶ published | converted (no token / publishing off) | failed
+      ▲  ▲               │ ├──▶ retrying (transient error; not_before = now + backoff) ──▶ running
+      │  └──release──────┘ └──▶ cancelled
+      └──retry── failed | cancelled
+"""
+
+from __future__ import annotations
+
+import enum
+
+from converters.errors import GgufbotError, StateError
+
+# Retrying a failed job uses bot.retry.RetryPolicy (the project's one retry rule) with job-scale delays.
+
+
+class Status(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    PUBLISHED = "published"
+    CONVERTED = "converted"  # finished without publishing (no token, or publishing turned off)
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED
+
+    @property
+    def claimable(self) -> bool:
+        return self in (Status.QUEUED, Status.RETRYING)
+
+
+FINISHED = frozenset({Status.PUBLISHED, Status.CONVERTED, Status.FAILED, Status.CANCELLED})
+ACTIVE = frozenset({Status.QUEUED, Status.RUNNING, Status.RETRYING})
+
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.QUEUED: frozenset({Status.RUNNING, Status.CANCELLED}),
+    Status.RETRYING: frozenset({Status.RUNNING, Status.QUEUED, Status.CANCELLED}),
+    # running -> queued: released on SIGTERM or recovered after its worker died (resumes from its records)
+    Status.RUNNING: frozenset({Status.PUBLISHED, Status.CONVERTED, Status.FAILED, Status.RETRYING, Status.CANCELLED,
+                               Status.QUEUED}),
+    Status.FAILED: frozenset({Status.QUEUED}),
+    Status.CANCELLED: frozenset({Status.QUEUED}),
+    Status.PUBLISHED: frozenset(),
+    Status.CONVERTED: frozenset(),
+}
+
+# The stages of one job, in order; ``stage`` in the jobs table holds the current one.
+STAGES = ("fetch", "inspect", "convert", "calibrate", "quantize", "evaluate", "publish", "cleanup")
+
+
+def allowed(src: Status | str, dst: Status | str) -> bool:
+    return Status(dst) in TRANSITIONS[Status(src)]
+
+
+def check(src: Status | str, dst: Status | str) -> None:
+    """Raise StateError unless ``src -> dst`` is a legal move."""
+    if not allowed(src, dst):
+        raise StateError(f"illegal job transition {Status(src).value} -> {Status(dst).value}")
+
+
+def sources_of(dst: Status | str) -> frozenset[Status]:
+    """Every status from which ``dst`` may be reached (what a compare-and-set update accepts)."""
+    d = Status(dst)
+    return frozenset(s for s, targets in TRANSITIONS.items() if d in targets)
+
+
+def error_fields(err: BaseException) -> tuple[str, str]:
+    """(type name, one-line message) for the jobs table and the status page."""
+    msg = err.short() if isinstance(err, GgufbotError) else (str(err).splitlines()[0] if str(err) else "")
+    return type(err).__name__, msg[:2000]

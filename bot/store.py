@@ -1,0 +1,640 @@
+"""The state store: seen models and decisions, jobs, artifacts, events, watch sources.
+
+SQLAlchemy 2 (Core). The embedded default is a SQLite file in WAL mode (no set-up; several processes may share
+it); a ``postgresql+psycopg://`` URL shares the state between machines. The schema is versioned: the
+``schema_version`` table holds the number of the last migration applied and :data:`MIGRATIONS` is the ordered
+list of migration functions, so opening an older database upgrades it in place and keeps its data.
+
+Every status change of a job is a compare-and-set (``UPDATE ... WHERE id = ? AND status IN (...)`` with a
+row-count check), which is what makes claiming atomic across processes and machines. Time is passed in as
+``now`` (seconds since the epoch) so that callers and tests control the clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from bot import jobs as J
+from converters.errors import StateError
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema (built per version, so that each migration creates exactly the shape of its time)
+# --------------------------------------------------------------------------------------------------
+
+
+def _tables(md: sa.MetaData, version: int) -> None:
+    sa.Table("schema_version", md,
+             sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("version", sa.Integer, nullable=False),
+             sa.Column("updated_at", sa.Float, nullable=False))
+    sa.Table("sources", md,
+             sa.Column("key", sa.String(400), primary_key=True),
+             sa.Column("mark", sa.String(40)),  # ISO lastModified of the newest model seen by the last good poll
+             sa.Column("last_poll_at", sa.Float),
+             sa.Column("last_ok_at", sa.Float),
+             sa.Column("last_error", sa.Text),
+             sa.Column("polls", sa.Integer, nullable=False, server_default="0"),
+             sa.Column("failures", sa.Integer, nullable=False, server_default="0"))
+    sa.Table("models", md,
+             sa.Column("repo", sa.String(200), primary_key=True),
+             sa.Column("sha", sa.String(64)),  # the last revision decided
+             sa.Column("last_modified", sa.String(40)),
+             sa.Column("decision", sa.String(20), nullable=False),  # accepted | skipped | unchanged
+             sa.Column("code", sa.String(40), nullable=False),
+             sa.Column("reason", sa.Text, nullable=False),
+             sa.Column("decided_at", sa.Float, nullable=False),
+             sa.Column("source", sa.String(400)),
+             sa.Column("manual_skip", sa.Boolean, nullable=False, server_default=sa.false()),
+             sa.Column("fingerprint", sa.JSON),  # result-changing files of the last queued revision
+             sa.Column("queued_sha", sa.String(64)))
+    sa.Table("decisions", md,
+             sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+             sa.Column("repo", sa.String(200), nullable=False),
+             sa.Column("sha", sa.String(64), nullable=False),
+             sa.Column("decision", sa.String(20), nullable=False),
+             sa.Column("code", sa.String(40), nullable=False),
+             sa.Column("reason", sa.Text, nullable=False),
+             sa.Column("at", sa.Float, nullable=False),
+             sa.Column("source", sa.String(400)),
+             sa.UniqueConstraint("repo", "sha", name="uq_decisions_repo_sha"))
+    job_cols = [
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("repo", sa.String(200), nullable=False),
+        sa.Column("revision", sa.String(64), nullable=False),
+        sa.Column("dedup_key", sa.String(400), nullable=False, unique=True),
+        sa.Column("reason", sa.Text, nullable=False),  # why it was queued
+        sa.Column("status", sa.String(20), nullable=False),
+        sa.Column("stage", sa.String(40)),
+        sa.Column("progress", sa.Text),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("max_attempts", sa.Integer, nullable=False, server_default="4"),
+        sa.Column("error_type", sa.String(100)),
+        sa.Column("error_message", sa.Text),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("updated_at", sa.Float, nullable=False),
+        sa.Column("started_at", sa.Float),
+        sa.Column("finished_at", sa.Float),
+        sa.Column("not_before", sa.Float),
+        sa.Column("worker_id", sa.String(200)),
+        sa.Column("heartbeat_at", sa.Float),
+        sa.Column("workdir", sa.Text),
+        sa.Column("target_repo", sa.String(200)),
+        sa.Column("toolchain_version", sa.String(200)),
+        sa.Column("fingerprint", sa.JSON),
+        sa.Column("result", sa.JSON),
+    ]
+    if version >= 2:
+        job_cols.append(sa.Column("priority", sa.Integer, nullable=False, server_default="0"))
+    sa.Table("jobs", md, *job_cols)
+    sa.Index("ix_jobs_status", md.tables["jobs"].c.status)
+    sa.Index("ix_jobs_repo", md.tables["jobs"].c.repo)
+    sa.Table("artifacts", md,
+             sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+             sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+             sa.Column("kind", sa.String(40), nullable=False),  # gguf | report | imatrix | repo
+             sa.Column("path", sa.Text, nullable=False),
+             sa.Column("size", sa.BigInteger),
+             sa.Column("sha256", sa.String(64)),
+             sa.Column("url", sa.Text),
+             sa.Column("created_at", sa.Float, nullable=False))
+    sa.Index("ix_artifacts_job", md.tables["artifacts"].c.job_id)
+    sa.Table("events", md,
+             sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+             sa.Column("at", sa.Float, nullable=False),
+             sa.Column("job_id", sa.Integer),
+             sa.Column("repo", sa.String(200)),
+             sa.Column("kind", sa.String(60), nullable=False),
+             sa.Column("message", sa.Text, nullable=False),
+             sa.Column("data", sa.JSON))
+    sa.Index("ix_events_job", md.tables["events"].c.job_id)
+    sa.Index("ix_events_kind", md.tables["events"].c.kind)
+
+
+def _m1_initial(conn: Connection) -> None:
+    md = sa.MetaData()
+    _tables(md, 1)
+    md.create_all(conn)
+
+
+def _m2_job_priority(conn: Connection) -> None:
+    """Jobs get a priority (manual ``enqueue`` goes first); claim order becomes (priority desc, id)."""
+    conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0"))
+    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_jobs_claim ON jobs (status, priority, id)"))
+
+
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_m1_initial, _m2_job_priority)
+LATEST = len(MIGRATIONS)
+
+METADATA = sa.MetaData()
+_tables(METADATA, LATEST)
+T_VERSION = METADATA.tables["schema_version"]
+T_SOURCES = METADATA.tables["sources"]
+T_MODELS = METADATA.tables["models"]
+T_DECISIONS = METADATA.tables["decisions"]
+T_JOBS = METADATA.tables["jobs"]
+T_ARTIFACTS = METADATA.tables["artifacts"]
+T_EVENTS = METADATA.tables["events"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    id: int
+    repo: str
+    revision: str
+    dedup_key: str
+    reason: str
+    status: J.Status
+    stage: str | None
+    progress: str | None
+    attempts: int
+    max_attempts: int
+    error_type: str | None
+    error_message: str | None
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    not_before: float | None
+    worker_id: str | None
+    heartbeat_at: float | None
+    workdir: str | None
+    target_repo: str | None
+    toolchain_version: str | None
+    fingerprint: Any
+    result: Any
+    priority: int = 0
+
+    @classmethod
+    def from_row(cls, row: Any) -> "Job":
+        d = dict(row._mapping)
+        d["status"] = J.Status(d["status"])
+        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["status"] = self.status.value
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRow:
+    repo: str
+    sha: str | None
+    last_modified: str | None
+    decision: str
+    code: str
+    reason: str
+    decided_at: float
+    source: str | None
+    manual_skip: bool
+    fingerprint: Any
+    queued_sha: str | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> "ModelRow":
+        d = dict(row._mapping)
+        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceRow:
+    key: str
+    mark: str | None
+    last_poll_at: float | None
+    last_ok_at: float | None
+    last_error: str | None
+    polls: int
+    failures: int
+
+
+# --------------------------------------------------------------------------------------------------
+# The store
+# --------------------------------------------------------------------------------------------------
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = sa.engine.make_url(url).database
+        if path and path != ":memory:":
+            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+class Store:
+    def __init__(self, url: str, *, migrate: bool = True):
+        self.url = url
+        self.engine = make_engine(url)
+        if migrate:
+            self.migrate()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---------------------------------------------------------------- schema
+    def schema_version(self) -> int:
+        insp = sa.inspect(self.engine)
+        if not insp.has_table("schema_version"):
+            return 0
+        with self.engine.connect() as c:
+            v = c.execute(sa.select(T_VERSION.c.version).where(T_VERSION.c.id == 1)).scalar()
+        return int(v or 0)
+
+    def migrate(self, target: int = LATEST, now: float | None = None) -> int:
+        """Apply the migrations not yet applied, each in its own transaction; return the new version."""
+        now = time.time() if now is None else now
+        with self.engine.begin() as c:
+            if self.engine.dialect.name == "postgresql":  # one migrator at a time across machines
+                c.execute(sa.text("SELECT pg_advisory_xact_lock(72231)"))
+            T_VERSION.create(c, checkfirst=True)
+        current = self.schema_version()
+        if current > LATEST:
+            raise StateError(f"database schema version {current} is newer than this ggufbot ({LATEST}); "
+                             "upgrade ggufbot")
+        for n in range(current + 1, target + 1):
+            with self.engine.begin() as c:
+                if self.engine.dialect.name == "postgresql":
+                    c.execute(sa.text("SELECT pg_advisory_xact_lock(72231)"))
+                got = c.execute(sa.select(T_VERSION.c.version).where(T_VERSION.c.id == 1)).scalar() or 0
+                if got >= n:  # another process migrated meanwhile
+                    continue
+                MIGRATIONS[n - 1](c)
+                if got == 0:
+                    c.execute(T_VERSION.insert().values(id=1, version=n, updated_at=now))
+                else:
+                    c.execute(T_VERSION.update().where(T_VERSION.c.id == 1).values(version=n, updated_at=now))
+            log.info("state store migrated to schema version %d", n)
+        return self.schema_version()
+
+    def _write(self, fn: Callable[[Connection], Any], retries: int = 8) -> Any:
+        """Run ``fn`` in a write transaction, retrying a few times if SQLite reports a lock held too long."""
+        for i in range(retries):
+            try:
+                with self.engine.begin() as c:
+                    return fn(c)
+            except sa.exc.OperationalError as e:
+                if "locked" not in str(e).lower() or i == retries - 1:
+                    raise
+                time.sleep(0.05 * (2 ** i))
+        return None  # pragma: no cover
+
+    def db_size(self) -> int | None:
+        """Bytes on disk for a SQLite store (including its WAL), else None."""
+        if not self.url.startswith("sqlite"):
+            return None
+        path = sa.engine.make_url(self.url).database
+        if not path or path == ":memory:":
+            return None
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            p = Path(path + suffix)
+            if p.exists():
+                total += p.stat().st_size
+        return total
+
+    # ---------------------------------------------------------------- sources
+    def source(self, key: str) -> SourceRow | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(T_SOURCES).where(T_SOURCES.c.key == key)).first()
+        return SourceRow(**dict(row._mapping)) if row else None
+
+    def sources(self) -> list[SourceRow]:
+        with self.engine.connect() as c:
+            return [SourceRow(**dict(r._mapping)) for r in c.execute(sa.select(T_SOURCES).order_by(T_SOURCES.c.key))]
+
+    def record_poll(self, key: str, *, now: float, ok: bool, mark: str | None = None, error: str | None = None) -> None:
+        """Record a poll of one source; a good poll advances its mark, a failed one leaves the mark alone."""
+        def fn(c: Connection) -> None:
+            row = c.execute(sa.select(T_SOURCES).where(T_SOURCES.c.key == key)).first()
+            if row is None:
+                c.execute(T_SOURCES.insert().values(key=key, polls=0, failures=0))
+                row = c.execute(sa.select(T_SOURCES).where(T_SOURCES.c.key == key)).first()
+            vals: dict[str, Any] = {"last_poll_at": now, "polls": row.polls + 1}
+            if ok:
+                vals.update(last_ok_at=now, last_error=None)
+                if mark and (row.mark is None or mark > row.mark):
+                    vals["mark"] = mark
+            else:
+                vals.update(last_error=error, failures=row.failures + 1)
+            c.execute(T_SOURCES.update().where(T_SOURCES.c.key == key).values(**vals))
+        self._write(fn)
+
+    # ---------------------------------------------------------------- models and decisions
+    def decided(self, repos: Sequence[str]) -> dict[str, ModelRow]:
+        """The models table rows for ``repos`` (one query per 500 names)."""
+        out: dict[str, ModelRow] = {}
+        repos = list(dict.fromkeys(repos))
+        with self.engine.connect() as c:
+            for i in range(0, len(repos), 500):
+                chunk = repos[i:i + 500]
+                for r in c.execute(sa.select(T_MODELS).where(T_MODELS.c.repo.in_(chunk))):
+                    out[r.repo] = ModelRow.from_row(r)
+        return out
+
+    def model(self, repo: str) -> ModelRow | None:
+        return self.decided([repo]).get(repo)
+
+    def models(self, decision: str | None = None, limit: int = 1000) -> list[ModelRow]:
+        q = sa.select(T_MODELS).order_by(T_MODELS.c.decided_at.desc()).limit(limit)
+        if decision:
+            q = q.where(T_MODELS.c.decision == decision)
+        with self.engine.connect() as c:
+            return [ModelRow.from_row(r) for r in c.execute(q)]
+
+    def record_decisions(self, items: Iterable[dict[str, Any]], *, now: float) -> int:
+        """Store many decisions in one transaction. Each item: repo, sha, last_modified, decision, code, reason,
+        source, and optionally fingerprint/queued_sha. A repo@sha already in ``decisions`` keeps its first row."""
+        return self.apply_decisions(items, [], now=now)[0]
+
+    def apply_decisions(self, items: Iterable[dict[str, Any]], enqueues: Sequence[dict[str, Any]], *,
+                        now: float) -> tuple[int, list[int | None]]:
+        """One transaction for a batch of a poll: queue jobs (``enqueue`` keyword dicts; each may name the
+        decision item it belongs to as ``item``) and record decisions. Returns (new decisions, job ids or None
+        for a job that already existed, whose item is then marked ``duplicate``)."""
+        items = list(items)
+
+        def fn(c: Connection) -> tuple[int, list[int | None]]:
+            ids = []
+            for e in enqueues:
+                kw = {k: v for k, v in e.items() if k != "item"}
+                jid = self._enqueue_in(c, now=now, **kw)
+                ids.append(jid)
+                if jid is None and e.get("item") is not None:
+                    it = e["item"]
+                    it.update(code="duplicate", reason=f"{it['repo']}@{(it['sha'] or '')[:12]} already has a job")
+                    it.pop("fingerprint", None)
+                    it.pop("queued_sha", None)
+            return self._record_decisions_in(c, items, now), ids
+        return self._write(fn)
+
+    def _record_decisions_in(self, c: Connection, items: list[dict[str, Any]], now: float) -> int:
+        if not items:
+            return 0
+        repos = [i["repo"] for i in items]
+        have: set[str] = set()
+        pairs: set[tuple[str, str]] = set()
+        for i in range(0, len(repos), 500):
+            chunk = repos[i:i + 500]
+            have |= {r.repo for r in c.execute(sa.select(T_MODELS.c.repo).where(T_MODELS.c.repo.in_(chunk)))}
+            pairs |= {(r.repo, r.sha) for r in
+                      c.execute(sa.select(T_DECISIONS.c.repo, T_DECISIONS.c.sha).where(T_DECISIONS.c.repo.in_(chunk)))}
+        inserts, new_decisions = [], []
+        for it in items:
+            vals = {k: it.get(k) for k in ("sha", "last_modified", "decision", "code", "reason", "source")}
+            vals["decided_at"] = now
+            for k in ("fingerprint", "queued_sha"):
+                if k in it:
+                    vals[k] = it[k]
+            if it["repo"] in have:
+                c.execute(T_MODELS.update().where(T_MODELS.c.repo == it["repo"]).values(**vals))
+            else:
+                inserts.append({"repo": it["repo"], "fingerprint": None, "queued_sha": None, "manual_skip": False,
+                                **vals})
+                have.add(it["repo"])
+            if (it["repo"], it["sha"]) not in pairs:
+                pairs.add((it["repo"], it["sha"]))
+                new_decisions.append({"repo": it["repo"], "sha": it["sha"] or "", "decision": it["decision"],
+                                      "code": it["code"], "reason": it["reason"], "at": now,
+                                      "source": it.get("source")})
+        if inserts:
+            c.execute(T_MODELS.insert(), inserts)
+        if new_decisions:
+            c.execute(T_DECISIONS.insert(), new_decisions)
+        return len(new_decisions)
+
+    def decisions(self, repo: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        q = sa.select(T_DECISIONS).order_by(T_DECISIONS.c.id.desc()).limit(limit)
+        if repo:
+            q = q.where(T_DECISIONS.c.repo == repo)
+        with self.engine.connect() as c:
+            return [dict(r._mapping) for r in c.execute(q)]
+
+    def set_manual_skip(self, repo: str, skip: bool, *, now: float, reason: str = "skipped by the operator") -> None:
+        def fn(c: Connection) -> None:
+            row = c.execute(sa.select(T_MODELS.c.repo).where(T_MODELS.c.repo == repo)).first()
+            if row is None:
+                c.execute(T_MODELS.insert().values(repo=repo, decision="skipped" if skip else "unknown",
+                                                   code="manual" if skip else "unskipped",
+                                                   reason=reason if skip else "", decided_at=now, manual_skip=skip))
+            elif skip:
+                c.execute(T_MODELS.update().where(T_MODELS.c.repo == repo).values(
+                    manual_skip=True, decision="skipped", code="manual", reason=reason, decided_at=now))
+            else:
+                # forget the last decision so that the next poll decides this repo afresh
+                c.execute(T_MODELS.update().where(T_MODELS.c.repo == repo).values(
+                    manual_skip=False, sha=None, decision="unknown", code="unskipped", reason="", decided_at=now))
+                c.execute(T_DECISIONS.delete().where(T_DECISIONS.c.repo == repo)
+                          .where(T_DECISIONS.c.decision == "skipped"))
+        self._write(fn)
+
+    # ---------------------------------------------------------------- jobs
+    def enqueue(self, repo: str, revision: str, *, reason: str, now: float, dedup_key: str | None = None,
+                fingerprint: Any = None, max_attempts: int = 4, priority: int = 0,
+                toolchain_version: str | None = None) -> int | None:
+        """Queue ``repo@revision``; None if a job with the same dedup key (default ``repo@revision``) exists."""
+        kw = dict(repo=repo, revision=revision, reason=reason, dedup_key=dedup_key, fingerprint=fingerprint,
+                  max_attempts=max_attempts, priority=priority, toolchain_version=toolchain_version)
+        try:
+            return self._write(lambda c: self._enqueue_in(c, now=now, **kw))
+        except sa.exc.IntegrityError:  # a concurrent enqueue of the same key won
+            return None
+
+    def _enqueue_in(self, c: Connection, *, repo: str, revision: str, reason: str, now: float,
+                    dedup_key: str | None = None, fingerprint: Any = None, max_attempts: int = 4, priority: int = 0,
+                    toolchain_version: str | None = None) -> int | None:
+        key = dedup_key or f"{repo}@{revision}"
+        if c.execute(sa.select(T_JOBS.c.id).where(T_JOBS.c.dedup_key == key)).first():
+            return None
+        res = c.execute(T_JOBS.insert().values(
+            repo=repo, revision=revision, dedup_key=key, reason=reason, status=J.Status.QUEUED.value,
+            attempts=0, max_attempts=max_attempts, created_at=now, updated_at=now, fingerprint=fingerprint,
+            priority=priority, toolchain_version=toolchain_version))
+        job_id = int(res.inserted_primary_key[0])
+        c.execute(T_EVENTS.insert().values(at=now, job_id=job_id, repo=repo, kind="job.queued",
+                                           message=f"queued {repo}@{revision[:12]}: {reason}"))
+        return job_id
+
+    def job(self, job_id: int) -> Job | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(T_JOBS).where(T_JOBS.c.id == job_id)).first()
+        return Job.from_row(row) if row else None
+
+    def jobs(self, statuses: Iterable[J.Status | str] | None = None, repo: str | None = None,
+             limit: int = 1000, newest_first: bool = False) -> list[Job]:
+        q = sa.select(T_JOBS)
+        if statuses is not None:
+            q = q.where(T_JOBS.c.status.in_([J.Status(s).value for s in statuses]))
+        if repo:
+            q = q.where(T_JOBS.c.repo == repo)
+        q = q.order_by(T_JOBS.c.updated_at.desc() if newest_first else T_JOBS.c.id).limit(limit)
+        with self.engine.connect() as c:
+            return [Job.from_row(r) for r in c.execute(q)]
+
+    def claim(self, worker_id: str, *, now: float) -> Job | None:
+        """Atomically move one claimable job (queued, or retrying whose wait is over) to running for ``worker_id``."""
+        claimable = [J.Status.QUEUED.value, J.Status.RETRYING.value]
+        for _ in range(20):
+            with self.engine.connect() as c:
+                cand = c.execute(
+                    sa.select(T_JOBS.c.id).where(T_JOBS.c.status.in_(claimable))
+                    .where(sa.or_(T_JOBS.c.not_before.is_(None), T_JOBS.c.not_before <= now))
+                    .order_by(T_JOBS.c.priority.desc(), T_JOBS.c.id).limit(5)).scalars().all()
+            if not cand:
+                return None
+            for job_id in cand:
+                def fn(c: Connection, job_id: int = job_id) -> bool:
+                    res = c.execute(T_JOBS.update()
+                                    .where(T_JOBS.c.id == job_id).where(T_JOBS.c.status.in_(claimable))
+                                    .values(status=J.Status.RUNNING.value, worker_id=worker_id, heartbeat_at=now,
+                                            attempts=T_JOBS.c.attempts + 1, updated_at=now, not_before=None,
+                                            started_at=sa.func.coalesce(T_JOBS.c.started_at, now)))
+                    if res.rowcount != 1:
+                        return False
+                    c.execute(T_EVENTS.insert().values(at=now, job_id=job_id, kind="job.claimed",
+                                                       message=f"claimed by {worker_id}",
+                                                       data={"worker_id": worker_id}))
+                    return True
+                if self._write(fn):
+                    return self.job(job_id)
+        return None
+
+    def transition(self, job_id: int, dst: J.Status, *, now: float, worker_id: str | None = None,
+                   message: str | None = None, **fields: Any) -> Job:
+        """Move a job to ``dst`` if its current status allows it (and, if given, it is held by ``worker_id``)."""
+        dst = J.Status(dst)
+        srcs = [s.value for s in J.sources_of(dst)]
+
+        def fn(c: Connection) -> int:
+            q = T_JOBS.update().where(T_JOBS.c.id == job_id).where(T_JOBS.c.status.in_(srcs))
+            if worker_id is not None:
+                q = q.where(T_JOBS.c.worker_id == worker_id)
+            vals = {"status": dst.value, "updated_at": now, **fields}
+            if dst.finished:
+                vals.setdefault("finished_at", now)
+            res = c.execute(q.values(**vals))
+            if res.rowcount == 1:
+                c.execute(T_EVENTS.insert().values(at=now, job_id=job_id, kind=f"job.{dst.value}",
+                                                   message=message or dst.value))
+            return res.rowcount
+        if self._write(fn) != 1:
+            cur = self.job(job_id)
+            if cur is None:
+                raise StateError(f"job {job_id} does not exist")
+            if worker_id is not None and cur.worker_id != worker_id and cur.status == J.Status.RUNNING:
+                raise StateError(f"job {job_id} is held by {cur.worker_id}, not {worker_id}")
+            J.check(cur.status, dst)  # raises with the illegal move named
+            raise StateError(f"job {job_id} changed under us (now {cur.status.value})")
+        job = self.job(job_id)
+        assert job is not None
+        return job
+
+    def update_running(self, job_id: int, worker_id: str, *, now: float, **fields: Any) -> bool:
+        """Heartbeat / stage / progress of a running job held by ``worker_id``; False if it is no longer ours."""
+        def fn(c: Connection) -> int:
+            res = c.execute(T_JOBS.update().where(T_JOBS.c.id == job_id)
+                            .where(T_JOBS.c.status == J.Status.RUNNING.value)
+                            .where(T_JOBS.c.worker_id == worker_id)
+                            .values(heartbeat_at=now, updated_at=now, **fields))
+            return res.rowcount
+        return self._write(fn) == 1
+
+    def recover_stale(self, *, now: float, stale_after: float,
+                      is_dead: Callable[[str], bool] | None = None) -> list[int]:
+        """Put back in the queue running jobs whose worker stopped heartbeating (or is known dead).
+
+        The job keeps its work directory and stage: the pipeline's stage records make the next run skip what was
+        finished. A job whose worker died ``max_attempts`` times fails instead (a model that kills its worker).
+        """
+        recovered = []
+        for job in self.jobs([J.Status.RUNNING]):
+            stale = job.heartbeat_at is None or job.heartbeat_at < now - stale_after
+            dead = bool(is_dead and job.worker_id and is_dead(job.worker_id))
+            if not (stale or dead):
+                continue
+            why = "its worker died" if dead else f"no heartbeat for {now - (job.heartbeat_at or 0):.0f} s"
+            try:
+                if job.attempts >= job.max_attempts:
+                    self.transition(job.id, J.Status.FAILED, now=now, worker_id=job.worker_id,
+                                    error_type="WorkerDied", message=f"failed: {why} on attempt {job.attempts}",
+                                    error_message=f"{why} during {job.stage or 'start'} on attempt {job.attempts}")
+                else:
+                    self._requeue(job, now, why)
+                recovered.append(job.id)
+            except StateError:
+                continue  # someone else recovered or finished it meanwhile
+        return recovered
+
+    def _requeue(self, job: Job, now: float, why: str) -> Job:
+        return self.transition(job.id, J.Status.QUEUED, now=now, worker_id=job.worker_id,
+                               message=f"requeued: {why} (was {job.worker_id}, stage {job.stage})",
+                               heartbeat_at=None)
+
+    # ---------------------------------------------------------------- artifacts and events
+    def add_artifact(self, job_id: int, kind: str, path: str, *, now: float, size: int | None = None,
+                     sha256: str | None = None, url: str | None = None) -> None:
+        self._write(lambda c: c.execute(T_ARTIFACTS.insert().values(
+            job_id=job_id, kind=kind, path=path, size=size, sha256=sha256, url=url, created_at=now)))
+
+    def artifacts(self, job_id: int) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            return [dict(r._mapping) for r in
+                    c.execute(sa.select(T_ARTIFACTS).where(T_ARTIFACTS.c.job_id == job_id).order_by(T_ARTIFACTS.c.id))]
+
+    def event(self, kind: str, message: str, *, now: float, job_id: int | None = None, repo: str | None = None,
+              data: Any = None) -> None:
+        self._write(lambda c: c.execute(T_EVENTS.insert().values(
+            at=now, job_id=job_id, repo=repo, kind=kind, message=message[:4000], data=data)))
+
+    def events(self, *, job_id: int | None = None, kind: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        q = sa.select(T_EVENTS).order_by(T_EVENTS.c.id.desc()).limit(limit)
+        if job_id is not None:
+            q = q.where(T_EVENTS.c.job_id == job_id)
+        if kind is not None:
+            q = q.where(T_EVENTS.c.kind.like(kind.replace("*", "%")))
+        with self.engine.connect() as c:
+            return [dict(r._mapping) for r in c.execute(q)]
+
+    def prune_events(self, *, before: float) -> int:
+        return self._write(lambda c: c.execute(T_EVENTS.delete().where(T_EVENTS.c.at < before)).rowcount)
+
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(T_JOBS.c.status, sa.func.count()).group_by(T_JOBS.c.status)).all()
+        return {r[0]: int(r[1]) for r in rows}
+
+
+def to_json(x: Any) -> str:
+    return json.dumps(x, sort_keys=True, default=str)
+
+
+def sqlite_url(path: str | os.PathLike[str]) -> str:
+    return f"sqlite:///{Path(path)}"

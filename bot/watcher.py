@@ -1,0 +1,496 @@
+"""The watcher: list what is new per source, decide accept or skip (with a stored reason), queue jobs.
+
+:func:`decide` is a pure function of one model record and the settings: every rule returns a
+:class:`Decision` with a short ``code`` and a human ``reason`` that the state store keeps and ``status``
+shows. The rules run in two passes so that a poll costs as few Hub requests as possible:
+
+1. on the listing record (no request): disabled/private, operator exclusions, file names that escape the
+   repo, already GGUF/quantized, ``auto_map`` remote code, pickle-only weights, licence, pipeline tag,
+   parameter count, a size estimate from the parameter count;
+2. on the full record (one ``model_info`` with file sizes and hashes, only for a candidate that passed pass 1):
+   the same rules again plus the exact weight size against the size limit and gated access.
+
+A repo whose last decision was made at the same commit is not looked at again (no request at all), so a poll
+never queues the same ``repo@commit`` twice. A new revision of a queued model is re-queued only when a file that
+changes the result changed: the fingerprint of the weights, config, tokenizer and chat template files (sha256 for
+LFS files, size for small git files; from ``model_info``, no download) is compared with the one stored when the
+model was last queued, and small files of the same size are read at both revisions and compared.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime as dt
+import fnmatch
+import logging
+import posixpath
+import re
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from bot import jobs as J
+from bot.settings import Settings, Source
+from bot.store import Store
+from converters.errors import GgufbotError, HubAuthError, HubError, HubNotFound
+
+log = logging.getLogger(__name__)
+
+# Files whose change changes the GGUF result (weights, config, tokenizer, chat template). The fetch
+# downloads exactly these.
+RESULT_PATTERNS = (
+    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.tiktoken", "*.tiktoken", "chat_template.jinja",
+    "chat_template.json", "preprocessor_config.json",
+)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+QUANTIZED_TAGS = frozenset({"gguf", "gptq", "awq", "exl2", "exl3", "mlx", "bitsandbytes", "4-bit", "8-bit",
+                            "quantized", "compressed-tensors", "hqq", "aqlm"})
+QUANTIZED_LIBRARIES = frozenset({"gguf", "mlx", "onnx", "ctranslate2"})
+QUANTIZED_NAME = re.compile(r"(?i)(?:^|[-_.])(gguf|ggml|gptq|awq|exl2|exl3|mlx|bnb|4bit|8bit|int4|int8|nf4|hqq|"
+                            r"aqlm|w4a16|w8a8|w8a16)(?:$|[-_.])")
+# quantization_config methods that llama.cpp's converter can dequantize (an FP8 release is a source release)
+SOURCE_QUANT_METHODS = frozenset({"fp8"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    accept: bool
+    code: str
+    reason: str
+
+    @property
+    def decision(self) -> str:
+        return "accepted" if self.accept else "skipped"
+
+
+ACCEPT = Decision(True, "accepted", "accepted")
+
+
+def skip(code: str, reason: str) -> Decision:
+    return Decision(False, code, reason)
+
+
+# --------------------------------------------------------------------------------------------------
+# Facts read from a model record (duck-typed: bot.hub.ModelRecord)
+# --------------------------------------------------------------------------------------------------
+
+
+def sibling_names(rec: Any) -> list[str]:
+    return [s.rfilename for s in (getattr(rec, "siblings", None) or ())]
+
+
+def unsafe_name(name: str) -> bool:
+    """True for a repo file name that could escape a directory it is downloaded into."""
+    if not name or "\\" in name or "\0" in name or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return True
+    parts = name.split("/")
+    if any(p in ("..", "") for p in parts):
+        return True
+    return posixpath.normpath(name).startswith("..")
+
+
+def record_license(rec: Any) -> str | None:
+    cd = getattr(rec, "card_data", None) or {}
+    lic = getattr(rec, "license", None) or (cd.get("license") if isinstance(cd, Mapping) else None)
+    if isinstance(lic, list):
+        lic = lic[0] if lic else None
+    if not lic:
+        for t in getattr(rec, "tags", None) or ():
+            if isinstance(t, str) and t.startswith("license:"):
+                return t.split(":", 1)[1].lower()
+    return str(lic).lower() if lic else None
+
+
+def weight_bytes(rec: Any) -> int | None:
+    """Sum of the safetensors weight files' sizes, or None when the record carries no sizes."""
+    total = 0
+    for s in getattr(rec, "siblings", None) or ():
+        if s.rfilename.endswith(".safetensors"):
+            if s.size is None:
+                return None
+            total += int(s.size)
+    return total
+
+
+def params_of(rec: Any) -> int | None:
+    p = getattr(rec, "safetensors_total", None)
+    return int(p) if p else None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _is_result_file(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(base, p) for p in RESULT_PATTERNS)
+
+
+# --------------------------------------------------------------------------------------------------
+# The rules
+# --------------------------------------------------------------------------------------------------
+
+
+def decide(rec: Any, settings: Settings, source: Source | None = None, *, full: bool = False,
+           has_access: bool | None = None) -> Decision:
+    """Accept or skip ``rec``. ``full``: the record carries file sizes (from model_info), so the exact size
+    rule applies. ``has_access``: whether the token can read a gated repo (None: not checked yet)."""
+    repo = rec.id
+    f = settings.filters
+    if getattr(rec, "disabled", False):
+        return skip("disabled", "the repo is disabled on the Hub")
+    if getattr(rec, "private", False):
+        return skip("private", "the repo is private")
+    pat = settings.excluded(repo)
+    if pat:
+        return skip("excluded", f"name matches the exclude pattern {pat!r}")
+    names = sibling_names(rec)
+    bad = next((n for n in names if unsafe_name(n)), None)
+    if bad is not None:
+        return skip("unsafe_filename", f"file name {bad!r} would escape the download folder")
+    if f.skip_quantized:
+        q = quantized_reason(rec, names)
+        if q:
+            return skip("quantized", q)
+    cfg = getattr(rec, "config", None) or {}
+    if isinstance(cfg, Mapping) and cfg.get("auto_map"):
+        keys = ", ".join(sorted(cfg["auto_map"])) if isinstance(cfg["auto_map"], Mapping) else "auto_map"
+        return skip("remote_code", f"needs remote code (config auto_map: {keys}); never executed")
+    if "custom_code" in (getattr(rec, "tags", None) or ()):
+        return skip("remote_code", "tagged custom_code (needs trust_remote_code); never executed")
+    if names:
+        st = [n for n in names if n.endswith(".safetensors")]
+        if not st:
+            pk = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
+            if pk:
+                return skip("pickle_only", f"pickle-only weights ({pk[0]}); safetensors required, never unpickled")
+            return skip("no_safetensors", "no safetensors weights in the repo")
+    lic = record_license(rec)
+    deny = {x.lower() for x in f.licenses_deny}
+    allow = {x.lower() for x in f.licenses_allow}
+    if lic and lic in deny:
+        return skip("license", f"licence {lic} is on the deny list")
+    if allow and (lic or "none") not in allow:
+        return skip("license", f"licence {lic or 'none'} is not on the allow list")
+    want_tag = source.pipeline_tag if source else None
+    tag = getattr(rec, "pipeline_tag", None)
+    if want_tag and tag and tag != want_tag:
+        return skip("pipeline_tag", f"pipeline tag {tag}, watching {want_tag}")
+    params = params_of(rec)
+    if params is not None:
+        if f.min_params is not None and params < f.min_params:
+            return skip("params", f"{params:,} parameters, below the minimum {f.min_params:,}")
+        if f.max_params is not None and params > f.max_params:
+            return skip("params", f"{params:,} parameters, above the maximum {f.max_params:,}")
+    limit = settings.max_model_bytes
+    size = weight_bytes(rec) if full else None
+    if size is not None and limit and size > limit:
+        return skip("too_large", f"weights are {_gb(size)}, over the size limit of {_gb(limit)}")
+    if size is None and params and limit and params * 2 > limit:  # at least 2 bytes per weight in a source release
+        return skip("too_large",
+                    f"{params:,} parameters (about {_gb(params * 2)}), over the size limit of {_gb(limit)}")
+    gated = getattr(rec, "gated", False)
+    if gated:
+        if f.skip_gated:
+            return skip("gated", f"gated ({gated}); gated models are skipped by the settings")
+        if has_access is False:
+            return skip("gated", f"gated ({gated}) and the token has no access")
+    if full and names and not any(n.endswith(".safetensors") for n in names):
+        return skip("no_safetensors", "no safetensors weights in the repo")
+    return ACCEPT
+
+
+def quantized_reason(rec: Any, names: Iterable[str]) -> str | None:
+    names = list(names)
+    gg = next((n for n in names if n.lower().endswith(".gguf")), None)
+    if gg:
+        return f"already GGUF ({gg})"
+    lib = (getattr(rec, "library_name", None) or "").lower()
+    if lib in QUANTIZED_LIBRARIES:
+        return f"already converted (library {lib})"
+    tags = {str(t).lower() for t in (getattr(rec, "tags", None) or ())}
+    hit = sorted(tags & QUANTIZED_TAGS)
+    if hit:
+        return f"already quantized (tag {hit[0]})"
+    if any(t.startswith("base_model:quantized:") for t in tags):
+        return "already quantized (a quantized derivative of another model)"
+    cfg = getattr(rec, "config", None) or {}
+    qc = cfg.get("quantization_config") if isinstance(cfg, Mapping) else None
+    if isinstance(qc, Mapping):
+        method = str(qc.get("quant_method") or "").lower()
+        if method not in SOURCE_QUANT_METHODS:
+            return f"already quantized (quantization_config {method or '?'})"
+    m = QUANTIZED_NAME.search(rec.id.split("/")[-1])
+    if m:
+        return f"already quantized (name says {m.group(1)})"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprints of the result-changing files
+# --------------------------------------------------------------------------------------------------
+
+
+def fingerprint(rec: Any) -> dict[str, str]:
+    """path -> content identity of every result-changing file of ``rec`` (a full record with file metadata).
+
+    LFS files (weights, large tokenizers) carry their sha256 in the record; small git files only their size, so
+    their content is compared by :func:`changed_files` when, and only when, a new revision shows up. No request.
+    """
+    out: dict[str, str] = {}
+    for s in getattr(rec, "siblings", None) or ():
+        if not _is_result_file(s.rfilename):
+            continue
+        h = getattr(s, "lfs_sha256", None)
+        out[s.rfilename] = f"sha256:{h}" if h else f"size:{s.size}"
+    return out
+
+
+def changed_files(old_fp: Mapping[str, str] | None, new_fp: Mapping[str, str], *, hub: Any = None,
+                  repo: str = "", old_rev: str | None = None, new_rev: str | None = None) -> list[str]:
+    """Result-changing files that differ between two revisions. Files known only by their size (small git files)
+    with the same size in both are read at both revisions and compared (a few small downloads)."""
+    old = dict(old_fp or {})
+    out = []
+    for k in sorted(set(old) | set(new_fp)):
+        a, b = old.get(k), new_fp.get(k)
+        if a != b:
+            out.append(k)
+        elif a is not None and a.startswith("size:") and hub is not None and old_rev and new_rev and old_rev != new_rev:
+            if hub.read_text(repo, k, revision=old_rev) != hub.read_text(repo, k, revision=new_rev):
+                out.append(k)
+    return out
+
+
+def diff_fingerprints(old: Mapping[str, str] | None, new: Mapping[str, str]) -> list[str]:
+    """Files whose recorded identity differs (no content comparison)."""
+    return changed_files(old, new)
+
+
+# --------------------------------------------------------------------------------------------------
+# Polling
+# --------------------------------------------------------------------------------------------------
+
+
+def iso(t: Any) -> str | None:
+    """A comparable ISO-8601 UTC string for a datetime or a Hub date string."""
+    if t is None:
+        return None
+    if isinstance(t, str):
+        try:
+            t = dt.datetime.fromisoformat(t.replace("Z", "+00:00"))
+        except ValueError:
+            return t
+    if isinstance(t, (int, float)):
+        t = dt.datetime.fromtimestamp(t, dt.timezone.utc)
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclasses.dataclass
+class SourceResult:
+    source: str
+    ok: bool
+    listed: int = 0
+    decided: int = 0
+    queued: list[int] = dataclasses.field(default_factory=list)
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class PollResult:
+    sources: list[SourceResult]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.sources)
+
+    @property
+    def queued(self) -> list[int]:
+        return [j for s in self.sources for j in s.queued]
+
+    @property
+    def decided(self) -> int:
+        return sum(s.decided for s in self.sources)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "seconds": round(self.seconds, 3), "queued": self.queued, "decided": self.decided,
+                "sources": [dataclasses.asdict(s) for s in self.sources]}
+
+
+class Watcher:
+    def __init__(self, settings: Settings, store: Store, hub: Any, *, toolchain_version: str | None = None):
+        self.settings = settings
+        self.store = store
+        self.hub = hub
+        self.toolchain_version = toolchain_version
+
+    # ---------------------------------------------------------------- one poll
+    def poll(self, now: float | None = None) -> PollResult:
+        now = time.time() if now is None else now
+        t0 = time.monotonic()
+        sources = self.settings.sources
+        workers = max(1, min(self.settings.hub.poll_workers, len(sources)))
+        if workers == 1:
+            results = [self.poll_source(src, now) for src in sources]
+        else:  # sources are independent: list them concurrently (each still stops at its own mark)
+            with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="poll") as pool:
+                results = list(pool.map(lambda src: self.poll_source(src, now), sources))
+        res = PollResult(results, time.monotonic() - t0)
+        failed = [r for r in results if not r.ok]
+        self.store.event("poll.failed" if failed else "poll.ok",
+                         f"poll of {len(results)} source(s): {res.decided} decided, {len(res.queued)} queued"
+                         + (f", {len(failed)} failed: {failed[0].source}: {failed[0].error}" if failed else ""),
+                         now=now, data=res.to_json() if len(results) <= 20 else {"decided": res.decided,
+                                                                                  "queued": res.queued,
+                                                                                  "failed": len(failed)})
+        return res
+
+    def poll_source(self, source: Source, now: float) -> SourceResult:
+        key = source.key
+        row = self.store.source(key)
+        floor = row.mark if row and row.mark else iso(now - source.lookback_days * 86400)
+        result = SourceResult(key, ok=True)
+        newest: str | None = None
+        batch: list[Any] = []
+        try:
+            listing = self.hub.list_models(author=source.author, search=source.search,
+                                           filters=source.filters, pipeline_tag=source.pipeline_tag,
+                                           sort="lastModified", limit=None)
+            for rec in listing:
+                lm = iso(getattr(rec, "last_modified", None))
+                if newest is None or (lm and lm > newest):
+                    newest = lm
+                if lm is not None and floor is not None and lm < floor:
+                    break  # descending order: everything after this was seen by an earlier poll
+                result.listed += 1
+                batch.append(rec)
+                if len(batch) >= 200:
+                    self._decide_batch(batch, source, now, result)
+                    batch = []
+            if batch:
+                self._decide_batch(batch, source, now, result)
+        except HubError as e:
+            result.ok = False
+            result.error = f"{type(e).__name__}: {e.short()}"
+            log.warning("poll of %s failed: %s", key, result.error)
+            self.store.record_poll(key, now=now, ok=False, error=result.error)
+            return result
+        self.store.record_poll(key, now=now, ok=True, mark=newest)
+        log.info("polled %s: %d listed, %d decided, %d queued", key, result.listed, result.decided, len(result.queued))
+        return result
+
+    def _decide_batch(self, batch: list[Any], source: Source, now: float, result: SourceResult) -> None:
+        known = self.store.decided([r.id for r in batch])
+        rows, enqueues = [], []
+        for rec in batch:
+            prev = known.get(rec.id)
+            if prev is not None and (prev.manual_skip or (prev.sha and prev.sha == rec.sha)):
+                continue  # decided at this commit already (or skipped by the operator): no request
+            item, enq = self.consider(rec, source, prev, now)
+            rows.append(item)
+            if enq is not None:
+                enqueues.append({**enq, "item": item})
+        n, ids = self.store.apply_decisions(rows, enqueues, now=now)
+        result.decided += n
+        for e, jid in zip(enqueues, ids, strict=True):
+            if jid is not None:
+                result.queued.append(jid)
+                log.info("queued %s@%s (job %d): %s", e["repo"], e["revision"][:12], jid, e["reason"])
+
+    # ---------------------------------------------------------------- one model
+    def consider(self, rec: Any, source: Source | None, prev: Any, now: float,
+                 manual: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Decide one listed model: (decision row for the store, job to queue or None). Writes nothing."""
+        base = {"repo": rec.id, "sha": rec.sha, "last_modified": iso(getattr(rec, "last_modified", None)),
+                "source": source.key if source else "manual"}
+        d = decide(rec, self.settings, source)
+        if not d.accept:
+            return {**base, "decision": d.decision, "code": d.code, "reason": d.reason}, None
+        try:
+            info = self.hub.model_info(rec.id, revision=rec.sha)
+        except HubNotFound:
+            return {**base, "decision": "skipped", "code": "not_found",
+                    "reason": "the repo or revision disappeared while polling"}, None
+        except HubAuthError as e:
+            return {**base, "decision": "skipped", "code": "no_access", "reason": f"no access: {e.short()}"}, None
+        base["sha"] = info.sha
+        access = None
+        if getattr(info, "gated", False) and not self.settings.filters.skip_gated:
+            access = self._has_access(info)
+        d = decide(info, self.settings, source, full=True, has_access=access)
+        if not d.accept:
+            return {**base, "decision": d.decision, "code": d.code, "reason": d.reason}, None
+        fp = fingerprint(info)
+        reason = "new release"
+        if not manual and prev is not None and prev.queued_sha and prev.fingerprint is not None \
+                and prev.queued_sha != info.sha:
+            changed = changed_files(prev.fingerprint, fp, hub=self.hub, repo=rec.id, old_rev=prev.queued_sha,
+                                    new_rev=info.sha)
+            if not changed:
+                return {**base, "decision": "unchanged", "code": "no_result_change",
+                        "reason": f"new revision {info.sha[:12]} changes no weights, config, tokenizer or template "
+                                  f"file; last queued {prev.queued_sha[:12]}"}, None
+            if not self.settings.requeue.on_revision_change:
+                return {**base, "decision": "skipped", "code": "requeue_off",
+                        "reason": f"changed {', '.join(changed[:5])} but requeue.on_revision_change is off"}, None
+            reason = f"revision change: {', '.join(changed[:5])}" + (" ..." if len(changed) > 5 else "")
+        if manual:
+            reason = "enqueued by the operator"
+        item = {**base, "decision": "accepted", "code": "queued", "reason": reason, "fingerprint": fp,
+                "queued_sha": info.sha}
+        enq = {"repo": rec.id, "revision": info.sha, "reason": reason, "fingerprint": fp,
+               "max_attempts": self.settings.limits.max_attempts, "priority": 1 if manual else 0}
+        return item, enq
+
+    def _has_access(self, info: Any) -> bool:
+        if not self.settings.token:
+            return False
+        probe = next((n for n in sibling_names(info) if n == "config.json"), None) or \
+            next((n for n in sibling_names(info) if _is_result_file(n)), None)
+        if probe is None:
+            return False
+        try:
+            self.hub.read_text(info.id, probe, revision=info.sha)  # None (missing file) still proves access
+            return True
+        except HubAuthError:
+            return False
+
+    # ---------------------------------------------------------------- manual and housekeeping
+    def enqueue_manual(self, repo: str, revision: str | None, now: float) -> tuple[Decision, int | None]:
+        """``ggufbot enqueue REPO[@rev]``: the same safety rules as a poll; returns (decision, job id)."""
+        info = self.hub.model_info(repo, revision=revision)
+        prev = self.store.model(repo)
+        item, enq = self.consider(info, None, prev if prev and prev.queued_sha else None, now, manual=True)
+        _, ids = self.store.apply_decisions([item], [{**enq, "item": item}] if enq else [], now=now)
+        job_id = ids[0] if ids else None
+        return Decision(job_id is not None, item["code"], item["reason"]), job_id
+
+    def requeue_for_toolchain(self, now: float) -> list[int]:
+        """Re-queue published models whose quants were built with another llama.cpp version."""
+        if not self.settings.requeue.on_toolchain_change or not self.toolchain_version:
+            return []
+        latest: dict[str, Any] = {}
+        for job in self.store.jobs([J.Status.PUBLISHED]):
+            if job.repo not in latest or job.id > latest[job.repo].id:
+                latest[job.repo] = job
+        out = []
+        for job in latest.values():
+            if job.toolchain_version and job.toolchain_version != self.toolchain_version:
+                jid = self.store.enqueue(job.repo, job.revision, now=now, fingerprint=job.fingerprint,
+                                         reason=f"toolchain changed: {job.toolchain_version} -> "
+                                                f"{self.toolchain_version}",
+                                         dedup_key=f"{job.repo}@{job.revision}#toolchain={self.toolchain_version}",
+                                         max_attempts=self.settings.limits.max_attempts)
+                if jid is not None:
+                    out.append(jid)
+        return out
+
+
+def is_transient(err: BaseException) -> bool:
+    return isinstance(err, GgufbotError) and bool(err.transient)
