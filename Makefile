@@ -1,12 +1,12 @@
 # Two commands do everything on a fresh machine:
-#   make run  ARGS="convert HuggingFaceTB/SmolLM2-135M-Instruct --out work/"   (the main job)
-#   make test                                                                   (the test suite)
+#   make run                       (the main job: `ggufbot run`, the bot; ARGS="..." runs another command)
+#   make test                      (the test suite)
 PYTHON ?= python3
 VENV ?= .venv
 # CPU build of PyTorch; on a GPU box: make TORCH_SPEC=torch (a CUDA build)
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
-ARGS ?= --help
+ARGS ?= run
 
 .PHONY: setup toolchain run test bench clean
 

@@ -41,7 +41,8 @@ def setup_logging(verbosity: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    # the service logs one line per stage by default; one-shot commands stay quiet unless -v
+    setup_logging(args.verbose + (1 if args.command == "run" else 0))
     try:
         return int(args.func(args) or 0)
     except GgufbotError as e:
