@@ -435,24 +435,41 @@ def _perplexity_argv(tc: tc_mod.Toolchain, model: Path, threads: int | None) -> 
     return argv
 
 
+def _run_parsed(argv: list[Any], parse: Callable[[str], Any]) -> tuple[Any, float]:
+    """Run and parse; a run whose output cannot be parsed is repeated once before ParseError is raised.
+
+    (llama.cpp prints through a logging thread; a lost final block would otherwise fail a good file.)
+    """
+    seconds = 0.0
+    for attempt in (1, 2):
+        res = tc_mod.run(argv, timeout=KLD_TIMEOUT)
+        seconds += res.seconds
+        try:
+            return parse(res.stdout + "\n" + res.stderr), seconds
+        except ParseError as e:
+            if attempt == 2:
+                raise
+            log.warning("evaluate: %s; running %s once more", e, Path(str(argv[0])).name)
+    raise AssertionError("unreachable")
+
+
 def run_base(tc: tc_mod.Toolchain, model: Path, text: Path, out: Path, *, ctx: int, chunks: int,
              threads: int | None = None) -> tuple[float, float, float]:
     """Store the reference's log-probabilities in ``out``; return (PPL, PPL error, seconds)."""
     argv = _perplexity_argv(tc, model, threads) + ["-f", text, "-c", str(ctx), "--chunks", str(chunks),
                                                     "--kl-divergence-base", out]
-    res = tc_mod.run(argv, timeout=KLD_TIMEOUT)
-    ppl, err = parse_base_output(res.stdout + "\n" + res.stderr)
+    (ppl, err), seconds = _run_parsed(argv, parse_base_output)
     if not out.exists():
         raise ParseError("llama-perplexity did not write the base-logits file")
-    return ppl, err, res.seconds
+    return ppl, err, seconds
 
 
 def run_kld(tc: tc_mod.Toolchain, model: Path, base: Path, *, ctx: int,
             threads: int | None = None) -> tuple[KldStats, float]:
     """Score ``model`` against the stored reference log-probabilities: (figures, seconds)."""
     argv = _perplexity_argv(tc, model, threads) + ["-c", str(ctx), "--kl-divergence-base", base, "--kl-divergence"]
-    res = tc_mod.run(argv, timeout=KLD_TIMEOUT)
-    return parse_kld_output(res.stdout + "\n" + res.stderr), res.seconds
+    stats, seconds = _run_parsed(argv, parse_kld_output)
+    return stats, seconds
 
 
 # --------------------------------------------------------------------------------------------------

@@ -268,7 +268,9 @@ def tokenizer_parity(tc: tc_mod.Toolchain, gguf: Path, source_dir: Path,
             try:
                 gg_ids = llama_tokenize(tc, gguf, text, add_bos=with_special, workdir=Path(td))
             except ToolError as e:
-                return Check.fail(f"llama.cpp cannot tokenize with this GGUF: {tool_error_reason(e)}", sample=name)
+                # llama.cpp's log thread may not flush before an early exit: name the suspects ourselves
+                return Check.fail(f"llama.cpp cannot tokenize with this GGUF (tokenizer {facts.tokenizer_model!r}, "
+                                  f"pre-tokenizer {facts.pre!r}): {tool_error_reason(e)}", sample=name, pre=facts.pre)
             n_ids += len(hf_ids)
             i = first_mismatch(hf_ids, gg_ids)
             if i is not None:

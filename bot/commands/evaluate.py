@@ -1,0 +1,84 @@
+"""``ggufbot evaluate DIR``: measure, check and gate every quant of a finished work directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from converters.errors import InputError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="measure (KLD, PPL) and check every quant of a work dir; write report.json",
+                       description="Measure every quant of DIR/ladder.json against the reference with llama.cpp, "
+                                   "compare the reference with the source checkpoint, check tokenizer, chat "
+                                   "template, special tokens and generation, gate each file and write "
+                                   "DIR/report.json and DIR/size-vs-kld.png.")
+    p.add_argument("dir", type=Path, help="work directory with ladder.json")
+    p.add_argument("--eval-text", help="evaluation text: FILE, URL or hf://... (default: WikiText-2 test split; "
+                   "never the calibration text)")
+    p.add_argument("--chunks", type=int, default=None, help="chunks of --ctx tokens to score (default 64)")
+    p.add_argument("--ctx", type=int, default=512, help="context length per chunk (default 512)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all)")
+    p.add_argument("--source", type=Path, default=None,
+                   help="source checkpoint folder (default: ladder.json source.path)")
+    p.add_argument("--reference-logits", type=Path, default=None,
+                   help="measure against this base-logits file (a teacher's BF16) instead of the own reference")
+    p.add_argument("--ceiling", action="append", default=[], metavar="TYPE=KLD",
+                   help="mean-KLD ceiling for a quant type (or default=KLD); repeatable")
+    p.add_argument("--hf-compare-max-params", type=float, default=3e9,
+                   help="largest model compared with transformers (parameters; default 3e9)")
+    p.add_argument("--hf-compare-chunks", type=int, default=2, help="chunks for the transformers comparison")
+    p.add_argument("--json", action="store_true", help="print report.json")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def parse_ceilings(items: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip() if name.strip() == "default" else name.strip().upper()] = float(value)
+        except ValueError:
+            raise InputError(f"bad --ceiling {item!r}; use TYPE=KLD, e.g. Q4_K_M=0.1") from None
+    return out
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from bot.texts import DEFAULT_EVALUATION, resolve_text
+    from converters import evaluate
+
+    if not (args.dir / "ladder.json").exists():
+        raise InputError(f"{args.dir} has no ladder.json: run 'ggufbot convert' first")
+    text = resolve_text(args.eval_text or DEFAULT_EVALUATION)
+
+    def progress(step: str, done: int, total: int) -> None:
+        print(f"[evaluate] {step} ({done}/{total})", file=sys.stderr, flush=True)
+
+    report = evaluate.run(args.dir, eval_text=text.path, eval_text_name=text.name, eval_text_source=text.source,
+                          chunks=args.chunks, ctx=args.ctx, threads=args.threads, source_dir=args.source,
+                          reference_logits=args.reference_logits, hf_compare_max_params=int(args.hf_compare_max_params),
+                          hf_compare_chunks=args.hf_compare_chunks, ceilings=parse_ceilings(args.ceiling) or None,
+                          on_progress=progress)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0 if report.publishable else 2
+    print(f"{report.model_name}: {'publishable' if report.publishable else 'NOT publishable'}")
+    for r in report.reasons:
+        print(f"  {r}")
+    for name, c in report.checks.items():
+        print(f"  check {name:<15} {c.status:<8} {c.detail}")
+    print(f"{'type':<10} {'status':<7} {'KLD':>18} {'same top p':>16} {'PPL ratio':>10}")
+    for f in report.files:
+        s = f.stats
+        kld = f"{s.kld_mean:.5f} ± {s.kld_mean_err:.5f}" if s else "-"
+        top = f"{100 * s.same_top_p:.2f} ± {100 * s.same_top_p_err:.2f} %" if s else "-"
+        ratio = f"{s.ppl_ratio:.4f}" if s else "-"
+        print(f"{f.type:<10} {f.status:<7} {kld:>18} {top:>16} {ratio:>10}")
+        for r in f.reasons:
+            print(f"    - {r}")
+    return 0 if report.publishable else 2
