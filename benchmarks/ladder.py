@@ -17,6 +17,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -32,11 +33,29 @@ from converters.calibrate import TextFile  # noqa: E402
 from tests.models import smollm2_checkpoint  # noqa: E402
 
 
+def _children_hwm_kb() -> int:
+    """Largest peak RSS (VmHWM) among this process's live child processes."""
+    me, best = str(os.getpid()), 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = f.read()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if fields.get("PPid", "").strip() == me and "VmHWM" in fields:
+            best = max(best, int(fields["VmHWM"].split()[0]))
+    return best
+
+
 class DiskPeak:
-    """Samples the size of a directory tree in a thread; .peak is the largest seen."""
+    """Samples, in a thread, the size of a directory tree (.peak, bytes) and the peak RSS of the child
+    processes running meanwhile (.rss_peak_kb)."""
 
     def __init__(self, path: Path, every: float = 0.1):
-        self.path, self.every, self.peak = path, every, 0
+        self.path, self.every, self.peak, self.rss_peak_kb = path, every, 0, 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
 
@@ -53,6 +72,7 @@ class DiskPeak:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, self._size())
+            self.rss_peak_kb = max(self.rss_peak_kb, _children_hwm_kb())
             self._stop.wait(self.every)
 
     def __enter__(self) -> "DiskPeak":
@@ -63,10 +83,6 @@ class DiskPeak:
         self._stop.set()
         self._t.join()
         self.peak = max(self.peak, self._size())
-
-
-def children_peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def run_plain(tc, ck_dir: Path, out: Path, cal: Path, types, chunks: int, ctx: int) -> dict:
@@ -112,6 +128,9 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--calibration", type=Path, default=ROOT.parent / "shared" / "data" / "groups_merged.txt")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of (plain, serial, parallel), interleaved so machine load hits all alike; "
+                         "the median wall time of each is reported")
     ap.add_argument("--keep", action="store_true", help="keep the work directories")
     args = ap.parse_args()
 
@@ -124,27 +143,33 @@ def main() -> None:
     result: dict = {"model": ck_dir.name, "parameters": ck.parameters, "ladder": [q.name for q in types],
                     "calibration_chunks": args.chunks, "ctx": args.ctx, "cores": cores, "toolchain": tc.version,
                     "runs": {}}
+    walls: dict[str, list[float]] = {"plain": [], "serial": [], "parallel": []}
     try:
-        for name in ("plain", "serial", "parallel"):
-            out = base / name
-            out.mkdir()
-            rss_before = children_peak_rss_mb()
-            t0 = time.monotonic()
-            with DiskPeak(out) as disk:
-                if name == "plain":
-                    stages = run_plain(tc, ck_dir, out, args.calibration, types, args.chunks, args.ctx)
-                else:
-                    stages = run_bot(tc, ck, out, args.calibration, args.ladder, args.chunks, args.ctx,
-                                     jobs=1 if name == "serial" else cores)
-            wall = time.monotonic() - t0
-            leftovers = [str(p.relative_to(out)) for p in out.rglob(f"{records.TMP_MARK}*")]
-            result["runs"][name] = {
-                "wall_seconds": round(wall, 2),
-                "stages_seconds": {k: round(v, 2) for k, v in stages.items()},
-                "peak_rss_mb_programs": round(max(children_peak_rss_mb(), rss_before), 1),
-                "peak_disk_mb": round(disk.peak / 1e6, 1),
-                "temporary_files_left": leftovers,
-            }
+        for rnd in range(args.repeat):
+            for name in ("plain", "serial", "parallel"):
+                out = base / f"{name}-{rnd}"
+                out.mkdir()
+                t0 = time.monotonic()
+                with DiskPeak(out) as disk:
+                    if name == "plain":
+                        stages = run_plain(tc, ck_dir, out, args.calibration, types, args.chunks, args.ctx)
+                    else:
+                        stages = run_bot(tc, ck, out, args.calibration, args.ladder, args.chunks, args.ctx,
+                                         jobs=1 if name == "serial" else cores)
+                wall = time.monotonic() - t0
+                walls[name].append(wall)
+                leftovers = [str(p.relative_to(out)) for p in out.rglob(f"{records.TMP_MARK}*")]
+                prev = result["runs"].get(name, {})
+                result["runs"][name] = {
+                    "wall_seconds": round(statistics.median(walls[name]), 2),
+                    "wall_seconds_all": [round(w, 2) for w in walls[name]],
+                    "stages_seconds": {k: round(v, 2) for k, v in stages.items()},
+                    "peak_rss_mb_programs": round(max(disk.rss_peak_kb / 1024, prev.get("peak_rss_mb_programs", 0)), 1),
+                    "peak_disk_mb": round(max(disk.peak / 1e6, prev.get("peak_disk_mb", 0)), 1),
+                    "temporary_files_left": prev.get("temporary_files_left", []) + leftovers,
+                }
+                if not args.keep:
+                    shutil.rmtree(out, ignore_errors=True)
         plain = result["runs"]["plain"]["wall_seconds"]
         result["ratio_serial_to_plain"] = round(result["runs"]["serial"]["wall_seconds"] / plain, 3)
         result["ratio_parallel_to_plain"] = round(result["runs"]["parallel"]["wall_seconds"] / plain, 3)

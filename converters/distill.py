@@ -342,7 +342,10 @@ def distill(teacher_dir: Path, student_dir: Path, out_dir: Path, calibration: Pa
         p.requires_grad_(True)
     n_trainable = sum(p.numel() for p in params)
     if config.grad_checkpointing:
-        student.gradient_checkpointing_enable()
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
 
     key = {"teacher": fingerprint_file(prune_mod.weight_files(teacher_dir)[0]), "text": fingerprint_file(Path(calibration)),
@@ -400,7 +403,8 @@ def distill(teacher_dir: Path, student_dir: Path, out_dir: Path, calibration: Pa
 
     student.eval()
     if config.grad_checkpointing:
-        student.gradient_checkpointing_disable()
+        disable = getattr(student, "activation_checkpointing_disable", None) or student.gradient_checkpointing_disable
+        disable()
     save_checkpoint(student, student_dir, out_dir, source_dtype)
     result = DistillResult(
         steps=config.steps, losses=tuple(losses), seconds=round(time.monotonic() - t0, 3), device=device,

@@ -53,6 +53,7 @@ _INDEX_LIST_KEYS = ("mlp_only_layers", "full_attn_idxs", "global_attn_layers", "
 _THRESHOLD_KEYS = ("first_k_dense_replace", "max_window_layers", "num_kv_shared_layers", "moe_layer_start_index")
 
 MAX_SHARD_BYTES = 4 << 30
+BF16_ABOVE_PARAMS = 2_000_000_000
 
 
 # --------------------------------------------------------------------------------------------------
@@ -532,7 +533,10 @@ def prune(source: Path, dest: Path, spec: PruneSpec, calibration: Path, *,
     tok = load_tokenizer(source)
     chunks = token_chunks(tok, text, spec.calib_seq_len, spec.calib_samples)
     say(f"measuring layer importance of {source.name} ({L} layers) on {chunks.shape[0]} x {chunks.shape[1]} tokens")
-    model = load_model(source)
+    # fp32 for small models (exact statistics); bf16 above BF16_ABOVE_PARAMS so a large model fits in memory
+    big = count_parameters(source) > BF16_ABOVE_PARAMS
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(source, dtype=torch.bfloat16 if big or device == "cuda" else torch.float32, device=device)
     model.eval()
     stats = measure(model, chunks, width=spec.method == "width",
                     on_progress=lambda i, n: say(f"calibration chunk {i}/{n}") if i == n or i % 4 == 0 else None)
@@ -559,7 +563,7 @@ def prune(source: Path, dest: Path, spec: PruneSpec, calibration: Path, *,
     else:
         assert stats.channel_act is not None and inter_before is not None
         keep_n = inter_before - k
-        keep_idx = [torch.sort(torch.topk(a, keep_n).indices).values for a in stats.channel_act]
+        keep_idx = [torch.sort(torch.topk(a.cpu(), keep_n).indices).values for a in stats.channel_act]
         scores = [float(a.mean() / stats.tokens) for a in stats.channel_act]
         kept = list(range(L))
         inter_after = keep_n

@@ -1,0 +1,49 @@
+"""Expensive variant artefacts shared by test_prune.py and test_distill.py, built once per test session.
+
+A plain module (not a conftest): both test modules call :func:`pruned_smollm2`, which builds the
+``prune-4-layers`` variant of the SmolLM2 fixture once (prune on calibration text, then the ladder with
+one quant type) and memoizes it for the session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from pathlib import Path
+
+import pytest
+
+_LOCK = threading.Lock()
+_CACHE: dict[str, "PrunedVariant"] = {}
+
+# lean settings: 4 calibration chunks of 128 tokens are enough to rank 30 layers
+CALIB_SAMPLES = 4
+CALIB_SEQ_LEN = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunedVariant:
+    teacher: Path
+    out: Path
+    info: dict
+    ladder: dict
+
+    @property
+    def checkpoint(self) -> Path:
+        return Path(self.info["variant"]["path"])
+
+
+def pruned_smollm2(tmp_path_factory: pytest.TempPathFactory, teacher: Path, calibration: Path, toolchain) -> PrunedVariant:
+    from converters import calibrate, pipeline, variants
+
+    with _LOCK:
+        if "smollm2" not in _CACHE:
+            base = variants.get("prune-4-layers")
+            recipe = dataclasses.replace(base, prune=dataclasses.replace(
+                base.prune, calib_samples=CALIB_SAMPLES, calib_seq_len=CALIB_SEQ_LEN))
+            out = tmp_path_factory.mktemp("variant-prune4")
+            info = variants.build(teacher, out, recipe, toolchain=toolchain, calibration=calibrate.TextFile.of(calibration),
+                                  eval_text=None, teacher_model="SmolLM2-135M-Instruct", ladder="Q4_K_M",
+                                  imatrix=False)
+            _CACHE["smollm2"] = PrunedVariant(teacher, out, info, pipeline.load_ladder(out))
+        return _CACHE["smollm2"]
