@@ -26,6 +26,10 @@ import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 TEMPLATE_NAME = "model_card.md.j2"
+VARIANT_TEMPLATE_NAME = "variant_section.md.j2"
+# A variant's weights differ from the source's (pruned, maybe trained): the Hub's relation for a model derived
+# from another by changing its weights is "finetune" (the accepted values: adapter, merge, quantized, finetune).
+VARIANT_RELATION = "finetune"
 TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "templates"
 BASE_TAGS = ("gguf", "llama.cpp", "quantized")
 KV_CONTEXTS = (4096, 32768)
@@ -292,15 +296,86 @@ def published_files(ladder: Mapping[str, Any], report: Mapping[str, Any]) -> lis
 
 
 def template_digest() -> str:
-    """Identity of the card template: a changed template republishes the card."""
-    return hashlib.sha256((TEMPLATES_DIR / TEMPLATE_NAME).read_bytes()).hexdigest()[:16]
+    """Identity of the card templates: a changed template republishes the card."""
+    h = hashlib.sha256()
+    for name in (TEMPLATE_NAME, VARIANT_TEMPLATE_NAME):
+        h.update((TEMPLATES_DIR / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _change(before: Any, after: Any) -> str:
+    if not isinstance(before, (int, float)) or not before or not isinstance(after, (int, float)):
+        return "—"
+    return f"{(after - before) / before:+.1%}"
+
+
+def _pct(x: Any) -> str:
+    if not isinstance(x, (int, float)):
+        return "—"
+    return f"{x * _percent_scale(x):.2f} %"
+
+
+def variant_context(info: Mapping[str, Any], *, hub_url: str = "") -> dict[str, Any]:
+    """The ``variant`` block of a card's context, from a variant's ``variant.json`` (pure): the recipe, layers,
+    parameters and size before and after, how it was healed, and the quality measured against the teacher next
+    to the teacher's own quants of the same type."""
+    recipe = info["recipe"]
+    t, v, p = info["teacher"], info["variant"], info.get("prune") or {}
+    d = info.get("distill")
+    ev = info.get("evaluation")
+    hub = hub_url.rstrip("/")
+    teacher_repo = t.get("repo")
+    files = []
+    if ev:
+        tf = ev.get("teacher_files") or {}
+        for typ, f in (ev.get("files") or {}).items():
+            other = tf.get(typ) or {}
+            files.append({"type": typ, "kld": _fmt(f.get("kld_mean")), "same_top_p": _pct(f.get("same_top_p")),
+                          "size": human_bytes(f.get("size")), "status": f.get("status"),
+                          "teacher_kld": _fmt(other.get("kld_mean")),
+                          "teacher_same_top_p": _pct(other.get("same_top_p")),
+                          "teacher_size": human_bytes(other.get("size"))})
+    calib = p.get("calibration") or {}
+    return {
+        "recipe": recipe["name"],
+        "summary": recipe.get("summary") or recipe.get("description") or "",
+        "heals": bool(d),
+        "teacher_repo": teacher_repo,
+        "teacher_url": f"{hub}/{teacher_repo}" if teacher_repo and hub else None,
+        "teacher_name": t.get("model_name") or "the original model",
+        "layers_before": t.get("layers"), "layers_after": v.get("layers"),
+        "layers_removed": (t["layers"] - v["layers"]) if isinstance(t.get("layers"), int)
+        and isinstance(v.get("layers"), int) else None,
+        "intermediate_before": t.get("intermediate_size"), "intermediate_after": v.get("intermediate_size"),
+        "params_before": f"{t['parameters']:,}" if isinstance(t.get("parameters"), int) else "—",
+        "params_after": f"{v['parameters']:,}" if isinstance(v.get("parameters"), int) else "—",
+        "params_change": _change(t.get("parameters"), v.get("parameters")),
+        "size_before": human_bytes(t.get("bytes")), "size_after": human_bytes(v.get("bytes")),
+        "size_change": _change(t.get("bytes"), v.get("bytes")),
+        "removed_layers": ", ".join(str(i) for i in p.get("removed_layers") or []),
+        "prune_method": p.get("method"),
+        "calibration": (info.get("calibration") or {}).get("name") or calib.get("name"),
+        "calib_samples": calib.get("samples"), "calib_seq_len": calib.get("seq_len"),
+        "distill": {
+            "steps": d["steps"], "batch": d["config"]["batch_size"], "seq_len": d["config"]["seq_len"],
+            "temperature": f"{d['config']['temperature']:g}", "lr": f"{d['config']['lr']:g}",
+            "seed": d["config"].get("seed"), "loss_first": _fmt(d.get("loss_first")),
+            "loss_last": _fmt(d.get("loss_last")), "device": d.get("device"), "dtype": d.get("dtype"),
+            "seconds": f"{d.get('seconds') or 0:.0f}",
+        } if d else None,
+        "evaluation": {"text": ev.get("text"), "chunks": ev.get("chunks"), "ctx": ev.get("ctx"),
+                       "reference_kld": _fmt(ev.get("reference_kld_mean")),
+                       "reference_same_top_p": _pct(ev.get("reference_same_top_p")), "files": files,
+                       "has_teacher": bool(ev.get("teacher_files"))} if ev else None,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- context
 def build_context(ladder: Mapping[str, Any], report: Mapping[str, Any], source: SourceFacts,
                   settings: CardSettings, *, whats_new: Sequence[str] = (), date: dt.date | None = None,
-                  chart: str | None = None) -> dict[str, Any]:
-    """Everything the template shows, as plain data (pure)."""
+                  chart: str | None = None, variant: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Everything the template shows, as plain data (pure). ``variant`` is a variant's ``variant.json``: the card
+    then describes a pruned (and healed) model derived from the source, measured against the source."""
     src = ladder.get("source") or {}
     model_name = ladder.get("model_name") or settings.repo_id.split("/")[-1]
     repo = settings.repo_id
@@ -314,7 +389,7 @@ def build_context(ladder: Mapping[str, Any], report: Mapping[str, Any], source: 
     meta: dict[str, Any] = {}
     if base_repo:
         meta["base_model"] = base_repo
-        meta["base_model_relation"] = "quantized"
+        meta["base_model_relation"] = VARIANT_RELATION if variant is not None else "quantized"
     lic = card.get("license") or source.license or src.get("license")
     if lic:
         meta["license"] = lic
@@ -327,6 +402,8 @@ def build_context(ladder: Mapping[str, Any], report: Mapping[str, Any], source: 
     if pipeline_tag:
         meta["pipeline_tag"] = pipeline_tag
     tags = list(BASE_TAGS[:1]) + (["imatrix"] if imatrix else []) + list(BASE_TAGS[1:]) + list(settings.extra_tags)
+    if variant is not None:
+        tags += ["pruned"] + (["distillation"] if variant.get("distill") else [])
     meta["tags"] = list(dict.fromkeys(tags))
     meta["quantized_by"] = settings.quantized_by
     for k, v in card.items():  # a gated source's gating fields, as they are
@@ -416,6 +493,7 @@ def build_context(ladder: Mapping[str, Any], report: Mapping[str, Any], source: 
         "whats_new": list(whats_new),
         "date": date.isoformat() if date else None,
         "quantized_by": settings.quantized_by,
+        "variant": variant_context(variant, hub_url=hub) if variant is not None else None,
     }
 
 

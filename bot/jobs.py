@@ -57,8 +57,10 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.CONVERTED: frozenset(),
 }
 
-# The stages of one job, in order; ``stage`` in the jobs table holds the current one.
+# The stages of one job, in order; ``stage`` in the jobs table holds the current one. Between ``publish`` and
+# ``cleanup`` a job runs one ``variant:<recipe>`` stage per recipe of ``quantize.variants`` (VARIANT_STAGE).
 STAGES = ("fetch", "inspect", "convert", "calibrate", "quantize", "evaluate", "publish", "cleanup")
+VARIANT_STAGE = "variant:{recipe}"
 
 
 def allowed(src: Status | str, dst: Status | str) -> bool:

@@ -244,8 +244,9 @@ def _source_facts(hub: Any, ladder: Mapping[str, Any], gguf_files: list[Path] = 
 
 
 def plan_publish(workdir: Path, hub: Any, options: PublishOptions, *, staging: Path,
-                 now: dt.datetime | None = None) -> PublishPlan:
-    """Decide what to publish; writes README.md and report.json into ``staging``; no Hub writes."""
+                 now: dt.datetime | None = None, variant: Mapping[str, Any] | None = None) -> PublishPlan:
+    """Decide what to publish; writes README.md and report.json into ``staging``; no Hub writes.
+    ``variant`` (a variant's variant.json) makes the card describe a pruned/healed variant of the source."""
     workdir = Path(workdir)
     ladder = load_json(workdir / "ladder.json")
     report = load_json(workdir / "report.json")
@@ -281,7 +282,7 @@ def plan_publish(workdir: Path, hub: Any, options: PublishOptions, *, staging: P
                                                      if p in files)} for f in ladder.get("files", [])]
     chart = chart_name(report)
     ctx = card_mod.build_context(card_ladder, report, facts, settings, whats_new=news, date=now.date(),
-                                 chart=chart if chart in files else None)
+                                 chart=chart if chart in files else None, variant=variant)
     staging.mkdir(parents=True, exist_ok=True)
     (staging / "README.md").write_text(card_mod.render(ctx), encoding="utf-8")
     published_report = dict(report)

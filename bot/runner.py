@@ -2,8 +2,12 @@
 
 One job = ``fetch`` (safetensors/config/tokenizer/template files only, size limit checked before download)
 -> ``inspect`` -> ``convert``/``calibrate``/``quantize`` (converters.pipeline, which records each finished
-stage in the work directory) -> ``evaluate`` -> ``publish`` -> ``cleanup``. The current stage is kept in the
-jobs table. A job whose worker died is put back in the queue by :meth:`Runner.recover` and starts again in
+stage in the work directory) -> ``evaluate`` -> ``publish`` -> ``variant:<recipe>`` for each recipe of
+``quantize.variants`` (prune, heal, the same ladder, evaluation against this job's BF16 logits, publishing to
+its own repo; all inside ``<workdir>/variants/<recipe>``, the main work dir serving as the teacher's) ->
+``cleanup``. The current stage is kept in the jobs table. A failing variant is recorded in the job's result and
+as a ``variant.failed`` event; it never fails or unpublishes the main ladder. A job whose worker died is put
+back in the queue by :meth:`Runner.recover` and starts again in
 the same work directory: the stage records make it skip everything that was finished.
 
 Errors: ``err.transient`` (timeouts, 5xx, full disk, a tool killed by a signal) retries with backoff
@@ -276,7 +280,12 @@ class Runner:
             why = "publishing is turned off (target.publish = false)" if not s.target.publish else \
                 "no Hub token (set HF_TOKEN to publish)"
             self._record_artifacts(job, workdir, ladder, url=None)
-            return J.Status.CONVERTED, f"converted, not published: {why}; files in {workdir}", fields
+            # ---- variants (built, evaluated, not published); the work dir is kept as for the main ladder
+            done = self._variants(job, lost, workdir, src, cal, publish=False, should_stop=should_stop)
+            if done:
+                fields["result"] = {"variants": done}
+            return (J.Status.CONVERTED, f"converted, not published: {why}; files in {workdir}"
+                    + _variants_note(done), fields)
         self._set_stage(job, lost, "publish")
         target, commit_url, action = self._publish(job, workdir)
         fields["target_repo"] = target
@@ -284,13 +293,122 @@ class Runner:
                             "files": [f["type"] for f in ladder.get("files", [])]}
         self._record_artifacts(job, workdir, ladder, url=commit_url)
         stop_point()
+        # ---- variants: after the main ladder is published, before the cleanup (they reuse its work dir as
+        # the teacher's: its BF16 reference, report and logits); a failing variant is recorded, nothing more
+        done = self._variants(job, lost, workdir, src, cal, publish=True, should_stop=should_stop)
+        if done:
+            fields["result"]["variants"] = done
+        stop_point()
         # ---- cleanup: keep the report and the imatrix, drop the rest
         self._set_stage(job, lost, "cleanup")
         kept = self._cleanup(job, workdir, ladder)
         fields["result"]["kept"] = kept
         fields["workdir"] = None
         what = "already up to date" if action == "none" else action
-        return J.Status.PUBLISHED, f"published {target} ({what})", fields
+        return J.Status.PUBLISHED, f"published {target} ({what})" + _variants_note(done), fields
+
+    # ---------------------------------------------------------------- variants
+    def _variants(self, job: Job, lost: threading.Event, workdir: Path, src: Path, cal: Any, *, publish: bool,
+                  should_stop: Callable[[], bool]) -> list[dict[str, Any]]:
+        """Build (and publish) every variant of ``quantize.variants``; one entry per recipe for the job's result.
+
+        Each variant is the stage ``variant:<recipe>`` of this job, in ``<workdir>/variants/<recipe>``; its own
+        stage records (prune, distill, the ladder, teacher logits, evaluation) make a resumed job skip what was
+        finished. A variant that fails is recorded (event ``variant.failed`` with its reason, and its entry) and
+        the next one runs: the published main ladder is never touched. A stop request still stops the job.
+        """
+        from converters import variants as variants_mod
+
+        out: list[dict[str, Any]] = []
+        for recipe in variants_mod.parse_list(self.settings.quantize.variants):
+            if should_stop():
+                raise _Stop() if lost.is_set() else Cancelled("stop requested")
+            self._set_stage(job, lost, J.VARIANT_STAGE.format(recipe=recipe.name))
+            t0 = time.monotonic()
+            entry: dict[str, Any] = {"recipe": recipe.name}
+            try:
+                entry.update(self._variant(job, lost, workdir, src, cal, recipe, publish=publish,
+                                           should_stop=should_stop))
+            except (Cancelled, _Stop):
+                raise
+            except Exception as e:  # noqa: BLE001 - a variant never fails the main job
+                etype, msg = J.error_fields(e)
+                entry.update(status="failed", error_type=etype, error_message=msg)
+                self.store.event("variant.failed", f"{recipe.name} failed: {etype}: {msg}", now=self.clock(),
+                                 job_id=job.id, repo=job.repo, data={"recipe": recipe.name, "error_type": etype})
+                if isinstance(e, GgufbotError):
+                    log.error("job %d %s: variant %s failed: %s: %s", job.id, job.repo, recipe.name, etype, msg)
+                else:
+                    log.exception("job %d %s: variant %s failed with an unexpected error", job.id, job.repo,
+                                  recipe.name)
+            entry["seconds"] = round(time.monotonic() - t0, 1)
+            out.append(entry)
+        return out
+
+    def _variant(self, job: Job, lost: threading.Event, workdir: Path, src: Path, cal: Any, recipe: Any, *,
+                 publish: bool, should_stop: Callable[[], bool]) -> dict[str, Any]:
+        from bot import variants as bot_variants
+        from converters import pipeline
+        from converters import variants as variants_mod
+
+        s = self.settings
+        vdir = workdir / "variants" / recipe.name
+        ev = self._text(s.quantize.evaluation_text, "evaluation")
+
+        def progress(text: str) -> None:
+            with contextlib.suppress(_Stop):
+                self._update(job, lost, progress=text[-200:])
+
+        def on_event(stage: str, state: str, info: dict[str, Any]) -> None:
+            if state == "start":
+                progress(stage)
+            elif state == "progress":
+                progress(f"{stage} {info['type']} {info['done']}/{info.get('total')}" if "done" in info
+                         else f"{stage}: {info.get('line', '')}")
+            elif state in ("end", "skip"):
+                self.store.event(f"stage.{state}", f"{recipe.name}: {stage} "
+                                 f"{'skipped (already done)' if state == 'skip' else 'done'}", now=self.clock(),
+                                 job_id=job.id, repo=job.repo,
+                                 data={k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))})
+
+        def on_step(step: int, steps: int, loss: float, _lr: float) -> None:
+            progress(f"distill step {step}/{steps} loss {loss:.4f}")
+            if should_stop():
+                raise _Stop() if lost.is_set() else Cancelled("stop requested during distillation")
+
+        info = variants_mod.build(src, vdir, recipe, toolchain=self._toolchain(), calibration=cal,
+                                  eval_text=ev.path, teacher_model=pipeline.model_name_for(job.repo),
+                                  ladder=s.quantize.ladder, ctx=s.quantize.ctx,
+                                  calibration_chunks=s.quantize.calibration_chunks,
+                                  eval_chunks=s.quantize.evaluation_chunks, teacher_workdir=workdir,
+                                  source_repo=job.repo, source_revision=job.revision, on_event=on_event,
+                                  on_progress=lambda m: progress(f"prune: {m}"), on_step=on_step,
+                                  should_stop=should_stop)
+        evaluation = info.get("evaluation") or {}
+        entry: dict[str, Any] = {
+            "model_name": info.get("model_name"),
+            "layers": [info["teacher"].get("layers"), info["variant"].get("layers")],
+            "parameters": [info["teacher"].get("parameters"), info["variant"].get("parameters")],
+            "kld_vs_teacher": evaluation.get("reference_kld_mean"),
+        }
+        if not evaluation.get("publishable"):
+            report = _read_report(vdir)
+            why = "; ".join(str(r) for r in (report or {}).get("reasons") or []) or "see its report.json"
+            raise CheckFailed("evaluate", f"variant {recipe.name} is not publishable: {why}")
+        ladder = pipeline.load_ladder(vdir)
+        if not publish:
+            self._record_artifacts(job, vdir, ladder, url=None, kind="variant-gguf", prefix=vdir)
+            return {**entry, "status": "converted", "workdir": str(vdir)}
+        progress("publish")
+        res = bot_variants.publish_variant(vdir, self.hub, namespace=self._namespace(),
+                                           repo_pattern=s.target.variant_repo_template, private=s.target.private,
+                                           teacher_workdir=workdir)
+        url = f"{res.url}/commit/{res.commit}" if res.commit else res.url
+        self._record_artifacts(job, vdir, ladder, url=url, kind="variant-gguf")
+        self.store.event("variant.published", f"{recipe.name}: published {res.repo_id} "
+                         f"({'already up to date' if res.action == 'none' else res.action})", now=self.clock(),
+                         job_id=job.id, repo=job.repo, data={"recipe": recipe.name, "target_repo": res.repo_id})
+        return {**entry, "status": "published", "target_repo": res.repo_id, "commit": url, "action": res.action}
 
     def _fetch(self, job: Job, workdir: Path) -> Path:
         s = self.settings
@@ -307,7 +425,8 @@ class Runner:
         if not d.accept and d.code not in ("gated", "pipeline_tag"):
             raise UnsupportedModel(d.reason, repo=job.repo)
         size = weight_bytes(info) or 0
-        need = int(size * DISK_FACTOR + s.limits.min_free_disk_gb * 1e9)
+        # each variant keeps its checkpoint, reference and ladder beside the teacher's until the job's cleanup
+        need = int(size * DISK_FACTOR * (1 + len(s.quantize.variants)) + s.limits.min_free_disk_gb * 1e9)
         workdir.mkdir(parents=True, exist_ok=True)
         free = free_bytes(workdir)
         if need > free:
@@ -357,12 +476,16 @@ class Runner:
         return {"publishable": bool(getattr(report, "publishable", False)),
                 "reasons": list(getattr(report, "reasons", []) or [])}
 
-    def _target_repo(self, job: Job) -> str:
-        from converters import pipeline
-
+    def _namespace(self) -> str:
         ns = self.settings.target.namespace or self.namespace
         if not ns:
             ns = self.namespace = self.hub.whoami()
+        return ns
+
+    def _target_repo(self, job: Job) -> str:
+        from converters import pipeline
+
+        ns = self._namespace()
         name = self.settings.target.repo_template.format(model=pipeline.model_name_for(job.repo),
                                                          author=job.repo.split("/")[0])
         return f"{ns}/{name}"
@@ -378,10 +501,12 @@ class Runner:
         assert res is not None
         return res.repo_id, (f"{res.url}/commit/{res.commit}" if res.commit else res.url), res.action
 
-    def _record_artifacts(self, job: Job, workdir: Path, ladder: dict[str, Any], url: str | None) -> None:
+    def _record_artifacts(self, job: Job, workdir: Path, ladder: dict[str, Any], url: str | None,
+                          kind: str = "gguf", prefix: Path | None = None) -> None:
         now = self.clock()
         for f in ladder.get("files", []):
-            self.store.add_artifact(job.id, "gguf", f["path"], now=now, size=f.get("size"), sha256=f.get("sha256"),
+            path = str(prefix / f["path"]) if prefix is not None else f["path"]
+            self.store.add_artifact(job.id, kind, path, now=now, size=f.get("size"), sha256=f.get("sha256"),
                                     url=url)
 
     def _cleanup(self, job: Job, workdir: Path, ladder: dict[str, Any]) -> list[str]:
@@ -398,10 +523,44 @@ class Runner:
                 kept.append(str(keep_dir / Path(n).name))
                 self.store.add_artifact(job.id, "imatrix" if "imatrix" in n else Path(n).stem,
                                         str(keep_dir / Path(n).name), now=self.clock(), size=p.stat().st_size)
+        from converters import variants as variants_mod
+
+        for vdir in sorted((workdir / "variants").glob("*")) if (workdir / "variants").is_dir() else []:
+            vkeep = keep_dir / "variants" / vdir.name
+            for n in ("report.json", "ladder.json", variants_mod.VARIANT_FILE):
+                if (vdir / n).is_file():
+                    vkeep.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(vdir / n, vkeep / n)
+                    kept.append(str(vkeep / n))
         check_workdir_safe(workdir, self.settings.data_dir)
         shutil.rmtree(workdir, ignore_errors=True)
         log.info("job %d: work directory removed; kept %s", job.id, ", ".join(Path(k).name for k in kept))
         return kept
+
+
+def _read_report(workdir: Path) -> dict[str, Any] | None:
+    import json
+
+    p = Path(workdir) / "report.json"
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _variants_note(done: list[dict[str, Any]]) -> str:
+    """``; variants: a published ORG/REPO, b failed (CheckFailed: ...)`` for the job's message ('' if none)."""
+    if not done:
+        return ""
+    parts = []
+    for v in done:
+        if v["status"] == "published":
+            parts.append(f"{v['recipe']} published {v['target_repo']}")
+        elif v["status"] == "failed":
+            parts.append(f"{v['recipe']} FAILED ({v['error_type']}: {v['error_message']})")
+        else:
+            parts.append(f"{v['recipe']} {v['status']}")
+    return "; variants: " + ", ".join(parts)
 
 
 def check_workdir_safe(path: Path, root: Path) -> None:

@@ -54,8 +54,8 @@ class Bot:
         self.namespace = settings.target.namespace
         self.publish_note = self._publish_note(resolve_namespace)
         if settings.quantize.variants:
-            log.warning("quantize.variants (%s) are not run by the bot yet; use 'ggufbot variant' by hand",
-                        ", ".join(settings.quantize.variants))
+            log.info("variants built after each model's ladder: %s (published to %s)",
+                     ", ".join(settings.quantize.variants), settings.target.variant_repo_template)
         self.watcher = Watcher(settings, self.store, hub, toolchain_version=tc_version)
         base = worker_id or new_worker_id()
         n = settings.limits.concurrency

@@ -103,6 +103,7 @@ class Filters:
 class Target:
     namespace: str | None = None  # default: the token's own (whoami)
     repo_template: str = "{model}-GGUF"
+    variant_repo_template: str = "{org}/{model}-{variant}-GGUF"  # where each variant of quantize.variants goes
     publish: bool = True
     private: bool = False
 
@@ -111,7 +112,7 @@ class Target:
 class Quantize:
     ladder: str = "default"
     outtype: str = "bf16"
-    variants: tuple[str, ...] = ()
+    variants: tuple[str, ...] = ()  # recipe names (converters.variants); empty: no variants (the default)
     calibration_text: str | None = None  # file, URL or hf://datasets/...; default: the pipeline's
     evaluation_text: str | None = None
     calibration_chunks: int | None = None
@@ -323,6 +324,18 @@ def _check(s: Settings) -> None:
         bad("target.repo_template", f"only {{model}} and {{author}} may be used ({e})")
     if s.target.namespace is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", s.target.namespace):
         bad("target.namespace", f"not a valid Hub namespace: {s.target.namespace!r}")
+    from converters import variants as variants_mod
+
+    try:
+        variants_mod.repo_id(s.target.namespace or "org", "Model", "variant", s.target.variant_repo_template)
+    except ConfigError as e:
+        bad("target.variant_repo_template", str(e))
+    except (KeyError, IndexError, ValueError) as e:
+        bad("target.variant_repo_template", f"only {{org}}, {{model}} and {{variant}} may be used ({e})")
+    try:
+        variants_mod.parse_list(s.quantize.variants)
+    except Exception as e:  # UnknownName lists the known recipes: name the key
+        bad("quantize.variants", str(e))
     if s.quantize.outtype.lower() not in ("bf16", "f16", "f32"):
         bad("quantize.outtype", f"expected bf16, f16 or f32, got {s.quantize.outtype!r}")
     if s.quantize.ctx < 16:

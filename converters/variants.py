@@ -297,10 +297,12 @@ def build(source: Path, out: Path, recipe: Recipe, *, toolchain: Any, calibratio
           source_repo: str | None = None, source_revision: str | None = None, threads: int | None = None,
           on_event: Callable[[str, str, dict[str, Any]], None] | None = None,
           on_progress: Callable[[str], None] | None = None,
-          on_step: Callable[[int, int, float, float], None] | None = None) -> dict[str, Any]:
+          on_step: Callable[[int, int, float, float], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Prune and heal ``source`` per ``recipe``, run the same ladder on the result and, when ``eval_text`` is
     given, evaluate every quant against the teacher's BF16 logits. ``calibration`` is a
-    :class:`converters.calibrate.TextFile` (used for pruning, healing and the imatrix). Returns variant.json."""
+    :class:`converters.calibrate.TextFile` (used for pruning, healing and the imatrix). ``should_stop`` is
+    handed to the ladder's pipeline (a stop request ends it at its next step). Returns variant.json."""
     from converters import checkpoint as ckpt_mod
     from converters import evaluate, pipeline, records
 
@@ -315,7 +317,7 @@ def build(source: Path, out: Path, recipe: Recipe, *, toolchain: Any, calibratio
     p = pipeline.plan(ck, out, model_name=model_name(teacher_model, recipe), ladder=ladder, calibration=calibration,
                       calibration_chunks=calibration_chunks, ctx=ctx, imatrix=imatrix,
                       source_repo=source_repo, source_revision=source_revision)
-    lad = pipeline.execute(p, toolchain=toolchain, on_event=on_event)
+    lad = pipeline.execute(p, toolchain=toolchain, on_event=on_event, should_stop=should_stop)
     info["model_name"] = lad["model_name"]
     if eval_text is not None:
         emit("variant-eval", "start", {})

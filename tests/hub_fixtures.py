@@ -15,7 +15,9 @@ Fixtures:
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -41,6 +43,7 @@ def _reserve_port() -> int:
 _PORT = _reserve_port()
 ENDPOINT = f"http://127.0.0.1:{_PORT}"
 _HF_HOME = tempfile.mkdtemp(prefix="ggufbot-hfhome-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)  # the client's cache of this test session
 
 if "huggingface_hub" in sys.modules and os.environ.get("HF_ENDPOINT") != ENDPOINT:
     _EARLY_IMPORT = True  # reported by the fixture, with the fix

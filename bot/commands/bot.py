@@ -205,7 +205,8 @@ def status_data(st, settings, now: float, limit: int = 10) -> dict[str, Any]:
                 "error_type": j.error_type, "error_message": j.error_message, "worker_id": j.worker_id,
                 "heartbeat_age_s": round(now - j.heartbeat_at, 1) if j.heartbeat_at else None,
                 "not_before": j.not_before, "target_repo": j.target_repo, "created_at": j.created_at,
-                "finished_at": j.finished_at}
+                "finished_at": j.finished_at, "variants": list((j.result or {}).get("variants") or [])
+                if isinstance(j.result, dict) else []}
 
     skipped = [m for m in st.models(limit=200) if m.decision in ("skipped", "unchanged")][:limit]
     return {
@@ -253,6 +254,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     for j in data["published"]:
         where = j["target_repo"] or "not published (no token / publishing off)"
         out.append(f"  #{j['id']} {j['repo']}@{j['revision'][:12]} -> {where} ({_when(j['finished_at'])})")
+        for v in j["variants"]:
+            if v.get("status") == "failed":
+                out.append(f"    variant {v['recipe']}: FAILED: {v.get('error_type') or ''} "
+                           f"{v.get('error_message') or ''}".rstrip())
+            else:
+                out.append(f"    variant {v['recipe']}: {v.get('status')}"
+                           f"{' -> ' + v['target_repo'] if v.get('target_repo') else ''}")
     out.append("failed:")
     for j in data["failed"]:
         out.append(f"  #{j['id']} {j['repo']}@{j['revision'][:12]} {j['status']} in {j['stage'] or '-'}: "

@@ -48,6 +48,8 @@ def test_variant_publishes_with_its_card(hub_server: HubServer, tmp_path: Path, 
     card = ModelCard(readme)
     assert card.data.base_model == SOURCE and card.data.base_model_relation == "finetune"
     assert "## What this variant is" in readme and "`prune-1-layer-kd`" in readme
+    assert f"A pruned and healed (distilled) variant of [{SOURCE}](" in readme  # not "GGUF quantizations of"
+    assert "GGUF quantizations of" not in readme and "pruned" in card.data.tags
     assert "| Decoder layers | 2 | 1 |" in readme
     t, v = info["teacher"], info["variant"]
     assert f"| Parameters | {t['parameters']:,} | {v['parameters']:,} (" in readme

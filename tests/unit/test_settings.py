@@ -43,6 +43,7 @@ def test_example_file_loads(tmp_path: Path) -> None:
     assert s.sources[0].author == "Qwen" and s.sources[2].key == "llama-search"
     assert s.filters.licenses_deny == ("cc-by-nc-nd-4.0",)
     assert s.config_path == EXAMPLE
+    assert s.quantize.variants == () and s.target.variant_repo_template == "{org}/{model}-{variant}-GGUF"
 
 
 @pytest.mark.parametrize("text,key", [
@@ -56,6 +57,10 @@ def test_example_file_loads(tmp_path: Path) -> None:
     ("[target]\nnamespace = 'bad name'", "target.namespace"),
     ("[quantize]\nladder = 'Q9_Z'", "quantize.ladder"),
     ("[quantize]\nouttype = 'q8'", "quantize.outtype"),
+    ("[quantize]\nvariants = ['prune-25pct-kd', 'prune-99-layers']", "quantize.variants"),
+    ("[quantize]\nvariants = 'prune-25pct-kd'", "quantize.variants"),
+    ("[target]\nvariant_repo_template = '{org}/{model}-GGUF'", "target.variant_repo_template"),
+    ("[target]\nvariant_repo_template = '{org}/{model}-{variant}-{size}'", "target.variant_repo_template"),
     ("[filters]\nlicenses_deny = 'mit'", "filters.licenses_deny"),
     ("[filters]\nmin_params = 10\nmax_params = 5", "filters.min_params"),
     ("[schedule]\nheartbeat_seconds = 100\nstale_after_seconds = 150", "schedule.stale_after_seconds"),
@@ -84,6 +89,8 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
     ({"GGUFBOT_FILTERS__LICENSES_DENY": "mit, gpl-3.0"}, lambda s: s.filters.licenses_deny == ("mit", "gpl-3.0")),
     ({"GGUFBOT_LIMITS__MAX_MODEL_GB": "2.5"}, lambda s: s.max_model_bytes == 2_500_000_000),
     ({"GGUFBOT_TARGET__NAMESPACE": "me"}, lambda s: s.target.namespace == "me"),
+    ({"GGUFBOT_QUANTIZE__VARIANTS": "prune-25pct-kd, prune-4-layers"},
+     lambda s: s.quantize.variants == ("prune-25pct-kd", "prune-4-layers")),
     ({"GGUFBOT__DATABASE_URL": "postgresql+psycopg://h/db"}, lambda s: s.database_url.startswith("postgresql")),
     ({"GGUFBOT_CACHE": "/x", "GGUFBOT_CUDA": "0"}, lambda s: True),  # other parts' variables are not settings
 ])
@@ -97,6 +104,7 @@ def test_env_overrides(tmp_path: Path, env: dict[str, str], check) -> None:
     ({"GGUFBOT_LIMITS__NOPE": "1"}, "limits.nope"),
     ({"GGUFBOT_NOSECTION__X": "1"}, "nosection"),
     ({"GGUFBOT_TARGET__PUBLISH": "maybe"}, "target.publish"),
+    ({"GGUFBOT_QUANTIZE__VARIANTS": "prune-4-layers,no-such-recipe"}, "quantize.variants"),
     ({"GGUFBOT__COLOUR": "red"}, "colour"),
 ])
 def test_bad_env_names_the_key(env: dict[str, str], key: str) -> None:

@@ -232,15 +232,63 @@ def test_ceilings_add_the_pruning_loss():
 
 
 # ---------------------------------------------------------------------------------------------- card section
-def test_insert_section_before_the_first_heading_and_relation():
-    from bot.variants import insert_section
+VARIANT_INFO = {
+    "recipe": {"name": "prune-1-layer-kd", "summary": "removed 1 decoder layer (ShortGPT), then healed"},
+    "teacher": {"model_name": "Tiny-Instruct", "repo": "acme/Tiny-Instruct", "parameters": 1000, "bytes": 2000,
+                "layers": 2, "intermediate_size": 64},
+    "variant": {"parameters": 600, "bytes": 1200, "layers": 1, "intermediate_size": 64},
+    "prune": {"method": "depth", "removed_layers": [1], "calibration": {"name": "cal.txt", "samples": 2, "seq_len": 32}},
+    "distill": {"steps": 2, "config": {"batch_size": 1, "seq_len": 32, "temperature": 1.0, "lr": 1e-3, "seed": 0},
+                "loss_first": 1.5, "loss_last": 0.5, "device": "cpu", "dtype": "float32", "seconds": 3.0},
+    "evaluation": {"text": "wiki.test.raw", "chunks": 2, "ctx": 128, "reference_kld_mean": 0.3,
+                   "reference_same_top_p": 0.8,
+                   "files": {"Q8_0": {"kld_mean": 0.31, "same_top_p": 0.79, "size": 900, "status": "passed"}},
+                   "teacher_files": {"Q8_0": {"kld_mean": 0.001, "same_top_p": 0.99, "size": 1500}}},
+}
 
-    card = "---\nbase_model: a/b\nbase_model_relation: quantized\n---\n\n# T GGUF\n\nintro\n\n## Prompt format\n\nx\n"
-    out = insert_section(card, "## What this variant is\n\ny\n")
-    assert "base_model_relation: finetune" in out and "quantized" not in out.split("---")[1]
-    assert out.index("## What this variant is") < out.index("## Prompt format")
-    assert out.startswith("---\nbase_model: a/b") and "intro" in out
-    assert insert_section("# T\n", "## S\n").endswith("## S\n")  # no heading: appended
+
+def test_card_knows_variants_natively(tmp_path):
+    """The card of a variant: its own intro line, relation ``finetune`` to the source, the variant block with
+    before/after figures and the teacher's own quants next to the variant's; valid for ModelCard."""
+    import json
+
+    from huggingface_hub import ModelCard
+
+    from bot import card
+    from tests.hubserver import _validate_front_matter
+    from tests.workdirs import make_workdir
+
+    wd = make_workdir(tmp_path, model="Tiny-Instruct-prune-1-layer-kd", source_repo="acme/Tiny-Instruct",
+                      types=("Q8_0",))
+    ladder, report = (json.loads((wd / n).read_text()) for n in ("ladder.json", "report.json"))
+    src = ladder["source"]
+    facts = card.SourceFacts.from_checkpoint(None, repo=src["repo"], revision=src["revision"])
+    settings = card.CardSettings(repo_id="team/Tiny-Instruct-prune-1-layer-kd-GGUF", quantized_by="team",
+                                 hub_url="http://hub.test")
+    plain = card.build_context(ladder, report, facts, settings)
+    ctx = card.build_context(ladder, report, facts, settings, variant=VARIANT_INFO)
+    assert plain["variant"] is None and plain["metadata"]["base_model_relation"] == "quantized"
+    assert ctx["metadata"]["base_model"] == "acme/Tiny-Instruct"
+    assert ctx["metadata"]["base_model_relation"] == "finetune"
+    assert {"pruned", "distillation"} <= set(ctx["metadata"]["tags"])
+    v = ctx["variant"]
+    assert (v["layers_before"], v["layers_after"], v["layers_removed"]) == (2, 1, 1)
+    assert (v["params_change"], v["size_change"]) == ("-40.0%", "-40.0%")
+    assert v["evaluation"]["files"][0]["teacher_kld"] == "0.0010"
+    text = card.render(ctx)
+    assert "GGUF quantizations of" not in text
+    assert "A pruned and healed (distilled) variant of [acme/Tiny-Instruct](http://hub.test/acme/Tiny-Instruct)" in text
+    assert "| Decoder layers | 2 | 1 |" in text and "| Parameters | 1,000 | 600 (-40.0%) |" in text
+    assert "| Q8_0 | 0.3100 | 79.00 % | 900 B | 0.0010 | 99.00 % | 1.50 KB |" in text
+    assert "2 steps of 1 × 32 tokens" in text
+    assert text.index("## What this variant is") < text.index("## Prompt format")
+    assert _validate_front_matter(text) == []
+    mc = ModelCard(text)
+    assert mc.data.base_model == "acme/Tiny-Instruct" and mc.data.base_model_relation == "finetune"
+    # an unhealed variant says so, and is "pruned" without "healed"
+    unhealed = {**VARIANT_INFO, "distill": None}
+    text = card.render(card.build_context(ladder, report, facts, settings, variant=unhealed))
+    assert "A pruned variant of" in text and "Not healed" in text and "distillation" not in text.split("---")[1]
 
 
 def test_public_info_has_no_local_paths():
