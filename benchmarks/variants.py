@@ -11,7 +11,6 @@ Prints JSON: parameters, file size, mean KLD and same-top-p against the teacher,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys

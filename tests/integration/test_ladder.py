@@ -10,7 +10,6 @@ import pytest
 from gguf import GGUFReader
 
 from converters import quants, records, toolchain as tc_mod
-from converters.calibrate import TextFile
 from tests.conftest import SMOL_LADDER, build_smol_ladder
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
