@@ -36,8 +36,9 @@ from bot import jobs as J
 from bot.retry import RetryPolicy
 from bot.settings import Settings
 from bot.store import Job, Store
-from bot.watcher import RESULT_PATTERNS, decide, weight_bytes
+from bot.watcher import decide, weight_bytes
 from converters import records
+from converters.checkpoint import RESULT_PATTERNS
 from converters.errors import Cancelled, CheckFailed, DiskSpaceError, GgufbotError, InputError, UnsupportedModel
 from converters.stages import free_bytes
 

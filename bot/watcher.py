@@ -33,19 +33,11 @@ from typing import Any
 from bot import jobs as J
 from bot.settings import Settings, Source
 from bot.store import Store
+from converters.checkpoint import PICKLE_SUFFIXES, RESULT_PATTERNS
 from converters.errors import GgufbotError, HubAuthError, HubError, HubNotFound
 
 log = logging.getLogger(__name__)
 
-# Files whose change changes the GGUF result (weights, config, tokenizer, chat template). The fetch
-# downloads exactly these.
-RESULT_PATTERNS = (
-    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.tiktoken", "*.tiktoken", "chat_template.jinja",
-    "chat_template.json", "preprocessor_config.json",
-)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 QUANTIZED_TAGS = frozenset({"gguf", "gptq", "awq", "exl2", "exl3", "mlx", "bitsandbytes", "4-bit", "8-bit",
                             "quantized", "compressed-tensors", "hqq", "aqlm"})
 QUANTIZED_LIBRARIES = frozenset({"gguf", "mlx", "onnx", "ctranslate2"})

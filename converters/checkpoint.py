@@ -24,13 +24,16 @@ SAFETENSORS_DTYPE_BYTES = {
     "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1, "F6_E2M3": 1, "F6_E3M2": 1,
 }
 TOKENIZER_SETS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("tokenizer.tiktoken",))
-# files that change the conversion result; the Hub fetch downloads exactly these
-RELEVANT_PATTERNS = (
+# Files whose change changes the GGUF result (weights, config, tokenizer, chat template): the watcher
+# re-queues a new revision only when one of these changed, and stage records fingerprint exactly these.
+RESULT_PATTERNS = (
     "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.tiktoken", "chat_template.jinja",
-    "chat_template.json", "preprocessor_config.json", "README.md",
+    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.tiktoken", "*.tiktoken", "chat_template.jinja",
+    "chat_template.json", "preprocessor_config.json",
 )
+# What a Hub fetch downloads: the result files plus the model card, for the licence.
+FETCH_PATTERNS = RESULT_PATTERNS + ("README.md",)
 MAX_HEADER_BYTES = 100 << 20
 
 
@@ -60,14 +63,14 @@ class Checkpoint:
         """Identity of the checkpoint for stage records: every relevant file's size and hash."""
         from converters.records import fingerprint_file
 
-        files = sorted(p for p in self.path.iterdir() if p.is_file() and _relevant(p.name) and p.name != "README.md")
+        files = sorted(p for p in self.path.iterdir() if p.is_file() and _is_result_file(p.name))
         return {"architecture": self.architecture, "files": [fingerprint_file(p) for p in files]}
 
 
-def _relevant(name: str) -> bool:
+def _is_result_file(name: str) -> bool:
     from fnmatch import fnmatch
 
-    return any(fnmatch(name, pat) for pat in RELEVANT_PATTERNS)
+    return any(fnmatch(name, pat) for pat in RESULT_PATTERNS)
 
 
 def supported_architectures(converter_root: Path) -> frozenset[str] | None:

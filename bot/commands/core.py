@@ -133,12 +133,12 @@ def _hub_checkpoint_facts(info, supported) -> ckpt_mod.Checkpoint:
 def _fetch_hub_source(hub, info, repo: str, out: Path) -> tuple[Path, str]:
     """Download only the files that matter (weights as safetensors, config, tokenizer, template)."""
     wanted = sum(s.size or 0 for s in info.siblings
-                 if any(fnmatch.fnmatch(s.rfilename, pat) for pat in ckpt_mod.RELEVANT_PATTERNS))
+                 if any(fnmatch.fnmatch(s.rfilename, pat) for pat in ckpt_mod.FETCH_PATTERNS))
     # the download plus the reference GGUF (about the same size again) must fit
     check_disk(out, 2 * wanted)
     dest = out / "source"
     _stderr(f"[fetch] {repo}@{info.sha} ({wanted / 1e9:.2f} GB)")
-    hub.download_snapshot(repo, info.sha, dest, allow_patterns=list(ckpt_mod.RELEVANT_PATTERNS))
+    hub.download_snapshot(repo, info.sha, dest, allow_patterns=list(ckpt_mod.FETCH_PATTERNS))
     return dest, info.sha
 
 
