@@ -211,9 +211,18 @@ class BuildFlags:
             "-DLLAMA_BUILD_APP=OFF",
             "-DLLAMA_BUILD_UI=OFF",
             "-DLLAMA_OPENSSL=OFF",
-            f"-DGGML_NATIVE={'ON' if self.native else 'OFF'}",
             f"-DGGML_CUDA={'ON' if self.cuda else 'OFF'}",
         ]
+        if self.native and platform.machine() in ("x86_64", "AMD64"):
+            # "native minus AMX": every SIMD extension this CPU has, named one by one, and never AMX. ggml's AMX
+            # backend segfaults in ggml_backend_amx_mul_mat on Sapphire Rapids class CPUs for quantized models
+            # (llama.cpp issue 20824, closed without a fix), while -march=native would switch it on.
+            flags = _cpu_flags()
+            args.append("-DGGML_NATIVE=OFF")
+            args += [f"-DGGML_{opt}={'ON' if all(f in flags for f in need) else 'OFF'}" for opt, need in _X86_FEATURES]
+            args += ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+        else:
+            args.append(f"-DGGML_NATIVE={'ON' if self.native else 'OFF'}")
         return args
 
     def key(self) -> str:
@@ -221,6 +230,24 @@ class BuildFlags:
         ident = json.dumps({"cmake": self.cmake_args(), "machine": platform.machine(),
                             "cpu": _cpu_flags_digest() if self.native else ""}, sort_keys=True)
         return hashlib.sha256(ident.encode()).hexdigest()[:12]
+
+
+# ggml's x86 build options and the /proc/cpuinfo flags each needs
+_X86_FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("SSE42", ("sse4_2",)), ("AVX", ("avx",)), ("AVX2", ("avx2",)), ("BMI2", ("bmi2",)), ("FMA", ("fma",)),
+    ("F16C", ("f16c",)), ("AVX_VNNI", ("avx_vnni",)),
+    ("AVX512", ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")), ("AVX512_VBMI", ("avx512vbmi",)),
+    ("AVX512_VNNI", ("avx512_vnni",)), ("AVX512_BF16", ("avx512_bf16",)),
+)
+
+
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    m = re.search(r"^(flags|Features)\s*:\s*(.*)$", text, re.M)
+    return frozenset(m.group(2).split()) if m else frozenset()
 
 
 def _cpu_flags_digest() -> str:

@@ -64,6 +64,28 @@ def test_build_key_depends_on_flags():
     assert "-DGGML_CUDA=ON" in toolchain.BuildFlags(cuda=True).cmake_args()
 
 
+@pytest.mark.parametrize("cpu, on, off", [
+    # a Sapphire Rapids class CPU: every AVX-512 extension on, AMX never (ggml's AMX backend segfaults there)
+    ({"sse4_2", "avx", "avx2", "bmi2", "fma", "f16c", "avx_vnni", "avx512f", "avx512cd", "avx512vl", "avx512dq",
+      "avx512bw", "avx512vbmi", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"},
+     {"AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AVX_VNNI"}, {"AMX_TILE", "AMX_INT8", "AMX_BF16"}),
+    # an AVX2-only CPU: no AVX-512 code that would die on an illegal instruction
+    ({"sse4_2", "avx", "avx2", "bmi2", "fma", "f16c"}, {"AVX", "AVX2", "FMA", "F16C"},
+     {"AVX512", "AVX512_VNNI", "AVX_VNNI", "AMX_INT8"}),
+    # AVX-512 needs all five of its base extensions
+    ({"avx512f", "avx512cd"}, set(), {"AVX512"}),
+])
+def test_native_x86_build_names_the_cpu_features_and_never_amx(monkeypatch, cpu, on, off):
+    monkeypatch.setattr(toolchain.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(toolchain, "_cpu_flags", lambda: frozenset(cpu))
+    args = toolchain.BuildFlags(cuda=False).cmake_args()
+    assert "-DGGML_NATIVE=OFF" in args and "-DGGML_NATIVE=ON" not in args
+    for opt in on:
+        assert f"-DGGML_{opt}=ON" in args
+    for opt in off:
+        assert f"-DGGML_{opt}=OFF" in args
+
+
 def test_cuda_needs_a_visible_gpu_not_just_nvcc(monkeypatch):
     monkeypatch.delenv("GGUFBOT_CUDA", raising=False)
     monkeypatch.setattr(toolchain, "gpu_visible", lambda: False)
