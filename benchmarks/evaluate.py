@@ -34,10 +34,13 @@ def build_smol_ladder(out: Path, tc: tc_mod.Toolchain, calibration: Path) -> Pat
 
     ckpt = smollm2_checkpoint()
     ck = ck_mod.inspect(ckpt, supported=ck_mod.supported_architectures(tc.root))
-    plan = pipeline.plan(ck, out, model_name=ckpt.name, ladder="Q8_0,Q4_K_M,Q2_K",
-                         calibration=TextFile.of(calibration), calibration_chunks=8, ctx=256, jobs=1,
-                         source_repo="HuggingFaceTB/SmolLM2-135M-Instruct", source_revision=None)
-    pipeline.execute(plan, toolchain=tc)
+    from bot.job import JobSpec, Source, run_job
+    from converters.hooks import NULL_HOOKS
+
+    spec = JobSpec(source=Source(repo="HuggingFaceTB/SmolLM2-135M-Instruct", path=ck.path), model_name=ckpt.name,
+                   ladder=pipeline.LadderOptions(ladder="Q8_0,Q4_K_M,Q2_K", calibration=TextFile.of(calibration),
+                                                 calibration_chunks=8, ctx=256, jobs=1))
+    run_job(spec, out, NULL_HOOKS, toolchain=tc)
     return out
 
 
@@ -84,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         (wd / "records" / "evaluate.json").unlink(missing_ok=True)  # measure a real run, not a skip
-        report = evaluate.run(wd, eval_text=args.eval_text, calibration_text=args.calibration_text,
-                              chunks=args.chunks, ctx=args.ctx, threads=args.threads, toolchain=tc)
+        report = evaluate.run(wd, evaluate.EvalOptions(eval_text=args.eval_text, calibration_text=args.calibration_text,
+                                                       chunks=args.chunks, ctx=args.ctx, threads=args.threads),
+                              toolchain=tc)
     finally:
         tc_mod.run = real_run  # type: ignore[assignment]
     total = time.monotonic() - started

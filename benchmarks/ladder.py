@@ -107,18 +107,23 @@ def run_plain(tc, ck_dir: Path, out: Path, cal: Path, types, chunks: int, ctx: i
 
 
 def run_bot(tc, ck, out: Path, cal: Path, ladder: str, chunks: int, ctx: int, jobs: int) -> dict:
-    p = pipeline.plan(ck, out, model_name="model", ladder=ladder, calibration=TextFile.of(cal),
-                      calibration_chunks=chunks, ctx=ctx, jobs=jobs)
+    from bot.job import JobSpec, Source, run_job
+    from converters.hooks import Event, Hooks
+
+    spec = JobSpec(source=Source(path=Path(ck.path)), model_name="model",
+                   ladder=pipeline.LadderOptions(ladder=ladder, calibration=TextFile.of(cal), calibration_chunks=chunks,
+                                                 ctx=ctx, jobs=jobs))
     stages: dict[str, float] = {}
     starts: dict[str, float] = {}
 
-    def on_event(stage, state, info):
-        if state == "start":
-            starts[stage] = time.monotonic()
-        elif state in ("end", "skip"):
-            stages[stage] = time.monotonic() - starts[stage]
+    class Timer(Hooks):
+        def progress(self, event: Event) -> None:
+            if event.kind == "start":
+                starts[event.stage] = time.monotonic()
+            elif event.kind in ("end", "skip") and event.stage in starts:
+                stages[event.stage] = time.monotonic() - starts[event.stage]
 
-    pipeline.execute(p, toolchain=tc, on_event=on_event)
+    run_job(spec, out, Timer(), toolchain=tc)
     return stages
 
 

@@ -26,11 +26,14 @@ SHARED = ROOT.parent / "shared" / "data"
 
 
 def _ladder(ck_dir: Path, out: Path, name: str, tc: Any, qtype: str) -> tuple[dict[str, Any], float]:
-    from converters import checkpoint, pipeline
+    from bot.job import JobSpec, Source, run_job
+    from converters import pipeline
+    from converters.hooks import NULL_HOOKS
 
     t0 = time.monotonic()
-    p = pipeline.plan(checkpoint.inspect(ck_dir), out, model_name=name, ladder=qtype, imatrix=False)
-    return pipeline.execute(p, toolchain=tc), time.monotonic() - t0
+    spec = JobSpec(source=Source(path=Path(ck_dir)), model_name=name,
+                   ladder=pipeline.LadderOptions(ladder=qtype, imatrix=False))
+    return run_job(spec, out, NULL_HOOKS, toolchain=tc).ladder.to_json(), time.monotonic() - t0
 
 
 def _measure(tc: Any, gguf: Path, base: Path, ctx: int) -> dict[str, Any]:
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     base_secs = time.monotonic() - t0
 
     vdir = out / "variant"
-    info = variants.make_checkpoint(args.source, vdir, recipe, args.calibration)
+    info = variants.make_checkpoint(args.source, vdir, recipe, args.calibration,
+                                    teacher_model=Path(args.source).resolve().name)
     paths = variants.VariantPaths(vdir)
     rows: dict[str, Any] = {}
 

@@ -1,6 +1,7 @@
 """The model card: a pure function from facts to a context, and a Jinja2 template that renders it.
 
-``build_context`` takes the work directory's ``ladder.json`` and ``report.json`` (as dicts), the facts
+``build_context`` takes the work directory's records (:class:`~converters.workdir.Ladder`,
+:class:`~converters.report.Report`, for a variant :class:`~converters.workdir.VariantInfo`), the facts
 about the source model (:class:`SourceFacts`: its card data, gating, chat template, attention shapes) and
 the publishing settings (:class:`CardSettings`), and returns a plain dict; ``render`` turns that dict
 into ``README.md`` with ``templates/model_card.md.j2``. Neither touches the network or the clock.
@@ -17,13 +18,17 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import yaml
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from converters import chat
+from converters.report import PASSED, SKIPPED, FileResult, Report
+from converters.workdir import (CalibrationInfo, DistillInfo, ImatrixInfo, Ladder, LadderFile, PruneCalibration,
+                                PruneInfo, VariantEvaluation, VariantFileFigures, VariantInfo)
 
 TEMPLATE_NAME = "model_card.md.j2"
 VARIANT_TEMPLATE_NAME = "variant_section.md.j2"
@@ -73,28 +78,14 @@ class SourceFacts:
     @staticmethod
     def facts_from_gguf(path: Path) -> dict[str, Any]:
         """Attention shapes and chat template from a GGUF header ({} when it cannot be read)."""
+        from converters import gguf_meta
+
         try:
-            import gguf
-
-            reader = gguf.GGUFReader(str(path))
-
-            def get(key: str) -> Any:
-                f = reader.fields.get(key)
-                return f.contents() if f is not None else None
-
-            arch = get("general.architecture")
-            n_head = _int(get(f"{arch}.attention.head_count"))
-            n_kv = _int(get(f"{arch}.attention.head_count_kv")) or n_head
-            head_dim = _int(get(f"{arch}.attention.key_length"))
-            emb = _int(get(f"{arch}.embedding_length"))
-            if not head_dim and emb and n_head:
-                head_dim = emb // n_head
-            tmpl = get("tokenizer.chat_template")
-            out = {"n_layer": _int(get(f"{arch}.block_count")), "n_kv_heads": n_kv, "head_dim": head_dim,
-                   "n_ctx_train": _int(get(f"{arch}.context_length")),
-                   "chat_template": tmpl if isinstance(tmpl, str) and tmpl.strip() else None}
+            meta = gguf_meta.read(path)
         except Exception:  # noqa: BLE001 - not a readable GGUF: no facts from it
             return {}
+        tmpl = meta.get(gguf_meta.CHAT_TEMPLATE)
+        out = {**meta.attention_shapes(), "chat_template": tmpl if isinstance(tmpl, str) and tmpl.strip() else None}
         return {k: v for k, v in out.items() if v is not None}
 
     @classmethod
@@ -107,17 +98,7 @@ class SourceFacts:
             if cfg:
                 facts.update(cls.shapes_from_config(cfg))
             tok = _read_json(d / "tokenizer_config.json") or {}
-            tmpl = None
-            if (d / "chat_template.jinja").is_file():
-                tmpl = (d / "chat_template.jinja").read_text(encoding="utf-8")
-            elif (d / "chat_template.json").is_file():
-                tmpl = (_read_json(d / "chat_template.json") or {}).get("chat_template")
-            if tmpl is None:
-                tmpl = tok.get("chat_template")
-            if isinstance(tmpl, list):  # named templates: use "default"
-                named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, Mapping)}
-                tmpl = named.get("default") or next(iter(named.values()), None)
-            facts["chat_template"] = tmpl if isinstance(tmpl, str) and tmpl.strip() else None
+            facts["chat_template"] = chat.find_template(d, tok)
             facts["bos_token"] = _token_text(tok.get("bos_token"))
             facts["eos_token"] = _token_text(tok.get("eos_token"))
         facts.update({k: v for k, v in kw.items() if v is not None})
@@ -192,32 +173,23 @@ def _percent_scale(x: Any) -> float:
     return 100.0 if isinstance(x, (int, float)) and x <= 1.0 else 1.0
 
 
+def _date_placeholder(fmt: str) -> str:
+    """The template's clock in a card: ``{date}``, so the card does not depend on the day it was made."""
+    return "{date}" if "%" in fmt else fmt
+
+
 def render_chat_example(template: str | None, bos: str | None = None, eos: str | None = None) -> str | None:
     """The chat template applied to a sample conversation, in a sandbox; None when it cannot be rendered."""
     if not template:
         return None
-
-    def raise_exception(msg: str) -> None:
-        raise jinja2.TemplateError(msg)
-
-    def strftime_now(fmt: str) -> str:
-        return "{date}" if "%" in fmt else fmt
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined)
-    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
-    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
     conversations = [
         [{"role": "system", "content": SYSTEM_PLACEHOLDER}, {"role": "user", "content": PROMPT_PLACEHOLDER}],
         [{"role": "user", "content": PROMPT_PLACEHOLDER}],
     ]
-    try:
-        tmpl = env.from_string(template)
-    except jinja2.TemplateError:
-        return None
     for messages in conversations:
         try:
-            out = tmpl.render(messages=messages, add_generation_prompt=True, bos_token=bos or "",
-                              eos_token=eos or "", tools=None, documents=None)
+            out = chat.render(template, messages, bos=bos or "", eos=eos or "", strftime_now=_date_placeholder,
+                              lenient=True)
         except Exception:  # noqa: BLE001 - an untrusted template may fail any way it likes
             continue
         if PROMPT_PLACEHOLDER in out:
@@ -242,56 +214,52 @@ def _calibration_link(source: str | None, hub_url: str) -> str | None:
     return None  # a local path: never shown
 
 
-def _checks(report: Mapping[str, Any]) -> list[dict[str, str]]:
+def _checks(report: Report) -> list[dict[str, str]]:
+    """The report's checks as table rows (name, passed / skipped / FAILED, detail)."""
     out = []
-    checks = report.get("checks") or {}
-    items: Iterable[tuple[str, Any]]
-    if isinstance(checks, Mapping):
-        items = checks.items()
-    elif isinstance(checks, Sequence):
-        items = [(str(c.get("name", "?")), c) for c in checks if isinstance(c, Mapping)]
-    else:
-        items = []
-    for name, v in items:
-        if isinstance(v, Mapping):
-            ok = v.get("passed", v.get("ok"))
-            if ok is None and "status" in v:
-                ok = str(v["status"]).lower() in ("passed", "ok", "pass")
-            detail = v.get("detail") or v.get("summary") or v.get("message") or v.get("reason") or ""
-            if not detail and "value" in v:
-                detail = f"{v['value']}" + (f" (limit {v['limit']})" if "limit" in v else "")
-        else:
-            ok, detail = bool(v), ""
-        skipped = isinstance(v, Mapping) and str(v.get("status", "")).lower() == "skipped"
-        out.append({"name": str(name).replace("_", " "), "result": "skipped" if skipped else "passed" if ok else "FAILED",
-                    "detail": str(detail).replace("\n", " ").replace("|", "\\|")})
+    for name, c in report.checks.items():
+        result = "skipped" if c.status.lower() == SKIPPED else "passed" if c.passed else "FAILED"
+        out.append({"name": str(name).replace("_", " "), "result": result,
+                    "detail": str(c.detail).replace("\n", " ").replace("|", "\\|")})
     return out
 
 
-def _evaluation(report: Mapping[str, Any]) -> dict[str, Any] | None:
-    """What the figures were measured on (report.json's ``evaluation`` block), formatted."""
-    ev = report.get("evaluation")
-    if not isinstance(ev, Mapping) or not ev.get("text"):
+def _evaluation(report: Report) -> dict[str, Any] | None:
+    """What the figures were measured on (the report's evaluation summary), formatted."""
+    ev = report.evaluation_summary()
+    if not ev["text"]:
         return None
-    ppl = ev.get("reference_ppl")
+    ppl = ev["reference_ppl"]
     return {
-        "text": ev.get("text"),
-        "tokens": f"{ev['tokens_scored']:,}" if isinstance(ev.get("tokens_scored"), int) else None,
-        "chunks": ev.get("chunks"),
-        "ctx": ev.get("ctx"),
-        "reference_ppl": _pm(ppl, ev.get("reference_ppl_err"), 3) if isinstance(ppl, (int, float)) else None,
+        "text": ev["text"],
+        "tokens": f"{ev['tokens_scored']:,}" if isinstance(ev["tokens_scored"], int) else None,
+        "chunks": ev["chunks"],
+        "ctx": ev["ctx"],
+        "reference_ppl": _pm(ppl, ev["reference_ppl_err"], 3) if isinstance(ppl, (int, float)) else None,
     }
 
 
-def published_files(ladder: Mapping[str, Any], report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Ladder files that passed the gate in report.json, with their figures (unreported = not published)."""
-    by_type = {f.get("type"): f for f in report.get("files", []) if isinstance(f, Mapping)}
+@dataclasses.dataclass(frozen=True)
+class PublishedFile:
+    """A ladder file that passed the gate, with its report entry."""
+
+    file: LadderFile
+    result: FileResult
+
+    @property
+    def type(self) -> str:
+        return self.file.type
+
+
+def published_files(ladder: Ladder, report: Report) -> list[PublishedFile]:
+    """Ladder files that passed the gate in the report, with their figures (unreported = not published)."""
+    by_type = {r.type: r for r in report.files}
     out = []
-    for f in ladder.get("files", []):
-        r = by_type.get(f.get("type"))
-        if r is None or r.get("status") != "passed":
+    for f in ladder.files:
+        r = by_type.get(f.type)
+        if r is None or r.status != PASSED:
             continue
-        out.append({**f, "report": r})
+        out.append(PublishedFile(f, r))
     return out
 
 
@@ -315,82 +283,80 @@ def _pct(x: Any) -> str:
     return f"{x * _percent_scale(x):.2f} %"
 
 
-def variant_context(info: Mapping[str, Any], *, hub_url: str = "") -> dict[str, Any]:
+def _variant_files(ev: VariantEvaluation) -> list[dict[str, Any]]:
+    """The variant's quants measured against the teacher, next to the teacher's own quants of the same type."""
+    files = []
+    for typ, f in ev.files.items():
+        other = ev.teacher_files.get(typ) or VariantFileFigures()
+        files.append({"type": typ, "kld": _fmt(f.kld_mean), "same_top_p": _pct(f.same_top_p),
+                      "size": human_bytes(f.size), "status": f.status,
+                      "teacher_kld": _fmt(other.kld_mean), "teacher_same_top_p": _pct(other.same_top_p),
+                      "teacher_size": human_bytes(other.size)})
+    return files
+
+
+def _distill_context(d: DistillInfo) -> dict[str, Any]:
+    cfg = d.config
+    return {
+        "steps": d.steps, "batch": cfg["batch_size"], "seq_len": cfg["seq_len"],
+        "temperature": f"{cfg['temperature']:g}", "lr": f"{cfg['lr']:g}", "seed": cfg.get("seed"),
+        "loss_first": _fmt(d.loss_first), "loss_last": _fmt(d.loss_last), "device": d.device, "dtype": d.dtype,
+        "seconds": f"{d.seconds or 0:.0f}",
+    }
+
+
+def _variant_evaluation(ev: VariantEvaluation) -> dict[str, Any]:
+    return {"text": ev.text, "chunks": ev.chunks, "ctx": ev.ctx, "reference_kld": _fmt(ev.reference_kld_mean),
+            "reference_same_top_p": _pct(ev.reference_same_top_p), "files": _variant_files(ev),
+            "has_teacher": bool(ev.teacher_files)}
+
+
+def _int_text(x: Any) -> str:
+    return f"{x:,}" if isinstance(x, int) else "—"
+
+
+def variant_context(info: VariantInfo, *, hub_url: str = "") -> dict[str, Any]:
     """The ``variant`` block of a card's context, from a variant's ``variant.json`` (pure): the recipe, layers,
     parameters and size before and after, how it was healed, and the quality measured against the teacher next
     to the teacher's own quants of the same type."""
-    recipe = info["recipe"]
-    t, v, p = info["teacher"], info["variant"], info.get("prune") or {}
-    d = info.get("distill")
-    ev = info.get("evaluation")
+    t, v, p = info.teacher, info.variant, info.prune or PruneInfo()
+    pcal = p.calibration or PruneCalibration()
     hub = hub_url.rstrip("/")
-    teacher_repo = t.get("repo")
-    files = []
-    if ev:
-        tf = ev.get("teacher_files") or {}
-        for typ, f in (ev.get("files") or {}).items():
-            other = tf.get(typ) or {}
-            files.append({"type": typ, "kld": _fmt(f.get("kld_mean")), "same_top_p": _pct(f.get("same_top_p")),
-                          "size": human_bytes(f.get("size")), "status": f.get("status"),
-                          "teacher_kld": _fmt(other.get("kld_mean")),
-                          "teacher_same_top_p": _pct(other.get("same_top_p")),
-                          "teacher_size": human_bytes(other.get("size"))})
-    calib = p.get("calibration") or {}
+    both_layers = isinstance(t.layers, int) and isinstance(v.layers, int)
     return {
-        "recipe": recipe["name"],
-        "summary": recipe.get("summary") or recipe.get("description") or "",
-        "heals": bool(d),
-        "teacher_repo": teacher_repo,
-        "teacher_url": f"{hub}/{teacher_repo}" if teacher_repo and hub else None,
-        "teacher_name": t.get("model_name") or "the original model",
-        "layers_before": t.get("layers"), "layers_after": v.get("layers"),
-        "layers_removed": (t["layers"] - v["layers"]) if isinstance(t.get("layers"), int)
-        and isinstance(v.get("layers"), int) else None,
-        "intermediate_before": t.get("intermediate_size"), "intermediate_after": v.get("intermediate_size"),
-        "params_before": f"{t['parameters']:,}" if isinstance(t.get("parameters"), int) else "—",
-        "params_after": f"{v['parameters']:,}" if isinstance(v.get("parameters"), int) else "—",
-        "params_change": _change(t.get("parameters"), v.get("parameters")),
-        "size_before": human_bytes(t.get("bytes")), "size_after": human_bytes(v.get("bytes")),
-        "size_change": _change(t.get("bytes"), v.get("bytes")),
-        "removed_layers": ", ".join(str(i) for i in p.get("removed_layers") or []),
-        "prune_method": p.get("method"),
-        "calibration": (info.get("calibration") or {}).get("name") or calib.get("name"),
-        "calib_samples": calib.get("samples"), "calib_seq_len": calib.get("seq_len"),
-        "distill": {
-            "steps": d["steps"], "batch": d["config"]["batch_size"], "seq_len": d["config"]["seq_len"],
-            "temperature": f"{d['config']['temperature']:g}", "lr": f"{d['config']['lr']:g}",
-            "seed": d["config"].get("seed"), "loss_first": _fmt(d.get("loss_first")),
-            "loss_last": _fmt(d.get("loss_last")), "device": d.get("device"), "dtype": d.get("dtype"),
-            "seconds": f"{d.get('seconds') or 0:.0f}",
-        } if d else None,
-        "evaluation": {"text": ev.get("text"), "chunks": ev.get("chunks"), "ctx": ev.get("ctx"),
-                       "reference_kld": _fmt(ev.get("reference_kld_mean")),
-                       "reference_same_top_p": _pct(ev.get("reference_same_top_p")), "files": files,
-                       "has_teacher": bool(ev.get("teacher_files"))} if ev else None,
+        "recipe": info.recipe.name,
+        "summary": info.recipe.summary or info.recipe.description or "",
+        "heals": info.distill is not None,
+        "teacher_repo": t.repo,
+        "teacher_url": f"{hub}/{t.repo}" if t.repo and hub else None,
+        "teacher_name": t.model_name or "the original model",
+        "layers_before": t.layers, "layers_after": v.layers,
+        "layers_removed": (t.layers - v.layers) if both_layers else None,
+        "intermediate_before": t.intermediate_size, "intermediate_after": v.intermediate_size,
+        "params_before": _int_text(t.parameters), "params_after": _int_text(v.parameters),
+        "params_change": _change(t.parameters, v.parameters),
+        "size_before": human_bytes(t.bytes), "size_after": human_bytes(v.bytes),
+        "size_change": _change(t.bytes, v.bytes),
+        "removed_layers": ", ".join(str(i) for i in p.removed_layers),
+        "prune_method": p.method,
+        "calibration": (info.calibration.name if info.calibration else None) or pcal.name,
+        "calib_samples": pcal.samples, "calib_seq_len": pcal.seq_len,
+        "distill": _distill_context(info.distill) if info.distill is not None else None,
+        "evaluation": _variant_evaluation(info.evaluation) if info.evaluation is not None else None,
     }
 
 
 # ---------------------------------------------------------------------------------------------- context
-def build_context(ladder: Mapping[str, Any], report: Mapping[str, Any], source: SourceFacts,
-                  settings: CardSettings, *, whats_new: Sequence[str] = (), date: dt.date | None = None,
-                  chart: str | None = None, variant: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Everything the template shows, as plain data (pure). ``variant`` is a variant's ``variant.json``: the card
-    then describes a pruned (and healed) model derived from the source, measured against the source."""
-    src = ladder.get("source") or {}
-    model_name = ladder.get("model_name") or settings.repo_id.split("/")[-1]
-    repo = settings.repo_id
-    hub = settings.hub_url.rstrip("/")
+def _metadata(ladder: Ladder, source: SourceFacts, settings: CardSettings,
+              variant: VariantInfo | None) -> dict[str, Any]:
+    """The card's YAML front matter."""
     card = dict(source.card_data or {})
-    base_repo = source.repo or src.get("repo")
-    revision = source.revision or src.get("revision")
-    imatrix = ladder.get("imatrix") or None
-
-    # metadata (YAML front matter)
     meta: dict[str, Any] = {}
+    base_repo = source.repo or ladder.source.repo
     if base_repo:
         meta["base_model"] = base_repo
         meta["base_model_relation"] = VARIANT_RELATION if variant is not None else "quantized"
-    lic = card.get("license") or source.license or src.get("license")
+    lic = card.get("license") or source.license or ladder.source.license
     if lic:
         meta["license"] = lic
     for k in ("license_name", "license_link"):
@@ -401,99 +367,142 @@ def build_context(ladder: Mapping[str, Any], report: Mapping[str, Any], source: 
     pipeline_tag = card.get("pipeline_tag") or source.pipeline_tag
     if pipeline_tag:
         meta["pipeline_tag"] = pipeline_tag
-    tags = list(BASE_TAGS[:1]) + (["imatrix"] if imatrix else []) + list(BASE_TAGS[1:]) + list(settings.extra_tags)
+    tags = list(BASE_TAGS[:1]) + (["imatrix"] if ladder.imatrix else []) + list(BASE_TAGS[1:]) \
+        + list(settings.extra_tags)
     if variant is not None:
-        tags += ["pruned"] + (["distillation"] if variant.get("distill") else [])
+        tags += ["pruned"] + (["distillation"] if variant.distill is not None else [])
     meta["tags"] = list(dict.fromkeys(tags))
     meta["quantized_by"] = settings.quantized_by
     for k, v in card.items():  # a gated source's gating fields, as they are
         if k.startswith(GATED_PREFIX):
             meta[k] = v
+    return meta
 
-    # the file table, largest first
-    files = []
-    for f in published_files(ladder, report):
-        r = f["report"]
-        parts = list(f.get("parts") or [f["path"]])
-        split = len(parts) > 1
-        folder = str(Path(parts[0]).parent) if split else None
-        size = int(f.get("total_size") or r.get("size") or f.get("size") or 0)
-        stp = r.get("same_top_p")
-        entry = {
-            "type": f["type"],
-            "file": folder + "/" if split else f["path"],
-            "parts": parts,
-            "n_parts": len(parts),
-            "split": split,
-            "size": size,
-            "size_h": human_bytes(size),
-            "bpw": _fmt(f.get("bpw") or r.get("bpw"), 2),
-            "kld": _pm(r.get("kld_mean"), r.get("kld_mean_err"), 4),
-            "same_top_p": _pm(stp, r.get("same_top_p_err"), 2, _percent_scale(stp), " %"),
-            "ppl_ratio": _fmt(r.get("ppl_ratio"), 4),
-            "description": (f.get("description") or "").replace("|", "\\|"),
-            "include": f"{folder}/*" if split else f["path"],
-            "memory": [],
-        }
-        files.append(entry)
-    files.sort(key=lambda e: (-e["size"], e["type"]))
 
-    kv = None
-    if source.n_layer and source.n_kv_heads and source.head_dim:
-        kv = {c: kv_cache_bytes(source.n_layer, c, source.n_kv_heads, source.head_dim) for c in KV_CONTEXTS}
-        for e in files:
-            e["memory"] = [human_bytes(e["size"] + kv[c]) for c in KV_CONTEXTS]
-
-    types = [e["type"] for e in files]
-    run_type = DEFAULT_RUN_TYPE if DEFAULT_RUN_TYPE in types else (types[len(types) // 2] if types else None)
-
-    calib = (imatrix or {}).get("calibration") or {}
-    imatrix_files = [p for p in ((imatrix or {}).get("gguf"), (imatrix or {}).get("dat")) if p]
-    example = render_chat_example(source.chat_template, source.bos_token, source.eos_token)
-    toolchain = ladder.get("toolchain") or {}
+def _file_row(pf: PublishedFile, size_on_disk: int | None) -> dict[str, Any]:
+    """One row of the file table."""
+    f, r = pf.file, pf.result
+    parts = list(f.all_parts)
+    split = len(parts) > 1
+    folder = str(Path(parts[0]).parent) if split else None
+    size = int(size_on_disk or r.size or f.size or 0)
+    fig = r.figures()
+    stp = fig["same_top_p"]
     return {
-        "metadata": meta,
-        "title": f"{model_name} GGUF",
-        "model_name": model_name,
-        "repo_id": repo,
-        "hub_url": hub,
+        "type": f.type,
+        "file": folder + "/" if split else f.path,
+        "parts": parts,
+        "n_parts": len(parts),
+        "split": split,
+        "size": size,
+        "size_h": human_bytes(size),
+        "bpw": _fmt(f.bpw or r.bpw, 2),
+        "kld": _pm(fig["kld_mean"], fig["kld_mean_err"], 4),
+        "same_top_p": _pm(stp, fig["same_top_p_err"], 2, _percent_scale(stp), " %"),
+        "ppl_ratio": _fmt(fig["ppl_ratio"], 4),
+        "description": (f.description or "").replace("|", "\\|"),
+        "include": f"{folder}/*" if split else f.path,
+        "memory": [],
+    }
+
+
+def _file_rows(ladder: Ladder, report: Report, sizes: Mapping[str, int]) -> list[dict[str, Any]]:
+    """The file table, largest first."""
+    rows = [_file_row(pf, sizes.get(pf.type)) for pf in published_files(ladder, report)]
+    rows.sort(key=lambda e: (-e["size"], e["type"]))
+    return rows
+
+
+def _kv(source: SourceFacts, files: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The KV-cache block (and each file row's memory at the KV contexts), None without attention shapes."""
+    if not (source.n_layer and source.n_kv_heads and source.head_dim):
+        return None
+    kv = {c: kv_cache_bytes(source.n_layer, c, source.n_kv_heads, source.head_dim) for c in KV_CONTEXTS}
+    for e in files:
+        e["memory"] = [human_bytes(e["size"] + kv[c]) for c in KV_CONTEXTS]
+    return {"contexts": [f"{c // 1024}k" for c in KV_CONTEXTS],
+            "bytes": [human_bytes(kv[c]) for c in KV_CONTEXTS],
+            "shape": f"{source.n_layer} layers × {source.n_kv_heads} KV heads × {source.head_dim} head dim",
+            "n_ctx_train": source.n_ctx_train,
+            "beyond_training": [c > source.n_ctx_train for c in KV_CONTEXTS] if source.n_ctx_train else
+            [False] * len(KV_CONTEXTS)}
+
+
+def _calibration(imatrix: ImatrixInfo | None, hub: str) -> dict[str, Any] | None:
+    calib = imatrix.calibration if imatrix is not None else None
+    if calib is None or calib == CalibrationInfo():
+        return None
+    return {
+        "name": calib.name,
+        "bytes": calib.bytes,
+        "size_h": human_bytes(calib.bytes) if calib.bytes else None,
+        "link": _calibration_link(calib.source, hub),
+        "chunks": calib.chunks,
+        "ctx": calib.ctx,
+        "sha256": calib.sha256,
+    }
+
+
+def _source_links(ladder: Ladder, source: SourceFacts, hub: str) -> dict[str, Any]:
+    base_repo = source.repo or ladder.source.repo
+    revision = source.revision or ladder.source.revision
+    return {
         "base_model": base_repo,
         "base_model_url": f"{hub}/{base_repo}" if base_repo else None,
         "revision": revision,
         "revision_short": revision[:12] if revision else None,
         "revision_url": f"{hub}/{base_repo}/tree/{revision}" if base_repo and revision else None,
-        "llama_cpp_version": toolchain.get("version") or "unknown",
-        "llama_cpp_commit": toolchain.get("commit"),
-        "reference_type": (ladder.get("reference") or {}).get("type") or "BF16",
-        "imatrix": bool(imatrix),
-        "imatrix_files": imatrix_files,
-        "calibration": {
-            "name": calib.get("name"),
-            "bytes": calib.get("bytes"),
-            "size_h": human_bytes(calib.get("bytes")) if calib.get("bytes") else None,
-            "link": _calibration_link(calib.get("source"), hub),
-            "chunks": calib.get("chunks"),
-            "ctx": calib.get("ctx"),
-            "sha256": calib.get("sha256"),
-        } if calib else None,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class CardExtras:
+    """What a card shows beyond the work dir's records: the update note, the date, the chart, the files' sizes
+    on disk (type -> bytes of all parts) and, for a variant, its ``variant.json``."""
+
+    whats_new: Sequence[str] = ()
+    date: dt.date | None = None
+    chart: str | None = None
+    sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    variant: VariantInfo | None = None
+
+
+def build_context(ladder: Ladder, report: Report, source: SourceFacts, settings: CardSettings,
+                  extras: CardExtras = CardExtras()) -> dict[str, Any]:
+    """Everything the template shows, as plain data (pure). With ``extras.variant`` (a variant's record) the card
+    describes a pruned (and healed) model derived from the source, measured against the source."""
+    hub = settings.hub_url.rstrip("/")
+    files = _file_rows(ladder, report, extras.sizes)
+    kv = _kv(source, files)
+    types = [e["type"] for e in files]
+    run_type = DEFAULT_RUN_TYPE if DEFAULT_RUN_TYPE in types else (types[len(types) // 2] if types else None)
+    model_name = ladder.model_name or settings.repo_id.split("/")[-1]
+    return {
+        "metadata": _metadata(ladder, source, settings, extras.variant),
+        "title": f"{model_name} GGUF",
+        "model_name": model_name,
+        "repo_id": settings.repo_id,
+        "hub_url": hub,
+        **_source_links(ladder, source, hub),
+        "llama_cpp_version": ladder.toolchain.version or "unknown",
+        "llama_cpp_commit": ladder.toolchain.commit,
+        "reference_type": ladder.reference.type or "BF16",
+        "imatrix": ladder.imatrix is not None,
+        "imatrix_files": list(ladder.imatrix.paths) if ladder.imatrix else [],
+        "calibration": _calibration(ladder.imatrix, hub),
         "has_chat_template": bool(source.chat_template),
-        "chat_example": example,
+        "chat_example": render_chat_example(source.chat_template, source.bos_token, source.eos_token),
         "files": files,
-        "kv": {"contexts": [f"{c // 1024}k" for c in KV_CONTEXTS],
-               "bytes": [human_bytes(kv[c]) for c in KV_CONTEXTS],
-               "shape": f"{source.n_layer} layers × {source.n_kv_heads} KV heads × {source.head_dim} head dim",
-               "n_ctx_train": source.n_ctx_train,
-               "beyond_training": [c > source.n_ctx_train for c in KV_CONTEXTS] if source.n_ctx_train else
-               [False] * len(KV_CONTEXTS)} if kv else None,
+        "kv": kv,
         "run_type": run_type,
         "ollama_host": settings.ollama_host,
-        "chart": chart,
+        "chart": extras.chart,
         "checks": _checks(report),
         "evaluation": _evaluation(report),
-        "whats_new": list(whats_new),
-        "date": date.isoformat() if date else None,
+        "whats_new": list(extras.whats_new),
+        "date": extras.date.isoformat() if extras.date else None,
         "quantized_by": settings.quantized_by,
-        "variant": variant_context(variant, hub_url=hub) if variant is not None else None,
+        "variant": variant_context(extras.variant, hub_url=hub) if extras.variant is not None else None,
     }
 
 

@@ -191,10 +191,6 @@ class Hub:
         d = self._call("whoami", lambda: self._api.whoami())
         return str(d["name"])
 
-    def whoami_orgs(self) -> list[str]:
-        d = self._call("whoami", lambda: self._api.whoami())
-        return [str(o.get("name")) for o in d.get("orgs", []) if isinstance(o, dict)]
-
     def list_models(self, *, author: str | None = None, search: str | None = None, filters: Iterable[str] = (),
                     pipeline_tag: str | None = None, sort: str = "lastModified",
                     limit: int | None = None) -> Iterator[ModelRecord]:

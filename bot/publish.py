@@ -1,6 +1,6 @@
 """Publishing one work directory to the Hub: plan, then execute, in one atomic commit.
 
-``plan_publish`` reads ``ladder.json`` and ``report.json``, asks the Hub what the target repo holds, and
+``plan_publish`` reads the work directory's ladder and report (:class:`converters.workdir.WorkDir`), asks the Hub what the target repo holds, and
 returns a :class:`PublishPlan`: the files to upload (quants that passed the gate, imatrix files, chart,
 report.json, README.md), the files to delete, and whether anything needs doing at all. ``execute``
 carries a plan out: create the repo if needed, then *one* commit with ``parent_commit`` set, so a
@@ -26,6 +26,7 @@ import json
 import logging
 import shutil
 import tempfile
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,15 @@ from typing import Any
 from bot import card as card_mod
 from converters.errors import CheckFailed, ConfigError, GgufbotError, HubError, HubNotFound, InputError
 from converters.records import TMP_MARK, sha256_file
+from converters.report import Report
+from converters.workdir import CHART_FILE, REPORT_FILE, Ladder, VariantInfo, WorkDir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REPO_TEMPLATE = "{org}/{model}-GGUF"
+DEFAULT_VARIANT_TEMPLATE = "{org}/{model}-{variant}-GGUF"
 PUBLICATION_SCHEMA = 1
-CHART_NAME = "size-vs-kld.png"
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]{1,96}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,70 +94,79 @@ class PublishResult:
     url: str
 
 
-def load_json(path: Path) -> dict[str, Any]:
+def repo_name(template: str, *, namespace: str, model: str, author: str | None = None,
+              variant: str | None = None) -> str:
+    """The one repo-name template function: ``{org}`` (the target namespace), ``{model}`` (the model name),
+    ``{author}`` (the source repo's owner, default the namespace) and, for a variant's repo, ``{variant}`` (the
+    recipe). A template without the namespace (settings' ``{model}-GGUF``) is put under ``namespace``."""
+    if variant is not None:
+        return _variant_repo_name(template, namespace=namespace, model=model, variant=variant)
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path.name} not found in {path.parent.name}/: run the earlier stages first") from None
-    except ValueError as e:
-        raise InputError(f"{path.name} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise InputError(f"{path.name} must hold a JSON object")
-    return d
-
-
-def repo_name(template: str, *, org: str, model: str, author: str | None = None) -> str:
-    """``{org}`` (target namespace), ``{model}`` (model name), ``{author}`` (the source repo's owner)."""
-    try:
-        name = template.format(org=org, model=model, author=author or org)
+        name = template.format(org=namespace, model=model, author=author or namespace)
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError(f"bad repo name template {template!r}: {e}; use {{org}}, {{model}}, {{author}}",
                           key="target.repo_template") from None
-    if "/" not in name:  # a template without the namespace, like settings' "{model}-GGUF"
-        name = f"{org}/{name}"
+    if "/" not in name:
+        name = f"{namespace}/{name}"
     return name
 
 
-def _safe_local(workdir: Path, rel: str) -> Path:
+def _variant_repo_name(template: str, *, namespace: str, model: str, variant: str) -> str:
+    """A variant's repo, e.g. ``acme/SmolLM2-135M-Instruct-prune-25pct-kd-GGUF``: the template must name the
+    namespace, the model and the variant (a variant never lands in its teacher's repo)."""
+    for name in ("{org}", "{model}", "{variant}"):
+        if name not in template:
+            raise ConfigError(f"variant repo pattern {template!r} must contain {name}",
+                              key="target.variant_repo_template")
+    try:
+        rid = template.format(org=namespace, model=model, variant=variant)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"only {{org}}, {{model}} and {{variant}} may be used ({e})",
+                          key="target.variant_repo_template") from None
+    if not REPO_ID.fullmatch(rid):
+        raise ConfigError(f"variant repo id {rid!r} is not a valid Hub repo id", key="target.variant_repo_template")
+    return rid
+
+
+def _safe_local(workdir: WorkDir, rel: str) -> Path:
     if not rel or TMP_MARK in rel or rel.startswith("/") or ".." in Path(rel).parts or "\\" in rel:
         raise InputError(f"refusing to publish {rel!r}: not a finished file inside the work directory")
-    p = workdir / rel
+    p = workdir.file(rel)
     if not p.is_file():
         raise InputError(f"{rel} is listed in ladder.json but missing from the work directory")
     return p
 
 
-def collect_files(workdir: Path, ladder: Mapping[str, Any], report: Mapping[str, Any]) -> dict[str, Path]:
+def collect_files(workdir: Path | WorkDir, ladder: Ladder, report: Report) -> dict[str, Path]:
     """Repo path -> local file for everything published except README.md and report.json."""
+    wd = WorkDir(workdir)
     out: dict[str, Path] = {}
-    for f in card_mod.published_files(ladder, report):
-        for part in f.get("parts") or [f["path"]]:
-            out[part] = _safe_local(workdir, part)
-    im = ladder.get("imatrix") or {}
-    for key in ("gguf", "dat"):
-        if im.get(key) and (workdir / im[key]).is_file():
-            out[im[key]] = _safe_local(workdir, im[key])
+    for pf in card_mod.published_files(ladder, report):
+        for part in pf.file.all_parts:
+            out[part] = _safe_local(wd, part)
+    for rel in ladder.imatrix.paths if ladder.imatrix else ():
+        if (wd.path / rel).is_file():
+            out[rel] = _safe_local(wd, rel)
     chart = chart_name(report)
-    if (workdir / chart).is_file():
-        out[chart] = _safe_local(workdir, chart)
+    if (wd.path / chart).is_file():
+        out[chart] = _safe_local(wd, chart)
     return out
 
 
-def chart_name(report: Mapping[str, Any]) -> str:
-    c = report.get("chart")
-    return c if isinstance(c, str) and c else CHART_NAME
+def chart_name(report: Report) -> str:
+    c = report.chart
+    return c if isinstance(c, str) and c else CHART_FILE
 
 
-def publication_block(ladder: Mapping[str, Any], files: Mapping[str, Path]) -> dict[str, Any]:
+def publication_block(ladder: Ladder, files: Mapping[str, Path]) -> dict[str, Any]:
     """What identifies a publication: equal blocks mean nothing to publish."""
-    src = ladder.get("source") or {}
     # ladder.json already holds the sha256 of each quant (of part 1 when split): not hashed again
-    known = {(f.get("path"), f.get("size")): f.get("sha256") for f in ladder.get("files", []) if f.get("sha256")}
+    known = {(f.path, f.size): f.sha256 for f in ladder.files if f.sha256}
     return {
         "schema": PUBLICATION_SCHEMA,
-        "source": {"repo": src.get("repo"), "revision": src.get("revision")},
-        "toolchain": (ladder.get("toolchain") or {}).get("version"),
-        "ladder": [f["type"] for f in ladder.get("files", [])],
+        "source": {"repo": ladder.source.repo, "revision": ladder.source.revision},
+        "toolchain": ladder.toolchain.version,
+        "ladder": list(ladder.types),
         "files": {p: {"size": f.stat().st_size, "sha256": known.get((p, f.stat().st_size)) or sha256_file(f)}
                   for p, f in sorted(files.items())},
         "card_template": card_mod.template_digest(),
@@ -194,8 +207,8 @@ def _remote_state(hub: Any, repo_id: str) -> tuple[bool, str | None, dict | None
     files = [s.rfilename for s in info.siblings]
     lfs = {s.rfilename: s.lfs_sha256 for s in info.siblings}
     pub = None
-    if "report.json" in files:
-        text = hub.read_text(repo_id, "report.json", revision=info.sha)
+    if REPORT_FILE in files:
+        text = hub.read_text(repo_id, REPORT_FILE, revision=info.sha)
         with contextlib.suppress(ValueError, TypeError, AttributeError):
             pub = json.loads(text or "").get("publication")
     return True, info.sha, pub, lfs, files
@@ -213,25 +226,24 @@ def _same(pub: Mapping[str, Any] | None, new: Mapping[str, Any], remote_lfs: Map
     return True
 
 
-def _source_facts(hub: Any, ladder: Mapping[str, Any], gguf_files: list[Path] = ()) -> card_mod.SourceFacts:
-    src = ladder.get("source") or {}
-    kw: dict[str, Any] = {"repo": src.get("repo"), "revision": src.get("revision"), "license": src.get("license")}
-    if src.get("repo"):
+def _source_facts(hub: Any, ladder: Ladder, gguf_files: list[Path] = ()) -> card_mod.SourceFacts:
+    src = ladder.source
+    kw: dict[str, Any] = {"repo": src.repo, "revision": src.revision, "license": src.license}
+    if src.repo:
         rec = None
-        for rev in dict.fromkeys((src.get("revision"), None)):
+        for rev in dict.fromkeys((src.revision, None)):
             try:
-                rec = hub.model_info(src["repo"], revision=rev)
+                rec = hub.model_info(src.repo, revision=rev)
                 break
             except HubNotFound:
                 continue
         if rec is None:
-            log.warning("source %s not found on the Hub; the card uses local facts only", src["repo"])
+            log.warning("source %s not found on the Hub; the card uses local facts only", src.repo)
         if rec is not None:
             kw.update(card_data=rec.card_data, gated=rec.gated, pipeline_tag=rec.pipeline_tag,
-                      license=src.get("license") or rec.license)
-    path = src.get("path")
-    facts = card_mod.SourceFacts.from_checkpoint(Path(path) if path else None, **kw)
-    want_template = facts.chat_template is None and src.get("has_chat_template") is not False
+                      license=src.license or rec.license)
+    facts = card_mod.SourceFacts.from_checkpoint(Path(src.path) if src.path else None, **kw)
+    want_template = facts.chat_template is None and src.has_chat_template is not False
     if (facts.n_layer is None or want_template) and gguf_files:
         # the checkpoint is gone (or had no config): the quants carry the same facts in their header
         extra = card_mod.SourceFacts.facts_from_gguf(gguf_files[0])
@@ -243,72 +255,98 @@ def _source_facts(hub: Any, ladder: Mapping[str, Any], gguf_files: list[Path] = 
     return facts
 
 
-def plan_publish(workdir: Path, hub: Any, options: PublishOptions, *, staging: Path,
-                 now: dt.datetime | None = None, variant: Mapping[str, Any] | None = None) -> PublishPlan:
+def _publishable_files(workdir: WorkDir, ladder: Ladder, report: Report) -> dict[str, Path]:
+    """The files to upload; CheckFailed when the report forbids publishing or no quant passed the gate."""
+    if not report.publishable:
+        why = "; ".join(str(r) for r in report.reasons if r) or f"see {REPORT_FILE}"
+        raise CheckFailed("publish", f"report.json says the model is not publishable ({why})")
+    files = collect_files(workdir, ladder, report)
+    im_gguf = ladder.imatrix.gguf if ladder.imatrix else None
+    if not any(p.endswith(".gguf") and p != im_gguf for p in files):
+        raise CheckFailed("publish", "no quant passed the quality gate; nothing to publish")
+    return files
+
+
+def _write_staging(staging: Path, card_text: str, report: Report, pub: Mapping[str, Any],
+                   now: dt.datetime) -> dict[str, Path]:
+    """README.md and the published report.json (with its publication block) in ``staging``."""
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / "README.md").write_text(card_text, encoding="utf-8")
+    published_report = report.to_json()
+    published_report["publication"] = {**pub, "published_at": now.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    (staging / REPORT_FILE).write_text(json.dumps(published_report, indent=2, sort_keys=True) + "\n",
+                                       encoding="utf-8")
+    return {"README.md": staging / "README.md", REPORT_FILE: staging / REPORT_FILE}
+
+
+def _card_text(hub: Any, ladder: Ladder, report: Report, files: Mapping[str, Path], spec: "_CardSpec") -> tuple[
+        str, card_mod.SourceFacts]:
+    """The rendered model card and the source facts it was built from."""
+    published = card_mod.published_files(ladder, report)
+    facts = _source_facts(hub, ladder, [files[pf.file.path] for pf in published if pf.file.path in files])
+    settings = card_mod.CardSettings(repo_id=spec.repo_id, quantized_by=spec.quantized_by, hub_url=hub.endpoint)
+    # the card shows each quant's real size on disk (all parts of a split file)
+    sizes = {f.type: sum(files[p].stat().st_size for p in f.all_parts if p in files) for f in ladder.files}
+    chart = chart_name(report)
+    extras = card_mod.CardExtras(whats_new=spec.whats_new, date=spec.now.date(),
+                                 chart=chart if chart in files else None, sizes=sizes, variant=spec.variant)
+    ctx = card_mod.build_context(ladder, report, facts, settings, extras)
+    return card_mod.render(ctx), facts
+
+
+@dataclasses.dataclass(frozen=True)
+class _CardSpec:
+    repo_id: str
+    quantized_by: str
+    whats_new: tuple[str, ...]
+    now: dt.datetime
+    variant: VariantInfo | None
+
+
+def plan_publish(workdir: Path | WorkDir, hub: Any, options: PublishOptions, *, staging: Path,
+                 now: dt.datetime | None = None, variant: VariantInfo | None = None) -> PublishPlan:
     """Decide what to publish; writes README.md and report.json into ``staging``; no Hub writes.
     ``variant`` (a variant's variant.json) makes the card describe a pruned/healed variant of the source."""
-    workdir = Path(workdir)
-    ladder = load_json(workdir / "ladder.json")
-    report = load_json(workdir / "report.json")
-    if report.get("publishable") is False:
-        why = "; ".join(str(r) for r in report.get("reasons", []) if r) or "see report.json"
-        raise CheckFailed("publish", f"report.json says the model is not publishable ({why})")
-    if "publishable" not in report:
-        raise CheckFailed("publish", "report.json has no verdict ('publishable'); run evaluate and verify first")
-    files = collect_files(workdir, ladder, report)
-    if not any(p.endswith(".gguf") and p not in ((ladder.get("imatrix") or {}).get("gguf"),) for p in files):
-        raise CheckFailed("publish", "no quant passed the quality gate; nothing to publish")
+    wd = WorkDir(workdir)
+    ladder, report = wd.ladder(), wd.report()
+    files = _publishable_files(wd, ladder, report)
 
     user = hub.whoami()  # a bad token fails here, before anything is uploaded
     org = options.namespace or user
-    model = ladder.get("model_name") or workdir.name
-    author = ((ladder.get("source") or {}).get("repo") or "").split("/")[0] or None
-    repo_id = options.repo_id or repo_name(options.repo_template, org=org, model=model, author=author)
+    model = ladder.model_name or wd.name
+    repo_id = options.repo_id or repo_name(options.repo_template, namespace=org, model=model,
+                                           author=ladder.source.author)
 
     pub = publication_block(ladder, files)
     exists, head, old_pub, remote_lfs, remote_files = _remote_state(hub, repo_id)
     if exists and _same(old_pub, pub, remote_lfs):
         return PublishPlan(repo_id, "none", True, options.private, False, {}, (), "", "", head, pub, ())
 
-    ggufs = [files[f["path"]] for f in card_mod.published_files(ladder, report) if f["path"] in files]
-    facts = _source_facts(hub, ladder, ggufs)
     news = tuple(whats_new(old_pub, pub)) if exists else ()
     now = now or dt.datetime.now(dt.timezone.utc)
-    settings = card_mod.CardSettings(repo_id=repo_id, quantized_by=options.quantized_by or org,
-                                     hub_url=hub.endpoint)
-    # the card shows each quant's real size on disk (all parts of a split file)
-    card_ladder = dict(ladder)
-    card_ladder["files"] = [{**f, "total_size": sum(files[p].stat().st_size for p in (f.get("parts") or [f["path"]])
-                                                     if p in files)} for f in ladder.get("files", [])]
-    chart = chart_name(report)
-    ctx = card_mod.build_context(card_ladder, report, facts, settings, whats_new=news, date=now.date(),
-                                 chart=chart if chart in files else None, variant=variant)
-    staging.mkdir(parents=True, exist_ok=True)
-    (staging / "README.md").write_text(card_mod.render(ctx), encoding="utf-8")
-    published_report = dict(report)
-    published_report["publication"] = {**pub, "published_at": now.strftime("%Y-%m-%dT%H:%M:%SZ")}
-    (staging / "report.json").write_text(json.dumps(published_report, indent=2, sort_keys=True) + "\n",
-                                         encoding="utf-8")
-
-    additions = dict(files)
-    additions["README.md"] = staging / "README.md"
-    additions["report.json"] = staging / "report.json"
+    card_text, facts = _card_text(hub, ladder, report, files,
+                                  _CardSpec(repo_id, options.quantized_by or org, news, now, variant))
+    additions = {**files, **_write_staging(staging, card_text, report, pub, now)}
     old_files = set((old_pub or {}).get("files") or {})
     deletions = tuple(sorted(p for p in remote_files if p not in additions and (
         p in old_files or p.endswith(".gguf") or p.endswith("-imatrix.dat"))))
-    types = ", ".join(t for t in pub["ladder"] if any(f["type"] == t for f in card_mod.published_files(ladder, report)))
-    src = ladder.get("source") or {}
-    rev = (src.get("revision") or "")[:12]
-    if exists and old_pub:
-        message = f"Update {model} GGUF: " + "; ".join(news)
-    else:
-        message = f"Add {model} GGUF ({types})"
-    description = (f"Source: {src.get('repo') or model}" + (f"@{rev}" if rev else "")
-                   + f"; llama.cpp {pub['toolchain']}.")
+    message, description = _commit_text(model, ladder, report, pub, news, update=exists and bool(old_pub))
     gated = facts.gated if options.gate_like_source and facts.gated else False
     return PublishPlan(repo_id, "update" if exists else "create", exists, options.private, gated, additions,
                        deletions, message[:200], description, head, pub, news,
                        {p: f.stat().st_size for p, f in additions.items()})
+
+
+def _commit_text(model: str, ladder: Ladder, report: Report, pub: Mapping[str, Any], news: tuple[str, ...], *,
+                 update: bool) -> tuple[str, str]:
+    """The commit's message and description."""
+    published = {pf.file.type for pf in card_mod.published_files(ladder, report)}
+    types = ", ".join(t for t in pub["ladder"] if t in published)
+    rev = (ladder.source.revision or "")[:12]
+    message = f"Update {model} GGUF: " + "; ".join(news) if update else f"Add {model} GGUF ({types})"
+    description = (f"Source: {ladder.source.repo or model}" + (f"@{rev}" if rev else "")
+                   + f"; llama.cpp {pub['toolchain']}.")
+    return message, description
 
 
 def execute(plan: PublishPlan, hub: Any) -> PublishResult:
@@ -360,7 +398,8 @@ def _remove_new_repo(hub: Any, repo_id: str) -> None:
 
 
 @contextlib.contextmanager
-def _staging_dir() -> Iterator[Path]:
+def staging_dir() -> Iterator[Path]:
+    """A scratch folder for the files made for one commit (card, published report), removed afterwards."""
     d = Path(tempfile.mkdtemp(prefix="ggufbot-publish-"))
     try:
         yield d
@@ -368,10 +407,10 @@ def _staging_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def publish(workdir: Path, hub: Any, options: PublishOptions = PublishOptions(), *, dry_run: bool = False,
+def publish(workdir: Path | WorkDir, hub: Any, options: PublishOptions = PublishOptions(), *, dry_run: bool = False,
             now: dt.datetime | None = None) -> tuple[PublishPlan, PublishResult | None]:
     """Plan and (unless ``dry_run``) execute; returns the plan and the result (None for a dry run)."""
-    with _staging_dir() as staging:
+    with staging_dir() as staging:
         plan = plan_publish(workdir, hub, options, staging=staging, now=now)
         if dry_run:
             return plan, None

@@ -33,20 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from bot import jobs as J
+from bot.job import JobSpec, LazyText, VariantOutcome, run_job
 from bot.retry import RetryPolicy
 from bot.settings import Settings
 from bot.store import Job, Store
-from bot.watcher import decide, weight_bytes
-from converters import records
-from converters.checkpoint import RESULT_PATTERNS
-from converters.errors import Cancelled, CheckFailed, DiskSpaceError, GgufbotError, InputError, UnsupportedModel
-from converters.stages import free_bytes
+from converters.errors import Cancelled, GgufbotError, InputError
+from converters.hooks import END, LINE, PROGRESS, SKIP, START, Event, Hooks
+from converters.workdir import LADDER_FILE, PLAN_FILE, REPORT_FILE, VARIANT_FILE, Ladder
 
 log = logging.getLogger(__name__)
-
-# What a job needs on disk beyond the source weights: a 16-bit reference (~1x) and the ladder (~4.5x for the
-# default ladder), so about 6x the source; the pipeline checks its own exact estimate again before writing.
-DISK_FACTOR = 6.0
 
 
 def retry_policy(settings: Settings, max_attempts: int | None = None) -> RetryPolicy:
@@ -85,8 +80,44 @@ def slug(repo: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "--", repo).strip("-.")
 
 
-class _Stop(Exception):
-    """The job is no longer ours (cancelled by the operator or taken over)."""
+class TakenAway(Cancelled):
+    """The job is no longer ours (cancelled by the operator or taken over by another worker)."""
+
+
+class JobHooks(Hooks):
+    """The runner's one adapter of the progress/cancel channel: ``start`` sets the job's stage, counted steps and
+    tool lines its progress column, ``end``/``skip`` become ``stage.*`` events; ``check_cancel`` raises on a
+    stop request (:class:`Cancelled`) or a lost claim (:class:`TakenAway`). A variant's events arrive as
+    ``variant:<recipe>/<stage>``: they update the progress column, the stage stays the variant's."""
+
+    def __init__(self, runner: "Runner", job: Job) -> None:
+        self.runner, self.job, self.lost = runner, job, threading.Event()
+
+    def check_cancel(self) -> None:
+        if self.lost.is_set():
+            raise TakenAway("the job was taken away")
+        if self.runner.stop.is_set():
+            raise Cancelled("stop requested")
+
+    def update(self, **fields: Any) -> None:
+        r = self.runner
+        if not r.store.update_running(self.job.id, r.worker_id, now=r.clock(), **fields):
+            self.lost.set()
+
+    def progress(self, event: Event) -> None:
+        outer, _, inner = event.stage.partition("/")
+        if event.kind == START:
+            self.update(**({"progress": inner} if inner else {"stage": outer, "progress": None}))
+        elif event.kind == PROGRESS:
+            self.update(progress=(f"{inner} " if inner else "") + event.describe())
+        elif event.kind == LINE:
+            self.update(progress=((f"{inner}: " if inner else "") + event.text)[-200:])
+        elif event.kind in (END, SKIP):
+            r, what = self.runner, "skipped (already done)" if event.kind == SKIP else "done"
+            label = f"{outer.split(':', 1)[-1]}: {inner}" if inner else outer
+            r.store.event(f"stage.{event.kind}", event.text or f"{label} {what}", now=r.clock(), job_id=self.job.id,
+                          repo=self.job.repo, data={k: v for k, v in event.data.items()
+                                                    if k != "quiet" and isinstance(v, (int, float, str, bool))})
 
 
 @dataclasses.dataclass
@@ -132,25 +163,23 @@ class Runner:
     # ---------------------------------------------------------------- one job
     def process(self, job: Job) -> Outcome:
         workdir = Path(job.workdir) if job.workdir else self.settings.work_dir / f"job-{job.id}-{slug(job.repo)}"
-        lost = threading.Event()
-        self._update(job, lost, workdir=str(workdir))
+        hooks = JobHooks(self, job)
         hb_stop = threading.Event()
-        hb = threading.Thread(target=self._heartbeat, args=(job, hb_stop, lost), daemon=True,
+        hb = threading.Thread(target=self._heartbeat, args=(job, hb_stop, hooks.lost), daemon=True,
                               name=f"heartbeat-{job.id}")
-        hb.start()
         t0 = time.monotonic()
-        log.info("job %d %s@%s: start (attempt %d/%d, %s)", job.id, job.repo, job.revision[:12], job.attempts,
-                 job.max_attempts, job.reason)
-
-        def should_stop() -> bool:
-            return self.stop.is_set() or lost.is_set()
-
         try:
-            status, message, fields = self._stages(job, workdir, lost, should_stop)
+            hooks.update(workdir=str(workdir))
+            hooks.check_cancel()
+            hb.start()
+            log.info("job %d %s@%s: start (attempt %d/%d, %s)", job.id, job.repo, job.revision[:12], job.attempts,
+                     job.max_attempts, job.reason)
+            status, message, fields = self._run(job, workdir, hooks)
         except BaseException as e:  # noqa: BLE001 - every outcome is recorded
             hb_stop.set()
-            hb.join(timeout=5)
-            return self._on_error(job, e, lost)
+            if hb.is_alive():
+                hb.join(timeout=5)
+            return self._on_error(job, e, hooks.lost)
         hb_stop.set()
         hb.join(timeout=5)
         now = self.clock()
@@ -165,7 +194,7 @@ class Runner:
 
     def _on_error(self, job: Job, e: BaseException, lost: threading.Event) -> Outcome:
         now = self.clock()
-        if lost.is_set() or isinstance(e, _Stop):
+        if lost.is_set() or isinstance(e, TakenAway):
             cur = self.store.job(job.id)
             log.info("job %d: no longer held by this worker (%s); stopped", job.id, cur.status.value if cur else "gone")
             return Outcome(job.id, cur.status if cur else J.Status.CANCELLED, "stopped: the job was taken away")
@@ -210,239 +239,64 @@ class Runner:
             except Exception as e:  # noqa: BLE001 - a database hiccup must not kill the job
                 log.warning("job %d: heartbeat failed: %s", job.id, e)
 
-    def _update(self, job: Job, lost: threading.Event, **fields: Any) -> None:
-        if not self.store.update_running(job.id, self.worker_id, now=self.clock(), **fields):
-            lost.set()
-            raise _Stop()
-
-    def _set_stage(self, job: Job, lost: threading.Event, stage: str, progress: str | None = None) -> None:
-        self._update(job, lost, stage=stage, progress=progress)
-
-    # ---------------------------------------------------------------- the stages
-    def _stages(self, job: Job, workdir: Path, lost: threading.Event,
-                should_stop: Callable[[], bool]) -> tuple[J.Status, str, dict[str, Any]]:
-        from converters import checkpoint as checkpoint_mod
-        from converters import pipeline
-
-        def stop_point() -> None:
-            if lost.is_set():
-                raise _Stop()
-            if self.stop.is_set():
-                raise Cancelled("stop requested")
-
+    # ---------------------------------------------------------------- the job: one run_job, then the bookkeeping
+    def spec_for(self, job: Job) -> JobSpec:
         s = self.settings
-        stop_point()
-        # ---- fetch
-        self._set_stage(job, lost, "fetch")
-        src = self._fetch(job, workdir)
-        stop_point()
-        # ---- inspect
-        self._set_stage(job, lost, "inspect")
-        ckpt = checkpoint_mod.inspect(src, allow_remote_code=False)
-        stop_point()
-        # ---- ladder
-        model_name = pipeline.model_name_for(job.repo)
-        cal = self._text(s.quantize.calibration_text, "calibration")
-        plan = pipeline.plan(ckpt, workdir, model_name=model_name, ladder=s.quantize.ladder,
-                             outtype=s.quantize.outtype, calibration=cal,
-                             calibration_chunks=s.quantize.calibration_chunks, ctx=s.quantize.ctx,
-                             split_max_bytes=int(s.quantize.split_max_gb * 1e9), jobs=s.quantize.jobs,
-                             source_repo=job.repo, source_revision=job.revision)
-        tc = self._toolchain()
+        return JobSpec.from_settings(s, job.repo, job.revision,
+                                     calibration=LazyText(lambda: self._text(s.quantize.calibration_text, "calibration")),
+                                     evaluation=LazyText(lambda: self._text(s.quantize.evaluation_text, "evaluation")),
+                                     namespace=s.target.namespace or self.namespace)
 
-        def on_event(stage: str, state: str, info: dict[str, Any]) -> None:
-            if state == "start":
-                self._set_stage(job, lost, stage)
-            elif state == "progress":
-                if "done" in info:
-                    prog = f"{info.get('type')} {info['done']}/{info.get('total')}"
-                else:
-                    prog = str(info.get("line", ""))[-200:]
-                with contextlib.suppress(_Stop):
-                    self._update(job, lost, progress=prog)
-            elif state in ("end", "skip"):
-                self.store.event(f"stage.{state}", f"{stage} {'skipped (already done)' if state == 'skip' else 'done'}",
-                                 now=self.clock(), job_id=job.id, repo=job.repo,
-                                 data={k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))})
-
-        ladder = pipeline.execute(plan, toolchain=tc, on_event=on_event, should_stop=should_stop)
-        tc_version = (ladder.get("toolchain") or {}).get("version")
-        stop_point()
-        # ---- evaluate
-        self._set_stage(job, lost, "evaluate")
-        report = self._evaluate(job, lost, workdir, cal)
-        stop_point()
+    def _run(self, job: Job, workdir: Path, hooks: JobHooks) -> tuple[J.Status, str, dict[str, Any]]:
+        """fetch -> ... -> publish -> variants (one :func:`bot.job.run_job`), then artifacts and the cleanup."""
+        s = self.settings
+        res = run_job(self.spec_for(job), workdir, hooks, toolchain=self._toolchain(), hub=self.hub)
+        tc_version = res.ladder.toolchain.version
         fields: dict[str, Any] = {"toolchain_version": tc_version}
-        if not report["publishable"]:
-            why = "; ".join(str(r) for r in (report.get("reasons") or [])) or "the evaluation found it not publishable"
-            raise CheckFailed("evaluate", f"not published: {why}")
-        # ---- publish
-        if not s.target.publish or not s.token:
+        done = [v.entry for v in res.variants]
+        url = res.published.url if res.published else None
+        self._record_artifacts(job, workdir, res.ladder, url=url)
+        self._record_variants(job, res.variants)
+        if res.published is None:
             why = "publishing is turned off (target.publish = false)" if not s.target.publish else \
                 "no Hub token (set HF_TOKEN to publish)"
-            self._record_artifacts(job, workdir, ladder, url=None)
-            # ---- variants (built, evaluated, not published); the work dir is kept as for the main ladder
-            done = self._variants(job, lost, workdir, src, cal, publish=False, should_stop=should_stop)
             if done:
                 fields["result"] = {"variants": done}
             return (J.Status.CONVERTED, f"converted, not published: {why}; files in {workdir}"
                     + _variants_note(done), fields)
-        self._set_stage(job, lost, "publish")
-        target, commit_url, action = self._publish(job, workdir)
-        fields["target_repo"] = target
-        fields["result"] = {"target_repo": target, "commit": commit_url, "action": action, "toolchain": tc_version,
-                            "files": [f["type"] for f in ladder.get("files", [])]}
-        self._record_artifacts(job, workdir, ladder, url=commit_url)
-        stop_point()
-        # ---- variants: after the main ladder is published, before the cleanup (they reuse its work dir as
-        # the teacher's: its BF16 reference, report and logits); a failing variant is recorded, nothing more
-        done = self._variants(job, lost, workdir, src, cal, publish=True, should_stop=should_stop)
+        p = res.published
+        fields["target_repo"] = p.repo_id
+        fields["result"] = {"target_repo": p.repo_id, "commit": p.url, "action": p.action, "toolchain": tc_version,
+                            "files": list(res.ladder.types)}
         if done:
             fields["result"]["variants"] = done
-        stop_point()
         # ---- cleanup: keep the report and the imatrix, drop the rest
-        self._set_stage(job, lost, "cleanup")
-        kept = self._cleanup(job, workdir, ladder)
-        fields["result"]["kept"] = kept
+        hooks.check_cancel()
+        hooks.progress(Event("cleanup", START))
+        hooks.check_cancel()
+        fields["result"]["kept"] = self._cleanup(job, workdir, res.ladder)
         fields["workdir"] = None
-        what = "already up to date" if action == "none" else action
-        return J.Status.PUBLISHED, f"published {target} ({what})" + _variants_note(done), fields
+        what = "already up to date" if p.action == "none" else p.action
+        return J.Status.PUBLISHED, f"published {p.repo_id} ({what})" + _variants_note(done), fields
 
-    # ---------------------------------------------------------------- variants
-    def _variants(self, job: Job, lost: threading.Event, workdir: Path, src: Path, cal: Any, *, publish: bool,
-                  should_stop: Callable[[], bool]) -> list[dict[str, Any]]:
-        """Build (and publish) every variant of ``quantize.variants``; one entry per recipe for the job's result.
-
-        Each variant is the stage ``variant:<recipe>`` of this job, in ``<workdir>/variants/<recipe>``; its own
-        stage records (prune, distill, the ladder, teacher logits, evaluation) make a resumed job skip what was
-        finished. A variant that fails is recorded (event ``variant.failed`` with its reason, and its entry) and
-        the next one runs: the published main ladder is never touched. A stop request still stops the job.
-        """
-        from converters import variants as variants_mod
-
-        out: list[dict[str, Any]] = []
-        for recipe in variants_mod.parse_list(self.settings.quantize.variants):
-            if should_stop():
-                raise _Stop() if lost.is_set() else Cancelled("stop requested")
-            self._set_stage(job, lost, J.VARIANT_STAGE.format(recipe=recipe.name))
-            t0 = time.monotonic()
-            entry: dict[str, Any] = {"recipe": recipe.name}
-            try:
-                entry.update(self._variant(job, lost, workdir, src, cal, recipe, publish=publish,
-                                           should_stop=should_stop))
-            except (Cancelled, _Stop):
-                raise
-            except Exception as e:  # noqa: BLE001 - a variant never fails the main job
-                etype, msg = J.error_fields(e)
-                entry.update(status="failed", error_type=etype, error_message=msg)
-                self.store.event("variant.failed", f"{recipe.name} failed: {etype}: {msg}", now=self.clock(),
-                                 job_id=job.id, repo=job.repo, data={"recipe": recipe.name, "error_type": etype})
-                if isinstance(e, GgufbotError):
-                    log.error("job %d %s: variant %s failed: %s: %s", job.id, job.repo, recipe.name, etype, msg)
-                else:
-                    log.exception("job %d %s: variant %s failed with an unexpected error", job.id, job.repo,
-                                  recipe.name)
-            entry["seconds"] = round(time.monotonic() - t0, 1)
-            out.append(entry)
-        return out
-
-    def _variant(self, job: Job, lost: threading.Event, workdir: Path, src: Path, cal: Any, recipe: Any, *,
-                 publish: bool, should_stop: Callable[[], bool]) -> dict[str, Any]:
-        from bot import variants as bot_variants
-        from converters import pipeline
-        from converters import variants as variants_mod
-
-        s = self.settings
-        vdir = workdir / "variants" / recipe.name
-        ev = self._text(s.quantize.evaluation_text, "evaluation")
-
-        def progress(text: str) -> None:
-            with contextlib.suppress(_Stop):
-                self._update(job, lost, progress=text[-200:])
-
-        def on_event(stage: str, state: str, info: dict[str, Any]) -> None:
-            if state == "start":
-                progress(stage)
-            elif state == "progress":
-                progress(f"{stage} {info['type']} {info['done']}/{info.get('total')}" if "done" in info
-                         else f"{stage}: {info.get('line', '')}")
-            elif state in ("end", "skip"):
-                self.store.event(f"stage.{state}", f"{recipe.name}: {stage} "
-                                 f"{'skipped (already done)' if state == 'skip' else 'done'}", now=self.clock(),
-                                 job_id=job.id, repo=job.repo,
-                                 data={k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))})
-
-        def on_step(step: int, steps: int, loss: float, _lr: float) -> None:
-            progress(f"distill step {step}/{steps} loss {loss:.4f}")
-            if should_stop():
-                raise _Stop() if lost.is_set() else Cancelled("stop requested during distillation")
-
-        info = variants_mod.build(src, vdir, recipe, toolchain=self._toolchain(), calibration=cal,
-                                  eval_text=ev.path, teacher_model=pipeline.model_name_for(job.repo),
-                                  ladder=s.quantize.ladder, ctx=s.quantize.ctx,
-                                  calibration_chunks=s.quantize.calibration_chunks,
-                                  eval_chunks=s.quantize.evaluation_chunks, teacher_workdir=workdir,
-                                  source_repo=job.repo, source_revision=job.revision, on_event=on_event,
-                                  on_progress=lambda m: progress(f"prune: {m}"), on_step=on_step,
-                                  should_stop=should_stop)
-        evaluation = info.get("evaluation") or {}
-        entry: dict[str, Any] = {
-            "model_name": info.get("model_name"),
-            "layers": [info["teacher"].get("layers"), info["variant"].get("layers")],
-            "parameters": [info["teacher"].get("parameters"), info["variant"].get("parameters")],
-            "kld_vs_teacher": evaluation.get("reference_kld_mean"),
-        }
-        if not evaluation.get("publishable"):
-            report = _read_report(vdir)
-            why = "; ".join(str(r) for r in (report or {}).get("reasons") or []) or "see its report.json"
-            raise CheckFailed("evaluate", f"variant {recipe.name} is not publishable: {why}")
-        ladder = pipeline.load_ladder(vdir)
-        if not publish:
-            self._record_artifacts(job, vdir, ladder, url=None, kind="variant-gguf", prefix=vdir)
-            return {**entry, "status": "converted", "workdir": str(vdir)}
-        progress("publish")
-        res = bot_variants.publish_variant(vdir, self.hub, namespace=self._namespace(),
-                                           repo_pattern=s.target.variant_repo_template, private=s.target.private,
-                                           teacher_workdir=workdir)
-        url = f"{res.url}/commit/{res.commit}" if res.commit else res.url
-        self._record_artifacts(job, vdir, ladder, url=url, kind="variant-gguf")
-        self.store.event("variant.published", f"{recipe.name}: published {res.repo_id} "
-                         f"({'already up to date' if res.action == 'none' else res.action})", now=self.clock(),
-                         job_id=job.id, repo=job.repo, data={"recipe": recipe.name, "target_repo": res.repo_id})
-        return {**entry, "status": "published", "target_repo": res.repo_id, "commit": url, "action": res.action}
-
-    def _fetch(self, job: Job, workdir: Path) -> Path:
-        s = self.settings
-        src = workdir / "source"
-        inputs = {"repo": job.repo, "revision": job.revision, "patterns": list(RESULT_PATTERNS)}
-        rec = records.load(workdir, "fetch")
-        got = rec.extra.get("files", {}) if rec is not None else {}
-        if rec is not None and rec.inputs == inputs and all(
-                (src / n).is_file() and (src / n).stat().st_size == size for n, size in got.items()):
-            log.info("job %d: fetch already done", job.id)
-            return src
-        info = self.hub.model_info(job.repo, revision=job.revision)
-        d = decide(info, s, None, full=True)  # the safety rules again, on the exact revision fetched
-        if not d.accept and d.code not in ("gated", "pipeline_tag"):
-            raise UnsupportedModel(d.reason, repo=job.repo)
-        size = weight_bytes(info) or 0
-        # each variant keeps its checkpoint, reference and ladder beside the teacher's until the job's cleanup
-        need = int(size * DISK_FACTOR * (1 + len(s.quantize.variants)) + s.limits.min_free_disk_gb * 1e9)
-        workdir.mkdir(parents=True, exist_ok=True)
-        free = free_bytes(workdir)
-        if need > free:
-            raise DiskSpaceError(str(workdir), need, free)
-        t0 = time.monotonic()
-        self.hub.download_snapshot(job.repo, job.revision, src, allow_patterns=list(RESULT_PATTERNS),
-                                   max_bytes=s.max_model_bytes or None)
-        files = {str(p.relative_to(src)): p.stat().st_size for p in sorted(src.rglob("*"))
-                 if p.is_file() and ".cache" not in p.relative_to(src).parts}
-        if not any(n.endswith(".safetensors") for n in files):
-            raise UnsupportedModel("no safetensors weights were downloaded", repo=job.repo)
-        records.save(workdir, "fetch", inputs, [], time.monotonic() - t0, None, extra={"files": files})
-        self.store.event("stage.end", f"fetch done: {len(files)} files, {sum(files.values()) / 1e6:.1f} MB",
-                         now=self.clock(), job_id=job.id, repo=job.repo)
-        return src
+    def _record_variants(self, job: Job, outcomes: tuple[VariantOutcome, ...]) -> None:
+        """Artifacts and events of each variant: ``variant.failed`` with its reason, or ``variant.published``."""
+        for v in outcomes:
+            e = v.entry
+            if e["status"] == "failed":
+                self.store.event("variant.failed", f"{v.recipe} failed: {e['error_type']}: {e['error_message']}",
+                                 now=self.clock(), job_id=job.id, repo=job.repo,
+                                 data={"recipe": v.recipe, "error_type": e["error_type"]})
+                continue
+            assert v.ladder is not None
+            if e["status"] == "published":
+                self._record_artifacts(job, v.workdir, v.ladder, url=v.url, kind="variant-gguf")
+                self.store.event("variant.published", f"{v.recipe}: published {e['target_repo']} "
+                                 f"({'already up to date' if e['action'] == 'none' else e['action']})",
+                                 now=self.clock(), job_id=job.id, repo=job.repo,
+                                 data={"recipe": v.recipe, "target_repo": e["target_repo"]})
+            else:
+                self._record_artifacts(job, v.workdir, v.ladder, url=None, kind="variant-gguf", prefix=v.workdir)
 
     def _text(self, spec: str | None, kind: str) -> Any:
         from bot import texts
@@ -459,63 +313,18 @@ class Runner:
             self.toolchain = tc_mod.find(required=True)
         return self.toolchain
 
-    def _evaluate(self, job: Job, lost: threading.Event, workdir: Path, cal: Any) -> dict[str, Any]:
-        """Evaluate every quant against the reference (records make a re-run free); the report as a dict."""
-        from converters import evaluate
-
-        ev = self._text(self.settings.quantize.evaluation_text, "evaluation")
-
-        def progress(step: str, done: int, total: int) -> None:
-            with contextlib.suppress(_Stop):
-                self._update(job, lost, progress=f"{step} {done}/{total}")
-            if self.stop.is_set() or lost.is_set():
-                raise Cancelled("stop requested during evaluation")
-
-        report = evaluate.run(workdir, eval_text=ev.path, calibration_text=cal.path if cal is not None else None,
-                              chunks=self.settings.quantize.evaluation_chunks, toolchain=self._toolchain(),
-                              on_progress=progress, eval_text_name=ev.name, eval_text_source=ev.source)
-        return {"publishable": bool(getattr(report, "publishable", False)),
-                "reasons": list(getattr(report, "reasons", []) or [])}
-
-    def _namespace(self) -> str:
-        ns = self.settings.target.namespace or self.namespace
-        if not ns:
-            ns = self.namespace = self.hub.whoami()
-        return ns
-
-    def _target_repo(self, job: Job) -> str:
-        from converters import pipeline
-
-        ns = self._namespace()
-        name = self.settings.target.repo_template.format(model=pipeline.model_name_for(job.repo),
-                                                         author=job.repo.split("/")[0])
-        return f"{ns}/{name}"
-
-    def _publish(self, job: Job, workdir: Path) -> tuple[str, str | None, str]:
-        """Publish the work directory (one commit; idempotent: an identical repo gets no commit)."""
-        from bot import publish
-
-        target = self._target_repo(job)
-        opts = publish.PublishOptions(repo_id=target, namespace=target.split("/")[0],
-                                      private=self.settings.target.private)
-        _plan, res = publish.publish(workdir, self.hub, opts)
-        assert res is not None
-        return res.repo_id, (f"{res.url}/commit/{res.commit}" if res.commit else res.url), res.action
-
-    def _record_artifacts(self, job: Job, workdir: Path, ladder: dict[str, Any], url: str | None,
+    def _record_artifacts(self, job: Job, workdir: Path, ladder: Ladder, url: str | None,
                           kind: str = "gguf", prefix: Path | None = None) -> None:
         now = self.clock()
-        for f in ladder.get("files", []):
-            path = str(prefix / f["path"]) if prefix is not None else f["path"]
-            self.store.add_artifact(job.id, kind, path, now=now, size=f.get("size"), sha256=f.get("sha256"),
-                                    url=url)
+        for f in ladder.files:
+            path = str(prefix / f.path) if prefix is not None else f.path
+            self.store.add_artifact(job.id, kind, path, now=now, size=f.size, sha256=f.sha256, url=url)
 
-    def _cleanup(self, job: Job, workdir: Path, ladder: dict[str, Any]) -> list[str]:
+    def _cleanup(self, job: Job, workdir: Path, ladder: Ladder) -> list[str]:
         keep_dir = self.settings.keep_dir / slug(job.repo) / job.revision[:12]
         keep_dir.mkdir(parents=True, exist_ok=True)
-        names = ["report.json", "ladder.json", "plan.json"]
-        im = ladder.get("imatrix") or {}
-        names += [im[k] for k in ("gguf", "dat") if im.get(k)]
+        names = [REPORT_FILE, LADDER_FILE, PLAN_FILE]
+        names += list(ladder.imatrix.paths) if ladder.imatrix else []
         kept = []
         for n in names:
             p = workdir / n
@@ -524,11 +333,9 @@ class Runner:
                 kept.append(str(keep_dir / Path(n).name))
                 self.store.add_artifact(job.id, "imatrix" if "imatrix" in n else Path(n).stem,
                                         str(keep_dir / Path(n).name), now=self.clock(), size=p.stat().st_size)
-        from converters import variants as variants_mod
-
         for vdir in sorted((workdir / "variants").glob("*")) if (workdir / "variants").is_dir() else []:
             vkeep = keep_dir / "variants" / vdir.name
-            for n in ("report.json", "ladder.json", variants_mod.VARIANT_FILE):
+            for n in (REPORT_FILE, LADDER_FILE, VARIANT_FILE):
                 if (vdir / n).is_file():
                     vkeep.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(vdir / n, vkeep / n)
@@ -537,16 +344,6 @@ class Runner:
         shutil.rmtree(workdir, ignore_errors=True)
         log.info("job %d: work directory removed; kept %s", job.id, ", ".join(Path(k).name for k in kept))
         return kept
-
-
-def _read_report(workdir: Path) -> dict[str, Any] | None:
-    import json
-
-    p = Path(workdir) / "report.json"
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _variants_note(done: list[dict[str, Any]]) -> str:

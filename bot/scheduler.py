@@ -15,12 +15,13 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bot import jobs as J
 from bot.runner import Outcome, Runner, new_worker_id
 from bot.settings import Settings
-from bot.store import Store
+from bot.store import StateStore, Store
 from bot.watcher import PollResult, Watcher
 from converters.errors import GgufbotError, HubAuthError
 
@@ -30,7 +31,7 @@ EVENT_RETENTION_DAYS = 90
 
 
 class Bot:
-    def __init__(self, settings: Settings, *, store: Store | None = None, hub: Any = None, toolchain: Any = None,
+    def __init__(self, settings: Settings, *, store: StateStore | None = None, hub: Any = None, toolchain: Any = None,
                  stop: threading.Event | None = None, worker_id: str | None = None, resolve_namespace: bool = True):
         self.settings = settings
         self.store = store or Store(settings.database_url)
@@ -125,9 +126,6 @@ class Bot:
     # ---------------------------------------------------------------- the process
     def serve(self, *, exit_when_idle: bool = False, poll: bool = True, install_signals: bool = True) -> int:
         """Run until SIGTERM/SIGINT (or, with ``exit_when_idle``, until nothing is left to do)."""
-        from apscheduler.executors.pool import ThreadPoolExecutor
-        from apscheduler.schedulers.background import BackgroundScheduler
-
         s = self.settings
         logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per tick is noise
         if install_signals:
@@ -136,54 +134,13 @@ class Bot:
         log.info("ggufbot run: %d source(s), concurrency %d; %s", len(s.sources), s.limits.concurrency,
                  self.publish_note)
         self.housekeeping(time.time())  # resume jobs of dead workers before taking new ones
-        n = len(self.runners)
-        sched = BackgroundScheduler(executors={"default": ThreadPoolExecutor(max_workers=n + 3)},
-                                    job_defaults={"coalesce": True, "misfire_grace_time": None},
-                                    timezone=dt.timezone.utc)
-        start = dt.datetime.now(dt.timezone.utc)
         polled = threading.Event()
-
-        def poll_tick() -> None:
-            try:
-                self.poll(time.time())
-            except Exception:  # noqa: BLE001 - a failed poll is logged; the next one runs on schedule
-                log.exception("poll failed")
-            finally:
-                polled.set()
-
-        def dispatch_tick() -> None:
-            try:
-                self.dispatch(time.time())
-            except Exception:  # noqa: BLE001
-                log.exception("dispatch failed")
-
-        def housekeeping_tick() -> None:
-            try:
-                self.housekeeping(time.time())
-            except Exception:  # noqa: BLE001
-                log.exception("housekeeping failed")
-
-        if poll:
-            sched.add_job(poll_tick, "interval", minutes=s.schedule.poll_minutes, id="poll", max_instances=1,
-                          next_run_time=start)
-        else:
+        if not poll:
             polled.set()
-        sched.add_job(dispatch_tick, "interval", seconds=s.schedule.dispatch_seconds, id="dispatch",
-                      max_instances=n + 1, next_run_time=start)
-        sched.add_job(housekeeping_tick, "interval", minutes=s.schedule.housekeeping_minutes, id="housekeeping",
-                      max_instances=1, next_run_time=start + dt.timedelta(minutes=s.schedule.housekeeping_minutes))
+        sched = self._scheduler(poll, polled)
         sched.start()
-        idle_since: float | None = None
         try:
-            while not self.stop.wait(0.5):
-                if exit_when_idle and polled.is_set():
-                    if not self.busy() and self.queue_empty(time.time()):
-                        idle_since = idle_since or time.monotonic()
-                        if time.monotonic() - idle_since > 1.0:  # stable for a moment: no tick in flight
-                            log.info("nothing left to do; exiting")
-                            break
-                    else:
-                        idle_since = None
+            self._wait(exit_when_idle, polled)
         finally:
             self.stop.set()
             sched.shutdown(wait=True)  # running jobs stop at their next step and are released
@@ -191,6 +148,54 @@ class Bot:
         log.info("ggufbot run: stopped cleanly")
         return 0
 
+    def _scheduler(self, poll: bool, polled: threading.Event) -> Any:
+        """An APScheduler with the three duties (poll only when ``poll``; ``polled`` is set after each poll)."""
+        from apscheduler.executors.pool import ThreadPoolExecutor
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        sc = self.settings.schedule
+        n = len(self.runners)
+        sched = BackgroundScheduler(executors={"default": ThreadPoolExecutor(max_workers=n + 3)},
+                                    job_defaults={"coalesce": True, "misfire_grace_time": None},
+                                    timezone=dt.timezone.utc)
+        start = dt.datetime.now(dt.timezone.utc)
+        if poll:
+            sched.add_job(_tick(self.poll, "poll", done=polled), "interval", minutes=sc.poll_minutes, id="poll",
+                          max_instances=1, next_run_time=start)
+        sched.add_job(_tick(self.dispatch, "dispatch"), "interval", seconds=sc.dispatch_seconds, id="dispatch",
+                      max_instances=n + 1, next_run_time=start)
+        sched.add_job(_tick(self.housekeeping, "housekeeping"), "interval", minutes=sc.housekeeping_minutes,
+                      id="housekeeping", max_instances=1,
+                      next_run_time=start + dt.timedelta(minutes=sc.housekeeping_minutes))
+        return sched
+
+    def _wait(self, exit_when_idle: bool, polled: threading.Event) -> None:
+        """Until a stop request, or (``exit_when_idle``) until a poll is done and no job is left to run."""
+        idle_since: float | None = None
+        while not self.stop.wait(0.5):
+            if not (exit_when_idle and polled.is_set()):
+                continue
+            if self.busy() or not self.queue_empty(time.time()):
+                idle_since = None
+                continue
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since > 1.0:  # stable for a moment: no tick in flight
+                log.info("nothing left to do; exiting")
+                return
+
     def _on_signal(self, signum: int, _frame: Any) -> None:
         log.warning("received %s: finishing the current step, then exiting", signal.Signals(signum).name)
         self.stop.set()
+
+
+def _tick(duty: Callable[[float], Any], name: str, done: threading.Event | None = None) -> Callable[[], None]:
+    """A scheduled duty called with the time of its tick; a failure is logged and the next tick runs on schedule."""
+    def tick() -> None:
+        try:
+            duty(time.time())
+        except Exception:  # noqa: BLE001
+            log.exception("%s failed", name)
+        finally:
+            if done is not None:
+                done.set()
+    return tick

@@ -324,14 +324,14 @@ def _check(s: Settings) -> None:
         bad("target.repo_template", f"only {{model}} and {{author}} may be used ({e})")
     if s.target.namespace is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", s.target.namespace):
         bad("target.namespace", f"not a valid Hub namespace: {s.target.namespace!r}")
+    from bot.publish import repo_name
     from converters import variants as variants_mod
 
     try:
-        variants_mod.repo_id(s.target.namespace or "org", "Model", "variant", s.target.variant_repo_template)
+        repo_name(s.target.variant_repo_template, namespace=s.target.namespace or "org", model="Model",
+                  variant="variant")
     except ConfigError as e:
         bad("target.variant_repo_template", str(e))
-    except (KeyError, IndexError, ValueError) as e:
-        bad("target.variant_repo_template", f"only {{org}}, {{model}} and {{variant}} may be used ({e})")
     try:
         variants_mod.parse_list(s.quantize.variants)
     except Exception as e:  # UnknownName lists the known recipes: name the key

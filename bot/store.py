@@ -12,10 +12,9 @@ row-count check), which is what makes claiming atomic across processes and machi
 
 from __future__ import annotations
 
+import abc
 import dataclasses
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -226,7 +225,229 @@ class SourceRow:
 
 
 # --------------------------------------------------------------------------------------------------
-# The store
+# The interface (one definition for the SQL store and bot.memstore.MemoryStore)
+# --------------------------------------------------------------------------------------------------
+
+MANUAL_SKIP_REASON = "skipped by the operator"
+
+
+class StateStore(abc.ABC):
+    """What the runner, the watcher, the scheduler and the CLI use of a state store.
+
+    Two implementations: :class:`Store` (SQLAlchemy: SQLite or PostgreSQL) and :class:`bot.memstore.MemoryStore`
+    (dicts and a lock, for unit tests). Both keep the same rules: status moves are compare-and-set against
+    :data:`bot.jobs.TRANSITIONS`, one job per dedup key (default ``repo@revision``), a ``repo@sha`` is one
+    decision, and times are the ``now`` passed in. The methods defined here are built on the abstract ones and
+    so behave the same in both.
+    """
+
+    url: str
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    # ---------------------------------------------------------------- sources
+    @abc.abstractmethod
+    def source(self, key: str) -> SourceRow | None: ...
+
+    @abc.abstractmethod
+    def sources(self) -> list[SourceRow]: ...
+
+    @abc.abstractmethod
+    def record_poll(self, key: str, *, now: float, ok: bool, mark: str | None = None,
+                    error: str | None = None) -> None:
+        """Record a poll of one source; a good poll advances its mark, a failed one leaves the mark alone."""
+
+    # ---------------------------------------------------------------- models and decisions
+    @abc.abstractmethod
+    def decided(self, repos: Sequence[str]) -> dict[str, ModelRow]:
+        """The models table rows for ``repos``."""
+
+    def model(self, repo: str) -> ModelRow | None:
+        return self.decided([repo]).get(repo)
+
+    @abc.abstractmethod
+    def models(self, decision: str | None = None, limit: int = 1000) -> list[ModelRow]: ...
+
+    def record_decisions(self, items: Iterable[dict[str, Any]], *, now: float) -> int:
+        """Store many decisions in one transaction. Each item: repo, sha, last_modified, decision, code, reason,
+        source, and optionally fingerprint/queued_sha. A repo@sha already in ``decisions`` keeps its first row."""
+        return self.apply_decisions(items, [], now=now)[0]
+
+    @abc.abstractmethod
+    def apply_decisions(self, items: Iterable[dict[str, Any]], enqueues: Sequence[dict[str, Any]], *,
+                        now: float) -> tuple[int, list[int | None]]:
+        """One transaction for a batch of a poll: queue jobs (``enqueue`` keyword dicts; each may name the
+        decision item it belongs to as ``item``) and record decisions. Returns (new decisions, job ids or None
+        for a job that already existed, whose item is then marked ``duplicate``)."""
+
+    @abc.abstractmethod
+    def decisions(self, repo: str | None = None, limit: int = 200) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def set_manual_skip(self, repo: str, skip: bool, *, now: float, reason: str = MANUAL_SKIP_REASON) -> None: ...
+
+    # ---------------------------------------------------------------- jobs
+    @abc.abstractmethod
+    def enqueue(self, repo: str, revision: str, *, reason: str, now: float, dedup_key: str | None = None,
+                fingerprint: Any = None, max_attempts: int = 4, priority: int = 0,
+                toolchain_version: str | None = None) -> int | None:
+        """Queue ``repo@revision``; None if a job with the same dedup key (default ``repo@revision``) exists."""
+
+    @abc.abstractmethod
+    def job(self, job_id: int) -> Job | None: ...
+
+    @abc.abstractmethod
+    def jobs(self, statuses: Iterable[J.Status | str] | None = None, repo: str | None = None,
+             limit: int = 1000, newest_first: bool = False) -> list[Job]: ...
+
+    @abc.abstractmethod
+    def claim(self, worker_id: str, *, now: float) -> Job | None:
+        """Atomically move one claimable job (queued, or retrying whose wait is over) to running for
+        ``worker_id``: highest priority first, then the oldest."""
+
+    @abc.abstractmethod
+    def transition(self, job_id: int, dst: J.Status, *, now: float, worker_id: str | None = None,
+                   message: str | None = None, **fields: Any) -> Job:
+        """Move a job to ``dst`` if its current status allows it (and, if given, it is held by ``worker_id``)."""
+
+    @abc.abstractmethod
+    def update_running(self, job_id: int, worker_id: str, *, now: float, **fields: Any) -> bool:
+        """Heartbeat / stage / progress of a running job held by ``worker_id``; False if it is no longer ours."""
+
+    def recover_stale(self, *, now: float, stale_after: float,
+                      is_dead: Callable[[str], bool] | None = None) -> list[int]:
+        """Put back in the queue running jobs whose worker stopped heartbeating (or is known dead).
+
+        The job keeps its work directory and stage: the pipeline's stage records make the next run skip what was
+        finished. A job whose worker died ``max_attempts`` times fails instead (a model that kills its worker).
+        """
+        recovered = []
+        for job in self.jobs([J.Status.RUNNING]):
+            stale = job.heartbeat_at is None or job.heartbeat_at < now - stale_after
+            dead = bool(is_dead and job.worker_id and is_dead(job.worker_id))
+            if not (stale or dead):
+                continue
+            why = "its worker died" if dead else f"no heartbeat for {now - (job.heartbeat_at or 0):.0f} s"
+            try:
+                if job.attempts >= job.max_attempts:
+                    self.transition(job.id, J.Status.FAILED, now=now, worker_id=job.worker_id,
+                                    error_type="WorkerDied", message=f"failed: {why} on attempt {job.attempts}",
+                                    error_message=f"{why} during {job.stage or 'start'} on attempt {job.attempts}")
+                else:
+                    self.transition(job.id, J.Status.QUEUED, now=now, worker_id=job.worker_id,
+                                    message=f"requeued: {why} (was {job.worker_id}, stage {job.stage})",
+                                    heartbeat_at=None)
+                recovered.append(job.id)
+            except StateError:
+                continue  # someone else recovered or finished it meanwhile
+        return recovered
+
+    def _refused(self, job_id: int, dst: J.Status, worker_id: str | None) -> StateError:
+        """Why a compare-and-set move of ``job_id`` to ``dst`` matched no row (the job as it is now)."""
+        cur = self.job(job_id)
+        if cur is None:
+            return StateError(f"job {job_id} does not exist")
+        if worker_id is not None and cur.worker_id != worker_id and cur.status == J.Status.RUNNING:
+            return StateError(f"job {job_id} is held by {cur.worker_id}, not {worker_id}")
+        J.check(cur.status, dst)  # raises with the illegal move named
+        return StateError(f"job {job_id} changed under us (now {cur.status.value})")
+
+    # ---------------------------------------------------------------- artifacts and events
+    @abc.abstractmethod
+    def add_artifact(self, job_id: int, kind: str, path: str, *, now: float, size: int | None = None,
+                     sha256: str | None = None, url: str | None = None) -> None: ...
+
+    @abc.abstractmethod
+    def artifacts(self, job_id: int) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def event(self, kind: str, message: str, *, now: float, job_id: int | None = None, repo: str | None = None,
+              data: Any = None) -> None: ...
+
+    @abc.abstractmethod
+    def events(self, *, job_id: int | None = None, kind: str | None = None,
+               limit: int = 200) -> list[dict[str, Any]]:
+        """Newest first; ``kind`` may end in ``*`` (``poll.*``)."""
+
+    @abc.abstractmethod
+    def prune_events(self, *, before: float) -> int: ...
+
+    @abc.abstractmethod
+    def counts(self) -> dict[str, int]:
+        """Number of jobs per status."""
+
+
+# Row values both stores write the same way
+
+
+def dedup_key_of(repo: str, revision: str, dedup_key: str | None) -> str:
+    return dedup_key or f"{repo}@{revision}"
+
+
+def queued_message(repo: str, revision: str, reason: str) -> str:
+    return f"queued {repo}@{revision[:12]}: {reason}"
+
+
+def poll_values(row: SourceRow, *, now: float, ok: bool, mark: str | None, error: str | None) -> dict[str, Any]:
+    """The changes a poll makes to a source's row."""
+    vals: dict[str, Any] = {"last_poll_at": now, "polls": row.polls + 1}
+    if ok:
+        vals.update(last_ok_at=now, last_error=None)
+        if mark and (row.mark is None or mark > row.mark):
+            vals["mark"] = mark
+    else:
+        vals.update(last_error=error, failures=row.failures + 1)
+    return vals
+
+
+def mark_duplicate(item: dict[str, Any]) -> None:
+    """A decision item whose job already existed: say so, and keep the fingerprint of the queued revision."""
+    item.update(code="duplicate", reason=f"{item['repo']}@{(item['sha'] or '')[:12]} already has a job")
+    item.pop("fingerprint", None)
+    item.pop("queued_sha", None)
+
+
+def model_values(item: dict[str, Any], now: float) -> dict[str, Any]:
+    """The models-table values of one decision item (fingerprint and queued_sha only when the item has them)."""
+    vals = {k: item.get(k) for k in ("sha", "last_modified", "decision", "code", "reason", "source")}
+    vals["decided_at"] = now
+    for k in ("fingerprint", "queued_sha"):
+        if k in item:
+            vals[k] = item[k]
+    return vals
+
+
+def new_model_values(repo: str, vals: dict[str, Any]) -> dict[str, Any]:
+    return {"repo": repo, "fingerprint": None, "queued_sha": None, "manual_skip": False, **vals}
+
+
+def decision_values(item: dict[str, Any], now: float) -> dict[str, Any]:
+    return {"repo": item["repo"], "sha": item["sha"] or "", "decision": item["decision"], "code": item["code"],
+            "reason": item["reason"], "at": now, "source": item.get("source")}
+
+
+def manual_skip_values(skip: bool, reason: str, now: float, *, new: bool) -> dict[str, Any]:
+    """The models-table values of ``skip``/``unskip`` for a new or an existing row (unskip forgets the sha, so
+    the next poll decides the repo afresh)."""
+    if new:
+        return {"decision": "skipped" if skip else "unknown", "code": "manual" if skip else "unskipped",
+                "reason": reason if skip else "", "decided_at": now, "manual_skip": skip}
+    if skip:
+        return {"manual_skip": True, "decision": "skipped", "code": "manual", "reason": reason, "decided_at": now}
+    return {"manual_skip": False, "sha": None, "decision": "unknown", "code": "unskipped", "reason": "",
+            "decided_at": now}
+
+
+def move_values(dst: J.Status, now: float, fields: dict[str, Any]) -> dict[str, Any]:
+    vals = {"status": dst.value, "updated_at": now, **fields}
+    if dst.finished:
+        vals.setdefault("finished_at", now)
+    return vals
+
+
+# --------------------------------------------------------------------------------------------------
+# The SQL store
 # --------------------------------------------------------------------------------------------------
 
 
@@ -250,7 +471,9 @@ def make_engine(url: str) -> Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
-class Store:
+class Store(StateStore):
+    """The state store on SQLAlchemy: a SQLite file (WAL) or PostgreSQL."""
+
     def __init__(self, url: str, *, migrate: bool = True):
         self.url = url
         self.engine = make_engine(url)
@@ -332,19 +555,12 @@ class Store:
             return [SourceRow(**dict(r._mapping)) for r in c.execute(sa.select(T_SOURCES).order_by(T_SOURCES.c.key))]
 
     def record_poll(self, key: str, *, now: float, ok: bool, mark: str | None = None, error: str | None = None) -> None:
-        """Record a poll of one source; a good poll advances its mark, a failed one leaves the mark alone."""
         def fn(c: Connection) -> None:
             row = c.execute(sa.select(T_SOURCES).where(T_SOURCES.c.key == key)).first()
             if row is None:
                 c.execute(T_SOURCES.insert().values(key=key, polls=0, failures=0))
                 row = c.execute(sa.select(T_SOURCES).where(T_SOURCES.c.key == key)).first()
-            vals: dict[str, Any] = {"last_poll_at": now, "polls": row.polls + 1}
-            if ok:
-                vals.update(last_ok_at=now, last_error=None)
-                if mark and (row.mark is None or mark > row.mark):
-                    vals["mark"] = mark
-            else:
-                vals.update(last_error=error, failures=row.failures + 1)
+            vals = poll_values(SourceRow(**dict(row._mapping)), now=now, ok=ok, mark=mark, error=error)
             c.execute(T_SOURCES.update().where(T_SOURCES.c.key == key).values(**vals))
         self._write(fn)
 
@@ -360,9 +576,6 @@ class Store:
                     out[r.repo] = ModelRow.from_row(r)
         return out
 
-    def model(self, repo: str) -> ModelRow | None:
-        return self.decided([repo]).get(repo)
-
     def models(self, decision: str | None = None, limit: int = 1000) -> list[ModelRow]:
         q = sa.select(T_MODELS).order_by(T_MODELS.c.decided_at.desc()).limit(limit)
         if decision:
@@ -370,16 +583,8 @@ class Store:
         with self.engine.connect() as c:
             return [ModelRow.from_row(r) for r in c.execute(q)]
 
-    def record_decisions(self, items: Iterable[dict[str, Any]], *, now: float) -> int:
-        """Store many decisions in one transaction. Each item: repo, sha, last_modified, decision, code, reason,
-        source, and optionally fingerprint/queued_sha. A repo@sha already in ``decisions`` keeps its first row."""
-        return self.apply_decisions(items, [], now=now)[0]
-
     def apply_decisions(self, items: Iterable[dict[str, Any]], enqueues: Sequence[dict[str, Any]], *,
                         now: float) -> tuple[int, list[int | None]]:
-        """One transaction for a batch of a poll: queue jobs (``enqueue`` keyword dicts; each may name the
-        decision item it belongs to as ``item``) and record decisions. Returns (new decisions, job ids or None
-        for a job that already existed, whose item is then marked ``duplicate``)."""
         items = list(items)
 
         def fn(c: Connection) -> tuple[int, list[int | None]]:
@@ -389,10 +594,7 @@ class Store:
                 jid = self._enqueue_in(c, now=now, **kw)
                 ids.append(jid)
                 if jid is None and e.get("item") is not None:
-                    it = e["item"]
-                    it.update(code="duplicate", reason=f"{it['repo']}@{(it['sha'] or '')[:12]} already has a job")
-                    it.pop("fingerprint", None)
-                    it.pop("queued_sha", None)
+                    mark_duplicate(e["item"])
             return self._record_decisions_in(c, items, now), ids
         return self._write(fn)
 
@@ -409,22 +611,15 @@ class Store:
                       c.execute(sa.select(T_DECISIONS.c.repo, T_DECISIONS.c.sha).where(T_DECISIONS.c.repo.in_(chunk)))}
         inserts, new_decisions = [], []
         for it in items:
-            vals = {k: it.get(k) for k in ("sha", "last_modified", "decision", "code", "reason", "source")}
-            vals["decided_at"] = now
-            for k in ("fingerprint", "queued_sha"):
-                if k in it:
-                    vals[k] = it[k]
+            vals = model_values(it, now)
             if it["repo"] in have:
                 c.execute(T_MODELS.update().where(T_MODELS.c.repo == it["repo"]).values(**vals))
             else:
-                inserts.append({"repo": it["repo"], "fingerprint": None, "queued_sha": None, "manual_skip": False,
-                                **vals})
+                inserts.append(new_model_values(it["repo"], vals))
                 have.add(it["repo"])
             if (it["repo"], it["sha"]) not in pairs:
                 pairs.add((it["repo"], it["sha"]))
-                new_decisions.append({"repo": it["repo"], "sha": it["sha"] or "", "decision": it["decision"],
-                                      "code": it["code"], "reason": it["reason"], "at": now,
-                                      "source": it.get("source")})
+                new_decisions.append(decision_values(it, now))
         if inserts:
             c.execute(T_MODELS.insert(), inserts)
         if new_decisions:
@@ -438,20 +633,15 @@ class Store:
         with self.engine.connect() as c:
             return [dict(r._mapping) for r in c.execute(q)]
 
-    def set_manual_skip(self, repo: str, skip: bool, *, now: float, reason: str = "skipped by the operator") -> None:
+    def set_manual_skip(self, repo: str, skip: bool, *, now: float, reason: str = MANUAL_SKIP_REASON) -> None:
         def fn(c: Connection) -> None:
             row = c.execute(sa.select(T_MODELS.c.repo).where(T_MODELS.c.repo == repo)).first()
+            vals = manual_skip_values(skip, reason, now, new=row is None)
             if row is None:
-                c.execute(T_MODELS.insert().values(repo=repo, decision="skipped" if skip else "unknown",
-                                                   code="manual" if skip else "unskipped",
-                                                   reason=reason if skip else "", decided_at=now, manual_skip=skip))
-            elif skip:
-                c.execute(T_MODELS.update().where(T_MODELS.c.repo == repo).values(
-                    manual_skip=True, decision="skipped", code="manual", reason=reason, decided_at=now))
-            else:
-                # forget the last decision so that the next poll decides this repo afresh
-                c.execute(T_MODELS.update().where(T_MODELS.c.repo == repo).values(
-                    manual_skip=False, sha=None, decision="unknown", code="unskipped", reason="", decided_at=now))
+                c.execute(T_MODELS.insert().values(repo=repo, **vals))
+                return
+            c.execute(T_MODELS.update().where(T_MODELS.c.repo == repo).values(**vals))
+            if not skip:  # the next poll decides this repo afresh
                 c.execute(T_DECISIONS.delete().where(T_DECISIONS.c.repo == repo)
                           .where(T_DECISIONS.c.decision == "skipped"))
         self._write(fn)
@@ -460,7 +650,6 @@ class Store:
     def enqueue(self, repo: str, revision: str, *, reason: str, now: float, dedup_key: str | None = None,
                 fingerprint: Any = None, max_attempts: int = 4, priority: int = 0,
                 toolchain_version: str | None = None) -> int | None:
-        """Queue ``repo@revision``; None if a job with the same dedup key (default ``repo@revision``) exists."""
         kw = dict(repo=repo, revision=revision, reason=reason, dedup_key=dedup_key, fingerprint=fingerprint,
                   max_attempts=max_attempts, priority=priority, toolchain_version=toolchain_version)
         try:
@@ -471,7 +660,7 @@ class Store:
     def _enqueue_in(self, c: Connection, *, repo: str, revision: str, reason: str, now: float,
                     dedup_key: str | None = None, fingerprint: Any = None, max_attempts: int = 4, priority: int = 0,
                     toolchain_version: str | None = None) -> int | None:
-        key = dedup_key or f"{repo}@{revision}"
+        key = dedup_key_of(repo, revision, dedup_key)
         if c.execute(sa.select(T_JOBS.c.id).where(T_JOBS.c.dedup_key == key)).first():
             return None
         res = c.execute(T_JOBS.insert().values(
@@ -480,7 +669,7 @@ class Store:
             priority=priority, toolchain_version=toolchain_version))
         job_id = int(res.inserted_primary_key[0])
         c.execute(T_EVENTS.insert().values(at=now, job_id=job_id, repo=repo, kind="job.queued",
-                                           message=f"queued {repo}@{revision[:12]}: {reason}"))
+                                           message=queued_message(repo, revision, reason)))
         return job_id
 
     def job(self, job_id: int) -> Job | None:
@@ -500,7 +689,6 @@ class Store:
             return [Job.from_row(r) for r in c.execute(q)]
 
     def claim(self, worker_id: str, *, now: float) -> Job | None:
-        """Atomically move one claimable job (queued, or retrying whose wait is over) to running for ``worker_id``."""
         claimable = [J.Status.QUEUED.value, J.Status.RETRYING.value]
         for _ in range(20):
             with self.engine.connect() as c:
@@ -529,7 +717,6 @@ class Store:
 
     def transition(self, job_id: int, dst: J.Status, *, now: float, worker_id: str | None = None,
                    message: str | None = None, **fields: Any) -> Job:
-        """Move a job to ``dst`` if its current status allows it (and, if given, it is held by ``worker_id``)."""
         dst = J.Status(dst)
         srcs = [s.value for s in J.sources_of(dst)]
 
@@ -537,28 +724,18 @@ class Store:
             q = T_JOBS.update().where(T_JOBS.c.id == job_id).where(T_JOBS.c.status.in_(srcs))
             if worker_id is not None:
                 q = q.where(T_JOBS.c.worker_id == worker_id)
-            vals = {"status": dst.value, "updated_at": now, **fields}
-            if dst.finished:
-                vals.setdefault("finished_at", now)
-            res = c.execute(q.values(**vals))
+            res = c.execute(q.values(**move_values(dst, now, fields)))
             if res.rowcount == 1:
                 c.execute(T_EVENTS.insert().values(at=now, job_id=job_id, kind=f"job.{dst.value}",
                                                    message=message or dst.value))
             return res.rowcount
         if self._write(fn) != 1:
-            cur = self.job(job_id)
-            if cur is None:
-                raise StateError(f"job {job_id} does not exist")
-            if worker_id is not None and cur.worker_id != worker_id and cur.status == J.Status.RUNNING:
-                raise StateError(f"job {job_id} is held by {cur.worker_id}, not {worker_id}")
-            J.check(cur.status, dst)  # raises with the illegal move named
-            raise StateError(f"job {job_id} changed under us (now {cur.status.value})")
+            raise self._refused(job_id, dst, worker_id)
         job = self.job(job_id)
         assert job is not None
         return job
 
     def update_running(self, job_id: int, worker_id: str, *, now: float, **fields: Any) -> bool:
-        """Heartbeat / stage / progress of a running job held by ``worker_id``; False if it is no longer ours."""
         def fn(c: Connection) -> int:
             res = c.execute(T_JOBS.update().where(T_JOBS.c.id == job_id)
                             .where(T_JOBS.c.status == J.Status.RUNNING.value)
@@ -566,37 +743,6 @@ class Store:
                             .values(heartbeat_at=now, updated_at=now, **fields))
             return res.rowcount
         return self._write(fn) == 1
-
-    def recover_stale(self, *, now: float, stale_after: float,
-                      is_dead: Callable[[str], bool] | None = None) -> list[int]:
-        """Put back in the queue running jobs whose worker stopped heartbeating (or is known dead).
-
-        The job keeps its work directory and stage: the pipeline's stage records make the next run skip what was
-        finished. A job whose worker died ``max_attempts`` times fails instead (a model that kills its worker).
-        """
-        recovered = []
-        for job in self.jobs([J.Status.RUNNING]):
-            stale = job.heartbeat_at is None or job.heartbeat_at < now - stale_after
-            dead = bool(is_dead and job.worker_id and is_dead(job.worker_id))
-            if not (stale or dead):
-                continue
-            why = "its worker died" if dead else f"no heartbeat for {now - (job.heartbeat_at or 0):.0f} s"
-            try:
-                if job.attempts >= job.max_attempts:
-                    self.transition(job.id, J.Status.FAILED, now=now, worker_id=job.worker_id,
-                                    error_type="WorkerDied", message=f"failed: {why} on attempt {job.attempts}",
-                                    error_message=f"{why} during {job.stage or 'start'} on attempt {job.attempts}")
-                else:
-                    self._requeue(job, now, why)
-                recovered.append(job.id)
-            except StateError:
-                continue  # someone else recovered or finished it meanwhile
-        return recovered
-
-    def _requeue(self, job: Job, now: float, why: str) -> Job:
-        return self.transition(job.id, J.Status.QUEUED, now=now, worker_id=job.worker_id,
-                               message=f"requeued: {why} (was {job.worker_id}, stage {job.stage})",
-                               heartbeat_at=None)
 
     # ---------------------------------------------------------------- artifacts and events
     def add_artifact(self, job_id: int, kind: str, path: str, *, now: float, size: int | None = None,
@@ -630,11 +776,3 @@ class Store:
         with self.engine.connect() as c:
             rows = c.execute(sa.select(T_JOBS.c.status, sa.func.count()).group_by(T_JOBS.c.status)).all()
         return {r[0]: int(r[1]) for r in rows}
-
-
-def to_json(x: Any) -> str:
-    return json.dumps(x, sort_keys=True, default=str)
-
-
-def sqlite_url(path: str | os.PathLike[str]) -> str:
-    return f"sqlite:///{Path(path)}"

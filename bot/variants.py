@@ -14,18 +14,17 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from bot import publish as publish_mod
-from converters import variants
 from converters.errors import InputError
+from converters.workdir import VARIANT_FILE, VariantInfo, WorkDir
 
 log = logging.getLogger(__name__)
 
 
-def public_info(info: Mapping[str, Any]) -> dict[str, Any]:
+def public_info(info: VariantInfo) -> dict[str, Any]:
     """variant.json as published: the same figures, without paths of this machine."""
     def clean(x: Any) -> Any:
         if isinstance(x, dict):
@@ -33,28 +32,27 @@ def public_info(info: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(x, list):
             return [clean(v) for v in x]
         return x
-    return clean(dict(info))
+    return clean(info.to_json())
 
 
 def publish_variant(workdir: Path, hub: Any, *, namespace: str | None = None, repo_id: str | None = None,
-                    repo_pattern: str = variants.DEFAULT_REPO_PATTERN, private: bool = False,
-                    teacher_workdir: Path | None = None, dry_run: bool = False,
+                    repo_pattern: str = publish_mod.DEFAULT_VARIANT_TEMPLATE, private: bool = False, dry_run: bool = False,
                     now: dt.datetime | None = None) -> publish_mod.PublishResult | publish_mod.PublishPlan:
     """Publish a variant work dir to ``{org}/{model}-{variant}-GGUF`` (or ``repo_id``) in one commit."""
-    workdir = Path(workdir)
-    info = variants.load_info(workdir)
+    wd = WorkDir(workdir)
+    info = wd.variant()
     if info is None:
-        raise InputError(f"{workdir} has no {variants.VARIANT_FILE}: it is not a variant work directory")
+        raise InputError(f"{wd.path} has no {VARIANT_FILE}: it is not a variant work directory")
     org = namespace or hub.whoami()
-    teacher_model = info["teacher"].get("model_name") or Path(info["teacher"].get("path", "model")).name
-    rid = repo_id or variants.repo_id(org, teacher_model, info["recipe"]["name"], repo_pattern)
+    rid = repo_id or publish_mod.repo_name(repo_pattern, namespace=org, model=info.teacher_model,
+                                           variant=info.recipe.name)
     options = publish_mod.PublishOptions(repo_id=rid, namespace=org, private=private)
-    with publish_mod._staging_dir() as staging:
-        plan = publish_mod.plan_publish(workdir, hub, options, staging=staging, now=now, variant=info)
+    with publish_mod.staging_dir() as staging:
+        plan = publish_mod.plan_publish(wd, hub, options, staging=staging, now=now, variant=info)
         if plan.action != "none":
-            vj = staging / variants.VARIANT_FILE
+            vj = staging / VARIANT_FILE
             vj.write_text(json.dumps(public_info(info), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            additions = {**plan.additions, variants.VARIANT_FILE: vj}
+            additions = {**plan.additions, VARIANT_FILE: vj}
             plan = dataclasses.replace(plan, additions=additions,
                                        sizes={k: p.stat().st_size for k, p in additions.items()})
         if dry_run:

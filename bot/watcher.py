@@ -1,8 +1,8 @@
 """The watcher: list what is new per source, decide accept or skip (with a stored reason), queue jobs.
 
-:func:`decide` is a pure function of one model record and the settings: every rule returns a
-:class:`Decision` with a short ``code`` and a human ``reason`` that the state store keeps and ``status``
-shows. The rules run in two passes so that a poll costs as few Hub requests as possible:
+The decisions are :func:`bot.rules.decide`, a pure function of one model record and the settings: every rule
+returns a :class:`~bot.rules.Decision` with a short ``code`` and a human ``reason`` that the state store keeps
+and ``status`` shows. The rules run in two passes so that a poll costs as few Hub requests as possible:
 
 1. on the listing record (no request): disabled/private, operator exclusions, file names that escape the
    repo, already GGUF/quantized, ``auto_map`` remote code, pickle-only weights, licence, pipeline tag,
@@ -22,203 +22,21 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime as dt
-import fnmatch
 import logging
-import posixpath
-import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from bot import jobs as J
+from bot.rules import Decision, decide, sibling_names
 from bot.settings import Settings, Source
-from bot.store import Store
-from converters.checkpoint import PICKLE_SUFFIXES, RESULT_PATTERNS
-from converters.errors import GgufbotError, HubAuthError, HubError, HubNotFound
+from bot.store import StateStore
+from converters.checkpoint import is_result_file
+from converters.errors import HubAuthError, HubError, HubNotFound
 
 log = logging.getLogger(__name__)
 
-QUANTIZED_TAGS = frozenset({"gguf", "gptq", "awq", "exl2", "exl3", "mlx", "bitsandbytes", "4-bit", "8-bit",
-                            "quantized", "compressed-tensors", "hqq", "aqlm"})
-QUANTIZED_LIBRARIES = frozenset({"gguf", "mlx", "onnx", "ctranslate2"})
-QUANTIZED_NAME = re.compile(r"(?i)(?:^|[-_.])(gguf|ggml|gptq|awq|exl2|exl3|mlx|bnb|4bit|8bit|int4|int8|nf4|hqq|"
-                            r"aqlm|w4a16|w8a8|w8a16)(?:$|[-_.])")
-# quantization_config methods that llama.cpp's converter can dequantize (an FP8 release is a source release)
-SOURCE_QUANT_METHODS = frozenset({"fp8"})
-
-
-@dataclasses.dataclass(frozen=True)
-class Decision:
-    accept: bool
-    code: str
-    reason: str
-
-    @property
-    def decision(self) -> str:
-        return "accepted" if self.accept else "skipped"
-
-
-ACCEPT = Decision(True, "accepted", "accepted")
-
-
-def skip(code: str, reason: str) -> Decision:
-    return Decision(False, code, reason)
-
-
-# --------------------------------------------------------------------------------------------------
-# Facts read from a model record (duck-typed: bot.hub.ModelRecord)
-# --------------------------------------------------------------------------------------------------
-
-
-def sibling_names(rec: Any) -> list[str]:
-    return [s.rfilename for s in (getattr(rec, "siblings", None) or ())]
-
-
-def unsafe_name(name: str) -> bool:
-    """True for a repo file name that could escape a directory it is downloaded into."""
-    if not name or "\\" in name or "\0" in name or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        return True
-    parts = name.split("/")
-    if any(p in ("..", "") for p in parts):
-        return True
-    return posixpath.normpath(name).startswith("..")
-
-
-def record_license(rec: Any) -> str | None:
-    cd = getattr(rec, "card_data", None) or {}
-    lic = getattr(rec, "license", None) or (cd.get("license") if isinstance(cd, Mapping) else None)
-    if isinstance(lic, list):
-        lic = lic[0] if lic else None
-    if not lic:
-        for t in getattr(rec, "tags", None) or ():
-            if isinstance(t, str) and t.startswith("license:"):
-                return t.split(":", 1)[1].lower()
-    return str(lic).lower() if lic else None
-
-
-def weight_bytes(rec: Any) -> int | None:
-    """Sum of the safetensors weight files' sizes, or None when the record carries no sizes."""
-    total = 0
-    for s in getattr(rec, "siblings", None) or ():
-        if s.rfilename.endswith(".safetensors"):
-            if s.size is None:
-                return None
-            total += int(s.size)
-    return total
-
-
-def params_of(rec: Any) -> int | None:
-    p = getattr(rec, "safetensors_total", None)
-    return int(p) if p else None
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
-def _is_result_file(name: str) -> bool:
-    base = name.rsplit("/", 1)[-1]
-    return any(fnmatch.fnmatchcase(base, p) for p in RESULT_PATTERNS)
-
-
-# --------------------------------------------------------------------------------------------------
-# The rules
-# --------------------------------------------------------------------------------------------------
-
-
-def decide(rec: Any, settings: Settings, source: Source | None = None, *, full: bool = False,
-           has_access: bool | None = None) -> Decision:
-    """Accept or skip ``rec``. ``full``: the record carries file sizes (from model_info), so the exact size
-    rule applies. ``has_access``: whether the token can read a gated repo (None: not checked yet)."""
-    repo = rec.id
-    f = settings.filters
-    if getattr(rec, "disabled", False):
-        return skip("disabled", "the repo is disabled on the Hub")
-    if getattr(rec, "private", False):
-        return skip("private", "the repo is private")
-    pat = settings.excluded(repo)
-    if pat:
-        return skip("excluded", f"name matches the exclude pattern {pat!r}")
-    names = sibling_names(rec)
-    bad = next((n for n in names if unsafe_name(n)), None)
-    if bad is not None:
-        return skip("unsafe_filename", f"file name {bad!r} would escape the download folder")
-    if f.skip_quantized:
-        q = quantized_reason(rec, names)
-        if q:
-            return skip("quantized", q)
-    cfg = getattr(rec, "config", None) or {}
-    if isinstance(cfg, Mapping) and cfg.get("auto_map"):
-        keys = ", ".join(sorted(cfg["auto_map"])) if isinstance(cfg["auto_map"], Mapping) else "auto_map"
-        return skip("remote_code", f"needs remote code (config auto_map: {keys}); never executed")
-    if "custom_code" in (getattr(rec, "tags", None) or ()):
-        return skip("remote_code", "tagged custom_code (needs trust_remote_code); never executed")
-    if names:
-        st = [n for n in names if n.endswith(".safetensors")]
-        if not st:
-            pk = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
-            if pk:
-                return skip("pickle_only", f"pickle-only weights ({pk[0]}); safetensors required, never unpickled")
-            return skip("no_safetensors", "no safetensors weights in the repo")
-    lic = record_license(rec)
-    deny = {x.lower() for x in f.licenses_deny}
-    allow = {x.lower() for x in f.licenses_allow}
-    if lic and lic in deny:
-        return skip("license", f"licence {lic} is on the deny list")
-    if allow and (lic or "none") not in allow:
-        return skip("license", f"licence {lic or 'none'} is not on the allow list")
-    want_tag = source.pipeline_tag if source else None
-    tag = getattr(rec, "pipeline_tag", None)
-    if want_tag and tag and tag != want_tag:
-        return skip("pipeline_tag", f"pipeline tag {tag}, watching {want_tag}")
-    params = params_of(rec)
-    if params is not None:
-        if f.min_params is not None and params < f.min_params:
-            return skip("params", f"{params:,} parameters, below the minimum {f.min_params:,}")
-        if f.max_params is not None and params > f.max_params:
-            return skip("params", f"{params:,} parameters, above the maximum {f.max_params:,}")
-    limit = settings.max_model_bytes
-    size = weight_bytes(rec) if full else None
-    if size is not None and limit and size > limit:
-        return skip("too_large", f"weights are {_gb(size)}, over the size limit of {_gb(limit)}")
-    if size is None and params and limit and params * 2 > limit:  # at least 2 bytes per weight in a source release
-        return skip("too_large",
-                    f"{params:,} parameters (about {_gb(params * 2)}), over the size limit of {_gb(limit)}")
-    gated = getattr(rec, "gated", False)
-    if gated:
-        if f.skip_gated:
-            return skip("gated", f"gated ({gated}); gated models are skipped by the settings")
-        if has_access is False:
-            return skip("gated", f"gated ({gated}) and the token has no access")
-    if full and names and not any(n.endswith(".safetensors") for n in names):
-        return skip("no_safetensors", "no safetensors weights in the repo")
-    return ACCEPT
-
-
-def quantized_reason(rec: Any, names: Iterable[str]) -> str | None:
-    names = list(names)
-    gg = next((n for n in names if n.lower().endswith(".gguf")), None)
-    if gg:
-        return f"already GGUF ({gg})"
-    lib = (getattr(rec, "library_name", None) or "").lower()
-    if lib in QUANTIZED_LIBRARIES:
-        return f"already converted (library {lib})"
-    tags = {str(t).lower() for t in (getattr(rec, "tags", None) or ())}
-    hit = sorted(tags & QUANTIZED_TAGS)
-    if hit:
-        return f"already quantized (tag {hit[0]})"
-    if any(t.startswith("base_model:quantized:") for t in tags):
-        return "already quantized (a quantized derivative of another model)"
-    cfg = getattr(rec, "config", None) or {}
-    qc = cfg.get("quantization_config") if isinstance(cfg, Mapping) else None
-    if isinstance(qc, Mapping):
-        method = str(qc.get("quant_method") or "").lower()
-        if method not in SOURCE_QUANT_METHODS:
-            return f"already quantized (quantization_config {method or '?'})"
-    m = QUANTIZED_NAME.search(rec.id.split("/")[-1])
-    if m:
-        return f"already quantized (name says {m.group(1)})"
-    return None
+__all__ = ["Watcher", "PollResult", "SourceResult", "fingerprint", "changed_files", "diff_fingerprints", "iso"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,7 +52,7 @@ def fingerprint(rec: Any) -> dict[str, str]:
     """
     out: dict[str, str] = {}
     for s in getattr(rec, "siblings", None) or ():
-        if not _is_result_file(s.rfilename):
+        if not is_result_file(s.rfilename):
             continue
         h = getattr(s, "lfs_sha256", None)
         out[s.rfilename] = f"sha256:{h}" if h else f"size:{s.size}"
@@ -316,7 +134,7 @@ class PollResult:
 
 
 class Watcher:
-    def __init__(self, settings: Settings, store: Store, hub: Any, *, toolchain_version: str | None = None):
+    def __init__(self, settings: Settings, store: StateStore, hub: Any, *, toolchain_version: str | None = None):
         self.settings = settings
         self.store = store
         self.hub = hub
@@ -444,7 +262,7 @@ class Watcher:
         if not self.settings.token:
             return False
         probe = next((n for n in sibling_names(info) if n == "config.json"), None) or \
-            next((n for n in sibling_names(info) if _is_result_file(n)), None)
+            next((n for n in sibling_names(info) if is_result_file(n)), None)
         if probe is None:
             return False
         try:
@@ -482,7 +300,3 @@ class Watcher:
                 if jid is not None:
                     out.append(jid)
         return out
-
-
-def is_transient(err: BaseException) -> bool:
-    return isinstance(err, GgufbotError) and bool(err.transient)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from converters import records
 from converters.errors import InputError, ToolError
+from converters.hooks import NULL_HOOKS, Hooks
 from converters.stages import StageOutcome
 from converters.toolchain import Toolchain, run
 
@@ -49,10 +50,21 @@ def imatrix_names(model_name: str) -> tuple[str, str]:
     return f"{model_name}-imatrix.gguf", f"{model_name}-imatrix.dat"
 
 
+@dataclasses.dataclass(frozen=True)
+class CalibrateOptions:
+    """How llama-imatrix runs: chunks of the text (None: all), context length, threads, extra arguments, timeout."""
+
+    chunks: int | None = None
+    ctx: int = 512
+    threads: int | None = None
+    extra_args: tuple[str, ...] = ()
+    timeout: float | None = None
+
+
 def calibrate(reference: Path, workdir: Path, model_name: str, text: TextFile, *, toolchain: Toolchain,
-              chunks: int | None = None, ctx: int = 512, threads: int | None = None,
-              extra_args: tuple[str, ...] = (), timeout: float | None = None,
-              on_line: Callable[[str], None] | None = None) -> StageOutcome:
+              options: CalibrateOptions = CalibrateOptions(), hooks: Hooks = NULL_HOOKS) -> StageOutcome:
+    chunks, ctx, threads, extra_args, timeout = (options.chunks, options.ctx, options.threads, options.extra_args,
+                                                 options.timeout)
     if ctx < 8:
         raise InputError(f"calibration context {ctx} is too small")
     if chunks is not None and chunks < 1:
@@ -73,7 +85,7 @@ def calibrate(reference: Path, workdir: Path, model_name: str, text: TextFile, *
     started = time.monotonic()
     threads = threads or os.cpu_count() or 1
     log.info("calibrate: llama-imatrix on %s (%s chunks of %d)", text.name, chunks or "all", ctx)
-    progress = _chunk_progress(on_line)
+    progress = _chunk_progress(hooks.tool_lines(STAGE))
     with records.atomic_output(final_gguf) as tmp:
         # run from the text's folder with its bare name: llama-imatrix records the name as the dataset, and
         # published files must say "groups_merged.txt", not a path of this machine
@@ -107,10 +119,7 @@ def _computed_chunks(output: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _chunk_progress(on_line: Callable[[str], None] | None) -> Callable[[str], None] | None:
-    if on_line is None:
-        return None
-
+def _chunk_progress(on_line: Callable[[str], None]) -> Callable[[str], None]:
     def cb(line: str) -> None:
         if "computing over" in line or "seconds per pass" in line or re.search(r"\[\d+\]", line):
             on_line(line.strip())

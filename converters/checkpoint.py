@@ -3,6 +3,10 @@
 Refuses what must never be loaded (pickle-only weights, models that need remote code) and what cannot
 work (missing or malformed config, unsupported architecture, corrupt safetensors, no tokenizer), each
 with a one-line reason. Reads only JSON and safetensors headers: nothing here executes model code.
+
+The refusals that file names or a config alone show (:func:`weights_refusal`, :func:`remote_code_refusal`) are
+pure functions on names and mappings, so that the bot's acceptance rules (``bot.rules``) apply the very same
+rules to a Hub record before anything is downloaded.
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ import json
 import math
 import re
 import struct
+from collections.abc import Iterable, Mapping
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from converters import chat, records
 from converters.errors import InputError, UnsupportedModel
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -63,14 +70,57 @@ class Checkpoint:
         """Identity of the checkpoint for stage records: every relevant file's size and hash."""
         from converters.records import fingerprint_file
 
-        files = sorted(p for p in self.path.iterdir() if p.is_file() and _is_result_file(p.name))
+        files = sorted(p for p in self.path.iterdir() if p.is_file() and is_result_file(p.name))
         return {"architecture": self.architecture, "files": [fingerprint_file(p) for p in files]}
 
 
-def _is_result_file(name: str) -> bool:
-    from fnmatch import fnmatch
+def is_result_file(name: str) -> bool:
+    """Whether a file (a name in a repo or a folder; matched on its base name) changes the GGUF result."""
+    base = name.rsplit("/", 1)[-1]
+    return any(fnmatchcase(base, pat) for pat in RESULT_PATTERNS)
 
-    return any(fnmatch(name, pat) for pat in RESULT_PATTERNS)
+
+# --------------------------------------------------------------------------------------------------
+# Refusals seen from file names or a config alone (a local folder or a Hub record)
+# --------------------------------------------------------------------------------------------------
+
+PICKLE_ONLY, NO_SAFETENSORS, REMOTE_CODE = "pickle_only", "no_safetensors", "remote_code"
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """Why a model is refused: ``code`` (a decision code) and the ``names`` that show it (the pickle weight files
+    for ``pickle_only``, the ``auto_map`` keys for ``remote_code``)."""
+
+    code: str
+    names: tuple[str, ...] = ()
+
+    def reason(self, config_file: str = "config") -> str:
+        """The converter's one-line reason (``convert`` of a folder or a Hub repo)."""
+        if self.code == PICKLE_ONLY:
+            shown = f" ({', '.join(sorted(self.names)[:3])})" if self.names else ""
+            return f"only pickle weights{shown}; refused: pickle can run code"
+        if self.code == REMOTE_CODE:
+            return f"needs trust_remote_code ({config_file} has auto_map); refused by default"
+        return "no safetensors weights"
+
+
+def weights_refusal(names: Iterable[str]) -> Refusal | None:
+    """None when some file is a safetensors weight file; else pickle-only weights (never loaded: pickle can run
+    code) or no weights at all."""
+    names = list(names)
+    if any(n.endswith(".safetensors") for n in names):
+        return None
+    pickles = tuple(n for n in names if n.lower().endswith(PICKLE_SUFFIXES))
+    return Refusal(PICKLE_ONLY, pickles) if pickles else Refusal(NO_SAFETENSORS)
+
+
+def remote_code_refusal(config: object) -> Refusal | None:
+    """A config whose ``auto_map`` names the model's own code (which is never run); None otherwise."""
+    auto_map = config.get("auto_map") if isinstance(config, Mapping) else None
+    if not auto_map:
+        return None
+    return Refusal(REMOTE_CODE, tuple(sorted(auto_map)) if isinstance(auto_map, Mapping) else ())
 
 
 def supported_architectures(converter_root: Path) -> frozenset[str] | None:
@@ -136,14 +186,11 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
 
 def _load_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return records.read_json_object(path)
     except FileNotFoundError:
         raise UnsupportedModel(f"no {path.name} ({what})") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except ValueError as e:  # includes UnicodeDecodeError and records.NotAnObject ("not a JSON object")
         raise UnsupportedModel(f"malformed {path.name}: {e}") from None
-    if not isinstance(data, dict):
-        raise UnsupportedModel(f"malformed {path.name}: not a JSON object")
-    return data
 
 
 def _card_license(path: Path) -> str | None:
@@ -174,18 +221,17 @@ def inspect(path: str | Path, *, allow_remote_code: bool = False,
         tok_cfg = _load_json(root / "tokenizer_config.json", "tokenizer settings")
     if not allow_remote_code:
         for where, cfg in (("config.json", config), ("tokenizer_config.json", tok_cfg)):
-            if cfg.get("auto_map"):
-                raise UnsupportedModel(f"needs trust_remote_code ({where} has auto_map); refused by default")
+            remote = remote_code_refusal(cfg)
+            if remote is not None:
+                raise UnsupportedModel(remote.reason(where))
     if supported is not None and arch not in supported:
         raise UnsupportedModel(f"architecture {arch} is not supported by the pinned llama.cpp converter")
 
     files = [p for p in root.iterdir() if p.is_file()]
+    refused = weights_refusal(p.name for p in files)
+    if refused is not None:
+        raise UnsupportedModel(refused.reason())
     weights = sorted(p for p in files if p.name.endswith(".safetensors"))
-    if not weights:
-        pickles = [p.name for p in files if p.name.endswith(PICKLE_SUFFIXES)]
-        if pickles:
-            raise UnsupportedModel(f"only pickle weights ({', '.join(sorted(pickles)[:3])}); refused: pickle can run code")
-        raise UnsupportedModel("no safetensors weights")
     index = root / "model.safetensors.index.json"
     if index.exists():
         wmap = _load_json(index, "shard index").get("weight_map", {})
@@ -210,31 +256,9 @@ def inspect(path: str | Path, *, allow_remote_code: bool = False,
             break
     if not tok_files:
         raise UnsupportedModel("no tokenizer (tokenizer.json, tokenizer.model or vocab.json+merges.txt)")
-    template = _chat_template(root, tok_cfg)
+    template = chat.find_template(root, tok_cfg)
     return Checkpoint(
         path=root, config=config, architecture=arch, model_type=config.get("model_type"),
         weight_files=tuple(weights), weight_bytes=sum(w.stat().st_size for w in weights), parameters=params,
         dtypes=tuple(sorted(dtypes)), tokenizer_files=tok_files, chat_template=template, license=_card_license(root),
     )
-
-
-def _chat_template(root: Path, tok_cfg: dict[str, Any]) -> str | None:
-    jinja = root / "chat_template.jinja"
-    if jinja.exists():
-        return jinja.read_text(encoding="utf-8")
-    cj = root / "chat_template.json"
-    if cj.exists():
-        try:
-            t = json.loads(cj.read_text(encoding="utf-8")).get("chat_template")
-        except ValueError:
-            t = None
-        if isinstance(t, str):
-            return t
-    t = tok_cfg.get("chat_template")
-    if isinstance(t, str):
-        return t
-    if isinstance(t, list):  # named templates: the default one
-        for item in t:
-            if isinstance(item, dict) and item.get("name") == "default":
-                return item.get("template")
-    return None

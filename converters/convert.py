@@ -6,12 +6,12 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from converters import records
 from converters.checkpoint import Checkpoint
 from converters.errors import ToolError, UnsupportedModel
+from converters.hooks import NULL_HOOKS, Hooks
 from converters.stages import StageOutcome, check_disk
 from converters.toolchain import Toolchain, run
 
@@ -26,7 +26,7 @@ def reference_name(model_name: str, outtype: str) -> str:
 
 
 def convert(ckpt: Checkpoint, workdir: Path, model_name: str, *, toolchain: Toolchain, outtype: str = "bf16",
-            timeout: float | None = None, on_line: Callable[[str], None] | None = None) -> StageOutcome:
+            timeout: float | None = None, hooks: Hooks = NULL_HOOKS) -> StageOutcome:
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
         raise UnsupportedModel(f"unknown reference type {outtype!r}; use one of {', '.join(OUTTYPES)}")
@@ -42,7 +42,7 @@ def convert(ckpt: Checkpoint, workdir: Path, model_name: str, *, toolchain: Tool
     with records.atomic_output(final) as tmp:
         argv = [sys.executable, str(toolchain.converter), str(ckpt.path), "--outtype", outtype, "--outfile", str(tmp)]
         try:
-            run(argv, timeout=timeout, env=toolchain.python_env(), on_line=on_line)
+            run(argv, timeout=timeout, env=toolchain.python_env(), on_line=hooks.tool_lines(STAGE))
         except ToolError as e:
             reason = _converter_reason(e.stderr_tail)
             if reason:

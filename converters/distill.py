@@ -28,12 +28,14 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from converters import hfmodel
 from converters import prune as prune_mod
 from converters.errors import ConfigError, InputError
+from converters.hooks import NULL_HOOKS, Hooks
 from converters.records import atomic_output, fingerprint_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -293,123 +295,170 @@ def _lower_layers_identical(teacher: Any, student: Any, start: int) -> bool:
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
-def distill(teacher_dir: Path, student_dir: Path, out_dir: Path, calibration: Path, config: DistillConfig, *,
-            first_changed_layer: int | None = None,
-            on_step: Callable[[int, int, float, float], None] | None = None) -> DistillResult:
-    """Train the student in ``student_dir`` toward the teacher on ``calibration`` text; write it to ``out_dir``.
+STAGE = "distill"
 
-    ``first_changed_layer``: index of the first student layer that differs from the teacher's (from
-    :class:`converters.prune.PruneResult`); enables training from the cut. ``on_step(step, steps, loss, lr)``
-    is called after every step.
-    """
-    import torch
 
-    t0 = time.monotonic()
-    teacher_dir, student_dir, out_dir = Path(teacher_dir), Path(student_dir), Path(out_dir)
-    if out_dir.resolve() in (teacher_dir.resolve(), student_dir.resolve()):
-        raise ConfigError("the healed checkpoint must go to a new directory", key="out")
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    seed_everything(config.seed)
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """Teacher, student and calibration chunks on one device, and which student parameters train."""
 
-    tok = prune_mod.load_tokenizer(student_dir)
-    teacher_tok = prune_mod.load_tokenizer(teacher_dir)
-    if tok.get_vocab() != teacher_tok.get_vocab():
+    teacher: Any
+    student: Any
+    chunks: Any
+    device: str
+    dtype: Any
+    start: int  # first trainable decoder layer
+    params: list[Any]
+    source_dtype: str | None  # the student checkpoint's dtype, to save in
+
+
+def _load(teacher_dir: Path, student_dir: Path, calibration: Path, config: DistillConfig, device: str,
+          dtype: Any) -> tuple[Any, Any, Any]:
+    """Teacher and student (same vocabulary required) and the calibration chunks."""
+    tok = hfmodel.load_tokenizer(student_dir)
+    if tok.get_vocab() != hfmodel.load_tokenizer(teacher_dir).get_vocab():
         raise InputError("teacher and student tokenizers differ; distillation needs the same vocabulary")
     text = prune_mod.read_text(calibration)
     wanted = config.samples or config.steps * config.batch_size
     chunks = prune_mod.token_chunks(tok, text, config.seq_len, wanted).to(device)
-    teacher = prune_mod.load_model(teacher_dir, dtype=dtype, device=device).eval()
-    student = prune_mod.load_model(student_dir, dtype=dtype, device=device)
+    teacher = hfmodel.load_causal_lm(teacher_dir, dtype=dtype, device=device).eval()
+    student = hfmodel.load_causal_lm(student_dir, dtype=dtype, device=device)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise InputError("teacher and student vocabularies differ in size")
-    student_cfg = prune_mod.read_config(student_dir)  # the file's dtype: loading in fp32 changes the config's
-    source_dtype = student_cfg.get("dtype") or student_cfg.get("torch_dtype")
+    return teacher, student, chunks
 
+
+def _trainable(teacher: Any, student: Any, config: DistillConfig, first_changed_layer: int | None,
+               device: str) -> tuple[int, list[Any]]:
+    """Freeze the student below the first trainable layer; (that layer, the trainable parameters)."""
     start = first_trainable(config.trainable, first_changed_layer, device)
     if start > 0 and not _lower_layers_identical(teacher, student, start):
         log.warning("distill: student layers below %d differ from the teacher's; training all layers", start)
         start = 0
     for p in student.parameters():
         p.requires_grad_(False)
-    layers = prune_mod.decoder_layers(student)
-    trainable_modules = list(layers)[start:]
+    modules = list(prune_mod.decoder_layers(student))[start:]
     final_norm = getattr(student.get_decoder(), "norm", None)
     if final_norm is not None:
-        trainable_modules.append(final_norm)
-    params = [p for m in trainable_modules for p in m.parameters()]
+        modules.append(final_norm)
+    params = [p for m in modules for p in m.parameters()]
     for p in params:
         p.requires_grad_(True)
-    n_trainable = sum(p.numel() for p in params)
     if config.grad_checkpointing:
         if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x
             student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
+    return start, params
 
+
+def _setup(teacher_dir: Path, student_dir: Path, calibration: Path, config: DistillConfig,
+           first_changed_layer: int | None) -> _Setup:
+    device = config.device or hfmodel.default_device()
+    dtype = hfmodel.pick_dtype(device)
+    teacher, student, chunks = _load(teacher_dir, student_dir, calibration, config, device, dtype)
+    student_cfg = prune_mod.read_config(student_dir)  # the file's dtype: loading in fp32 changes the config's
+    start, params = _trainable(teacher, student, config, first_changed_layer, device)
+    return _Setup(teacher=teacher, student=student, chunks=chunks, device=device,
+                  dtype=dtype, start=start, params=params,
+                  source_dtype=student_cfg.get("dtype") or student_cfg.get("torch_dtype"))
+
+
+def _teacher_cache(s: _Setup, teacher_dir: Path, calibration: Path, config: DistillConfig) -> TeacherCache:
     key = {"teacher": fingerprint_file(prune_mod.weight_files(teacher_dir)[0]), "text": fingerprint_file(Path(calibration)),
-           "seq_len": config.seq_len, "chunks": int(chunks.shape[0]), "layer": start, "dtype": str(dtype)}
-    n_chunks = int(chunks.shape[0])
+           "seq_len": config.seq_len, "chunks": int(s.chunks.shape[0]), "layer": s.start, "dtype": str(s.dtype)}
+    n_chunks = int(s.chunks.shape[0])
     reused = n_chunks < config.steps * config.batch_size
-    per_chunk = config.seq_len * (teacher.config.vocab_size * 2 + teacher.config.hidden_size * 4)
+    per_chunk = config.seq_len * (s.teacher.config.vocab_size * 2 + s.teacher.config.hidden_size * 4)
     keep = reused and n_chunks * per_chunk <= MEMORY_CACHE_BYTES
     if config.cache_dir is not None:
         log.info("distill: teacher outputs cached on disk (about %.2f GB)", n_chunks * per_chunk / 1e9)
-    cache = TeacherCache(teacher, chunks, start, directory=config.cache_dir, key=key, keep_in_memory=keep)
-    schedule = batch_schedule(n_chunks, config.steps, config.batch_size, config.seed)
+    return TeacherCache(s.teacher, s.chunks, s.start, directory=config.cache_dir, key=key, keep_in_memory=keep)
+
+
+def _mode(s: _Setup, cache: TeacherCache, first_batch: Sequence[int]) -> str:
+    """``from-cut`` when the upper-layer shortcut reproduces the full forward on the first batch, else ``full``."""
+    import torch
+
+    if s.start <= 0:
+        return "full"
+    _, hidden = cache.get(first_batch)
+    with torch.no_grad():
+        full = s.student(input_ids=s.chunks[first_batch], use_cache=False).logits.float()
+        part = _student_logits(s.student, s.chunks[first_batch], hidden, s.start).float()
+    err = float((full - part).abs().max())
+    if not err <= 1e-3 * max(1.0, float(full.abs().max())):
+        log.warning("distill: upper-layer shortcut differs from the full forward (max %.3g); using full passes", err)
+        return "full"
+    return "from-cut"
+
+
+def _train(s: _Setup, cache: TeacherCache, schedule: list[list[int]], mode: str, config: DistillConfig,
+           hooks: Hooks) -> list[float]:
+    """The optimisation loop; one ``hooks.step`` per step (which may stop it). The losses, step by step."""
+    import torch
+
     warmup = config.warmup_steps if config.warmup_steps is not None else config.steps // 10
-    opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
-
-    mode = "from-cut" if start > 0 else "full"
-    if start > 0:  # check the shortcut on the first batch: upper layers from the teacher's hidden state
-        idx = schedule[0]
-        _, hidden = cache.get(idx)
-        with torch.no_grad():
-            full = student(input_ids=chunks[idx], use_cache=False).logits.float()
-            part = _student_logits(student, chunks[idx], hidden, start).float()
-        err = float((full - part).abs().max())
-        if not err <= 1e-3 * max(1.0, float(full.abs().max())):
-            log.warning("distill: upper-layer shortcut differs from the full forward (max %.3g); using full passes", err)
-            mode = "full"
-    log.info("distill: %s <- %s: %d steps, batch %d x %d tokens, lr %g, T %g, %s %s, mode %s (layers %d.., "
-             "%s trainable parameters)", student_dir.name, teacher_dir.name, config.steps, config.batch_size,
-             config.seq_len, config.lr, config.temperature, device, str(dtype).replace("torch.", ""), mode, start,
-             f"{n_trainable:,}")
-
+    opt = torch.optim.AdamW(s.params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    start = s.start if mode == "from-cut" else 0
+    t0 = time.monotonic()
     losses: list[float] = []
     for step, idx in enumerate(schedule):
         lr = lr_at(step, config.steps, config.lr, warmup, config.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
         t_logits, hidden = cache.get(idx)
-        s_logits = _student_logits(student, chunks[idx], hidden if mode == "from-cut" else None,
-                                   start if mode == "from-cut" else 0)
+        s_logits = _student_logits(s.student, s.chunks[idx], hidden if mode == "from-cut" else None, start)
         loss = kl_loss(t_logits, s_logits, config.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(s.params, config.max_grad_norm)
         opt.step()
         value = float(loss.detach())
         if not math.isfinite(value):
             raise InputError(f"distillation diverged at step {step + 1} (loss {value}); lower the learning rate")
         losses.append(value)
-        if on_step:
-            on_step(step + 1, config.steps, value, lr)
+        hooks.step(STAGE, step + 1, config.steps, f"loss {value:.4f}", loss=value, lr=lr)
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             log.info("distill: step %d/%d loss %.4f lr %.3g (%.0fs)", step + 1, config.steps,
                      sum(losses[-config.log_every:]) / len(losses[-config.log_every:]), lr, time.monotonic() - t0)
+    return losses
 
-    student.eval()
+
+def distill(teacher_dir: Path, student_dir: Path, out_dir: Path, calibration: Path, config: DistillConfig, *,
+            first_changed_layer: int | None = None, hooks: Hooks = NULL_HOOKS) -> DistillResult:
+    """Train the student in ``student_dir`` toward the teacher on ``calibration`` text; write it to ``out_dir``.
+
+    ``first_changed_layer``: index of the first student layer that differs from the teacher's (from
+    :class:`converters.prune.PruneResult`); enables training from the cut. After every step
+    ``hooks.step("distill", step, steps, "loss 2.3100", loss=..., lr=...)``, which may stop the run.
+    """
+    t0 = time.monotonic()
+    teacher_dir, student_dir, out_dir = Path(teacher_dir), Path(student_dir), Path(out_dir)
+    if out_dir.resolve() in (teacher_dir.resolve(), student_dir.resolve()):
+        raise ConfigError("the healed checkpoint must go to a new directory", key="out")
+    seed_everything(config.seed)
+    s = _setup(teacher_dir, student_dir, calibration, config, first_changed_layer)
+    cache = _teacher_cache(s, teacher_dir, calibration, config)
+    schedule = batch_schedule(int(s.chunks.shape[0]), config.steps, config.batch_size, config.seed)
+    mode = _mode(s, cache, schedule[0])
+    log.info("distill: %s <- %s: %d steps, batch %d x %d tokens, lr %g, T %g, %s %s, mode %s (layers %d.., "
+             "%s trainable parameters)", student_dir.name, teacher_dir.name, config.steps, config.batch_size,
+             config.seq_len, config.lr, config.temperature, s.device, hfmodel.dtype_name(s.dtype), mode, s.start,
+             f"{sum(p.numel() for p in s.params):,}")
+    losses = _train(s, cache, schedule, mode, config, hooks)
+    s.student.eval()
     if config.grad_checkpointing:
-        disable = getattr(student, "activation_checkpointing_disable", None) or student.gradient_checkpointing_disable
+        disable = (getattr(s.student, "activation_checkpointing_disable", None)
+                   or s.student.gradient_checkpointing_disable)
         disable()
-    save_checkpoint(student, student_dir, out_dir, source_dtype)
+    save_checkpoint(s.student, student_dir, out_dir, s.source_dtype)
     result = DistillResult(
-        steps=config.steps, losses=tuple(losses), seconds=round(time.monotonic() - t0, 3), device=device,
-        dtype=str(dtype).replace("torch.", ""), mode=mode, first_trainable_layer=start,
-        trainable_parameters=n_trainable, tokens=config.steps * config.batch_size * config.seq_len,
+        steps=config.steps, losses=tuple(losses), seconds=round(time.monotonic() - t0, 3), device=s.device,
+        dtype=hfmodel.dtype_name(s.dtype), mode=mode, first_trainable_layer=s.start,
+        trainable_parameters=sum(p.numel() for p in s.params), tokens=config.steps * config.batch_size * config.seq_len,
         teacher_passes=cache.passes, config=config.to_json())
     log.info("distill: wrote %s; loss %.4f -> %.4f in %.0fs", out_dir, result.loss_first, result.loss_last,
              result.seconds)
@@ -425,9 +474,8 @@ def save_checkpoint(model: Any, source_dir: Path, out_dir: Path, dtype_name: str
     if dtype is not None:
         model = model.to(dtype)
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    for p in sorted(Path(source_dir).iterdir()):
-        if (p.is_file() and not p.name.startswith(".") and p.suffix not in prune_mod._SKIP_SUFFIXES
-                and p.name not in prune_mod._SKIP_NAMES and p.name != "generation_config.json"):
+    for p in prune_mod.side_files(source_dir):
+        if p.name != "generation_config.json":
             (out_dir / p.name).write_bytes(p.read_bytes())
 
 
@@ -438,7 +486,7 @@ def teacher_logits(teacher_dir: Path, chunks: Any) -> Any:
     """Teacher logits (fp32, CPU) for ``chunks``, one chunk at a time."""
     import torch
 
-    model = prune_mod.load_model(teacher_dir).eval()
+    model = hfmodel.load_causal_lm(teacher_dir).eval()
     with torch.no_grad():
         return torch.cat([model(input_ids=chunks[i: i + 1], use_cache=False).logits.float()
                           for i in range(chunks.shape[0])])
@@ -449,7 +497,7 @@ def compare(reference_logits: Any, model_dir: Path, chunks: Any, skip_first: int
     import torch
     import torch.nn.functional as F
 
-    model = prune_mod.load_model(model_dir).eval()
+    model = hfmodel.load_causal_lm(model_dir).eval()
     kl_sum = 0.0
     same = 0
     count = 0

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
-import json
 import logging
 import math
 import re
@@ -30,11 +29,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from converters import quants, records, verify
-from converters import report as rep
+from converters import hfmodel, quants, records, verify
 from converters import toolchain as tc_mod
-from converters.errors import DiskSpaceError, GgufbotError, InputError, ParseError, ToolError, UnknownName
+from converters.errors import (DiskSpaceError, GgufbotError, InputError, ParseError, ToolError, UnknownName,
+                               UnsupportedModel)
+from converters.hooks import NULL_HOOKS, PROGRESS, Hooks
 from converters.report import FAILED, PASSED, Check, FileResult, KldStats, Report, TextInfo
+from converters.workdir import CalibrationInfo, Ladder, LadderFile, WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,6 @@ COMPARE_F32_MAX_PARAMS = 1_500_000_000  # larger models run in bfloat16 on the t
 ORDER_MIN_BITS = 0.5
 ORDER_REL_TOL = 0.25
 ORDER_SIGMAS = 3.0
-
-ProgressFn = Callable[[str, int, int], None]
-
 
 # --------------------------------------------------------------------------------------------------
 # Parsing llama-perplexity's output
@@ -195,63 +193,83 @@ class BaseLogits:
 # --------------------------------------------------------------------------------------------------
 
 
-def compare_with_source(source_dir: Path, base: BaseLogits, *, chunks: int, add_bos: bool, bos_id: int | None,
-                        parameters: int | None, max_params: int, threads: int | None = None,
-                        min_top1: float = COMPARE_MIN_TOP1, max_kld: float = COMPARE_MAX_KLD) -> Check:
-    """Top-1 agreement and mean KLD(GGUF || transformers) on the same tokens as the stored reference run."""
-    if parameters is not None and parameters > max_params:
-        return Check.skip(f"skipped: the model has {parameters / 1e9:.1f} B parameters, above the "
-                          f"{max_params / 1e9:.1f} B limit of the transformers comparison", parameters=parameters)
+@dataclasses.dataclass(frozen=True)
+class CompareSpec:
+    """How the reference is compared with the source: on how many chunks, with which BOS, up to which size."""
+
+    chunks: int
+    add_bos: bool
+    bos_id: int | None
+    parameters: int | None
+    max_params: int
+    threads: int | None = None
+    min_top1: float = COMPARE_MIN_TOP1
+    max_kld: float = COMPARE_MAX_KLD
+
+    @property
+    def too_big(self) -> bool:
+        return self.parameters is not None and self.parameters > self.max_params
+
+
+def _source_log_probs(model: Any, base: BaseLogits, spec: CompareSpec) -> tuple[Any, int, int, int]:
+    """Per-token KLD(GGUF || transformers) over the compared chunks, top-1 agreements, tokens, chunks."""
     import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM
 
-    big = parameters is not None and parameters > COMPARE_F32_MAX_PARAMS
-    dtype = torch.bfloat16 if big else torch.float32
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(source_dir), dtype=dtype, trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 - an architecture transformers cannot run is a note, not a crash
-        return Check.skip(f"skipped: transformers cannot load the source model ({type(e).__name__}: {e})"[:400])
-    model.eval()
-    n = min(chunks, base.n_chunk)
+    n = min(spec.chunks, base.n_chunk)
     first = base.n_ctx // 2
     klds: list[Any] = []
-    agree = 0
-    total = 0
+    agree = total = 0
+    for c in range(n):
+        ids = base.tokens(c).astype(np.int64)
+        if spec.add_bos and spec.bos_id is not None:
+            ids[0] = spec.bos_id
+        with torch.no_grad():
+            logits = model(torch.from_numpy(ids)[None, :]).logits[0, first:base.n_ctx - 1].float()
+        hf = torch.log_softmax(logits, dim=-1).double().numpy()
+        gg = base.log_probs(c)
+        if hf.shape[1] < base.n_vocab:  # a padded GGUF vocabulary: extra entries have no HF logit
+            gg = gg[:, :hf.shape[1]]
+        hf = hf[:, :gg.shape[1]]
+        p = np.where(gg > -16.0, np.exp(gg), 0.0)  # llama.cpp's cut-off for stored log-probabilities
+        klds.append((p * (gg - hf)).sum(axis=1))
+        agree += int((gg.argmax(axis=1) == hf.argmax(axis=1)).sum())
+        total += gg.shape[0]
+    return np.concatenate(klds), agree, total, n
+
+
+def compare_with_source(source_dir: Path, base: BaseLogits | None, spec: CompareSpec) -> Check:
+    """Top-1 agreement and mean KLD(GGUF || transformers) on the same tokens as the stored reference run."""
+    if spec.too_big:
+        return Check.skip(f"skipped: the model has {spec.parameters / 1e9:.1f} B parameters, above the "  # type: ignore[operator]
+                          f"{spec.max_params / 1e9:.1f} B limit of the transformers comparison",
+                          parameters=spec.parameters)
+    assert base is not None
+    dtype = hfmodel.pick_dtype(hfmodel.CPU, parameters=spec.parameters, f32_max_params=COMPARE_F32_MAX_PARAMS)
+    hfmodel.set_threads(spec.threads)
     try:
-        for c in range(n):
-            ids = base.tokens(c).astype(np.int64)
-            if add_bos and bos_id is not None:
-                ids[0] = bos_id
-            with torch.no_grad():
-                logits = model(torch.from_numpy(ids)[None, :]).logits[0, first:base.n_ctx - 1].float()
-            hf = torch.log_softmax(logits, dim=-1).double().numpy()
-            gg = base.log_probs(c)
-            if hf.shape[1] < base.n_vocab:  # a padded GGUF vocabulary: extra entries have no HF logit
-                gg = gg[:, :hf.shape[1]]
-            hf = hf[:, :gg.shape[1]]
-            p = np.where(gg > -16.0, np.exp(gg), 0.0)  # llama.cpp's cut-off for stored log-probabilities
-            klds.append((p * (gg - hf)).sum(axis=1))
-            agree += int((gg.argmax(axis=1) == hf.argmax(axis=1)).sum())
-            total += gg.shape[0]
+        model = hfmodel.load_causal_lm(source_dir, dtype=dtype)
+    except UnsupportedModel as e:  # an architecture transformers cannot run is a note, not a crash
+        cause = e.__cause__ or e
+        return Check.skip(f"skipped: transformers cannot load the source model ({type(cause).__name__}: {cause})"[:400])
+    model.eval()
+    try:
+        kld, agree, total, n = _source_log_probs(model, base, spec)
     finally:
         del model
-    kld = np.concatenate(klds)
     top1 = agree / total
     top1_err = math.sqrt(top1 * (1 - top1) / max(1, total - 1))
     data = {"top1_agreement": top1, "top1_agreement_err": top1_err, "kld_mean": float(kld.mean()),
             "kld_mean_err": float(kld.std(ddof=1) / math.sqrt(len(kld))) if len(kld) > 1 else None,
-            "kld_max": float(kld.max()), "tokens": total, "chunks": n, "dtype": str(dtype).replace("torch.", ""),
-            "min_top1": min_top1, "max_kld": max_kld}
+            "kld_max": float(kld.max()), "tokens": total, "chunks": n, "dtype": hfmodel.dtype_name(dtype),
+            "min_top1": spec.min_top1, "max_kld": spec.max_kld}
     summary = (f"top-1 agreement {100 * top1:.2f} ± {100 * top1_err:.2f} %, mean KLD {data['kld_mean']:.5f} "
                f"on {total} tokens ({n} chunks, transformers {data['dtype']})")
     if not all(math.isfinite(x) for x in (top1, data["kld_mean"])):
         return Check.fail(f"BF16 GGUF and source disagree: figures not finite ({summary})", **data)
-    if top1 < min_top1 or data["kld_mean"] > max_kld:
+    if top1 < spec.min_top1 or data["kld_mean"] > spec.max_kld:
         return Check.fail(f"BF16 GGUF and source disagree (a converter bug: rope, norms, tokenizer?): {summary}; "
-                          f"limits: top-1 >= {100 * min_top1:.0f} %, KLD <= {max_kld}", **data)
+                          f"limits: top-1 >= {100 * spec.min_top1:.0f} %, KLD <= {spec.max_kld}", **data)
     return Check.ok(summary, **data)
 
 
@@ -353,49 +371,6 @@ def publishable(checks: Mapping[str, Check]) -> tuple[bool, list[str]]:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class LadderFile:
-    type: str
-    path: str
-    size: int
-    bpw: float | None
-    bpw_nominal: float | None
-
-
-@dataclasses.dataclass(frozen=True)
-class Ladder:
-    """The parts of ladder.json evaluation needs (the rest is kept in ``raw``)."""
-
-    model_name: str
-    source: dict[str, Any]
-    toolchain: dict[str, Any]
-    reference_type: str
-    reference_path: str
-    imatrix_calibration: dict[str, Any] | None
-    files: tuple[LadderFile, ...]
-    raw: dict[str, Any]
-
-    @classmethod
-    def load(cls, workdir: Path) -> "Ladder":
-        p = workdir / "ladder.json"
-        try:
-            d = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
-            raise InputError(f"cannot read {p}: {e}") from e
-        if d.get("schema_version") != 1:
-            raise InputError(f"{p}: unsupported schema_version {d.get('schema_version')!r}")
-        try:
-            files = tuple(LadderFile(type=f["type"], path=f["path"], size=int(f.get("size") or 0),
-                                     bpw=f.get("bpw"), bpw_nominal=f.get("bpw_nominal")) for f in d["files"])
-            ref = d["reference"]
-            return cls(model_name=d.get("model_name") or workdir.name, source=dict(d.get("source") or {}),
-                       toolchain=dict(d.get("toolchain") or {}), reference_type=ref.get("type", "BF16"),
-                       reference_path=ref["path"], imatrix_calibration=(d.get("imatrix") or {}).get("calibration"),
-                       files=files, raw=d)
-        except (KeyError, TypeError) as e:
-            raise InputError(f"{p}: missing or malformed field {e}") from e
-
-
 def _sha256_text(path: Path) -> str:
     return records.sha256_file(path)
 
@@ -477,217 +452,311 @@ def run_kld(tc: tc_mod.Toolchain, model: Path, base: Path, *, ctx: int,
 # --------------------------------------------------------------------------------------------------
 
 
-def run(workdir: Path, *, eval_text: Path, calibration_text: Path | None = None, chunks: int | None = None,
-        ctx: int = 512, threads: int | None = None, source_dir: Path | None = None,
-        reference_logits: Path | None = None, hf_compare_max_params: int = 3_000_000_000,
-        hf_compare_chunks: int = 2, ceilings: dict[str, float] | None = None,
-        on_progress: ProgressFn | None = None, toolchain: tc_mod.Toolchain | None = None,
-        eval_text_name: str | None = None, eval_text_source: str | None = None,
-        keep_base_logits: Path | None = None) -> Report:
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """What to evaluate with. ``reference_logits``: a base-logits file to measure against instead of the work
+    dir's own reference (for pruned or distilled variants: the teacher's BF16); it is read, never deleted.
+    ``eval_text_name`` / ``eval_text_source``: how the report names the text (a URL or hf:// address is
+    recorded; a local path never is). ``keep_base_logits``: move the base-logits file there instead of
+    deleting it (benchmarks, tests)."""
+
+    eval_text: Path
+    calibration_text: Path | None = None
+    chunks: int | None = None
+    ctx: int = 512
+    threads: int | None = None
+    source_dir: Path | None = None
+    reference_logits: Path | None = None
+    hf_compare_max_params: int = 3_000_000_000
+    hf_compare_chunks: int = 2
+    ceilings: dict[str, float] | None = None
+    eval_text_name: str | None = None
+    eval_text_source: str | None = None
+    keep_base_logits: Path | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """The validated inputs of one evaluation."""
+
+    wd: WorkDir
+    ladder: Ladder
+    opts: EvalOptions
+    eval_text: Path
+    eval_sha: str
+    cal_sha: str | None
+    src_path: Path | None
+    reference: Path
+    tc: tc_mod.Toolchain
+    hooks: Hooks
+
+    @property
+    def calibration(self) -> CalibrationInfo | None:
+        return self.ladder.imatrix.calibration if self.ladder.imatrix is not None else None
+
+    def step(self, text: str, done: int, total: int) -> None:
+        self.hooks.step(STAGE, done, total, text)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scoring:
+    """The tokens every file is scored on: the base-logits file and its shape."""
+
+    ctx: int
+    n_chunks: int
+    text_tokens: int
+    base_path: Path
+    own_base: Path | None  # written by this run (removed at the end), None when given
+
+
+def run(workdir: Path | WorkDir, options: EvalOptions, *, toolchain: tc_mod.Toolchain | None = None,
+        hooks: Hooks = NULL_HOOKS) -> Report:
     """Evaluate and check every file of ``workdir/ladder.json``; write report.json and the chart; return the report.
 
-    ``reference_logits``: a base-logits file to measure against instead of this work dir's own reference
-    (for pruned or distilled variants: the teacher's BF16). It is read, never deleted.
-    ``eval_text_name`` / ``eval_text_source``: how the report names the text (a URL or hf:// address is
-    recorded; a local path never is). ``on_progress(step, done, total)`` is called between steps.
-    ``keep_base_logits``: move the base-logits file there instead of deleting it (benchmarks, tests).
+    Progress goes to ``hooks.step("evaluate", done, total, what)``, which may stop the run between steps.
     """
     started = time.monotonic()
-    workdir = Path(workdir)
-    eval_text = Path(eval_text)
-    progress = on_progress or (lambda step, done, total: None)
-    ladder = Ladder.load(workdir)
+    job = _prepare(WorkDir(workdir), options, toolchain, hooks)
+    inputs = _record_inputs(job)
+    done = records.complete(job.wd.path, STAGE, inputs)
+    if done is not None and job.wd.has_report():
+        log.info("evaluate: %s already evaluated for these inputs; skipped", _model_name(job))
+        return job.wd.report()
+    seconds: dict[str, float] = {}
+    ref_facts = verify.GgufFacts.read(job.reference)
+    for stale in job.wd.path.glob(f"{records.TMP_MARK}*/base-logits*.kld"):  # left by a killed evaluation
+        _remove_scratch(stale)
+    t0 = time.monotonic()
+    text_tokens = count_tokens(job.tc, job.reference, job.eval_text)
+    seconds["tokenize"] = time.monotonic() - t0
+    ref_block: dict[str, Any] = {"type": job.ladder.reference.type, "path": job.ladder.reference.path,
+                                 "size": job.reference.stat().st_size}
+    scoring = _scoring(job, len(ref_facts.tokens), text_tokens, ref_block)
+    checks: dict[str, Check] = {}
+    files = _measure(job, scoring, ref_facts, ref_block, checks, seconds)
+    total_steps = len(job.ladder.files) + 3
+    job.step("checks", total_steps - 1, total_steps)
+    t0 = time.monotonic()
+    _check(job, ref_facts, files, checks)
+    seconds["checks"] = time.monotonic() - t0
+    report = _report(job, scoring, files, checks, ref_block, seconds)
+    _write(job, report, inputs, started)
+    hooks.emit(STAGE, PROGRESS, done=total_steps, total=total_steps, text="done")
+    log.info("evaluate: %s: %d/%d files passed, publishable=%s (%.0f s)", report.model_name,
+             sum(f.status == PASSED for f in files), len(files), report.publishable, seconds["total"])
+    return report
+
+
+def _model_name(job: _Job) -> str:
+    return job.ladder.model_name or job.wd.name
+
+
+def _prepare(wd: WorkDir, opts: EvalOptions, toolchain: tc_mod.Toolchain | None, hooks: Hooks) -> _Job:
+    """Read the ladder and refuse bad inputs before any long run."""
+    eval_text = Path(opts.eval_text)
+    ladder = wd.ladder()
     if not eval_text.is_file():
         raise InputError(f"evaluation text not found: {eval_text}")
     eval_sha = _sha256_text(eval_text)
     cal_sha = None
-    if calibration_text is not None:
-        if Path(calibration_text).resolve() == eval_text.resolve():
+    if opts.calibration_text is not None:
+        if Path(opts.calibration_text).resolve() == eval_text.resolve():
             raise InputError("the evaluation text is the calibration text: a quant must not be judged on the text "
                              "it was calibrated on")
-        cal_sha = _sha256_text(Path(calibration_text))
-    cal_info = ladder.imatrix_calibration or {}
-    if eval_sha in {cal_sha, cal_info.get("sha256")}:
+        cal_sha = _sha256_text(Path(opts.calibration_text))
+    cal = ladder.imatrix.calibration if ladder.imatrix is not None else None
+    if eval_sha in {cal_sha, cal.sha256 if cal is not None else None}:
         raise InputError(f"the evaluation text {eval_text.name} has the same content as the calibration text: a quant "
                          "must not be judged on the text it was calibrated on")
-    if chunks is not None and chunks < 1:
-        raise InputError(f"chunks must be at least 1, not {chunks}")
-    if ceilings:
-        for k in ceilings:
-            if k != "default":
-                quants.get(k)  # UnknownName for a typo
-    src_path = source_dir or (Path(ladder.source["path"]) if ladder.source.get("path") else None)
+    if opts.chunks is not None and opts.chunks < 1:
+        raise InputError(f"chunks must be at least 1, not {opts.chunks}")
+    for k in opts.ceilings or {}:
+        if k != "default":
+            quants.get(k)  # UnknownName for a typo
+    src_path = opts.source_dir or (Path(ladder.source.path) if ladder.source.path else None)
     tc = toolchain or tc_mod.find(required=True)
     assert tc is not None
-    reference = workdir / ladder.reference_path
+    reference = wd.path / ladder.reference.path
     if not reference.exists():
-        raise InputError(f"the reference GGUF {ladder.reference_path} is missing from {workdir}")
+        raise InputError(f"the reference GGUF {ladder.reference.path} is missing from {wd.path}")
+    return _Job(wd=wd, ladder=ladder, opts=opts, eval_text=eval_text, eval_sha=eval_sha, cal_sha=cal_sha,
+                src_path=src_path, reference=reference, tc=tc, hooks=hooks)
 
-    inputs = {"ladder": _fingerprint(workdir / "ladder.json"), "eval_text": eval_sha, "chunks": chunks, "ctx": ctx,
-              "reference_logits": _fingerprint(reference_logits), "ceilings": ceilings or {},
-              "hf_compare_max_params": hf_compare_max_params, "hf_compare_chunks": hf_compare_chunks,
-              "source_dir": str(src_path) if src_path else None, "toolchain": tc.version}
-    done = records.complete(workdir, STAGE, inputs)
-    if done is not None and (workdir / rep.REPORT_NAME).exists():
-        log.info("evaluate: %s already evaluated for these inputs; skipped", ladder.model_name)
-        return rep.load(workdir)
 
-    seconds: dict[str, float] = {}
-    ref_facts = verify.GgufFacts.read(reference)
-    n_vocab = len(ref_facts.tokens)
-    for stale in workdir.glob(f"{records.TMP_MARK}*/base-logits*.kld"):  # left by a killed evaluation
-        _remove_scratch(stale)
+def _record_inputs(job: _Job) -> dict[str, Any]:
+    o = job.opts
+    return {"ladder": _fingerprint(job.wd.ladder_path), "eval_text": job.eval_sha, "chunks": o.chunks, "ctx": o.ctx,
+            "reference_logits": _fingerprint(o.reference_logits), "ceilings": o.ceilings or {},
+            "hf_compare_max_params": o.hf_compare_max_params, "hf_compare_chunks": o.hf_compare_chunks,
+            "source_dir": str(job.src_path) if job.src_path else None, "toolchain": job.tc.version}
 
-    t0 = time.monotonic()
-    text_tokens = count_tokens(tc, reference, eval_text)
-    seconds["tokenize"] = time.monotonic() - t0
-    base_path: Path
-    own_base: Path | None = None
-    ref_block: dict[str, Any] = {"type": ladder.reference_type, "path": ladder.reference_path,
-                                 "size": reference.stat().st_size}
-    if reference_logits is not None:
-        base = BaseLogits.open(Path(reference_logits))
+
+def _scoring(job: _Job, n_vocab: int, text_tokens: int, ref_block: dict[str, Any]) -> _Scoring:
+    """Given base logits (their shape decides), or the chunks this run stores the reference's logits for."""
+    o = job.opts
+    if o.reference_logits is not None:
+        base = BaseLogits.open(Path(o.reference_logits))
         if base.n_vocab != n_vocab:
             raise InputError(f"reference logits have {base.n_vocab} vocabulary entries, the model {n_vocab}")
-        ctx, n_chunks, base_path = base.n_ctx, base.n_chunk, Path(reference_logits)
-        ref_block["logits"] = {"name": base_path.name, "chunks": n_chunks, "ctx": ctx, "given": True}
-    else:
-        available = text_tokens // ctx
-        if available < 2:
-            raise InputError(f"the evaluation text {eval_text.name} has {text_tokens} tokens: at least {2 * ctx} are "
-                             f"needed for a context of {ctx}")
-        n_chunks = min(chunks or DEFAULT_CHUNKS, available)
-        if n_chunks * scored_per_chunk(ctx) < 100:
-            n_chunks = min(available, -(-100 // scored_per_chunk(ctx)))  # llama.cpp reports nothing below 100 tokens
-        need = base_logits_bytes(n_vocab, ctx, n_chunks)
-        free = shutil.disk_usage(workdir).free
-        if free < need + DISK_MARGIN:
-            raise DiskSpaceError(str(workdir), need + DISK_MARGIN, free)
-        base_path = own_base = records.tmp_path_for(workdir / "base-logits.kld")
-        own_base.parent.mkdir(parents=True, exist_ok=True)
+        ref_block["logits"] = {"name": Path(o.reference_logits).name, "chunks": base.n_chunk, "ctx": base.n_ctx,
+                               "given": True}
+        return _Scoring(base.n_ctx, base.n_chunk, text_tokens, Path(o.reference_logits), None)
+    ctx = o.ctx
+    available = text_tokens // ctx
+    if available < 2:
+        raise InputError(f"the evaluation text {job.eval_text.name} has {text_tokens} tokens: at least {2 * ctx} are "
+                         f"needed for a context of {ctx}")
+    n_chunks = min(o.chunks or DEFAULT_CHUNKS, available)
+    if n_chunks * scored_per_chunk(ctx) < 100:
+        n_chunks = min(available, -(-100 // scored_per_chunk(ctx)))  # llama.cpp reports nothing below 100 tokens
+    need = base_logits_bytes(n_vocab, ctx, n_chunks)
+    free = shutil.disk_usage(job.wd.path).free
+    if free < need + DISK_MARGIN:
+        raise DiskSpaceError(str(job.wd.path), need + DISK_MARGIN, free)
+    own = records.tmp_path_for(job.wd.path / "base-logits.kld")
+    own.parent.mkdir(parents=True, exist_ok=True)
+    return _Scoring(ctx, n_chunks, text_tokens, own, own)
 
-    files: list[FileResult] = []
-    checks: dict[str, Check] = {}
-    total_steps = len(ladder.files) + 3
-    step = 0
+
+def _measure(job: _Job, scoring: _Scoring, ref_facts: verify.GgufFacts, ref_block: dict[str, Any],
+             checks: dict[str, Check], seconds: dict[str, float]) -> list[FileResult]:
+    """The reference runs, then every quant against the reference; the base logits removed (or kept) after."""
     try:
-        if own_base is not None:
-            progress("base logits", step, total_steps)
-            log.info("evaluate: base logits of %s over %d chunks of %d tokens (%.2f GB)", reference.name, n_chunks,
-                     ctx, base_logits_bytes(n_vocab, ctx, n_chunks) / 1e9)
-            ppl, ppl_err, secs = run_base(tc, reference, eval_text, own_base, ctx=ctx, chunks=n_chunks,
-                                          threads=threads)
-            ref_block.update(ppl=ppl, ppl_err=ppl_err)
-            seconds["base_logits"] = secs
-        step += 1
-
-        # the reference against the source checkpoint
-        progress("bf16 vs source", step, total_steps)
-        t0 = time.monotonic()
-        if src_path is None or not src_path.is_dir():
-            checks["bf16_vs_source"] = Check.fail("the source checkpoint is not available, so the conversion cannot "
-                                                  "be compared with it")
-        else:
-            checks["bf16_vs_source"] = _compare(tc, reference, ref_facts, src_path, eval_text, own_base, ctx=ctx,
-                                                chunks=hf_compare_chunks, threads=threads,
-                                                parameters=ladder.source.get("parameters"),
-                                                max_params=hf_compare_max_params, workdir=workdir)
-        seconds["source_comparison"] = time.monotonic() - t0
-        step += 1
-
-        if reference_logits is not None:  # the variant's own reference, measured against the teacher
-            try:
-                stats, secs = run_kld(tc, reference, base_path, ctx=ctx, threads=threads)
-                ref_block.update({k: v for k, v in stats.figures().items()})
-                ref_block.update(ppl=stats.ppl, ppl_err=stats.ppl_err)
-                seconds["reference_kld"] = secs
-            except (ToolError, ParseError) as e:
-                ref_block["error"] = e.short()
-
-        # each quant: figures against the reference
-        for lf in ladder.files:
-            progress(f"kld {lf.type}", step, total_steps)
-            fr = FileResult(type=lf.type, path=lf.path, size=lf.size, bpw=lf.bpw, bpw_nominal=lf.bpw_nominal)
-            path = workdir / lf.path
-            if not path.exists():
-                fr.error = f"{lf.path} is missing"
-            else:
-                try:
-                    fr.stats, fr.seconds["kld"] = run_kld(tc, path, base_path, ctx=ctx, threads=threads)
-                except ToolError as e:
-                    fr.error = verify.tool_error_reason(e)
-                except ParseError as e:
-                    fr.error = str(e)
-            log.info("evaluate: %s %s", lf.type, f"KLD {fr.stats.kld_mean:.5f} ± {fr.stats.kld_mean_err:.5f}"
-                     if fr.stats else f"failed: {fr.error}")
-            files.append(fr)
-            step += 1
+        _reference_runs(job, scoring, ref_facts, ref_block, checks, seconds)
+        files = [_measure_file(job, scoring, lf, i + 2, len(job.ladder.files) + 3)
+                 for i, lf in enumerate(job.ladder.files)]
         if "ppl" not in ref_block:
             first = next((f.stats for f in files if f.stats), None)
             if first is not None:
                 ref_block.update(ppl=first.ppl_base, ppl_err=first.ppl_base_err)
     finally:
-        if own_base is not None:
-            if keep_base_logits is not None and own_base.exists():
-                shutil.move(own_base, keep_base_logits)
-            _remove_scratch(own_base)
+        own = scoring.own_base
+        if own is not None:
+            if job.opts.keep_base_logits is not None and own.exists():
+                shutil.move(own, job.opts.keep_base_logits)
+            _remove_scratch(own)
     seconds["kld"] = sum(f.seconds.get("kld", 0.0) for f in files)
+    return files
 
-    # checks
-    progress("checks", step, total_steps)
+
+def _reference_runs(job: _Job, scoring: _Scoring, ref_facts: verify.GgufFacts, ref_block: dict[str, Any],
+                    checks: dict[str, Check], seconds: dict[str, float]) -> None:
+    """Store the reference's log-probabilities, compare it with the source, measure it against given logits."""
+    total = len(job.ladder.files) + 3
+    o = job.opts
+    if scoring.own_base is not None:
+        job.step("base logits", 0, total)
+        log.info("evaluate: base logits of %s over %d chunks of %d tokens (%.2f GB)", job.reference.name,
+                 scoring.n_chunks, scoring.ctx,
+                 base_logits_bytes(len(ref_facts.tokens), scoring.ctx, scoring.n_chunks) / 1e9)
+        ppl, ppl_err, secs = run_base(job.tc, job.reference, job.eval_text, scoring.own_base, ctx=scoring.ctx,
+                                      chunks=scoring.n_chunks, threads=o.threads)
+        ref_block.update(ppl=ppl, ppl_err=ppl_err)
+        seconds["base_logits"] = secs
+    job.step("bf16 vs source", 1, total)
     t0 = time.monotonic()
-    job_checks, file_checks = _run_checks(tc, reference, ref_facts, src_path, files, workdir, threads)
+    if job.src_path is None or not job.src_path.is_dir():
+        checks["bf16_vs_source"] = Check.fail("the source checkpoint is not available, so the conversion cannot "
+                                              "be compared with it")
+    else:
+        checks["bf16_vs_source"] = _compare(job, ref_facts, scoring)
+    seconds["source_comparison"] = time.monotonic() - t0
+    if o.reference_logits is not None:  # the variant's own reference, measured against the teacher
+        try:
+            stats, secs = run_kld(job.tc, job.reference, scoring.base_path, ctx=scoring.ctx, threads=o.threads)
+            ref_block.update(dict(stats.figures().items()))
+            ref_block.update(ppl=stats.ppl, ppl_err=stats.ppl_err)
+            seconds["reference_kld"] = secs
+        except (ToolError, ParseError) as e:
+            ref_block["error"] = e.short()
+
+
+def _measure_file(job: _Job, scoring: _Scoring, lf: LadderFile, step: int, total: int) -> FileResult:
+    """One quant's figures against the reference (a failed run is recorded in the result, not raised)."""
+    job.step(f"kld {lf.type}", step, total)
+    fr = FileResult(type=lf.type, path=lf.path, size=int(lf.size or 0), bpw=lf.bpw, bpw_nominal=lf.bpw_nominal)
+    path = job.wd.path / lf.path
+    if not path.exists():
+        fr.error = f"{lf.path} is missing"
+    else:
+        try:
+            fr.stats, fr.seconds["kld"] = run_kld(job.tc, path, scoring.base_path, ctx=scoring.ctx,
+                                                  threads=job.opts.threads)
+        except ToolError as e:
+            fr.error = verify.tool_error_reason(e)
+        except ParseError as e:
+            fr.error = str(e)
+    log.info("evaluate: %s %s", lf.type, f"KLD {fr.stats.kld_mean:.5f} ± {fr.stats.kld_mean_err:.5f}"
+             if fr.stats else f"failed: {fr.error}")
+    return fr
+
+
+def _check(job: _Job, ref_facts: verify.GgufFacts, files: Sequence[FileResult], checks: dict[str, Check]) -> None:
+    """The checks (into ``checks`` and each file's), then the gate's verdict on every file."""
+    job_checks, file_checks = _run_checks(job, ref_facts, files)
     checks.update(job_checks)
     for f in files:
         f.checks.update(file_checks.get(f.type, {}))
-    seconds["checks"] = time.monotonic() - t0
-
     per_job = {k: v for k, v in checks.items() if k in ("chat_template", "special_tokens", "end_of_reply")}
-    verdicts = gate(files, ceilings, job_checks=per_job)
+    verdicts = gate(files, job.opts.ceilings, job_checks=per_job)
     for f in files:
         f.reasons = verdicts[f.type]
         f.status = FAILED if f.reasons else PASSED
-    ok, why = publishable(checks)
 
-    settings = {"chunks": n_chunks, "chunks_asked": chunks, "ctx": ctx, "threads": threads,
-                "ceilings": {f.type: ceiling_for(f, ceilings) for f in files},
-                "ladder_order": {"min_bits": ORDER_MIN_BITS, "rel_tol": ORDER_REL_TOL, "sigmas": ORDER_SIGMAS},
-                "hf_compare": {"max_params": hf_compare_max_params, "chunks": hf_compare_chunks,
-                               "min_top1": COMPARE_MIN_TOP1, "max_kld": COMPARE_MAX_KLD},
-                "n_predict": N_PREDICT, "reference_logits": reference_logits is not None}
-    texts = {
-        "eval": TextInfo(name=eval_text_name or eval_text.name, source=_public_source(eval_text_source),
-                         sha256=eval_sha, bytes=eval_text.stat().st_size, tokens=text_tokens,
-                         tokens_scored=n_chunks * scored_per_chunk(ctx), chunks=n_chunks, ctx=ctx),
-        "calibration": (TextInfo(name=cal_info.get("name") or (Path(calibration_text).name if calibration_text else ""),
-                                 sha256=cal_info.get("sha256") or cal_sha or "", bytes=int(cal_info.get("bytes") or 0),
-                                 chunks=cal_info.get("chunks"), ctx=cal_info.get("ctx"),
-                                 source=_public_source(cal_info.get("source")))
-                        if (cal_info or calibration_text) else None),
-    }
-    source = {k: ladder.source.get(k) for k in ("repo", "revision", "architecture", "parameters",
-                                                 "has_chat_template", "license")}
-    report = Report(model_name=ladder.model_name, source=source, toolchain=dict(ladder.toolchain),
-                    tools=_tool_versions(tc), texts=texts, settings=settings, reference=ref_block, checks=checks,
-                    files=files, publishable=ok, reasons=why, seconds=seconds)
+
+def _settings(job: _Job, scoring: _Scoring, files: Sequence[FileResult]) -> dict[str, Any]:
+    o = job.opts
+    return {"chunks": scoring.n_chunks, "chunks_asked": o.chunks, "ctx": scoring.ctx, "threads": o.threads,
+            "ceilings": {f.type: ceiling_for(f, o.ceilings) for f in files},
+            "ladder_order": {"min_bits": ORDER_MIN_BITS, "rel_tol": ORDER_REL_TOL, "sigmas": ORDER_SIGMAS},
+            "hf_compare": {"max_params": o.hf_compare_max_params, "chunks": o.hf_compare_chunks,
+                           "min_top1": COMPARE_MIN_TOP1, "max_kld": COMPARE_MAX_KLD},
+            "n_predict": N_PREDICT, "reference_logits": o.reference_logits is not None}
+
+
+def _texts(job: _Job, scoring: _Scoring) -> dict[str, TextInfo | None]:
+    o, cal = job.opts, job.calibration
+    ev = TextInfo(name=o.eval_text_name or job.eval_text.name, source=_public_source(o.eval_text_source),
+                  sha256=job.eval_sha, bytes=job.eval_text.stat().st_size, tokens=scoring.text_tokens,
+                  tokens_scored=scoring.n_chunks * scored_per_chunk(scoring.ctx), chunks=scoring.n_chunks,
+                  ctx=scoring.ctx)
+    if cal is None and not o.calibration_text:
+        return {"eval": ev, "calibration": None}
+    c = cal or CalibrationInfo()
+    return {"eval": ev, "calibration": TextInfo(
+        name=c.name or (Path(o.calibration_text).name if o.calibration_text else ""),
+        sha256=c.sha256 or job.cal_sha or "", bytes=int(c.bytes or 0), chunks=c.chunks, ctx=c.ctx,
+        source=_public_source(c.source))}
+
+
+def _report(job: _Job, scoring: _Scoring, files: list[FileResult], checks: dict[str, Check],
+            ref_block: dict[str, Any], seconds: dict[str, float]) -> Report:
+    ok, why = publishable(checks)
+    src = job.ladder.source
+    source = {k: getattr(src, k) for k in ("repo", "revision", "architecture", "parameters", "has_chat_template",
+                                          "license")}
+    return Report(model_name=_model_name(job), source=source, toolchain=job.ladder.toolchain.to_json(),
+                  tools=_tool_versions(job.tc), texts=_texts(job, scoring), settings=_settings(job, scoring, files),
+                  reference=ref_block, checks=checks, files=files, publishable=ok, reasons=why, seconds=seconds)
+
+
+def _write(job: _Job, report: Report, inputs: dict[str, Any], started: float) -> None:
+    """The chart (decoration: its failure is logged), report.json and the stage record."""
     t0 = time.monotonic()
     try:
         from converters import chart
 
-        report.chart = chart.render(report, workdir / rep.CHART_NAME).name
+        report.chart = chart.render(report, job.wd.chart_path).name
     except Exception as e:  # noqa: BLE001 - a chart is decoration; its failure must not lose the measurements
         log.warning("evaluate: chart failed: %s", e)
         report.chart = None
-    seconds["chart"] = time.monotonic() - t0
-    seconds["total"] = time.monotonic() - started
-    out = rep.write(workdir, report)
-    outputs = [out] + ([workdir / report.chart] if report.chart else [])
-    records.save(workdir, STAGE, inputs, outputs, seconds["total"], tc.version,
-                 extra={"publishable": ok, "failed": [f.type for f in files if f.status == FAILED]})
-    progress("done", total_steps, total_steps)
-    log.info("evaluate: %s: %d/%d files passed, publishable=%s (%.0f s)", ladder.model_name,
-             sum(f.status == PASSED for f in files), len(files), ok, seconds["total"])
-    return report
+    report.seconds["chart"] = time.monotonic() - t0
+    report.seconds["total"] = time.monotonic() - started
+    out = job.wd.write_report(report)
+    outputs = [out] + ([job.wd.path / report.chart] if report.chart else [])
+    records.save(job.wd.path, STAGE, inputs, outputs, report.seconds["total"], job.tc.version,
+                 extra={"publishable": report.publishable,
+                        "failed": [f.type for f in report.files if f.status == FAILED]})
 
 
 def _remove_scratch(path: Path) -> None:
@@ -705,23 +774,26 @@ def _public_source(source: str | None) -> str | None:
     return None
 
 
-def _compare(tc: tc_mod.Toolchain, reference: Path, facts: verify.GgufFacts, source_dir: Path, eval_text: Path,
-             own_base: Path | None, *, ctx: int, chunks: int, threads: int | None, parameters: int | None,
-             max_params: int, workdir: Path) -> Check:
-    if parameters is not None and parameters > max_params:
-        return compare_with_source(source_dir, None, chunks=chunks, add_bos=facts.add_bos,  # type: ignore[arg-type]
-                                   bos_id=facts.bos_id, parameters=parameters, max_params=max_params)
+def _compare(job: _Job, facts: verify.GgufFacts, scoring: _Scoring) -> Check:
+    """The reference against the source in transformers, on the stored logits (or a short run of its own)."""
+    o = job.opts
+    assert job.src_path is not None
+    spec = CompareSpec(chunks=o.hf_compare_chunks, add_bos=facts.add_bos, bos_id=facts.bos_id,
+                       parameters=job.ladder.source.parameters, max_params=o.hf_compare_max_params,
+                       threads=o.threads)
+    if spec.too_big:
+        return compare_with_source(job.src_path, None, spec)
     tmp = None
     try:
-        if own_base is None:  # measured against someone else's logits: a short run of our own reference
-            tmp = records.tmp_path_for(workdir / "base-logits-compare.kld")
+        if scoring.own_base is None:  # measured against someone else's logits: a short run of our own reference
+            tmp = records.tmp_path_for(job.wd.path / "base-logits-compare.kld")
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            run_base(tc, reference, eval_text, tmp, ctx=ctx, chunks=chunks, threads=threads)
+            run_base(job.tc, job.reference, job.eval_text, tmp, ctx=scoring.ctx, chunks=o.hf_compare_chunks,
+                     threads=o.threads)
             base = BaseLogits.open(tmp)
         else:
-            base = BaseLogits.open(own_base)
-        return compare_with_source(source_dir, base, chunks=chunks, add_bos=facts.add_bos, bos_id=facts.bos_id,
-                                   parameters=parameters, max_params=max_params, threads=threads)
+            base = BaseLogits.open(scoring.own_base)
+        return compare_with_source(job.src_path, base, spec)
     except (ToolError, ParseError) as e:
         return Check.fail(f"the reference could not be run for the comparison: {e.short()}")
     finally:
@@ -729,55 +801,53 @@ def _compare(tc: tc_mod.Toolchain, reference: Path, facts: verify.GgufFacts, sou
             _remove_scratch(tmp)
 
 
-def _run_checks(tc: tc_mod.Toolchain, reference: Path, ref_facts: verify.GgufFacts, source_dir: Path | None,
-                files: Sequence[FileResult], workdir: Path,
-                threads: int | None) -> tuple[dict[str, Check], dict[str, dict[str, Check]]]:
-    job: dict[str, Check] = {}
-    per_file: dict[str, dict[str, Check]] = {}
-    tok = None
-    if source_dir is None or not source_dir.is_dir():
+def _source_checks(job: _Job, ref_facts: verify.GgufFacts) -> tuple[dict[str, Check], Any]:
+    """Tokenizer, chat template and special tokens against the source (and its tokenizer, when it loads)."""
+    src = job.src_path
+    if src is None or not src.is_dir():
         missing = Check.fail("the source checkpoint is not available")
-        job.update(tokenizer=missing, chat_template=missing, special_tokens=missing)
-    else:
+        return {"tokenizer": missing, "chat_template": missing, "special_tokens": missing}, None
+    try:
+        tok = hfmodel.load_tokenizer(src)
+    except InputError as e:
+        return {"tokenizer": Check.fail(str(e))}, None
+    out: dict[str, Check] = {}
+    for name, fn in (("tokenizer", lambda: verify.tokenizer_parity(job.tc, job.reference, src)),
+                     ("chat_template", lambda: verify.chat_template_check(ref_facts, src)),
+                     ("special_tokens", lambda: verify.special_tokens_check(ref_facts, src, tok))):
         try:
-            tok = verify._hf_tokenizer(source_dir)
-        except InputError as e:
-            job["tokenizer"] = Check.fail(str(e))
-        if tok is not None:
-            for name, fn in (("tokenizer", lambda: verify.tokenizer_parity(tc, reference, source_dir)),
-                             ("chat_template", lambda: verify.chat_template_check(ref_facts, source_dir)),
-                             ("special_tokens", lambda: verify.special_tokens_check(ref_facts, source_dir, tok))):
-                try:
-                    job[name] = fn()
-                except GgufbotError as e:
-                    job[name] = Check.fail(f"the check could not run: {e.short()}")
+            out[name] = fn()
+        except GgufbotError as e:
+            out[name] = Check.fail(f"the check could not run: {e.short()}")
+    return out, tok
+
+
+def _file_checks(job: _Job, path: Path, ref_facts: verify.GgufFacts, prompt: str) -> dict[str, Check]:
+    """A quant's metadata against the reference's, and a short generation."""
+    checks: dict[str, Check] = {}
+    if not path.exists():
+        return checks
+    try:
+        checks["metadata"] = verify.metadata_check(verify.GgufFacts.read(path), ref_facts)
+    except InputError as e:
+        checks["metadata"] = Check.fail(str(e))
+    try:
+        checks["generation"] = verify.generation_check(
+            verify.generate(job.tc, path, prompt, n_predict=N_PREDICT, threads=job.opts.threads))
+    except ToolError as e:
+        checks["generation"] = Check.fail(f"llama.cpp cannot generate with it: {verify.tool_error_reason(e)}")
+    return checks
+
+
+def _run_checks(job: _Job, ref_facts: verify.GgufFacts,
+                files: Sequence[FileResult]) -> tuple[dict[str, Check], dict[str, dict[str, Check]]]:
+    checks, tok = _source_checks(job, ref_facts)
     prompt, is_chat = verify.prompt_for(ref_facts, tok)
     try:
-        gen = verify.generate(tc, reference, prompt, n_predict=N_PREDICT, threads=threads)
-        job["end_of_reply"] = verify.end_of_reply_check(gen, is_chat, N_PREDICT)
-        job["generation"] = verify.generation_check(gen)
+        gen = verify.generate(job.tc, job.reference, prompt, n_predict=N_PREDICT, threads=job.opts.threads)
+        checks["end_of_reply"] = verify.end_of_reply_check(gen, is_chat, N_PREDICT)
+        checks["generation"] = verify.generation_check(gen)
     except ToolError as e:
-        job["generation"] = Check.fail(f"the reference does not generate: {verify.tool_error_reason(e)}")
-    for f in files:
-        checks: dict[str, Check] = {}
-        path = workdir / f.path
-        if path.exists():
-            try:
-                checks["metadata"] = verify.metadata_check(verify.GgufFacts.read(path), ref_facts)
-            except InputError as e:
-                checks["metadata"] = Check.fail(str(e))
-            try:
-                checks["generation"] = verify.generation_check(
-                    verify.generate(tc, path, prompt, n_predict=N_PREDICT, threads=threads))
-            except ToolError as e:
-                checks["generation"] = Check.fail(f"llama.cpp cannot generate with it: {verify.tool_error_reason(e)}")
-        per_file[f.type] = checks
-    return job, per_file
-
-
-def default_eval_text_same(a: Path, b: Path) -> bool:
-    """True when two text files have the same content (used by callers before a long run)."""
-    if a.resolve() == b.resolve():
-        return True
-    return a.stat().st_size == b.stat().st_size and _sha256_text(a) == _sha256_text(b)
-
+        checks["generation"] = Check.fail(f"the reference does not generate: {verify.tool_error_reason(e)}")
+    per_file = {f.type: _file_checks(job, job.wd.path / f.path, ref_facts, prompt) for f in files}
+    return checks, per_file

@@ -1,21 +1,17 @@
-"""Plan, then execute, the ladder of one checkpoint: convert -> calibrate -> quantize.
+"""Plan the ladder of one checkpoint: convert -> calibrate -> quantize.
 
-:func:`plan` is pure: checkpoint facts + options -> the files that will be written, their estimated
-sizes and the disk needed (``--dry-run`` prints it). :func:`execute` runs it; every stage skips itself
-when its record shows it finished for the same inputs, so a killed run resumes where it stopped.
-Writes ``plan.json`` and, at the end, ``ladder.json`` (schema in docs/ARCHITECTURE.md).
+:func:`plan` is pure: checkpoint facts + :class:`LadderOptions` -> the files that will be written, their
+estimated sizes and the disk needed (``--dry-run`` prints it). The stages that run a plan are objects in
+:mod:`converters.job`; each skips itself when its record shows it finished for the same inputs, so a killed
+run resumes where it stopped. :func:`prepare` writes ``plan.json``; :func:`ladder_record` builds the
+``ladder.json`` record (schema in docs/ARCHITECTURE.md) from the stage records.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import json
 import logging
-import os
 import re
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +20,14 @@ from converters import convert as convert_mod
 from converters import quantize as quantize_mod
 from converters import quants, records
 from converters.checkpoint import Checkpoint
-from converters.errors import Cancelled, InputError, NeedsImatrix
+from converters.errors import InputError, NeedsImatrix
 from converters.stages import check_disk, free_bytes
 from converters.toolchain import Toolchain
+from converters.workdir import (LADDER_SCHEMA, CalibrationInfo, ImatrixInfo, Ladder, LadderFile, ReferenceFile,
+                                SourceInfo, ToolchainInfo, WorkDir)
 
 log = logging.getLogger(__name__)
 
-LADDER_SCHEMA = 1
-EventCallback = Callable[[str, str, dict[str, Any]], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,169 +113,101 @@ def model_name_for(source: str) -> str:
     return name
 
 
-def plan(checkpoint: Checkpoint, out: Path, *, model_name: str, ladder: str | tuple[str, ...] | list[str] | None = "default",
-         outtype: str = "bf16", calibration: calibrate_mod.TextFile | None = None,
-         calibration_chunks: int | None = None, ctx: int = 512, imatrix: bool = True,
-         split_max_bytes: int = quantize_mod.DEFAULT_SPLIT_MAX_BYTES, jobs: int = 1,
-         source_repo: str | None = None, source_revision: str | None = None) -> Plan:
-    types = quants.parse_ladder(ladder)
-    if imatrix and calibration is None:
+@dataclasses.dataclass(frozen=True)
+class LadderOptions:
+    """Everything that shapes the ladder of one checkpoint (the ladder part of a job spec)."""
+
+    ladder: str | tuple[str, ...] | None = "default"
+    outtype: str = "bf16"
+    imatrix: bool = True
+    calibration: calibrate_mod.TextFile | None = None
+    calibration_chunks: int | None = None
+    ctx: int = 512
+    split_max_bytes: int = quantize_mod.DEFAULT_SPLIT_MAX_BYTES
+    jobs: int = 1
+    timeout: float | None = None
+
+
+def _check_options(o: LadderOptions, types: tuple[quants.QuantType, ...]) -> None:
+    if o.imatrix and o.calibration is None:
         raise InputError("an importance matrix needs calibration text (give one, or turn the imatrix off)")
-    if not imatrix:
+    if not o.imatrix:
         for q in types:
             if q.needs_imatrix:
                 raise NeedsImatrix(q.name)
-    if imatrix and calibration is not None and calibration.bytes < 2 * ctx:
+    if o.imatrix and o.calibration is not None and o.calibration.bytes < 2 * o.ctx:
         # a token is at least one byte: this text can never fill one chunk (llama-imatrix needs 2 x ctx tokens)
-        raise InputError(f"calibration text {calibration.name} is too short: {calibration.bytes} bytes cannot make "
-                         f"one chunk of {ctx} tokens")
-    if jobs < 1:
-        raise InputError(f"jobs must be at least 1 (got {jobs})")
-    if split_max_bytes < 1_000_000:
+        raise InputError(f"calibration text {o.calibration.name} is too short: {o.calibration.bytes} bytes cannot "
+                         f"make one chunk of {o.ctx} tokens")
+    if o.jobs < 1:
+        raise InputError(f"jobs must be at least 1 (got {o.jobs})")
+    if o.split_max_bytes < 1_000_000:
         raise InputError("split size must be at least 1 MB")
+
+
+def plan(checkpoint: Checkpoint, out: Path, *, model_name: str, options: LadderOptions = LadderOptions(),
+         source_repo: str | None = None, source_revision: str | None = None) -> Plan:
+    """The pure planner: checkpoint facts + options -> file names, estimated sizes, disk needed."""
+    o = options
+    types = quants.parse_ladder(o.ladder)
+    _check_options(o, types)
     files = []
     for q in types:
         est = checkpoint.estimate_gguf_bytes(q.bpw)
-        split = est > split_max_bytes
-        path = quantize_mod.split_names(model_name, q, max(2, -(-est // split_max_bytes)))[0] if split \
+        split = est > o.split_max_bytes
+        path = quantize_mod.split_names(model_name, q, max(2, -(-est // o.split_max_bytes)))[0] if split \
             else quantize_mod.file_name(model_name, q)
         files.append(PlannedFile(q.name, path, est, split, q.needs_imatrix))
-    return Plan(model_name=model_name, out=Path(out), checkpoint=checkpoint, ladder=types, outtype=outtype.lower(),
-                reference=convert_mod.reference_name(model_name, outtype),
-                reference_bytes=checkpoint.estimate_gguf_bytes(32 if outtype.lower() == "f32" else 16),
-                calibration=calibration if imatrix else None, calibration_chunks=calibration_chunks, ctx=ctx,
-                imatrix=imatrix, split_max_bytes=split_max_bytes, jobs=jobs, files=tuple(files),
+    return Plan(model_name=model_name, out=Path(out), checkpoint=checkpoint, ladder=types, outtype=o.outtype.lower(),
+                reference=convert_mod.reference_name(model_name, o.outtype),
+                reference_bytes=checkpoint.estimate_gguf_bytes(32 if o.outtype.lower() == "f32" else 16),
+                calibration=o.calibration if o.imatrix else None, calibration_chunks=o.calibration_chunks,
+                ctx=o.ctx, imatrix=o.imatrix, split_max_bytes=o.split_max_bytes, jobs=o.jobs, files=tuple(files),
                 source_repo=source_repo, source_revision=source_revision)
 
 
-def execute(p: Plan, *, toolchain: Toolchain, on_event: EventCallback | None = None,
-            should_stop: Callable[[], bool] | None = None, timeout: float | None = None) -> dict[str, Any]:
-    """Run the plan; return (and write) the ladder.json content."""
+def prepare(p: Plan) -> None:
+    """Before the first file stage: clear what a killed run left, write plan.json, and check that what is
+    still to be written fits on disk (finished outputs are already there)."""
     out = p.out
     out.mkdir(parents=True, exist_ok=True)
     removed = records.remove_partials(out)
     if removed:
         log.info("removed %d unfinished file(s) left by an earlier run", len(removed))
-    records.write_json_atomic(out / "plan.json", p.to_json())
-    emit = on_event or (lambda stage, state, info: None)
-
-    def checkpoint_stop() -> None:
-        if should_stop is not None and should_stop():
-            raise Cancelled("stopped on request between stages; finished stages are kept")
-
-    # disk: what is still to be written must fit (finished outputs are already on disk)
-    remaining = 0 if records.load(out, "convert") else p.reference_bytes
+    records.write_json_atomic(WorkDir(out).plan_path, p.to_json())
+    remaining = 0 if records.load(out, convert_mod.STAGE) else p.reference_bytes
     remaining += sum(f.estimated_bytes for f, q in zip(p.files, p.ladder)
                      if records.load(out, quantize_mod.stage_name(q)) is None)
     check_disk(out, remaining)
-    seconds: dict[str, float] = {}
 
-    checkpoint_stop()
-    t0 = time.monotonic()
-    emit("convert", "start", {})
-    conv = convert_mod.convert(p.checkpoint, out, p.model_name, toolchain=toolchain, outtype=p.outtype,
-                               timeout=timeout, on_line=_progress(emit, "convert"))
-    emit("convert", "skip" if conv.skipped else "end", {"seconds": conv.record.seconds})
-    seconds["convert"] = round(time.monotonic() - t0, 3)
-    reference = out / conv.record.outputs[0].path
 
-    imatrix_path: Path | None = None
-    cal_rec = None
-    if p.imatrix:
-        checkpoint_stop()
-        assert p.calibration is not None
-        t0 = time.monotonic()
-        emit("calibrate", "start", {})
-        cal = calibrate_mod.calibrate(reference, out, p.model_name, p.calibration, toolchain=toolchain,
-                                      chunks=p.calibration_chunks, ctx=p.ctx, timeout=timeout,
-                                      on_line=_progress(emit, "calibrate"))
-        emit("calibrate", "skip" if cal.skipped else "end", {"seconds": cal.record.seconds})
-        seconds["calibrate"] = round(time.monotonic() - t0, 3)
-        cal_rec = cal.record
-        imatrix_path = out / cal.record.outputs[0].path
-
-    checkpoint_stop()
-    t0 = time.monotonic()
-    emit("quantize", "start", {"types": [q.name for q in p.ladder]})
-    cores = os.cpu_count() or 1
-    threads = max(1, cores // p.jobs)
-    results: dict[str, Any] = {}
-    done_count = 0
-
-    def one(q: quants.QuantType, est: int):
-        checkpoint_stop()
-        return quantize_mod.quantize(reference, out, p.model_name, q, toolchain=toolchain, imatrix=imatrix_path,
-                                     threads=threads, split_max_bytes=p.split_max_bytes, estimated_bytes=est,
-                                     timeout=timeout)
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=p.jobs) as pool:
-        futs = {pool.submit(one, q, f.estimated_bytes): q for q, f in zip(p.ladder, p.files)}
-        try:
-            for fut in concurrent.futures.as_completed(futs):
-                q = futs[fut]
-                res = fut.result()
-                results[q.name] = res
-                done_count += 1
-                emit("quantize", "progress", {"type": q.name, "skipped": res.skipped, "done": done_count,
-                                              "total": len(p.ladder)})
-        except BaseException:
-            for f in futs:
-                f.cancel()
-            raise
-    emit("quantize", "end", {})
-    seconds["quantize"] = round(time.monotonic() - t0, 3)
-
+def ladder_record(p: Plan, toolchain: Toolchain, conv_rec: records.StageRecord,
+                  cal_rec: records.StageRecord | None, quantized: dict[str, records.StageRecord],
+                  seconds: dict[str, float]) -> Ladder:
+    """The ladder.json record of a finished run, from the stage records."""
     files = []
     for q in p.ladder:
-        rec = results[q.name].record
+        rec = quantized[q.name]
         total = sum(o.size for o in rec.outputs)
-        files.append({
-            "type": q.name, "bpw_nominal": q.bpw, "needs_imatrix": q.needs_imatrix, "description": q.description,
-            "path": rec.outputs[0].path, "parts": [o.path for o in rec.outputs], "size": total,
-            "sha256": rec.outputs[0].sha256, "part_sha256": [o.sha256 for o in rec.outputs],
-            "bpw": round(total * 8 / p.checkpoint.parameters, 3) if p.checkpoint.parameters else None,
-            "seconds": rec.seconds,
-        })
-    ref_out = conv.record.outputs[0]
-    ladder = {
-        "schema_version": LADDER_SCHEMA,
-        "model_name": p.model_name,
-        "source": {"repo": p.source_repo, "revision": p.source_revision, "path": str(p.checkpoint.path),
-                   "architecture": p.checkpoint.architecture, "parameters": p.checkpoint.parameters,
-                   "has_chat_template": p.checkpoint.has_chat_template, "license": p.checkpoint.license},
-        "toolchain": {"version": toolchain.version, "commit": toolchain.commit, "cuda": toolchain.cuda},
-        "reference": {"type": p.outtype.upper(), "path": ref_out.path, "size": ref_out.size, "sha256": ref_out.sha256},
-        "imatrix": None,
-        "files": files,
-        "seconds": seconds,
-    }
+        files.append(LadderFile(
+            type=q.name, bpw_nominal=q.bpw, needs_imatrix=q.needs_imatrix, description=q.description,
+            path=rec.outputs[0].path, parts=tuple(o.path for o in rec.outputs), size=total,
+            sha256=rec.outputs[0].sha256, part_sha256=tuple(o.sha256 for o in rec.outputs),
+            bpw=round(total * 8 / p.checkpoint.parameters, 3) if p.checkpoint.parameters else None,
+            seconds=rec.seconds))
+    ref_out = conv_rec.outputs[0]
+    ck = p.checkpoint
+    imatrix = None
     if cal_rec is not None:
-        ladder["imatrix"] = {
-            "gguf": cal_rec.outputs[0].path, "dat": cal_rec.outputs[1].path,
-            "calibration": {**cal_rec.extra.get("text", {}), "chunks": cal_rec.extra.get("chunks"),
-                            "ctx": cal_rec.extra.get("ctx")},
-        }
-    records.write_json_atomic(out / "ladder.json", ladder)
-    return ladder
-
-
-def load_ladder(workdir: Path) -> dict[str, Any]:
-    path = Path(workdir) / "ladder.json"
-    if not path.exists():
-        raise InputError(f"{workdir} has no ladder.json; run 'ggufbot convert' first")
-    data = json.loads(path.read_text())
-    if data.get("schema_version") != LADDER_SCHEMA:
-        raise InputError(f"{path}: unsupported schema_version {data.get('schema_version')}")
-    return data
-
-
-def _progress(emit: EventCallback, stage: str) -> Callable[[str], None]:
-    last = [0.0]
-
-    def cb(line: str) -> None:
-        now = time.monotonic()
-        if now - last[0] >= 2.0:  # at most one progress event every 2 s
-            last[0] = now
-            emit(stage, "progress", {"line": line[-200:]})
-
-    return cb
+        imatrix = ImatrixInfo(gguf=cal_rec.outputs[0].path, dat=cal_rec.outputs[1].path,
+                              calibration=CalibrationInfo.from_json({**cal_rec.extra.get("text", {}),
+                                                                     "chunks": cal_rec.extra.get("chunks"),
+                                                                     "ctx": cal_rec.extra.get("ctx")}))
+    return Ladder(
+        schema_version=LADDER_SCHEMA, model_name=p.model_name,
+        source=SourceInfo(repo=p.source_repo, revision=p.source_revision, path=str(ck.path),
+                          architecture=ck.architecture, parameters=ck.parameters,
+                          has_chat_template=ck.has_chat_template, license=ck.license),
+        toolchain=ToolchainInfo(version=toolchain.version, commit=toolchain.commit, cuda=toolchain.cuda),
+        reference=ReferenceFile(type=p.outtype.upper(), path=ref_out.path, size=ref_out.size, sha256=ref_out.sha256),
+        imatrix=imatrix, files=tuple(files), seconds=seconds)

@@ -33,7 +33,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from converters import hfmodel
 from converters.errors import ConfigError, InputError, UnsupportedModel
+from converters.hooks import LINE, NULL_HOOKS, Hooks
 from converters.records import atomic_output, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -301,12 +303,18 @@ def weights_bytes(checkpoint: Path) -> int:
     return sum(f.stat().st_size for f in weight_files(checkpoint))
 
 
+def side_files(src: Path) -> list[Path]:
+    """Tokenizer, chat template, generation config and other small files of a checkpoint (no weights, no code,
+    no config.json), sorted by name."""
+    return [p for p in sorted(Path(src).iterdir())
+            if p.is_file() and not p.name.startswith(".") and p.name not in _SKIP_NAMES
+            and p.suffix not in _SKIP_SUFFIXES]
+
+
 def copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Copy tokenizer, chat template, generation config and other small files (no weights, no code)."""
+    """Copy :func:`side_files` of ``src`` into ``dst``."""
     copied = []
-    for p in sorted(Path(src).iterdir()):
-        if not p.is_file() or p.name.startswith(".") or p.name in _SKIP_NAMES or p.suffix in _SKIP_SUFFIXES:
-            continue
+    for p in side_files(src):
         shutil.copy2(p, dst / p.name)
         copied.append(p.name)
     return copied
@@ -360,26 +368,6 @@ def rewrite_checkpoint(src: Path, dst: Path, config: dict[str, Any], transform: 
 # --------------------------------------------------------------------------------------------------
 # Calibration and importance (torch)
 # --------------------------------------------------------------------------------------------------
-def load_model(checkpoint: Path, dtype: Any = None, device: str = "cpu") -> Any:
-    """Load a causal LM from a local checkpoint: safetensors only, never remote code."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(checkpoint), dtype=dtype or torch.float32, trust_remote_code=False, use_safetensors=True,
-            local_files_only=True)
-    except (ValueError, OSError, KeyError) as e:
-        raise UnsupportedModel(f"transformers cannot load {checkpoint}: {e}") from e
-    return model.to(device)
-
-
-def load_tokenizer(checkpoint: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(checkpoint), trust_remote_code=False, local_files_only=True)
-
-
 def decoder_layers(model: Any) -> Any:
     """The ModuleList of decoder layers of a transformers causal LM."""
     import torch
@@ -443,8 +431,7 @@ class LayerStats:
         return out
 
 
-def measure(model: Any, batches: Any, *, width: bool = False, on_progress: Callable[[int, int], None] | None = None,
-            ) -> LayerStats:
+def measure(model: Any, batches: Any, *, width: bool = False, hooks: Hooks = NULL_HOOKS) -> LayerStats:
     """Run the calibration chunks through the model, recording the input of every decoder layer and the
     output of the last one (before the final norm), and optionally the MLP channel activations."""
     import torch
@@ -452,7 +439,7 @@ def measure(model: Any, batches: Any, *, width: bool = False, on_progress: Calla
     layers = decoder_layers(model)
     L = len(layers)
     hidden: list[Any] = [None] * (L + 1)
-    hooks = []
+    handles = []
 
     def pre(i: int):
         def hook(mod, args, kwargs):
@@ -464,8 +451,8 @@ def measure(model: Any, batches: Any, *, width: bool = False, on_progress: Calla
 
     channel: list[Any] | None = None
     for i, layer in enumerate(layers):
-        hooks.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
-    hooks.append(layers[L - 1].register_forward_hook(post, with_kwargs=True))
+        handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
+    handles.append(layers[L - 1].register_forward_hook(post, with_kwargs=True))
     if width:
         channel = [None] * L
         for i, layer in enumerate(layers):
@@ -477,7 +464,7 @@ def measure(model: Any, batches: Any, *, width: bool = False, on_progress: Calla
             def dhook(mod, args, i=i):
                 a = args[0].detach().float().abs().sum(dim=tuple(range(args[0].dim() - 1)))
                 channel[i] = a if channel[i] is None else channel[i] + a
-            hooks.append(down.register_forward_pre_hook(dhook))
+            handles.append(down.register_forward_pre_hook(dhook))
     cos_sum = [[0.0] * (L - l) for l in range(L)]
     tokens = 0
     try:
@@ -489,10 +476,12 @@ def measure(model: Any, batches: Any, *, width: bool = False, on_progress: Calla
                     for n in range(1, L - l + 1):
                         cos_sum[l][n - 1] += float((hs[l] * hs[l + n]).sum())
                 tokens += hs[0].shape[0]
-                if on_progress:
-                    on_progress(b + 1, batches.shape[0])
+                done, total = b + 1, batches.shape[0]
+                if done == total or done % 4 == 0:
+                    _say(hooks, f"calibration chunk {done}/{total}")
+                hooks.check_cancel()
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
     return LayerStats(num_layers=L, cos_sum=cos_sum, tokens=tokens, channel_act=channel)
 
@@ -500,96 +489,130 @@ def measure(model: Any, batches: Any, *, width: bool = False, on_progress: Calla
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
-def prune(source: Path, dest: Path, spec: PruneSpec, calibration: Path, *,
-          on_progress: Callable[[str], None] | None = None) -> PruneResult:
-    """Prune ``source`` into ``dest`` following ``spec``, measuring importance on ``calibration`` text."""
+STAGE = "prune"
+
+
+def _say(hooks: Hooks, msg: str) -> None:
+    log.info("prune: %s", msg)
+    hooks.emit(STAGE, LINE, text=msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cut:
+    """What a pruning removes: the kept layers, the per-unit scores, the new config and the tensor rewrite."""
+
+    removed: tuple[int, ...]
+    kept: tuple[int, ...]
+    scores: tuple[float, ...]
+    config: dict[str, Any]
+    transform: TensorTransform
+    intermediate_after: int | None
+
+
+def _amount(config: dict[str, Any], spec: PruneSpec) -> int:
+    """How many layers (depth) or MLP channels (width) go; checked before any expensive work."""
+    if spec.method == "depth":
+        return count_to_remove(num_layers_of(config), spec.layers, spec.fraction)
+    inter = _text_config(config).get("intermediate_size")
+    if not isinstance(inter, int):
+        raise UnsupportedModel("width pruning needs a single integer intermediate_size in the config")
+    return count_to_remove(inter, None, spec.fraction, what="MLP channels")
+
+
+def _importance(source: Path, layers: int, spec: PruneSpec, calibration: Path,
+                hooks: Hooks) -> tuple[LayerStats, Any]:
+    """Hidden-state statistics of ``source`` on the calibration chunks (and the chunks)."""
     import torch
 
+    torch.manual_seed(spec.seed)
+    text = read_text(calibration)
+    tok = hfmodel.load_tokenizer(source)
+    chunks = token_chunks(tok, text, spec.calib_seq_len, spec.calib_samples)
+    _say(hooks, f"measuring layer importance of {source.name} ({layers} layers) on {chunks.shape[0]} x "
+                f"{chunks.shape[1]} tokens")
+    # fp32 for small models (exact statistics); bf16 above BF16_ABOVE_PARAMS so a large model fits in memory
+    device = hfmodel.default_device()
+    dtype = hfmodel.pick_dtype(device, parameters=count_parameters(source), f32_max_params=BF16_ABOVE_PARAMS)
+    model = hfmodel.load_causal_lm(source, dtype=dtype, device=device)
+    model.eval()
+    stats = measure(model, chunks, width=spec.method == "width", hooks=hooks)
+    del model
+    return stats, chunks
+
+
+def _depth_cut(stats: LayerStats, spec: PruneSpec, k: int, config: dict[str, Any], prefix: str,
+               hooks: Hooks) -> _Cut:
+    if spec.importance == "block_influence":
+        scores = stats.block_influence()
+        removed = select_lowest(scores, k)
+    else:
+        scores = stats.angular(k)
+        removed = select_block(scores, k)
+    mapping = layer_map(stats.num_layers, removed)
+    kept = sorted(mapping)
+
+    def transform(name: str, t: Any) -> list[tuple[str, Any]]:
+        new = rename_tensor(name, prefix, mapping)
+        return [] if new is None else [(new, t)]
+    shown = [round(scores[i], 4) for i in removed] if spec.importance == "block_influence" else round(min(scores), 4)
+    _say(hooks, f"removing layers {removed} (scores {shown})")
+    return _Cut(tuple(removed), tuple(kept), tuple(scores), prune_config(config, kept), transform,
+                _intermediate(config))
+
+
+def _width_cut(stats: LayerStats, k: int, config: dict[str, Any], prefix: str, hooks: Hooks) -> _Cut:
+    import torch
+
+    inter_before = _intermediate(config)
+    assert stats.channel_act is not None and inter_before is not None
+    keep_n = inter_before - k
+    keep_idx = [torch.sort(torch.topk(a.cpu(), keep_n).indices).values for a in stats.channel_act]
+    scores = [float(a.mean() / stats.tokens) for a in stats.channel_act]
+    pat = re.compile(re.escape(prefix) + r"\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)$")
+
+    def transform(name: str, t: Any) -> list[tuple[str, Any]]:
+        m = pat.match(name)
+        if not m:
+            return [(name, t)]
+        idx = keep_idx[int(m.group(1))]
+        if m.group(2) == "down_proj":
+            return [(name, t if m.group(3) == "bias" else t[:, idx])]
+        return [(name, t[idx])]
+    _say(hooks, f"keeping {keep_n} of {inter_before} MLP channels per layer")
+    return _Cut((), tuple(range(stats.num_layers)), tuple(scores), width_config(config, keep_n), transform, keep_n)
+
+
+def _intermediate(config: dict[str, Any]) -> int | None:
+    inter = _text_config(config).get("intermediate_size")
+    return inter if isinstance(inter, int) else None
+
+
+def prune(source: Path, dest: Path, spec: PruneSpec, calibration: Path, *, hooks: Hooks = NULL_HOOKS) -> PruneResult:
+    """Prune ``source`` into ``dest`` following ``spec``, measuring importance on ``calibration`` text.
+
+    Each step is a ``line`` event of stage ``prune`` on ``hooks``; ``hooks.check_cancel()`` may stop the
+    calibration between chunks.
+    """
     t0 = time.monotonic()
     source, dest = Path(source), Path(dest)
     if source.resolve() == dest.resolve():
         raise ConfigError("the pruned checkpoint must go to a new directory", key="out")
     config = read_config(source)
-    L = num_layers_of(config)
-    tc = _text_config(config)
-    # validate the amount before any expensive work
-    if spec.method == "depth":
-        k = count_to_remove(L, spec.layers, spec.fraction)
-    else:
-        inter = tc.get("intermediate_size")
-        if not isinstance(inter, int):
-            raise UnsupportedModel("width pruning needs a single integer intermediate_size in the config")
-        k = count_to_remove(inter, None, spec.fraction, what="MLP channels")
-    names = tensor_names(source)
-    prefix = find_layer_prefix(names, L)
-
-    def say(msg: str) -> None:
-        log.info("prune: %s", msg)
-        if on_progress:
-            on_progress(msg)
-
-    torch.manual_seed(spec.seed)
-    text = read_text(calibration)
-    tok = load_tokenizer(source)
-    chunks = token_chunks(tok, text, spec.calib_seq_len, spec.calib_samples)
-    say(f"measuring layer importance of {source.name} ({L} layers) on {chunks.shape[0]} x {chunks.shape[1]} tokens")
-    # fp32 for small models (exact statistics); bf16 above BF16_ABOVE_PARAMS so a large model fits in memory
-    big = count_parameters(source) > BF16_ABOVE_PARAMS
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(source, dtype=torch.bfloat16 if big or device == "cuda" else torch.float32, device=device)
-    model.eval()
-    stats = measure(model, chunks, width=spec.method == "width",
-                    on_progress=lambda i, n: say(f"calibration chunk {i}/{n}") if i == n or i % 4 == 0 else None)
-    del model
-
-    removed: list[int] = []
-    inter_before = tc.get("intermediate_size") if isinstance(tc.get("intermediate_size"), int) else None
-    inter_after = inter_before
-    if spec.method == "depth":
-        if spec.importance == "block_influence":
-            scores = stats.block_influence()
-            removed = select_lowest(scores, k)
-        else:
-            scores = stats.angular(k)
-            removed = select_block(scores, k)
-        mapping = layer_map(L, removed)
-        kept = sorted(mapping)
-        new_config = prune_config(config, kept)
-
-        def transform(name: str, t: Any) -> list[tuple[str, Any]]:
-            new = rename_tensor(name, prefix, mapping)
-            return [] if new is None else [(new, t)]
-        say(f"removing layers {removed} (scores {[round(scores[i], 4) for i in removed] if spec.importance == 'block_influence' else round(min(scores), 4)})")
-    else:
-        assert stats.channel_act is not None and inter_before is not None
-        keep_n = inter_before - k
-        keep_idx = [torch.sort(torch.topk(a.cpu(), keep_n).indices).values for a in stats.channel_act]
-        scores = [float(a.mean() / stats.tokens) for a in stats.channel_act]
-        kept = list(range(L))
-        inter_after = keep_n
-        new_config = width_config(config, keep_n)
-        pat = re.compile(re.escape(prefix) + r"\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)$")
-
-        def transform(name: str, t: Any) -> list[tuple[str, Any]]:
-            m = pat.match(name)
-            if not m:
-                return [(name, t)]
-            idx = keep_idx[int(m.group(1))]
-            if m.group(2) == "down_proj":
-                return [(name, t if m.group(3) == "bias" else t[:, idx])]
-            return [(name, t[idx])]
-        say(f"keeping {keep_n} of {inter_before} MLP channels per layer")
-
-    rewrite_checkpoint(source, dest, new_config, transform)
+    k = _amount(config, spec)
+    prefix = find_layer_prefix(tensor_names(source), num_layers_of(config))
+    stats, chunks = _importance(source, num_layers_of(config), spec, calibration, hooks)
+    cut = (_depth_cut(stats, spec, k, config, prefix, hooks) if spec.method == "depth"
+           else _width_cut(stats, k, config, prefix, hooks))
+    rewrite_checkpoint(source, dest, cut.config, cut.transform)
     result = PruneResult(
         method=spec.method, importance=spec.importance if spec.method == "depth" else "activation",
-        layers_before=L, layers_after=len(kept), removed_layers=tuple(removed), kept_layers=tuple(kept),
-        scores=tuple(round(s, 6) for s in scores), intermediate_before=inter_before, intermediate_after=inter_after,
-        parameters_before=count_parameters(source), parameters_after=count_parameters(dest),
-        bytes_before=weights_bytes(source), bytes_after=weights_bytes(dest),
+        layers_before=stats.num_layers, layers_after=len(cut.kept), removed_layers=cut.removed, kept_layers=cut.kept,
+        scores=tuple(round(s, 6) for s in cut.scores), intermediate_before=_intermediate(config),
+        intermediate_after=cut.intermediate_after, parameters_before=count_parameters(source),
+        parameters_after=count_parameters(dest), bytes_before=weights_bytes(source), bytes_after=weights_bytes(dest),
         seconds=round(time.monotonic() - t0, 3),
         calibration={"name": Path(calibration).name, "samples": int(chunks.shape[0]),
                      "seq_len": int(chunks.shape[1])})
-    say(f"wrote {dest} ({result.layers_after} layers, {result.parameters_after:,} parameters) "
-        f"in {result.seconds:.1f}s")
+    _say(hooks, f"wrote {dest} ({result.layers_after} layers, {result.parameters_after:,} parameters) "
+                f"in {result.seconds:.1f}s")
     return result

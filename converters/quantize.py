@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from converters import records
 from converters.errors import NeedsImatrix
+from converters.hooks import NULL_HOOKS, Hooks
 from converters.quants import QuantType
 from converters.stages import StageOutcome, check_disk
 from converters.toolchain import Toolchain, run
@@ -35,12 +36,26 @@ def split_names(model_name: str, q: QuantType, n: int) -> list[str]:
     return [f"{stem}/{stem}-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantizeOptions:
+    """How one type is made: threads for llama-quantize, the split limit, the estimate checked against the free
+    disk, the tool's timeout."""
+
+    threads: int | None = None
+    split_max_bytes: int = DEFAULT_SPLIT_MAX_BYTES
+    estimated_bytes: int | None = None
+    timeout: float | None = None
+
+
 def quantize(reference: Path, workdir: Path, model_name: str, q: QuantType, *, toolchain: Toolchain,
-             imatrix: Path | None = None, threads: int | None = None,
-             split_max_bytes: int = DEFAULT_SPLIT_MAX_BYTES, estimated_bytes: int | None = None,
-             timeout: float | None = None, on_line: Callable[[str], None] | None = None) -> StageOutcome:
+             imatrix: Path | None = None, options: QuantizeOptions = QuantizeOptions(),
+             hooks: Hooks = NULL_HOOKS) -> StageOutcome:
+    """One type of the ladder; ``hooks`` is asked to stop before the tool starts (its lines are not shown)."""
+    threads, split_max_bytes = options.threads, options.split_max_bytes
+    estimated_bytes, timeout = options.estimated_bytes, options.timeout
     if q.needs_imatrix and imatrix is None:
         raise NeedsImatrix(q.name)
+    hooks.check_cancel()
     stage = stage_name(q)
     ref_rec = records.load(workdir, "convert")
     inputs = {
@@ -70,8 +85,7 @@ def quantize(reference: Path, workdir: Path, model_name: str, q: QuantType, *, t
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         argv += [reference, tmp, q.base_name, str(threads or os.cpu_count() or 1)]
-        run([os.path.abspath(a) if isinstance(a, Path) else a for a in argv], timeout=timeout, on_line=on_line,
-            cwd=workdir)
+        run([os.path.abspath(a) if isinstance(a, Path) else a for a in argv], timeout=timeout, cwd=workdir)
         if tmp.stat().st_size > split_max_bytes:
             outputs = _split(tmp, workdir, model_name, q, split_max_bytes, toolchain, timeout)
         else:
@@ -106,9 +120,9 @@ def _split(src: Path, workdir: Path, model_name: str, q: QuantType, max_bytes: i
     scratch.mkdir(parents=True)
     # llama-gguf-split limits the tensor data of a part; the first part also holds all metadata (vocabulary,
     # template), so leave room for it and for alignment padding to keep every part under max_bytes
-    from gguf import GGUFReader
+    from converters import gguf_meta
 
-    header = GGUFReader(src).data_offset
+    header = gguf_meta.data_offset(src)
     max_mb = max(1, math.floor((max_bytes - header - 1_000_000) / 1_000_000))
     run([toolchain.program("llama-gguf-split"), "--split", "--split-max-size", f"{max_mb}M", src, scratch / stem],
         timeout=timeout)

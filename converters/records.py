@@ -76,6 +76,19 @@ def atomic_output(final: Path) -> Iterator[Path]:
             tmp.parent.rmdir()  # only when empty: other outputs of this process may be in flight
 
 
+class NotAnObject(ValueError):
+    """A JSON file that parsed but does not hold an object."""
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``. Raises FileNotFoundError, ValueError (not JSON, not UTF-8) or
+    :class:`NotAnObject`; callers turn these into their own typed errors."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise NotAnObject("not a JSON object")
+    return data
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

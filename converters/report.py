@@ -1,4 +1,5 @@
-"""report.json: the typed result of evaluation and checks, its versioned schema, reader and writer.
+"""report.json: the typed result of evaluation and checks and its versioned schema (read and written by
+:class:`converters.workdir.WorkDir`).
 
 The schema is documented field by field in ``docs/REPORT.md``. Publishing reads ``files[].type``,
 ``files[].status``, ``files[].reasons``, the figures (``kld_mean``, ``kld_mean_err``, ``same_top_p``,
@@ -13,19 +14,14 @@ a figure that was not measured is ``null``, never 0. Unknown fields found when l
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from converters.errors import InputError
-from converters.records import write_json_atomic
 
 SCHEMA_VERSION = 1
-REPORT_NAME = "report.json"
-CHART_NAME = "size-vs-kld.png"
 
 PASSED = "passed"
 FAILED = "failed"
@@ -124,12 +120,16 @@ class FileResult:
     error: str | None = None  # the measurement failed (tool crash, unparsable output)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    def figures(self) -> dict[str, Any]:
+        """The figures as report.json holds them: None when not measured, a non-finite one as a string."""
+        figures = self.stats.figures() if self.stats else {f.name: None for f in dataclasses.fields(KldStats)}
+        return {k: wire_number(v) for k, v in figures.items()}
+
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = dict(self.extra)
         d.update({"type": self.type, "path": self.path, "size": self.size, "bpw": self.bpw,
                   "bpw_nominal": self.bpw_nominal, "status": self.status, "reasons": list(self.reasons)})
-        figures = self.stats.figures() if self.stats else {f.name: None for f in dataclasses.fields(KldStats)}
-        d.update({k: _num(v) for k, v in figures.items()})
+        d.update(self.figures())
         d["checks"] = {k: c.to_json() for k, c in self.checks.items()}
         d["seconds"] = {k: round(v, 3) for k, v in self.seconds.items()}
         d["error"] = self.error
@@ -216,8 +216,8 @@ class Report:
             "tools": self.tools,
             "texts": {k: (v.to_json() if v else None) for k, v in self.texts.items()},
             "settings": self.settings,
-            "reference": {k: _num(v) for k, v in self.reference.items()},
-            "evaluation": {k: _num(v) for k, v in self.evaluation_summary().items()},
+            "reference": {k: wire_number(v) for k, v in self.reference.items()},
+            "evaluation": {k: wire_number(v) for k, v in self.evaluation_summary().items()},
             "checks": {k: c.to_json() for k, c in self.checks.items()},
             "files": [f.to_json() for f in self.files],
             "publishable": self.publishable,
@@ -246,7 +246,7 @@ class Report:
                    extra={k: v for k, v in d.items() if k not in known})
 
 
-def _num(v: Any) -> Any:
+def wire_number(v: Any) -> Any:
     """JSON has no NaN/inf: write them as strings so a broken figure stays visible (and is never a 0)."""
     if isinstance(v, float) and not math.isfinite(v):
         return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
@@ -257,18 +257,3 @@ def _denum(v: Any) -> Any:
     if isinstance(v, str) and v in ("nan", "inf", "-inf"):
         return float(v)
     return v
-
-
-def write(workdir: Path, report: Report) -> Path:
-    path = workdir / REPORT_NAME
-    write_json_atomic(path, report.to_json())
-    return path
-
-
-def load(workdir_or_path: Path) -> Report:
-    p = workdir_or_path / REPORT_NAME if workdir_or_path.is_dir() else workdir_or_path
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read {p}: {e}") from e
-    return Report.from_json(data)

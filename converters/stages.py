@@ -18,10 +18,6 @@ class StageOutcome:
     record: StageRecord
     skipped: bool  # True when a finished record for the same inputs was found
 
-    @property
-    def paths(self) -> list[str]:
-        return [o.path for o in self.record.outputs]
-
 
 def free_bytes(path: Path) -> int:
     p = path

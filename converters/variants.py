@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from converters.distill import DistillConfig
 from converters.errors import ConfigError, UnknownName
+from converters.hooks import NULL_HOOKS, Hooks
+from converters.job import EvalSettings, EvaluateStage, JobContext, Produced, RecordedStage, ladder_stages, run_stages
 from converters.prune import PruneSpec
+from converters.workdir import VARIANT_SCHEMA, Ladder, VariantInfo, WorkDir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_REPO_PATTERN = "{org}/{model}-{variant}-GGUF"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,22 +112,9 @@ def parse_list(spec: str | Iterable[str] | None) -> tuple[Recipe, ...]:
     return tuple(out)
 
 
-def repo_id(org: str, model: str, variant: str, pattern: str = DEFAULT_REPO_PATTERN) -> str:
-    """The repo a variant is published to, e.g. ``acme/SmolLM2-135M-Instruct-prune-25pct-kd-GGUF``."""
-    for field in ("{org}", "{model}", "{variant}"):
-        if field not in pattern:
-            raise ConfigError(f"variant repo pattern {pattern!r} must contain {field}", key="variant_repo_pattern")
-    rid = pattern.format(org=org, model=model, variant=variant)
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]{1,96}", rid):
-        raise ConfigError(f"variant repo id {rid!r} is not a valid Hub repo id", key="variant_repo_pattern")
-    return rid
-
-
 # --------------------------------------------------------------------------------------------------
 # Building a variant: prune -> heal -> the same ladder -> evaluation against the teacher
 # --------------------------------------------------------------------------------------------------
-VARIANT_FILE = "variant.json"
-VARIANT_SCHEMA = 1
 TEACHER_LOGITS = "teacher-base-logits.kld"
 
 
@@ -169,73 +157,115 @@ def _checkpoint_inputs(path: Path) -> dict[str, Any]:
     return {"files": [fingerprint_file(p) for p in files]}
 
 
-def make_checkpoint(source: Path, out: Path, recipe: Recipe, calibration: Path, *,
-                    teacher_model: str | None = None, source_repo: str | None = None,
-                    on_progress: Callable[[str], None] | None = None,
-                    on_step: Callable[[int, int, float, float], None] | None = None) -> dict[str, Any]:
-    """Prune (and heal) ``source`` into ``out``; resumable through stage records. Returns variant.json."""
-    from converters import distill as distill_mod
+@dataclasses.dataclass(frozen=True)
+class VariantOf:
+    """What makes a job a variant: the recipe and its teacher (the original checkpoint and its work dir)."""
+
+    recipe: Recipe
+    teacher: Path  # the teacher's checkpoint folder
+    teacher_model: str
+    calibration: Path  # the text pruning and healing measure on
+    teacher_workdir: Path | None = None  # the teacher's finished work dir (its BF16 reference and report)
+    source_repo: str | None = None
+
+
+def _info(ctx: Any, v: VariantOf) -> dict[str, Any]:
+    """variant.json from the prune (and distill) results of this run."""
     from converters import prune as prune_mod
-    from converters import records
     from converters.records import fingerprint_file
 
-    paths = VariantPaths(Path(out))
-    paths.out.mkdir(parents=True, exist_ok=True)
-    src_in = _checkpoint_inputs(Path(source))
-    cal_in = fingerprint_file(Path(calibration))
-    prune_inputs = {"source": src_in, "spec": recipe.prune.to_json(), "calibration": cal_in}
-    rec = records.complete(paths.out, "prune", prune_inputs)
-    if rec is None:
-        if paths.pruned.exists():
-            shutil.rmtree(paths.pruned)
-        result = prune_mod.prune(Path(source), paths.pruned, recipe.prune, Path(calibration), on_progress=on_progress)
-        rec = records.save(paths.out, "prune", prune_inputs, prune_mod.weight_files(paths.pruned), result.seconds,
-                           None, extra={"result": result.to_json()})
-    else:
-        log.info("variant: pruning already done for these inputs; skipped")
-    pruned = rec.extra["result"]
-    healed = None
-    if recipe.distill is not None:
-        kd_inputs = {"teacher": src_in, "student": _checkpoint_inputs(paths.pruned),
-                     "config": {k: v for k, v in recipe.distill.to_json().items() if k not in ("cache_dir", "log_every")},
-                     "calibration": cal_in}
-        drec = records.complete(paths.out, "distill", kd_inputs)
-        if drec is None:
-            if paths.healed.exists():
-                shutil.rmtree(paths.healed)
-            res = distill_mod.distill(Path(source), paths.pruned, paths.healed, Path(calibration), recipe.distill,
-                                      first_changed_layer=pruned.get("first_changed_layer"), on_step=on_step)
-            drec = records.save(paths.out, "distill", kd_inputs, prune_mod.weight_files(paths.healed), res.seconds,
-                                None, extra={"result": res.to_json()})
-        else:
-            log.info("variant: distillation already done for these inputs; skipped")
-        healed = drec.extra["result"]
-    final = paths.final(recipe)
-    info = {
+    pruned, final = ctx.state["prune"], Path(ctx.checkpoint_dir)
+    cal_in = fingerprint_file(Path(v.calibration))
+    return {
         "schema_version": VARIANT_SCHEMA,
-        "recipe": recipe.to_json(),
-        "teacher": {"path": str(Path(source)), "model_name": teacher_model or Path(source).resolve().name,
-                    "repo": source_repo, "parameters": pruned["parameters_before"],
+        "model_name": ctx.model_name,
+        "recipe": v.recipe.to_json(),
+        "teacher": {"path": str(Path(v.teacher)), "model_name": v.teacher_model,
+                    "repo": v.source_repo, "parameters": pruned["parameters_before"],
                     "bytes": pruned["bytes_before"], "layers": pruned["layers_before"],
                     "intermediate_size": pruned["intermediate_before"]},
         "variant": {"path": str(final), "parameters": prune_mod.count_parameters(final),
                     "bytes": prune_mod.weights_bytes(final), "layers": pruned["layers_after"],
                     "intermediate_size": pruned["intermediate_after"]},
         "prune": pruned,
-        "distill": healed,
-        "calibration": {"name": Path(calibration).name, **{k: v for k, v in cal_in.items() if k != "name"}},
+        "distill": ctx.state.get("distill"),
+        "calibration": {"name": Path(v.calibration).name, **{k: x for k, x in cal_in.items() if k != "name"}},
     }
-    records.write_json_atomic(paths.out / VARIANT_FILE, info)
-    return info
+
+
+def write_info(workdir: Path, info: dict[str, Any]) -> None:
+    WorkDir(workdir).write_variant(VariantInfo.from_json(info))
+
+
+class PruneStage(RecordedStage):
+    """Prune the teacher into ``checkpoint-pruned`` (resumable through its record); writes variant.json."""
+
+    name = "prune"
+
+    def __init__(self, variant: VariantOf, last: bool) -> None:
+        self.v, self.last = variant, last
+
+    def inputs(self, ctx: Any) -> dict[str, Any]:
+        from converters.records import fingerprint_file
+
+        return {"source": _checkpoint_inputs(self.v.teacher), "spec": self.v.recipe.prune.to_json(),
+                "calibration": fingerprint_file(Path(self.v.calibration))}
+
+    def produce(self, ctx: Any) -> Produced:
+        from converters import prune as prune_mod
+
+        pruned = VariantPaths(ctx.workdir).pruned
+        shutil.rmtree(pruned, ignore_errors=True)
+        result = prune_mod.prune(Path(self.v.teacher), pruned, self.v.recipe.prune, Path(self.v.calibration),
+                                 hooks=ctx.hooks)
+        return Produced(prune_mod.weight_files(pruned), {"result": result.to_json()}, result.seconds)
+
+    def use(self, ctx: Any, rec: Any) -> None:
+        ctx.state["prune"] = rec.extra["result"]
+        ctx.checkpoint_dir = VariantPaths(ctx.workdir).pruned
+        if self.last:
+            write_info(ctx.workdir, _info(ctx, self.v))
+
+
+class DistillStage(RecordedStage):
+    """Heal the pruned model by distillation from the teacher into ``checkpoint-healed``."""
+
+    name = "distill"
+
+    def __init__(self, variant: VariantOf) -> None:
+        self.v = variant
+
+    def inputs(self, ctx: Any) -> dict[str, Any]:
+        from converters.records import fingerprint_file
+
+        d = self.v.recipe.distill
+        assert d is not None
+        return {"teacher": _checkpoint_inputs(self.v.teacher),
+                "student": _checkpoint_inputs(VariantPaths(ctx.workdir).pruned),
+                "config": {k: x for k, x in d.to_json().items() if k not in ("cache_dir", "log_every")},
+                "calibration": fingerprint_file(Path(self.v.calibration))}
+
+    def produce(self, ctx: Any) -> Produced:
+        from converters import distill as distill_mod
+        from converters import prune as prune_mod
+
+        paths = VariantPaths(ctx.workdir)
+        shutil.rmtree(paths.healed, ignore_errors=True)
+        assert self.v.recipe.distill is not None
+        res = distill_mod.distill(Path(self.v.teacher), paths.pruned, paths.healed, Path(self.v.calibration),
+                                  self.v.recipe.distill, first_changed_layer=ctx.state["prune"].get("first_changed_layer"),
+                                  hooks=ctx.hooks)
+        return Produced(prune_mod.weight_files(paths.healed), {"result": res.to_json()}, res.seconds)
+
+    def use(self, ctx: Any, rec: Any) -> None:
+        ctx.state["distill"] = rec.extra["result"]
+        ctx.checkpoint_dir = VariantPaths(ctx.workdir).healed
+        write_info(ctx.workdir, _info(ctx, self.v))
 
 
 def load_info(workdir: Path) -> dict[str, Any] | None:
-    p = Path(workdir) / VARIANT_FILE
-    if not p.is_file():
-        return None
-    import json
-
-    return json.loads(p.read_text())
+    info = WorkDir(workdir).variant()
+    return info.to_json() if info is not None else None
 
 
 def teacher_reference(teacher: Path, out: Path, teacher_model: str, *, toolchain: Any,
@@ -246,10 +276,8 @@ def teacher_reference(teacher: Path, out: Path, teacher_model: str, *, toolchain
     from converters.errors import InputError
 
     if teacher_workdir is not None:
-        from converters.pipeline import load_ladder
-
-        ladder = load_ladder(Path(teacher_workdir))
-        ref = Path(teacher_workdir) / ladder["reference"]["path"]
+        ladder = WorkDir(teacher_workdir).ladder()
+        ref = Path(teacher_workdir) / ladder.reference.path
         if not ref.is_file():
             raise InputError(f"the teacher's reference {ref.name} is missing from {teacher_workdir}")
         return ref
@@ -259,101 +287,99 @@ def teacher_reference(teacher: Path, out: Path, teacher_model: str, *, toolchain
     return tdir / conv.record.outputs[0].path
 
 
-def teacher_logits(reference: Path, out: Path, eval_text: Path, *, toolchain: Any, ctx: int, chunks: int,
-                   threads: int | None = None) -> Path:
-    """The teacher's base logits over ``chunks`` x ``ctx`` tokens of ``eval_text`` (resumable)."""
-    from converters import evaluate, records
-    from converters.records import fingerprint_file
-
-    final = VariantPaths(Path(out)).teacher_logits
-    inputs = {"reference": fingerprint_file(reference), "text": fingerprint_file(Path(eval_text)), "ctx": ctx,
-              "chunks": chunks, "toolchain": toolchain.version}
-    if records.complete(Path(out), "teacher-logits", inputs) is not None:
-        return final
-    with records.atomic_output(final) as tmp:
-        _, _, secs = evaluate.run_base(toolchain, reference, Path(eval_text), tmp, ctx=ctx, chunks=chunks,
-                                       threads=threads)
-    records.save(Path(out), "teacher-logits", inputs, [final], secs, toolchain.version)
-    return final
-
-
-def ceilings_for(ladder: dict[str, Any], pruning_kld: float) -> dict[str, float]:
+def ceilings_for(ladder: Ladder, pruning_kld: float) -> dict[str, float]:
     """Quality gate of a variant's quants measured against the teacher: the usual ceiling for the type plus
     the loss the variant's own BF16 already has against the teacher (pruning + healing)."""
     from converters import evaluate
 
     out = {}
-    for f in ladder.get("files", []):
-        bpw = f.get("bpw_nominal")
-        if bpw is not None:
-            out[f["type"]] = round(evaluate.default_ceiling(float(bpw)) + max(0.0, pruning_kld), 6)
+    for f in ladder.files:
+        if f.bpw_nominal is not None:
+            out[f.type] = round(evaluate.default_ceiling(float(f.bpw_nominal)) + max(0.0, pruning_kld), 6)
     return out
 
 
-def build(source: Path, out: Path, recipe: Recipe, *, toolchain: Any, calibration: Any,
-          eval_text: Path | None = None, teacher_model: str | None = None, ladder: Any = "default",
-          imatrix: bool = True, ctx: int = 512, calibration_chunks: int | None = None,
-          eval_chunks: int | None = None, eval_ctx: int = 512, teacher_workdir: Path | None = None,
-          source_repo: str | None = None, source_revision: str | None = None, threads: int | None = None,
-          on_event: Callable[[str, str, dict[str, Any]], None] | None = None,
-          on_progress: Callable[[str], None] | None = None,
-          on_step: Callable[[int, int, float, float], None] | None = None,
-          should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """Prune and heal ``source`` per ``recipe``, run the same ladder on the result and, when ``eval_text`` is
-    given, evaluate every quant against the teacher's BF16 logits. ``calibration`` is a
-    :class:`converters.calibrate.TextFile` (used for pruning, healing and the imatrix). ``should_stop`` is
-    handed to the ladder's pipeline (a stop request ends it at its next step). Returns variant.json."""
-    from converters import checkpoint as ckpt_mod
-    from converters import evaluate, pipeline, records
+class TeacherLogitsStage(RecordedStage):
+    """The teacher's base logits over the evaluation text (on the tokens the teacher's quants were scored on,
+    when its report used the same text), then the variant's own BF16 against them: the gate's ceilings."""
 
-    out = Path(out)
-    emit = on_event or (lambda stage, state, info: None)
-    teacher_model = teacher_model or pipeline.model_name_for(source_repo or str(Path(source).resolve()))
-    emit("variant", "start", {"recipe": recipe.name})
-    info = make_checkpoint(Path(source), out, recipe, calibration.path, teacher_model=teacher_model,
-                           source_repo=source_repo, on_progress=on_progress, on_step=on_step)
-    final = Path(info["variant"]["path"])
-    ck = ckpt_mod.inspect(final)
-    p = pipeline.plan(ck, out, model_name=model_name(teacher_model, recipe), ladder=ladder, calibration=calibration,
-                      calibration_chunks=calibration_chunks, ctx=ctx, imatrix=imatrix,
-                      source_repo=source_repo, source_revision=source_revision)
-    lad = pipeline.execute(p, toolchain=toolchain, on_event=on_event, should_stop=should_stop)
-    info["model_name"] = lad["model_name"]
-    if eval_text is not None:
-        emit("variant-eval", "start", {})
+    name = "teacher-logits"
+
+    def __init__(self, variant: VariantOf, eval_text: Path, eval_chunks: int | None, eval_ctx: int = 512) -> None:
+        self.v, self.text, self.chunks, self.ctx = variant, Path(eval_text), eval_chunks, eval_ctx
+
+    def _tokens(self, ctx: Any) -> dict[str, Any]:
+        """Reference, text identity and (chunks, ctx) to score on; computed once per run."""
+        from converters import evaluate, records
+        from converters.errors import InputError
+
+        if "teacher_eval" in ctx.state:
+            return ctx.state["teacher_eval"]
+        twd = Path(self.v.teacher_workdir) if self.v.teacher_workdir is not None else None
         teacher_report = None
-        if teacher_workdir is not None and (Path(teacher_workdir) / "report.json").is_file():
-            import json
-
-            teacher_report = json.loads((Path(teacher_workdir) / "report.json").read_text())
-        reference = teacher_reference(Path(source), out, teacher_model, toolchain=toolchain,
-                                      teacher_workdir=teacher_workdir)
-        ev = (teacher_report or {}).get("texts", {}).get("eval") or {}
-        same_text = ev.get("sha256") and ev.get("sha256") == records.sha256_file(Path(eval_text))
-        if same_text and ev.get("chunks") and ev.get("ctx"):
-            chunks, ectx = int(ev["chunks"]), int(ev["ctx"])   # the teacher's quants were scored on these tokens
+        if twd is not None and WorkDir(twd).has_report():  # its figures are copied as written (variant.json)
+            teacher_report = WorkDir(twd).report()
+        reference = teacher_reference(Path(self.v.teacher), ctx.workdir, self.v.teacher_model,
+                                      toolchain=ctx.toolchain, teacher_workdir=twd)
+        ev = teacher_report.texts.get("eval") if teacher_report is not None else None
+        same = ev is not None and bool(ev.sha256) and ev.sha256 == records.sha256_file(self.text)
+        if same and ev.chunks and ev.ctx:
+            chunks, ectx = int(ev.chunks), int(ev.ctx)  # the teacher's quants were scored on these tokens
         else:
-            ectx = eval_ctx
-            available = evaluate.count_tokens(toolchain, reference, Path(eval_text)) // ectx
+            ectx = self.ctx
+            available = evaluate.count_tokens(ctx.toolchain, reference, self.text) // ectx
             if available < 1:
-                from converters.errors import InputError
+                raise InputError(f"the evaluation text {self.text.name} is shorter than one chunk of {ectx}")
+            chunks = min(self.chunks or evaluate.DEFAULT_CHUNKS, available)
+        ctx.state["teacher_eval"] = {"reference": reference, "report": teacher_report if same else None,
+                                     "chunks": chunks, "ctx": ectx}
+        return ctx.state["teacher_eval"]
 
-                raise InputError(f"the evaluation text {Path(eval_text).name} is shorter than one chunk of {ectx}")
-            chunks = min(eval_chunks or evaluate.DEFAULT_CHUNKS, available)
-        logits = teacher_logits(reference, out, Path(eval_text), toolchain=toolchain, ctx=ectx, chunks=chunks,
-                                threads=threads)
-        own_reference = out / lad["reference"]["path"]
-        stats, _ = evaluate.run_kld(toolchain, own_reference, logits, ctx=ectx, threads=threads)
-        report = evaluate.run(out, eval_text=Path(eval_text), calibration_text=calibration.path, ctx=ectx,
-                              threads=threads, source_dir=final, reference_logits=logits,
-                              ceilings=ceilings_for(lad, stats.kld_mean), toolchain=toolchain)
+    def inputs(self, ctx: Any) -> dict[str, Any]:
+        from converters.records import fingerprint_file
+
+        t = self._tokens(ctx)
+        return {"reference": fingerprint_file(t["reference"]), "text": fingerprint_file(self.text), "ctx": t["ctx"],
+                "chunks": t["chunks"], "toolchain": ctx.toolchain.version}
+
+    def produce(self, ctx: Any) -> Produced:
+        from converters import evaluate, records
+
+        t, final = self._tokens(ctx), VariantPaths(ctx.workdir).teacher_logits
+        with records.atomic_output(final) as tmp:
+            _, _, secs = evaluate.run_base(ctx.toolchain, t["reference"], self.text, tmp, ctx=t["ctx"],
+                                           chunks=t["chunks"])
+        return Produced([final], {}, secs, ctx.toolchain.version)
+
+    def use(self, ctx: Any, rec: Any) -> None:
+        from converters import evaluate
+
+        t, logits = self._tokens(ctx), VariantPaths(ctx.workdir).teacher_logits
+        own = ctx.workdir / ctx.ladder.reference.path
+        stats, _ = evaluate.run_kld(ctx.toolchain, own, logits, ctx=t["ctx"])
+        t["stats"] = stats
+        ctx.state["eval_overrides"] = {"ctx": t["ctx"], "chunks": None, "reference_logits": logits,
+                                       "ceilings": ceilings_for(ctx.ladder, stats.kld_mean)}
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantEvaluateStage(EvaluateStage):
+    """The evaluation against the teacher's logits, summed up in variant.json."""
+
+    variant: VariantOf | None = None
+
+    def run(self, ctx: Any) -> None:
+        super().run(ctx)
+        t, report = ctx.state["teacher_eval"], ctx.report
+        stats = t["stats"]
         teacher_files = {}
-        if same_text and teacher_report is not None:
-            teacher_files = {f["type"]: {k: f.get(k) for k in ("kld_mean", "kld_mean_err", "same_top_p",
-                                                                  "same_top_p_err", "size")}
-                             for f in teacher_report.get("files", []) if f.get("kld_mean") is not None}
+        if t["report"] is not None:
+            teacher_files = {f.type: {**{k: f.figures()[k] for k in ("kld_mean", "kld_mean_err", "same_top_p",
+                                                                       "same_top_p_err")}, "size": f.size}
+                             for f in t["report"].files if f.stats is not None}
+        info = load_info(ctx.workdir) or {}
         info["evaluation"] = {
-            "against": "teacher BF16 logits", "chunks": chunks, "ctx": ectx, "text": Path(eval_text).name,
+            "against": "teacher BF16 logits", "chunks": t["chunks"], "ctx": t["ctx"], "text": self.settings.text.path.name,
             "reference_kld_mean": stats.kld_mean, "reference_kld_mean_err": stats.kld_mean_err,
             "reference_same_top_p": stats.same_top_p,
             "files": {f.type: {"kld_mean": f.stats.kld_mean if f.stats else None,
@@ -363,7 +389,25 @@ def build(source: Path, out: Path, recipe: Recipe, *, toolchain: Any, calibratio
             "teacher_files": teacher_files,
             "publishable": report.publishable,
         }
-        emit("variant-eval", "end", {})
-    records.write_json_atomic(out / VARIANT_FILE, info)
-    emit("variant", "end", {"recipe": recipe.name})
-    return info
+        write_info(ctx.workdir, info)
+
+
+def stages(variant: VariantOf, options: Any, evaluation: EvalSettings | None) -> tuple[Any, ...]:
+    """prune -> distill (recipes that heal) -> the ladder -> teacher logits and evaluation against them."""
+    first: list[Any] = [PruneStage(variant, last=not variant.recipe.heals)]
+    if variant.recipe.heals:
+        first.append(DistillStage(variant))
+    tail: tuple[Any, ...] = ()
+    if evaluation is not None:
+        tail = (TeacherLogitsStage(variant, evaluation.text.path, evaluation.chunks),
+                VariantEvaluateStage(evaluation, options.calibration, variant=variant))
+    return (*first, *ladder_stages(options, None), *tail)
+
+
+def make_checkpoint(source: Path, out: Path, recipe: Recipe, calibration: Path, *, teacher_model: str,
+                    source_repo: str | None = None, hooks: Hooks = NULL_HOOKS) -> dict[str, Any]:
+    """Only prune (and heal) ``source`` into ``out`` (resumable); returns variant.json."""
+    v = VariantOf(recipe, Path(source), teacher_model, Path(calibration), source_repo=source_repo)
+    ctx = JobContext(Path(out), None, hooks, model_name(teacher_model, recipe))  # type: ignore[arg-type]
+    run_stages(stages(v, None, None)[:2 if recipe.heals else 1], ctx)
+    return load_info(Path(out)) or {}

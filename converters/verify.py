@@ -19,12 +19,12 @@ import hashlib
 import json
 import logging
 import re
-import struct
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from converters import chat, gguf_meta, hfmodel
 from converters import toolchain as tc_mod
 from converters.errors import InputError, ToolError
 from converters.report import Check
@@ -35,65 +35,7 @@ log = logging.getLogger(__name__)
 # GGUF metadata (header only; no tensor data is touched)
 # --------------------------------------------------------------------------------------------------
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-class _Buf:
-    def __init__(self, f):
-        self.f = f
-
-    def read(self, n: int) -> bytes:
-        b = self.f.read(n)
-        if len(b) != n:
-            raise InputError("truncated GGUF header")
-        return b
-
-    def unpack(self, fmt: str):
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        n = self.unpack("<Q")
-        if n > 1 << 30:
-            raise InputError("corrupt GGUF header (string too long)")
-        return self.read(n).decode("utf-8", "surrogateescape")
-
-    def value(self, vtype: int) -> Any:
-        if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype])
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY:
-            itype = self.unpack("<I")
-            count = self.unpack("<Q")
-            if itype in _SCALARS:
-                fmt = _SCALARS[itype]
-                size = struct.calcsize(fmt)
-                raw = self.read(size * count)
-                return list(struct.unpack(f"<{count}{fmt[1:]}", raw))
-            return [self.value(itype) for _ in range(count)]
-        raise InputError(f"unknown GGUF value type {vtype}")
-
-
-def read_metadata(path: Path) -> dict[str, Any]:
-    """The key/value metadata of a GGUF file (for a split file: of its first part)."""
-    try:
-        with open(path, "rb") as f:
-            b = _Buf(f)
-            if b.read(4) != b"GGUF":
-                raise InputError(f"{path.name} is not a GGUF file")
-            version = b.unpack("<I")
-            if version < 2:
-                raise InputError(f"{path.name}: GGUF version {version} is not supported")
-            b.unpack("<Q")  # tensor count
-            n_kv = b.unpack("<Q")
-            out: dict[str, Any] = {}
-            for _ in range(n_kv):
-                key = b.string()
-                out[key] = b.value(b.unpack("<I"))
-            return out
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {e}") from e
+_TOK = gguf_meta.K.Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,34 +57,22 @@ class GgufFacts:
 
     @classmethod
     def read(cls, path: Path) -> "GgufFacts":
-        md = read_metadata(path)
-        arch = str(md.get("general.architecture", ""))
-
-        def opt_int(key: str) -> int | None:
-            v = md.get(key)
-            return int(v) if isinstance(v, int) else None
-
-        compared = {k: v for k, v in md.items() if _compared_key(k, arch)}
+        md = gguf_meta.read(path)
         digests = {k: hashlib.sha256(json.dumps(v, default=str, ensure_ascii=False).encode("utf-8", "surrogateescape"))
-                   .hexdigest() for k, v in compared.items()}
-        add_bos = md.get("tokenizer.ggml.add_bos_token")
-        return cls(path=path, arch=arch, tokenizer_model=md.get("tokenizer.ggml.model"),
-                   pre=md.get("tokenizer.ggml.pre"), tokens=tuple(md.get("tokenizer.ggml.tokens") or ()),
-                   bos_id=opt_int("tokenizer.ggml.bos_token_id"), eos_id=opt_int("tokenizer.ggml.eos_token_id"),
-                   eot_id=opt_int("tokenizer.ggml.eot_token_id"), eom_id=opt_int("tokenizer.ggml.eom_token_id"),
+                   .hexdigest() for k, v in md.tokenizer_and_model_keys().items()}
+        add_bos = md.get(_TOK.ADD_BOS)
+        model = md.get(_TOK.MODEL)
+        return cls(path=path, arch=md.arch, tokenizer_model=model, pre=md.get(_TOK.PRE),
+                   tokens=tuple(md.get(_TOK.LIST) or ()), bos_id=md.opt_int(_TOK.BOS_ID),
+                   eos_id=md.opt_int(_TOK.EOS_ID), eot_id=md.opt_int(_TOK.EOT_ID), eom_id=md.opt_int(_TOK.EOM_ID),
                    # llama.cpp's default when the key is absent: add BOS for SPM vocabularies
-                   add_bos=bool(add_bos) if add_bos is not None else md.get("tokenizer.ggml.model") == "llama",
-                   chat_template=md.get("tokenizer.chat_template"), digests=digests)
+                   add_bos=bool(add_bos) if add_bos is not None else model == "llama",
+                   chat_template=md.get(_TOK.CHAT_TEMPLATE), digests=digests)
 
     def token_text(self, i: int | None) -> str:
         if i is None or not 0 <= i < len(self.tokens):
             return "?"
         return self.tokens[i]
-
-
-def _compared_key(key: str, arch: str) -> bool:
-    """Keys that every quant must share with the reference: tokenizer, template and hyperparameters."""
-    return key.startswith("tokenizer.") or (bool(arch) and key.startswith(arch + ".")) or key == "general.architecture"
 
 
 def metadata_check(quant: GgufFacts, reference: GgufFacts) -> Check:
@@ -192,15 +122,6 @@ TOKENIZER_SAMPLES: tuple[tuple[str, str], ...] = (
 )
 
 TOKENIZER_TIMEOUT = 300
-
-
-def _hf_tokenizer(source_dir: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(source_dir), trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 - any loader failure is a missing input for the check
-        raise InputError(f"cannot load the source tokenizer from {source_dir}: {e}") from e
 
 
 def special_sample(tok) -> str | None:
@@ -253,7 +174,7 @@ def first_mismatch(a: Sequence[int], b: Sequence[int]) -> int | None:
 def tokenizer_parity(tc: tc_mod.Toolchain, gguf: Path, source_dir: Path,
                      samples: Sequence[tuple[str, str]] = TOKENIZER_SAMPLES) -> Check:
     """The source's HF tokenizer and llama.cpp's tokenizer of the GGUF give the same ids on every sample."""
-    tok = _hf_tokenizer(source_dir)
+    tok = hfmodel.load_tokenizer(source_dir)
     facts = GgufFacts.read(gguf)
     cases = [(name, text, False) for name, text in samples]
     sp = special_sample(tok)
@@ -305,36 +226,6 @@ SAMPLE_CONVERSATIONS: tuple[tuple[dict[str, str], ...], ...] = (
 REPLY_QUESTION = "What is the capital of France? Answer in one short sentence."
 
 
-def _source_template(tok) -> str | None:
-    t = getattr(tok, "chat_template", None)
-    if isinstance(t, Mapping):
-        return t.get("default") or next(iter(t.values()), None)
-    return t or None
-
-
-def render_template(template: str, messages: Sequence[Mapping[str, str]], *, bos: str = "", eos: str = "",
-                    add_generation_prompt: bool = True) -> str:
-    """Render a chat template as transformers does, in Jinja2's immutable sandbox."""
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(msg: str) -> None:
-        raise jinja2.TemplateError(msg)
-
-    def strftime_now(fmt: str) -> str:
-        import datetime
-
-        return datetime.datetime.now().strftime(fmt)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, **_: json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent)
-    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
-    return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                            bos_token=bos, eos_token=eos, tools=None, documents=None)
-
-
 def _diff_at(a: str, b: str) -> int:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -344,14 +235,14 @@ def _diff_at(a: str, b: str) -> int:
 
 def chat_template_check(gguf: GgufFacts, source_dir: Path) -> Check:
     """The GGUF carries the source's chat template and renders the same prompt (a base model passes)."""
-    tok = _hf_tokenizer(source_dir)
-    src = _source_template(tok)
+    tok = hfmodel.load_tokenizer(source_dir)
+    src = chat.tokenizer_template(tok)
     if not src:
         if gguf.chat_template:
             return Check.fail("the GGUF has a chat template but the source has none")
         return Check.ok("no template (base model)", has_template=False)
     if not gguf.chat_template:
-        return Check.fail("the source has a chat template but the GGUF has none (tokenizer.chat_template missing)",
+        return Check.fail(f"the source has a chat template but the GGUF has none ({gguf_meta.CHAT_TEMPLATE} missing)",
                           has_template=True)
     bos, eos = tok.bos_token or "", tok.eos_token or ""
     for conv in SAMPLE_CONVERSATIONS:
@@ -360,7 +251,7 @@ def chat_template_check(gguf: GgufFacts, source_dir: Path) -> Check:
         except Exception:  # noqa: BLE001 - e.g. the template refuses a system message: try the next conversation
             continue
         try:
-            got = render_template(gguf.chat_template, conv, bos=bos, eos=eos)
+            got = chat.render(gguf.chat_template, conv, bos=bos, eos=eos)
         except Exception as e:  # noqa: BLE001
             return Check.fail(f"the GGUF's chat template does not render: {type(e).__name__}: {e}", has_template=True)
         if got != expected:
@@ -411,7 +302,7 @@ def special_tokens_check(gguf: GgufFacts, source_dir: Path, tok=None) -> Check:
     if isinstance(cfg.get("text_config"), dict):  # multimodal wrappers keep the LM's ids inside
         cfg = {**cfg["text_config"], **{k: v for k, v in cfg.items() if k.endswith("_token_id")}}
     gen = _read_json(source_dir / "generation_config.json")
-    tok = tok if tok is not None else _hf_tokenizer(source_dir)
+    tok = tok if tok is not None else hfmodel.load_tokenizer(source_dir)
     problems: list[str] = []
     n_vocab = len(gguf.tokens)
     for name, i in (("BOS", gguf.bos_id), ("EOS", gguf.eos_id), ("EOT", gguf.eot_id), ("EOM", gguf.eom_id)):
@@ -480,7 +371,7 @@ def prompt_for(gguf: GgufFacts, tok=None) -> tuple[str, bool]:
                       {"role": "user", "content": REPLY_QUESTION}],
                      [{"role": "user", "content": REPLY_QUESTION}]):
             try:
-                return render_template(gguf.chat_template, conv, bos=bos, eos=eos), True
+                return chat.render(gguf.chat_template, conv, bos=bos, eos=eos), True
             except Exception:  # noqa: BLE001 - reported by the template check
                 continue
     return PLAIN_PROMPT, False

@@ -54,17 +54,20 @@ SMOL_CAL_CHUNKS = 8
 SMOL_CAL_CTX = 256
 
 
-def build_smol_ladder(out: Path, checkpoint: Path, calibration: Path, toolchain, *, jobs: int = 2,
-                      on_event=None, should_stop=None) -> dict:
-    from converters import checkpoint as ck_mod
-    from converters import pipeline
+def build_smol_ladder(out: Path, checkpoint: Path, calibration: Path, toolchain, *, jobs: int = 2, hooks=None):
+    """The SmolLM2 ladder through the job runner: a local checkpoint named after its Hub repo."""
+    from bot.job import JobSpec, Source, run_job
     from converters.calibrate import TextFile
+    from converters.hooks import NULL_HOOKS
+    from converters.job import CheckpointRules
+    from converters.pipeline import LadderOptions
 
-    ck = ck_mod.inspect(checkpoint, supported=ck_mod.supported_architectures(toolchain.root))
-    plan = pipeline.plan(ck, out, model_name=checkpoint.name, ladder=SMOL_LADDER,
-                         calibration=TextFile.of(calibration), calibration_chunks=SMOL_CAL_CHUNKS, ctx=SMOL_CAL_CTX,
-                         jobs=jobs, source_repo="HuggingFaceTB/SmolLM2-135M-Instruct", source_revision=None)
-    return pipeline.execute(plan, toolchain=toolchain, on_event=on_event, should_stop=should_stop)
+    spec = JobSpec(source=Source(repo="HuggingFaceTB/SmolLM2-135M-Instruct", path=checkpoint),
+                   model_name=checkpoint.name,
+                   ladder=LadderOptions(ladder=SMOL_LADDER, calibration=TextFile.of(calibration),
+                                        calibration_chunks=SMOL_CAL_CHUNKS, ctx=SMOL_CAL_CTX, jobs=jobs),
+                   rules=CheckpointRules(check_architecture=True))
+    return run_job(spec, out, hooks or NULL_HOOKS, toolchain=toolchain).ladder
 
 
 @pytest.fixture(scope="session")

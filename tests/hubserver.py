@@ -543,11 +543,7 @@ class HubServer:
                 if fault.kind == "slow":
                     time.sleep(fault.seconds)
                 elif fault.kind == "drop":
-                    h.close_connection = True
-                    try:
-                        h.connection.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                    _drop_connection(h)
                     return
                 else:
                     hdrs = {"Retry-After": _fmt_num(fault.retry_after)} if fault.retry_after is not None else {}
@@ -570,11 +566,7 @@ class HubServer:
         entry.status, entry.user = status, user
         if drop_after:
             entry.status = None
-            h.close_connection = True
-            try:
-                h.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _drop_connection(h)
             return
         h.send_response(status)
         headers.setdefault("Content-Length", str(len(payload)))
@@ -934,6 +926,15 @@ def _validate_front_matter(content: str) -> list[str]:
     if gf is not None and not isinstance(gf, dict):
         errors.append('"extra_gated_fields" must be a mapping')
     return errors
+
+
+def _drop_connection(h: BaseHTTPRequestHandler) -> None:
+    """Close the client's connection without an answer (the ``drop`` faults)."""
+    h.close_connection = True
+    try:
+        h.connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _read_chunked(f: Any) -> bytes:

@@ -1,8 +1,8 @@
 """Work directories for publishing tests: placeholder GGUF bytes plus ladder.json / report.json.
 
-Publishing does not interpret GGUF contents, so the quants here are small byte strings; ladder.json
-follows docs/ARCHITECTURE.md and report.json is written with ``converters.report`` (the evaluation's
-own schema). The figures are inputs to the card, not measurements.
+Publishing does not interpret GGUF contents, so the quants here are small byte strings; ladder.json and
+report.json are written through ``converters.workdir.WorkDir`` from the typed records, like the pipeline and
+the evaluation write them. The figures are inputs to the card, not measurements.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.report import FAILED, PASSED, Check, FileResult, KldStats, Report, TextInfo
+from converters.workdir import Ladder, WorkDir
 
 CHATML = (
     "{% for message in messages %}"
@@ -63,7 +64,9 @@ def make_workdir(root: Path, *, model: str = "Tiny-Instruct", source_repo: str |
         first = wd / parts[0]
         files.append({"type": t, "bpw_nominal": 4.0, "needs_imatrix": False, "description": f"{t} test file.",
                       "path": parts[0], "parts": parts, "size": first.stat().st_size,
-                      "sha256": hashlib.sha256(first.read_bytes()).hexdigest(), "bpw": 4.5, "seconds": 0.1})
+                      "sha256": hashlib.sha256(first.read_bytes()).hexdigest(),
+                      "part_sha256": [hashlib.sha256((wd / p).read_bytes()).hexdigest() for p in parts],
+                      "bpw": 4.5, "seconds": 0.1})
         ok = t not in failed
         figures = {k: 0.1 for k in KldStats.__dataclass_fields__}
         figures.update(chunks=4, kld_mean=0.01 * (i + 1), kld_mean_err=0.001, same_top_p=0.95 - 0.05 * i,
@@ -98,6 +101,6 @@ def make_workdir(root: Path, *, model: str = "Tiny-Instruct", source_repo: str |
                     files=rfiles, publishable=publishable,
                     reasons=[] if publishable else ["BF16 conversion disagrees with the source model"],
                     seconds={}, chart="size-vs-kld.png" if chart else None)
-    (wd / "ladder.json").write_text(json.dumps(ladder, indent=2))
-    (wd / "report.json").write_text(json.dumps(report.to_json(), indent=2))
+    WorkDir(wd).write_ladder(Ladder.from_json(ladder))
+    WorkDir(wd).write_report(report)
     return wd

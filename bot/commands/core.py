@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import importlib.metadata
 import json
 import os
 import platform
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from bot.commands import stderr
 from converters import checkpoint as ckpt_mod
 from converters import pipeline, quants, toolchain
 from converters.errors import ConfigError, InputError, UnsupportedModel
-from converters.stages import check_disk, free_bytes
+from converters.stages import free_bytes
+from converters.workdir import Ladder, WorkDir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,26 +70,6 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[m.group(2)])
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _events(stage: str, state: str, info: dict[str, Any]) -> None:
-    if state == "progress":
-        if "type" in info:
-            _stderr(f"[{stage}] {info['type']} {'(already done)' if info.get('skipped') else 'done'} "
-                    f"({info['done']}/{info['total']})")
-        elif info.get("line"):
-            _stderr(f"[{stage}] {info['line']}")
-    elif state == "skip":
-        _stderr(f"[{stage}] already done for these inputs, skipped")
-    elif state == "end":
-        secs = info.get("seconds")
-        _stderr(f"[{stage}] done" + (f" in {secs:.1f} s" if isinstance(secs, (int, float)) else ""))
-    else:
-        _stderr(f"[{stage}] {state}")
-
-
 def _split_source(source: str, revision: str | None) -> tuple[str, str | None]:
     if "@" in source and not Path(source).exists():
         repo, rev = source.rsplit("@", 1)
@@ -99,17 +79,14 @@ def _split_source(source: str, revision: str | None) -> tuple[str, str | None]:
 
 def _hub_info(repo: str, revision: str | None, allow_remote_code: bool):
     """Model facts from the Hub, refusing pickle-only and remote-code repos before anything is downloaded."""
+    from bot import rules
     from bot.hub import Hub
 
     hub = Hub()
     info = hub.model_info(repo, revision)
-    names = [s.rfilename for s in info.siblings]
-    if not any(n.endswith(".safetensors") for n in names):
-        if any(n.endswith(ckpt_mod.PICKLE_SUFFIXES) for n in names):
-            raise UnsupportedModel("only pickle weights; refused: pickle can run code", repo=repo)
-        raise UnsupportedModel("no safetensors weights", repo=repo)
-    if (info.config or {}).get("auto_map") and not allow_remote_code:
-        raise UnsupportedModel("needs trust_remote_code (config has auto_map); refused by default", repo=repo)
+    why = rules.convert_refusal(info, allow_remote_code=allow_remote_code)
+    if why is not None:
+        raise UnsupportedModel(why, repo=repo)
     return hub, info
 
 
@@ -130,20 +107,54 @@ def _hub_checkpoint_facts(info, supported) -> ckpt_mod.Checkpoint:
         chat_template=None, license=info.license)
 
 
-def _fetch_hub_source(hub, info, repo: str, out: Path) -> tuple[Path, str]:
-    """Download only the files that matter (weights as safetensors, config, tokenizer, template)."""
-    wanted = sum(s.size or 0 for s in info.siblings
-                 if any(fnmatch.fnmatch(s.rfilename, pat) for pat in ckpt_mod.FETCH_PATTERNS))
-    # the download plus the reference GGUF (about the same size again) must fit
-    check_disk(out, 2 * wanted)
-    dest = out / "source"
-    _stderr(f"[fetch] {repo}@{info.sha} ({wanted / 1e9:.2f} GB)")
-    hub.download_snapshot(repo, info.sha, dest, allow_patterns=list(ckpt_mod.FETCH_PATTERNS))
-    return dest, info.sha
+def _texts(args: argparse.Namespace, imatrix: bool) -> tuple[Any, Any]:
+    """The calibration text (with an imatrix) and the evaluation text (unless --no-eval or --dry-run)."""
+    from bot.texts import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, resolve_text, same_text
+
+    cal = resolve_text(args.calibration or DEFAULT_CALIBRATION) if imatrix else None
+    if args.no_eval or args.dry_run:
+        return cal, None
+    eval_text = resolve_text(args.eval_text or DEFAULT_EVALUATION)
+    if cal is not None and same_text(cal, eval_text):
+        raise InputError("the evaluation text is the calibration text: a quant must not be judged on the text "
+                         "it was calibrated on")
+    return cal, eval_text
+
+
+def convert_spec(args: argparse.Namespace, source: Any, model_name: str) -> Any:
+    """The job of ``ggufbot convert``, from its arguments."""
+    from bot.job import FetchPolicy, JobSpec, PublishTarget, cli_disk_need
+    from converters.job import CheckpointRules, EvalSettings
+
+    ladder = quants.parse_ladder(args.ladder)
+    imatrix = not args.no_imatrix
+    cal, eval_text = _texts(args, imatrix)
+    return JobSpec(
+        source=source, model_name=model_name,
+        ladder=pipeline.LadderOptions(ladder=tuple(q.name for q in ladder), outtype=args.outtype, imatrix=imatrix,
+                                      calibration=cal, calibration_chunks=args.chunks, ctx=args.ctx,
+                                      split_max_bytes=parse_size(args.split_max_size), jobs=args.jobs),
+        evaluation=EvalSettings(eval_text, chunks=args.eval_chunks) if eval_text is not None else None,
+        publish=PublishTarget(repo_id=args.repo, private=args.private) if args.publish else None,
+        fetch=FetchPolicy(patterns=ckpt_mod.FETCH_PATTERNS, need_bytes=cli_disk_need),
+        rules=CheckpointRules(allow_remote_code=args.allow_remote_code, check_architecture=True))
+
+
+def _dry_run(args: argparse.Namespace, spec: Any, info: Any, tc: Any) -> int:
+    supported = ckpt_mod.supported_architectures(tc.root)
+    if spec.source.path is None:
+        ck = _hub_checkpoint_facts(info, supported)
+    else:
+        ck = ckpt_mod.inspect(spec.source.path, allow_remote_code=args.allow_remote_code, supported=supported)
+    p = pipeline.plan(ck, args.out, model_name=spec.model_name, options=spec.ladder,
+                      source_repo=spec.source.repo, source_revision=spec.source.revision)
+    print(json.dumps(p.to_json(), indent=2) if args.json else p.describe())
+    return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from bot.texts import DEFAULT_CALIBRATION, resolve_text, same_text
+    from bot.commands import CLI_HOOKS
+    from bot.job import Source, run_job
 
     if args.publish and args.no_eval:
         raise InputError("--publish needs the evaluation: a file is published only after it passed the gate")
@@ -152,80 +163,45 @@ def cmd_convert(args: argparse.Namespace) -> int:
     local = Path(source).expanduser()
     tc = toolchain.find(required=True)
     assert tc is not None
-    supported = ckpt_mod.supported_architectures(tc.root)
     started = time.monotonic()
+    hub = info = None
     if local.is_dir():
-        ck_dir, repo, sha = local, None, None
+        src = Source(path=local)
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         hub, info = _hub_info(source, revision, args.allow_remote_code)
-        repo = source
-        if args.dry_run:
-            ck_dir, sha = None, info.sha
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            ck_dir, sha = _fetch_hub_source(hub, info, source, out)
+        src = Source(repo=source, revision=info.sha)
     else:
         raise InputError(f"source {source!r} is neither a folder nor a Hub repo id (ORG/NAME)")
-    if ck_dir is None:
-        ck = _hub_checkpoint_facts(info, supported)
-    else:
-        ck = ckpt_mod.inspect(ck_dir, allow_remote_code=args.allow_remote_code, supported=supported)
-    ladder = quants.parse_ladder(args.ladder)
-    imatrix = not args.no_imatrix
-    cal = resolve_text(args.calibration or DEFAULT_CALIBRATION) if imatrix else None
-    eval_text = None
-    if not args.no_eval and not args.dry_run:
-        from bot.texts import DEFAULT_EVALUATION
-
-        eval_text = resolve_text(args.eval_text or DEFAULT_EVALUATION)
-        if cal is not None and same_text(cal, eval_text):
-            raise InputError("the evaluation text is the calibration text: a quant must not be judged on the text "
-                             "it was calibrated on")
-    p = pipeline.plan(ck, out, model_name=pipeline.model_name_for(repo or str(Path(ck.path).resolve())),
-                      ladder=[q.name for q in ladder], outtype=args.outtype, calibration=cal,
-                      calibration_chunks=args.chunks, ctx=args.ctx, imatrix=imatrix,
-                      split_max_bytes=parse_size(args.split_max_size), jobs=args.jobs,
-                      source_repo=repo, source_revision=sha)
+    spec = convert_spec(args, src, pipeline.model_name_for(src.repo or str(local.resolve())))
     if args.dry_run:
-        print(json.dumps(p.to_json(), indent=2) if args.json else p.describe())
-        return 0
-    result = pipeline.execute(p, toolchain=tc, on_event=_events)
-    if eval_text is not None:
-        from converters import evaluate
-
-        _stderr("[evaluate] start")
-        evaluate.run(out, eval_text=eval_text.path, calibration_text=cal.path if cal else None,
-                     chunks=args.eval_chunks, source_dir=ck.path)
-        _stderr("[evaluate] done")
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        _print_ladder(result, out, time.monotonic() - started)
-    if args.publish:
+        return _dry_run(args, spec, info, tc)
+    if hub is None and args.publish:
         from bot.hub import Hub
-        from bot.publish import PublishOptions, publish
 
-        _stderr("[publish] start")
-        _, res = publish(out, Hub(), PublishOptions(repo_id=args.repo, private=args.private))
-        if res is not None:
-            print(f"{res.repo_id}: {'up to date, no commit' if res.action == 'none' else f'{res.action}d, commit {res.commit}'}"
-                  f" ({res.url})")
+        hub = Hub()
+    result = run_job(spec, out, CLI_HOOKS, toolchain=tc, hub=hub)
+    if args.json:
+        print(json.dumps(result.ladder.to_json(), indent=2))
+    else:
+        _print_ladder(result.ladder, out, time.monotonic() - started)
+    res = result.published
+    if res is not None:
+        print(f"{res.repo_id}: {'up to date, no commit' if res.action == 'none' else f'{res.action}d, commit {res.commit}'}"
+              f" ({res.repo_url})")
     return 0
 
 
-def _print_ladder(result: dict[str, Any], out: Path, seconds: float) -> None:
-    report = {}
-    rp = out / "report.json"
-    if rp.exists():
-        report = {f["type"]: f for f in json.loads(rp.read_text()).get("files", [])}
-    print(f"{result['model_name']}: {len(result['files'])} files in {out} ({seconds:.0f} s)")
+def _print_ladder(ladder: Ladder, out: Path, seconds: float) -> None:
+    wd = WorkDir(out)
+    status = {f.type: f.status for f in wd.report().files} if wd.has_report() else {}
+    print(f"{ladder.model_name}: {len(ladder.files)} files in {out} ({seconds:.0f} s)")
     print(f"{'type':<10} {'size':>10} {'bpw':>6}  {'status':<8} file")
-    for f in sorted(result["files"], key=lambda f: -f["size"]):
-        st = report.get(f["type"], {}).get("status", "-")
-        print(f"{f['type']:<10} {f['size'] / 1e6:>8.1f}MB {f['bpw'] or 0:>6.2f}  {st:<8} {f['path']}"
-              + (f" (+{len(f['parts']) - 1} parts)" if len(f["parts"]) > 1 else ""))
-    if result.get("imatrix"):
-        print(f"imatrix    {result['imatrix']['gguf']}, {result['imatrix']['dat']}")
+    for f in sorted(ladder.files, key=lambda f: -f.size):
+        st = status.get(f.type, "-")
+        print(f"{f.type:<10} {f.size / 1e6:>8.1f}MB {f.bpw or 0:>6.2f}  {st:<8} {f.path}"
+              + (f" (+{len(f.parts) - 1} parts)" if len(f.parts) > 1 else ""))
+    if ladder.imatrix:
+        print(f"imatrix    {ladder.imatrix.gguf}, {ladder.imatrix.dat}")
 
 
 def cmd_toolchain_install(args: argparse.Namespace) -> int:
@@ -233,14 +209,14 @@ def cmd_toolchain_install(args: argparse.Namespace) -> int:
     if existing is not None and not existing.missing():
         print(f"{existing.version} ready ({'CUDA' if existing.cuda else 'CPU'}) in {existing.bin_dir.parent}")
         return 0
-    _stderr("building llama.cpp: this takes several minutes (about 6 on 2 cores)")
+    stderr("building llama.cpp: this takes several minutes (about 6 on 2 cores)")
     last = [0.0]
 
     def on_line(line: str) -> None:
         now = time.monotonic()
         if line.startswith("[") and now - last[0] > 5:
             last[0] = now
-            _stderr(line[:160])
+            stderr(line[:160])
 
     tc = toolchain.install(jobs=args.jobs, on_line=on_line)
     print(f"{tc.version} ready ({'CUDA' if tc.cuda else 'CPU'}) in {tc.bin_dir.parent}")

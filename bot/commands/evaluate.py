@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from converters.errors import InputError
+from converters.hooks import PROGRESS, Event, Hooks
+from converters.workdir import LADDER_FILE, WorkDir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,22 +50,28 @@ def parse_ceilings(items: list[str]) -> dict[str, float]:
     return out
 
 
+class _StepLines(Hooks):
+    """``[evaluate] kld Q4_K_M (3/7)``: one stderr line per step of the evaluation."""
+
+    def progress(self, event: Event) -> None:
+        if event.kind == PROGRESS:
+            print(f"[evaluate] {event.text} ({event.done}/{event.total})", file=sys.stderr, flush=True)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from bot.texts import DEFAULT_EVALUATION, resolve_text
     from converters import evaluate
 
-    if not (args.dir / "ladder.json").exists():
-        raise InputError(f"{args.dir} has no ladder.json: run 'ggufbot convert' first")
+    if not WorkDir(args.dir).has_ladder():
+        raise InputError(f"{args.dir} has no {LADDER_FILE}: run 'ggufbot convert' first")
     text = resolve_text(args.eval_text or DEFAULT_EVALUATION)
 
-    def progress(step: str, done: int, total: int) -> None:
-        print(f"[evaluate] {step} ({done}/{total})", file=sys.stderr, flush=True)
-
-    report = evaluate.run(args.dir, eval_text=text.path, eval_text_name=text.name, eval_text_source=text.source,
-                          chunks=args.chunks, ctx=args.ctx, threads=args.threads, source_dir=args.source,
-                          reference_logits=args.reference_logits, hf_compare_max_params=int(args.hf_compare_max_params),
-                          hf_compare_chunks=args.hf_compare_chunks, ceilings=parse_ceilings(args.ceiling) or None,
-                          on_progress=progress)
+    options = evaluate.EvalOptions(
+        eval_text=text.path, eval_text_name=text.name, eval_text_source=text.source, chunks=args.chunks,
+        ctx=args.ctx, threads=args.threads, source_dir=args.source, reference_logits=args.reference_logits,
+        hf_compare_max_params=int(args.hf_compare_max_params), hf_compare_chunks=args.hf_compare_chunks,
+        ceilings=parse_ceilings(args.ceiling) or None)
+    report = evaluate.run(args.dir, options, hooks=_StepLines())
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return 0 if report.publishable else 2

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -60,10 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_variant)
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "temperature": args.temperature, "samples": args.samples, "seed": args.seed,
@@ -109,43 +104,47 @@ def cmd_variant(args: argparse.Namespace) -> int:
             raise InputError("the evaluation text is the calibration text: a variant must not be judged on the "
                              "text it was pruned and healed on")
     started = time.monotonic()
-    last = [0.0]
+    from bot.commands import CLI_HOOKS, stderr
+    from bot.job import JobSpec, Source, run_job
+    from converters.job import EvalSettings
+    from converters.pipeline import LadderOptions
 
-    def on_step(step: int, steps: int, loss: float, lr: float) -> None:
-        now = time.monotonic()
-        if step == steps or now - last[0] >= 5:
-            last[0] = now
-            _stderr(f"[distill] step {step}/{steps} loss {loss:.4f} lr {lr:.3g}")
-
-    from bot.commands.core import _events
-
-    info = variants.build(source, args.out, recipe, toolchain=tc, calibration=cal,
-                          eval_text=eval_text.path if eval_text else None,
-                          teacher_model=args.model_name or source.resolve().name, ladder=args.ladder,
-                          imatrix=not args.no_imatrix, ctx=args.ctx, calibration_chunks=args.chunks,
-                          eval_chunks=args.eval_chunks, teacher_workdir=args.teacher_workdir,
-                          source_repo=args.source_repo, on_event=_events,
-                          on_progress=lambda m: _stderr(f"[prune] {m}"), on_step=on_step)
+    teacher_model = args.model_name or source.resolve().name
+    v = variants.VariantOf(recipe, source, teacher_model, cal.path, args.teacher_workdir, args.source_repo)
+    hub, target = None, None
     if args.publish:
-        from bot import variants as bot_variants
-        from bot.hub import Hub
-
-        token = endpoint = None
-        namespace = args.namespace
-        if args.config is not None:
-            from bot import settings as settings_mod
-
-            s = settings_mod.load(args.config)
-            token, endpoint = s.token, s.hub.endpoint
-            namespace = namespace or s.target.namespace
-        result = bot_variants.publish_variant(args.out, Hub(token=token, endpoint=endpoint), namespace=namespace,
-                                              repo_id=args.repo, teacher_workdir=args.teacher_workdir)
-        _stderr(f"[publish] {result.action} {result.repo_id} ({result.url})")
+        hub, target = _publish_target(args)
+    spec = JobSpec(source=Source(repo=args.source_repo), model_name=variants.model_name(teacher_model, recipe),
+                   ladder=LadderOptions(ladder=args.ladder, imatrix=not args.no_imatrix, calibration=cal,
+                                        calibration_chunks=args.chunks, ctx=args.ctx),
+                   evaluation=EvalSettings(eval_text, chunks=args.eval_chunks) if eval_text is not None else None,
+                   publish=target, variant_of=v)
+    result = run_job(spec, args.out, CLI_HOOKS, toolchain=tc, hub=hub)
+    info = variants.load_info(args.out) or {}
+    if result.published is not None:
+        p = result.published
+        stderr(f"[publish] {p.action} {p.repo_id} ({p.repo_url})")
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         _print_summary(info, time.monotonic() - started)
     return 0
+
+
+def _publish_target(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The Hub client and the variant's target (``--repo``, or ``--namespace``/the settings' namespace)."""
+    from bot.hub import Hub
+    from bot.job import PublishTarget
+
+    token = endpoint = None
+    namespace = args.namespace
+    if args.config is not None:
+        from bot import settings as settings_mod
+
+        s = settings_mod.load(args.config)
+        token, endpoint = s.token, s.hub.endpoint
+        namespace = namespace or s.target.namespace
+    return Hub(token=token, endpoint=endpoint), PublishTarget(repo_id=args.repo, namespace=namespace)
 
 
 def _print_summary(info: dict[str, Any], seconds: float) -> None:

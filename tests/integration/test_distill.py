@@ -8,7 +8,8 @@ import logging
 import pytest
 from safetensors.torch import load_file
 
-from converters import distill, prune
+from converters import distill, hfmodel, prune
+from converters.hooks import PROGRESS, Recorder
 from tests.integration.variant_fixtures import pruned_smollm2
 
 HELDOUT_CHUNKS = 6
@@ -22,12 +23,14 @@ def test_100_steps_lower_the_kld_against_the_teacher(tmp_path_factory, smollm2, 
     variant = pruned_smollm2(tmp_path_factory, smollm2, calibration_text, toolchain)
     student = variant.checkpoint
     healed = tmp_path_factory.mktemp("healed") / "ckpt"
-    steps = []
+    hooks = Recorder()
     cfg = distill.DistillConfig(steps=100, seq_len=64, batch_size=1, lr=2e-4, samples=32, seed=0, log_every=25)
     with caplog.at_level(logging.INFO, logger="converters.distill"):
         res = distill.distill(smollm2, student, healed, calibration_text, cfg,
                               first_changed_layer=variant.info["prune"]["first_changed_layer"],
-                              on_step=lambda step, n, loss, lr: steps.append((step, n, loss)))
+                              hooks=hooks)
+    steps = [(e.done, e.total, e.data["loss"]) for e in hooks.events if e.stage == "distill" and e.kind == PROGRESS]
+    assert steps[0][2] == res.losses[0] and hooks.events[-1].text == f"loss {res.losses[-1]:.4f}"
     assert [s[0] for s in steps] == list(range(1, 101)) and all(s[1] == 100 for s in steps)
     assert sum("distill: step 100/100" in r.getMessage() for r in caplog.records) == 1  # progress in the log
     assert res.steps == 100 and res.device == "cpu" and res.dtype == "float32"
@@ -41,7 +44,7 @@ def test_100_steps_lower_the_kld_against_the_teacher(tmp_path_factory, smollm2, 
     assert {str(t.dtype) for t in load_file(str(healed / "model.safetensors")).values()} == {"torch.bfloat16"}
 
     # measured, not assumed: KLD against the teacher on held-out WikiText-2
-    tok = prune.load_tokenizer(smollm2)
+    tok = hfmodel.load_tokenizer(smollm2)
     chunks = prune.token_chunks(tok, prune.read_text(eval_text, max_chars=200_000), HELDOUT_TOKENS, HELDOUT_CHUNKS)
     reference = distill.teacher_logits(smollm2, chunks)
     before = distill.compare(reference, student, chunks)

@@ -17,7 +17,9 @@ import pytest
 from converters import evaluate, verify
 from converters import report as rep
 from converters.errors import DiskSpaceError, InputError
+from converters.hooks import PROGRESS, Recorder
 from converters.report import FAILED, PASSED, FileResult
+from converters.workdir import WorkDir
 from tests.ggufedit import damage_tensor, set_number
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
@@ -51,10 +53,11 @@ def ladder_dir(tmp_path_factory, smol_workdir: Path) -> Path:
 @pytest.fixture(scope="module")
 def evaluated(ladder_dir: Path, eval_text: Path, calibration_text: Path, toolchain, tmp_path_factory):
     keep = tmp_path_factory.mktemp("base-logits") / "base.kld"
-    events = []
-    report = evaluate.run(ladder_dir, eval_text=eval_text, calibration_text=calibration_text, chunks=CHUNKS, ctx=CTX,
-                          threads=2, toolchain=toolchain, keep_base_logits=keep,
-                          on_progress=lambda step, done, total: events.append((step, done, total)))
+    hooks = Recorder()
+    options = evaluate.EvalOptions(eval_text=eval_text, calibration_text=calibration_text, chunks=CHUNKS, ctx=CTX,
+                                   threads=2, keep_base_logits=keep)
+    report = evaluate.run(ladder_dir, options, toolchain=toolchain, hooks=hooks)
+    events = [(e.text, e.done, e.total) for e in hooks.events if e.stage == "evaluate" and e.kind == PROGRESS]
     return report, keep, events
 
 
@@ -109,8 +112,8 @@ def test_report_is_complete_and_everything_passes(evaluated, ladder_dir: Path, e
     assert not list(ladder_dir.rglob("*.kld"))
     assert [e[0] for e in events][:2] == ["base logits", "bf16 vs source"] and events[-1][0] == "done"
     # a second run with the same inputs is free
-    again = evaluate.run(ladder_dir, eval_text=eval_text, chunks=CHUNKS, ctx=CTX)
-    assert again.to_json() == rep.load(ladder_dir).to_json()
+    again = evaluate.run(ladder_dir, evaluate.EvalOptions(eval_text=eval_text, chunks=CHUNKS, ctx=CTX))
+    assert again.to_json() == WorkDir(ladder_dir).report().to_json()
 
 
 def test_damaged_quant_fails_the_gate(evaluated, ladder_dir: Path, toolchain, tmp_path):
@@ -137,30 +140,30 @@ def test_bf16_with_wrong_rope_fails_the_source_comparison(ladder_dir: Path, eval
     facts = verify.GgufFacts.read(wrong)
     base = tmp_path / "wrong.kld"
     evaluate.run_base(toolchain, wrong, eval_text, base, ctx=CTX, chunks=1, threads=2)
-    check = evaluate.compare_with_source(smollm2, evaluate.BaseLogits.open(base), chunks=1, add_bos=facts.add_bos,
-                                         bos_id=facts.bos_id, parameters=ladder["source"]["parameters"],
-                                         max_params=3_000_000_000, threads=2)
+    spec = evaluate.CompareSpec(chunks=1, add_bos=facts.add_bos, bos_id=facts.bos_id,
+                                parameters=ladder["source"]["parameters"], max_params=3_000_000_000, threads=2)
+    check = evaluate.compare_with_source(smollm2, evaluate.BaseLogits.open(base), spec)
     assert check.status == FAILED
     assert "disagree" in check.detail and "top-1 agreement" in check.detail
     assert check.data["kld_mean"] > 0.02
 
 
 def test_large_models_skip_the_comparison_with_a_note(smollm2: Path):
-    check = evaluate.compare_with_source(smollm2, None, chunks=1, add_bos=False, bos_id=None,  # type: ignore[arg-type]
-                                         parameters=134_515_008, max_params=100_000_000)
+    spec = evaluate.CompareSpec(chunks=1, add_bos=False, bos_id=None, parameters=134_515_008, max_params=100_000_000)
+    check = evaluate.compare_with_source(smollm2, None, spec)
     assert check.status == "skipped" and check.passed and "above the 0.1 B limit" in check.detail
 
 
 def test_refuses_the_calibration_text(ladder_dir: Path, calibration_text: Path, tmp_path):
     with pytest.raises(InputError, match="calibration"):
-        evaluate.run(ladder_dir, eval_text=calibration_text, calibration_text=calibration_text)
+        evaluate.run(ladder_dir, evaluate.EvalOptions(eval_text=calibration_text, calibration_text=calibration_text))
     copy = tmp_path / "same-content.txt"
     shutil.copyfile(calibration_text, copy)
     with pytest.raises(InputError, match="same content as the calibration text"):
-        evaluate.run(ladder_dir, eval_text=copy, calibration_text=calibration_text)
+        evaluate.run(ladder_dir, evaluate.EvalOptions(eval_text=copy, calibration_text=calibration_text))
     # the ladder's record of its calibration text is enough to recognise it
     with pytest.raises(InputError, match="same content as the calibration text"):
-        evaluate.run(ladder_dir, eval_text=copy)
+        evaluate.run(ladder_dir, evaluate.EvalOptions(eval_text=copy))
 
 
 def test_base_logits_are_sized_against_free_disk_before_running(ladder_dir: Path, eval_text: Path, toolchain,
@@ -168,6 +171,7 @@ def test_base_logits_are_sized_against_free_disk_before_running(ladder_dir: Path
     usage = shutil.disk_usage(ladder_dir)
     monkeypatch.setattr(evaluate.shutil, "disk_usage", lambda p: usage._replace(free=50 << 20))
     with pytest.raises(DiskSpaceError) as e:
-        evaluate.run(ladder_dir, eval_text=eval_text, chunks=CHUNKS + 1, ctx=CTX, toolchain=toolchain)
+        evaluate.run(ladder_dir, evaluate.EvalOptions(eval_text=eval_text, chunks=CHUNKS + 1, ctx=CTX),
+                     toolchain=toolchain)
     assert e.value.needed >= evaluate.base_logits_bytes(49152, CTX, CHUNKS + 1) and e.value.free == 50 << 20
     assert not list(ladder_dir.rglob("*.kld"))

@@ -66,12 +66,14 @@ def test_each_quant_runs_with_finite_perplexity(smol_workdir, eval_text, toolcha
 
 
 def test_rerun_skips_every_finished_stage(smol_workdir, smollm2, calibration_text, toolchain):
+    from converters.hooks import Recorder
+
     before = {p: p.stat().st_mtime_ns for p in smol_workdir.glob("*.gguf")}
-    events = []
-    build_smol_ladder(smol_workdir, smollm2, calibration_text, toolchain,
-                      on_event=lambda s, st, info: events.append((s, st, info.get("skipped"))))
-    assert ("convert", "skip", None) in events and ("calibrate", "skip", None) in events
-    assert all(sk for s, st, sk in events if s == "quantize" and st == "progress")
+    rec = Recorder()
+    build_smol_ladder(smol_workdir, smollm2, calibration_text, toolchain, hooks=rec)
+    assert rec.kinds("convert") == ["start", "skip"] and rec.kinds("calibrate") == ["start", "skip"]
+    steps = [e for e in rec.events if e.stage == "quantize" and e.kind == "progress"]
+    assert len(steps) == 4 and all(e.data["skipped"] for e in steps)
     assert {p: p.stat().st_mtime_ns for p in smol_workdir.glob("*.gguf")} == before
 
 
@@ -79,13 +81,16 @@ def test_rerun_skips_every_finished_stage(smol_workdir, smollm2, calibration_tex
 # pre-tokenizer hash the converter then (rightly) does not recognise; real Qwen2 repos ship their own.
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "phi3"])
 def test_tiny_architectures_convert_and_quantize(arch, toolchain, tmp_path):
-    from converters import checkpoint as ck_mod
-    from converters import pipeline
+    from bot.job import JobSpec, Source, run_job
+    from converters.hooks import NULL_HOOKS
+    from converters.job import CheckpointRules
+    from converters.pipeline import LadderOptions
     from tests.models import tiny_random_checkpoint
 
-    ck = ck_mod.inspect(tiny_random_checkpoint(arch), supported=ck_mod.supported_architectures(toolchain.root))
-    plan = pipeline.plan(ck, tmp_path, model_name=f"tiny-{arch}", ladder="Q8_0,Q4_K_M", imatrix=False)
-    ladder = pipeline.execute(plan, toolchain=toolchain)
+    spec = JobSpec(source=Source(path=tiny_random_checkpoint(arch)), model_name=f"tiny-{arch}",
+                   ladder=LadderOptions(ladder="Q8_0,Q4_K_M", imatrix=False),
+                   rules=CheckpointRules(check_architecture=True))
+    ladder = run_job(spec, tmp_path, NULL_HOOKS, toolchain=toolchain).ladder.to_json()
     n_ref = tensor_types(tmp_path / ladder["reference"]["path"])[0]
     for f in ladder["files"]:
         n, ft, types = tensor_types(tmp_path / f["path"])
@@ -99,7 +104,8 @@ def test_split_files_over_the_limit(smol_workdir, toolchain, tmp_path):
 
     ref = smol_workdir / "SmolLM2-135M-Instruct-BF16.gguf"
     q = quants.get("Q8_0")
-    out = quantize_mod.quantize(ref, tmp_path, "Smol", q, toolchain=toolchain, split_max_bytes=60_000_000)
+    out = quantize_mod.quantize(ref, tmp_path, "Smol", q, toolchain=toolchain,
+                                options=quantize_mod.QuantizeOptions(split_max_bytes=60_000_000))
     parts = [o.path for o in out.record.outputs]
     assert len(parts) >= 2 and parts[0] == f"Smol-Q8_0/Smol-Q8_0-00001-of-{len(parts):05d}.gguf"
     assert all((tmp_path / p).stat().st_size <= 60_000_000 for p in parts)

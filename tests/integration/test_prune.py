@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from converters import prune, variants
+from converters import gguf_meta, hfmodel, prune, variants
 from converters.errors import ConfigError, UnknownName, UnsupportedModel
+from converters.workdir import WorkDir
 from tests.integration.variant_fixtures import CALIB_SAMPLES, CALIB_SEQ_LEN, pruned_smollm2
 
 
@@ -20,7 +21,7 @@ def variant4(tmp_path_factory, smollm2, calibration_text, toolchain):
 @pytest.mark.llama
 def test_prune_4_of_30_layers_loads_converts_and_quantizes(variant4, smollm2):
     import torch
-    from gguf import GGUFReader
+    import gguf
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
@@ -63,11 +64,10 @@ def test_prune_4_of_30_layers_loads_converts_and_quantizes(variant4, smollm2):
     assert lad["model_name"] == "SmolLM2-135M-Instruct-prune-4-layers"
     assert [f["type"] for f in lad["files"]] == ["Q4_K_M"]
     for rel in (lad["reference"]["path"], lad["files"][0]["path"]):
-        r = GGUFReader(str(variant4.out / rel))
-        block_count = r.fields["llama.block_count"]
-        assert int(block_count.parts[block_count.data[0]][0]) == 26
+        assert gguf_meta.read(variant4.out / rel).model_int(gguf.Keys.LLM.BLOCK_COUNT) == 26
     assert (variant4.out / lad["files"][0]["path"]).stat().st_size < (variant4.out / lad["reference"]["path"]).stat().st_size
-    assert json.loads((variant4.out / variants.VARIANT_FILE).read_text())["recipe"]["name"] == "prune-4-layers"
+    info = WorkDir(variant4.out).variant()
+    assert info is not None and info.recipe.name == "prune-4-layers"
 
 
 @pytest.mark.slow
@@ -91,7 +91,7 @@ def test_width_and_depth_pruning_of_a_model_with_layer_types(tmp_path, calibrati
     assert wres.intermediate_before == 512 and wres.intermediate_after == 384
     assert wres.parameters_after == wres.parameters_before - 2 * 3 * 128 * 256
     for d in ("depth", "width"):
-        model = prune.load_model(tmp_path / d)
+        model = hfmodel.load_causal_lm(tmp_path / d)
         with torch.no_grad():
             assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits).all()
 

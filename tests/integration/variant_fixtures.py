@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from converters import pipeline
+
 _LOCK = threading.Lock()
 _CACHE: dict[str, "PrunedVariant"] = {}
 
@@ -34,7 +36,7 @@ class PrunedVariant:
 
 
 def pruned_smollm2(tmp_path_factory: pytest.TempPathFactory, teacher: Path, calibration: Path, toolchain) -> PrunedVariant:
-    from converters import calibrate, pipeline, variants
+    from converters import calibrate, variants
 
     with _LOCK:
         if "smollm2" not in _CACHE:
@@ -42,8 +44,14 @@ def pruned_smollm2(tmp_path_factory: pytest.TempPathFactory, teacher: Path, cali
             recipe = dataclasses.replace(base, prune=dataclasses.replace(
                 base.prune, calib_samples=CALIB_SAMPLES, calib_seq_len=CALIB_SEQ_LEN))
             out = tmp_path_factory.mktemp("variant-prune4")
-            info = variants.build(teacher, out, recipe, toolchain=toolchain, calibration=calibrate.TextFile.of(calibration),
-                                  eval_text=None, teacher_model="SmolLM2-135M-Instruct", ladder="Q4_K_M",
-                                  imatrix=False)
-            _CACHE["smollm2"] = PrunedVariant(teacher, out, info, pipeline.load_ladder(out))
+            from bot.job import JobSpec, Source, run_job
+            from converters.hooks import NULL_HOOKS
+
+            v = variants.VariantOf(recipe, teacher, "SmolLM2-135M-Instruct", calibration)
+            spec = JobSpec(source=Source(), model_name=variants.model_name("SmolLM2-135M-Instruct", recipe),
+                           ladder=pipeline.LadderOptions(ladder="Q4_K_M", imatrix=False,
+                                                         calibration=calibrate.TextFile.of(calibration)),
+                           variant_of=v)
+            res = run_job(spec, out, NULL_HOOKS, toolchain=toolchain)
+            _CACHE["smollm2"] = PrunedVariant(teacher, out, variants.load_info(out), res.ladder.to_json())
         return _CACHE["smollm2"]

@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from bot import card
+from converters.report import Report
+from converters.workdir import Ladder, WorkDir
 from tests.hubserver import _validate_front_matter
 from tests.workdirs import CHATML, make_workdir
 
 HUB = "http://hub.test"
 
 
-def _inputs(tmp_path: Path, **kw) -> tuple[dict, dict, Path]:
+def _inputs(tmp_path: Path, **kw) -> tuple[Ladder, Report, Path]:
     wd = make_workdir(tmp_path, **kw)
-    return json.loads((wd / "ladder.json").read_text()), json.loads((wd / "report.json").read_text()), wd
+    return WorkDir(wd).ladder(), WorkDir(wd).report(), wd
 
 
-def _facts(wd: Path, ladder: dict, **kw) -> card.SourceFacts:
-    src = ladder["source"]
-    return card.SourceFacts.from_checkpoint(Path(src["path"]), repo=src["repo"], revision=src["revision"], **kw)
+def _facts(wd: Path, ladder: Ladder, **kw) -> card.SourceFacts:
+    src = ladder.source
+    return card.SourceFacts.from_checkpoint(Path(src.path), repo=src.repo, revision=src.revision, **kw)
 
 
 SETTINGS = card.CardSettings(repo_id="team/Tiny-Instruct-GGUF", quantized_by="team", hub_url=HUB)
@@ -126,7 +128,7 @@ def test_card_parses_with_modelcard_and_passes_yaml_validation(tmp_path: Path) -
 
     ladder, report, wd = _inputs(tmp_path)
     facts = _facts(wd, ladder, card_data={"license": "apache-2.0", "language": "en"}, pipeline_tag="text-generation")
-    text = card.render(card.build_context(ladder, report, facts, SETTINGS, whats_new=["rebuilt from x"]))
+    text = card.render(card.build_context(ladder, report, facts, SETTINGS, card.CardExtras(whats_new=["rebuilt from x"])))
     assert _validate_front_matter(text) == []
     mc = ModelCard(text)
     d = mc.data.to_dict()
@@ -141,7 +143,8 @@ def test_card_parses_with_modelcard_and_passes_yaml_validation(tmp_path: Path) -
 
 def test_card_content_sections(tmp_path: Path) -> None:
     ladder, report, wd = _inputs(tmp_path, split=("Q8_0",))
-    text = card.render(card.build_context(ladder, report, _facts(wd, ladder), SETTINGS, chart="size-vs-kld.png"))
+    text = card.render(card.build_context(ladder, report, _facts(wd, ladder), SETTINGS,
+                                         card.CardExtras(chart="size-vs-kld.png")))
     repo = SETTINGS.repo_id
     assert f'hf download {repo} --include "Tiny-Instruct-Q4_K_M.gguf" --local-dir .' in text
     assert f'hf download {repo} --include "Tiny-Instruct-Q8_0/*" --local-dir .' in text
@@ -160,7 +163,9 @@ def test_card_content_sections(tmp_path: Path) -> None:
 
 def test_calibration_from_a_local_path_is_named_but_not_linked(tmp_path: Path) -> None:
     ladder, report, wd = _inputs(tmp_path)
-    ladder["imatrix"]["calibration"]["source"] = str(tmp_path / "secret" / "calib.txt")
+    assert ladder.imatrix is not None and ladder.imatrix.calibration is not None
+    local = dataclasses.replace(ladder.imatrix.calibration, source=str(tmp_path / "secret" / "calib.txt"))
+    ladder = dataclasses.replace(ladder, imatrix=dataclasses.replace(ladder.imatrix, calibration=local))
     text = card.render(card.build_context(ladder, report, _facts(wd, ladder), SETTINGS))
     assert "`groups_merged.txt`" in text and "secret" not in text
 
@@ -175,7 +180,9 @@ def test_evaluation_and_skipped_checks_are_shown(tmp_path: Path) -> None:
 
 def test_non_finite_figures_show_as_missing(tmp_path: Path) -> None:
     ladder, report, wd = _inputs(tmp_path)
-    report["files"][0].update(kld_mean="nan", same_top_p=None, ppl_ratio="inf")
+    wire = report.to_json()
+    wire["files"][0].update(kld_mean="nan", same_top_p=None, ppl_ratio="inf")
+    report = Report.from_json(wire)
     ctx = card.build_context(ladder, report, _facts(wd, ladder), SETTINGS)
     q8 = next(f for f in ctx["files"] if f["type"] == "Q8_0")
     assert (q8["kld"], q8["same_top_p"], q8["ppl_ratio"]) == ("—", "—", "inf")

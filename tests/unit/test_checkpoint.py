@@ -91,3 +91,41 @@ def test_supported_architectures_read_from_converter_source(tmp_path):
     conv.mkdir()
     (conv / "__init__.py").write_text('TEXT_MODEL_MAP: dict[str, str] = {\n  "LlamaForCausalLM": "llama",\n  "Qwen2ForCausalLM": "qwen"}\n')
     assert ck.supported_architectures(tmp_path) == {"LlamaForCausalLM", "Qwen2ForCausalLM"}
+
+
+REFUSALS = [
+    # (file names, weights refusal, its reason): the rules inspect applies to a folder and bot.rules to a Hub record
+    (["model.safetensors", "pytorch_model.bin"], None, None),
+    (["config.json", "pytorch_model.bin", "extra.PT"], ck.Refusal("pickle_only", ("pytorch_model.bin", "extra.PT")),
+     "only pickle weights (extra.PT, pytorch_model.bin); refused: pickle can run code"),
+    (["config.json", "README.md"], ck.Refusal("no_safetensors"), "no safetensors weights"),
+    ([], ck.Refusal("no_safetensors"), "no safetensors weights"),
+]
+
+
+@pytest.mark.parametrize("names,refusal,reason", REFUSALS)
+def test_weights_refusal(names, refusal, reason):
+    got = ck.weights_refusal(names)
+    assert got == refusal
+    assert (got.reason() if got else None) == reason
+
+
+@pytest.mark.parametrize("config,keys", [
+    ({}, None), ({"auto_map": {}}, None), ({"auto_map": {"B": "x.B", "A": "x.A"}}, ("A", "B")),
+    ({"auto_map": ["x.A"]}, ()), ("not a mapping", None),
+])
+def test_remote_code_refusal(config, keys):
+    got = ck.remote_code_refusal(config)
+    assert (got.names if got else None) == keys
+    if got:
+        assert got.code == "remote_code"
+        assert got.reason("tokenizer_config.json") == \
+            "needs trust_remote_code (tokenizer_config.json has auto_map); refused by default"
+
+
+@pytest.mark.parametrize("name,result", [
+    ("config.json", True), ("sub/model-00001-of-00002.safetensors", True), ("README.md", False),
+    ("tokenizer.model", True), ("Config.json", False), ("chat_template.jinja", True), ("x.bin", False),
+])
+def test_is_result_file(name, result):
+    assert ck.is_result_file(name) is result

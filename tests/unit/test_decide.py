@@ -1,4 +1,5 @@
-"""The watcher's decision rules: one table row per reason, on the project's own ModelRecord."""
+"""The acceptance rules (bot.rules): one table row per reason, on the project's own ModelRecord; the watcher's
+fingerprints of result-changing files."""
 
 from __future__ import annotations
 
@@ -7,27 +8,18 @@ from typing import Any
 
 import pytest
 
-from bot.hub import ModelRecord, Sibling
+from bot.hub import ModelRecord
+from bot.rules import convert_refusal, decide, fetch_refusal, quantized_reason, rule, rule_names, unsafe_name
 from bot.settings import Source, from_mapping
-from bot.watcher import changed_files, decide, diff_fingerprints, fingerprint, iso, quantized_reason, unsafe_name
+from bot.watcher import changed_files, diff_fingerprints, fingerprint, iso
+from tests.bot_fixtures import GB, GOOD_FILES, model_record
 
-GB = 1_000_000_000
 SETTINGS = from_mapping({"limits": {"max_model_gb": 10}}, env={}, free_disk=10**13)
 SRC = Source(author="acme")
-GOOD_FILES = (("config.json", 700, None), ("model.safetensors", 2 * GB, "a" * 64), ("tokenizer.json", 2000, None))
 
 
 def rec(files: tuple = GOOD_FILES, **kw: Any) -> ModelRecord:
-    base: dict[str, Any] = dict(
-        id="acme/Model-1B-Instruct", sha="1" * 40, created_at=dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc),
-        last_modified=dt.datetime(2026, 11, 20, tzinfo=dt.timezone.utc), private=False, gated=False, disabled=False,
-        tags=("transformers", "safetensors", "license:apache-2.0"), pipeline_tag="text-generation",
-        library_name="transformers", license="apache-2.0", card_data={"license": "apache-2.0"},
-        config={"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
-        siblings=tuple(Sibling(n, s, h) for n, s, h in files), safetensors_total=1_000_000_000, downloads=0,
-        likes=0, extra={})
-    base.update(kw)
-    return ModelRecord(**base)
+    return model_record(files, **kw)
 
 
 def settings(**sections: Any):
@@ -93,6 +85,56 @@ def test_unsafe_names(name: str, unsafe: bool) -> None:
 
 def test_quantized_reason_none_for_a_plain_release() -> None:
     assert quantized_reason(rec(), ["model.safetensors"]) is None
+
+
+def test_rules_run_in_registration_order_and_names_are_unique() -> None:
+    assert rule_names() == ("disabled", "private", "excluded", "unsafe_filename", "quantized", "remote_code",
+                            "weights", "license", "pipeline_tag", "params", "too_large", "gated")
+    with pytest.raises(ValueError, match="registered twice"):
+        rule("gated")(lambda c: None)
+    # the first rule that applies wins: a disabled, private, pickle-only repo is skipped as disabled
+    both = rec(disabled=True, private=True, files=(("pytorch_model.bin", 1, "d" * 64),))
+    assert decide(both, SETTINGS, SRC).code == "disabled"
+
+
+def test_a_listing_without_file_names_is_not_refused_for_its_weights() -> None:
+    assert decide(rec(files=()), SETTINGS, SRC).code == "accepted"
+
+
+FETCH_CASES = [
+    # the runner's re-check of the revision it fetches: gated and pipeline tag do not count there
+    ("accept", rec(), SETTINGS, None),
+    ("gated, no access known", rec(gated="manual"), settings(filters={"skip_gated": True}), None),
+    ("pipeline tag", rec(pipeline_tag="text-to-image"), SETTINGS, None),
+    ("remote code", rec(tags=("custom_code",)), SETTINGS, "remote_code"),
+    ("too large", rec(files=(("a.safetensors", 12 * GB, "e" * 64),)), SETTINGS, "too_large"),
+]
+
+
+@pytest.mark.parametrize("name,record,cfg,code", FETCH_CASES, ids=[c[0] for c in FETCH_CASES])
+def test_fetch_refusal(name: str, record: ModelRecord, cfg, code: str | None) -> None:
+    d = fetch_refusal(record, cfg)
+    assert (d.code if d else None) == code
+
+
+CONVERT_CASES = [
+    # ggufbot convert ORG/NAME: the converter's words, the same as checkpoint.inspect's
+    ("good", rec(), False, None),
+    ("pickle only", rec(files=(("config.json", 1, None), ("pytorch_model.bin", 9, "d" * 64))), False,
+     "only pickle weights; refused: pickle can run code"),
+    ("no weights", rec(files=(("config.json", 1, None),)), False, "no safetensors weights"),
+    ("no files at all", rec(files=()), False, "no safetensors weights"),
+    ("auto_map", rec(config={"auto_map": {"AutoModel": "m.M"}}), False,
+     "needs trust_remote_code (config has auto_map); refused by default"),
+    ("auto_map allowed", rec(config={"auto_map": {"AutoModel": "m.M"}}), True, None),
+    ("pickle before auto_map", rec(files=(("model.pt", 1, None),), config={"auto_map": {"A": "m.M"}}), True,
+     "only pickle weights; refused: pickle can run code"),
+]
+
+
+@pytest.mark.parametrize("name,record,allow,reason", CONVERT_CASES, ids=[c[0] for c in CONVERT_CASES])
+def test_convert_refusal(name: str, record: ModelRecord, allow: bool, reason: str | None) -> None:
+    assert convert_refusal(record, allow_remote_code=allow) == reason
 
 
 class FakeTextHub:

@@ -181,7 +181,7 @@ def _stats(**kw) -> KldStats:
 
 
 def test_report_round_trips_and_keeps_unknown_fields(tmp_path):
-    from converters import report as rep
+    from converters.workdir import WorkDir
 
     f = FileResult(type="Q4_K_M", path="M-Q4_K_M.gguf", size=10, bpw=4.9, bpw_nominal=4.89,
                    stats=_stats(kld_mean=0.03, kld_mean_err=0.001, kld_max=float("inf")),
@@ -190,8 +190,8 @@ def test_report_round_trips_and_keeps_unknown_fields(tmp_path):
                texts={"eval": TextInfo(name="wiki.test.raw", sha256="0" * 64, bytes=1, tokens=5)}, settings={},
                reference={"type": "BF16"}, checks={"tokenizer": Check.fail("mismatch", index=3)},
                files=[f], publishable=False, reasons=["r"], seconds={"total": 1.0}, extra={"future": {"k": 1}})
-    rep.write(tmp_path, r)
-    back = rep.load(tmp_path)
+    WorkDir(tmp_path).write_report(r)
+    back = WorkDir(tmp_path).report()
     assert back.to_json() == r.to_json()
     d = back.to_json()
     assert d["files"][0]["kld_max"] == "inf"  # non-finite figures stay visible; JSON has no inf
@@ -202,8 +202,8 @@ def test_report_round_trips_and_keeps_unknown_fields(tmp_path):
 
 
 def test_report_of_another_schema_version_is_refused(tmp_path):
-    from converters import report as rep
+    from converters.workdir import WorkDir
 
     (tmp_path / "report.json").write_text('{"schema_version": 99}')
     with pytest.raises(InputError, match="schema_version"):
-        rep.load(tmp_path)
+        WorkDir(tmp_path).report()

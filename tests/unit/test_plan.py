@@ -20,8 +20,8 @@ CAL = TextFile(path=Path("cal.txt"), name="cal.txt", source="cal.txt", sha256="0
 
 
 def test_plan_names_and_sizes(tmp_path):
-    p = pipeline.plan(fake_checkpoint(1_000_000_000), tmp_path, model_name="Big", ladder="Q8_0,Q4_K_M",
-                      calibration=CAL)
+    p = pipeline.plan(fake_checkpoint(1_000_000_000), tmp_path, model_name="Big",
+                      options=pipeline.LadderOptions(ladder="Q8_0,Q4_K_M", calibration=CAL))
     assert [f.path for f in p.files] == ["Big-Q8_0.gguf", "Big-Q4_K_M.gguf"]
     assert p.reference == "Big-BF16.gguf"
     q8, q4 = p.files
@@ -32,8 +32,8 @@ def test_plan_names_and_sizes(tmp_path):
 
 
 def test_large_files_are_planned_as_splits(tmp_path):
-    p = pipeline.plan(fake_checkpoint(70_000_000_000), tmp_path, model_name="Huge", ladder="Q8_0,Q2_K",
-                      calibration=CAL, split_max_bytes=45_000_000_000)
+    p = pipeline.plan(fake_checkpoint(70_000_000_000), tmp_path, model_name="Huge",
+                      options=pipeline.LadderOptions(ladder="Q8_0,Q2_K", calibration=CAL, split_max_bytes=45_000_000_000))
     q8, q2 = p.files
     assert q8.split and q8.path == "Huge-Q8_0/Huge-Q8_0-00001-of-00002.gguf"
     assert not q2.split and q2.path == "Huge-Q2_K.gguf"
@@ -41,16 +41,31 @@ def test_large_files_are_planned_as_splits(tmp_path):
 
 def test_imatrix_types_refused_without_imatrix(tmp_path):
     with pytest.raises(NeedsImatrix) as ei:
-        pipeline.plan(fake_checkpoint(10**9), tmp_path, model_name="M", ladder="Q4_K_M,IQ2_XXS", imatrix=False)
+        pipeline.plan(fake_checkpoint(10**9), tmp_path, model_name="M",
+                      options=pipeline.LadderOptions(ladder="Q4_K_M,IQ2_XXS", imatrix=False))
     assert "IQ2_XXS" in str(ei.value)
 
 
 def test_imatrix_needs_text(tmp_path):
     with pytest.raises(InputError):
-        pipeline.plan(fake_checkpoint(10**9), tmp_path, model_name="M", ladder="Q4_K_M", calibration=None)
+        pipeline.plan(fake_checkpoint(10**9), tmp_path, model_name="M",
+                      options=pipeline.LadderOptions(ladder="Q4_K_M", calibration=None))
 
 
 @pytest.mark.parametrize("source,name", [("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct"),
                                          ("/data/models/My Model/", "My-Model")])
 def test_model_name(source, name):
     assert pipeline.model_name_for(source) == name
+
+
+@pytest.mark.parametrize("options,text", [
+    (dict(jobs=0), "jobs must be at least 1"),
+    (dict(split_max_bytes=10), "split size"),
+    (dict(calibration=TextFile(path=Path("c.txt"), name="c.txt", source="c.txt", sha256="0" * 64, bytes=100)),
+     "too short"),
+])
+def test_bad_options(tmp_path, options, text):
+    with pytest.raises(InputError) as ei:
+        pipeline.plan(fake_checkpoint(10**9), tmp_path, model_name="M",
+                      options=pipeline.LadderOptions(**{"ladder": "Q8_0", "calibration": CAL, **options}))
+    assert text in str(ei.value)

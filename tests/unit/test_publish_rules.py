@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from bot.card import published_files
-from bot.publish import repo_name, whats_new
+from bot.publish import DEFAULT_VARIANT_TEMPLATE, repo_name, whats_new
 from converters.errors import ConfigError
+from converters.report import Report
+from converters.workdir import Ladder
 
 
 @pytest.mark.parametrize("template, expected", [
@@ -16,13 +18,33 @@ from converters.errors import ConfigError
     ("other/{model}", "other/Tiny"),
 ])
 def test_repo_name(template: str, expected: str) -> None:
-    assert repo_name(template, org="team", model="Tiny", author="acme") == expected
+    assert repo_name(template, namespace="team", model="Tiny", author="acme") == expected
 
 
 @pytest.mark.parametrize("template", ["{org}/{nope}-GGUF", "{org}/{0}", "{org}/{model"])
 def test_bad_repo_template(template: str) -> None:
     with pytest.raises(ConfigError):
-        repo_name(template, org="team", model="Tiny")
+        repo_name(template, namespace="team", model="Tiny")
+
+
+@pytest.mark.parametrize("template, model, variant, expected", [
+    (DEFAULT_VARIANT_TEMPLATE, "SmolLM2-135M-Instruct", "prune-25pct-kd", "acme/SmolLM2-135M-Instruct-prune-25pct-kd-GGUF"),
+    ("{org}/{variant}-of-{model}", "M", "v", "acme/v-of-M"),
+])
+def test_variant_repo_name(template: str, model: str, variant: str, expected: str) -> None:
+    assert repo_name(template, namespace="acme", model=model, variant=variant) == expected
+
+
+@pytest.mark.parametrize("template, namespace", [
+    ("{org}/{model}-GGUF", "acme"),  # a variant template must name the variant
+    ("{model}-{variant}-GGUF", "acme"),  # ... and the namespace
+    ("{org}/{model}-{variant}-{size}", "acme"),  # unknown field
+    (DEFAULT_VARIANT_TEMPLATE, "ac me"),  # not a valid repo id
+])
+def test_bad_variant_repo_name(template: str, namespace: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        repo_name(template, namespace=namespace, model="M", variant="v")
+    assert e.value.key == "target.variant_repo_template"
 
 
 def _pub(rev: str = "a" * 40, tc: str = "b1", files: dict | None = None) -> dict:
@@ -45,7 +67,11 @@ def test_whats_new(old, new, expected) -> None:
 
 
 def test_only_passed_files_are_published() -> None:
-    ladder = {"files": [{"type": t, "path": f"M-{t}.gguf"} for t in ("Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K")]}
-    report = {"files": [{"type": "Q8_0", "status": "passed"}, {"type": "Q4_K_M", "status": "failed"},
-                        {"type": "Q3_K_M", "status": "skipped"}]}  # Q2_K: not in the report at all
-    assert [f["type"] for f in published_files(ladder, report)] == ["Q8_0"]
+    ladder = Ladder.from_json({"schema_version": 1, "reference": {"path": "M-BF16.gguf"},
+                               "files": [{"type": t, "path": f"M-{t}.gguf"} for t in ("Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K")]})
+    report = Report.from_json({"schema_version": 1, "files": [
+        {"type": "Q8_0", "status": "passed"}, {"type": "Q4_K_M", "status": "failed"},
+        {"type": "Q3_K_M", "status": "skipped"}]})  # Q2_K: not in the report at all
+    published = published_files(ladder, report)
+    assert [f.type for f in published] == ["Q8_0"]
+    assert published[0].file is ladder.file("Q8_0") and published[0].result is report.file("Q8_0")

@@ -215,18 +215,14 @@ def test_parse_list_unknown():
         variants.parse_list("prune-25pct-kd,nope")
 
 
-def test_repo_id():
-    assert variants.repo_id("acme", "SmolLM2-135M-Instruct", "prune-25pct-kd") == \
-        "acme/SmolLM2-135M-Instruct-prune-25pct-kd-GGUF"
-    assert variants.repo_id("acme", "M", "v", "{org}/{variant}-of-{model}") == "acme/v-of-M"
-    with pytest.raises(ConfigError):
-        variants.repo_id("acme", "M", "v", "{org}/{model}-GGUF")
-    with pytest.raises(ConfigError):
-        variants.repo_id("ac me", "M", "v")
+# the variant repo name: tests/unit/test_publish_rules.py (bot.publish.repo_name)
 
 
 def test_ceilings_add_the_pruning_loss():
-    ladder = {"files": [{"type": "Q4_K_M", "bpw_nominal": 4.89}, {"type": "Q8_0", "bpw_nominal": 8.5}]}
+    from types import SimpleNamespace
+
+    ladder = SimpleNamespace(files=[SimpleNamespace(type="Q4_K_M", bpw_nominal=4.89),
+                                    SimpleNamespace(type="Q8_0", bpw_nominal=8.5)])
     c = variants.ceilings_for(ladder, 0.3)
     assert c == {"Q4_K_M": pytest.approx(0.4 + 0.3), "Q8_0": pytest.approx(0.05 + 0.3)}
 
@@ -250,7 +246,6 @@ VARIANT_INFO = {
 def test_card_knows_variants_natively(tmp_path):
     """The card of a variant: its own intro line, relation ``finetune`` to the source, the variant block with
     before/after figures and the teacher's own quants next to the variant's; valid for ModelCard."""
-    import json
 
     from huggingface_hub import ModelCard
 
@@ -260,13 +255,14 @@ def test_card_knows_variants_natively(tmp_path):
 
     wd = make_workdir(tmp_path, model="Tiny-Instruct-prune-1-layer-kd", source_repo="acme/Tiny-Instruct",
                       types=("Q8_0",))
-    ladder, report = (json.loads((wd / n).read_text()) for n in ("ladder.json", "report.json"))
-    src = ladder["source"]
-    facts = card.SourceFacts.from_checkpoint(None, repo=src["repo"], revision=src["revision"])
+    from converters.workdir import VariantInfo, WorkDir
+
+    ladder, report = WorkDir(wd).ladder(), WorkDir(wd).report()
+    facts = card.SourceFacts.from_checkpoint(None, repo=ladder.source.repo, revision=ladder.source.revision)
     settings = card.CardSettings(repo_id="team/Tiny-Instruct-prune-1-layer-kd-GGUF", quantized_by="team",
                                  hub_url="http://hub.test")
     plain = card.build_context(ladder, report, facts, settings)
-    ctx = card.build_context(ladder, report, facts, settings, variant=VARIANT_INFO)
+    ctx = card.build_context(ladder, report, facts, settings, card.CardExtras(variant=VariantInfo.from_json(VARIANT_INFO)))
     assert plain["variant"] is None and plain["metadata"]["base_model_relation"] == "quantized"
     assert ctx["metadata"]["base_model"] == "acme/Tiny-Instruct"
     assert ctx["metadata"]["base_model_relation"] == "finetune"
@@ -287,16 +283,22 @@ def test_card_knows_variants_natively(tmp_path):
     assert mc.data.base_model == "acme/Tiny-Instruct" and mc.data.base_model_relation == "finetune"
     # an unhealed variant says so, and is "pruned" without "healed"
     unhealed = {**VARIANT_INFO, "distill": None}
-    text = card.render(card.build_context(ladder, report, facts, settings, variant=unhealed))
+    text = card.render(card.build_context(ladder, report, facts, settings,
+                                          card.CardExtras(variant=VariantInfo.from_json(unhealed))))
     assert "A pruned variant of" in text and "Not healed" in text and "distillation" not in text.split("---")[1]
 
 
 def test_public_info_has_no_local_paths():
     from bot.variants import public_info
 
-    info = {"teacher": {"path": "/x/y", "parameters": 3}, "variant": {"path": "/x/z", "bytes": 1},
-            "distill": {"config": {"cache_dir": "/c", "steps": 2}}, "prune": {"removed_layers": [1]}}
+    from converters.workdir import VariantInfo
+
+    info = VariantInfo.from_json({"recipe": {"name": "r"}, "teacher": {"path": "/x/y", "parameters": 3},
+                                  "variant": {"path": "/x/z", "bytes": 1},
+                                  "distill": {"config": {"cache_dir": "/c", "steps": 2}},
+                                  "prune": {"removed_layers": [1]}})
     out = public_info(info)
-    assert out == {"teacher": {"parameters": 3}, "variant": {"bytes": 1}, "distill": {"config": {"steps": 2}},
-                   "prune": {"removed_layers": [1]}}
-    assert info["teacher"]["path"] == "/x/y"  # the input is not changed
+    assert "path" not in out["teacher"] and "path" not in out["variant"] and "/x/" not in str(out)
+    assert (out["teacher"]["parameters"], out["variant"]["bytes"]) == (3, 1)
+    assert out["distill"]["config"] == {"steps": 2} and out["prune"]["removed_layers"] == [1]
+    assert info.teacher.path == "/x/y"  # the input is not changed

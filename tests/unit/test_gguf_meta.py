@@ -1,0 +1,129 @@
+"""converters.gguf_meta: the same values as gguf-py's own reader, keys from gguf.Keys, file types from gguf-py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from converters import gguf_meta, quants
+from converters.errors import InputError
+
+TOKENS = ["<s>", "</s>", "hello", " wörld", "日本", "🦙", ""]
+
+
+def _write(path: Path, *, arch: str = "llama", template: str | None = "{{ messages }}", head_dim: bool = True) -> Path:
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(4)
+    w.add_context_length(2048)
+    w.add_embedding_length(256)
+    w.add_head_count(8)
+    w.add_head_count_kv(2)
+    if head_dim:
+        w.add_key_length(48)
+    w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(TOKENS)
+    w.add_token_scores([0.5, -1.25, 0.0, 1e-3, 2.0, -3.5, 0.0])
+    w.add_token_types([3, 3, 1, 1, 1, 1, 1])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_add_bos_token(False)
+    w.add_file_type(gguf_meta.file_type("Q8_0"))
+    if template is not None:
+        w.add_chat_template(template)
+    w.add_tensor("token_embd.weight", np.zeros((7, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Path:
+    return _write(tmp_path / "small.gguf")
+
+
+def test_values_equal_the_stock_reader(small: Path) -> None:
+    stock = gguf.GGUFReader(str(small))
+    expected = {k: f.contents() for k, f in stock.fields.items() if not k.startswith("GGUF.")}
+    meta = gguf_meta.read(small)
+    assert dict(meta.values) == expected
+    assert list(meta.values) == list(expected)  # file order kept
+    assert meta.data_offset == stock.data_offset == gguf_meta.data_offset(small)
+    assert meta.tensor_count == len(stock.tensors) == 1
+
+
+@pytest.mark.parametrize(("key", "expected"), [
+    (gguf.Keys.General.ARCHITECTURE, "llama"),
+    (gguf.Keys.Tokenizer.LIST, TOKENS),
+    (gguf.Keys.Tokenizer.PRE, "smollm"),
+    (gguf.Keys.Tokenizer.BOS_ID, 0),
+    (gguf.Keys.Tokenizer.ADD_BOS, False),
+    (gguf.Keys.Tokenizer.CHAT_TEMPLATE, "{{ messages }}"),
+    (gguf.Keys.General.FILE_TYPE, 7),
+    ("llama.rope.freq_base", 10000.0),
+])
+def test_values_are_plain_python(small: Path, key: str, expected: object) -> None:
+    v = gguf_meta.read(small).get(key)
+    assert v == expected and type(v) is type(expected)
+
+
+@pytest.mark.parametrize(("head_dim", "shapes"), [
+    (True, {"n_layer": 4, "n_kv_heads": 2, "head_dim": 48, "n_ctx_train": 2048}),
+    (False, {"n_layer": 4, "n_kv_heads": 2, "head_dim": 32, "n_ctx_train": 2048}),  # embedding / heads
+])
+def test_attention_shapes(tmp_path: Path, head_dim: bool, shapes: dict) -> None:
+    meta = gguf_meta.read(_write(tmp_path / "m.gguf", head_dim=head_dim))
+    assert meta.attention_shapes() == shapes
+    assert meta.arch == "llama" and meta.model_int(gguf.Keys.LLM.BLOCK_COUNT) == 4
+
+
+def test_compared_keys_are_tokenizer_hyperparameters_and_architecture(small: Path) -> None:
+    keys = set(gguf_meta.read(small).tokenizer_and_model_keys())
+    assert gguf.Keys.General.ARCHITECTURE in keys and gguf.Keys.Tokenizer.LIST in keys
+    assert gguf.Keys.LLM.BLOCK_COUNT.format(arch="llama") in keys
+    assert gguf.Keys.General.FILE_TYPE not in keys  # differs between quants by design
+
+
+def test_invalid_utf8_is_kept_as_surrogates(tmp_path: Path) -> None:
+    path = _write(tmp_path / "bad.gguf", template="TMPL-XYZ")
+    raw = path.read_bytes()
+    path.write_bytes(raw.replace(b"TMPL-XYZ", b"TMPL-\xff\xfeZ"))
+    with pytest.raises(UnicodeDecodeError):  # the stock reader gives up on the whole value
+        gguf.GGUFReader(str(path)).fields[gguf.Keys.Tokenizer.CHAT_TEMPLATE].contents()
+    got = gguf_meta.read(path).get(gguf.Keys.Tokenizer.CHAT_TEMPLATE)
+    assert got == "TMPL-\udcff\udcfeZ"
+
+
+@pytest.mark.parametrize("content", [b"", b"not a gguf at all", b"GGUF\x01\x00\x00\x00" + b"\x00" * 16])
+def test_not_a_gguf_is_an_input_error(tmp_path: Path, content: bytes) -> None:
+    p = tmp_path / "x.gguf"
+    p.write_bytes(content)
+    with pytest.raises(InputError):
+        gguf_meta.read(p)
+
+
+def test_missing_file_is_an_input_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError):
+        gguf_meta.read(tmp_path / "missing.gguf")
+
+
+@pytest.mark.parametrize(("qtype", "number"), [("Q8_0", 7), ("Q4_K_M", 15), ("IQ4_XS", 30), ("BF16", 32),
+                                                ("F16", 1), ("F32", 0), ("q2_k", 10)])
+def test_file_type_from_gguf_py(qtype: str, number: int) -> None:
+    assert gguf_meta.file_type(qtype) == number
+
+
+def test_every_catalogued_type_has_a_file_type() -> None:
+    for q in quants.CATALOGUE.values():
+        assert gguf_meta.file_type(q.base_name) == int(gguf.LlamaFileType[f"MOSTLY_{q.base_name}"])
+
+
+def test_unknown_file_type() -> None:
+    with pytest.raises(InputError):
+        gguf_meta.file_type("Q9_Z")
