@@ -126,7 +126,7 @@ def main() -> int:
             tmp_p = Path(tmp)
             cli_repo = f"{TEST_USER}/{model}-GGUF"
             run(py + ["convert", source, "--out", str(tmp_p / "work"), "--ladder", LADDER,
-                      "--calibration", str(cal), "--chunks", "8", "--ctx", "256", "--eval-text", str(ev),
+                      "--calibration", str(cal), "--calibration-chunks", "8", "--ctx", "256", "--eval-text", str(ev),
                       "--eval-chunks", "8", "--jobs", "2", "--publish", "--repo", cli_repo], env, 3600)
             result["convert --publish"] = {cli_repo: manifest(hub, cli_repo, args.dump)}
             if not args.no_bot:

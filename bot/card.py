@@ -25,7 +25,10 @@ from typing import Any
 import jinja2
 import yaml
 
+from bot import markdown
+from bot.target import MARKER_TAG
 from converters import chat
+from converters.errors import TemplateError
 from converters.report import PASSED, SKIPPED, FileResult, Report
 from converters.workdir import (CalibrationInfo, DistillInfo, ImatrixInfo, Ladder, LadderFile, PruneCalibration,
                                 PruneInfo, VariantEvaluation, VariantFileFigures, VariantInfo)
@@ -40,8 +43,12 @@ BASE_TAGS = ("gguf", "llama.cpp", "quantized")
 KV_CONTEXTS = (4096, 32768)
 SYSTEM_PLACEHOLDER = "{system_prompt}"
 PROMPT_PLACEHOLDER = "{prompt}"
-GATED_PREFIX = "extra_gated_"
+# The Hub's gating keys a source's card may pass on (with plain-text values); any other extra_gated_* is dropped
+GATED_TEXT_KEYS = ("extra_gated_prompt", "extra_gated_heading", "extra_gated_description",
+                   "extra_gated_button_content")
+GATED_FIELD_TYPES = ("text", "checkbox", "date_picker", "country")
 DEFAULT_RUN_TYPE = "Q4_K_M"
+SOURCE_CHECK = "bf16_vs_source"  # the report's check of the BF16 conversion against the source model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,9 +180,7 @@ def _percent_scale(x: Any) -> float:
     return 100.0 if isinstance(x, (int, float)) and x <= 1.0 else 1.0
 
 
-def _date_placeholder(fmt: str) -> str:
-    """The template's clock in a card: ``{date}``, so the card does not depend on the day it was made."""
-    return "{date}" if "%" in fmt else fmt
+DATE_PLACEHOLDER = "{date}"  # the template's clock in a card, so the card does not depend on the day it was made
 
 
 def render_chat_example(template: str | None, bos: str | None = None, eos: str | None = None) -> str | None:
@@ -188,13 +193,49 @@ def render_chat_example(template: str | None, bos: str | None = None, eos: str |
     ]
     for messages in conversations:
         try:
-            out = chat.render(template, messages, bos=bos or "", eos=eos or "", strftime_now=_date_placeholder,
+            out = chat.render(template, messages, bos=bos or "", eos=eos or "", fixed_date=DATE_PLACEHOLDER,
                               lenient=True)
-        except Exception:  # noqa: BLE001 - an untrusted template may fail any way it likes
+        except TemplateError as e:  # an untrusted template may fail any way it likes
+            if e.kind in chat.LIMIT_KINDS:
+                return None  # it ran out of time, memory or output: another conversation will not do better
             continue
         if PROMPT_PLACEHOLDER in out:
             return out.strip("\n")
     return None
+
+
+def _chat_example(source: SourceFacts) -> dict[str, Any]:
+    """The rendered example and a fence it cannot close (the text comes from the source's template)."""
+    example = render_chat_example(source.chat_template, source.bos_token, source.eos_token)
+    return {"chat_example": example, "chat_fence": markdown.fence(example or "")}
+
+
+def _gating_field(value: Any) -> Any:
+    """One ``extra_gated_fields`` value as plain data: a known field type, or a select of plain-text options."""
+    if isinstance(value, str) and value in GATED_FIELD_TYPES:
+        return value
+    if isinstance(value, Mapping) and value.get("type") == "select" and isinstance(value.get("options"), list):
+        options = [markdown.cell(o) for o in value["options"] if isinstance(o, (str, int, float))]
+        return {"type": "select", "options": options} if options else None
+    return None
+
+
+def gating_fields(card: Mapping[str, Any]) -> dict[str, Any]:
+    """The Hub's known gating keys of a gated source's card data, with plain-text values (escaped so that the
+    Hub's Markdown shows no link or HTML); unknown ``extra_gated_*`` keys and other value types are dropped."""
+    out: dict[str, Any] = {}
+    for k in GATED_TEXT_KEYS:
+        if isinstance(card.get(k), str):
+            out[k] = markdown.cell(card[k])
+    if isinstance(card.get("extra_gated_eu_disallowed"), bool):
+        out["extra_gated_eu_disallowed"] = card["extra_gated_eu_disallowed"]
+    fields = card.get("extra_gated_fields")
+    if isinstance(fields, Mapping):
+        kept = {markdown.cell(name): v for name, v in ((n, _gating_field(v)) for n, v in fields.items())
+                if isinstance(name, str) and v is not None}
+        if kept:
+            out["extra_gated_fields"] = kept
+    return out
 
 
 def _calibration_link(source: str | None, hub_url: str) -> str | None:
@@ -218,9 +259,10 @@ def _checks(report: Report) -> list[dict[str, str]]:
     """The report's checks as table rows (name, passed / skipped / FAILED, detail)."""
     out = []
     for name, c in report.checks.items():
-        result = "skipped" if c.status.lower() == SKIPPED else "passed" if c.passed else "FAILED"
+        result = ("not checked" if name == SOURCE_CHECK else "skipped") if c.status.lower() == SKIPPED \
+            else "passed" if c.passed else "FAILED"
         out.append({"name": str(name).replace("_", " "), "result": result,
-                    "detail": str(c.detail).replace("\n", " ").replace("|", "\\|")})
+                    "detail": markdown.cell(c.detail)})
     return out
 
 
@@ -261,6 +303,27 @@ def published_files(ladder: Ladder, report: Report) -> list[PublishedFile]:
             continue
         out.append(PublishedFile(f, r))
     return out
+
+
+def withheld_files(ladder: Ladder, report: Report) -> list[dict[str, str]]:
+    """Ladder files that are not published, each with the gate's reasons (as inert Markdown)."""
+    by_type = {r.type: r for r in report.files}
+    out = []
+    for f in ladder.files:
+        r = by_type.get(f.type)
+        if r is not None and r.status == PASSED:
+            continue
+        why = "; ".join(r.reasons) if r is not None and r.reasons else "not measured" if r is None else r.status
+        out.append({"type": f.type, "file": f.path, "reason": markdown.cell(why)})  # type and name: the bot's own
+    return out
+
+
+def source_unchecked(report: Report) -> str | None:
+    """Why the BF16 conversion was not compared with the source model (None when it was)."""
+    c = report.checks.get(SOURCE_CHECK)
+    if c is None:
+        return "the comparison did not run"
+    return markdown.cell(c.detail) if c.status.lower() == SKIPPED else None
 
 
 def template_digest() -> str:
@@ -367,15 +430,14 @@ def _metadata(ladder: Ladder, source: SourceFacts, settings: CardSettings,
     pipeline_tag = card.get("pipeline_tag") or source.pipeline_tag
     if pipeline_tag:
         meta["pipeline_tag"] = pipeline_tag
-    tags = list(BASE_TAGS[:1]) + (["imatrix"] if ladder.imatrix else []) + list(BASE_TAGS[1:]) \
+    # MARKER_TAG marks the repo as the bot's: bot.target never writes to a repo without it (unless adopted)
+    tags = list(BASE_TAGS[:1]) + (["imatrix"] if ladder.imatrix else []) + list(BASE_TAGS[1:]) + [MARKER_TAG] \
         + list(settings.extra_tags)
     if variant is not None:
         tags += ["pruned"] + (["distillation"] if variant.distill is not None else [])
     meta["tags"] = list(dict.fromkeys(tags))
     meta["quantized_by"] = settings.quantized_by
-    for k, v in card.items():  # a gated source's gating fields, as they are
-        if k.startswith(GATED_PREFIX):
-            meta[k] = v
+    meta.update(gating_fields(card))
     return meta
 
 
@@ -400,7 +462,7 @@ def _file_row(pf: PublishedFile, size_on_disk: int | None) -> dict[str, Any]:
         "kld": _pm(fig["kld_mean"], fig["kld_mean_err"], 4),
         "same_top_p": _pm(stp, fig["same_top_p_err"], 2, _percent_scale(stp), " %"),
         "ppl_ratio": _fmt(fig["ppl_ratio"], 4),
-        "description": (f.description or "").replace("|", "\\|"),
+        "description": markdown.cell(f.description or ""),
         "include": f"{folder}/*" if split else f.path,
         "memory": [],
     }
@@ -491,7 +553,7 @@ def build_context(ladder: Ladder, report: Report, source: SourceFacts, settings:
         "imatrix_files": list(ladder.imatrix.paths) if ladder.imatrix else [],
         "calibration": _calibration(ladder.imatrix, hub),
         "has_chat_template": bool(source.chat_template),
-        "chat_example": render_chat_example(source.chat_template, source.bos_token, source.eos_token),
+        **_chat_example(source),
         "files": files,
         "kv": kv,
         "run_type": run_type,
@@ -499,6 +561,9 @@ def build_context(ladder: Ladder, report: Report, source: SourceFacts, settings:
         "chart": extras.chart,
         "checks": _checks(report),
         "evaluation": _evaluation(report),
+        "withheld": withheld_files(ladder, report),
+        "source_unchecked": source_unchecked(report),
+        "notes": [markdown.cell(n) for n in report.notes],
         "whats_new": list(extras.whats_new),
         "date": extras.date.isoformat() if extras.date else None,
         "quantized_by": settings.quantized_by,

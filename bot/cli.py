@@ -8,8 +8,11 @@ import importlib
 import logging
 import os
 import pkgutil
+import signal
 import sys
+import threading
 
+from converters import toolchain
 from converters.errors import GgufbotError
 
 log = logging.getLogger("ggufbot")
@@ -38,20 +41,46 @@ def setup_logging(verbosity: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+class SignalExit(KeyboardInterrupt):
+    """SIGTERM, SIGINT or SIGHUP: unwinds the command like Ctrl-C (no ``except Exception`` stops it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def on_signal(signum: int, _frame: object) -> None:
+    """Kill every running child program's process group at once, refuse new ones, then unwind."""
+    toolchain.kill_all(closing=True)
+    raise SignalExit(signum)
+
+
+def install_signal_handlers() -> dict[int, object]:
+    """Install :func:`on_signal` (main thread only); returns the handlers it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # the service logs one line per stage by default; one-shot commands stay quiet unless -v
     setup_logging(args.verbose + (1 if args.command == "run" else 0))
+    previous = install_signal_handlers()  # ``run`` replaces them with the bot's (stop, release the jobs, exit)
     try:
         return int(args.func(args) or 0)
     except GgufbotError as e:
         print(f"error: {e.short()}", file=sys.stderr)
         log.debug("details", exc_info=True)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        name = signal.Signals(e.signum).name if isinstance(e, SignalExit) else "SIGINT"
+        print(f"interrupted ({name}); child programs were stopped", file=sys.stderr)
+        return 128 + (e.signum if isinstance(e, SignalExit) else signal.SIGINT)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -37,11 +37,25 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import filter_repo_objects
 
+from bot import metrics
 from bot.retry import RetryPolicy
 from converters.errors import HubAuthError, HubError, HubNotFound, UnsupportedModel
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def _one_handler() -> None:
+    """huggingface_hub puts a stderr handler of its own on its logger *and* lets the records propagate: under a
+    program that configures logging (``ggufbot run``) every Hub warning came out twice. Its records now go to the
+    root handlers only (with nothing configured, Python's last-resort handler still prints warnings)."""
+    hf_log = logging.getLogger(huggingface_hub.__name__)
+    for handler in list(hf_log.handlers):
+        if type(handler) is logging.StreamHandler:
+            hf_log.removeHandler(handler)
+
+
+_one_handler()
 
 DEFAULT_TIMEOUT = 120.0  # seconds per socket operation; the client's own default is no timeout at all
 _installed_timeout: list[float | None] = []  # the timeout of the client factory installed by this module
@@ -101,6 +115,26 @@ class ModelRecord:
             if s.rfilename == name:
                 return s
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Webhook:
+    """One of the token's Hub webhooks (never its secret)."""
+
+    id: str
+    url: str | None
+    watched: tuple[tuple[str, str], ...]  # (type: user/org/model..., name)
+    domains: tuple[str, ...]
+    disabled: bool
+
+    @classmethod
+    def from_info(cls, info: Any) -> "Webhook":
+        return cls(id=str(info.id), url=info.url, watched=tuple((w.type, w.name) for w in info.watched),
+                   domains=tuple(info.domains or ()), disabled=bool(info.disabled))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "url": self.url, "watched": [{"type": t, "name": n} for t, n in self.watched],
+                "domains": list(self.domains), "disabled": self.disabled}
 
 
 _KNOWN_INFO_ATTRS = {
@@ -252,7 +286,23 @@ class Hub:
 
         # without a parent guard, a commit whose answer was lost (timeout, dropped connection) may have
         # landed: it is not sent again
-        return self._call(f"commit {repo_id}", attempt, retry_lost_commit=parent_commit is not None)
+        sha = self._call(f"commit {repo_id}", attempt, retry_lost_commit=parent_commit is not None)
+        metrics.published(sum(Path(f).stat().st_size for f in additions.values()))
+        return sha
+
+    # ------------------------------------------------------------------ webhooks
+    def create_webhook(self, url: str, watched: Iterable[tuple[str, str]], *, secret: str | None) -> Webhook:
+        """A webhook calling ``url`` on changes of the ``watched`` (type, name) items (repo domain)."""
+        items = [{"type": t, "name": n} for t, n in watched]
+        info = self._call("create_webhook", lambda: self._api.create_webhook(url=url, watched=items,
+                                                                              domains=["repo"], secret=secret))
+        return Webhook.from_info(info)
+
+    def list_webhooks(self) -> list[Webhook]:
+        return [Webhook.from_info(i) for i in self._call("list_webhooks", lambda: self._api.list_webhooks())]
+
+    def delete_webhook(self, webhook_id: str) -> None:
+        self._call(f"delete_webhook {webhook_id}", lambda: self._api.delete_webhook(webhook_id))
 
     def list_repo_files(self, repo_id: str, revision: str | None = None) -> list[str]:
         return list(self._call(f"list_repo_files {repo_id}",
@@ -309,6 +359,7 @@ class Hub:
         self._call(f"snapshot {repo_id}@{sha}", lambda: self._api.snapshot_download(
             repo_id, revision=sha, local_dir=str(dest), allow_patterns=exact))
         log.info("downloaded %s@%s: %d files, %d bytes", repo_id, (sha or "")[:12], len(chosen), total)
+        metrics.fetched(total)
         return dest
 
     # ------------------------------------------------------------------ plumbing
@@ -340,6 +391,11 @@ class Hub:
     def _convert(self, e: BaseException, what: str) -> HubError:
         if isinstance(e, (HubError, UnsupportedModel)):
             return e  # type: ignore[return-value]
+        err = self._convert_new(e, what)
+        metrics.hub_error(err.status)
+        return err
+
+    def _convert_new(self, e: BaseException, what: str) -> HubError:
         http = _find_cause(e, hf_errors.HfHubHTTPError)
         if http is not None:
             return self._from_http(http, what)

@@ -23,13 +23,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bot.target import TargetPolicy
 from converters import checkpoint as ckpt_mod
 from converters import records
 from converters import variants as variants_mod
 from converters.calibrate import TextFile
 from converters.errors import Cancelled, CheckFailed, DiskSpaceError, UnsupportedModel
 from converters.hooks import END, LINE, SKIP, Event, Hooks
-from converters.job import CheckpointRules, EvalSettings, JobContext, Stage, ladder_stages, run_stages
+from converters.job import CheckpointRules, EvalSettings, JobContext, Stage, ToolLimits, ladder_stages, run_stages
 from converters.pipeline import LadderOptions, model_name_for
 from converters.report import Report
 from converters.stages import DISK_MARGIN, free_bytes
@@ -83,6 +84,7 @@ class PublishTarget:
     namespace: str | None = None
     template: str | None = None  # the main repo: ``{model}-GGUF``; a variant: ``{org}/{model}-{variant}-GGUF``
     private: bool = False
+    policy: TargetPolicy = TargetPolicy()  # another model's repo at that name: rename or fail; adopted repos
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +99,7 @@ class JobSpec:
     fetch: FetchPolicy = FetchPolicy()
     rules: CheckpointRules = CheckpointRules()
     variant_of: variants_mod.VariantOf | None = None  # set on the derived spec of a variant
+    limits: ToolLimits = ToolLimits()  # how long any one program may run
 
     @classmethod
     def from_settings(cls, settings: Any, repo: str, revision: str, *, calibration: TextFile | LazyText | None,
@@ -117,20 +120,23 @@ class JobSpec:
                        + s.limits.min_free_disk_gb * 1e9)
 
         publishing = s.target.publish and bool(s.token)
+        policy = TargetPolicy(on_collision=s.target.on_collision, adopt=tuple(s.target.adopt))
         ns = namespace if isinstance(namespace, str) else None
         return cls(
             source=Source(repo=repo, revision=revision), model_name=model_name_for(repo),
             ladder=LadderOptions(ladder=q.ladder, outtype=q.outtype, calibration=calibration,
                                  calibration_chunks=q.calibration_chunks, ctx=q.ctx,
                                  split_max_bytes=int(q.split_max_gb * 1e9), jobs=q.jobs),
-            evaluation=EvalSettings(evaluation, chunks=q.evaluation_chunks, name_text=True, require_publishable=True),
+            evaluation=EvalSettings(evaluation, chunks=q.evaluation_chunks, name_text=True, require_publishable=True,
+                                    require_source_check=q.require_source_check),
             variants=variants_mod.parse_list(q.variants),
-            publish=PublishTarget(namespace=ns, template=s.target.repo_template, private=s.target.private)
-            if publishing else None,
+            publish=PublishTarget(namespace=ns, template=s.target.repo_template, private=s.target.private,
+                                  policy=policy) if publishing else None,
             variant_publish=PublishTarget(namespace=ns, template=s.target.variant_repo_template,
-                                          private=s.target.private) if publishing else None,
+                                          private=s.target.private, policy=policy) if publishing else None,
             fetch=FetchPolicy(patterns=ckpt_mod.RESULT_PATTERNS, need_bytes=need, check=check,
-                              max_bytes=s.max_model_bytes or None))
+                              max_bytes=s.max_model_bytes or None),
+            limits=ToolLimits(s.limits.tool_seconds_per_gb, s.limits.tool_min_seconds))
 
     def for_variant(self, recipe: variants_mod.Recipe, teacher_dir: Path, teacher_workdir: Path) -> "JobSpec":
         """The spec of one variant of this job: prune/heal the teacher, the same ladder, evaluation against the
@@ -145,7 +151,7 @@ class JobSpec:
             ladder=LadderOptions(ladder=o.ladder, imatrix=o.imatrix, calibration=o.calibration,
                                  calibration_chunks=o.calibration_chunks, ctx=o.ctx),
             evaluation=dataclasses.replace(ev, name_text=False, require_publishable=False) if ev else None,
-            publish=self.variant_publish, variant_of=v)
+            publish=self.variant_publish, variant_of=v, limits=self.limits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,21 +198,19 @@ class FetchStage:
         ctx.checkpoint_dir = src
         inputs = {"repo": self.source.repo, "revision": self.source.revision, "patterns": list(self.policy.patterns)}
         rec = records.load(ctx.workdir, self.name)
-        got = rec.extra.get("files", {}) if rec is not None else {}
-        if rec is not None and rec.inputs == inputs and all(
-                (src / n).is_file() and (src / n).stat().st_size == size for n, size in got.items()):
+        if rec is not None and rec.inputs == inputs and fetched_intact(ctx.workdir, src, rec.extra.get("files")):
             log.info("fetch: %s@%s already done", self.source.repo, self.source.revision)
             ctx.hooks.emit(self.name, SKIP, data={"quiet": True})
             return
         t0 = time.monotonic()
         info = self._checked_info(ctx)
         self.policy_download(ctx, info, src)
-        files = {str(p.relative_to(src)): p.stat().st_size for p in sorted(src.rglob("*"))
-                 if p.is_file() and ".cache" not in p.relative_to(src).parts}
+        files = fetched_identities(ctx.workdir, src, info)
         if not any(n.endswith(".safetensors") for n in files):
             raise UnsupportedModel("no safetensors weights were downloaded", repo=self.source.repo)
         records.save(ctx.workdir, self.name, inputs, [], time.monotonic() - t0, None, extra={"files": files})
-        ctx.hooks.emit(self.name, END, text=f"fetch done: {len(files)} files, {sum(files.values()) / 1e6:.1f} MB",
+        total = sum(f["size"] for f in files.values())
+        ctx.hooks.emit(self.name, END, text=f"fetch done: {len(files)} files, {total / 1e6:.1f} MB",
                        data={"quiet": True})
 
     def _checked_info(self, ctx: JobContext) -> Any:
@@ -228,22 +232,40 @@ class FetchStage:
                                    allow_patterns=list(self.policy.patterns), max_bytes=self.policy.max_bytes)
 
 
+def fetched_identities(workdir: Path, src: Path, info: Any) -> dict[str, dict[str, Any]]:
+    """``{name: {"size", "sha256"}}`` of the downloaded files. A file the Hub stores in LFS gets the sha256 of the
+    Hub's listing (free: no local hashing; it becomes the file's cached content hash), the others are hashed."""
+    listed = {s.rfilename: s for s in info.siblings}
+    out: dict[str, dict[str, Any]] = {}
+    for p in sorted(src.rglob("*")):
+        name = str(p.relative_to(src))
+        if not p.is_file() or ".cache" in p.relative_to(src).parts:
+            continue
+        size = p.stat().st_size
+        sib = listed.get(name)
+        if sib is not None and sib.lfs_sha256 and sib.size == size:
+            records.remember_sha256(p, sib.lfs_sha256, workdir)
+        out[name] = {"size": size, "sha256": records.content_sha256(p, workdir)}
+    return out
+
+
+def fetched_intact(workdir: Path, src: Path, files: Any) -> bool:
+    """Whether every file the fetch record lists still has its recorded content (sizes alone are not enough)."""
+    if not isinstance(files, dict) or not files:
+        return False
+    for name, ident in files.items():
+        p = src / name
+        if not isinstance(ident, dict) or not p.is_file() or p.stat().st_size != ident.get("size") \
+                or records.content_sha256(p, workdir) != ident.get("sha256"):
+            return False
+    return True
+
+
 def cli_disk_need(info: Any) -> int:
     """``convert ORG/NAME``: the download plus the reference GGUF (about the same size again) must fit."""
     wanted = sum(s.size or 0 for s in info.siblings
                  if any(fnmatch.fnmatch(s.rfilename, pat) for pat in ckpt_mod.FETCH_PATTERNS))
     return int(2 * wanted * DISK_MARGIN)
-
-
-def repo_for(target: PublishTarget, hub: Any, model: str, author: str | None, variant: str | None = None) -> str:
-    """The target repo id: explicit, or from the template and the namespace (default: the token's user)."""
-    from bot import publish
-
-    if target.repo_id:
-        return target.repo_id
-    ns = target.namespace or hub.whoami()
-    template = target.template or (publish.DEFAULT_VARIANT_TEMPLATE if variant else publish.DEFAULT_REPO_TEMPLATE)
-    return publish.repo_name(template, namespace=ns, model=model, author=author, variant=variant)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,17 +280,14 @@ class PublishStage:
         from bot import publish
         from bot import variants as bot_variants
 
+        opts = publish.PublishOptions(repo_id=self.target.repo_id, repo_template=self.target.template,
+                                      namespace=self.target.namespace, private=self.target.private,
+                                      policy=self.target.policy)
         if self.variant is not None:
             if ctx.report is not None:
                 variant_gate(ctx.report, self.variant.recipe.name)
-            res = bot_variants.publish_variant(ctx.workdir, self.hub, namespace=self.target.namespace,
-                                               repo_id=self.target.repo_id,
-                                               repo_pattern=self.target.template or publish.DEFAULT_VARIANT_TEMPLATE,
-                                               private=self.target.private)
+            res = bot_variants.publish_variant(ctx.workdir, self.hub, opts)
         else:
-            rid = repo_for(self.target, self.hub, ctx.model_name,
-                           ctx.source_repo.split("/")[0] if ctx.source_repo else None)
-            opts = publish.PublishOptions(repo_id=rid, namespace=rid.split("/")[0], private=self.target.private)
             _plan, res = publish.publish(ctx.workdir, self.hub, opts)
         assert res is not None
         ctx.state["published"] = Published(res.repo_id, f"{res.url}/commit/{res.commit}" if res.commit else res.url,
@@ -286,6 +305,9 @@ class NestedHooks(Hooks):
 
     def check_cancel(self) -> None:
         self.parent.check_cancel()
+
+    def alive(self) -> None:
+        self.parent.alive()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,7 +392,7 @@ def run_job(spec: JobSpec, workdir: Path | WorkDir, hooks: Hooks, *, toolchain: 
     and is asked between steps whether to stop."""
     wd = Path(WorkDir(workdir).path)
     ctx = JobContext(wd, toolchain, hooks, spec.model_name, source_repo=spec.source.repo,
-                     source_revision=spec.source.revision, checkpoint_dir=spec.source.path)
+                     source_revision=spec.source.revision, checkpoint_dir=spec.source.path, limits=spec.limits)
     run_stages(stages_for(spec, hub), ctx)
     assert ctx.ladder is not None
     return JobResult(ladder=ctx.ladder, report=ctx.report, published=ctx.state.get("published"),

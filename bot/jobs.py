@@ -15,6 +15,7 @@ allowed source state (a compare-and-set), so two workers can never both move the
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 from converters.errors import GgufbotError, StateError
 
@@ -83,3 +84,32 @@ def error_fields(err: BaseException) -> tuple[str, str]:
     """(type name, one-line message) for the jobs table and the status page."""
     msg = err.short() if isinstance(err, GgufbotError) else (str(err).splitlines()[0] if str(err) else "")
     return type(err).__name__, msg[:2000]
+
+
+def operator_retry(store: Any, job_id: int, *, now: float, by: str = "operator") -> tuple[Status, Any]:
+    """Put a failed or cancelled job back in the queue (a retrying one: now). Returns (old status, job);
+    StateError for an unknown job or a status that cannot be retried. ``ggufbot retry`` and the status page."""
+    job = existing(store, job_id)
+    src = job.status
+    if src == Status.RETRYING:
+        moved = store.transition(job.id, Status.QUEUED, now=now, message=f"retry now ({by})", not_before=None)
+    else:
+        check(src, Status.QUEUED)
+        moved = store.transition(job.id, Status.QUEUED, now=now, message=f"retry ({by}) after {src.value}",
+                                 attempts=0, error_type=None, error_message=None, not_before=None, finished_at=None,
+                                 worker_id=None)
+    return src, moved
+
+
+def operator_cancel(store: Any, job_id: int, *, now: float, by: str = "operator") -> tuple[Status, Any]:
+    """Cancel a queued, retrying or running job (a running one stops at its next step). Returns (old status, job)."""
+    job = existing(store, job_id)
+    check(job.status, Status.CANCELLED)
+    return job.status, store.transition(job.id, Status.CANCELLED, now=now, message=f"cancelled by the {by}")
+
+
+def existing(store: Any, job_id: int) -> Any:
+    job = store.job(job_id)
+    if job is None:
+        raise StateError(f"no job {job_id}")
+    return job

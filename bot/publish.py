@@ -13,8 +13,10 @@ repo's block equals the one we would publish, and the repo's LFS files still hav
 commit is made. Anything else is an update, with a "What's new" line in the card.
 
 Safety: nothing is published when ``report.json`` says ``publishable: false``; a file whose report
-entry is missing or not ``passed`` is never uploaded; the token is checked (``whoami``) before any
-upload starts, and never appears in a file, a log line or an error.
+entry is missing or not ``passed`` is never uploaded, nor one whose sha256 is not the one the evaluation
+measured (``report.json`` ``file_hashes``); another model's repo is never written to (:mod:`bot.target`
+reads the target first: a different source or no ggufbot marker means the disambiguated name, or a failure);
+the token is checked (``whoami``) before any upload starts, and never appears in a file, a log line or an error.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from bot import card as card_mod
+from bot import target as target_mod
+from bot.target import Identity, RemoteRepo, TargetPolicy
 from converters.errors import CheckFailed, ConfigError, GgufbotError, HubError, HubNotFound, InputError
-from converters.records import TMP_MARK, sha256_file
+from converters.records import TMP_MARK, content_sha256
 from converters.report import Report
 from converters.workdir import CHART_FILE, REPORT_FILE, Ladder, VariantInfo, WorkDir
 
@@ -47,12 +51,13 @@ REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]{1,96}")
 
 @dataclasses.dataclass(frozen=True)
 class PublishOptions:
-    repo_id: str | None = None  # explicit target; else from the template
-    repo_template: str = DEFAULT_REPO_TEMPLATE
+    repo_id: str | None = None  # explicit target (never renamed); else from the template
+    repo_template: str | None = None  # None: DEFAULT_REPO_TEMPLATE (a variant: DEFAULT_VARIANT_TEMPLATE)
     namespace: str | None = None  # {org}; default: the token's user
     private: bool = False
     quantized_by: str | None = None  # default: the namespace
     gate_like_source: bool = True  # a gated source gets a gated repo (set before any file lands)
+    policy: TargetPolicy = TargetPolicy()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +75,7 @@ class PublishPlan:
     publication: dict[str, Any]
     whats_new: tuple[str, ...]
     sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+    workdir: Path | None = None  # where the repos this publication creates are recorded (see created_repos)
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary for ``--dry-run`` and logs (paths relative to nothing of this machine)."""
@@ -158,17 +164,15 @@ def chart_name(report: Report) -> str:
     return c if isinstance(c, str) and c else CHART_FILE
 
 
-def publication_block(ladder: Ladder, files: Mapping[str, Path]) -> dict[str, Any]:
-    """What identifies a publication: equal blocks mean nothing to publish."""
-    # ladder.json already holds the sha256 of each quant (of part 1 when split): not hashed again
-    known = {(f.path, f.size): f.sha256 for f in ladder.files if f.sha256}
+def publication_block(ladder: Ladder, files: Mapping[str, Path], hashes: Mapping[str, str]) -> dict[str, Any]:
+    """What identifies a publication: equal blocks mean nothing to publish. ``hashes``: each file's sha256, as
+    checked against the measured one (:func:`verified_hashes`)."""
     return {
         "schema": PUBLICATION_SCHEMA,
         "source": {"repo": ladder.source.repo, "revision": ladder.source.revision},
         "toolchain": ladder.toolchain.version,
         "ladder": list(ladder.types),
-        "files": {p: {"size": f.stat().st_size, "sha256": known.get((p, f.stat().st_size)) or sha256_file(f)}
-                  for p, f in sorted(files.items())},
+        "files": {p: {"size": f.stat().st_size, "sha256": hashes[p]} for p, f in sorted(files.items())},
         "card_template": card_mod.template_digest(),
     }
 
@@ -196,22 +200,6 @@ def whats_new(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str
     if not out:
         out.append("model card updated")
     return out
-
-
-def _remote_state(hub: Any, repo_id: str) -> tuple[bool, str | None, dict | None, dict[str, str | None], list[str]]:
-    """(exists, head sha, publication block, {path: lfs sha256}, files) of the target repo."""
-    try:
-        info = hub.model_info(repo_id)
-    except HubNotFound:
-        return False, None, None, {}, []
-    files = [s.rfilename for s in info.siblings]
-    lfs = {s.rfilename: s.lfs_sha256 for s in info.siblings}
-    pub = None
-    if REPORT_FILE in files:
-        text = hub.read_text(repo_id, REPORT_FILE, revision=info.sha)
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
-            pub = json.loads(text or "").get("publication")
-    return True, info.sha, pub, lfs, files
 
 
 def _same(pub: Mapping[str, Any] | None, new: Mapping[str, Any], remote_lfs: Mapping[str, str | None]) -> bool:
@@ -253,6 +241,31 @@ def _source_facts(hub: Any, ladder: Ladder, gguf_files: list[Path] = ()) -> card
         if missing:
             facts = dataclasses.replace(facts, **missing)
     return facts
+
+
+def verified_hashes(workdir: WorkDir, report: Report, files: Mapping[str, Path]) -> dict[str, str]:
+    """Each file's sha256 now (re-read unless its size, mtime and inode are unchanged since it was hashed),
+    which must be the one evaluation measured (``report.json`` ``file_hashes``); the chart, drawn by the
+    evaluation from the report, is only hashed. CheckFailed names every file that changed or was never measured."""
+    measured = {p: str(v.get("sha256")) for p, v in report.file_hashes.items()}
+    for f in report.files:  # reports that list the hashes only per file
+        measured.update({str(pt.get("path")): str(pt.get("sha256")) for pt in f.parts if pt.get("path") not in measured})
+    out, changed, unmeasured = {}, [], []
+    for rel, path in sorted(files.items()):
+        out[rel] = content_sha256(path, workdir.path)
+        if rel == chart_name(report):
+            continue
+        if rel not in measured:
+            unmeasured.append(rel)
+        elif measured[rel] != out[rel]:
+            changed.append(rel)
+    if changed or unmeasured:
+        why = "; ".join(x for x in (
+            f"changed since it was measured: {', '.join(changed)}" if changed else "",
+            f"not measured (no sha256 in {REPORT_FILE}): {', '.join(unmeasured)}" if unmeasured else "") if x)
+        raise CheckFailed("publish", f"refusing to publish files that are not the ones evaluated ({why}); run "
+                          "`ggufbot evaluate DIR` to measure them again")
+    return out
 
 
 def _publishable_files(workdir: WorkDir, ladder: Ladder, report: Report) -> dict[str, Path]:
@@ -310,17 +323,19 @@ def plan_publish(workdir: Path | WorkDir, hub: Any, options: PublishOptions, *, 
     wd = WorkDir(workdir)
     ladder, report = wd.ladder(), wd.report()
     files = _publishable_files(wd, ladder, report)
+    hashes = verified_hashes(wd, report, files)
 
     user = hub.whoami()  # a bad token fails here, before anything is uploaded
     org = options.namespace or user
     model = ladder.model_name or wd.name
-    repo_id = options.repo_id or repo_name(options.repo_template, namespace=org, model=model,
-                                           author=ladder.source.author)
+    remote = _target(hub, wd, options, ladder, org, variant)
+    repo_id, exists, head, old_pub = remote.repo_id, remote.exists, remote.head, remote.publication
+    remote_files = remote.files
 
-    pub = publication_block(ladder, files)
-    exists, head, old_pub, remote_lfs, remote_files = _remote_state(hub, repo_id)
-    if exists and _same(old_pub, pub, remote_lfs):
-        return PublishPlan(repo_id, "none", True, options.private, False, {}, (), "", "", head, pub, ())
+    pub = publication_block(ladder, files, hashes)
+    if exists and _same(old_pub, pub, remote.lfs):
+        return PublishPlan(repo_id, "none", True, options.private, False, {}, (), "", "", head, pub, (),
+                           workdir=wd.path)
 
     news = tuple(whats_new(old_pub, pub)) if exists else ()
     now = now or dt.datetime.now(dt.timezone.utc)
@@ -334,7 +349,24 @@ def plan_publish(workdir: Path | WorkDir, hub: Any, options: PublishOptions, *, 
     gated = facts.gated if options.gate_like_source and facts.gated else False
     return PublishPlan(repo_id, "update" if exists else "create", exists, options.private, gated, additions,
                        deletions, message[:200], description, head, pub, news,
-                       {p: f.stat().st_size for p, f in additions.items()})
+                       {p: f.stat().st_size for p, f in additions.items()}, wd.path)
+
+
+def _target(hub: Any, wd: WorkDir, options: PublishOptions, ladder: Ladder, org: str,
+            variant: VariantInfo | None) -> RemoteRepo:
+    """The target repo as it is now: the template's name (or ``options.repo_id``) when it is this model's, else
+    the disambiguated ``{author}_{model}`` name (bot.target.choose_target)."""
+    author = ladder.source.author
+    model = variant.teacher_model if variant is not None else (ladder.model_name or wd.name)
+    recipe = variant.recipe.name if variant is not None else None
+    template = options.repo_template or (DEFAULT_VARIANT_TEMPLATE if variant is not None else DEFAULT_REPO_TEMPLATE)
+    first = options.repo_id or repo_name(template, namespace=org, model=model, author=author, variant=recipe)
+    alt = None
+    if options.repo_id is None and author:
+        alt = repo_name(template, namespace=org, model=f"{author}_{model}", author=author, variant=recipe)
+    ours = Identity(ladder.source.repo, ladder.model_name or wd.name,
+                    card_mod.VARIANT_RELATION if variant is not None else "quantized")
+    return target_mod.choose_target(hub, (first, alt), ours, options.policy, wd.path)
 
 
 def _commit_text(model: str, ladder: Ladder, report: Report, pub: Mapping[str, Any], news: tuple[str, ...], *,
@@ -357,6 +389,8 @@ def execute(plan: PublishPlan, hub: Any) -> PublishResult:
     created = False
     parent = plan.parent_commit
     if not plan.repo_exists:
+        if plan.workdir is not None:
+            target_mod.note_created(plan.workdir, plan.repo_id)
         hub.create_repo(plan.repo_id, private=plan.private, exist_ok=False)
         created = True
         try:
@@ -374,11 +408,11 @@ def execute(plan: PublishPlan, hub: Any) -> PublishResult:
     except GgufbotError as e:
         if isinstance(e, HubError) and e.status == 412:
             # the branch moved: maybe our own commit landed and only its answer was lost
-            exists, head, pub, lfs, _files = _remote_state(hub, plan.repo_id)
-            if exists and _same(pub, plan.publication, lfs):
+            now = target_mod.read_remote(hub, plan.repo_id)
+            if now.exists and _same(now.publication, plan.publication, now.lfs):
                 log.info("publish %s: commit %s already holds this publication (answer was lost)", plan.repo_id,
-                         (head or "")[:12])
-                return PublishResult(plan.repo_id, plan.action, head, url)
+                         (now.head or "")[:12])
+                return PublishResult(plan.repo_id, plan.action, now.head, url)
         if created:
             _remove_new_repo(hub, plan.repo_id)
         if isinstance(e, HubError):

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import posixpath
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from bot.settings import Settings, Source
-from converters.checkpoint import PICKLE_ONLY, Refusal, remote_code_refusal, weights_refusal
+from converters.checkpoint import PICKLE_ONLY, Refusal, remote_code_refusal, safe_name, weights_refusal
 
 QUANTIZED_TAGS = frozenset({"gguf", "gptq", "awq", "exl2", "exl3", "mlx", "bitsandbytes", "4-bit", "8-bit",
                             "quantized", "compressed-tensors", "hqq", "aqlm"})
@@ -71,12 +70,7 @@ def sibling_names(rec: Any) -> list[str]:
 
 def unsafe_name(name: str) -> bool:
     """True for a repo file name that could escape a directory it is downloaded into."""
-    if not name or "\\" in name or "\0" in name or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        return True
-    parts = name.split("/")
-    if any(p in ("..", "") for p in parts):
-        return True
-    return posixpath.normpath(name).startswith("..")
+    return not safe_name(name)
 
 
 def record_license(rec: Any) -> str | None:
@@ -309,13 +303,13 @@ def fetch_refusal(rec: Any, settings: Settings) -> Decision | None:
     return None if d.accept or d.code in FETCH_IGNORED else d
 
 
-def convert_refusal(rec: Any, *, allow_remote_code: bool = False) -> str | None:
+def convert_refusal(rec: Any) -> str | None:
     """``ggufbot convert ORG/NAME``: the reason to refuse the repo before anything is downloaded (what
     ``checkpoint.inspect`` would refuse from its files and config), or None."""
     weights = weights_refusal(sibling_names(rec))
     if weights is not None:
         return Refusal(weights.code).reason()  # the Hub check names no files
     remote = remote_code_refusal(getattr(rec, "config", None) or {})
-    if remote is not None and not allow_remote_code:
+    if remote is not None:  # never allowed: there is no switch
         return remote.reason()
     return None

@@ -12,8 +12,12 @@ the same work directory: the stage records make it skip everything that was fini
 
 Errors: ``err.transient`` (timeouts, 5xx, full disk, a tool killed by a signal) retries with backoff
 (``bot.retry.RetryPolicy`` with job-scale delays); anything else fails the job at once, with the error's type
-and one-line reason stored. A stop request (SIGTERM) is honoured between steps: the job goes back to the
-queue without using up an attempt, and its finished stages are kept.
+and one-line reason stored. A stop request (SIGTERM) is honoured between steps and inside a running program
+(its process group is killed within a fraction of a second): the job goes back to the queue without using up an
+attempt, and its finished stages are kept. A cancelled job's program is killed within :data:`WATCH_SECONDS`; a
+job whose progress (stage events, lines its programs print) has not moved for ``schedule.stuck_after_seconds``
+is stuck: its program is killed and it fails with :class:`~converters.errors.Stuck`, which retries like any
+transient error until ``limits.max_attempts``, then fails.
 """
 
 from __future__ import annotations
@@ -33,15 +37,19 @@ from pathlib import Path
 from typing import Any
 
 from bot import jobs as J
+from bot import metrics
 from bot.job import JobSpec, LazyText, VariantOutcome, run_job
 from bot.retry import RetryPolicy
 from bot.settings import Settings
 from bot.store import Job, Store
-from converters.errors import Cancelled, GgufbotError, InputError
+from converters import toolchain as tc_mod
+from converters.errors import Cancelled, GgufbotError, InputError, Stuck
 from converters.hooks import END, LINE, PROGRESS, SKIP, START, Event, Hooks
 from converters.workdir import LADDER_FILE, PLAN_FILE, REPORT_FILE, VARIANT_FILE, Ladder
 
 log = logging.getLogger(__name__)
+
+WATCH_SECONDS = 2.0  # how often a running job's cancellation and stuck state are checked
 
 
 def retry_policy(settings: Settings, max_attempts: int | None = None) -> RetryPolicy:
@@ -92,27 +100,61 @@ class JobHooks(Hooks):
 
     def __init__(self, runner: "Runner", job: Job) -> None:
         self.runner, self.job, self.lost = runner, job, threading.Event()
+        self.stuck = threading.Event()  # set by the heartbeat when progress has not moved for too long
+        self.moved = time.monotonic()  # when progress last moved (an event, or a line a program printed)
+        self.shown: str | None = None  # the progress text last stored
+        self.where = "start"  # the stage running
 
     def check_cancel(self) -> None:
         if self.lost.is_set():
             raise TakenAway("the job was taken away")
+        if self.stuck.is_set():
+            raise Stuck(self.where, self.idle())
         if self.runner.stop.is_set():
             raise Cancelled("stop requested")
 
+    def check_abort(self) -> None:
+        """While a program runs: a lost claim, a stuck job or a stop at once (SIGINT, SIGHUP, a second SIGTERM:
+        the programs were killed) stop it; a graceful stop (the first SIGTERM) lets the step finish."""
+        if self.lost.is_set() or self.stuck.is_set() or tc_mod.killed_on_request():
+            self.check_cancel()
+
+    def alive(self) -> None:
+        self.moved = time.monotonic()
+
+    def idle(self) -> float:
+        """Seconds since progress last moved."""
+        return time.monotonic() - self.moved
+
+    def beat(self) -> dict[str, Any]:
+        """What the heartbeat stores besides its time: the progress, with how long it has not moved once that
+        is longer than a heartbeat (``ggufbot status`` shows a job going nowhere)."""
+        idle = self.idle()
+        if idle < max(60.0, 2 * self.runner.settings.schedule.heartbeat_seconds):
+            return {}
+        return {"progress": f"{self.shown or ''} (no progress for {idle:.0f} s)".strip()[-200:]}
+
     def update(self, **fields: Any) -> None:
         r = self.runner
+        if "progress" in fields:
+            self.shown = fields["progress"]
         if not r.store.update_running(self.job.id, r.worker_id, now=r.clock(), **fields):
             self.lost.set()
 
     def progress(self, event: Event) -> None:
+        self.moved = time.monotonic()
         outer, _, inner = event.stage.partition("/")
+        self.where = event.stage
         if event.kind == START:
+            metrics.stage_started((self.job.id, event.stage))
             self.update(**({"progress": inner} if inner else {"stage": outer, "progress": None}))
         elif event.kind == PROGRESS:
             self.update(progress=(f"{inner} " if inner else "") + event.describe())
         elif event.kind == LINE:
             self.update(progress=((f"{inner}: " if inner else "") + event.text)[-200:])
         elif event.kind in (END, SKIP):
+            if event.kind == END:
+                metrics.stage_finished(event.stage, event.data.get("seconds"), (self.job.id, event.stage))
             r, what = self.runner, "skipped (already done)" if event.kind == SKIP else "done"
             label = f"{outer.split(':', 1)[-1]}: {inner}" if inner else outer
             r.store.event(f"stage.{event.kind}", event.text or f"{label} {what}", now=r.clock(), job_id=self.job.id,
@@ -165,7 +207,7 @@ class Runner:
         workdir = Path(job.workdir) if job.workdir else self.settings.work_dir / f"job-{job.id}-{slug(job.repo)}"
         hooks = JobHooks(self, job)
         hb_stop = threading.Event()
-        hb = threading.Thread(target=self._heartbeat, args=(job, hb_stop, hooks.lost), daemon=True,
+        hb = threading.Thread(target=self._heartbeat, args=(job, hb_stop, hooks), daemon=True,
                               name=f"heartbeat-{job.id}")
         t0 = time.monotonic()
         try:
@@ -190,6 +232,7 @@ class Runner:
             log.warning("job %d finished but could not be recorded: %s", job.id, e.short())
             return Outcome(job.id, J.Status.CANCELLED, str(e))
         log.info("job %d %s: %s in %.1f s (%s)", job.id, job.repo, status.value, time.monotonic() - t0, message)
+        metrics.job_finished(status.value)
         return Outcome(job.id, status, message)
 
     def _on_error(self, job: Job, e: BaseException, lost: threading.Event) -> Outcome:
@@ -216,9 +259,11 @@ class Runner:
                                   error_type=etype, error_message=msg, not_before=now + delay, heartbeat_at=None)
             log.warning("job %d %s: %s failed (%s: %s); retry %d in %.0f s", job.id, job.repo, stage, etype, msg,
                         job.attempts + 1, delay)
+            metrics.job_finished(J.Status.RETRYING.value)
             return Outcome(job.id, J.Status.RETRYING, msg)
         self.store.transition(job.id, J.Status.FAILED, now=now, worker_id=self.worker_id,
                               message=f"{stage}: {etype}: {msg}", error_type=etype, error_message=msg)
+        metrics.job_finished(J.Status.FAILED.value)
         if not isinstance(e, GgufbotError):
             log.exception("job %d %s failed with an unexpected error", job.id, job.repo)
         else:
@@ -229,12 +274,26 @@ class Runner:
         j = self.store.job(job_id)
         return (j.stage if j else None) or "start"
 
-    def _heartbeat(self, job: Job, stop: threading.Event, lost: threading.Event) -> None:
-        period = self.settings.schedule.heartbeat_seconds
-        while not stop.wait(period):
+    def _heartbeat(self, job: Job, stop: threading.Event, hooks: JobHooks) -> None:
+        """Every heartbeat period: store the heartbeat (with the progress when it stands still). Every
+        :data:`WATCH_SECONDS`: notice a cancellation (the running program is then killed within a fraction of a
+        second) and a job whose progress has not moved for ``schedule.stuck_after_seconds`` (stuck)."""
+        s = self.settings.schedule
+        next_beat = time.monotonic() + s.heartbeat_seconds
+        while not stop.wait(min(s.heartbeat_seconds, WATCH_SECONDS)):
+            if hooks.idle() > s.stuck_after_seconds and not hooks.stuck.is_set():
+                log.warning("job %d %s: no progress for %.0f s (%s): stuck; stopping it", job.id, job.repo,
+                            hooks.idle(), hooks.shown or "no progress yet")
+                hooks.stuck.set()
             try:
-                if not self.store.update_running(job.id, self.worker_id, now=self.clock()):
-                    lost.set()
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + s.heartbeat_seconds
+                    ours = self.store.update_running(job.id, self.worker_id, now=self.clock(), **hooks.beat())
+                else:
+                    cur = self.store.job(job.id)
+                    ours = cur is not None and cur.status == J.Status.RUNNING and cur.worker_id == self.worker_id
+                if not ours:
+                    hooks.lost.set()
                     return
             except Exception as e:  # noqa: BLE001 - a database hiccup must not kill the job
                 log.warning("job %d: heartbeat failed: %s", job.id, e)

@@ -23,6 +23,7 @@ from bot.runner import Outcome, Runner, new_worker_id
 from bot.settings import Settings
 from bot.store import StateStore, Store
 from bot.watcher import PollResult, Watcher
+from converters import toolchain
 from converters.errors import GgufbotError, HubAuthError
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class Bot:
         self._free = list(self.runners)
         self._lock = threading.Lock()
         self.polls = 0
+        self.scheduler: Any = None  # the running APScheduler while serve() runs (the web page's /healthz)
 
     def _publish_note(self, resolve: bool) -> str:
         s = self.settings
@@ -125,11 +127,11 @@ class Bot:
 
     # ---------------------------------------------------------------- the process
     def serve(self, *, exit_when_idle: bool = False, poll: bool = True, install_signals: bool = True) -> int:
-        """Run until SIGTERM/SIGINT (or, with ``exit_when_idle``, until nothing is left to do)."""
+        """Run until SIGTERM/SIGINT/SIGHUP (or, with ``exit_when_idle``, until nothing is left to do)."""
         s = self.settings
         logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per tick is noise
         if install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, self._on_signal)
         log.info("ggufbot run: %d source(s), concurrency %d; %s", len(s.sources), s.limits.concurrency,
                  self.publish_note)
@@ -137,7 +139,7 @@ class Bot:
         polled = threading.Event()
         if not poll:
             polled.set()
-        sched = self._scheduler(poll, polled)
+        sched = self.scheduler = self._scheduler(poll, polled)
         sched.start()
         try:
             self._wait(exit_when_idle, polled)
@@ -184,8 +186,19 @@ class Bot:
                 return
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        log.warning("received %s: finishing the current step, then exiting", signal.Signals(signum).name)
-        self.stop.set()
+        """The first SIGTERM is a graceful stop: the running step finishes (a service manager's stop must not throw
+        away an hour of imatrix), the job is released and the process exits; its programs never outlive it
+        (``PR_SET_PDEATHSIG``). SIGINT, SIGHUP or a second SIGTERM stop at once: the running programs are
+        killed, the jobs released (they resume from their last finished stage)."""
+        name = signal.Signals(signum).name
+        at_once = signum != signal.SIGTERM or self.stop.is_set()
+        self.stop.set()  # first: a job whose program dies now sees the stop request, not a failure
+        if at_once:
+            log.warning("received %s: stopping the running programs, releasing the jobs, then exiting", name)
+            toolchain.kill_all()
+        else:
+            log.warning("received %s: finishing the current step, releasing the jobs, then exiting "
+                        "(send it again, or SIGINT, to stop at once)", name)
 
 
 def _tick(duty: Callable[[float], Any], name: str, done: threading.Event | None = None) -> Callable[[], None]:

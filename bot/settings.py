@@ -106,6 +106,8 @@ class Target:
     variant_repo_template: str = "{org}/{model}-{variant}-GGUF"  # where each variant of quantize.variants goes
     publish: bool = True
     private: bool = False
+    on_collision: str = "rename"  # the repo is another model's: "rename" ({author}_{model}) or "fail"
+    adopt: tuple[str, ...] = ()  # repos without the ggufbot marker that may be written to (same source only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +119,7 @@ class Quantize:
     evaluation_text: str | None = None
     calibration_chunks: int | None = None
     evaluation_chunks: int | None = None
+    require_source_check: bool = True  # false: publish even when the BF16-vs-source comparison could not run
     ctx: int = 512
     split_max_gb: float = 45.0
     jobs: int = 1
@@ -128,6 +131,8 @@ class Limits:
     min_free_disk_gb: float = 5.0  # a job does not start with less free than this plus its estimate
     concurrency: int = 1
     max_attempts: int = 4
+    tool_seconds_per_gb: float = 600.0  # any one program (converter, llama-imatrix...) may run this long per GB
+    tool_min_seconds: float = 1800.0  # ... of the source's weights, and at least this long
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +142,7 @@ class Schedule:
     housekeeping_minutes: float = 10.0
     heartbeat_seconds: float = 15.0
     stale_after_seconds: float = 300.0
+    stuck_after_seconds: float = 3600.0  # a running job whose progress has not moved this long is stuck
     retry_base_seconds: float = 60.0
     retry_max_seconds: float = 3600.0
 
@@ -147,6 +153,15 @@ class Requeue:
     on_revision_change: bool = True  # re-quantize when weights/config/tokenizer/template change upstream
 
 
+@dataclasses.dataclass(frozen=True)
+class Web:
+    """The status page, its JSON API, ``/metrics`` and the Hub webhook (``bot.web``)."""
+
+    listen: str = ""  # "HOST:PORT" (e.g. "127.0.0.1:8080") for ``ggufbot run`` and ``serve``; "" = off
+    admin_token_file: str | None = None  # the retry/cancel buttons need this token; unset: they are refused
+    webhook_secret_file: str | None = None  # the Hub webhook's secret; unset: POST /webhooks/hub is refused
+
+
 SECTIONS: dict[str, type] = {
     "hub": HubSettings,
     "filters": Filters,
@@ -155,6 +170,7 @@ SECTIONS: dict[str, type] = {
     "limits": Limits,
     "schedule": Schedule,
     "requeue": Requeue,
+    "web": Web,
 }
 TOP_LEVEL = ("data_dir", "database_url", "sources")
 
@@ -171,6 +187,7 @@ class Settings:
     limits: Limits = Limits()
     schedule: Schedule = Schedule()
     requeue: Requeue = Requeue()
+    web: Web = Web()
     token: str | None = dataclasses.field(default=None, repr=False, compare=False)
     config_path: Path | None = None
     max_model_bytes: int = 0  # resolved: the explicit limit, or the share of the free disk
@@ -286,13 +303,29 @@ def _sources(value: Any) -> tuple[Source, ...]:
 
 def _token(hub: HubSettings, env: Mapping[str, str]) -> str | None:
     if hub.token_file:
-        p = Path(hub.token_file).expanduser()
-        try:
-            tok = p.read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise ConfigError(f"hub.token_file: cannot read {p}: {e.strerror}", key="hub.token_file") from None
-        return tok or None
+        return read_secret_file(hub.token_file, "hub.token_file")
     return (env.get("HF_TOKEN") or "").strip() or None
+
+
+def read_secret_file(path: str, key: str) -> str | None:
+    """The stripped text of a secret file named by setting ``key`` (None when empty); the secret is never in
+    an error message."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {p}: {e.strerror}", key=key) from None
+    return text or None
+
+
+def parse_listen(value: str, key: str = "web.listen") -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6) -> (host, port)."""
+    host, sep, port = value.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{key}: expected HOST:PORT such as 127.0.0.1:8080 (or \"\" for off), got {value!r}",
+                          key=key)
+    return host, int(port)
 
 
 def _check(s: Settings) -> None:
@@ -307,8 +340,11 @@ def _check(s: Settings) -> None:
         bad("limits.max_model_gb", "must be positive")
     if s.limits.min_free_disk_gb < 0:
         bad("limits.min_free_disk_gb", "must be >= 0")
+    if s.limits.tool_seconds_per_gb <= 0 or s.limits.tool_min_seconds <= 0:
+        bad("limits.tool_seconds_per_gb" if s.limits.tool_seconds_per_gb <= 0 else "limits.tool_min_seconds",
+            "must be positive")
     for key in ("poll_minutes", "dispatch_seconds", "housekeeping_minutes", "heartbeat_seconds",
-                "stale_after_seconds", "retry_base_seconds", "retry_max_seconds"):
+                "stale_after_seconds", "stuck_after_seconds", "retry_base_seconds", "retry_max_seconds"):
         if getattr(s.schedule, key) <= 0:
             bad(f"schedule.{key}", "must be positive")
     if s.schedule.stale_after_seconds < 2 * s.schedule.heartbeat_seconds:
@@ -322,6 +358,11 @@ def _check(s: Settings) -> None:
         s.target.repo_template.format(model="M", author="A")
     except (KeyError, IndexError, ValueError) as e:
         bad("target.repo_template", f"only {{model}} and {{author}} may be used ({e})")
+    if s.target.on_collision not in ("rename", "fail"):
+        bad("target.on_collision", f"expected \"rename\" or \"fail\", got {s.target.on_collision!r}")
+    for rid in s.target.adopt:
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]{1,96}", str(rid)):
+            bad("target.adopt", f"not a repo id ORG/NAME: {rid!r}")
     if s.target.namespace is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", s.target.namespace):
         bad("target.namespace", f"not a valid Hub namespace: {s.target.namespace!r}")
     from bot.publish import repo_name
@@ -340,6 +381,8 @@ def _check(s: Settings) -> None:
         bad("quantize.outtype", f"expected bf16, f16 or f32, got {s.quantize.outtype!r}")
     if s.quantize.ctx < 16:
         bad("quantize.ctx", "must be at least 16")
+    if s.web.listen:
+        parse_listen(s.web.listen)
     if s.hub.poll_workers < 1 or s.hub.poll_workers > 64:
         bad("hub.poll_workers", "must be between 1 and 64")
     try:

@@ -35,18 +35,15 @@ def public_info(info: VariantInfo) -> dict[str, Any]:
     return clean(info.to_json())
 
 
-def publish_variant(workdir: Path, hub: Any, *, namespace: str | None = None, repo_id: str | None = None,
-                    repo_pattern: str = publish_mod.DEFAULT_VARIANT_TEMPLATE, private: bool = False, dry_run: bool = False,
+def publish_variant(workdir: Path, hub: Any, options: publish_mod.PublishOptions = publish_mod.PublishOptions(), *,
+                    dry_run: bool = False,
                     now: dt.datetime | None = None) -> publish_mod.PublishResult | publish_mod.PublishPlan:
-    """Publish a variant work dir to ``{org}/{model}-{variant}-GGUF`` (or ``repo_id``) in one commit."""
+    """Publish a variant work dir to ``{org}/{model}-{variant}-GGUF`` (``options.repo_template``, or
+    ``options.repo_id``) in one commit; another model's repo there is never touched (bot.target)."""
     wd = WorkDir(workdir)
     info = wd.variant()
     if info is None:
         raise InputError(f"{wd.path} has no {VARIANT_FILE}: it is not a variant work directory")
-    org = namespace or hub.whoami()
-    rid = repo_id or publish_mod.repo_name(repo_pattern, namespace=org, model=info.teacher_model,
-                                           variant=info.recipe.name)
-    options = publish_mod.PublishOptions(repo_id=rid, namespace=org, private=private)
     with publish_mod.staging_dir() as staging:
         plan = publish_mod.plan_publish(wd, hub, options, staging=staging, now=now, variant=info)
         if plan.action != "none":

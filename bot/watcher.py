@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bot import jobs as J
+from bot import metrics
 from bot.rules import Decision, decide, sibling_names
 from bot.settings import Settings, Source
 from bot.store import StateStore
@@ -36,7 +37,8 @@ from converters.errors import HubAuthError, HubError, HubNotFound
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Watcher", "PollResult", "SourceResult", "fingerprint", "changed_files", "diff_fingerprints", "iso"]
+__all__ = ["Watcher", "PollResult", "SourceResult", "fingerprint", "changed_files", "compare_revisions",
+           "RevisionDiff", "diff_fingerprints", "iso"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -59,20 +61,45 @@ def fingerprint(rec: Any) -> dict[str, str]:
     return out
 
 
-def changed_files(old_fp: Mapping[str, str] | None, new_fp: Mapping[str, str], *, hub: Any = None,
-                  repo: str = "", old_rev: str | None = None, new_rev: str | None = None) -> list[str]:
-    """Result-changing files that differ between two revisions. Files known only by their size (small git files)
-    with the same size in both are read at both revisions and compared (a few small downloads)."""
+@dataclasses.dataclass(frozen=True)
+class RevisionDiff:
+    """The result-changing files that differ between two revisions, and, when the earlier revision could not be
+    read any more (history squashed or force-pushed), a note saying so: its small files then count as changed."""
+
+    changed: tuple[str, ...]
+    note: str | None = None
+
+
+def compare_revisions(old_fp: Mapping[str, str] | None, new_fp: Mapping[str, str], *, hub: Any = None,
+                      repo: str = "", old_rev: str | None = None, new_rev: str | None = None) -> RevisionDiff:
+    """Files known only by their size (small git files) with the same size in both fingerprints are read at both
+    revisions and compared (a few small downloads). A revision that is gone counts its unread files as changed."""
     old = dict(old_fp or {})
-    out = []
+    out: list[str] = []
+    note = None
     for k in sorted(set(old) | set(new_fp)):
         a, b = old.get(k), new_fp.get(k)
         if a != b:
             out.append(k)
         elif a is not None and a.startswith("size:") and hub is not None and old_rev and new_rev and old_rev != new_rev:
-            if hub.read_text(repo, k, revision=old_rev) != hub.read_text(repo, k, revision=new_rev):
+            if note is not None:
                 out.append(k)
-    return out
+                continue
+            try:
+                if hub.read_text(repo, k, revision=old_rev) != hub.read_text(repo, k, revision=new_rev):
+                    out.append(k)
+            except HubNotFound as e:
+                note = (f"earlier revision {old_rev[:12]} can no longer be read (history squashed or force-pushed: "
+                        f"{e.short()}); its files that cannot be compared count as changed")
+                log.warning("%s: %s", repo, note)
+                out.append(k)
+    return RevisionDiff(tuple(out), note)
+
+
+def changed_files(old_fp: Mapping[str, str] | None, new_fp: Mapping[str, str], *, hub: Any = None,
+                  repo: str = "", old_rev: str | None = None, new_rev: str | None = None) -> list[str]:
+    """Result-changing files that differ between two revisions (:func:`compare_revisions` without its note)."""
+    return list(compare_revisions(old_fp, new_fp, hub=hub, repo=repo, old_rev=old_rev, new_rev=new_rev).changed)
 
 
 def diff_fingerprints(old: Mapping[str, str] | None, new: Mapping[str, str]) -> list[str]:
@@ -152,6 +179,7 @@ class Watcher:
             with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="poll") as pool:
                 results = list(pool.map(lambda src: self.poll_source(src, now), sources))
         res = PollResult(results, time.monotonic() - t0)
+        metrics.polled(res.seconds, sum(r.listed for r in results))
         failed = [r for r in results if not r.ok]
         self.store.event("poll.failed" if failed else "poll.ok",
                          f"poll of {len(results)} source(s): {res.decided} decided, {len(res.queued)} queued"
@@ -212,6 +240,14 @@ class Watcher:
             if jid is not None:
                 result.queued.append(jid)
                 log.info("queued %s@%s (job %d): %s", e["repo"], e["revision"][:12], jid, e["reason"])
+                self.store.event("job.size", f"{e['item']['bytes'] / 1e9:.2f} GB to fetch", now=now, job_id=jid,
+                                 repo=e["repo"], data={"bytes": e["item"]["bytes"]})  # the status page's queue
+
+    def decide_now(self, rec: Any, source: Source, now: float) -> SourceResult:
+        """Decide one listed record outside a poll (a Hub webhook): the poll's rules and its never-twice check."""
+        result = SourceResult(source.key, ok=True, listed=1)
+        self._decide_batch([rec], source, now, result)
+        return result
 
     # ---------------------------------------------------------------- one model
     def consider(self, rec: Any, source: Source | None, prev: Any, now: float,
@@ -240,20 +276,22 @@ class Watcher:
         reason = "new release"
         if not manual and prev is not None and prev.queued_sha and prev.fingerprint is not None \
                 and prev.queued_sha != info.sha:
-            changed = changed_files(prev.fingerprint, fp, hub=self.hub, repo=rec.id, old_rev=prev.queued_sha,
-                                    new_rev=info.sha)
+            diff = compare_revisions(prev.fingerprint, fp, hub=self.hub, repo=rec.id, old_rev=prev.queued_sha,
+                                     new_rev=info.sha)
+            changed, note = list(diff.changed), f" ({diff.note})" if diff.note else ""
             if not changed:
                 return {**base, "decision": "unchanged", "code": "no_result_change",
                         "reason": f"new revision {info.sha[:12]} changes no weights, config, tokenizer or template "
                                   f"file; last queued {prev.queued_sha[:12]}"}, None
             if not self.settings.requeue.on_revision_change:
                 return {**base, "decision": "skipped", "code": "requeue_off",
-                        "reason": f"changed {', '.join(changed[:5])} but requeue.on_revision_change is off"}, None
-            reason = f"revision change: {', '.join(changed[:5])}" + (" ..." if len(changed) > 5 else "")
+                        "reason": f"changed {', '.join(changed[:5])} but requeue.on_revision_change is off{note}"}, None
+            reason = f"revision change: {', '.join(changed[:5])}" + (" ..." if len(changed) > 5 else "") + note
         if manual:
             reason = "enqueued by the operator"
         item = {**base, "decision": "accepted", "code": "queued", "reason": reason, "fingerprint": fp,
-                "queued_sha": info.sha}
+                "queued_sha": info.sha,
+                "bytes": sum(s.size or 0 for s in info.siblings if is_result_file(s.rfilename))}
         enq = {"repo": rec.id, "revision": info.sha, "reason": reason, "fingerprint": fp,
                "max_attempts": self.settings.limits.max_attempts, "priority": 1 if manual else 0}
         return item, enq

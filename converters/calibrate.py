@@ -16,12 +16,13 @@ from pathlib import Path
 
 from converters import records
 from converters.errors import InputError, ToolError
-from converters.hooks import NULL_HOOKS, Hooks
+from converters.hooks import NULL_HOOKS, PROGRESS, Event, Hooks
 from converters.stages import StageOutcome
 from converters.toolchain import Toolchain, run
 
 log = logging.getLogger(__name__)
 STAGE = "calibrate"
+LLAMA_BATCH = 2048  # llama-imatrix's default batch: longer chunks are decoded in pieces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +73,7 @@ def calibrate(reference: Path, workdir: Path, model_name: str, text: TextFile, *
     # a token is at least one byte of text: fewer than 2*ctx bytes can never fill one chunk
     if text.bytes < 2 * ctx:
         raise InputError(f"calibration text {text.name} is too short: {text.bytes} bytes cannot make one chunk of {ctx} tokens")
-    ref_rec = records.load(workdir, "convert")
-    inputs = {"reference": ref_rec.outputs[0].sha256 if ref_rec else records.fingerprint_file(reference),
+    inputs = {"reference": records.content_sha256(reference, workdir),
               "text": text.sha256, "chunks": chunks, "ctx": ctx, "extra": list(extra_args),
               "toolchain": toolchain.version}
     done = records.complete(workdir, STAGE, inputs)
@@ -85,17 +85,17 @@ def calibrate(reference: Path, workdir: Path, model_name: str, text: TextFile, *
     started = time.monotonic()
     threads = threads or os.cpu_count() or 1
     log.info("calibrate: llama-imatrix on %s (%s chunks of %d)", text.name, chunks or "all", ctx)
-    progress = _chunk_progress(hooks.tool_lines(STAGE))
     with records.atomic_output(final_gguf) as tmp:
         # run from the text's folder with its bare name: llama-imatrix records the name as the dataset, and
         # published files must say "groups_merged.txt", not a path of this machine
         argv = [toolchain.program("llama-imatrix"), "-m", reference.resolve(), "-f", text.path.name, "-o", tmp.resolve(),
-                "--output-format", "gguf", "-c", str(ctx), "-t", str(threads), "--no-ppl", "-ofreq", "1000000",
-                *extra_args]
+                "--output-format", "gguf", "-c", str(ctx), "-t", str(threads), "-ofreq", "1000000", *extra_args]
+        if ctx > LLAMA_BATCH:  # its perplexity would keep every logit of a chunk: keep the memory, lose the counter
+            argv.append("--no-ppl")
         if chunks is not None:
             argv += ["--chunks", str(chunks)]
         try:
-            res = run(argv, timeout=timeout, on_line=progress, cwd=text.path.absolute().parent)
+            res = run(argv, timeout=timeout, on_line=ImatrixProgress(hooks), cwd=text.path.absolute().parent)
         except ToolError as e:
             m = re.search(r"tokenizes to only (\d+) tokens", e.stderr_tail)
             if m:
@@ -119,9 +119,36 @@ def _computed_chunks(output: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _chunk_progress(on_line: Callable[[str], None]) -> Callable[[str], None]:
-    def cb(line: str) -> None:
-        if "computing over" in line or "seconds per pass" in line or re.search(r"\[\d+\]", line):
-            on_line(line.strip())
+class ImatrixProgress:
+    """``llama-imatrix``'s output as progress events: ``chunk i/n`` with an ETA from the time the chunks so far took.
 
-    return cb
+    The pinned program prints ``computing over 222 chunks, n_ctx=512, batch_size=2048, n_seq=4`` once, then, per
+    pass of ``n_seq`` chunks, the running perplexity of each chunk as ``[1]12.3456,[2]11.2345,`` (flushed, no newline
+    until the end; :func:`converters.toolchain.run` passes such pieces on). Without a perplexity (``--no-ppl``) only
+    the first pass's ``2.07 seconds per pass - ETA`` is there to count."""
+
+    def __init__(self, hooks: Hooks, clock: Callable[[], float] = time.monotonic) -> None:
+        self.hooks, self.clock = hooks, clock
+        self.total = self.per_pass = self.shown = 0
+        self.started = 0.0
+
+    def __call__(self, line: str) -> None:
+        if m := re.search(r"computing over (\d+) chunks,.* n_seq=(\d+)", line):
+            self.total, self.per_pass, self.started = int(m.group(1)), max(1, int(m.group(2))), self.clock()
+            self._event(0, None)
+        elif not self.total:
+            return
+        elif done := [int(i) for i in re.findall(r"\[(\d+)\][-+\w.]*,", line)]:
+            done_now = max(done)
+            elapsed = self.clock() - self.started
+            self._event(done_now, elapsed / done_now * (self.total - done_now))
+        elif m := re.search(r"([\d.]+) seconds per pass", line):  # after the first pass, the counter or not
+            passes = -(-self.total // self.per_pass)
+            self._event(min(self.per_pass, self.total), float(m.group(1)) * (passes - 1))
+
+    def _event(self, done: int, eta: float | None) -> None:
+        if done and done <= self.shown:
+            return  # a pass's counter after its "seconds per pass" line: nothing new
+        self.shown = done
+        self.hooks.progress(Event(STAGE, PROGRESS, done=done, total=self.total, text="chunk",
+                                  data={"eta_seconds": None if eta is None else round(eta, 1)}))

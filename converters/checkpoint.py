@@ -66,12 +66,19 @@ class Checkpoint:
         """Approximate size of a GGUF of this model at the given bits per weight."""
         return int(self.parameters * bits_per_weight / 8) + 16 * 1024 * 1024
 
-    def fingerprint(self) -> dict[str, Any]:
-        """Identity of the checkpoint for stage records: every relevant file's size and hash."""
-        from converters.records import fingerprint_file
+    def fingerprint(self, cache_dir: Path | None = None) -> dict[str, Any]:
+        """Identity of the checkpoint for stage records: every relevant file's size and full sha256 (cached in
+        ``cache_dir``'s records by size + mtime + inode; a fetched file's is the Hub's LFS sha256)."""
+        return {"architecture": self.architecture, "files": files_fingerprint(self.path, cache_dir)}
 
-        files = sorted(p for p in self.path.iterdir() if p.is_file() and is_result_file(p.name))
-        return {"architecture": self.architecture, "files": [fingerprint_file(p) for p in files]}
+
+def files_fingerprint(path: Path, cache_dir: Path | None = None) -> list[dict[str, Any]] | None:
+    """Name, size and full sha256 of every file of the checkpoint folder that changes the GGUF result (None when
+    the folder is gone)."""
+    if not path.is_dir():
+        return None
+    files = sorted(p for p in path.iterdir() if p.is_file() and is_result_file(p.name))
+    return [records.fingerprint_file(p, cache_dir) for p in files]
 
 
 def is_result_file(name: str) -> bool:
@@ -101,7 +108,7 @@ class Refusal:
             shown = f" ({', '.join(sorted(self.names)[:3])})" if self.names else ""
             return f"only pickle weights{shown}; refused: pickle can run code"
         if self.code == REMOTE_CODE:
-            return f"needs trust_remote_code ({config_file} has auto_map); refused by default"
+            return f"needs trust_remote_code ({config_file} has auto_map); refused: remote code is never run"
         return "no safetensors weights"
 
 
@@ -146,8 +153,41 @@ def supported_architectures(converter_root: Path) -> frozenset[str] | None:
     return frozenset(names) or None
 
 
+def safe_name(name: object) -> bool:
+    """True when a file name (from a repo listing or a shard index) is a plain relative POSIX path that stays inside
+    the folder it is read from: no ``..``, no absolute path, no drive, backslash or NUL."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name or name.startswith("/") \
+            or re.match(r"^[A-Za-z]:", name):
+        return False
+    return all(p not in ("", "..") for p in name.split("/"))
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _tensor_span(name: str, info: object, data_len: int) -> tuple[int, int]:
+    """The checked ``(start, end)`` of one header entry; raises ValueError with what is wrong."""
+    if not isinstance(info, dict):
+        raise ValueError(f"entry for tensor {name!r} is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r} for {name!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ValueError(f"shape of {name!r} is not a list of sizes: {shape!r}"[:200])
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise ValueError(f"data_offsets of {name!r} are not two integers")
+    start, end = offsets
+    if not (0 <= start <= end <= data_len):
+        raise ValueError(f"tensor {name!r} lies outside the file (negative offsets or truncated)")
+    if dtype not in ("F4", "F6_E2M3", "F6_E3M2") and (end - start) != math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]:
+        raise ValueError(f"tensor {name!r} size does not match its shape")
+    return start, end
+
+
 def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """Parse and check a safetensors header: offsets in range and the data region filling the file."""
+    """Parse and check a safetensors header: every entry well-typed, offsets in range, no two tensors sharing
+    bytes, and the data region filling the file. Anything wrong is one :class:`InputError` line."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -158,30 +198,80 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             raise InputError(f"corrupt safetensors {path.name}: header length {n} does not fit the file")
         try:
             header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InputError(f"corrupt safetensors {path.name}: header is not JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; nesting bombs recurse
+            raise InputError(f"corrupt safetensors {path.name}: header is not JSON ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise InputError(f"corrupt safetensors {path.name}: header is not an object")
     data_len = size - 8 - n
-    end_max = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"corrupt safetensors {path.name}: bad entry for tensor {name}") from None
-        width = SAFETENSORS_DTYPE_BYTES.get(dtype)
-        if width is None:
-            raise InputError(f"corrupt safetensors {path.name}: unknown dtype {dtype} for {name}")
-        if not (0 <= start <= end <= data_len):
-            raise InputError(f"corrupt safetensors {path.name}: tensor {name} lies outside the file (truncated?)")
-        if dtype not in ("F4", "F6_E2M3", "F6_E3M2") and (end - start) != math.prod(shape) * width:
-            raise InputError(f"corrupt safetensors {path.name}: tensor {name} size does not match its shape")
-        end_max = max(end_max, end)
+    try:
+        spans = sorted(_tensor_span(name, info, data_len) for name, info in header.items() if name != "__metadata__")
+    except ValueError as e:
+        raise InputError(f"corrupt safetensors {path.name}: {e}") from None
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        if start < end:
+            raise InputError(f"corrupt safetensors {path.name}: two tensors overlap (bytes {start}..{end})")
+    end_max = spans[-1][1] if spans else 0
     if end_max != data_len:
         raise InputError(f"corrupt safetensors {path.name}: {data_len - end_max} bytes unaccounted for (truncated or padded)")
     return header
+
+
+# The largest value a config may give each size (far above any released model). A config beyond them is absurd: the
+# converter and transformers would loop or allocate without end (``num_hidden_layers: 10**9``). Checked in the
+# config and in each nested sub-config (``text_config``...).
+CONFIG_CEILINGS = {
+    "num_hidden_layers": 4096, "n_layer": 4096, "num_layers": 4096, "hidden_size": 1 << 18, "n_embd": 1 << 18,
+    "intermediate_size": 1 << 20, "num_attention_heads": 1 << 14, "num_key_value_heads": 1 << 14,
+    "head_dim": 1 << 14, "vocab_size": 1 << 24, "num_experts": 1 << 14, "num_local_experts": 1 << 14,
+}
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
+
+
+def config_refusal(config: Mapping[str, Any], tensor_names: Iterable[str] = ()) -> str | None:
+    """Why a config is absurd (a size that is not a whole number, or a list of them, within :data:`CONFIG_CEILINGS`;
+    more language-model layers than the weights hold), or None. ``tensor_names``: the checkpoint's tensors."""
+    subs = [("", config)] + [(f"{k}.", v) for k, v in config.items() if isinstance(v, Mapping)]
+    for prefix, cfg in subs:
+        for key, ceiling in CONFIG_CEILINGS.items():
+            v = cfg.get(key)
+            if v is not None and not all(_is_int(x) and 0 <= x <= ceiling for x in (v if isinstance(v, list) else [v])):
+                return f"config.json {prefix}{key} = {str(v)[:40]} is not a size a model can have (at most {ceiling})"
+    text = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else {}
+    declared = next((c[k] for c in (config, text) for k in LAYER_KEYS if _is_int(c.get(k))), None)
+    blocks = [int(m.group(1)) for n in tensor_names if (m := _BLOCK.search(n))]
+    if blocks and declared is not None and declared > max(blocks) + 1:
+        return f"config.json declares {declared} layers but the weights hold {max(blocks) + 1}"
+    return None
+
+
+def _check_shard_index(root: Path, index: Path) -> None:
+    """Every ``weight_map`` entry of a shard index is a safe name of an existing file inside the checkpoint (checked
+    like a downloaded name: no ``..``, no absolute path, no symlink out of the folder)."""
+    wmap = _load_json(index, "shard index").get("weight_map", {})
+    if not isinstance(wmap, dict):
+        raise UnsupportedModel(f"{index.name}: weight_map is not an object")
+    bad = sorted({repr(f)[:80] for f in wmap.values() if not safe_name(f)})
+    if bad:
+        raise UnsupportedModel(f"{index.name} names unsafe files: {', '.join(bad[:3])}")
+    names = set(wmap.values())
+    inside = _allowed_roots(root)
+    escaping = sorted(f for f in names if not any((root / f).resolve().is_relative_to(r) for r in inside))
+    if escaping:
+        raise UnsupportedModel(f"{index.name} names files outside the checkpoint (symlinks): {', '.join(escaping[:3])}")
+    missing = sorted(f for f in names if not (root / f).exists())
+    if missing:
+        raise InputError(f"shard index names missing files: {', '.join(missing[:3])}")
+
+
+def _allowed_roots(root: Path) -> tuple[Path, ...]:
+    """Where a checkpoint's files may really live: the folder itself, and for a snapshot of the Hugging Face
+    cache (``models--ORG--NAME/snapshots/<rev>/``, whose files are links to ``../../blobs/<hash>``) that repo's
+    ``blobs`` folder, never anywhere else."""
+    real = root.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith(("models--", "datasets--")):
+        return real, real.parent.parent / "blobs"
+    return (real,)
 
 
 def _load_json(path: Path, what: str) -> dict[str, Any]:
@@ -205,13 +295,15 @@ def _card_license(path: Path) -> str | None:
     return lm.group(1).strip() if lm else None
 
 
-def inspect(path: str | Path, *, allow_remote_code: bool = False,
-            supported: frozenset[str] | None = None) -> Checkpoint:
-    """Validate a local checkpoint; raise UnsupportedModel / InputError with a one-line reason."""
+def inspect(path: str | Path, *, supported: frozenset[str] | None = None) -> Checkpoint:
+    """Validate a local checkpoint; raise UnsupportedModel / InputError with a one-line reason. A model that needs
+    remote code is always refused: its code is never run, and there is no switch to allow it."""
     root = Path(path)
     if not root.is_dir():
         raise InputError(f"checkpoint folder not found: {root}")
-    config = _load_json(root / "config.json", "not a transformers checkpoint")
+    inner = sorted(c.parent.name for c in root.glob("*/config.json"))
+    config = _load_json(root / "config.json", f"{root.name} is not a transformers checkpoint folder"
+                        + (f"; the checkpoint is probably in {root.name}/{inner[0]}" if len(inner) == 1 else ""))
     archs = config.get("architectures")
     if not isinstance(archs, list) or not archs or not all(isinstance(a, str) for a in archs):
         raise UnsupportedModel("config.json has no 'architectures' list")
@@ -219,11 +311,10 @@ def inspect(path: str | Path, *, allow_remote_code: bool = False,
     tok_cfg: dict[str, Any] = {}
     if (root / "tokenizer_config.json").exists():
         tok_cfg = _load_json(root / "tokenizer_config.json", "tokenizer settings")
-    if not allow_remote_code:
-        for where, cfg in (("config.json", config), ("tokenizer_config.json", tok_cfg)):
-            remote = remote_code_refusal(cfg)
-            if remote is not None:
-                raise UnsupportedModel(remote.reason(where))
+    for where, cfg in (("config.json", config), ("tokenizer_config.json", tok_cfg)):
+        remote = remote_code_refusal(cfg)
+        if remote is not None:
+            raise UnsupportedModel(remote.reason(where))
     if supported is not None and arch not in supported:
         raise UnsupportedModel(f"architecture {arch} is not supported by the pinned llama.cpp converter")
 
@@ -234,12 +325,10 @@ def inspect(path: str | Path, *, allow_remote_code: bool = False,
     weights = sorted(p for p in files if p.name.endswith(".safetensors"))
     index = root / "model.safetensors.index.json"
     if index.exists():
-        wmap = _load_json(index, "shard index").get("weight_map", {})
-        missing = sorted({f for f in wmap.values() if not (root / f).exists()})
-        if missing:
-            raise InputError(f"shard index names missing files: {', '.join(missing[:3])}")
+        _check_shard_index(root, index)
     params = 0
     dtypes: set[str] = set()
+    tensors: list[str] = []
     for w in weights:
         header = read_safetensors_header(w)
         for name, info in header.items():
@@ -247,6 +336,10 @@ def inspect(path: str | Path, *, allow_remote_code: bool = False,
                 continue
             params += math.prod(info["shape"])
             dtypes.add(info["dtype"])
+            tensors.append(name)
+    absurd = config_refusal(config, tensors)
+    if absurd is not None:
+        raise UnsupportedModel(absurd)
 
     names = {p.name for p in files}
     tok_files: tuple[str, ...] = ()

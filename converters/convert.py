@@ -30,7 +30,7 @@ def convert(ckpt: Checkpoint, workdir: Path, model_name: str, *, toolchain: Tool
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
         raise UnsupportedModel(f"unknown reference type {outtype!r}; use one of {', '.join(OUTTYPES)}")
-    inputs = {"checkpoint": ckpt.fingerprint(), "outtype": outtype, "toolchain": toolchain.version}
+    inputs = {"checkpoint": ckpt.fingerprint(workdir), "outtype": outtype, "toolchain": toolchain.version}
     done = records.complete(workdir, STAGE, inputs)
     if done is not None:
         log.info("convert: %s already done, skipped", done.outputs[0].path)

@@ -145,3 +145,24 @@ class StateError(GgufbotError):
 
 class Cancelled(GgufbotError):
     """Work was stopped on request (SIGTERM, cancel); not a failure of the job."""
+
+
+class Stuck(GgufbotError):
+    """A job's progress has not moved for too long: its programs are killed and it is retried (transient)."""
+
+    transient = True
+
+    def __init__(self, stage: str, seconds: float):
+        super().__init__(f"no progress for {seconds:.0f} s in {stage}: treated as stuck")
+        self.stage = stage
+        self.seconds = seconds
+
+
+class TemplateError(GgufbotError):
+    """An untrusted chat template did not render: it raised, broke a sandbox rule, or ran out of CPU time, memory
+    or output size (``kind``: the Jinja error's name, or ``cpu``/``memory``/``output``/``time``)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message

@@ -7,12 +7,14 @@ output that cannot be parsed raises :class:`~converters.errors.ParseError` (a fi
 
 The converter itself can be wrong (rope, norms, tokenizer) in a way GGUF-against-GGUF cannot see, so the
 reference's stored log-probabilities are also compared with the source checkpoint run in ``transformers``
-on the same token ids (top-1 agreement and mean KL divergence), for models up to a size limit.
+on the same token ids (top-1 agreement and mean KL divergence), for every model size: one that does not fit
+in memory is run with part of its weights on disk (accelerate's offload).
 
-The gate (:func:`gate`, a pure function) marks a file failed when its figures are not finite, when it is
-out of line with the ladder (a type with clearly more bits per weight measures clearly worse than one with
-fewer), when its mean KLD is above the ceiling for its type, or when one of its checks failed. When the
-BF16-vs-source comparison or the tokenizer check fails, the report says ``publishable: false``.
+The gate (:func:`judge`, a pure function) marks a file failed when its figures are not finite, when it is
+far above the ladder's own curve (:mod:`converters.curve`), when its mean KLD is above the ceiling for its
+type, or when one of its checks failed; an order inversion is a note. When the BF16-vs-source comparison or
+the tokenizer check fails, or the comparison could not run (unless ``require_source_check`` is off), the
+report says ``publishable: false``.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from converters import hfmodel, quants, records, verify
+from converters import checkpoint as checkpoint_mod
+from converters import curve, hfmodel, quants, records, verify
 from converters import toolchain as tc_mod
 from converters.errors import (DiskSpaceError, GgufbotError, InputError, ParseError, ToolError, UnknownName,
                                UnsupportedModel)
 from converters.hooks import NULL_HOOKS, PROGRESS, Hooks
-from converters.report import FAILED, PASSED, Check, FileResult, KldStats, Report, TextInfo
+from converters.report import FAILED, PASSED, SKIPPED, Check, FileResult, KldStats, Report, TextInfo
 from converters.workdir import CalibrationInfo, Ladder, LadderFile, WorkDir
 
 log = logging.getLogger(__name__)
@@ -51,11 +54,6 @@ COMPARE_MIN_TOP1 = 0.95
 COMPARE_MAX_KLD = 0.02
 COMPARE_F32_MAX_PARAMS = 1_500_000_000  # larger models run in bfloat16 on the transformers side
 
-# Ladder-order tolerance: a file with at least ORDER_MIN_BITS more nominal bits per weight than another
-# fails when its mean KLD exceeds the other's by more than ORDER_REL_TOL of it plus ORDER_SIGMAS errors.
-ORDER_MIN_BITS = 0.5
-ORDER_REL_TOL = 0.25
-ORDER_SIGMAS = 3.0
 
 # --------------------------------------------------------------------------------------------------
 # Parsing llama-perplexity's output
@@ -201,14 +199,23 @@ class CompareSpec:
     add_bos: bool
     bos_id: int | None
     parameters: int | None
-    max_params: int
+    max_memory: int | None = None  # bytes the source model may use in RAM (None: what is available now)
+    offload_dir: Path | None = None  # where weights beyond ``max_memory`` go (None: a folder beside the source)
     threads: int | None = None
     min_top1: float = COMPARE_MIN_TOP1
     max_kld: float = COMPARE_MAX_KLD
 
-    @property
-    def too_big(self) -> bool:
-        return self.parameters is not None and self.parameters > self.max_params
+    def offload(self, dtype: Any, source_dir: Path) -> hfmodel.Offload | None:
+        """How to load the source: in memory when it fits, else with its weights partly on disk."""
+        budget = self.max_memory if self.max_memory is not None else hfmodel.available_memory() * 3 // 4
+        if not hfmodel.needs_offload(self.parameters, dtype, budget):
+            return None
+        return hfmodel.Offload(budget, self.offload_dir or records.tmp_path_for(source_dir.parent / "offload"))
+
+
+def not_checked(why: str, **data: Any) -> Check:
+    """A comparison that could not run: ``skipped``, and the ladder is not publishable unless a setting allows it."""
+    return Check.skip(f"not checked: {why}"[:400], **data)
 
 
 def _source_log_probs(model: Any, base: BaseLogits, spec: CompareSpec) -> tuple[Any, int, int, int]:
@@ -238,33 +245,33 @@ def _source_log_probs(model: Any, base: BaseLogits, spec: CompareSpec) -> tuple[
     return np.concatenate(klds), agree, total, n
 
 
-def compare_with_source(source_dir: Path, base: BaseLogits | None, spec: CompareSpec) -> Check:
+def compare_with_source(source_dir: Path, base: BaseLogits, spec: CompareSpec) -> Check:
     """Top-1 agreement and mean KLD(GGUF || transformers) on the same tokens as the stored reference run."""
-    if spec.too_big:
-        return Check.skip(f"skipped: the model has {spec.parameters / 1e9:.1f} B parameters, above the "  # type: ignore[operator]
-                          f"{spec.max_params / 1e9:.1f} B limit of the transformers comparison",
-                          parameters=spec.parameters)
-    assert base is not None
     dtype = hfmodel.pick_dtype(hfmodel.CPU, parameters=spec.parameters, f32_max_params=COMPARE_F32_MAX_PARAMS)
     hfmodel.set_threads(spec.threads)
+    offload = spec.offload(dtype, source_dir)
     try:
-        model = hfmodel.load_causal_lm(source_dir, dtype=dtype)
-    except UnsupportedModel as e:  # an architecture transformers cannot run is a note, not a crash
-        cause = e.__cause__ or e
-        return Check.skip(f"skipped: transformers cannot load the source model ({type(cause).__name__}: {cause})"[:400])
-    model.eval()
-    try:
+        model = hfmodel.load_causal_lm(source_dir, dtype=dtype, offload=offload)
+        model.eval()
         kld, agree, total, n = _source_log_probs(model, base, spec)
+    except UnsupportedModel as e:  # an architecture transformers cannot run: not checked, not a crash
+        cause = e.__cause__ or e
+        return not_checked(f"transformers cannot load the source model ({type(cause).__name__}: {cause})")
+    except (RuntimeError, MemoryError, ValueError, OSError) as e:  # e.g. out of memory or disk during the run
+        return not_checked(f"the source model could not be run ({type(e).__name__}: {e})")
     finally:
-        del model
+        model = None
+        if offload is not None:
+            shutil.rmtree(offload.folder, ignore_errors=True)
     top1 = agree / total
     top1_err = math.sqrt(top1 * (1 - top1) / max(1, total - 1))
     data = {"top1_agreement": top1, "top1_agreement_err": top1_err, "kld_mean": float(kld.mean()),
             "kld_mean_err": float(kld.std(ddof=1) / math.sqrt(len(kld))) if len(kld) > 1 else None,
             "kld_max": float(kld.max()), "tokens": total, "chunks": n, "dtype": hfmodel.dtype_name(dtype),
-            "min_top1": spec.min_top1, "max_kld": spec.max_kld}
+            "offloaded": offload is not None, "min_top1": spec.min_top1, "max_kld": spec.max_kld}
     summary = (f"top-1 agreement {100 * top1:.2f} ± {100 * top1_err:.2f} %, mean KLD {data['kld_mean']:.5f} "
-               f"on {total} tokens ({n} chunks, transformers {data['dtype']})")
+               f"on {total} tokens ({n} chunks, transformers {data['dtype']}"
+               f"{', weights partly on disk' if offload is not None else ''})")
     if not all(math.isfinite(x) for x in (top1, data["kld_mean"])):
         return Check.fail(f"BF16 GGUF and source disagree: figures not finite ({summary})", **data)
     if top1 < spec.min_top1 or data["kld_mean"] > spec.max_kld:
@@ -306,56 +313,80 @@ def ceiling_for(f: FileResult, overrides: Mapping[str, float] | None = None) -> 
     return default_ceiling(bits) if bits is not None else None
 
 
-def gate(files: Sequence[FileResult], ceilings: Mapping[str, float] | None = None, *,
-         job_checks: Mapping[str, Check] | None = None, min_bits: float = ORDER_MIN_BITS,
-         rel_tol: float = ORDER_REL_TOL, sigmas: float = ORDER_SIGMAS) -> dict[str, list[str]]:
-    """Reasons each file fails (an empty list: it passes). Pure: reads the figures and checks only."""
-    out: dict[str, list[str]] = {f.type: [] for f in files}
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """The gate's verdict: the reasons each file fails (empty: it passes) and notes on the ladder as a whole."""
+
+    reasons: dict[str, list[str]]
+    notes: list[str]
+
+
+def _file_reasons(f: FileResult, ceilings: Mapping[str, float] | None, job_checks: Mapping[str, Check]) -> list[str]:
+    """A file's own failures: its measurement, its ceiling, its checks and the reference's checks."""
+    why: list[str] = []
+    if f.error:
+        why.append(f"measurement failed: {f.error}")
+    elif f.stats is None:
+        why.append("not measured")
+    elif bad := f.stats.non_finite():
+        why.append("figures are not finite: " + ", ".join(bad))
+    else:
+        c = ceiling_for(f, ceilings)
+        if c is not None and f.stats.kld_mean > c:
+            why.append(f"mean KLD {f.stats.kld_mean:.4f} ± {f.stats.kld_mean_err:.4f} is above the "
+                       f"{f.type} ceiling of {c:g}")
+    why += [f"{name} check failed: {c.detail}" for name, c in f.checks.items() if c.status == FAILED]
+    why += [f"{name} check failed on the reference: {c.detail}" for name, c in job_checks.items()
+            if c.status == FAILED]
+    return why
+
+
+def curve_points(files: Sequence[FileResult]) -> list[curve.Point]:
+    """The measured files as points of the ladder's curve (files without finite figures are left out)."""
+    out = []
     for f in files:
-        why = out[f.type]
-        if f.error:
-            why.append(f"measurement failed: {f.error}")
-        elif f.stats is None:
-            why.append("not measured")
-        else:
-            bad = f.stats.non_finite()
-            if bad:
-                why.append("figures are not finite: " + ", ".join(bad))
-            else:
-                c = ceiling_for(f, ceilings)
-                if c is not None and f.stats.kld_mean > c:
-                    why.append(f"mean KLD {f.stats.kld_mean:.4f} ± {f.stats.kld_mean_err:.4f} is above the "
-                               f"{f.type} ceiling of {c:g}")
-        for name, check in f.checks.items():
-            if check.status == FAILED:
-                why.append(f"{name} check failed: {check.detail}")
-        for name, check in (job_checks or {}).items():
-            if check.status == FAILED:
-                why.append(f"{name} check failed on the reference: {check.detail}")
-    usable = [f for f in files if f.stats is not None and not f.stats.non_finite() and nominal_bits(f) is not None]
-    for hi in usable:
-        worse_than = []
-        for lo in usable:
-            if hi is lo or nominal_bits(hi) < nominal_bits(lo) + min_bits:  # type: ignore[operator]
-                continue
-            assert hi.stats and lo.stats
-            tol = rel_tol * lo.stats.kld_mean + sigmas * math.hypot(hi.stats.kld_mean_err, lo.stats.kld_mean_err)
-            if hi.stats.kld_mean > lo.stats.kld_mean + tol:
-                worse_than.append(lo)
-        if worse_than:
-            lo = min(worse_than, key=lambda x: x.stats.kld_mean)  # type: ignore[union-attr]
-            h, lw = hi.stats, lo.stats
-            assert h is not None and lw is not None
-            out[hi.type].append(
-                f"out of line with the ladder: mean KLD {h.kld_mean:.4f} ± {h.kld_mean_err:.4f} is clearly higher "
-                f"than {lo.type}'s {lw.kld_mean:.4f} ± {lw.kld_mean_err:.4f} although {hi.type} has more bits per "
-                f"weight ({nominal_bits(hi):g} vs {nominal_bits(lo):g})")
+        bits = nominal_bits(f)
+        if f.stats is not None and not f.stats.non_finite() and bits is not None:
+            out.append(curve.Point(f.type, float(bits), f.stats.kld_mean, f.stats.kld_mean_err))
     return out
 
 
-def publishable(checks: Mapping[str, Check]) -> tuple[bool, list[str]]:
-    """Nothing is published when the conversion itself is suspect: BF16-vs-source or tokenizer failed."""
+def judge(files: Sequence[FileResult], ceilings: Mapping[str, float] | None = None, *,
+          job_checks: Mapping[str, Check] | None = None, rules: curve.CurveRules = curve.DEFAULT_RULES) -> Verdict:
+    """Pure: reads the figures and checks only. A file fails on its own figures and checks, or when it is far
+    above the ladder's own curve (:mod:`converters.curve`); an order inversion is a note, not a failure."""
+    out = {f.type: _file_reasons(f, ceilings, job_checks or {}) for f in files}
+    points = curve_points(files)
+    far = curve.outliers(points, rules)
+    for key, outlier in far.items():
+        out[key].append(outlier.reason())
+    return Verdict(out, curve.inversions(points, rules, skip=set(far)))
+
+
+def gate(files: Sequence[FileResult], ceilings: Mapping[str, float] | None = None, *,
+         job_checks: Mapping[str, Check] | None = None,
+         rules: curve.CurveRules = curve.DEFAULT_RULES) -> dict[str, list[str]]:
+    """Reasons each file fails (an empty list: it passes); see :func:`judge`."""
+    return judge(files, ceilings, job_checks=job_checks, rules=rules).reasons
+
+
+def expected_klds(files: Sequence[FileResult],
+                  rules: curve.CurveRules = curve.DEFAULT_RULES) -> dict[str, float | None]:
+    """The mean KLD the ladder's curve (without its outliers) predicts for each file; None without a curve."""
+    points = curve_points(files)
+    far = curve.outliers(points, rules)
+    kept = [p for p in points if p.key not in far]
+    return {p.key: (e.kld if (e := curve.expected(p, kept, rules)) is not None else None) for p in points}
+
+
+def publishable(checks: Mapping[str, Check], *, require_source_check: bool = True) -> tuple[bool, list[str]]:
+    """Nothing is published when the conversion itself is suspect: BF16-vs-source or tokenizer failed, or (unless
+    ``require_source_check`` is off) the BF16-vs-source comparison was skipped."""
     reasons = []
+    src = checks.get("bf16_vs_source")
+    if require_source_check and src is not None and src.status == SKIPPED:
+        reasons.append(f"the BF16 conversion was not checked against the source model ({src.detail}); "
+                       "require_source_check = false publishes it anyway")
     for name, what in (("bf16_vs_source", "the BF16 conversion disagrees with the source model"),
                        ("tokenizer", "the GGUF tokenizer differs from the source tokenizer")):
         c = checks.get(name)
@@ -394,8 +425,16 @@ def _tool_versions(tc: tc_mod.Toolchain) -> dict[str, str | None]:
     return out
 
 
-def _fingerprint(path: Path | None) -> dict[str, Any] | None:
-    return records.fingerprint_file(path) if path is not None and path.exists() else None
+def _ladder_identity(ladder: Ladder) -> dict[str, Any]:
+    """ladder.json without its timings (rewritten by every run of the quantize stage, finished or skipped)."""
+    d = ladder.to_json()
+    d.pop("seconds", None)
+    d["files"] = [{k: v for k, v in f.items() if k != "seconds"} for f in d.get("files", [])]
+    return d
+
+
+def _fingerprint(path: Path | None, cache_dir: Path) -> dict[str, Any] | None:
+    return records.fingerprint_file(path, cache_dir) if path is not None and path.exists() else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -467,7 +506,8 @@ class EvalOptions:
     threads: int | None = None
     source_dir: Path | None = None
     reference_logits: Path | None = None
-    hf_compare_max_params: int = 3_000_000_000
+    hf_compare_max_memory: int | None = None  # bytes of RAM for the source model (None: 3/4 of what is available)
+    require_source_check: bool = True  # a skipped BF16-vs-source comparison makes the ladder not publishable
     hf_compare_chunks: int = 2
     ceilings: dict[str, float] | None = None
     eval_text_name: str | None = None
@@ -489,6 +529,7 @@ class _Job:
     reference: Path
     tc: tc_mod.Toolchain
     hooks: Hooks
+    content: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # WorkDir.content: what is measured
 
     @property
     def calibration(self) -> CalibrationInfo | None:
@@ -530,16 +571,18 @@ def run(workdir: Path | WorkDir, options: EvalOptions, *, toolchain: tc_mod.Tool
     text_tokens = count_tokens(job.tc, job.reference, job.eval_text)
     seconds["tokenize"] = time.monotonic() - t0
     ref_block: dict[str, Any] = {"type": job.ladder.reference.type, "path": job.ladder.reference.path,
-                                 "size": job.reference.stat().st_size}
+                                 "size": job.reference.stat().st_size,
+                                 "sha256": job.content.get(job.ladder.reference.path, {}).get("sha256")}
     scoring = _scoring(job, len(ref_facts.tokens), text_tokens, ref_block)
     checks: dict[str, Check] = {}
     files = _measure(job, scoring, ref_facts, ref_block, checks, seconds)
     total_steps = len(job.ladder.files) + 3
     job.step("checks", total_steps - 1, total_steps)
     t0 = time.monotonic()
-    _check(job, ref_facts, files, checks)
+    notes = _check(job, ref_facts, files, checks)
     seconds["checks"] = time.monotonic() - t0
     report = _report(job, scoring, files, checks, ref_block, seconds)
+    report.notes = notes
     _write(job, report, inputs, started)
     hooks.emit(STAGE, PROGRESS, done=total_steps, total=total_steps, text="done")
     log.info("evaluate: %s: %d/%d files passed, publishable=%s (%.0f s)", report.model_name,
@@ -580,14 +623,18 @@ def _prepare(wd: WorkDir, opts: EvalOptions, toolchain: tc_mod.Toolchain | None,
     if not reference.exists():
         raise InputError(f"the reference GGUF {ladder.reference.path} is missing from {wd.path}")
     return _Job(wd=wd, ladder=ladder, opts=opts, eval_text=eval_text, eval_sha=eval_sha, cal_sha=cal_sha,
-                src_path=src_path, reference=reference, tc=tc, hooks=hooks)
+                src_path=src_path, reference=reference, tc=tc, hooks=hooks, content=wd.content(ladder))
 
 
 def _record_inputs(job: _Job) -> dict[str, Any]:
     o = job.opts
-    return {"ladder": _fingerprint(job.wd.ladder_path), "eval_text": job.eval_sha, "chunks": o.chunks, "ctx": o.ctx,
-            "reference_logits": _fingerprint(o.reference_logits), "ceilings": o.ceilings or {},
-            "hf_compare_max_params": o.hf_compare_max_params, "hf_compare_chunks": o.hf_compare_chunks,
+    # every file's full content (a quant changed in place, same size, is measured again) and the source's files
+    source = checkpoint_mod.files_fingerprint(job.src_path, job.wd.path) if job.src_path else None
+    return {"ladder": _ladder_identity(job.ladder), "files": job.content, "source": source,
+            "eval_text": job.eval_sha, "chunks": o.chunks, "ctx": o.ctx,
+            "reference_logits": _fingerprint(o.reference_logits, job.wd.path), "ceilings": o.ceilings or {},
+            "hf_compare_max_memory": o.hf_compare_max_memory, "hf_compare_chunks": o.hf_compare_chunks,
+            "require_source_check": o.require_source_check,
             "source_dir": str(job.src_path) if job.src_path else None, "toolchain": job.tc.version}
 
 
@@ -674,7 +721,9 @@ def _reference_runs(job: _Job, scoring: _Scoring, ref_facts: verify.GgufFacts, r
 def _measure_file(job: _Job, scoring: _Scoring, lf: LadderFile, step: int, total: int) -> FileResult:
     """One quant's figures against the reference (a failed run is recorded in the result, not raised)."""
     job.step(f"kld {lf.type}", step, total)
-    fr = FileResult(type=lf.type, path=lf.path, size=int(lf.size or 0), bpw=lf.bpw, bpw_nominal=lf.bpw_nominal)
+    fr = FileResult(type=lf.type, path=lf.path, size=int(lf.size or 0), bpw=lf.bpw, bpw_nominal=lf.bpw_nominal,
+                    parts=[{"path": p, **job.content[p]} for p in lf.all_parts if p in job.content])
+    fr.sha256 = fr.parts[0]["sha256"] if fr.parts and fr.parts[0]["path"] == lf.path else None
     path = job.wd.path / lf.path
     if not path.exists():
         fr.error = f"{lf.path} is missing"
@@ -691,25 +740,29 @@ def _measure_file(job: _Job, scoring: _Scoring, lf: LadderFile, step: int, total
     return fr
 
 
-def _check(job: _Job, ref_facts: verify.GgufFacts, files: Sequence[FileResult], checks: dict[str, Check]) -> None:
-    """The checks (into ``checks`` and each file's), then the gate's verdict on every file."""
+def _check(job: _Job, ref_facts: verify.GgufFacts, files: Sequence[FileResult],
+           checks: dict[str, Check]) -> list[str]:
+    """The checks (into ``checks`` and each file's), then the gate's verdict on every file; returns its notes."""
     job_checks, file_checks = _run_checks(job, ref_facts, files)
     checks.update(job_checks)
     for f in files:
         f.checks.update(file_checks.get(f.type, {}))
     per_job = {k: v for k, v in checks.items() if k in ("chat_template", "special_tokens", "end_of_reply")}
-    verdicts = gate(files, job.opts.ceilings, job_checks=per_job)
+    verdict = judge(files, job.opts.ceilings, job_checks=per_job)
     for f in files:
-        f.reasons = verdicts[f.type]
+        f.reasons = verdict.reasons[f.type]
         f.status = FAILED if f.reasons else PASSED
+    return verdict.notes
 
 
 def _settings(job: _Job, scoring: _Scoring, files: Sequence[FileResult]) -> dict[str, Any]:
     o = job.opts
     return {"chunks": scoring.n_chunks, "chunks_asked": o.chunks, "ctx": scoring.ctx, "threads": o.threads,
             "ceilings": {f.type: ceiling_for(f, o.ceilings) for f in files},
-            "ladder_order": {"min_bits": ORDER_MIN_BITS, "rel_tol": ORDER_REL_TOL, "sigmas": ORDER_SIGMAS},
-            "hf_compare": {"max_params": o.hf_compare_max_params, "chunks": o.hf_compare_chunks,
+            "curve": curve.DEFAULT_RULES.to_json(),
+            "expected_kld": expected_klds(files),
+            "require_source_check": o.require_source_check,
+            "hf_compare": {"max_memory": o.hf_compare_max_memory, "chunks": o.hf_compare_chunks,
                            "min_top1": COMPARE_MIN_TOP1, "max_kld": COMPARE_MAX_KLD},
             "n_predict": N_PREDICT, "reference_logits": o.reference_logits is not None}
 
@@ -731,13 +784,14 @@ def _texts(job: _Job, scoring: _Scoring) -> dict[str, TextInfo | None]:
 
 def _report(job: _Job, scoring: _Scoring, files: list[FileResult], checks: dict[str, Check],
             ref_block: dict[str, Any], seconds: dict[str, float]) -> Report:
-    ok, why = publishable(checks)
+    ok, why = publishable(checks, require_source_check=job.opts.require_source_check)
     src = job.ladder.source
     source = {k: getattr(src, k) for k in ("repo", "revision", "architecture", "parameters", "has_chat_template",
                                           "license")}
     return Report(model_name=_model_name(job), source=source, toolchain=job.ladder.toolchain.to_json(),
                   tools=_tool_versions(job.tc), texts=_texts(job, scoring), settings=_settings(job, scoring, files),
-                  reference=ref_block, checks=checks, files=files, publishable=ok, reasons=why, seconds=seconds)
+                  reference=ref_block, checks=checks, files=files, publishable=ok, reasons=why, seconds=seconds,
+                  file_hashes=dict(job.content))
 
 
 def _write(job: _Job, report: Report, inputs: dict[str, Any], started: float) -> None:
@@ -779,10 +833,8 @@ def _compare(job: _Job, facts: verify.GgufFacts, scoring: _Scoring) -> Check:
     o = job.opts
     assert job.src_path is not None
     spec = CompareSpec(chunks=o.hf_compare_chunks, add_bos=facts.add_bos, bos_id=facts.bos_id,
-                       parameters=job.ladder.source.parameters, max_params=o.hf_compare_max_params,
-                       threads=o.threads)
-    if spec.too_big:
-        return compare_with_source(job.src_path, None, spec)
+                       parameters=job.ladder.source.parameters, max_memory=o.hf_compare_max_memory,
+                       offload_dir=records.tmp_path_for(job.wd.path / "offload"), threads=o.threads)
     tmp = None
     try:
         if scoring.own_base is None:  # measured against someone else's logits: a short run of our own reference

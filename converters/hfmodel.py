@@ -8,7 +8,10 @@ for a model, :class:`~converters.errors.InputError` for a tokenizer), with the l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,19 @@ log = logging.getLogger(__name__)
 
 CPU = "cpu"
 CUDA = "cuda"
+# transformers is not thread-safe where the bot runs jobs in threads (limits.concurrency > 1): two first imports at
+# once give "ImportError: cannot import name 'AutoTokenizer'", and two ``from_pretrained`` at once swap the global
+# patches of its loader so that every later model of the process keeps tensors on the meta device ("Cannot copy out
+# of meta tensor"). Imports and loads take this lock; running a loaded model does not.
+_LOCK = threading.RLock()
+
+
+def auto_class(name: str) -> Any:
+    """``transformers.<name>`` (``AutoModelForCausalLM``, ``AutoTokenizer``), imported one thread at a time."""
+    with _LOCK:
+        import transformers
+
+        return getattr(transformers, name)
 
 
 def default_device() -> str:
@@ -40,26 +56,66 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def load_causal_lm(checkpoint: Path, dtype: Any = None, device: str = CPU) -> Any:
-    """A causal LM from a local checkpoint (float32 unless ``dtype`` is given), moved to ``device``."""
+def load_causal_lm(checkpoint: Path, dtype: Any = None, device: str = CPU, *,
+                   offload: Offload | None = None) -> Any:
+    """A causal LM from a local checkpoint (float32 unless ``dtype`` is given), moved to ``device``; with
+    ``offload``, on the CPU within its memory budget, the rest of the weights on disk (accelerate)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    auto_model = auto_class("AutoModelForCausalLM")
+    placement: dict[str, Any] = offload.kwargs() if offload is not None else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(checkpoint), dtype=dtype or torch.float32, trust_remote_code=False, use_safetensors=True,
-            local_files_only=True)
+        with _LOCK:
+            model = auto_model.from_pretrained(
+                str(checkpoint), dtype=dtype or torch.float32, trust_remote_code=False, use_safetensors=True,
+                local_files_only=True, **placement)
     except Exception as e:  # noqa: BLE001 - whatever transformers raises, the model cannot be loaded here
         raise UnsupportedModel(f"transformers cannot load {checkpoint}: {e}") from e
-    return model.to(device)
+    return model if offload is not None else model.to(device)
+
+
+@dataclasses.dataclass(frozen=True)
+class Offload:
+    """Load a model that does not fit in memory: ``max_memory`` bytes of it on the CPU, the rest of its weights
+    in ``folder`` on disk, read layer by layer during the forward pass (accelerate's ``device_map="auto"``)."""
+
+    max_memory: int
+    folder: Path
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"device_map": "auto", "max_memory": {CPU: int(self.max_memory)}, "offload_folder": str(self.folder)}
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (``MemAvailable``; free pages where that is unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def model_bytes(parameters: int | None, dtype: Any) -> int | None:
+    """Bytes the weights take in memory in ``dtype`` (None when the parameter count is unknown)."""
+    import torch
+
+    return None if parameters is None else parameters * torch.empty((), dtype=dtype).element_size()
+
+
+def needs_offload(parameters: int | None, dtype: Any, budget: int) -> bool:
+    """True when the weights (plus a quarter for activations and loading) do not fit in ``budget`` bytes."""
+    need = model_bytes(parameters, dtype)
+    return need is not None and need * 5 // 4 > budget
 
 
 def load_tokenizer(checkpoint: Path) -> Any:
     """The tokenizer of a local checkpoint."""
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(str(checkpoint), trust_remote_code=False, local_files_only=True)
+        with _LOCK:
+            return auto_class("AutoTokenizer").from_pretrained(str(checkpoint), trust_remote_code=False,
+                                                               local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any loader failure is a missing input
         raise InputError(f"cannot load the source tokenizer from {checkpoint}: {e}") from e
 

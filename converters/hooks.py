@@ -40,13 +40,24 @@ class Event:
             raise ValueError(f"unknown event kind {self.kind!r}")
 
     def describe(self) -> str:
-        """One short line: ``Q4_K_M 2/4``, ``chunk 3/8``, a tool's line, or the stage's state."""
+        """One short line: ``Q4_K_M 2/4``, ``chunk 3/8, ETA 2 min 5 s``, a tool's line, or the stage's state."""
         if self.kind == PROGRESS:
             count = f"{self.done}/{self.total}" if self.done is not None and self.total else ""
-            return " ".join(p for p in (self.text, count) if p)
+            eta = self.data.get("eta_seconds")
+            return " ".join(p for p in (self.text, count) if p) + (f", ETA {duration(eta)}" if eta is not None else "")
         if self.kind == LINE:
             return self.text
         return self.kind
+
+
+def duration(seconds: float) -> str:
+    """``45 s``, ``2 min 5 s``, ``1 h 20 min``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
 
 
 class Hooks:
@@ -57,6 +68,14 @@ class Hooks:
 
     def check_cancel(self) -> None:  # noqa: B027 - a no-op by design
         """Raise :class:`~converters.errors.Cancelled` (or a subclass's own stop error) to stop the work here."""
+
+    def check_abort(self) -> None:
+        """Asked while a program runs: raise to kill it now. Defaults to :meth:`check_cancel`; a caller with a
+        graceful stop (let the running step finish) answers here only for the stops that cannot wait."""
+        self.check_cancel()
+
+    def alive(self) -> None:  # noqa: B027 - a no-op by design
+        """A sign of life without an event (a running program printed a line), for stuck-job detection."""
 
     # conveniences built on the two methods above
     def emit(self, stage: str, kind: str, **kw: Any) -> None:

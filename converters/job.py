@@ -16,6 +16,7 @@ stage with a ``start`` event (``data["quiet"]`` for stages the command line does
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import dataclasses
 import logging
 import os
@@ -25,13 +26,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from converters import calibrate as calibrate_mod
+from converters import chat, pipeline, quants, records, verify
 from converters import checkpoint as checkpoint_mod
 from converters import convert as convert_mod
-from converters import pipeline, quants, records
 from converters import quantize as quantize_mod
+from converters.errors import UnsupportedModel
 from converters.hooks import END, SKIP, START, Event, Hooks
 from converters.report import Report
-from converters.toolchain import Toolchain
+from converters.toolchain import Toolchain, Watch, watched
 from converters.workdir import Ladder, WorkDir
 
 log = logging.getLogger(__name__)
@@ -45,14 +47,26 @@ class EvalSettings:
     chunks: int | None = None
     name_text: bool = False  # the report names the text and its origin (the bot does; ``convert`` never did)
     require_publishable: bool = False  # a report that is not publishable fails the job (the bot's main ladder)
+    require_source_check: bool = True  # a skipped BF16-vs-source comparison makes the report not publishable
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointRules:
-    """What ``inspect`` accepts."""
+    """What ``inspect`` accepts (a model that needs remote code never: there is no switch)."""
 
-    allow_remote_code: bool = False
     check_architecture: bool = False  # refuse architectures the pinned converter does not know, before converting
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolLimits:
+    """How long any one program of a job may run: ``seconds_per_gb`` of the source's weights, at least
+    ``min_seconds`` (settings ``limits.tool_seconds_per_gb`` and ``limits.tool_min_seconds``)."""
+
+    seconds_per_gb: float = 600.0
+    min_seconds: float = 1800.0
+
+    def timeout(self, weight_bytes: int) -> float:
+        return max(self.min_seconds, self.seconds_per_gb * weight_bytes / 1e9)
 
 
 @dataclasses.dataclass
@@ -74,6 +88,11 @@ class JobContext:
     report: Report | None = None
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     state: dict[str, Any] = dataclasses.field(default_factory=dict)  # what later stages need (stage -> value)
+    limits: ToolLimits = ToolLimits()
+
+    def tool_timeout(self) -> float | None:
+        """The cap on any one program's run time: scaled from the checkpoint's size once it is known."""
+        return self.limits.timeout(self.checkpoint.weight_bytes) if self.checkpoint is not None else None
 
     def need_plan(self) -> pipeline.Plan:
         if self.plan is None:
@@ -89,12 +108,15 @@ class Stage(Protocol):
 
 
 def run_stages(stages: Sequence[Stage], ctx: JobContext) -> JobContext:
-    """Run ``stages`` in order; stop (``hooks.check_cancel()`` raises) between any two of them."""
+    """Run ``stages`` in order; stop (``hooks.check_cancel()`` raises) between any two of them, and inside a
+    running program (its process group is killed: :class:`converters.toolchain.Watch`)."""
     for stage in stages:
         ctx.hooks.check_cancel()
         ctx.hooks.progress(Event(stage.name, START, data={"quiet": stage.quiet}))
         ctx.hooks.check_cancel()
-        stage.run(ctx)
+        # every program the stage starts: a timeout scaled from the model, killed on a stop request
+        with watched(Watch(timeout=ctx.tool_timeout(), check=ctx.hooks.check_abort, alive=ctx.hooks.alive)):
+            stage.run(ctx)
     return ctx
 
 
@@ -161,8 +183,10 @@ class InspectStage:
             raise RuntimeError("no checkpoint folder: a fetch or prune stage must run first")
         supported = (checkpoint_mod.supported_architectures(ctx.toolchain.root)
                      if self.rules.check_architecture else None)
-        ctx.checkpoint = checkpoint_mod.inspect(ctx.checkpoint_dir, allow_remote_code=self.rules.allow_remote_code,
-                                                supported=supported)
+        ctx.checkpoint = checkpoint_mod.inspect(ctx.checkpoint_dir, supported=supported)
+        refused = verify.template_refusal(ctx.checkpoint.chat_template, chat.tokenizer_settings(ctx.checkpoint_dir))
+        if refused is not None:  # before any program runs: a template that loops or escapes stalls nothing later
+            raise UnsupportedModel(refused)
         ctx.plan = pipeline.plan(ctx.checkpoint, ctx.workdir, model_name=ctx.model_name, options=self.options,
                                  source_repo=ctx.source_repo, source_revision=ctx.source_revision)
         pipeline.prepare(ctx.plan)
@@ -251,7 +275,8 @@ class QuantizeStage:
 
         done: dict[str, records.StageRecord] = {}
         with concurrent.futures.ThreadPoolExecutor(max_workers=p.jobs) as pool:
-            futs = {pool.submit(one, q, f.estimated_bytes): q for q, f in zip(p.ladder, p.files)}
+            futs = {pool.submit(contextvars.copy_context().run, one, q, f.estimated_bytes): q  # keeps the watch
+                    for q, f in zip(p.ladder, p.files)}
             try:
                 for fut in concurrent.futures.as_completed(futs):
                     q, res = futs[fut], fut.result()
@@ -268,7 +293,7 @@ def _eval_options(settings: EvalSettings, calibration: calibrate_mod.TextFile | 
                   **overrides: Any) -> dict[str, Any]:
     opts: dict[str, Any] = {"eval_text": settings.text.path,
                             "calibration_text": calibration.path if calibration is not None else None,
-                            "chunks": settings.chunks}
+                            "chunks": settings.chunks, "require_source_check": settings.require_source_check}
     if settings.name_text:
         opts.update(eval_text_name=settings.text.name, eval_text_source=settings.text.source)
     opts.update(overrides)

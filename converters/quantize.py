@@ -57,10 +57,9 @@ def quantize(reference: Path, workdir: Path, model_name: str, q: QuantType, *, t
         raise NeedsImatrix(q.name)
     hooks.check_cancel()
     stage = stage_name(q)
-    ref_rec = records.load(workdir, "convert")
     inputs = {
-        "reference": ref_rec.outputs[0].sha256 if ref_rec else records.fingerprint_file(reference),
-        "imatrix": records.sha256_file(imatrix) if imatrix else None,
+        "reference": records.content_sha256(reference, workdir),
+        "imatrix": records.content_sha256(imatrix, workdir) if imatrix else None,
         "type": q.name,
         "split_max_bytes": split_max_bytes,
         "toolchain": toolchain.version,

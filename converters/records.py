@@ -1,9 +1,10 @@
 """Stage records and atomic files: what makes a killed job resumable and a re-run free.
 
 Each stage writes its outputs under temporary names and renames them into place, then writes a small
-JSON record: the identity of its inputs, each output's size and sha256, the seconds spent and the tool
-version. A stage whose record matches its current inputs, and whose outputs are still there with the
-recorded sizes, is skipped.
+JSON record: the identity of its inputs (full content hashes, never sizes alone), each output's size and
+sha256, the seconds spent and the tool version. A stage whose record matches its current inputs, and whose
+outputs still have the recorded content, is skipped. Content hashes are cached by size + mtime + inode
+(:func:`content_sha256`), so checking an unchanged file costs a ``stat``.
 """
 
 from __future__ import annotations
@@ -33,18 +34,79 @@ def sha256_file(path: str | os.PathLike[str], block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def fingerprint_file(path: Path, full_hash_limit: int = 64 << 20) -> dict[str, Any]:
-    """Identity of an input file: size and sha256 (files larger than the limit: hash of head, tail and size)."""
-    size = path.stat().st_size
-    if size <= full_hash_limit:
-        return {"name": path.name, "size": size, "sha256": sha256_file(path)}
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    h.update(str(size).encode())
-    return {"name": path.name, "size": size, "sample_sha256": h.hexdigest()}
+def fingerprint_file(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Identity of an input file: its size and the sha256 of its whole content (:func:`content_sha256`)."""
+    return {"name": path.name, "size": path.stat().st_size, "sha256": content_sha256(path, cache_dir)}
+
+
+# ------------------------------------------------------------------------------------ content hashes
+# A file's full sha256 is reused while its size, mtime (ns), inode and device are unchanged: any write to the
+# file (in place, same size) or its replacement by another file changes one of them. The cache lives in memory
+# (per process) and, given a work directory, in its records/HASH_CACHE_FILE, so a resumed run re-hashes nothing.
+HASH_CACHE_FILE = "sha256-cache.json"
+_HASH_LOCK = threading.Lock()
+_HASH_MEMO: dict[str, tuple[list[int], str]] = {}
+
+
+def forget_memory_hashes() -> None:
+    """Drop this process's in-memory hashes (the work dirs' cache files stay): what a new process sees."""
+    with _HASH_LOCK:
+        _HASH_MEMO.clear()
+
+
+def stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+
+def _cache_file(cache_dir: Path) -> Path:
+    return Path(cache_dir) / RECORDS_DIR / HASH_CACHE_FILE
+
+
+def _load_hash_cache(cache_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(_cache_file(cache_dir).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def remember_sha256(path: Path, sha256: str, cache_dir: Path | None = None, key: list[int] | None = None) -> None:
+    """Record ``sha256`` as the content hash of ``path`` as it is now (``key``: its stat key when hashed)."""
+    p = Path(path).absolute()
+    key = key or stat_key(p)
+    with _HASH_LOCK:
+        _HASH_MEMO[str(p)] = (key, sha256)
+        if cache_dir is not None:
+            data = _load_hash_cache(cache_dir)
+            data[str(p)] = [*key, sha256]
+            write_json_atomic(_cache_file(cache_dir), data)
+
+
+def _cached(p: Path, key: list[int], cache_dir: Path | None) -> str | None:
+    with _HASH_LOCK:
+        hit = _HASH_MEMO.get(str(p))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        if cache_dir is not None:
+            row = _load_hash_cache(cache_dir).get(str(p))
+            if isinstance(row, list) and len(row) == 5 and row[:4] == key:
+                _HASH_MEMO[str(p)] = (key, row[4])
+                return str(row[4])
+    return None
+
+
+def content_sha256(path: str | os.PathLike[str], cache_dir: Path | None = None) -> str:
+    """The sha256 of the whole file, from the cache when its size, mtime, inode and device are unchanged."""
+    p = Path(path).absolute()
+    key = stat_key(p)
+    hit = _cached(p, key, cache_dir)
+    if hit is not None:
+        return hit
+    sha = sha256_file(p)
+    if stat_key(p) == key:  # not changed while it was read
+        remember_sha256(p, sha, cache_dir, key)
+    return sha
 
 
 def tmp_dir_for(directory: Path) -> Path:
@@ -116,7 +178,8 @@ class Output:
 
     @classmethod
     def of(cls, workdir: Path, path: Path) -> "Output":
-        return cls(path=str(path.relative_to(workdir)), size=path.stat().st_size, sha256=sha256_file(path))
+        return cls(path=str(path.relative_to(workdir)), size=path.stat().st_size,
+                   sha256=content_sha256(path, workdir))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,16 +223,15 @@ def load(workdir: Path, stage: str) -> StageRecord | None:
     return rec if rec.schema == RECORD_SCHEMA else None
 
 
-def complete(workdir: Path, stage: str, inputs: dict[str, Any], verify_hash: bool = False) -> StageRecord | None:
-    """The stage's record if it is finished for these exact inputs and its outputs are intact."""
+def complete(workdir: Path, stage: str, inputs: dict[str, Any]) -> StageRecord | None:
+    """The stage's record if it is finished for these exact inputs and its outputs are intact: each output's
+    content hash still equals the recorded one (re-read only when the file's size, mtime or inode changed)."""
     rec = load(workdir, stage)
     if rec is None or _canon(rec.inputs) != _canon(inputs):
         return None
     for o in rec.outputs:
         p = workdir / o.path
-        if not p.exists() or p.stat().st_size != o.size:
-            return None
-        if verify_hash and sha256_file(p) != o.sha256:
+        if not p.is_file() or p.stat().st_size != o.size or content_sha256(p, workdir) != o.sha256:
             return None
     return rec
 

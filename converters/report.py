@@ -119,6 +119,8 @@ class FileResult:
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     error: str | None = None  # the measurement failed (tool crash, unparsable output)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sha256: str | None = None  # content measured: of the single file or of part 1 (as ladder.json)
+    parts: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # every part: {"path", "size", "sha256"}
 
     def figures(self) -> dict[str, Any]:
         """The figures as report.json holds them: None when not measured, a non-finite one as a string."""
@@ -127,7 +129,8 @@ class FileResult:
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = dict(self.extra)
-        d.update({"type": self.type, "path": self.path, "size": self.size, "bpw": self.bpw,
+        d.update({"type": self.type, "path": self.path, "size": self.size, "sha256": self.sha256,
+                  "parts": [dict(p) for p in self.parts], "bpw": self.bpw,
                   "bpw_nominal": self.bpw_nominal, "status": self.status, "reasons": list(self.reasons)})
         d.update(self.figures())
         d["checks"] = {k: c.to_json() for k, c in self.checks.items()}
@@ -141,14 +144,15 @@ class FileResult:
         stats = None
         if d.get("kld_mean") is not None and all(n in d for n in names):
             stats = KldStats(**{n: _denum(d[n]) for n in names})
-        known = {"type", "path", "size", "bpw", "bpw_nominal", "status", "reasons", "checks", "seconds", "error",
-                 *names}
+        known = {"type", "path", "size", "sha256", "parts", "bpw", "bpw_nominal", "status", "reasons", "checks",
+                 "seconds", "error", *names}
         return cls(type=d["type"], path=d.get("path", ""), size=int(d.get("size") or 0), bpw=d.get("bpw"),
                    bpw_nominal=d.get("bpw_nominal"), stats=stats,
                    checks={k: Check.from_json(v) for k, v in (d.get("checks") or {}).items()},
                    status=d.get("status", FAILED), reasons=list(d.get("reasons") or []),
                    seconds=dict(d.get("seconds") or {}), error=d.get("error"),
-                   extra={k: v for k, v in d.items() if k not in known})
+                   extra={k: v for k, v in d.items() if k not in known}, sha256=d.get("sha256"),
+                   parts=[dict(p) for p in d.get("parts") or [] if isinstance(p, Mapping)])
 
 
 @dataclasses.dataclass
@@ -184,6 +188,9 @@ class Report:
     chart: str | None = None
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)  # remarks that fail nothing (the ladder's curve)
+    # {relative path: {"size", "sha256"}} of every file the evaluation read: reference, quant parts, imatrix
+    file_hashes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def file(self, qtype: str) -> FileResult:
         for f in self.files:
@@ -222,8 +229,10 @@ class Report:
             "files": [f.to_json() for f in self.files],
             "publishable": self.publishable,
             "reasons": list(self.reasons),
+            "notes": list(self.notes),
             "chart": self.chart,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "file_hashes": {k: dict(v) for k, v in sorted(self.file_hashes.items())},
         })
         return d
 
@@ -233,7 +242,8 @@ class Report:
         if version != SCHEMA_VERSION:
             raise InputError(f"report.json schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
         known = {"schema_version", "model_name", "created_at", "source", "toolchain", "tools", "texts", "settings",
-                 "reference", "evaluation", "checks", "files", "publishable", "reasons", "chart", "seconds"}
+                 "notes",
+                 "reference", "evaluation", "checks", "files", "publishable", "reasons", "chart", "seconds", "file_hashes"}
         texts = {k: (TextInfo(**v) if v else None) for k, v in (d.get("texts") or {}).items()}
         return cls(model_name=d.get("model_name", ""), source=dict(d.get("source") or {}),
                    toolchain=dict(d.get("toolchain") or {}), tools=dict(d.get("tools") or {}), texts=texts,
@@ -243,7 +253,10 @@ class Report:
                    publishable=bool(d.get("publishable")), reasons=list(d.get("reasons") or []),
                    seconds=dict(d.get("seconds") or {}), created_at=d.get("created_at", ""),
                    chart=d.get("chart"), schema_version=SCHEMA_VERSION,
-                   extra={k: v for k, v in d.items() if k not in known})
+                   notes=[str(n) for n in d.get("notes") or []],
+                   extra={k: v for k, v in d.items() if k not in known},
+                   file_hashes={str(k): dict(v) for k, v in (d.get("file_hashes") or {}).items()
+                                if isinstance(v, Mapping)})
 
 
 def wire_number(v: Any) -> Any:

@@ -7,11 +7,15 @@ processes installing at once safe. A user can instead point ``LLAMA_CPP_DIR`` at
 with built programs.
 
 Every program is started through :func:`run`: an argument list (never a shell string), a timeout, the
-exit code checked, and the tail of stderr kept in the raised :class:`ToolError`.
+exit code checked, and the tail of stderr kept in the raised :class:`ToolError`. Each child gets an environment
+without secrets, its own process group, kernel resource limits when asked, and dies with this process
+(``PR_SET_PDEATHSIG``); :func:`kill_all` (the command line's signal handlers) kills every running one at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import fcntl
 import hashlib
@@ -20,6 +24,7 @@ import logging
 import os
 import platform
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -29,8 +34,9 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from converters.errors import ToolchainError, ToolError
 
@@ -59,6 +65,11 @@ STDERR_TAIL_CHARS = 4000
 # Running programs
 # --------------------------------------------------------------------------------------------------
 
+# Names of environment variables a child never sees: the Hub token and anything named like a secret.
+SECRET_ENV = re.compile(r"^(HF_TOKEN|HUGGING_FACE_HUB_TOKEN)$|_(TOKEN|KEY|SECRET|PASSWORD)$", re.I)
+POLL_SECONDS = 0.2  # how often a waiting run() checks its deadline and the stop request
+PR_SET_PDEATHSIG = 1
+
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
@@ -69,6 +80,111 @@ class RunResult:
     seconds: float
 
 
+@dataclasses.dataclass(frozen=True)
+class ResourceLimits:
+    """Kernel limits (``setrlimit``) of one child: CPU seconds, address space and written-file bytes."""
+
+    cpu_seconds: int | None = None
+    memory_bytes: int | None = None
+    file_bytes: int | None = None
+
+    def pairs(self) -> list[tuple[int, int]]:
+        import resource
+
+        wanted = ((resource.RLIMIT_CPU, self.cpu_seconds), (resource.RLIMIT_AS, self.memory_bytes),
+                  (resource.RLIMIT_FSIZE, self.file_bytes))
+        return [(res, int(v)) for res, v in wanted if v is not None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Watch:
+    """What every program started in the current context obeys (``converters.job.run_stages`` sets one per stage):
+    ``timeout`` caps any one program's run time (scaled from the model's size), ``check`` is asked every
+    :data:`POLL_SECONDS` whether to stop (it raises; the program's process group is killed first), ``alive`` is
+    called for every line a program prints (a sign of life for stuck-job detection)."""
+
+    timeout: float | None = None
+    check: Callable[[], None] | None = None
+    alive: Callable[[], None] | None = None
+
+
+_WATCH: contextvars.ContextVar[Watch] = contextvars.ContextVar("ggufbot_toolchain_watch", default=Watch())
+_LIVE: dict[int, subprocess.Popen] = {}  # pid -> running child, for the signal handlers (kill_all)
+_LIVE_LOCK = threading.Lock()
+_CLOSING = threading.Event()  # set by kill_all(closing=True): no new program starts
+_KILLED = threading.Event()  # set by kill_all(): the running programs were killed on purpose
+
+
+def killed_on_request() -> bool:
+    """True once :func:`kill_all` ran: a program that died of a signal since was stopped, it did not crash."""
+    return _KILLED.is_set()
+
+
+@contextlib.contextmanager
+def watched(watch: Watch) -> Iterator[Watch]:
+    """Run the block with ``watch`` applying to every program started in it (threads: copy the context)."""
+    token = _WATCH.set(watch)
+    try:
+        yield watch
+    finally:
+        _WATCH.reset(token)
+
+
+def current_watch() -> Watch:
+    return _WATCH.get()
+
+
+def kill_all(*, closing: bool = False) -> int:
+    """Kill the process group of every running child (a signal handler's work); ``closing`` also refuses any
+    program started afterwards. Returns how many were killed."""
+    _KILLED.set()
+    if closing:
+        _CLOSING.set()
+    with _LIVE_LOCK:
+        procs = list(_LIVE.values())
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
+    return len(procs)
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment plus ``extra``, without the Hub token or any ``*_TOKEN``/``*_KEY`` variable."""
+    env = {**os.environ, **(extra or {})}
+    return {k: v for k, v in env.items() if not SECRET_ENV.search(k)}
+
+
+def _prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl()
+
+
+def _child_setup(parent: int, limits: ResourceLimits | None) -> Callable[[], None]:
+    """Runs in the child between fork and exec: die with the parent (PR_SET_PDEATHSIG), then the limits."""
+    pairs = limits.pairs() if limits is not None else []
+
+    def setup() -> None:
+        import resource
+
+        if _PRCTL is not None:
+            _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the line above: never run as an orphan
+            os._exit(137)
+        for res, value in pairs:
+            resource.setrlimit(res, (value, value))
+
+    return setup
+
+
 def run(
     argv: Sequence[str | os.PathLike[str]],
     *,
@@ -77,77 +193,138 @@ def run(
     env: Mapping[str, str] | None = None,
     on_line: Callable[[str], None] | None = None,
     keep_output: int = 2_000_000,
+    stdin: bytes | None = None,
+    limits: ResourceLimits | None = None,
 ) -> RunResult:
     """Run one program and return its output; raise ToolError on a non-zero exit or a timeout.
 
-    ``on_line`` is called with every line the program prints (stdout and stderr), for progress.
-    The child runs in its own process group, so a timeout (or our own death by SIGTERM handled
-    upstream) kills the whole tree. At most ``keep_output`` characters of each stream are kept.
+    The child runs in its own process group with an environment without secrets (:func:`child_env`), dies with
+    this process (PR_SET_PDEATHSIG) and gets ``limits``. Its run time is capped by ``timeout`` and by the
+    current :class:`Watch`'s; the watch's stop request kills the whole group within :data:`POLL_SECONDS`.
+    ``on_line`` is called with every line the program prints (stdout and stderr); ``stdin`` is written to its
+    standard input. At most ``keep_output`` characters of each stream are kept.
     """
     args = [os.fspath(a) for a in argv]
     if not args:
         raise ValueError("empty argument list")
-    full_env = dict(os.environ)
-    if env:
-        full_env.update(env)
+    watch = _WATCH.get()
+    caps = [t for t in (timeout, watch.timeout) if t is not None]
     started = time.monotonic()
     log.debug("run: %s", " ".join(args))
+    proc = _start(args, cwd, child_env(env), stdin is not None, limits)
     try:
-        proc = subprocess.Popen(
-            args,
-            cwd=cwd,
-            env=full_env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-    except OSError as e:
-        raise ToolError(args, None, f"could not start: {e}") from e
+        out_buf, err_buf, threads = _pump(proc, on_line, watch.alive, keep_output, stdin)
+        timed_out = _wait(proc, min(caps) if caps else None, watch.check)
+        for t in threads:
+            t.join(timeout=10)
+    finally:
+        with _LIVE_LOCK:
+            _LIVE.pop(proc.pid, None)
+    stdout, stderr = "".join(out_buf), "".join(err_buf)
+    if timed_out or proc.returncode != 0:
+        if watch.check is not None and proc.returncode is not None and proc.returncode < 0:
+            watch.check()  # killed because a stop was asked for: say so rather than "killed by a signal"
+        raise ToolError(args, None if timed_out else proc.returncode,
+                        stderr[-STDERR_TAIL_CHARS:] or stdout[-STDERR_TAIL_CHARS:], timed_out=timed_out)
+    return RunResult(tuple(args), proc.returncode, stdout, stderr, time.monotonic() - started)
 
+
+def _start(args: list[str], cwd: Any, env: dict[str, str], with_stdin: bool,
+           limits: ResourceLimits | None) -> subprocess.Popen:
+    if _CLOSING.is_set():
+        raise ToolError(args, None, "not started: ggufbot is shutting down")
+    try:
+        proc = subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.PIPE if with_stdin else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                preexec_fn=_child_setup(os.getpid(), limits))
+    except (OSError, subprocess.SubprocessError) as e:
+        raise ToolError(args, None, f"could not start: {e}") from e
+    with _LIVE_LOCK:
+        _LIVE[proc.pid] = proc
+    if _CLOSING.is_set():  # a signal arrived while it was starting
+        _kill_group(proc)
+    return proc
+
+
+def output_pieces(stream: Any) -> Iterator[bytes]:
+    """A program's output as it comes: each line (ended by ``\\n``, or ``\\r`` for a redrawn progress bar), and what
+    it flushed without ending a line once nothing more follows for a moment (``llama-imatrix``'s ``[1]5.81,`` chunk
+    counter) as one piece."""
+    fd, pending = stream.fileno(), b""
+    while True:
+        if pending and not select.select([fd], [], [], PARTIAL_LINE_WAIT)[0]:
+            yield pending
+            pending = b""
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        *done, pending = LINE_END.split(pending + chunk)
+        yield from (p for p in done if p)
+    if pending:
+        yield pending
+
+
+LINE_END = re.compile(rb"(?<=\n)|(?<=\r)(?!\n)")
+PARTIAL_LINE_WAIT = 0.2  # seconds without more output after which an unended line is passed on as it is
+
+
+def _pump(proc: subprocess.Popen, on_line: Callable[[str], None] | None, alive: Callable[[], None] | None,
+          keep_output: int, stdin: bytes | None) -> tuple[deque[str], deque[str], list[threading.Thread]]:
+    """Threads that read both streams line by line (and write ``stdin``); the kept tails fill as they run."""
     out_buf: deque[str] = deque()
     err_buf: deque[str] = deque()
-    sizes = {"out": 0, "err": 0}
 
-    def pump(stream, buf: deque[str], key: str) -> None:
-        for raw in iter(stream.readline, b""):
+    def pump(stream: Any, buf: deque[str]) -> None:
+        size = 0
+        for raw in output_pieces(stream):
             line = raw.decode("utf-8", "replace")
             buf.append(line)
-            sizes[key] += len(line)
-            while sizes[key] > keep_output and len(buf) > 1:
-                sizes[key] -= len(buf.popleft())
-            if on_line is not None:
-                try:
-                    on_line(line.rstrip("\n"))
-                except Exception:  # progress must never break the run
-                    log.debug("on_line callback failed", exc_info=True)
+            size += len(line)
+            while size > keep_output and len(buf) > 1:
+                size -= len(buf.popleft())
+            for cb in (alive, None if on_line is None else lambda: on_line(line.rstrip("\r\n"))):
+                if cb is not None:
+                    try:
+                        cb()
+                    except Exception:  # progress must never break the run
+                        log.debug("output callback failed", exc_info=True)
         stream.close()
 
-    threads = [
-        threading.Thread(target=pump, args=(proc.stdout, out_buf, "out"), daemon=True),
-        threading.Thread(target=pump, args=(proc.stderr, err_buf, "err"), daemon=True),
-    ]
+    def feed() -> None:
+        with contextlib.suppress(OSError):  # the program may exit without reading it all
+            proc.stdin.write(stdin)
+            proc.stdin.close()
+
+    threads = [threading.Thread(target=pump, args=(proc.stdout, out_buf), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, err_buf), daemon=True)]
+    if stdin is not None:
+        threads.append(threading.Thread(target=feed, daemon=True))
     for t in threads:
         t.start()
-    timed_out = False
+    return out_buf, err_buf, threads
+
+
+def _wait(proc: subprocess.Popen, timeout: float | None, check: Callable[[], None] | None) -> bool:
+    """Wait for the program; True when it ran out of time (its group is killed). A stop request from ``check``
+    (or our own interruption) kills the group and propagates."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        _kill_group(proc)
+        while True:
+            try:
+                proc.wait(timeout=POLL_SECONDS)
+                return False
+            except subprocess.TimeoutExpired:
+                pass
+            if deadline is not None and time.monotonic() >= deadline:
+                _kill_group(proc)
+                return True
+            if check is not None:
+                check()
     except BaseException:
-        # KeyboardInterrupt, SIGTERM turned into an exception...: never leave the child running
+        # a stop request, KeyboardInterrupt, a signal turned into an exception...: never leave the child running
         _kill_group(proc)
         raise
-    for t in threads:
-        t.join(timeout=10)
-    stdout = "".join(out_buf)
-    stderr = "".join(err_buf)
-    seconds = time.monotonic() - started
-    if timed_out or proc.returncode != 0:
-        raise ToolError(args, None if timed_out else proc.returncode, stderr[-STDERR_TAIL_CHARS:] or stdout[-STDERR_TAIL_CHARS:],
-                        timed_out=timed_out)
-    return RunResult(tuple(args), proc.returncode, stdout, stderr, seconds)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -392,11 +392,17 @@ class VariantEvaluateStage(EvaluateStage):
         write_info(ctx.workdir, info)
 
 
-def stages(variant: VariantOf, options: Any, evaluation: EvalSettings | None) -> tuple[Any, ...]:
-    """prune -> distill (recipes that heal) -> the ladder -> teacher logits and evaluation against them."""
+def checkpoint_stages(variant: VariantOf) -> tuple[Any, ...]:
+    """prune -> distill (recipes that heal): the variant's checkpoint."""
     first: list[Any] = [PruneStage(variant, last=not variant.recipe.heals)]
     if variant.recipe.heals:
         first.append(DistillStage(variant))
+    return tuple(first)
+
+
+def stages(variant: VariantOf, options: Any, evaluation: EvalSettings | None) -> tuple[Any, ...]:
+    """The variant's checkpoint -> the ladder -> teacher logits and evaluation against them."""
+    first = checkpoint_stages(variant)
     tail: tuple[Any, ...] = ()
     if evaluation is not None:
         tail = (TeacherLogitsStage(variant, evaluation.text.path, evaluation.chunks),
@@ -409,5 +415,5 @@ def make_checkpoint(source: Path, out: Path, recipe: Recipe, calibration: Path, 
     """Only prune (and heal) ``source`` into ``out`` (resumable); returns variant.json."""
     v = VariantOf(recipe, Path(source), teacher_model, Path(calibration), source_repo=source_repo)
     ctx = JobContext(Path(out), None, hooks, model_name(teacher_model, recipe))  # type: ignore[arg-type]
-    run_stages(stages(v, None, None)[:2 if recipe.heals else 1], ctx)
+    run_stages(checkpoint_stages(v), ctx)
     return load_info(Path(out)) or {}

@@ -26,7 +26,7 @@ from typing import Any
 
 from converters import chat, gguf_meta, hfmodel
 from converters import toolchain as tc_mod
-from converters.errors import InputError, ToolError
+from converters.errors import InputError, TemplateError, ToolError
 from converters.report import Check
 
 log = logging.getLogger(__name__)
@@ -226,6 +226,25 @@ SAMPLE_CONVERSATIONS: tuple[tuple[dict[str, str], ...], ...] = (
 REPLY_QUESTION = "What is the capital of France? Answer in one short sentence."
 
 
+def template_refusal(template: str | None, tokenizer_config: Mapping[str, Any]) -> str | None:
+    """Why a checkpoint is refused for its chat template before anything is converted: rendering a sample
+    conversation in the sandbox hit a limit (it loops, allocates or recurses without end) or tried to leave the
+    sandbox. None otherwise: the template's own errors (e.g. refusing a system message) are the template check's."""
+    if not template:
+        return None
+    special = {k: v for k, v in tokenizer_config.items() if k.endswith("_token") and isinstance(v, str)}
+    for conv in SAMPLE_CONVERSATIONS:
+        try:
+            chat.render(template, conv, context=special)
+            return None
+        except TemplateError as e:
+            if e.kind in chat.LIMIT_KINDS:
+                return f"its chat template does not render within the sandbox's limits ({e})"
+            if e.kind == chat.SANDBOX_VIOLATION:
+                return f"its chat template tries to leave the sandbox ({e})"
+    return None
+
+
 def _diff_at(a: str, b: str) -> int:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -245,15 +264,20 @@ def chat_template_check(gguf: GgufFacts, source_dir: Path) -> Check:
         return Check.fail(f"the source has a chat template but the GGUF has none ({gguf_meta.CHAT_TEMPLATE} missing)",
                           has_template=True)
     bos, eos = tok.bos_token or "", tok.eos_token or ""
+    # both templates are untrusted: each is rendered by the sandboxed, limited renderer; the source's with the
+    # variables transformers' apply_chat_template gives it (the tokenizer's special tokens)
+    special = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, (str, list))}
     for conv in SAMPLE_CONVERSATIONS:
         try:
-            expected = tok.apply_chat_template(list(conv), tokenize=False, add_generation_prompt=True)
-        except Exception:  # noqa: BLE001 - e.g. the template refuses a system message: try the next conversation
-            continue
+            expected = chat.render(src, conv, context=special)
+        except TemplateError as e:
+            if e.kind in chat.LIMIT_KINDS:
+                return Check.fail(f"the source's chat template does not render: {e}", has_template=True)
+            continue  # e.g. the template refuses a system message: try the next conversation
         try:
             got = chat.render(gguf.chat_template, conv, bos=bos, eos=eos)
-        except Exception as e:  # noqa: BLE001
-            return Check.fail(f"the GGUF's chat template does not render: {type(e).__name__}: {e}", has_template=True)
+        except TemplateError as e:
+            return Check.fail(f"the GGUF's chat template does not render: {e}", has_template=True)
         if got != expected:
             i = _diff_at(got, expected)
             return Check.fail(f"the GGUF's chat template renders a different prompt: first difference at character "
@@ -372,7 +396,9 @@ def prompt_for(gguf: GgufFacts, tok=None) -> tuple[str, bool]:
                      [{"role": "user", "content": REPLY_QUESTION}]):
             try:
                 return chat.render(gguf.chat_template, conv, bos=bos, eos=eos), True
-            except Exception:  # noqa: BLE001 - reported by the template check
+            except TemplateError as e:  # reported by the template check
+                if e.kind in chat.LIMIT_KINDS:
+                    break
                 continue
     return PLAIN_PROMPT, False
 

@@ -454,6 +454,19 @@ class WorkDir:
             raise InputError(f"refusing {rel!r}: not a path inside the work directory")
         return self.path / rel
 
+    def content(self, ladder: Ladder) -> dict[str, dict[str, Any]]:
+        """``{relative path: {"size", "sha256"}}`` of the ladder's files as they are now: the reference, every part
+        of every quant and the imatrix files (those present). Full content hashes, cached by size + mtime + inode
+        in this work dir's records: what evaluation records as measured and publishing checks before upload."""
+        rels = [ladder.reference.path, *(p for f in ladder.files for p in f.all_parts),
+                *(ladder.imatrix.paths if ladder.imatrix else ())]
+        out: dict[str, dict[str, Any]] = {}
+        for rel in dict.fromkeys(r for r in rels if r):
+            p = self.file(rel)
+            if p.is_file():
+                out[rel] = {"size": p.stat().st_size, "sha256": records.content_sha256(p, self.path)}
+        return out
+
     def variant_dir(self, recipe_name: str) -> "WorkDir":
         """The work dir of a variant built from this one: ``<path>/variants/<recipe>``."""
         if "/" in recipe_name:

@@ -13,7 +13,15 @@ Test API (thread-safe)::
         hub.requests            # [(method, path), ...]  (no query string, never a token)
         hub.files("acme/base")  # {path: bytes} at main
 
-Faults are matched in the order they were added: ``fail_next`` (an HTTP error status, optional
+Webhooks: ``/api/settings/webhooks`` (create, list, delete; ``huggingface_hub``'s ``create_webhook`` family) and
+the calls themselves: every new commit made with :meth:`HubServer.add_commit` is sent, like the Hub does, to each
+enabled webhook watching the repo, its owner (``user``/``org``) or the repo itself, as a ``repo.content`` payload
+with the webhook's secret in ``X-Webhook-Secret``, from a background thread. :meth:`HubServer.send_webhook` sends
+one by hand; ``hub.deliveries`` keeps (webhook id, repo, HTTP status or None, response body) per call.
+
+Every error body repeats the request's token (``echo_token``), as a careless server or proxy might: the
+token-redaction tests look for it in logs, the database, reports and cards. Faults are matched in the order
+they were added: ``fail_next`` (an HTTP error status, optional
 ``Retry-After``), ``slow_next`` (sleep before answering), ``drop_next`` (close the connection without an
 answer). ``n=None`` means forever. Nothing here reads the environment; pointing the client at
 ``hub.url`` (``HF_ENDPOINT``) is the caller's business (see ``tests/hub_fixtures.py``).
@@ -208,7 +216,10 @@ class HubServer:
         self.lfs_store: dict[str, bytes] = {}
         self.log: list[LoggedRequest] = []
         self.errors: list[str] = []  # tracebacks of server bugs (answered 500)
+        self.echo_token = True  # error bodies repeat the request's token (redaction must catch it)
         self._faults: list[_Fault] = []
+        self.webhooks: dict[str, dict[str, Any]] = {}  # id -> {"owner", "url", "watched", "domains", "secret", ...}
+        self.deliveries: list[tuple[str, str, int | None, str]] = []
         self._lock = threading.RLock()
         self._counter = itertools.count(1)
         self._httpd: _Server | None = None
@@ -245,6 +256,8 @@ class HubServer:
             self.log.clear()
             self.errors.clear()
             self._faults.clear()
+            self.webhooks.clear()
+            self.deliveries.clear()
             if valid_tokens is not None:
                 self.valid_tokens = dict(valid_tokens)
 
@@ -345,7 +358,18 @@ class HubServer:
                    deletions: Iterable[str] = (), card_data: Mapping[str, Any] | None = None, card_body: str = "",
                    message: str = "update", date: dt.datetime | None = None, repo_type: str = "model",
                    **meta: Any) -> str:
-        """A new revision on main: add/replace ``files``, delete ``deletions``; ``meta`` updates repo fields."""
+        """A new revision on main: add/replace ``files``, delete ``deletions``; ``meta`` updates repo fields.
+        The webhooks watching the repo are called (in the background)."""
+        old = self.head(repo_id, repo_type)
+        sha = self._add_commit(repo_id, files, deletions=deletions, card_data=card_data, card_body=card_body,
+                               message=message, date=date, repo_type=repo_type, **meta)
+        self.send_webhook(repo_id, old_sha=old, repo_type=repo_type)
+        return sha
+
+    def _add_commit(self, repo_id: str, files: Mapping[str, bytes | str | Path] | None = None, *,
+                    deletions: Iterable[str] = (), card_data: Mapping[str, Any] | None = None, card_body: str = "",
+                    message: str = "update", date: dt.datetime | None = None, repo_type: str = "model",
+                    **meta: Any) -> str:
         with self._lock:
             repo = self._repo_or_raise(repo_type, repo_id)
             adds = dict(files or {})
@@ -357,6 +381,20 @@ class HubServer:
                 setattr(repo, k, v)
             return self._new_commit(repo, {p: self._blob(p, c) for p, c in adds.items()}, tuple(deletions),
                                     message, "", date or self._now())
+
+    def squash(self, repo_id: str, *, message: str = "Super-squash branch 'main'", date: dt.datetime | None = None,
+               repo_type: str = "model") -> str:
+        """What the Hub's ``super_squash_history`` (or a force-push) does: main becomes one new commit with the
+        same files, and no earlier revision of main can be read any more. Returns the new sha."""
+        with self._lock:
+            repo = self._repo_or_raise(repo_type, repo_id)
+            head = repo.head
+            if head is None:
+                raise ValueError(f"{repo_id} has no commit to squash")
+            kept = {sha for name, sha in repo.branches.items() if name != "main"}
+            repo.commits = [c for c in repo.commits if c.sha in kept]
+            del repo.branches["main"]
+            return self._new_commit(repo, dict(head.files), (), message, "", date or self._now())
 
     def repo(self, repo_id: str, repo_type: str = "model") -> Repo | None:
         return self.repos.get((repo_type, repo_id))
@@ -556,7 +594,7 @@ class HubServer:
             headers = {"Content-Type": "application/json", "X-Request-Id": f"req-{next(self._counter)}", **e.headers}
             if e.code:
                 headers["X-Error-Code"] = e.code
-            payload = json.dumps(e.body if e.body is not None else {"error": e.message}).encode()
+            payload = json.dumps(e.body if e.body is not None else {"error": self._echo(e.message, h.headers)}).encode()
         except Exception as e:  # a bug of this server: answer 500 and keep it for the test to see
             import traceback
 
@@ -575,6 +613,13 @@ class HubServer:
         h.end_headers()
         if method != "HEAD":
             h.wfile.write(payload)
+
+    def _echo(self, message: str, headers: Any) -> str:
+        """An error message that, like some misbehaving servers and proxies, repeats the request's token (when
+        ``echo_token``): the client must never let it reach a log, the database, a report or a card."""
+        auth = headers.get("Authorization") or ""
+        token = auth.split(" ", 1)[1].strip() if auth.lower().startswith("bearer ") else auth.strip()
+        return f"{message} (request made with {token})" if self.echo_token and token else message
 
     def _json(self, data: Any, status: int = 200, headers: dict | None = None) -> tuple[int, dict, bytes]:
         return status, {"Content-Type": "application/json", **(headers or {})}, json.dumps(data).encode()
@@ -595,6 +640,8 @@ class HubServer:
             return self._create_repo(json.loads(body or b"{}"), user)
         if path == "/api/repos/delete" and method == "DELETE":
             return self._delete_repo(json.loads(body or b"{}"), user)
+        if path.startswith("/api/settings/webhooks"):
+            return self._webhooks_api(method, path, body, user)
         m = re.fullmatch(r"/api/(models|datasets|spaces)", path)
         if m and method == "GET":
             return self._list(REPO_TYPES[m.group(1)], query, user)
@@ -614,6 +661,84 @@ class HubServer:
             return self._resolve(rt, unquote(m.group(2)), unquote(m.group(3)), unquote(m.group(4)), headers, user,
                                  method)
         raise _HubError(404, f"no route for {method} {path}")
+
+    # ------------------------------------------------------------------ webhooks
+    def _webhooks_api(self, method: str, path: str, body: bytes, user: str | None) -> tuple[int, dict, bytes]:
+        if user is None:
+            raise _HubError(401, "Invalid credentials in Authorization header")
+        m = re.fullmatch(r"/api/settings/webhooks(?:/([^/]+))?", path)
+        if m is None:
+            raise _HubError(404, f"no route for {method} {path}")
+        hook_id = m.group(1)
+        if hook_id is None and method == "GET":
+            return self._json([self._webhook_json(h) for h in self.webhooks.values() if h["owner"] == user])
+        if hook_id is None and method == "POST":
+            d = json.loads(body or b"{}")
+            watched = d.get("watched")
+            if not d.get("url") or not isinstance(watched, list) or not watched or \
+                    any(w.get("type") not in ("user", "org", "model", "dataset", "space") for w in watched):
+                raise _HubError(400, "url and watched items (type, name) are required")
+            hook_id = hashlib.sha1(f"{user}\0{next(self._counter)}".encode()).hexdigest()[:24]
+            self.webhooks[hook_id] = {"id": hook_id, "owner": user, "url": d["url"], "watched": watched,
+                                      "domains": d.get("domains") or ["repo", "discussion"],
+                                      "secret": d.get("secret"), "disabled": False}
+            return self._json({"webhook": self._webhook_json(self.webhooks[hook_id])})
+        hook = self.webhooks.get(hook_id or "")
+        if hook is None or hook["owner"] != user:
+            raise _HubError(404, "Webhook not found")
+        if method == "GET":
+            return self._json({"webhook": self._webhook_json(hook)})
+        if method == "DELETE":
+            del self.webhooks[hook["id"]]
+            return self._json({})
+        raise _HubError(405, f"{method} not allowed")
+
+    @staticmethod
+    def _webhook_json(h: dict[str, Any]) -> dict[str, Any]:
+        return {k: h[k] for k in ("id", "url", "watched", "domains", "secret", "disabled")}
+
+    def send_webhook(self, repo_id: str, *, old_sha: str | None = None, scope: str = "repo.content",
+                     repo_type: str = "model", wait: bool = False) -> list[threading.Thread]:
+        """Call every enabled webhook watching ``repo_id`` with a ``scope`` event about its current head."""
+        owner = repo_id.split("/")[0]
+        with self._lock:
+            head = self.head(repo_id, repo_type)
+            hooks = [dict(h) for h in self.webhooks.values() if not h["disabled"] and any(
+                (w["type"] in ("user", "org") and w["name"] == owner) or (w["type"] == repo_type and w["name"] == repo_id)
+                for w in h["watched"])]
+        payload = {"event": {"action": "update", "scope": scope},
+                   "repo": {"type": repo_type, "name": repo_id, "id": hashlib.md5(repo_id.encode()).hexdigest()[:24],
+                            "private": False, "headSha": head,
+                            "url": {"web": f"{self.url}/{repo_id}", "api": f"{self.url}/api/{repo_type}s/{repo_id}"}},
+                   "updatedRefs": [{"ref": "refs/heads/main", "oldSha": old_sha, "newSha": head}]}
+        threads = []
+        for h in hooks:
+            t = threading.Thread(target=self._deliver, args=(h, repo_id, {**payload, "webhook": {"id": h["id"],
+                                                                                                   "version": 3}}),
+                                 name="hubserver-webhook", daemon=True)
+            t.start()
+            threads.append(t)
+        if wait:
+            for t in threads:
+                t.join(60)
+        return threads
+
+    def _deliver(self, hook: dict[str, Any], repo_id: str, payload: dict[str, Any]) -> None:
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(hook["url"], data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              "X-Webhook-Secret": hook.get("secret") or ""})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                status, text = resp.status, resp.read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as e:
+            status, text = e.code, e.read().decode("utf-8", "replace")
+        except OSError as e:
+            status, text = None, f"{type(e).__name__}: {e}"
+        with self._lock:
+            self.deliveries.append((hook["id"], repo_id, status, text))
 
     def _list(self, repo_type: str, query: dict, user: str | None) -> tuple[int, dict, bytes]:
         q1 = {k: v[-1] for k, v in query.items()}

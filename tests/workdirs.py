@@ -101,6 +101,7 @@ def make_workdir(root: Path, *, model: str = "Tiny-Instruct", source_repo: str |
                     files=rfiles, publishable=publishable,
                     reasons=[] if publishable else ["BF16 conversion disagrees with the source model"],
                     seconds={}, chart="size-vs-kld.png" if chart else None)
+    report.file_hashes = WorkDir(wd).content(Ladder.from_json(ladder))  # what the evaluation measured
     WorkDir(wd).write_ladder(Ladder.from_json(ladder))
     WorkDir(wd).write_report(report)
     return wd

@@ -1,4 +1,5 @@
-"""The bot's commands: ``run``, ``watch --once``, ``enqueue``, ``status``, ``retry``, ``cancel``, ``skip``/``unskip``.
+"""The bot's commands: ``run``, ``watch --once``, ``enqueue``, ``status``, ``retry``, ``cancel``, ``skip``/``unskip``,
+``serve`` (the status page alone) and ``webhook create|list|delete``.
 
 Every command reads the settings (``--config FILE``, else ``$GGUFBOT_CONFIG``, else built-in defaults, plus
 ``GGUFBOT_<SECTION>__<KEY>`` variables) and opens the state store they name.
@@ -65,6 +66,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("repo", metavar="REPO")
     p.set_defaults(func=cmd_unskip)
 
+    p = sub.add_parser("serve", parents=[common], help="the status page, JSON API, /metrics and the Hub webhook alone",
+                       description="Serve the status page against the settings' database (the one `run` uses, or "
+                       "the shared PostgreSQL) without running jobs. Stops on SIGTERM/SIGINT.")
+    p.add_argument("--listen", metavar="HOST:PORT", help="default: [web] listen, else 127.0.0.1:8080")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("webhook", help="manage the bot's Hub webhooks (create, list, delete)")
+    wsub = p.add_subparsers(dest="webhook_command", metavar="ACTION")
+    wsub.required = True
+    w = wsub.add_parser("create", parents=[common], help="a webhook on the configured authors, calling URL")
+    w.add_argument("--url", required=True, help="where the Hub sends calls: https://HOST/webhooks/hub")
+    w.add_argument("--author", action="append", default=None,
+                   help="watch this author (repeatable; default: the authors of the configured sources)")
+    w.add_argument("--user", action="append", default=[],
+                   help="an author that is a user, not an organisation (repeatable)")
+    w.set_defaults(func=cmd_webhook_create)
+    w = wsub.add_parser("list", parents=[common], help="the token's webhooks")
+    w.add_argument("--json", action="store_true", help="machine-readable output")
+    w.set_defaults(func=cmd_webhook_list)
+    w = wsub.add_parser("delete", parents=[common], help="delete webhook ID")
+    w.add_argument("id", metavar="ID")
+    w.set_defaults(func=cmd_webhook_delete)
+
 
 # --------------------------------------------------------------------------------------------------
 
@@ -98,7 +122,82 @@ def cmd_run(args: argparse.Namespace) -> int:
     tc = tc_mod.find(required=True)  # fail at start, not in the middle of the first job
     bot = _bot(s, toolchain=tc)
     print(f"ggufbot run: state in {_safe_url(s.database_url)}; {bot.publish_note}", file=sys.stderr)
-    return bot.serve(exit_when_idle=args.exit_when_idle, poll=not args.no_poll)
+    web = None
+    if s.web.listen:
+        from bot.web import StatusSite, WebServer
+
+        site = StatusSite(s, bot.store, watcher=bot.watcher, hub_url=bot.hub.endpoint,
+                          health=lambda: bot.scheduler is not None and bot.scheduler.running)
+        web = WebServer(site, s.web.listen).start()
+        print(f"ggufbot run: status page on {web.url}", file=sys.stderr)
+    try:
+        return bot.serve(exit_when_idle=args.exit_when_idle, poll=not args.no_poll)
+    finally:
+        if web is not None:
+            web.stop()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bot.hub import Hub
+    from bot.watcher import Watcher
+    from bot.web import StatusSite, WebServer
+
+    s = _settings(args)
+    st = _store(s)
+    hub = Hub(token=s.token, endpoint=s.hub.endpoint)
+    site = StatusSite(s, st, watcher=Watcher(s, st, hub), hub_url=hub.endpoint)
+    server = WebServer(site, args.listen or s.web.listen or "127.0.0.1:8080")
+    print(f"ggufbot serve: state in {_safe_url(s.database_url)}; status page on "
+          f"http://{server.server.config.host}:{server.server.config.port}", file=sys.stderr)
+    server.run()
+    st.close()
+    return 0
+
+
+def _webhook_hub(args: argparse.Namespace):
+    from bot.hub import Hub
+
+    s = _settings(args)
+    return s, Hub(token=s.token, endpoint=s.hub.endpoint)
+
+
+def cmd_webhook_create(args: argparse.Namespace) -> int:
+    from bot.settings import read_secret_file
+    from converters.errors import ConfigError
+
+    s, hub = _webhook_hub(args)
+    if not s.web.webhook_secret_file:
+        raise ConfigError("web.webhook_secret_file: needed to create a webhook (the Hub sends its secret back)",
+                          key="web.webhook_secret_file")
+    authors = args.author or sorted({src.author for src in s.sources if src.author})
+    if not authors:
+        raise ConfigError("no author to watch: give --author or configure sources with an author", key="sources")
+    watched = [("user" if a in args.user else "org", a) for a in authors]
+    hook = hub.create_webhook(args.url, watched, secret=read_secret_file(s.web.webhook_secret_file,
+                                                                         "web.webhook_secret_file"))
+    print(f"created webhook {hook.id} -> {hook.url} watching {', '.join(f'{t}:{n}' for t, n in hook.watched)}")
+    return 0
+
+
+def cmd_webhook_list(args: argparse.Namespace) -> int:
+    _, hub = _webhook_hub(args)
+    hooks = hub.list_webhooks()
+    if args.json:
+        print(json.dumps([h.to_json() for h in hooks], indent=2))
+        return 0
+    for h in hooks:
+        print(f"{h.id} {h.url} {'disabled' if h.disabled else 'enabled'}: "
+              f"{', '.join(f'{t}:{n}' for t, n in h.watched)}")
+    if not hooks:
+        print("no webhooks")
+    return 0
+
+
+def cmd_webhook_delete(args: argparse.Namespace) -> int:
+    _, hub = _webhook_hub(args)
+    hub.delete_webhook(args.id)
+    print(f"deleted webhook {args.id}")
+    return 0
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -137,28 +236,16 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    s = _settings(args)
-    st = _store(s)
-    job = _job(st, args.job)
-    now = time.time()
-    src = job.status
-    if src == J.Status.RETRYING:
-        st.transition(job.id, J.Status.QUEUED, now=now, message="retry now (operator)", not_before=None)
-    else:
-        J.check(src, J.Status.QUEUED)
-        st.transition(job.id, J.Status.QUEUED, now=now, message=f"retry (operator) after {src.value}", attempts=0,
-                      error_type=None, error_message=None, not_before=None, finished_at=None, worker_id=None)
+    st = _store(_settings(args))
+    src, job = J.operator_retry(st, args.job, now=time.time())
     print(f"job {job.id} {job.repo}: {src.value} -> queued")
     return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    s = _settings(args)
-    st = _store(s)
-    job = _job(st, args.job)
-    J.check(job.status, J.Status.CANCELLED)
-    st.transition(job.id, J.Status.CANCELLED, now=time.time(), message="cancelled by the operator")
-    extra = " (its worker stops at the next step)" if job.status == J.Status.RUNNING else ""
+    st = _store(_settings(args))
+    src, job = J.operator_cancel(st, args.job, now=time.time())
+    extra = " (its worker stops at the next step)" if src == J.Status.RUNNING else ""
     print(f"job {job.id} {job.repo}: cancelled{extra}")
     return 0
 
@@ -184,53 +271,17 @@ def cmd_unskip(args: argparse.Namespace) -> int:
     return 0
 
 
-def _job(st, job_id: int):
-    from converters.errors import StateError
-
-    job = st.job(job_id)
-    if job is None:
-        raise StateError(f"no job {job_id}")
-    return job
-
-
 # --------------------------------------------------------------------------------------------------
 # status
 # --------------------------------------------------------------------------------------------------
-
-
-def status_data(st, settings, now: float, limit: int = 10) -> dict[str, Any]:
-    def job_row(j) -> dict[str, Any]:
-        return {"id": j.id, "repo": j.repo, "revision": j.revision, "status": j.status.value, "stage": j.stage,
-                "progress": j.progress, "attempts": j.attempts, "max_attempts": j.max_attempts, "reason": j.reason,
-                "error_type": j.error_type, "error_message": j.error_message, "worker_id": j.worker_id,
-                "heartbeat_age_s": round(now - j.heartbeat_at, 1) if j.heartbeat_at else None,
-                "not_before": j.not_before, "target_repo": j.target_repo, "created_at": j.created_at,
-                "finished_at": j.finished_at, "variants": list((j.result or {}).get("variants") or [])
-                if isinstance(j.result, dict) else []}
-
-    skipped = [m for m in st.models(limit=200) if m.decision in ("skipped", "unchanged")][:limit]
-    return {
-        "publishing": settings.will_publish,
-        "publish_note": None if settings.will_publish else (
-            "no Hub token (HF_TOKEN): jobs are converted but not published" if settings.target.publish
-            else "publishing is turned off (target.publish = false)"),
-        "counts": st.counts(),
-        "queue": [job_row(j) for j in st.jobs([J.Status.QUEUED, J.Status.RETRYING], limit=limit)],
-        "running": [job_row(j) for j in st.jobs([J.Status.RUNNING], limit=limit)],
-        "published": [job_row(j) for j in st.jobs([J.Status.PUBLISHED, J.Status.CONVERTED], limit=limit,
-                                                   newest_first=True)],
-        "failed": [job_row(j) for j in st.jobs([J.Status.FAILED, J.Status.CANCELLED], limit=limit, newest_first=True)],
-        "skipped": [{"repo": m.repo, "sha": m.sha, "code": m.code, "reason": m.reason, "manual": m.manual_skip}
-                    for m in skipped],
-        "sources": [{"source": r.key, "mark": r.mark, "last_poll_at": r.last_poll_at, "last_ok_at": r.last_ok_at,
-                     "polls": r.polls, "failures": r.failures, "last_error": r.last_error} for r in st.sources()],
-    }
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     s = _settings(args)
     st = _store(s)
     now = time.time()
+    from bot.status import status_data
+
     data = status_data(st, s, now, limit=args.limit)
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bot.commands import stderr
+from bot.commands import deprecated_alias, figures, stderr
 from converters import checkpoint as ckpt_mod
 from converters import pipeline, quants, toolchain
 from converters.errors import ConfigError, InputError, UnsupportedModel
+from converters.report import PASSED
 from converters.stages import free_bytes
 from converters.workdir import Ladder, WorkDir
 
@@ -30,18 +31,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"comma list of quant types or a preset ({', '.join(quants.LADDERS)}); default: default")
     p.add_argument("--calibration", help="calibration text: FILE, URL or hf://datasets/OWNER/NAME/PATH "
                    "(default: the GGUF-my-repo calibration file, fetched once and cached)")
-    p.add_argument("--chunks", type=int, default=None, help="calibration chunks (default: all of the text)")
-    p.add_argument("--ctx", type=int, default=512, help="calibration context length (default 512)")
+    p.add_argument("--calibration-chunks", type=int, default=None, metavar="N",
+                   help="chunks of the calibration text for the imatrix (default: all of the text)")
+    deprecated_alias(p, "--chunks", "--calibration-chunks", type=int)
+    p.add_argument("--ctx", type=int, default=512, metavar="N",
+                   help="tokens per calibration chunk (default 512; the evaluation scores chunks of 512)")
     p.add_argument("--no-imatrix", action="store_true", help="quantize without an importance matrix")
     p.add_argument("--outtype", default="bf16", choices=["bf16", "f16", "f32"], help="reference GGUF type")
     p.add_argument("--jobs", type=int, default=1, help="quant types to build in parallel (default 1)")
     p.add_argument("--split-max-size", default="45G", help="split files larger than this (e.g. 45G, 500M)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
-    p.add_argument("--allow-remote-code", action="store_true",
-                   help="accept models whose config has auto_map (their code is still never executed)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation and checks")
     p.add_argument("--eval-text", help="evaluation text: FILE, URL or hf://... (never the calibration text)")
-    p.add_argument("--eval-chunks", type=int, default=None, help="evaluation chunks (default: evaluator's choice)")
+    p.add_argument("--eval-chunks", type=int, default=None, metavar="N",
+                   help="chunks of the evaluation text to score (default 64)")
     p.add_argument("--publish", action="store_true",
                    help="publish the result to the Hub (the quants that passed the gate, one commit)")
     p.add_argument("--repo", help="with --publish: target repo ORG/NAME (default: {namespace}/{model}-GGUF)")
@@ -77,14 +80,14 @@ def _split_source(source: str, revision: str | None) -> tuple[str, str | None]:
     return source, revision
 
 
-def _hub_info(repo: str, revision: str | None, allow_remote_code: bool):
+def _hub_info(repo: str, revision: str | None):
     """Model facts from the Hub, refusing pickle-only and remote-code repos before anything is downloaded."""
     from bot import rules
     from bot.hub import Hub
 
     hub = Hub()
     info = hub.model_info(repo, revision)
-    why = rules.convert_refusal(info, allow_remote_code=allow_remote_code)
+    why = rules.convert_refusal(info)
     if why is not None:
         raise UnsupportedModel(why, repo=repo)
     return hub, info
@@ -132,12 +135,12 @@ def convert_spec(args: argparse.Namespace, source: Any, model_name: str) -> Any:
     return JobSpec(
         source=source, model_name=model_name,
         ladder=pipeline.LadderOptions(ladder=tuple(q.name for q in ladder), outtype=args.outtype, imatrix=imatrix,
-                                      calibration=cal, calibration_chunks=args.chunks, ctx=args.ctx,
+                                      calibration=cal, calibration_chunks=args.calibration_chunks, ctx=args.ctx,
                                       split_max_bytes=parse_size(args.split_max_size), jobs=args.jobs),
         evaluation=EvalSettings(eval_text, chunks=args.eval_chunks) if eval_text is not None else None,
         publish=PublishTarget(repo_id=args.repo, private=args.private) if args.publish else None,
         fetch=FetchPolicy(patterns=ckpt_mod.FETCH_PATTERNS, need_bytes=cli_disk_need),
-        rules=CheckpointRules(allow_remote_code=args.allow_remote_code, check_architecture=True))
+        rules=CheckpointRules(check_architecture=True))
 
 
 def _dry_run(args: argparse.Namespace, spec: Any, info: Any, tc: Any) -> int:
@@ -145,7 +148,7 @@ def _dry_run(args: argparse.Namespace, spec: Any, info: Any, tc: Any) -> int:
     if spec.source.path is None:
         ck = _hub_checkpoint_facts(info, supported)
     else:
-        ck = ckpt_mod.inspect(spec.source.path, allow_remote_code=args.allow_remote_code, supported=supported)
+        ck = ckpt_mod.inspect(spec.source.path, supported=supported)
     p = pipeline.plan(ck, args.out, model_name=spec.model_name, options=spec.ladder,
                       source_repo=spec.source.repo, source_revision=spec.source.revision)
     print(json.dumps(p.to_json(), indent=2) if args.json else p.describe())
@@ -153,7 +156,7 @@ def _dry_run(args: argparse.Namespace, spec: Any, info: Any, tc: Any) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from bot.commands import CLI_HOOKS
+    from bot.commands import cli_hooks
     from bot.job import Source, run_job
 
     if args.publish and args.no_eval:
@@ -168,7 +171,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if local.is_dir():
         src = Source(path=local)
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-        hub, info = _hub_info(source, revision, args.allow_remote_code)
+        hub, info = _hub_info(source, revision)
         src = Source(repo=source, revision=info.sha)
     else:
         raise InputError(f"source {source!r} is neither a folder nor a Hub repo id (ORG/NAME)")
@@ -179,7 +182,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from bot.hub import Hub
 
         hub = Hub()
-    result = run_job(spec, out, CLI_HOOKS, toolchain=tc, hub=hub)
+    with cli_hooks() as hooks:
+        result = run_job(spec, out, hooks, toolchain=tc, hub=hub)
     if args.json:
         print(json.dumps(result.ladder.to_json(), indent=2))
     else:
@@ -192,14 +196,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _print_ladder(ladder: Ladder, out: Path, seconds: float) -> None:
+    """The files, largest first, with what the evaluation measured and, for a refused file, why."""
     wd = WorkDir(out)
-    status = {f.type: f.status for f in wd.report().files} if wd.has_report() else {}
+    results = {f.type: f for f in wd.report().files} if wd.has_report() else {}
     print(f"{ladder.model_name}: {len(ladder.files)} files in {out} ({seconds:.0f} s)")
-    print(f"{'type':<10} {'size':>10} {'bpw':>6}  {'status':<8} file")
+    print(f"{'type':<10} {'size':>10} {'bpw':>6}  {'status':<7} {'mean KLD':>18} {'same top token':>16}  file")
     for f in sorted(ladder.files, key=lambda f: -f.size):
-        st = status.get(f.type, "-")
-        print(f"{f.type:<10} {f.size / 1e6:>8.1f}MB {f.bpw or 0:>6.2f}  {st:<8} {f.path}"
-              + (f" (+{len(f.parts) - 1} parts)" if len(f.parts) > 1 else ""))
+        r = results.get(f.type)
+        kld, top, _ = figures(r.stats if r else None)
+        print(f"{f.type:<10} {f.size / 1e6:>8.1f}MB {f.bpw or 0:>6.2f}  {r.status if r else '-':<7} {kld:>18} "
+              f"{top:>16}  {f.path}" + (f" (+{len(f.parts) - 1} parts)" if len(f.parts) > 1 else ""))
+        for reason in (r.reasons if r and r.status != PASSED else ()):
+            print(f"    - {reason}")
     if ladder.imatrix:
         print(f"imatrix    {ladder.imatrix.gguf}, {ladder.imatrix.dat}")
 

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from bot.commands import deprecated_alias, figures
 from converters.errors import InputError
 from converters.hooks import PROGRESS, Event, Hooks
 from converters.workdir import LADDER_FILE, WorkDir
@@ -21,8 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", type=Path, help="work directory with ladder.json")
     p.add_argument("--eval-text", help="evaluation text: FILE, URL or hf://... (default: WikiText-2 test split; "
                    "never the calibration text)")
-    p.add_argument("--chunks", type=int, default=None, help="chunks of --ctx tokens to score (default 64)")
-    p.add_argument("--ctx", type=int, default=512, help="context length per chunk (default 512)")
+    p.add_argument("--eval-chunks", type=int, default=None, metavar="N",
+                   help="chunks of the evaluation text to score (default 64)")
+    deprecated_alias(p, "--chunks", "--eval-chunks", type=int)
+    p.add_argument("--ctx", type=int, default=512, metavar="N", help="tokens per evaluation chunk (default 512)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all)")
     p.add_argument("--source", type=Path, default=None,
                    help="source checkpoint folder (default: ladder.json source.path)")
@@ -30,8 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="measure against this base-logits file (a teacher's BF16) instead of the own reference")
     p.add_argument("--ceiling", action="append", default=[], metavar="TYPE=KLD",
                    help="mean-KLD ceiling for a quant type (or default=KLD); repeatable")
-    p.add_argument("--hf-compare-max-params", type=float, default=3e9,
-                   help="largest model compared with transformers (parameters; default 3e9)")
+    p.add_argument("--hf-compare-max-memory-gb", type=float, default=None, metavar="GB",
+                   help="RAM for the source model in the transformers comparison; the rest of its weights go to "
+                        "disk (default: 3/4 of the available memory)")
+    p.add_argument("--allow-unchecked-source", action="store_true",
+                   help="publishable even when the BF16-vs-source comparison could not run (the card says so)")
     p.add_argument("--hf-compare-chunks", type=int, default=2, help="chunks for the transformers comparison")
     p.add_argument("--json", action="store_true", help="print report.json")
     p.set_defaults(func=cmd_evaluate)
@@ -67,11 +73,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     text = resolve_text(args.eval_text or DEFAULT_EVALUATION)
 
     options = evaluate.EvalOptions(
-        eval_text=text.path, eval_text_name=text.name, eval_text_source=text.source, chunks=args.chunks,
+        eval_text=text.path, eval_text_name=text.name, eval_text_source=text.source, chunks=args.eval_chunks,
         ctx=args.ctx, threads=args.threads, source_dir=args.source, reference_logits=args.reference_logits,
-        hf_compare_max_params=int(args.hf_compare_max_params), hf_compare_chunks=args.hf_compare_chunks,
+        hf_compare_max_memory=int(args.hf_compare_max_memory_gb * 1e9) if args.hf_compare_max_memory_gb else None,
+        hf_compare_chunks=args.hf_compare_chunks, require_source_check=not args.allow_unchecked_source,
         ceilings=parse_ceilings(args.ceiling) or None)
-    report = evaluate.run(args.dir, options, hooks=_StepLines())
+    from bot.commands import TtyHooks, cli_hooks
+
+    with cli_hooks() as hooks:  # bars on a terminal, else one line per step
+        report = evaluate.run(args.dir, options, hooks=hooks if isinstance(hooks, TtyHooks) else _StepLines())
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return 0 if report.publishable else 2
@@ -82,10 +92,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  check {name:<15} {c.status:<8} {c.detail}")
     print(f"{'type':<10} {'status':<7} {'KLD':>18} {'same top p':>16} {'PPL ratio':>10}")
     for f in report.files:
-        s = f.stats
-        kld = f"{s.kld_mean:.5f} ± {s.kld_mean_err:.5f}" if s else "-"
-        top = f"{100 * s.same_top_p:.2f} ± {100 * s.same_top_p_err:.2f} %" if s else "-"
-        ratio = f"{s.ppl_ratio:.4f}" if s else "-"
+        kld, top, ratio = figures(f.stats)
         print(f"{f.type:<10} {f.status:<7} {kld:>18} {top:>16} {ratio:>10}")
         for r in f.reasons:
             print(f"    - {r}")

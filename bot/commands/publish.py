@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from converters.errors import InputError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("publish", help="publish a finished work directory to the Hub (one atomic commit)",
@@ -19,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--namespace", help="{org} of the template (default: the token's user)")
     p.add_argument("--quantized-by", help="the card's quantized_by (default: the namespace)")
     p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--adopt", action="store_true",
+                   help="with --repo: write to that repo even without the ggufbot tag in its card (made by hand or "
+                        "another tool); a repo of another source is still refused")
     p.add_argument("--config", type=Path, help="settings file (token file, endpoint, target namespace/template)")
     p.add_argument("--dry-run", action="store_true", help="print the plan as JSON and upload nothing")
     p.set_defaults(func=cmd_publish)
@@ -28,8 +33,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from bot.hub import Hub
     from bot.publish import DEFAULT_REPO_TEMPLATE, PublishOptions, publish
 
+    from bot.target import TargetPolicy
+
     token = endpoint = None
     namespace, template, private = args.namespace, args.repo_template, args.private
+    policy = TargetPolicy()
     if args.config is not None:
         from bot import settings as settings_mod
 
@@ -38,10 +46,24 @@ def cmd_publish(args: argparse.Namespace) -> int:
         namespace = namespace or s.target.namespace
         template = template or s.target.repo_template
         private = private or s.target.private
+        policy = TargetPolicy(on_collision=s.target.on_collision, adopt=tuple(s.target.adopt))
+    if args.adopt:
+        if not args.repo:
+            raise InputError("--adopt needs --repo: name the repo to adopt")
+        policy = TargetPolicy(on_collision=policy.on_collision, adopt=(*policy.adopt, args.repo))
     options = PublishOptions(repo_id=args.repo, repo_template=template or DEFAULT_REPO_TEMPLATE,
-                             namespace=namespace, private=private, quantized_by=args.quantized_by)
+                             namespace=namespace, private=private, quantized_by=args.quantized_by, policy=policy)
+    from bot.commands import TtyHooks, cli_hooks
+    from converters.hooks import END, START, Event
+
     hub = Hub(token=token, endpoint=endpoint)
-    plan, result = publish(args.workdir, hub, options, dry_run=args.dry_run)
+    with cli_hooks() as hooks:  # a spinner and the time taken on a terminal; nothing more otherwise
+        tty = isinstance(hooks, TtyHooks)
+        if tty:
+            hooks.progress(Event("publish", START))
+        plan, result = publish(args.workdir, hub, options, dry_run=args.dry_run)
+        if tty:
+            hooks.progress(Event("publish", END))
     if result is None:
         print(json.dumps(plan.describe(), indent=2))
         return 0

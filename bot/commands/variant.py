@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bot.commands import deprecated_alias
 from converters.errors import ConfigError, InputError
 
 
@@ -44,12 +45,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "variant's on the card")
     p.add_argument("--ladder", default="default", help="comma list of quant types or a preset (default: default)")
     p.add_argument("--calibration", help="calibration text: FILE, URL or hf://... (pruning, healing and imatrix)")
-    p.add_argument("--chunks", type=int, default=None, help="imatrix calibration chunks (default: all)")
-    p.add_argument("--ctx", type=int, default=512, help="imatrix context length (default 512)")
+    p.add_argument("--calibration-chunks", type=int, default=None, metavar="N",
+                   help="chunks of the calibration text for the imatrix (default: all)")
+    deprecated_alias(p, "--chunks", "--calibration-chunks", type=int)
+    p.add_argument("--ctx", type=int, default=512, metavar="N", help="tokens per calibration chunk (default 512)")
     p.add_argument("--no-imatrix", action="store_true", help="quantize without an importance matrix")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation against the teacher")
     p.add_argument("--eval-text", help="evaluation text: FILE, URL or hf://... (never the calibration text)")
-    p.add_argument("--eval-chunks", type=int, default=None, help="evaluation chunks (default: evaluator's choice)")
+    p.add_argument("--eval-chunks", type=int, default=None, metavar="N",
+                   help="chunks of the evaluation text to score (default 64)")
     p.add_argument("--publish", action="store_true", help="publish the variant as its own repo when done")
     p.add_argument("--namespace", help="{org} of the variant repo (default: the token's user)")
     p.add_argument("--repo", help="explicit target repo ORG/NAME")
@@ -104,7 +108,7 @@ def cmd_variant(args: argparse.Namespace) -> int:
             raise InputError("the evaluation text is the calibration text: a variant must not be judged on the "
                              "text it was pruned and healed on")
     started = time.monotonic()
-    from bot.commands import CLI_HOOKS, stderr
+    from bot.commands import cli_hooks, stderr
     from bot.job import JobSpec, Source, run_job
     from converters.job import EvalSettings
     from converters.pipeline import LadderOptions
@@ -116,10 +120,11 @@ def cmd_variant(args: argparse.Namespace) -> int:
         hub, target = _publish_target(args)
     spec = JobSpec(source=Source(repo=args.source_repo), model_name=variants.model_name(teacher_model, recipe),
                    ladder=LadderOptions(ladder=args.ladder, imatrix=not args.no_imatrix, calibration=cal,
-                                        calibration_chunks=args.chunks, ctx=args.ctx),
+                                        calibration_chunks=args.calibration_chunks, ctx=args.ctx),
                    evaluation=EvalSettings(eval_text, chunks=args.eval_chunks) if eval_text is not None else None,
                    publish=target, variant_of=v)
-    result = run_job(spec, args.out, CLI_HOOKS, toolchain=tc, hub=hub)
+    with cli_hooks() as hooks:
+        result = run_job(spec, args.out, hooks, toolchain=tc, hub=hub)
     info = variants.load_info(args.out) or {}
     if result.published is not None:
         p = result.published

@@ -25,7 +25,7 @@ import pytest
 
 from bot import jobs as J
 from bot.store import Store
-from tests.bot_fixtures import checkpoint_files, populate
+from tests.bot_fixtures import bot_config, checkpoint_files, populate
 from tests.hub_fixtures import TEST_USER, default_tokens
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
@@ -43,33 +43,8 @@ class World:
         self.tmp = tmp
         self.ckpt = ckpt
         self.data = tmp / "data"
-        self.config = tmp / "ggufbot.toml"
-        self.config.write_text(f"""
-data_dir = "{self.data}"
-
-[[sources]]
-author = "{AUTHOR}"
-lookback_days = 2
-
-[limits]
-max_model_gb = 1.0
-min_free_disk_gb = 0.1
-
-[quantize]
-ladder = "Q8_0,Q4_K_M"
-calibration_text = "{cal}"
-evaluation_text = "{ev}"
-calibration_chunks = 2
-evaluation_chunks = 2
-ctx = 256
-
-[schedule]
-poll_minutes = 60
-dispatch_seconds = 0.5
-heartbeat_seconds = 1
-stale_after_seconds = 5
-retry_base_seconds = 1
-""")
+        self.config = bot_config(tmp / "ggufbot.toml", data_dir=self.data, author=AUTHOR, calibration=cal,
+                                 evaluation=ev)
         self.store = Store(f"sqlite:///{self.data / 'ggufbot.db'}")
         self.logs = tmp / "logs"
         self.logs.mkdir()

@@ -49,7 +49,19 @@ def damage_corrupt(d):
         f.truncate(p.stat().st_size // 2)
 
 
+def damage_header(d):
+    # a crafted header: the dtype is a list (unhashable), the shape a string
+    raw = json.dumps({"w": {"dtype": ["F32"], "shape": "4x4", "data_offsets": [0, 64]}}).encode()
+    (d / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 64)
+
+
+def damage_weight_map(d):
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../../secret.safetensors"}}))
+
+
 BAD = [
+    ("crafted safetensors header", damage_header, "unknown dtype ['F32']"),
+    ("weight_map escape", damage_weight_map, "names unsafe files"),
     ("missing config", damage_missing_config, "no config.json"),
     ("malformed config", damage_bad_config, "malformed config.json"),
     ("unsupported architecture", damage_arch, "FancyNetForCausalLM is not supported"),
@@ -128,3 +140,25 @@ def test_toolchain_info_and_doctor(capsys, toolchain):
     out = capsys.readouterr().out
     assert code == 0, out
     assert toolchain.version in out and "free disk" in out and "transformers" in out and "all set" in out
+
+
+@pytest.mark.slow
+def test_the_summary_shows_the_measured_figures_and_why_a_file_was_refused(tiny, tmp_path, capsys, calibration_text,
+                                                                          eval_text, toolchain):
+    from bot.commands import figures
+    from converters.workdir import WorkDir
+
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli(capsys, tiny, "--out", out, "--ladder", "Q8_0,Q2_K", "--calibration", calibration_text,
+                              "--calibration-chunks", "2", "--ctx", "128", "--eval-text", eval_text,
+                              "--eval-chunks", "2")
+    assert code == 0
+    report = WorkDir(out).report()
+    rows = {line.split()[0]: line for line in stdout.splitlines()[2:] if line.split() and line.split()[0] in
+            {f.type for f in report.files}}
+    assert "mean KLD" in stdout.splitlines()[1] and "same top token" in stdout.splitlines()[1]
+    for f in report.files:
+        kld, top, _ = figures(f.stats)
+        assert f.stats is not None and kld in rows[f.type] and top in rows[f.type] and f.status in rows[f.type]
+        for reason in (f.reasons if f.status != "passed" else ()):
+            assert f"    - {reason}" in stdout

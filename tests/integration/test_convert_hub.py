@@ -27,7 +27,7 @@ def hub_with_model(hub_server, calibration_text):
 def test_convert_from_the_hub(hub_server, hub_with_model, tmp_path, capsys, toolchain):
     out = tmp_path / "work"
     code = main(["convert", "someorg/TinyLlama", "--out", str(out), "--ladder", "Q8_0",
-                 "--calibration", "hf://datasets/someorg/calib/texts/cal.txt", "--chunks", "2", "--ctx", "128",
+                 "--calibration", "hf://datasets/someorg/calib/texts/cal.txt", "--calibration-chunks", "2", "--ctx", "128",
                  "--no-eval"])
     stdout, err = capsys.readouterr()
     assert code == 0, err

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.llama]
 
 def convert_cmd(smollm2, out, calibration_text):
     return [sys.executable, "-m", "bot.cli", "convert", str(smollm2), "--out", str(out), "--ladder", SMOL_LADDER,
-            "--calibration", str(calibration_text), "--chunks", str(SMOL_CAL_CHUNKS), "--ctx", str(SMOL_CAL_CTX),
+            "--calibration", str(calibration_text), "--calibration-chunks", str(SMOL_CAL_CHUNKS), "--ctx", str(SMOL_CAL_CTX),
             "--no-eval", "--jobs", "1"]
 
 

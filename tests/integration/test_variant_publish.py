@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bot.hub import Hub
+from bot.publish import PublishOptions
 from bot.variants import publish_variant
 from converters import prune, variants
 from converters.distill import DistillConfig
@@ -37,7 +38,7 @@ def test_variant_publishes_with_its_card(hub_server: HubServer, tmp_path: Path, 
                                     teacher_model="Tiny-Instruct", source_repo=SOURCE)
     assert info["variant"]["layers"] == 1 and info["teacher"]["layers"] == 2
     hub = Hub()
-    res = publish_variant(wd, hub, namespace=TEST_ORG)
+    res = publish_variant(wd, hub, PublishOptions(namespace=TEST_ORG))
     target = f"{TEST_ORG}/Tiny-Instruct-prune-1-layer-kd-GGUF"
     assert res.repo_id == target and res.action == "create"
     files = hub_server.files(target)
@@ -63,5 +64,5 @@ def test_variant_publishes_with_its_card(hub_server: HubServer, tmp_path: Path, 
         assert str(tmp_path) not in text  # no path of this machine is published
 
     # publishing the same again makes no commit
-    again = publish_variant(wd, hub, namespace=TEST_ORG)
+    again = publish_variant(wd, hub, PublishOptions(namespace=TEST_ORG))
     assert again.action == "none"

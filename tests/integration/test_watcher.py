@@ -132,3 +132,29 @@ def test_listing_stops_at_the_mark_and_the_lookback(hub_server, tmp_path: Path) 
     res = watcher.poll(now=time.time())
     assert res.sources[0].listed <= 2 and res.decided == 1  # stops at the last-seen mark: one page, no more
     assert [p for _, p in hub_server.requests] == ["/api/models"]
+
+
+def test_a_squashed_repo_counts_as_changed_and_the_rest_of_the_poll_goes_on(setup) -> None:
+    """``super_squash_history`` (or a force-push) removes the revision last queued: the new one counts as changed,
+    the decision says why, and the other releases of the same author are still decided in the same poll."""
+    settings, store, watcher, hub = setup
+    repo, other = f"{AUTHOR}/{RELEASE}", f"{AUTHOR}/Other-Chat-1B"
+    hub.add_model(repo, release_files(), pipeline_tag="text-generation", config=SMALL_CONFIG,
+                  safetensors_params=1_000_000, card_data={"license": "mit"})
+    [first] = watcher.poll(now=time.time()).queued
+    old_sha = store.job(first).revision
+    new_sha = hub.squash(repo)
+    assert [c.sha for c in hub.commits(repo)] == [new_sha]
+    hub.add_model(other, release_files(), pipeline_tag="text-generation", config=SMALL_CONFIG,
+                  safetensors_params=1_000_000, card_data={"license": "mit"})
+    res = watcher.poll(now=time.time())
+    assert res.ok, res.to_json()
+    jobs = {store.job(j).repo: store.job(j) for j in res.queued}
+    assert set(jobs) == {repo, other}
+    assert jobs[repo].revision == new_sha
+    row = store.model(repo)
+    assert row.decision == "accepted" and row.sha == new_sha
+    assert f"earlier revision {old_sha[:12]} can no longer be read" in row.reason
+    assert "config.json" in row.reason and "model.safetensors" not in row.reason  # LFS hashes still compare
+    assert store.model(other).decision == "accepted"
+    assert watcher.poll(now=time.time()).queued == []

@@ -70,7 +70,7 @@ def test_context_metadata_and_files(tmp_path: Path) -> None:
     assert (meta["license"], meta["license_name"], meta["license_link"]) == ("other", "tiny-license", "LICENSE")
     assert meta["language"] == ["en", "fr"]
     assert meta["pipeline_tag"] == "text-generation"
-    assert meta["tags"] == ["gguf", "imatrix", "llama.cpp", "quantized"]
+    assert meta["tags"] == ["gguf", "imatrix", "llama.cpp", "quantized", "ggufbot"]
     assert meta["quantized_by"] == "team"
     assert meta["extra_gated_prompt"] == "Agree to the terms"
     assert meta["extra_gated_fields"] == {"Company": "text"}

@@ -10,6 +10,7 @@ import pytest
 from jinja2.exceptions import SecurityError
 
 from converters import chat
+from converters.errors import TemplateError
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -70,24 +71,47 @@ def test_render_as_transformers() -> None:
     ("{{ messages | tojson }}", '[{"role": "user", "content": "é"}]'),
     ("{{ messages | tojson(ensure_ascii=True) }}", '[{"role": "user", "content": "\\u00e9"}]'),
     ("{% for m in messages %}{{ m.role }}{% break %}{% endfor %}", "user"),
-    ("{{ strftime_now('%Y') }}", "FIXED %Y"),
+    ("{{ strftime_now('%Y') }}", "FIXED"),
 ])
 def test_render_features(template: str, expected: str) -> None:
-    got = chat.render(template, [{"role": "user", "content": "é"}], strftime_now=lambda f: f"FIXED {f}")
+    got = chat.render(template, [{"role": "user", "content": "é"}], fixed_date="FIXED")
     assert got == expected
 
 
 def test_raise_exception_and_sandbox() -> None:
-    with pytest.raises(jinja2.TemplateError, match="no system"):
+    with pytest.raises(TemplateError, match="no system"):
         chat.render("{{ raise_exception('no system') }}", [])
-    with pytest.raises(SecurityError):
+    with pytest.raises(TemplateError) as ei:
         chat.render("{{ messages.append(1) }}", [])  # immutable sandbox: no mutation
-    with pytest.raises(SecurityError):
+    assert ei.value.kind == SecurityError.__name__
+    with pytest.raises(TemplateError) as ei:
         chat.render("{{ ''.__class__.__mro__[1].__subclasses__() }}", [])
+    assert ei.value.kind == SecurityError.__name__
 
 
 def test_lenient_undefined_only_when_asked() -> None:
     tmpl = "{{ messages[0].meta.name }}ok"
-    with pytest.raises(jinja2.UndefinedError):
+    with pytest.raises(TemplateError) as ei:
         chat.render(tmpl, [{"role": "user", "content": "x"}])
+    assert ei.value.kind == jinja2.UndefinedError.__name__
     assert chat.render(tmpl, [{"role": "user", "content": "x"}], lenient=True) == "ok"
+
+
+LOOPS = "{% for a in range(100000) %}{% for b in range(100000) %}{% if a < 0 %}x{% endif %}{% endfor %}{% endfor %}"
+
+
+@pytest.mark.parametrize(("template", "kinds"), [
+    (LOOPS, {"cpu", "time"}),  # 10**10 silent iterations: the CPU-time limit
+    ("{{ 'x' * 10**10 }}", {"memory"}),  # the address-space limit
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", {"recursion"}),
+    ("{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}", {"output"}),
+])
+def test_a_hostile_template_fails_with_a_reason_within_seconds(template: str, kinds: set[str]) -> None:
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(TemplateError) as ei:
+        chat.render(template, [{"role": "user", "content": "x"}])
+    assert ei.value.kind in kinds, ei.value
+    assert time.monotonic() - t0 < chat.RENDER_SECONDS + 2
+

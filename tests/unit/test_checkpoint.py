@@ -75,15 +75,78 @@ def test_bad_checkpoints(tmp_path, name, kwargs, damage, err, text):
     assert text in msg and "\n" not in msg
 
 
-def test_remote_code_can_be_allowed(tmp_path):
+def test_remote_code_has_no_switch(tmp_path):
+    import inspect
+
+    assert "allow_remote_code" not in inspect.signature(ck.inspect).parameters
     d = make(tmp_path, config={**CONFIG, "auto_map": {"AutoModel": "m.M"}})
-    assert ck.inspect(d, allow_remote_code=True).architecture == "LlamaForCausalLM"
+    with pytest.raises(UnsupportedModel, match="never run"):
+        ck.inspect(d)
 
 
 def test_shard_index_with_missing_file(tmp_path):
     d = make(tmp_path, extra={"model.safetensors.index.json": json.dumps({"weight_map": {"x": "model-00002.safetensors"}})})
     with pytest.raises(InputError, match="missing files"):
         ck.inspect(d)
+
+
+def crafted(header: object, data: bytes = b"\0" * 64, length: int | None = None) -> bytes:
+    """A safetensors file with this JSON header (and a header length that may lie)."""
+    raw = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + data
+
+
+def _entry(**kw):
+    return {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64], **kw}
+
+
+HEADERS = [
+    ("shape not a list", crafted({"w": _entry(shape="4x4")}), "shape of 'w' is not a list"),
+    ("shape with a negative size", crafted({"w": _entry(shape=[-4, -4])}), "shape of 'w' is not a list"),
+    ("shape of strings", crafted({"w": _entry(shape=["4", "4"])}), "shape of 'w' is not a list"),
+    ("dtype a list", crafted({"w": _entry(dtype=["F32"])}), "unknown dtype ['F32']"),
+    ("dtype an object", crafted({"w": _entry(dtype={"a": 1})}), "unknown dtype"),
+    ("negative offsets", crafted({"w": _entry(data_offsets=[-64, 0])}), "lies outside the file"),
+    ("offsets not integers", crafted({"w": _entry(data_offsets=[0.0, 64.0])}), "are not two integers"),
+    ("offsets a string", crafted({"w": _entry(data_offsets="0-64")}), "are not two integers"),
+    ("overlapping tensors", crafted({"a": _entry(shape=[8], data_offsets=[0, 32]),
+                                     "b": _entry(shape=[8], data_offsets=[16, 48]),
+                                     "c": _entry(shape=[4], data_offsets=[48, 64])}), "two tensors overlap"),
+    ("header length past the end", crafted({"w": _entry()}, length=10**9), "does not fit the file"),
+    ("entry not an object", crafted({"w": [1, 2]}), "is not an object"),
+    ("nesting bomb", crafted(b"[" * 100000 + b"]" * 100000), "header is not JSON"),
+    ("header not an object", crafted([1, 2]), "header is not an object"),
+]
+
+
+@pytest.mark.parametrize("name,content,words", HEADERS, ids=[h[0] for h in HEADERS])
+def test_a_crafted_safetensors_header_is_one_clear_error(tmp_path, name, content, words):
+    d = make(tmp_path, weights=False, extra={"model.safetensors": content})
+    with pytest.raises(InputError) as ei:
+        ck.inspect(d)
+    msg = str(ei.value)
+    assert msg.startswith("corrupt safetensors model.safetensors: ") and words in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("target,words", [
+    ("../outside.safetensors", "unsafe files"), ("/etc/passwd", "unsafe files"), ("a\\..\\b", "unsafe files"),
+    (["model.safetensors"], "unsafe files"), ("link.safetensors", "outside the checkpoint"),
+])
+def test_weight_map_entries_are_checked_like_downloaded_names(tmp_path, target, words):
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(b"secret")
+    d = make(tmp_path, extra={"model.safetensors.index.json": json.dumps({"weight_map": {"w": target}})})
+    (d / "link.safetensors").symlink_to(outside)
+    (d / "link.safetensors").unlink() if target != "link.safetensors" else None
+    with pytest.raises(UnsupportedModel) as ei:
+        ck.inspect(d)
+    assert words in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_a_weight_map_inside_the_checkpoint_passes(tmp_path):
+    d = make(tmp_path, extra={"model.safetensors.index.json": json.dumps({"weight_map": {"w": "model.safetensors",
+                                                                                        "b": "./model.safetensors"}})})
+    assert ck.inspect(d).parameters == 40
 
 
 def test_supported_architectures_read_from_converter_source(tmp_path):
@@ -120,7 +183,7 @@ def test_remote_code_refusal(config, keys):
     if got:
         assert got.code == "remote_code"
         assert got.reason("tokenizer_config.json") == \
-            "needs trust_remote_code (tokenizer_config.json has auto_map); refused by default"
+            "needs trust_remote_code (tokenizer_config.json has auto_map); refused: remote code is never run"
 
 
 @pytest.mark.parametrize("name,result", [
@@ -129,3 +192,23 @@ def test_remote_code_refusal(config, keys):
 ])
 def test_is_result_file(name, result):
     assert ck.is_result_file(name) is result
+
+
+def test_a_hugging_face_cache_snapshot_with_a_shard_index_is_accepted(tmp_path):
+    """A snapshot of the Hub cache links its files to ``../../blobs``: that is inside the repo's cache folder."""
+    src = make(tmp_path, extra={"model.safetensors.index.json": json.dumps({"weight_map": {"w": "model.safetensors",
+                                                                                          "b": "model.safetensors"}})})
+    repo = tmp_path / "hub" / "models--acme--Tiny"
+    snap, blobs = repo / "snapshots" / ("a" * 40), repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in src.iterdir():
+        blob = blobs / f"blob-{f.name}"
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
+    assert ck.inspect(snap).parameters == 40
+    # a link out of the repo's cache folder is still refused
+    (snap / "model.safetensors").unlink()
+    (snap / "model.safetensors").symlink_to(src / "model.safetensors")
+    with pytest.raises(UnsupportedModel, match="outside the checkpoint"):
+        ck.inspect(snap)

@@ -119,22 +119,21 @@ def test_fetch_refusal(name: str, record: ModelRecord, cfg, code: str | None) ->
 
 CONVERT_CASES = [
     # ggufbot convert ORG/NAME: the converter's words, the same as checkpoint.inspect's
-    ("good", rec(), False, None),
-    ("pickle only", rec(files=(("config.json", 1, None), ("pytorch_model.bin", 9, "d" * 64))), False,
+    ("good", rec(), None),
+    ("pickle only", rec(files=(("config.json", 1, None), ("pytorch_model.bin", 9, "d" * 64))),
      "only pickle weights; refused: pickle can run code"),
-    ("no weights", rec(files=(("config.json", 1, None),)), False, "no safetensors weights"),
-    ("no files at all", rec(files=()), False, "no safetensors weights"),
-    ("auto_map", rec(config={"auto_map": {"AutoModel": "m.M"}}), False,
-     "needs trust_remote_code (config has auto_map); refused by default"),
-    ("auto_map allowed", rec(config={"auto_map": {"AutoModel": "m.M"}}), True, None),
-    ("pickle before auto_map", rec(files=(("model.pt", 1, None),), config={"auto_map": {"A": "m.M"}}), True,
+    ("no weights", rec(files=(("config.json", 1, None),)), "no safetensors weights"),
+    ("no files at all", rec(files=()), "no safetensors weights"),
+    ("auto_map", rec(config={"auto_map": {"AutoModel": "m.M"}}),
+     "needs trust_remote_code (config has auto_map); refused: remote code is never run"),
+    ("pickle before auto_map", rec(files=(("model.pt", 1, None),), config={"auto_map": {"A": "m.M"}}),
      "only pickle weights; refused: pickle can run code"),
 ]
 
 
-@pytest.mark.parametrize("name,record,allow,reason", CONVERT_CASES, ids=[c[0] for c in CONVERT_CASES])
-def test_convert_refusal(name: str, record: ModelRecord, allow: bool, reason: str | None) -> None:
-    assert convert_refusal(record, allow_remote_code=allow) == reason
+@pytest.mark.parametrize("name,record,reason", CONVERT_CASES, ids=[c[0] for c in CONVERT_CASES])
+def test_convert_refusal(name: str, record: ModelRecord, reason: str | None) -> None:
+    assert convert_refusal(record) == reason
 
 
 class FakeTextHub:

@@ -143,3 +143,16 @@ def test_concurrent_installs_build_once(tmp_path):
     assert len((tmp_path / "n").read_text().splitlines()) == 1  # the second waited and found the build
     leftovers = [p.name for p in (tmp_path / "cache" / "llama.cpp").iterdir() if ".build-" in p.name]
     assert leftovers == []
+
+
+def test_on_line_gets_what_a_program_flushed_without_ending_the_line():
+    """llama-imatrix prints its chunk counter as ``[1]5.81,[2]6.02,`` with no newline until the end: each flushed
+    piece reaches ``on_line`` while the program runs; lines split by ``\\r`` (progress bars) come one by one."""
+    seen: list[tuple[str, float]] = []
+    code = ("import sys, time\nfor i in (1, 2):\n    sys.stdout.write(f'[{i}]5.8,'); sys.stdout.flush(); time.sleep(0.5)\n"
+            "print(); print('10%\\r50%\\r100%')")
+    started = time.monotonic()
+    res = toolchain.run([sys.executable, "-c", code], on_line=lambda s: seen.append((s, time.monotonic())))
+    assert [s for s, _ in seen] == ["[1]5.8,", "[2]5.8,", "", "10%", "50%", "100%"]
+    assert seen[0][1] - started < res.seconds - 0.4  # the first piece came while the program was still running
+    assert res.stdout == "[1]5.8,[2]5.8,\n10%\r50%\r100%\n"

@@ -1,0 +1,46 @@
+"""``llama-imatrix``'s progress as progress events: the pinned program on a real (tiny) model and real text."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from converters import calibrate, checkpoint, convert
+from converters.calibrate import CalibrateOptions, TextFile
+from converters.hooks import PROGRESS, Event, Recorder
+from tests.models import tiny_random_checkpoint
+
+pytestmark = [pytest.mark.slow, pytest.mark.llama]
+
+
+class Timed(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.at: list[float] = []
+
+    def progress(self, event: Event) -> None:
+        super().progress(event)
+        self.at.append(time.monotonic())
+
+
+def test_imatrix_chunks_become_progress_events_with_an_eta(tmp_path, toolchain, calibration_text) -> None:
+    ck = checkpoint.inspect(tiny_random_checkpoint("llama"))
+    ref = convert.convert(ck, tmp_path, "tiny", toolchain=toolchain).record.outputs[0].path
+    hooks = Timed()
+    started = time.monotonic()
+    # 64-token chunks decoded 2 per pass (-b 128): 4 passes of the 8 chunks, each reported as it finishes
+    calibrate.calibrate(tmp_path / ref, tmp_path, "tiny", TextFile.of(calibration_text), toolchain=toolchain,
+                        options=CalibrateOptions(chunks=8, ctx=64, threads=2, extra_args=("-b", "128")), hooks=hooks)
+    ended = time.monotonic()
+    steps = [(e, t) for e, t in zip(hooks.events, hooks.at, strict=True) if e.kind == PROGRESS]
+    assert steps, hooks.events
+    assert all(e.stage == "calibrate" and e.text == "chunk" and e.total == 8 for e, _ in steps)
+    done = [e.done for e, _ in steps]
+    assert done[0] == 0 and done[-1] == 8 and done == sorted(done) and {2, 4, 6} <= set(done), done
+    etas = [e.data["eta_seconds"] for e, _ in steps[1:]]
+    assert all(isinstance(x, float) and x >= 0 for x in etas) and etas[-1] == 0.0
+    assert steps[-1][0].describe() == "chunk 8/8, ETA 0 s"
+    first_counted = next(t for e, t in steps if e.done and e.done < 8)
+    last_counted = next(t for e, t in steps if e.done == 8)
+    assert started < first_counted < last_counted - 0.1 < ended  # pass by pass while llama-imatrix ran

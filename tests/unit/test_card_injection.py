@@ -1,0 +1,85 @@
+"""Text from the source repo cannot break out of the bot's card: the chat example stays inside its code block,
+table cells stay plain text, and only the Hub's known gating keys pass, with plain-text values. The card is
+rendered as CommonMark (markdown-it-py, tables on) and the HTML is inspected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from markdown_it import MarkdownIt
+
+from bot import card, markdown
+from converters.report import Check
+from converters.workdir import WorkDir
+from tests.workdirs import make_workdir
+
+EVIL = "https://evil.example/x"
+# a template whose output closes any ``` fence, then adds a link, an image, raw HTML and a heading
+HOSTILE_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% endfor %}\n````\n"
+                    "[click](" + EVIL + ") ![img](" + EVIL + ".png) <script>alert(1)</script>\n# Owned\n````")
+SETTINGS = card.CardSettings(repo_id="team/Tiny-Instruct-GGUF", quantized_by="team", hub_url="http://hub.test")
+
+
+def html_of(text: str) -> str:
+    body = text.split("\n---\n", 1)[1]  # after the YAML front matter
+    return MarkdownIt("commonmark").enable("table").render(body)
+
+
+def build(tmp_path: Path, template: str | None, **facts) -> str:
+    wd = make_workdir(tmp_path, chat_template=template)
+    ladder, report = WorkDir(wd).ladder(), WorkDir(wd).report()
+    src = ladder.source
+    f = card.SourceFacts.from_checkpoint(Path(src.path), repo=src.repo, revision=src.revision, **facts)
+    return card.render(card.build_context(ladder, report, f, SETTINGS))
+
+
+def test_a_chat_example_cannot_close_its_fence_or_inject(tmp_path: Path) -> None:
+    text = build(tmp_path, HOSTILE_TEMPLATE)
+    html = html_of(text)
+    assert "````\n[click]" in text  # the example is there, whole...
+    assert "`````" in text  # ...inside a fence longer than its longest backtick run
+    assert EVIL not in html.replace(f"({EVIL}", "").replace(f"({EVIL}.png", "")  # only as code text
+    assert "<script>" not in html and "<img" not in html and "<h1>Owned" not in html
+    assert 'href="' + EVIL not in html
+    code = html.split("<pre><code>", 1)[1].split("</code></pre>", 1)[0]
+    assert "[click](" + EVIL in code and "&lt;script&gt;" in code
+
+
+def test_table_cells_and_sentences_from_the_source_are_plain_text(tmp_path: Path) -> None:
+    wd = make_workdir(tmp_path, chat_template=None)
+    ladder, report = WorkDir(wd).ladder(), WorkDir(wd).report()
+    hostile = f"x | y\n[a]({EVIL}) <img src=x onerror=alert(1)> www.evil.example `code` *b* {EVIL} me@evil.example"
+    report = report.__class__.from_json({**report.to_json(),
+                                         "checks": {"chat_template": Check.fail(hostile).to_json()}})
+    f = card.SourceFacts.from_checkpoint(Path(ladder.source.path), repo=ladder.source.repo)
+    html = html_of(card.render(card.build_context(ladder, report, f, SETTINGS)))
+    row = next(r for r in html.split("<tr>") if "<td>chat template</td>" in r).split("</tr>")[0]
+    assert "<a " not in row and "<img" not in row and "<code>" not in row and "<em>" not in row
+    assert row.count("<td>") == 3  # the pipe did not open a fourth cell
+    assert "x | y" in row and "[a](https://evil.example/x)" in row and "&lt;img src=x" in row
+
+
+def test_markdown_helpers() -> None:
+    assert markdown.fence("a ``` b") == "````" and markdown.fence("plain") == "```"
+    assert markdown.cell("a\nb | c") == "a b \\| c"
+    assert "\\:" in markdown.cell("see https://x.example") and "www\\." in markdown.cell("www.x.example")
+
+
+def test_only_known_gating_keys_pass_with_plain_text_values() -> None:
+    data = {
+        "license": "mit",
+        "extra_gated_prompt": f"Agree to [the terms]({EVIL}) <b>now</b>",
+        "extra_gated_heading": "Access",
+        "extra_gated_button_content": ["not", "text"],
+        "extra_gated_eu_disallowed": True,
+        "extra_gated_injected": "<script>alert(1)</script>",
+        "extra_gated_fields": {"Name": "text", "Country": "country", "Why": {"type": "select", "options": ["a", f"[b]({EVIL})"]},
+                               "Evil": {"type": "iframe", "src": EVIL}, "Bad": 5},
+    }
+    got = card.gating_fields(data)
+    assert set(got) == {"extra_gated_prompt", "extra_gated_heading", "extra_gated_eu_disallowed", "extra_gated_fields"}
+    assert got["extra_gated_prompt"] == markdown.cell(data["extra_gated_prompt"])
+    assert "<a " not in MarkdownIt("commonmark").render(got["extra_gated_prompt"])
+    assert "<b>" not in MarkdownIt("commonmark").render(got["extra_gated_prompt"])
+    assert got["extra_gated_fields"] == {"Name": "text", "Country": "country",
+                                         "Why": {"type": "select", "options": ["a", markdown.cell(f"[b]({EVIL})")]}}
