@@ -37,7 +37,8 @@ def test_imatrix_chunks_become_progress_events_with_an_eta(tmp_path, toolchain, 
     assert steps, hooks.events
     assert all(e.stage == "calibrate" and e.text == "chunk" and e.total == 8 for e, _ in steps)
     done = [e.done for e, _ in steps]
-    assert done[0] == 0 and done[-1] == 8 and done == sorted(done) and {2, 4, 6} <= set(done), done
+    # at least one pass counted before the end (on a fast machine several passes may arrive in one read)
+    assert done[0] == 0 and done[-1] == 8 and done == sorted(done) and any(0 < d < 8 for d in done), done
     etas = [e.data["eta_seconds"] for e, _ in steps[1:]]
     assert all(isinstance(x, float) and x >= 0 for x in etas) and etas[-1] == 0.0
     assert steps[-1][0].describe() == "chunk 8/8, ETA 0 s"
