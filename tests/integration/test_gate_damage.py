@@ -101,31 +101,15 @@ def test_the_bot_withholds_damaged_quants_and_publishes_the_rest(hub_server, fau
     """The same damage through the bot: ``ggufbot enqueue`` and ``ggufbot run`` as real processes."""
     import subprocess
 
-    from tests.bot_fixtures import checkpoint_files
+    from tests.bot_fixtures import bot_config, checkpoint_files
 
     source = "damage-labs/SmolLM2-135M-Instruct"
     cfg = json.loads((smollm2 / "config.json").read_text())
     hub_server.add_model(source, checkpoint_files(smollm2), card_data={"license": "apache-2.0"}, config=cfg,
                          safetensors_params=134_515_008, pipeline_tag="text-generation", library_name="transformers")
-    config = tmp_path / "ggufbot.toml"
-    config.write_text(f"""
-data_dir = "{tmp_path / 'data'}"
-
-[limits]
-max_model_gb = 1.0
-min_free_disk_gb = 0.1
-
-[target]
-namespace = "{TEST_ORG}"
-
-[quantize]
-ladder = "{LADDER}"
-calibration_text = "{calibration_text}"
-evaluation_text = "{eval_text}"
-calibration_chunks = 2
-evaluation_chunks = 2
-ctx = 256
-""")
+    config = bot_config(tmp_path / "ggufbot.toml", data_dir=tmp_path / "data", author="damage-labs",
+                        calibration=calibration_text, evaluation=eval_text, ladder=LADDER,
+                        more=f'[target]\nnamespace = "{TEST_ORG}"\n')
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "LLAMA_CPP_DIR": str(faulty_llama),
            "GGUFBOT_TEST_DAMAGE": ",".join(f"{k}={v}" for k, v in DAMAGE.items())}
 
