@@ -44,4 +44,6 @@ def test_imatrix_chunks_become_progress_events_with_an_eta(tmp_path, toolchain, 
     assert steps[-1][0].describe() == "chunk 8/8, ETA 0 s"
     first_counted = next(t for e, t in steps if e.done and e.done < 8)
     last_counted = next(t for e, t in steps if e.done == 8)
-    assert started < first_counted < last_counted - 0.1 < ended  # pass by pass while llama-imatrix ran
+    # counted while llama-imatrix ran, not parsed after it ended (no spacing between reads is required: a fast
+    # machine may deliver the last passes in one read)
+    assert started < first_counted <= last_counted <= ended
