@@ -54,6 +54,7 @@ PROGRAMS = (
     "llama-imatrix",
     "llama-perplexity",
     "llama-gguf-split",
+    "llama-mtmd-cli",  # loads a vision projector (mmproj) with its text model
     "llama-tokenize",
     "llama-completion",
 )
@@ -363,6 +364,30 @@ def gpu_visible() -> bool:
     return out.returncode == 0 and "GPU" in out.stdout
 
 
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    name: str
+    vram_mib: int
+    free_mib: int
+    driver: str
+
+
+def gpus() -> list[Gpu]:
+    """The NVIDIA GPUs nvidia-smi lists (name, VRAM, driver); [] without nvidia-smi. A failing nvidia-smi (no driver,
+    a container started without the GPU) raises ToolError with its message."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    res = run([smi, "--query-gpu=name,memory.total,memory.free,driver_version", "--format=csv,noheader,nounits"],
+              timeout=30)
+    out = []
+    for line in res.stdout.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4 and parts[1].isdigit():
+            out.append(Gpu(parts[0], int(parts[1]), int(parts[2]) if parts[2].isdigit() else 0, parts[3]))
+    return out
+
+
 def want_cuda() -> bool:
     """CUDA on when nvcc is found and a GPU is visible; GGUFBOT_CUDA=1/0 forces it either way."""
     forced = os.environ.get("GGUFBOT_CUDA", "").strip().lower()
@@ -373,10 +398,23 @@ def want_cuda() -> bool:
     return shutil.which("nvcc") is not None and gpu_visible()
 
 
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def build_flags() -> BuildFlags:
+    """The flags of this machine's build. GGUFBOT_PORTABLE=1: a build that runs on any x86-64-v3 (AVX2) CPU, not
+    only this one (a container image); GGUFBOT_CUDA_ARCHS (e.g. "75;80;86;89;90"): the CUDA compute capabilities
+    to build for instead of CMake's default (a GPU may be absent at build time)."""
+    archs = os.environ.get("GGUFBOT_CUDA_ARCHS", "").strip() or None
+    return BuildFlags(cuda=want_cuda(), native=not _env_on("GGUFBOT_PORTABLE"), cuda_archs=archs)
+
+
 @dataclasses.dataclass(frozen=True)
 class BuildFlags:
     cuda: bool
     native: bool = True
+    cuda_archs: str | None = None  # CMAKE_CUDA_ARCHITECTURES of a CUDA build; None: CMake's default
 
     def cmake_args(self) -> list[str]:
         args = [
@@ -398,13 +436,20 @@ class BuildFlags:
             args.append("-DGGML_NATIVE=OFF")
             args += [f"-DGGML_{opt}={'ON' if all(f in flags for f in need) else 'OFF'}" for opt, need in _X86_FEATURES]
             args += ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+        elif platform.machine() in ("x86_64", "AMD64"):
+            # portable: the x86-64-v3 baseline (AVX2, FMA, F16C: any x86 server CPU since 2013), nothing above it
+            args.append("-DGGML_NATIVE=OFF")
+            args += [f"-DGGML_{opt}={'ON' if opt in _X86_PORTABLE else 'OFF'}" for opt, _ in _X86_FEATURES]
+            args += ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
         else:
             args.append(f"-DGGML_NATIVE={'ON' if self.native else 'OFF'}")
+        if self.cuda and self.cuda_archs:
+            args.append(f"-DCMAKE_CUDA_ARCHITECTURES={self.cuda_archs}")
         return args
 
     def key(self) -> str:
         # a native build is only valid on the same CPU family: the key includes the machine
-        ident = json.dumps({"cmake": self.cmake_args(), "machine": platform.machine(),
+        ident = json.dumps({"cmake": self.cmake_args(), "programs": PROGRAMS, "machine": platform.machine(),
                             "cpu": _cpu_flags_digest() if self.native else ""}, sort_keys=True)
         return hashlib.sha256(ident.encode()).hexdigest()[:12]
 
@@ -416,6 +461,7 @@ _X86_FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("AVX512", ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")), ("AVX512_VBMI", ("avx512vbmi",)),
     ("AVX512_VNNI", ("avx512_vnni",)), ("AVX512_BF16", ("avx512_bf16",)),
 )
+_X86_PORTABLE = frozenset({"SSE42", "AVX", "AVX2", "BMI2", "FMA", "F16C"})
 
 
 def _cpu_flags() -> frozenset[str]:
@@ -478,9 +524,17 @@ class Toolchain:
                 "root": str(self.root), "bin_dir": str(self.bin_dir), "missing": self.missing()}
 
 
+def builds_root() -> Path:
+    """Where pinned builds live: $GGUFBOT_TOOLCHAIN_ROOT (a container image's own copy, apart from the cache volume),
+    else <cache>/llama.cpp."""
+    if os.environ.get("GGUFBOT_TOOLCHAIN_ROOT"):
+        return Path(os.environ["GGUFBOT_TOOLCHAIN_ROOT"]).expanduser()
+    return cache_root() / "llama.cpp"
+
+
 def pinned_dir(flags: BuildFlags | None = None) -> Path:
-    flags = flags or BuildFlags(cuda=want_cuda())
-    return cache_root() / "llama.cpp" / f"{PINNED_VERSION}-{flags.key()}"
+    flags = flags or build_flags()
+    return builds_root() / f"{PINNED_VERSION}-{flags.key()}"
 
 
 def find(required: bool = True) -> Toolchain | None:
@@ -527,7 +581,7 @@ def install(*, jobs: int | None = None, sdist: Path | None = None, on_line: Call
         tc = find(required=True)
         assert tc is not None
         return tc
-    flags = BuildFlags(cuda=want_cuda())
+    flags = build_flags()
     final = pinned_dir(flags)
     final.parent.mkdir(parents=True, exist_ok=True)
     lock_path = final.parent / f"{final.name}.lock"
@@ -556,7 +610,8 @@ def _fetch_sdist(dest: Path, on_line: Callable[[str], None] | None) -> Path:
     if cached.exists() and _sha256(cached) == PINNED_SHA256:
         return cached
     dest.mkdir(parents=True, exist_ok=True)
-    run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+    # --no-binary names the package alone: its build backend may come as a wheel (a wheelhouse without sdists)
+    run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", PINNED_PACKAGE,
          "--disable-pip-version-check", "-d", str(dest), f"{PINNED_PACKAGE}=={PINNED_VERSION}"],
         timeout=1800, on_line=on_line)
     found = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
@@ -606,7 +661,14 @@ def _extract_llama_cpp(sdist: Path, dest: Path) -> str | None:
                 members.append(m)
         if prefix_vendor is None:
             raise ToolchainError(f"{sdist.name} holds no vendor/llama.cpp")
-        tf.extractall(dest, members=members, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            tf.extractall(dest, members=members, filter="data")
+        else:  # Python before 3.11.4 (Debian 12's 3.11.2): no filters; the sdist's hash is pinned, check names anyway
+            bad = [m.name for m in members if m.name.startswith("/") or ".." in Path(m.name).parts
+                   or m.issym() or m.islnk() or m.isdev()]
+            if bad:
+                raise ToolchainError(f"{sdist.name}: unsafe members {bad[:3]}")
+            tf.extractall(dest, members=members)
     return commit
 
 
