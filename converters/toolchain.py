@@ -591,6 +591,7 @@ def install(*, jobs: int | None = None, sdist: Path | None = None, on_line: Call
         if existing is not None and not existing.missing():
             return existing
         staging = Path(tempfile.mkdtemp(prefix=f"{final.name}.build-", dir=final.parent))
+        staging.chmod(0o755)  # mkdtemp makes it 0700: the finished build must be readable by other users (an image)
         try:
             _build_into(staging, flags, jobs=jobs, sdist=sdist, on_line=on_line, timeout=timeout)
             if final.exists():
