@@ -1,7 +1,7 @@
 """Retry as a small value object: given an error and the attempt number, "retry in N s" or "give up".
 
 Only what can heal is retried: timeouts and dropped connections (``HubError`` without a status), 408,
-429 and 5xx. A ``Retry-After`` the server sent is honoured (capped by ``max_retry_after``: a server asking
+429 and 5xx, and a state-store connection lost under a query. A ``Retry-After`` the server sent is honoured (capped by ``max_retry_after``: a server asking
 for an hour is better answered by failing the job and letting the scheduler come back later).
 
 ``attempt`` counts the attempts already made (1 after the first failure). The delay is
@@ -18,6 +18,15 @@ from collections.abc import Callable
 from converters.errors import GgufbotError, HubError
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def _state_store_lost(error: BaseException) -> bool:
+    """A database error that heals: the state store's connection broke under a query (a PostgreSQL restart or
+    network cut) or SQLite's lock was held too long. Checked by name: this module does not import the drivers."""
+    if getattr(error, "connection_invalidated", False):
+        return True
+    top = type(error).__module__.split(".", 1)[0]
+    return type(error).__name__ == "OperationalError" and top in ("sqlalchemy", "psycopg", "sqlite3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +52,8 @@ class RetryPolicy:
             return error.status is None or error.status in RETRY_STATUSES or error.status >= 500
         if isinstance(error, GgufbotError):
             return bool(error.transient)
+        if _state_store_lost(error):
+            return True
         return isinstance(error, (TimeoutError, ConnectionError))
 
     def decide(self, error: BaseException, attempt: int) -> float | None:

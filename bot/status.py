@@ -58,7 +58,19 @@ def status_data(st: Any, settings: Any, now: float, limit: int = 10) -> dict[str
                     for m in skipped],
         "sources": [{"source": r.key, "mark": r.mark, "last_poll_at": r.last_poll_at, "last_ok_at": r.last_ok_at,
                      "polls": r.polls, "failures": r.failures, "last_error": r.last_error} for r in st.sources()],
+        "workers": workers_view(st, now, settings.schedule.stale_after_seconds),
     }
+
+
+def workers_view(st: Any, now: float, stale_after: float = 300.0) -> list[dict[str, Any]]:
+    """Every box's workers (PostgreSQL: ``bot.queue``), live ones first, with the jobs each is running; empty on
+    a single-box store."""
+    rows = st.workers(now=now, stale_after=stale_after) if hasattr(st, "workers") else []
+    out = [{"name": w["name"], "host": w["host"], "queues": w["queues"] or [], "concurrency": w["concurrency"],
+            "gpu": w["gpu"], "max_model_gb": w["max_model_gb"], "alive": w["alive"],
+            "heartbeat_age_s": None if w["heartbeat_age_s"] is None else round(w["heartbeat_age_s"], 1),
+            "started_at": w["started_at"], "stopped_at": w["stopped_at"], "running": w["running"]} for w in rows]
+    return sorted(out, key=lambda w: (not w["alive"], w["host"], w["name"]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,6 +129,8 @@ def _index(stage: str | None) -> int:
         return 0
     if stage.startswith("variant:"):
         return J.STAGES.index("publish") + 1
+    if stage == "tune":  # the optional per-tensor tuning (quantize.tune) counts as part of quantize
+        return J.STAGES.index("quantize")
     return J.STAGES.index(stage) if stage in J.STAGES else 0
 
 

@@ -6,8 +6,10 @@ it); a ``postgresql+psycopg://`` URL shares the state between machines. The sche
 list of migration functions, so opening an older database upgrades it in place and keeps its data.
 
 Every status change of a job is a compare-and-set (``UPDATE ... WHERE id = ? AND status IN (...)`` with a
-row-count check), which is what makes claiming atomic across processes and machines. Time is passed in as
-``now`` (seconds since the epoch) so that callers and tests control the clock.
+row-count check), which is what makes claiming atomic across the processes sharing a SQLite file. On PostgreSQL
+jobs are not claimed from this table: procrastinate delivers them (``bot.queue``, its schema applied by migration
+3) and a worker takes the delivered one (:meth:`Store.take`); the home-made claim and stale-job sweep are refused there.
+Time is passed in as ``now`` (seconds since the epoch) so that callers and tests control the clock.
 """
 
 from __future__ import annotations
@@ -120,6 +122,17 @@ def _tables(md: sa.MetaData, version: int) -> None:
              sa.Column("data", sa.JSON))
     sa.Index("ix_events_job", md.tables["events"].c.job_id)
     sa.Index("ix_events_kind", md.tables["events"].c.kind)
+    if version >= 3:  # one row per procrastinate worker a box started (bot.queue); liveness is procrastinate's
+        sa.Table("workers", md,
+                 sa.Column("name", sa.String(200), primary_key=True),  # jobs.worker_id is it or it-N (a slot)
+                 sa.Column("host", sa.String(200), nullable=False),
+                 sa.Column("queue_worker_id", sa.BigInteger),  # procrastinate_workers.id
+                 sa.Column("queues", sa.JSON),
+                 sa.Column("concurrency", sa.Integer, nullable=False),
+                 sa.Column("gpu", sa.Boolean, nullable=False, server_default=sa.false()),
+                 sa.Column("max_model_gb", sa.Float),
+                 sa.Column("started_at", sa.Float, nullable=False),
+                 sa.Column("stopped_at", sa.Float))
 
 
 def _m1_initial(conn: Connection) -> None:
@@ -134,7 +147,19 @@ def _m2_job_priority(conn: Connection) -> None:
     conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_jobs_claim ON jobs (status, priority, id)"))
 
 
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_m1_initial, _m2_job_priority)
+def _m3_workers_and_queue(conn: Connection) -> None:
+    """The ``workers`` table (every box's procrastinate workers, for ``status``) and, on PostgreSQL, procrastinate's
+    own schema (its queue: jobs, locks, worker heartbeats, periodic defers), applied here like ours."""
+    md = sa.MetaData()
+    _tables(md, 3)
+    md.tables["workers"].create(conn, checkfirst=True)
+    if conn.dialect.name == "postgresql":
+        from bot import queue
+
+        queue.apply_schema(conn)
+
+
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_m1_initial, _m2_job_priority, _m3_workers_and_queue)
 LATEST = len(MIGRATIONS)
 
 METADATA = sa.MetaData()
@@ -146,6 +171,7 @@ T_DECISIONS = METADATA.tables["decisions"]
 T_JOBS = METADATA.tables["jobs"]
 T_ARTIFACTS = METADATA.tables["artifacts"]
 T_EVENTS = METADATA.tables["events"]
+T_WORKERS = METADATA.tables["workers"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -468,7 +494,33 @@ def make_engine(url: str) -> Engine:
         engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return sa.create_engine(url, pool_pre_ping=True)
+    engine = sa.create_engine(url, pool_pre_ping=True)
+    sa.event.listen(engine, "do_connect", _connect_riding_outages)
+    return engine
+
+
+OUTAGE_SECONDS = 600.0  # how long a PostgreSQL store waits for its server to come back before giving up
+
+
+def _connect_riding_outages(dialect: Any, _rec: Any, cargs: Any, cparams: Any) -> Any:
+    """Connect to PostgreSQL, waiting (with backoff, up to :data:`OUTAGE_SECONDS`) while the server is
+    unreachable: a restart or a network cut stalls the workers and the scheduler instead of failing their jobs.
+    With ``pool_pre_ping`` every checkout after an outage gets a fresh connection this way."""
+    deadline, delay, warned = time.monotonic() + OUTAGE_SECONDS, 0.2, False
+    while True:
+        try:
+            conn = dialect.dbapi.connect(*cargs, **cparams)
+            if warned:
+                log.warning("state store: PostgreSQL is reachable again")
+            return conn
+        except dialect.dbapi.OperationalError as e:
+            if time.monotonic() > deadline:
+                raise
+            if not warned:
+                log.warning("state store: PostgreSQL unreachable (%s); waiting for it", str(e).splitlines()[0][:200])
+                warned = True
+            time.sleep(delay)
+            delay = min(2.0, delay * 2)
 
 
 class Store(StateStore):
@@ -519,14 +571,29 @@ class Store(StateStore):
         return self.schema_version()
 
     def _write(self, fn: Callable[[Connection], Any], retries: int = 8) -> Any:
-        """Run ``fn`` in a write transaction, retrying a few times if SQLite reports a lock held too long."""
+        """Run ``fn`` in a write transaction, retrying a few times if SQLite reports a lock held too long, and on
+        PostgreSQL when the connection broke under it (the transaction was rolled back; reconnecting waits for
+        the server, see :func:`_connect_riding_outages`)."""
+        return self._tx(fn, retries, write=True)
+
+    def _read(self, fn: Callable[[Connection], Any], retries: int = 8) -> Any:
+        """Run the read-only ``fn``; on PostgreSQL a connection broken under it (an outage, a restart) is retried
+        like a write, so a reader rides out the outage instead of failing its job."""
+        return self._tx(fn, retries, write=False)
+
+    def _tx(self, fn: Callable[[Connection], Any], retries: int, *, write: bool) -> Any:
+        pg = self.engine.dialect.name == "postgresql"
         for i in range(retries):
             try:
-                with self.engine.begin() as c:
+                with (self.engine.begin() if write else self.engine.connect()) as c:
                     return fn(c)
-            except sa.exc.OperationalError as e:
-                if "locked" not in str(e).lower() or i == retries - 1:
+            except sa.exc.DBAPIError as e:
+                lost = pg and (e.connection_invalidated or isinstance(e, sa.exc.OperationalError))
+                if not (lost or (isinstance(e, sa.exc.OperationalError) and "locked" in str(e).lower())) \
+                        or i == retries - 1:
                     raise
+                if lost:
+                    log.warning("state store: connection lost during a %s; retrying", "write" if write else "read")
                 time.sleep(0.05 * (2 ** i))
         return None  # pragma: no cover
 
@@ -546,13 +613,12 @@ class Store(StateStore):
 
     # ---------------------------------------------------------------- sources
     def source(self, key: str) -> SourceRow | None:
-        with self.engine.connect() as c:
-            row = c.execute(sa.select(T_SOURCES).where(T_SOURCES.c.key == key)).first()
+        row = self._read(lambda c: c.execute(sa.select(T_SOURCES).where(T_SOURCES.c.key == key)).first())
         return SourceRow(**dict(row._mapping)) if row else None
 
     def sources(self) -> list[SourceRow]:
-        with self.engine.connect() as c:
-            return [SourceRow(**dict(r._mapping)) for r in c.execute(sa.select(T_SOURCES).order_by(T_SOURCES.c.key))]
+        return self._read(lambda c: [SourceRow(**dict(r._mapping))
+                                     for r in c.execute(sa.select(T_SOURCES).order_by(T_SOURCES.c.key))])
 
     def record_poll(self, key: str, *, now: float, ok: bool, mark: str | None = None, error: str | None = None) -> None:
         def fn(c: Connection) -> None:
@@ -567,21 +633,22 @@ class Store(StateStore):
     # ---------------------------------------------------------------- models and decisions
     def decided(self, repos: Sequence[str]) -> dict[str, ModelRow]:
         """The models table rows for ``repos`` (one query per 500 names)."""
-        out: dict[str, ModelRow] = {}
         repos = list(dict.fromkeys(repos))
-        with self.engine.connect() as c:
+
+        def fn(c: Connection) -> dict[str, ModelRow]:
+            out: dict[str, ModelRow] = {}
             for i in range(0, len(repos), 500):
                 chunk = repos[i:i + 500]
                 for r in c.execute(sa.select(T_MODELS).where(T_MODELS.c.repo.in_(chunk))):
                     out[r.repo] = ModelRow.from_row(r)
-        return out
+            return out
+        return self._read(fn)
 
     def models(self, decision: str | None = None, limit: int = 1000) -> list[ModelRow]:
         q = sa.select(T_MODELS).order_by(T_MODELS.c.decided_at.desc()).limit(limit)
         if decision:
             q = q.where(T_MODELS.c.decision == decision)
-        with self.engine.connect() as c:
-            return [ModelRow.from_row(r) for r in c.execute(q)]
+        return self._read(lambda c: [ModelRow.from_row(r) for r in c.execute(q)])
 
     def apply_decisions(self, items: Iterable[dict[str, Any]], enqueues: Sequence[dict[str, Any]], *,
                         now: float) -> tuple[int, list[int | None]]:
@@ -630,8 +697,7 @@ class Store(StateStore):
         q = sa.select(T_DECISIONS).order_by(T_DECISIONS.c.id.desc()).limit(limit)
         if repo:
             q = q.where(T_DECISIONS.c.repo == repo)
-        with self.engine.connect() as c:
-            return [dict(r._mapping) for r in c.execute(q)]
+        return self._read(lambda c: [dict(r._mapping) for r in c.execute(q)])
 
     def set_manual_skip(self, repo: str, skip: bool, *, now: float, reason: str = MANUAL_SKIP_REASON) -> None:
         def fn(c: Connection) -> None:
@@ -673,8 +739,7 @@ class Store(StateStore):
         return job_id
 
     def job(self, job_id: int) -> Job | None:
-        with self.engine.connect() as c:
-            row = c.execute(sa.select(T_JOBS).where(T_JOBS.c.id == job_id)).first()
+        row = self._read(lambda c: c.execute(sa.select(T_JOBS).where(T_JOBS.c.id == job_id)).first())
         return Job.from_row(row) if row else None
 
     def jobs(self, statuses: Iterable[J.Status | str] | None = None, repo: str | None = None,
@@ -685,10 +750,85 @@ class Store(StateStore):
         if repo:
             q = q.where(T_JOBS.c.repo == repo)
         q = q.order_by(T_JOBS.c.updated_at.desc() if newest_first else T_JOBS.c.id).limit(limit)
-        with self.engine.connect() as c:
-            return [Job.from_row(r) for r in c.execute(q)]
+        return self._read(lambda c: [Job.from_row(r) for r in c.execute(q)])
+
+    @property
+    def queued_by_procrastinate(self) -> bool:
+        """True on PostgreSQL: jobs are delivered by procrastinate (``bot.queue``), not claimed from this table."""
+        return self.engine.dialect.name == "postgresql"
+
+    def _refuse_on_queue(self, what: str) -> None:
+        if self.queued_by_procrastinate:
+            raise StateError(f"{what}: on PostgreSQL jobs are delivered by procrastinate (ggufbot worker), "
+                             "not claimed from the jobs table")
+
+    def recover_stale(self, *, now: float, stale_after: float,
+                      is_dead: Callable[[str], bool] | None = None) -> list[int]:
+        self._refuse_on_queue("recover_stale")
+        return super().recover_stale(now=now, stale_after=stale_after, is_dead=is_dead)
+
+    def take(self, job_id: int, worker_id: str, *, now: float) -> Job | None:
+        """A job procrastinate delivered to ``worker_id``: move it to running for that worker (from queued,
+        retrying, or running when it is delivered again after its worker stalled), counting the attempt. None
+        when it is no longer to be run (finished, cancelled, or gone)."""
+        takeable = [J.Status.QUEUED.value, J.Status.RETRYING.value, J.Status.RUNNING.value]
+
+        def fn(c: Connection) -> bool:
+            prev = c.execute(sa.select(T_JOBS.c.worker_id, T_JOBS.c.status).where(T_JOBS.c.id == job_id)).first()
+            res = c.execute(T_JOBS.update().where(T_JOBS.c.id == job_id).where(T_JOBS.c.status.in_(takeable))
+                            .values(status=J.Status.RUNNING.value, worker_id=worker_id, heartbeat_at=now,
+                                    attempts=T_JOBS.c.attempts + 1, updated_at=now, not_before=None,
+                                    started_at=sa.func.coalesce(T_JOBS.c.started_at, now)))
+            if res.rowcount != 1:
+                return False
+            again = f" (was running on {prev.worker_id}, which stopped)" if prev.status == J.Status.RUNNING.value \
+                else ""
+            c.execute(T_EVENTS.insert().values(at=now, job_id=job_id, kind="job.claimed",
+                                               message=f"claimed by {worker_id}{again}",
+                                               data={"worker_id": worker_id}))
+            return True
+        return self.job(job_id) if self._write(fn) else None
+
+    # ---------------------------------------------------------------- workers (PostgreSQL: bot.queue)
+    def register_worker(self, name: str, *, host: str, queue_worker_id: int | None, queues: Sequence[str],
+                        concurrency: int, gpu: bool, max_model_gb: float | None, now: float) -> None:
+        vals = dict(host=host, queue_worker_id=queue_worker_id, queues=list(queues), concurrency=concurrency,
+                    gpu=gpu, max_model_gb=max_model_gb, started_at=now, stopped_at=None)
+
+        def fn(c: Connection) -> None:
+            if c.execute(T_WORKERS.update().where(T_WORKERS.c.name == name).values(**vals)).rowcount == 0:
+                c.execute(T_WORKERS.insert().values(name=name, **vals))
+        self._write(fn)
+
+    def worker_stopped(self, name: str, *, now: float) -> None:
+        self._write(lambda c: c.execute(T_WORKERS.update().where(T_WORKERS.c.name == name).values(stopped_at=now)))
+
+    def workers(self, *, now: float, stale_after: float = 300.0, limit: int = 200) -> list[dict[str, Any]]:
+        """Every box's workers, newest first, with ``heartbeat_age_s`` from procrastinate's worker heartbeats
+        (PostgreSQL), ``alive`` (not stopped, a heartbeat younger than ``stale_after``) and the jobs each runs."""
+        def fn(c: Connection) -> tuple[list[dict[str, Any]], dict[int, float], dict[str, list[int]]]:
+            rows = [dict(r._mapping) for r in
+                    c.execute(sa.select(T_WORKERS).order_by(T_WORKERS.c.started_at.desc()).limit(limit))]
+            beats: dict[int, float] = {}
+            if self.queued_by_procrastinate:
+                beats = {int(r[0]): float(r[1]) for r in c.execute(sa.text(
+                    "SELECT id, EXTRACT(EPOCH FROM (NOW() - last_heartbeat)) FROM procrastinate_workers"))}
+            running: dict[str, list[int]] = {}
+            for r in c.execute(sa.select(T_JOBS.c.id, T_JOBS.c.worker_id)
+                               .where(T_JOBS.c.status == J.Status.RUNNING.value)):
+                running.setdefault(r.worker_id or "", []).append(int(r.id))
+            return rows, beats, running
+        rows, beats, running = self._read(fn)
+        for w in rows:
+            age = beats.get(w["queue_worker_id"]) if w["queue_worker_id"] is not None else None
+            w["heartbeat_age_s"] = age
+            w["alive"] = w["stopped_at"] is None and age is not None and age < stale_after
+            w["running"] = sorted(i for wid, ids in running.items() for i in ids
+                                  if wid == w["name"] or wid.startswith(w["name"] + "-"))
+        return rows
 
     def claim(self, worker_id: str, *, now: float) -> Job | None:
+        self._refuse_on_queue("claim")
         claimable = [J.Status.QUEUED.value, J.Status.RETRYING.value]
         for _ in range(20):
             with self.engine.connect() as c:
@@ -751,9 +891,8 @@ class Store(StateStore):
             job_id=job_id, kind=kind, path=path, size=size, sha256=sha256, url=url, created_at=now)))
 
     def artifacts(self, job_id: int) -> list[dict[str, Any]]:
-        with self.engine.connect() as c:
-            return [dict(r._mapping) for r in
-                    c.execute(sa.select(T_ARTIFACTS).where(T_ARTIFACTS.c.job_id == job_id).order_by(T_ARTIFACTS.c.id))]
+        return self._read(lambda c: [dict(r._mapping) for r in c.execute(
+            sa.select(T_ARTIFACTS).where(T_ARTIFACTS.c.job_id == job_id).order_by(T_ARTIFACTS.c.id))])
 
     def event(self, kind: str, message: str, *, now: float, job_id: int | None = None, repo: str | None = None,
               data: Any = None) -> None:
@@ -766,13 +905,12 @@ class Store(StateStore):
             q = q.where(T_EVENTS.c.job_id == job_id)
         if kind is not None:
             q = q.where(T_EVENTS.c.kind.like(kind.replace("*", "%")))
-        with self.engine.connect() as c:
-            return [dict(r._mapping) for r in c.execute(q)]
+        return self._read(lambda c: [dict(r._mapping) for r in c.execute(q)])
 
     def prune_events(self, *, before: float) -> int:
         return self._write(lambda c: c.execute(T_EVENTS.delete().where(T_EVENTS.c.at < before)).rowcount)
 
     def counts(self) -> dict[str, int]:
-        with self.engine.connect() as c:
-            rows = c.execute(sa.select(T_JOBS.c.status, sa.func.count()).group_by(T_JOBS.c.status)).all()
+        rows = self._read(lambda c: c.execute(sa.select(T_JOBS.c.status, sa.func.count())
+                                              .group_by(T_JOBS.c.status)).all())
         return {r[0]: int(r[1]) for r in rows}

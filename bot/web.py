@@ -161,7 +161,9 @@ class StatusSite:
 
     # ------------------------------------------------------------------ pages
     def page_running(self, request: Request) -> dict[str, Any]:
-        return {"running": status.running_views(self.store, time.time())}
+        now = time.time()
+        workers = status.workers_view(self.store, now, self.settings.schedule.stale_after_seconds)
+        return {"running": status.running_views(self.store, now), "workers": workers}
 
     def page_queue(self, request: Request) -> dict[str, Any]:
         jobs = sorted(self.store.jobs([J.Status.QUEUED, J.Status.RETRYING]), key=lambda j: (-j.priority, j.id))

@@ -56,3 +56,10 @@ def kill_quietly(*pids: int) -> None:
     for pid in pids:
         with suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
+
+
+def die_with_the_tests() -> None:
+    """``preexec_fn`` for a long-running program a test starts: SIGKILL when the test process dies (even killed
+    itself, before its teardown could stop it); the program's own children die with it in turn."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG

@@ -32,7 +32,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exit-when-idle", action="store_true",
                    help="exit once the first poll is done and no job is queued or running (cron, tests)")
     p.add_argument("--no-poll", action="store_true", help="only run queued jobs; do not poll the Hub")
+    p.add_argument("--no-worker", action="store_true",
+                   help="PostgreSQL only: run the scheduler alone (poll, decide, hand jobs to the workers)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("worker", parents=[common], help="PostgreSQL only: run jobs on this box (no polling)",
+                       description="Take jobs from the shared PostgreSQL queue (procrastinate) and run them; run one "
+                       "per box, beside one `ggufbot run` (or `run --no-worker`) somewhere. SIGTERM finishes the "
+                       "current step, puts the job back and exits.")
+    p.add_argument("--concurrency", type=int, default=None, help="jobs at once (default: limits.concurrency)")
+    p.add_argument("--queues", default=None,
+                   help="comma-separated queues (default: ggufbot, plus ggufbot-big on a big GPU box)")
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("watch", parents=[common], help="poll the watched sources and queue what is accepted")
     p.add_argument("--once", action="store_true", required=True, help="one poll, then exit (the only mode)")
@@ -111,12 +122,83 @@ def _bot(settings, **kw: Any):
     return Bot(settings, **kw)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    s = _settings(args)
+def _service_logging(args: argparse.Namespace) -> None:
     for name in ("bot", "converters"):  # a service: say what it does unless told to be quieter
         lg = logging.getLogger(name)
         if lg.getEffectiveLevel() > logging.INFO and not args.verbose:
             lg.setLevel(logging.INFO)
+
+
+def _on_queue(s) -> bool:
+    """A PostgreSQL state: jobs go through procrastinate (bot.queue)."""
+    return s.database_url.startswith("postgresql")
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from converters import toolchain as tc_mod
+    from converters.errors import ConfigError
+
+    s = _settings(args)
+    if not _on_queue(s):
+        raise ConfigError("ggufbot worker needs a PostgreSQL database_url (with SQLite, `ggufbot run` runs the jobs)",
+                          key="database_url")
+    if args.concurrency is not None and args.concurrency < 1:
+        raise ConfigError("--concurrency must be at least 1")
+    _service_logging(args)
+    from bot import queue
+
+    tc = tc_mod.find(required=True)
+    box = queue.Box(s, toolchain=tc, concurrency=args.concurrency)
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
+    print(f"ggufbot worker: state in {_safe_url(s.database_url)}; queues "
+          f"{', '.join(queues or queue.worker_queues(s))}, concurrency {box.concurrency}", file=sys.stderr)
+    return queue.run(box, jobs=True, scheduler=False, queues=queues)
+
+
+def _run_on_queue(args: argparse.Namespace, s) -> int:
+    """``ggufbot run`` on PostgreSQL: the scheduler (procrastinate periodic tick) and, unless --no-worker, a
+    worker in the same process."""
+    from bot import queue
+    from bot.store import Store
+
+    tc = None
+    if not args.no_worker:
+        from converters import toolchain as tc_mod
+
+        tc = tc_mod.find(required=True)
+    st = Store(s.database_url)
+    bot = _bot(s, store=st, toolchain=tc)
+    box = queue.Box(s, store=st, hub=bot.hub, toolchain=tc, bot=bot, poll=not args.no_poll)
+    what = "scheduler only" if args.no_worker else "scheduler and worker"
+    print(f"ggufbot run: state in {_safe_url(s.database_url)} ({what}); {bot.publish_note}", file=sys.stderr)
+    web = None
+    if s.web.listen:
+        from bot.web import StatusSite, WebServer
+
+        site = StatusSite(s, st, watcher=bot.watcher, hub_url=bot.hub.endpoint, health=lambda: bool(box.workers))
+        web = WebServer(site, s.web.listen).start()
+        print(f"ggufbot run: status page on {web.url}", file=sys.stderr)
+    try:
+        return queue.run(box, jobs=not args.no_worker, scheduler=True)
+    finally:
+        if web is not None:
+            web.stop()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    _service_logging(args)
+    if _on_queue(s):
+        if args.exit_when_idle:
+            from converters.errors import ConfigError
+
+            raise ConfigError("--exit-when-idle: not with a PostgreSQL database_url (workers run until stopped)")
+        return _run_on_queue(args, s)
+    if args.no_worker:
+        from converters.errors import ConfigError
+
+        raise ConfigError("--no-worker needs a PostgreSQL database_url (with SQLite, `ggufbot run` runs the jobs)",
+                          key="database_url")
     from converters import toolchain as tc_mod
 
     tc = tc_mod.find(required=True)  # fail at start, not in the middle of the first job
@@ -319,6 +401,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     out.append("skipped (latest):")
     for m in data["skipped"]:
         out.append(f"  {m['repo']}: {m['code']}: {m['reason']}")
+    if data["workers"]:
+        out.append("workers:")
+    for w in data["workers"]:
+        state = (f"alive, heartbeat {w['heartbeat_age_s']:.0f}s ago" if w["alive"] else
+                 "stopped" if w["stopped_at"] else "gone (no heartbeat)")
+        jobs = ", ".join(f"#{i}" for i in w["running"]) or "idle"
+        out.append(f"  {w['name']} on {w['host']}: {state}; queues {','.join(w['queues'])}, "
+                   f"concurrency {w['concurrency']}{', gpu' if w['gpu'] else ''}; running {jobs}")
     out.append("sources:")
     for src in data["sources"]:
         err = f", last error: {src['last_error']}" if src["last_error"] else ""

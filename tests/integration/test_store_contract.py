@@ -2,7 +2,9 @@
 
 Every case runs on ``MemoryStore()``, on ``Store("sqlite:///...")`` and (marked ``postgres``) on the local
 PostgreSQL server, so the fake the runner's and watcher's unit tests use keeps the database's rules: compare-and-set
-moves, deduplicated jobs, one decision per repo@sha, stale-job recovery, sources, skips and events.
+moves, deduplicated jobs, one decision per repo@sha, stale-job recovery, sources, skips and events. The cases that
+claim jobs from the table (claim order, claim races, stale-job recovery) run on the two stores that do; on PostgreSQL
+procrastinate delivers jobs (``tests/integration/test_queue_pg.py``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,19 @@ def st(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
         store.close()
 
 
-def test_enqueue_is_deduplicated_and_claim_is_ordered(st: StateStore) -> None:
+@pytest.fixture(params=["memory", "sqlite"])
+def claim_st(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
+    """The stores that claim jobs themselves (on PostgreSQL procrastinate delivers them: test_queue_pg.py)."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    yield store
+    store.close()
+
+
+def test_enqueue_is_deduplicated_and_claim_is_ordered(claim_st: StateStore) -> None:
+    st = claim_st
     a = st.enqueue("o/a", "1" * 40, reason="new release", now=10)
     assert a is not None
     assert st.enqueue("o/a", "1" * 40, reason="again", now=11) is None  # same repo@commit: never twice
@@ -55,7 +69,8 @@ def test_enqueue_is_deduplicated_and_claim_is_ordered(st: StateStore) -> None:
     assert ev[0]["message"] == "claimed by w" and ev[0]["data"] == {"worker_id": "w"}
 
 
-def test_transitions_are_compare_and_set(st: StateStore) -> None:
+def test_transitions_are_compare_and_set(claim_st: StateStore) -> None:
+    st = claim_st
     jid = st.enqueue("o/m", "3" * 40, reason="r", now=1)
     with pytest.raises(StateError, match="queued -> published"):
         st.transition(jid, J.Status.PUBLISHED, now=2)
@@ -105,7 +120,8 @@ def test_jobs_filters_and_orders(st: StateStore) -> None:
     assert st.counts() == {"cancelled": 1, "queued": 2}
 
 
-def test_recover_stale_and_dead_workers(st: StateStore) -> None:
+def test_recover_stale_and_dead_workers(claim_st: StateStore) -> None:
+    st = claim_st
     ids = [st.enqueue("o/m", f"{i}" * 40, reason="r", now=0, max_attempts=2) for i in range(1, 4)]
     for w in ("alive", "stale", "dead"):
         st.claim(w, now=100)
@@ -190,7 +206,8 @@ def test_artifacts(st: StateStore) -> None:
     assert st.artifacts(jid + 1) == []
 
 
-def test_two_threads_never_claim_the_same_job(st: StateStore) -> None:
+def test_two_threads_never_claim_the_same_job(claim_st: StateStore) -> None:
+    st = claim_st
     ids = [st.enqueue("o/m", f"{i:040d}", reason="r", now=0) for i in range(40)]
     got: dict[str, list[int]] = {"a": [], "b": []}
 

@@ -40,6 +40,14 @@ def http(url: str, data: bytes | None = None, headers: dict[str, str] | None = N
         return e.code, e.read().decode("utf-8", "replace")
 
 
+def start(st: Store, job_id: int, worker: str, *, now: float) -> None:
+    """Start ``job_id`` as a worker does: claimed from the table (SQLite) or delivered by procrastinate (PostgreSQL)."""
+    if st.queued_by_procrastinate:
+        assert st.take(job_id, worker, now=now).id == job_id
+    else:
+        assert st.claim(worker, now=now).id == job_id
+
+
 def populate(st: Store, tmp: Path) -> dict[str, int]:
     """A queued job (with its size), a running one in quantize, a published one with its report, a failed one,
     decisions, and the stage timings of the published job (for the running job's ETA)."""
@@ -50,7 +58,7 @@ def populate(st: Store, tmp: Path) -> dict[str, int]:
     st.apply_decisions(items, [], now=T0)
     ids = {}
     ids["published"] = st.enqueue("acme/Done-1B", "d" * 40, reason="new release", now=T0)
-    st.claim("w1", now=T0)
+    start(st, ids["published"], "w1", now=T0)
     at = T0
     for stage, secs in (("convert", 60), ("calibrate", 120), ("quantize", 240), ("evaluate", 300)):
         at += secs
@@ -60,11 +68,11 @@ def populate(st: Store, tmp: Path) -> dict[str, int]:
     st.transition(ids["published"], J.Status.PUBLISHED, now=T0 + 800, worker_id="w1", message="published",
                   target_repo="tester/Done-1B-GGUF")
     ids["failed"] = st.enqueue("acme/Broken-1B", "b" * 40, reason="new release", now=T0 + 900)
-    st.claim("w1", now=T0 + 900)
+    start(st, ids["failed"], "w1", now=T0 + 900)
     st.transition(ids["failed"], J.Status.FAILED, now=T0 + 950, worker_id="w1", message="failed",
                   error_type="UnsupportedModel", error_message="model.safetensors is corrupt: bad header")
     ids["running"] = st.enqueue("acme/Run-1B", "r" * 40, reason="new release", now=T0 + 1000)
-    st.claim("w2", now=time.time() - 400)
+    start(st, ids["running"], "w2", now=time.time() - 400)
     st.event("stage.end", "calibrate done", now=time.time() - 100, job_id=ids["running"])
     st.update_running(ids["running"], "w2", now=time.time(), stage="quantize", progress="Q4_K_M 2/4")
     ids["queued"] = st.enqueue("acme/Queued-1B", "q" * 40, reason="new release", now=T0 + 1100)

@@ -64,3 +64,15 @@ def test_total_backoff_is_bounded() -> None:
 def test_invalid_policy_rejected(kw: dict) -> None:
     with pytest.raises(ValueError):
         RetryPolicy(**kw)
+
+
+def test_a_state_store_connection_lost_under_a_query_is_retried_other_database_errors_are_not() -> None:
+    import psycopg
+    import sqlalchemy as sa
+    lost = sa.exc.OperationalError("SELECT 1", {}, psycopg.OperationalError("server closed the connection"))
+    assert P.decide(lost, 1) == 1.0
+    assert P.decide(psycopg.OperationalError("consuming input failed"), 1) == 1.0
+    invalidated = sa.exc.DBAPIError("SELECT 1", {}, Exception("x"), connection_invalidated=True)
+    assert P.decide(invalidated, 1) == 1.0
+    broken_sql = sa.exc.ProgrammingError("SELEC 1", {}, psycopg.ProgrammingError("syntax error"))
+    assert P.decide(broken_sql, 1) is None
