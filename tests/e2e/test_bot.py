@@ -6,8 +6,9 @@ One scenario in order (the tests share the server and the state; each step build
    too-large and path-escaping repos are skipped with their reasons; ``status`` shows them;
 2. ``run`` is SIGKILLed during quantization; two ``run`` processes started on the same database resume the
    job from its last finished stage, only one of them runs it, and it is published exactly once with its card;
-3. a new upstream revision changing only README.md queues nothing; one changing the tokenizer queues a
-   re-quantization; SIGTERM during its conversion exits cleanly and releases the job, which resumes after the
+3. a new upstream revision changing only README.md queues nothing; one changing the model config queues a
+   re-quantization (a full job: a template or tokenizer fix would be a metadata patch, tests/integration/
+   test_metapatch.py); SIGTERM during its conversion exits cleanly and releases the job, which resumes after the
    finished conversion on the next start and updates the published repo.
 """
 
@@ -161,14 +162,14 @@ def test_new_revisions_requeue_only_on_result_changes(world: World) -> None:
     assert world.store.model(SOURCE).decision == "unchanged"
     assert len(world.store.jobs()) == 1
 
-    tok_cfg = json.loads((world.ckpt / "tokenizer_config.json").read_text())
-    tok_cfg["model_max_length"] = 4096
-    new_sha = world.hub.add_commit(SOURCE, {"tokenizer_config.json": json.dumps(tok_cfg, indent=1)},
-                                   message="fix tokenizer settings")
+    cfg = json.loads((world.ckpt / "config.json").read_text())
+    cfg["max_position_embeddings"] = cfg["max_position_embeddings"] // 2  # a model config change: a full job
+    new_sha = world.hub.add_commit(SOURCE, {"config.json": json.dumps(cfg, indent=1)},
+                                   message="fix the context length")
     r = world.cli("watch", "--once")
     assert r.returncode == 0 and "1 queued" in r.stdout, r.stdout + r.stderr
     job2 = world.store.jobs()[-1]
-    assert job2.revision == new_sha and "tokenizer_config.json" in job2.reason
+    assert job2.revision == new_sha and "config.json" in job2.reason
     # SIGTERM during the conversion: the step finishes, the job goes back to the queue, the process exits 0
     p = world.start_run("--exit-when-idle", "--no-poll")
     wait_for(lambda: (j := world.store.job(job2.id)) and j.stage == "convert", 300, "the convert stage", world)
@@ -184,6 +185,7 @@ def test_new_revisions_requeue_only_on_result_changes(world: World) -> None:
     assert any(e["kind"] == "stage.skip" and e["message"].startswith("convert") for e in events[last_claim:])
     done = world.store.job(job2.id)
     assert done.status == J.Status.PUBLISHED, (done, world.log_tail())
+    assert done.result["kind"] == "full" and "model config changed" in done.result["kind_reason"]
     assert target_commits(world) == 2  # the published repo was updated, once
     report = json.loads(world.hub.files(TARGET)["report.json"])
     assert new_sha in json.dumps(report)
