@@ -1,0 +1,78 @@
+"""Stage tune on a real (tiny) model with the real llama.cpp tools: a tuned file per size point whose tensor types
+are exactly the plan's, within the stock file's bytes, that llama.cpp loads with a finite perplexity."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from converters import layout
+from converters import toolchain as tc_mod
+from converters import tune
+from tests.models import tiny_random_checkpoint
+
+pytestmark = [pytest.mark.slow, pytest.mark.llama]
+
+
+@pytest.fixture(scope="module")
+def tuned_workdir(tmp_path_factory, calibration_text, toolchain) -> Path:
+    from bot.job import JobSpec, Source, run_job
+    from converters.calibrate import TextFile
+    from converters.hooks import NULL_HOOKS
+    from converters.pipeline import LadderOptions
+
+    root = tmp_path_factory.mktemp("tune")
+    src = root / "tiny-llama"
+    shutil.copytree(tiny_random_checkpoint("llama"), src)
+    spec = JobSpec(source=Source(path=src), model_name="tiny-llama",
+                   ladder=LadderOptions(ladder="Q4_K_M,Q2_K", calibration=TextFile.of(calibration_text),
+                                        calibration_chunks=2, ctx=128, tune=("Q4_K_M", "Q2_K"), tune_seconds=600,
+                                        tune_candidates=("Q2_K", "Q4_K", "Q8_0")),  # + the stock files' types
+                   evaluation=None)  # evaluate and the gate of tuned files: tests/unit/test_tuned_gate.py, benchmarks/layout.py
+    out = root / "work"
+    run_job(spec, out, NULL_HOOKS, toolchain=toolchain)
+    return out
+
+
+def test_tuned_files_match_their_layout_and_budget(tuned_workdir):
+    ladder = json.loads((tuned_workdir / "ladder.json").read_text())
+    files = {f["type"]: f for f in ladder["files"]}
+    assert set(files) == {"Q4_K_M", "Q2_K", "Q4_K_M-tuned", "Q2_K-tuned"}
+    for point in ("Q4_K_M", "Q2_K"):
+        f, stock = files[f"{point}-tuned"], files[point]
+        path = tuned_workdir / f["path"]
+        assert path.name == f"tiny-llama-{point}-tuned.gguf"
+        lay = json.loads((tuned_workdir / f["tuned"]["layout"]).read_text())
+        assert lay["size_point"] == point and lay["budget"] <= stock["size"]
+        written = tune.read_types(path)
+        assert {t["name"]: t["type"] for t in lay["tensors"]} == {n: written[n] for n in
+                                                                 (t["name"] for t in lay["tensors"])}
+        assert path.stat().st_size == f["size"] <= stock["size"]
+        # every choice is a measured candidate valid for the tensor's rows, and the plan predicts no loss
+        for t in lay["tensors"]:
+            assert t["type"] in t["candidates"] and layout.valid(t["type"], t["shape"][0])
+        assert lay["predicted_kld"] <= lay["stock_predicted_kld"] + 1e-12
+        # the type file given to llama-quantize is the plan
+        types_file = tuned_workdir / "tune" / f"{point}-tuned.tensor-types.txt"
+        assert types_file.read_text().split() == layout.tensor_type_lines({t["name"]: t["type"] for t in lay["tensors"]})
+    from converters import records
+
+    rec = records.load(tuned_workdir, "tune")
+    assert rec is not None and rec.extra["points"]["Q4_K_M"]["status"] == "built"
+    meas = json.loads((tuned_workdir / "tune" / "measurements.json").read_text())
+    assert meas["scales"] and all(s > 0 for s in meas["scales"].values())
+
+
+def test_tuned_file_loads_with_finite_perplexity(tuned_workdir, eval_text, toolchain, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text(eval_text.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    res = tc_mod.run([toolchain.program("llama-perplexity"), "-m", tuned_workdir / "tiny-llama-Q2_K-tuned.gguf",
+                      "-f", short, "-c", "128", "--chunks", "2", "-t", "2"], timeout=600)
+    m = re.search(r"Final estimate: PPL = ([0-9.]+|nan|inf)", res.stdout + res.stderr)
+    assert m and math.isfinite(float(m.group(1)))
+
