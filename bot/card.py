@@ -27,11 +27,11 @@ import yaml
 
 from bot import markdown
 from bot.target import MARKER_TAG
-from converters import chat
+from converters import chat, layout, mmproj
 from converters.errors import TemplateError
 from converters.report import PASSED, SKIPPED, FileResult, Report
-from converters.workdir import (CalibrationInfo, DistillInfo, ImatrixInfo, Ladder, LadderFile, PruneCalibration,
-                                PruneInfo, VariantEvaluation, VariantFileFigures, VariantInfo)
+from converters.workdir import (CalibrationInfo, DistillInfo, ImatrixInfo, Ladder, LadderFile, ProjectorFile,
+                                PruneCalibration, PruneInfo, VariantEvaluation, VariantFileFigures, VariantInfo)
 
 TEMPLATE_NAME = "model_card.md.j2"
 VARIANT_TEMPLATE_NAME = "variant_section.md.j2"
@@ -305,6 +305,31 @@ def published_files(ladder: Ladder, report: Report) -> list[PublishedFile]:
     return out
 
 
+def published_projectors(ladder: Ladder, report: Report) -> list[ProjectorFile]:
+    """A vision-language model's projector files, published when the report's ``projector`` check passed (the F16
+    one loaded in llama-mtmd-cli and gave finite image embeddings), each file only when it passed; none for a
+    text-only model."""
+    check = report.checks.get(mmproj.CHECK)
+    if not ladder.projectors or check is None or check.status != PASSED:
+        return []
+    passed = mmproj.passed_files(check)  # a Q8_0 projector that failed while the F16 one passed is withheld
+    return [p for p in ladder.projectors if passed is None or Path(p.path).name in passed]
+
+
+def _projectors(ladder: Ladder, report: Report, files: Sequence[Mapping[str, Any]],
+                run_type: str | None) -> dict[str, Any] | None:
+    """The card's vision section: the projector files and a text model to show them with (None: no projector)."""
+    projs = published_projectors(ladder, report)
+    if not projs:
+        return None
+    row = next((f for f in files if f["type"] == run_type), files[0] if files else None)
+    return {
+        "files": [{"file": p.path, "type": p.type, "size_h": human_bytes(p.size)} for p in projs],
+        "main": next((p.path for p in projs if p.type == mmproj.TYPES[0]), projs[0].path),
+        "model_file": (row["parts"][0] if row["split"] else row["file"]) if row else None,
+    }
+
+
 def withheld_files(ladder: Ladder, report: Report) -> list[dict[str, str]]:
     """Ladder files that are not published, each with the gate's reasons (as inert Markdown)."""
     by_type = {r.type: r for r in report.files}
@@ -465,7 +490,25 @@ def _file_row(pf: PublishedFile, size_on_disk: int | None) -> dict[str, Any]:
         "description": markdown.cell(f.description or ""),
         "include": f"{folder}/*" if split else f.path,
         "memory": [],
+        "tuned": layout.is_tuned(f.type),
     }
+
+
+def _tuned_rows(ladder: Ladder, report: Report) -> list[dict[str, Any]]:
+    """Per-tensor tuned files that were published, each beside its stock file's figures."""
+    by_type = {r.type: r for r in report.files}
+    rows = []
+    for pf in published_files(ladder, report):
+        if not layout.is_tuned(pf.type):
+            continue
+        stock = by_type.get(layout.stock_of(pf.type))
+        t, s = pf.result.figures(), (stock.figures() if stock is not None else {})
+        rows.append({"type": pf.type, "stock": layout.stock_of(pf.type),
+                     "kld": _pm(t["kld_mean"], t["kld_mean_err"], 4),
+                     "stock_kld": _pm(s.get("kld_mean"), s.get("kld_mean_err"), 4),
+                     "size_h": human_bytes(pf.result.size or pf.file.size),
+                     "stock_size_h": human_bytes(stock.size) if stock is not None else "n/a"})
+    return rows
 
 
 def _file_rows(ladder: Ladder, report: Report, sizes: Mapping[str, int]) -> list[dict[str, Any]]:
@@ -557,11 +600,13 @@ def build_context(ladder: Ladder, report: Report, source: SourceFacts, settings:
         "files": files,
         "kv": kv,
         "run_type": run_type,
+        "projectors": _projectors(ladder, report, files, run_type),
         "ollama_host": settings.ollama_host,
         "chart": extras.chart,
         "checks": _checks(report),
         "evaluation": _evaluation(report),
         "withheld": withheld_files(ladder, report),
+        "tuned": _tuned_rows(ladder, report),
         "source_unchecked": source_unchecked(report),
         "notes": [markdown.cell(n) for n in report.notes],
         "whats_new": list(extras.whats_new),

@@ -100,6 +100,8 @@ class JobSpec:
     rules: CheckpointRules = CheckpointRules()
     variant_of: variants_mod.VariantOf | None = None  # set on the derived spec of a variant
     limits: ToolLimits = ToolLimits()  # how long any one program may run
+    patch: Any = None  # a bot.patch.PatchBase: a metadata patch of that publication instead of the ladder stages
+    whats_new: tuple[str, ...] = ()  # the published card's what's-new lines (default: what the publication changed)
 
     @classmethod
     def from_settings(cls, settings: Any, repo: str, revision: str, *, calibration: TextFile | LazyText | None,
@@ -126,7 +128,8 @@ class JobSpec:
             source=Source(repo=repo, revision=revision), model_name=model_name_for(repo),
             ladder=LadderOptions(ladder=q.ladder, outtype=q.outtype, calibration=calibration,
                                  calibration_chunks=q.calibration_chunks, ctx=q.ctx,
-                                 split_max_bytes=int(q.split_max_gb * 1e9), jobs=q.jobs),
+                                 split_max_bytes=int(q.split_max_gb * 1e9), jobs=q.jobs,
+                                 tune=tuple(q.tune), tune_seconds=q.tune_seconds),
             evaluation=EvalSettings(evaluation, chunks=q.evaluation_chunks, name_text=True, require_publishable=True,
                                     require_source_check=q.require_source_check),
             variants=variants_mod.parse_list(q.variants),
@@ -275,6 +278,7 @@ class PublishStage:
     variant: variants_mod.VariantOf | None = None
     name: str = "publish"
     quiet: bool = False
+    whats_new: tuple[str, ...] = ()  # the card's what's-new lines instead of the computed ones
 
     def run(self, ctx: JobContext) -> None:
         from bot import publish
@@ -282,7 +286,7 @@ class PublishStage:
 
         opts = publish.PublishOptions(repo_id=self.target.repo_id, repo_template=self.target.template,
                                       namespace=self.target.namespace, private=self.target.private,
-                                      policy=self.target.policy)
+                                      policy=self.target.policy, whats_new=self.whats_new)
         if self.variant is not None:
             if ctx.report is not None:
                 variant_gate(ctx.report, self.variant.recipe.name)
@@ -375,14 +379,18 @@ def _variant_entry(vdir: Path, res: JobResult, publishing: bool) -> dict[str, An
 def stages_for(spec: JobSpec, hub: Any = None) -> tuple[Stage, ...]:
     """The stage objects of ``spec``, in order."""
     out: list[Stage] = []
-    if spec.variant_of is not None:
+    if spec.patch is not None:
+        from bot import patch as patch_mod
+
+        out += patch_mod.stages(spec, hub)
+    elif spec.variant_of is not None:
         out += variants_mod.stages(spec.variant_of, spec.ladder, spec.evaluation)
     else:
         if spec.source.path is None:
             out.append(FetchStage(spec.source, spec.fetch, hub))
         out += ladder_stages(spec.ladder, spec.evaluation, rules=spec.rules)
     if spec.publish is not None:
-        out.append(PublishStage(spec.publish, hub, spec.variant_of))
+        out.append(PublishStage(spec.publish, hub, spec.variant_of, whats_new=spec.whats_new))
     out += [VariantStage(spec, r, hub) for r in spec.variants]
     return tuple(out)
 

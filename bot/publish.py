@@ -58,6 +58,7 @@ class PublishOptions:
     quantized_by: str | None = None  # default: the namespace
     gate_like_source: bool = True  # a gated source gets a gated repo (set before any file lands)
     policy: TargetPolicy = TargetPolicy()
+    whats_new: tuple[str, ...] = ()  # an update's what's-new lines (card and commit); default: computed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +154,8 @@ def collect_files(workdir: Path | WorkDir, ladder: Ladder, report: Report) -> di
     for rel in ladder.imatrix.paths if ladder.imatrix else ():
         if (wd.path / rel).is_file():
             out[rel] = _safe_local(wd, rel)
+    for proj in card_mod.published_projectors(ladder, report):  # a vision-language model's mmproj files
+        out[proj.path] = _safe_local(wd, proj.path)
     chart = chart_name(report)
     if (wd.path / chart).is_file():
         out[chart] = _safe_local(wd, chart)
@@ -337,7 +340,7 @@ def plan_publish(workdir: Path | WorkDir, hub: Any, options: PublishOptions, *, 
         return PublishPlan(repo_id, "none", True, options.private, False, {}, (), "", "", head, pub, (),
                            workdir=wd.path)
 
-    news = tuple(whats_new(old_pub, pub)) if exists else ()
+    news = (tuple(options.whats_new) or tuple(whats_new(old_pub, pub))) if exists else ()
     now = now or dt.datetime.now(dt.timezone.utc)
     card_text, facts = _card_text(hub, ladder, report, files,
                                   _CardSpec(repo_id, options.quantized_by or org, news, now, variant))

@@ -38,7 +38,8 @@ from typing import Any
 
 from bot import jobs as J
 from bot import metrics
-from bot.job import JobSpec, LazyText, VariantOutcome, run_job
+from bot import patch as patch_mod
+from bot.job import JobSpec, LazyText, VariantOutcome
 from bot.retry import RetryPolicy
 from bot.settings import Settings
 from bot.store import Job, Store
@@ -182,6 +183,7 @@ class Runner:
         self.stop = stop or threading.Event()
         self.clock = clock
         self._texts: dict[str, Any] = {}
+        self.last_error: BaseException | None = None
 
     # ---------------------------------------------------------------- queue operations
     def recover(self, now: float | None = None) -> list[int]:
@@ -203,8 +205,10 @@ class Runner:
         return self.process(job)
 
     # ---------------------------------------------------------------- one job
-    def process(self, job: Job) -> Outcome:
-        workdir = Path(job.workdir) if job.workdir else self.settings.work_dir / f"job-{job.id}-{slug(job.repo)}"
+    def process(self, job: Job, workdir: Path | None = None) -> Outcome:
+        """Run a claimed job to an end; ``workdir``: where (default: the job's, else a new one under work_dir)."""
+        if workdir is None:
+            workdir = Path(job.workdir) if job.workdir else self.settings.work_dir / f"job-{job.id}-{slug(job.repo)}"
         hooks = JobHooks(self, job)
         hb_stop = threading.Event()
         hb = threading.Thread(target=self._heartbeat, args=(job, hb_stop, hooks), daemon=True,
@@ -237,6 +241,7 @@ class Runner:
 
     def _on_error(self, job: Job, e: BaseException, lost: threading.Event) -> Outcome:
         now = self.clock()
+        self.last_error = e  # bot.queue hands it to procrastinate's retry strategy
         if lost.is_set() or isinstance(e, TakenAway):
             cur = self.store.job(job.id)
             log.info("job %d: no longer held by this worker (%s); stopped", job.id, cur.status.value if cur else "gone")
@@ -309,9 +314,12 @@ class Runner:
     def _run(self, job: Job, workdir: Path, hooks: JobHooks) -> tuple[J.Status, str, dict[str, Any]]:
         """fetch -> ... -> publish -> variants (one :func:`bot.job.run_job`), then artifacts and the cleanup."""
         s = self.settings
-        res = run_job(self.spec_for(job), workdir, hooks, toolchain=self._toolchain(), hub=self.hub)
+        # a full job, or a metadata patch of the published files (bot.patch decides, and falls back when refused)
+        res, kind = patch_mod.run_for_job(self.spec_for(job), job, workdir, hooks, store=self.store, hub=self.hub,
+                                          toolchain=self._toolchain(), clock=self.clock)
         tc_version = res.ladder.toolchain.version
         fields: dict[str, Any] = {"toolchain_version": tc_version}
+        kind_fields = {"kind": kind.kind, "kind_reason": kind.reason}
         done = [v.entry for v in res.variants]
         url = res.published.url if res.published else None
         self._record_artifacts(job, workdir, res.ladder, url=url)
@@ -319,14 +327,13 @@ class Runner:
         if res.published is None:
             why = "publishing is turned off (target.publish = false)" if not s.target.publish else \
                 "no Hub token (set HF_TOKEN to publish)"
-            if done:
-                fields["result"] = {"variants": done}
+            fields["result"] = {**kind_fields, **({"variants": done} if done else {})}
             return (J.Status.CONVERTED, f"converted, not published: {why}; files in {workdir}"
                     + _variants_note(done), fields)
         p = res.published
         fields["target_repo"] = p.repo_id
         fields["result"] = {"target_repo": p.repo_id, "commit": p.url, "action": p.action, "toolchain": tc_version,
-                            "files": list(res.ladder.types)}
+                            "files": list(res.ladder.types), **kind_fields}
         if done:
             fields["result"]["variants"] = done
         # ---- cleanup: keep the report and the imatrix, drop the rest
@@ -336,6 +343,7 @@ class Runner:
         fields["result"]["kept"] = self._cleanup(job, workdir, res.ladder)
         fields["workdir"] = None
         what = "already up to date" if p.action == "none" else p.action
+        what += ", metadata patch" if kind.kind == patch_mod.PATCH else ""
         return J.Status.PUBLISHED, f"published {p.repo_id} ({what})" + _variants_note(done), fields
 
     def _record_variants(self, job: Job, outcomes: tuple[VariantOutcome, ...]) -> None:

@@ -13,7 +13,7 @@ Where values come from, later ones winning:
 
 An unknown key or a value of the wrong type is a :class:`ConfigError` that names the key
 (``limits.concurrency: expected an integer, got 'two'``). The Hub token is read from ``HF_TOKEN`` (or the file
-named by ``hub.token_file``); it is never printed: it is excluded from ``repr`` and from :meth:`Settings.describe`.
+named by ``hub.token_file``, or systemd's credential ``$CREDENTIALS_DIRECTORY/hf_token``); it is never printed: it is excluded from ``repr`` and from :meth:`Settings.describe`.
 """
 
 from __future__ import annotations
@@ -123,6 +123,8 @@ class Quantize:
     ctx: int = 512
     split_max_gb: float = 45.0
     jobs: int = 1
+    tune: tuple[str, ...] = ()  # size points to tune per tensor (converters.tune), e.g. ["Q4_K_M"]; empty: off
+    tune_seconds: float = 3600.0  # time budget of all tuning measurements, probes and solves of one job
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +164,15 @@ class Web:
     webhook_secret_file: str | None = None  # the Hub webhook's secret; unset: POST /webhooks/hub is refused
 
 
+@dataclasses.dataclass(frozen=True)
+class WorkerSettings:
+    """What one box can run, when jobs go through procrastinate (a PostgreSQL ``database_url``; ``bot.queue``)."""
+
+    max_model_gb: float | None = None  # largest model this box takes; None: no limit of its own
+    gpu: bool = False  # a GPU box: it also takes the big queue (models over big_model_gb)
+    big_model_gb: float = 30.0  # the scheduler sends models over this size to the big queue
+
+
 SECTIONS: dict[str, type] = {
     "hub": HubSettings,
     "filters": Filters,
@@ -171,6 +182,7 @@ SECTIONS: dict[str, type] = {
     "schedule": Schedule,
     "requeue": Requeue,
     "web": Web,
+    "worker": WorkerSettings,
 }
 TOP_LEVEL = ("data_dir", "database_url", "sources")
 
@@ -188,6 +200,7 @@ class Settings:
     schedule: Schedule = Schedule()
     requeue: Requeue = Requeue()
     web: Web = Web()
+    worker: WorkerSettings = WorkerSettings()
     token: str | None = dataclasses.field(default=None, repr=False, compare=False)
     config_path: Path | None = None
     max_model_bytes: int = 0  # resolved: the explicit limit, or the share of the free disk
@@ -301,10 +314,18 @@ def _sources(value: Any) -> tuple[Source, ...]:
     return tuple(out)
 
 
+CREDENTIAL_NAME = "hf_token"  # systemd's LoadCredential=hf_token:... (deploy/ggufbot.service)
+
+
 def _token(hub: HubSettings, env: Mapping[str, str]) -> str | None:
+    """hub.token_file, else $HF_TOKEN, else the systemd credential ``$CREDENTIALS_DIRECTORY/hf_token``."""
     if hub.token_file:
         return read_secret_file(hub.token_file, "hub.token_file")
-    return (env.get("HF_TOKEN") or "").strip() or None
+    token = (env.get("HF_TOKEN") or "").strip() or None
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if token is None and creds and (Path(creds) / CREDENTIAL_NAME).is_file():
+        return read_secret_file(str(Path(creds) / CREDENTIAL_NAME), "$CREDENTIALS_DIRECTORY/" + CREDENTIAL_NAME)
+    return token
 
 
 def read_secret_file(path: str, key: str) -> str | None:
@@ -338,6 +359,10 @@ def _check(s: Settings) -> None:
         bad("limits.max_attempts", "must be at least 1")
     if s.limits.max_model_gb is not None and s.limits.max_model_gb <= 0:
         bad("limits.max_model_gb", "must be positive")
+    if s.worker.max_model_gb is not None and s.worker.max_model_gb <= 0:
+        bad("worker.max_model_gb", "must be positive")
+    if s.worker.big_model_gb <= 0:
+        bad("worker.big_model_gb", "must be positive")
     if s.limits.min_free_disk_gb < 0:
         bad("limits.min_free_disk_gb", "must be >= 0")
     if s.limits.tool_seconds_per_gb <= 0 or s.limits.tool_min_seconds <= 0:
@@ -391,6 +416,14 @@ def _check(s: Settings) -> None:
         quants.parse_ladder(s.quantize.ladder)
     except Exception as e:  # UnknownName: name the key
         bad("quantize.ladder", str(e))
+    try:
+        from converters import tune as tune_mod
+
+        tune_mod.check_points(s.quantize.tune, [q.name for q in quants.parse_ladder(s.quantize.ladder)])
+    except Exception as e:
+        bad("quantize.tune", str(e))
+    if s.quantize.tune_seconds <= 0:
+        bad("quantize.tune_seconds", "must be positive")
 
 
 def _size_limit(s: Settings, free_disk: int | None) -> int:

@@ -37,7 +37,7 @@ RESULT_PATTERNS = (
     "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.tiktoken", "*.tiktoken", "chat_template.jinja",
-    "chat_template.json", "preprocessor_config.json",
+    "chat_template.json", "preprocessor_config.json", "processor_config.json",
 )
 # What a Hub fetch downloads: the result files plus the model card, for the licence.
 FETCH_PATTERNS = RESULT_PATTERNS + ("README.md",)
@@ -61,6 +61,11 @@ class Checkpoint:
     @property
     def has_chat_template(self) -> bool:
         return bool(self.chat_template)
+
+    @property
+    def vision(self) -> bool:
+        """A vision-language model: its projector is converted beside the text ladder."""
+        return is_vision_language(self.config)
 
     def estimate_gguf_bytes(self, bits_per_weight: float) -> int:
         """Approximate size of a GGUF of this model at the given bits per weight."""
@@ -130,20 +135,60 @@ def remote_code_refusal(config: object) -> Refusal | None:
     return Refusal(REMOTE_CODE, tuple(sorted(auto_map)) if isinstance(auto_map, Mapping) else ())
 
 
+def _converter_map(converter_root: Path, map_name: str) -> set[str] | None:
+    """The keys of a ``conversion/__init__.py`` registry (``TEXT_MODEL_MAP``, ``MMPROJ_MODEL_MAP``), read from the
+    source (no import, no torch); None for a converter without that package."""
+    init = converter_root / "conversion" / "__init__.py"
+    if not init.exists():
+        return None
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(init.read_text())):
+        target = None
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            target, value = node.target.id, node.value
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            target, value = node.targets[0].id, node.value
+        if target == map_name and isinstance(value, ast.Dict):
+            names.update(k.value for k in value.keys if isinstance(k, ast.Constant))
+    return names
+
+
+def supported_projectors(converter_root: Path) -> frozenset[str] | None:
+    """Architectures whose multimodal projector the converter exports (``convert_hf_to_gguf.py --mmproj``): its
+    ``MMPROJ_MODEL_MAP``, or in an older single-file converter the classes registered on an ``MmprojModel``."""
+    names = _converter_map(converter_root, "MMPROJ_MODEL_MAP")
+    if names is None:
+        script = converter_root / "convert_hf_to_gguf.py"
+        if not script.exists():
+            return None
+        names = set()
+        registered = r"@ModelBase\.register\(([^)]*)\)\s*(?:@[^\n]*\s*)*class \w+\((\w+)\)"
+        for m in re.finditer(registered, script.read_text()):
+            if m.group(2) == "MmprojModel" or m.group(2).endswith("VisionModel"):
+                names.update(re.findall(r"[\"']([A-Za-z0-9_]+)[\"']", m.group(1)))
+    return frozenset(names) or None
+
+
+def is_vision_language(config: Mapping[str, Any]) -> bool:
+    """A model with a vision tower next to its language model (``vision_config`` in config.json)."""
+    return isinstance(config.get("vision_config"), Mapping)
+
+
+def vision_refusal(arch: str, config: Mapping[str, Any], projectors: frozenset[str] | None) -> str | None:
+    """Why a vision-language model cannot be converted with its projector (the converter does not export this
+    architecture's vision tower), or None (not a vision-language model, or nothing known to check against)."""
+    if projectors is None or not is_vision_language(config) or arch in projectors:
+        return None
+    return (f"vision-language model {arch}: the pinned llama.cpp converter cannot convert its vision tower "
+            "(no --mmproj support), so its projector could not be published")
+
+
 def supported_architectures(converter_root: Path) -> frozenset[str] | None:
     """Architectures the converter registers, read from its source (no import, no torch)."""
     init = converter_root / "conversion" / "__init__.py"
     names: set[str] = set()
     if init.exists():
-        tree = ast.parse(init.read_text())
-        for node in ast.walk(tree):
-            target = None
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                target, value = node.target.id, node.value
-            elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-                target, value = node.targets[0].id, node.value
-            if target == "TEXT_MODEL_MAP" and isinstance(value, ast.Dict):
-                names.update(k.value for k in value.keys if isinstance(k, ast.Constant))
+        names = _converter_map(converter_root, "TEXT_MODEL_MAP") or set()
     else:
         script = converter_root / "convert_hf_to_gguf.py"
         if not script.exists():
@@ -295,9 +340,12 @@ def _card_license(path: Path) -> str | None:
     return lm.group(1).strip() if lm else None
 
 
-def inspect(path: str | Path, *, supported: frozenset[str] | None = None) -> Checkpoint:
+def inspect(path: str | Path, *, supported: frozenset[str] | None = None,
+            projectors: frozenset[str] | None = None) -> Checkpoint:
     """Validate a local checkpoint; raise UnsupportedModel / InputError with a one-line reason. A model that needs
-    remote code is always refused: its code is never run, and there is no switch to allow it."""
+    remote code is always refused: its code is never run, and there is no switch to allow it. ``supported``: the
+    converter's text architectures; ``projectors``: those whose vision tower it exports (a vision-language model
+    outside them is refused)."""
     root = Path(path)
     if not root.is_dir():
         raise InputError(f"checkpoint folder not found: {root}")
@@ -315,6 +363,9 @@ def inspect(path: str | Path, *, supported: frozenset[str] | None = None) -> Che
         remote = remote_code_refusal(cfg)
         if remote is not None:
             raise UnsupportedModel(remote.reason(where))
+    vision = vision_refusal(arch, config, projectors)
+    if vision is not None:
+        raise UnsupportedModel(vision)
     if supported is not None and arch not in supported:
         raise UnsupportedModel(f"architecture {arch} is not supported by the pinned llama.cpp converter")
 

@@ -44,7 +44,7 @@ def convert(ckpt: Checkpoint, workdir: Path, model_name: str, *, toolchain: Tool
         try:
             run(argv, timeout=timeout, env=toolchain.python_env(), on_line=hooks.tool_lines(STAGE))
         except ToolError as e:
-            reason = _converter_reason(e.stderr_tail)
+            reason = converter_reason(e.stderr_tail)
             if reason:
                 raise UnsupportedModel(reason) from e
             raise
@@ -62,7 +62,8 @@ _REASONS = (
 )
 
 
-def _converter_reason(stderr: str) -> str | None:
+def converter_reason(stderr: str) -> str | None:
+    """The one-line reason of a converter failure that means the model is not supported, or None."""
     for pat, msg in _REASONS:
         m = pat.search(stderr)
         if m:

@@ -166,3 +166,12 @@ class TemplateError(GgufbotError):
         super().__init__(f"{kind}: {message}")
         self.kind = kind
         self.message = message
+
+
+class PatchRefused(GgufbotError):
+    """A metadata patch cannot stand in for a full job (the vocabulary or an architecture key would change, the
+    earlier publication cannot be read); ``reason`` says why, and the job falls back to the full run."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from converters import checkpoint as checkpoint_mod
-from converters import curve, hfmodel, quants, records, verify
+from converters import curve, hfmodel, layout, mmproj, quants, records, verify
 from converters import toolchain as tc_mod
 from converters.errors import (DiskSpaceError, GgufbotError, InputError, ParseError, ToolError, UnknownName,
                                UnsupportedModel)
@@ -346,6 +346,8 @@ def curve_points(files: Sequence[FileResult]) -> list[curve.Point]:
     out = []
     for f in files:
         bits = nominal_bits(f)
+        if layout.is_tuned(f.type):  # judged against its stock file instead (tuned_reasons)
+            continue
         if f.stats is not None and not f.stats.non_finite() and bits is not None:
             out.append(curve.Point(f.type, float(bits), f.stats.kld_mean, f.stats.kld_mean_err))
     return out
@@ -356,11 +358,32 @@ def judge(files: Sequence[FileResult], ceilings: Mapping[str, float] | None = No
     """Pure: reads the figures and checks only. A file fails on its own figures and checks, or when it is far
     above the ladder's own curve (:mod:`converters.curve`); an order inversion is a note, not a failure."""
     out = {f.type: _file_reasons(f, ceilings, job_checks or {}) for f in files}
+    for key, why in tuned_reasons(files).items():
+        out[key].append(why)
     points = curve_points(files)
     far = curve.outliers(points, rules)
     for key, outlier in far.items():
         out[key].append(outlier.reason())
     return Verdict(out, curve.inversions(points, rules, skip=set(far)))
+
+
+def tuned_reasons(files: Sequence[FileResult]) -> dict[str, str]:
+    """A per-tensor tuned file (``<TYPE>-tuned``) is published only when it beats its stock file's mean KLD by
+    more than the measurement error at no more bytes (:func:`converters.layout.tuned_verdict`)."""
+    by_type = {f.type: f for f in files}
+    out = {}
+    for f in files:
+        if not layout.is_tuned(f.type):
+            continue
+        s = by_type.get(layout.stock_of(f.type))
+        ok = s is not None and s.stats is not None and not s.stats.non_finite()
+        why = layout.tuned_verdict(s.stats.kld_mean if ok else None, s.stats.kld_mean_err if ok else None,
+                                   s.size if ok else None,
+                                   f.stats.kld_mean if f.stats is not None else None,
+                                   f.stats.kld_mean_err if f.stats is not None else None, f.size)
+        if why is not None:
+            out[f.type] = f"not better than {layout.stock_of(f.type)}: {why}"
+    return out
 
 
 def gate(files: Sequence[FileResult], ceilings: Mapping[str, float] | None = None, *,
@@ -381,7 +404,8 @@ def expected_klds(files: Sequence[FileResult],
 
 def publishable(checks: Mapping[str, Check], *, require_source_check: bool = True) -> tuple[bool, list[str]]:
     """Nothing is published when the conversion itself is suspect: BF16-vs-source or tokenizer failed, or (unless
-    ``require_source_check`` is off) the BF16-vs-source comparison was skipped."""
+    ``require_source_check`` is off) the BF16-vs-source comparison was skipped; nor when a vision-language model's
+    projector failed its check."""
     reasons = []
     src = checks.get("bf16_vs_source")
     if require_source_check and src is not None and src.status == SKIPPED:
@@ -394,6 +418,9 @@ def publishable(checks: Mapping[str, Check], *, require_source_check: bool = Tru
             reasons.append(f"{name} check did not run")
         elif c.status == FAILED:
             reasons.append(f"{what}: {c.detail}")
+    proj = checks.get(mmproj.CHECK)  # only a vision-language model has one
+    if proj is not None and proj.status == FAILED:
+        reasons.append(f"the vision projector does not work: {proj.detail}")
     return not reasons, reasons
 
 
@@ -902,4 +929,26 @@ def _run_checks(job: _Job, ref_facts: verify.GgufFacts,
     except ToolError as e:
         checks["generation"] = Check.fail(f"the reference does not generate: {verify.tool_error_reason(e)}")
     per_file = {f.type: _file_checks(job, job.wd.path / f.path, ref_facts, prompt) for f in files}
+    projector = _projector_check(job)
+    if projector is not None:
+        checks[mmproj.CHECK] = projector
     return checks, per_file
+
+
+def _projector_check(job: _Job) -> Check | None:
+    """A vision-language model's projector files, each loaded in ``llama-mtmd-cli`` with the ladder's largest text
+    model (the reference when no quant is there) on a generated test image: finite embeddings or failed."""
+    projectors = [job.wd.path / p.path for p in job.ladder.projectors]
+    if not projectors:
+        return None
+    missing = [p.name for p in projectors if not p.is_file()]
+    if missing:
+        return Check.fail(f"projector file(s) missing from the work directory: {', '.join(missing)}")
+    by_bits = sorted(job.ladder.files, key=lambda f: -(f.bpw_nominal or 0.0))
+    text_model = next((job.wd.path / f.path for f in by_bits if (job.wd.path / f.path).is_file()), job.reference)
+    scratch = records.tmp_dir_for(job.wd.path)
+    try:
+        return mmproj.projector_check(job.tc, text_model, projectors, scratch, threads=job.opts.threads)
+    finally:
+        with contextlib.suppress(OSError):
+            scratch.rmdir()

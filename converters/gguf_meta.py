@@ -162,6 +162,12 @@ def read(path: Path) -> GgufMeta:
                     tensor_count=len(reader.tensors))
 
 
+def reader(path: Path) -> gguf.GGUFReader:
+    """A fast ``GGUFReader`` of ``path`` (fields with their raw parts and types, tensor infos; data memory-mapped):
+    for code that copies fields to a new file. :class:`~converters.errors.InputError` when it is not a GGUF."""
+    return _open(Path(path))
+
+
 def data_offset(path: Path) -> int:
     """Bytes before the tensor data: the header (metadata and tensor infos) plus alignment padding."""
     return int(_open(Path(path)).data_offset)

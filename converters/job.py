@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from converters import calibrate as calibrate_mod
-from converters import chat, pipeline, quants, records, verify
+from converters import chat, mmproj, pipeline, quants, records, verify
 from converters import checkpoint as checkpoint_mod
 from converters import convert as convert_mod
 from converters import quantize as quantize_mod
@@ -181,9 +181,11 @@ class InspectStage:
     def run(self, ctx: JobContext) -> None:
         if ctx.checkpoint_dir is None:
             raise RuntimeError("no checkpoint folder: a fetch or prune stage must run first")
-        supported = (checkpoint_mod.supported_architectures(ctx.toolchain.root)
-                     if self.rules.check_architecture else None)
-        ctx.checkpoint = checkpoint_mod.inspect(ctx.checkpoint_dir, supported=supported)
+        supported = projectors = None
+        if self.rules.check_architecture:
+            supported = checkpoint_mod.supported_architectures(ctx.toolchain.root)
+            projectors = checkpoint_mod.supported_projectors(ctx.toolchain.root)
+        ctx.checkpoint = checkpoint_mod.inspect(ctx.checkpoint_dir, supported=supported, projectors=projectors)
         refused = verify.template_refusal(ctx.checkpoint.chat_template, chat.tokenizer_settings(ctx.checkpoint_dir))
         if refused is not None:  # before any program runs: a template that loops or escapes stalls nothing later
             raise UnsupportedModel(refused)
@@ -221,8 +223,14 @@ class ConvertStage(_ToolStage):
     quiet: bool = False
 
     def call(self, ctx: JobContext, p: pipeline.Plan) -> Any:
-        return convert_mod.convert(p.checkpoint, ctx.workdir, p.model_name, toolchain=ctx.toolchain,
-                                   outtype=p.outtype, timeout=self.timeout, hooks=ctx.hooks)
+        out = convert_mod.convert(p.checkpoint, ctx.workdir, p.model_name, toolchain=ctx.toolchain,
+                                  outtype=p.outtype, timeout=self.timeout, hooks=ctx.hooks)
+        if p.checkpoint.vision:  # a vision-language model: its projector too, once (converters.mmproj)
+            proj = mmproj.convert_projector(p.checkpoint, ctx.workdir, p.model_name, toolchain=ctx.toolchain,
+                                            timeout=self.timeout, hooks=ctx.hooks, stage=self.name)
+            ctx.state[mmproj.STAGE] = proj.record
+            out = dataclasses.replace(out, skipped=out.skipped and proj.skipped)
+        return out
 
     def keep(self, ctx: JobContext, record: records.StageRecord) -> None:
         ctx.reference = record
@@ -259,7 +267,8 @@ class QuantizeStage:
         done = self._all(ctx, p)
         ctx.hooks.emit(self.name, END)
         ctx.seconds[self.name] = round(time.monotonic() - t0, 3)
-        ctx.ladder = pipeline.ladder_record(p, ctx.toolchain, ctx.reference, ctx.imatrix, done, ctx.seconds)
+        ctx.ladder = pipeline.ladder_record(p, ctx.toolchain, ctx.reference, ctx.imatrix, done, ctx.seconds,
+                                            projector=ctx.state.get(mmproj.STAGE))
         WorkDir(ctx.workdir).write_ladder(ctx.ladder)
 
     def _all(self, ctx: JobContext, p: pipeline.Plan) -> dict[str, records.StageRecord]:
@@ -327,11 +336,20 @@ class EvaluateStage:
 
 def ladder_stages(options: pipeline.LadderOptions, evaluation: EvalSettings | None, *,
                   rules: CheckpointRules = CheckpointRules()) -> tuple[Stage, ...]:
-    """inspect -> convert -> calibrate (with an imatrix) -> quantize -> evaluate (when asked)."""
+    """inspect -> convert (and a vision-language model's projector) -> calibrate (with an imatrix) -> quantize ->
+    tune (size points in ``options.tune``) -> evaluate (when asked)."""
     stages: list[Stage] = [InspectStage(options, rules), ConvertStage(options.timeout)]
     if options.imatrix:
         stages.append(CalibrateStage(options.timeout))
     stages.append(QuantizeStage(options.timeout))
+    if options.tune:
+        from converters import tune
+
+        topts = tune.TuneOptions(size_points=tuple(options.tune), ctx=options.ctx, time_budget=options.tune_seconds,
+                                 timeout=options.timeout)
+        if options.tune_candidates:
+            topts = dataclasses.replace(topts, candidates=tuple(options.tune_candidates))
+        stages.append(tune.TuneStage(topts))
     if evaluation is not None:
         stages.append(EvaluateStage(evaluation, options.calibration))
     return tuple(stages)

@@ -18,7 +18,7 @@ from typing import Any
 from converters import calibrate as calibrate_mod
 from converters import convert as convert_mod
 from converters import quantize as quantize_mod
-from converters import quants, records
+from converters import mmproj, quants, records
 from converters.checkpoint import Checkpoint
 from converters.errors import InputError, NeedsImatrix
 from converters.stages import check_disk, free_bytes
@@ -57,12 +57,14 @@ class Plan:
     files: tuple[PlannedFile, ...]
     source_repo: str | None = None
     source_revision: str | None = None
+    tune: tuple[str, ...] = ()  # size points tuned per tensor (their files: ``<Model>-<TYPE>-tuned.gguf``)
 
     @property
     def disk_needed(self) -> int:
         """Peak bytes the work dir will hold: reference + every quant (+ one split copy at a time)."""
         split_extra = max((f.estimated_bytes for f in self.files if f.split), default=0)
-        return self.reference_bytes + sum(f.estimated_bytes for f in self.files) + split_extra
+        tuned = sum(f.estimated_bytes for f in self.files if f.type in self.tune)
+        return self.reference_bytes + sum(f.estimated_bytes for f in self.files) + split_extra + tuned
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,6 +75,7 @@ class Plan:
             "imatrix": ({"calibration": self.calibration.describe() if self.calibration else None,
                          "chunks": self.calibration_chunks, "ctx": self.ctx} if self.imatrix else None),
             "files": [dataclasses.asdict(f) for f in self.files],
+            **({"tune": list(self.tune)} if self.tune else {}),
             "split_max_bytes": self.split_max_bytes,
             "jobs": self.jobs,
             "disk_needed": self.disk_needed,
@@ -95,9 +98,32 @@ class Plan:
         lines.append(f"{'type':<10} {'bpw':>5} {'estimated':>10}  file")
         for f, q in zip(self.files, self.ladder):
             lines.append(f"{f.type:<10} {q.bpw:>5.2f} {_gb(f.estimated_bytes):>10}  {f.path}" + ("  (split)" if f.split else ""))
+        for f, q in zip(self.files, self.ladder):
+            if f.type in self.tune:
+                lines.append(f"{f.type + '-tuned':<10} {'':>5} {'<=' + _gb(f.estimated_bytes):>10}  "
+                             f"{f.path.replace('.gguf', '-tuned.gguf')}  (per-tensor layout, solved after measuring)")
+                lines += ["           " + line for line in _tuned_layout(self.out, q)]
+        if ck.vision:
+            names = ", ".join(mmproj.projector_name(self.model_name, t) for t in mmproj.TYPES)
+            lines.append(f"projector  {names}  (vision-language model; Q8_0 where the converter writes it)")
         lines.append(f"disk       ~{_gb(self.disk_needed)} needed, {_gb(free_bytes(self.out))} free")
         lines.append(f"jobs       {self.jobs} quantization(s) in parallel")
         return "\n".join(lines)
+
+
+def _tuned_layout(out: Path, q: quants.QuantType) -> list[str]:
+    """The plan of a tuned file when an earlier run in this work dir solved it (its layout.json), else nothing."""
+    import json
+
+    from converters import layout, tune
+
+    p = tune.layout_path(out, q)
+    if not p.is_file():
+        return []
+    try:
+        return ["last plan: " + layout.Layout.from_json(json.loads(p.read_text())).describe()]
+    except (ValueError, KeyError, TypeError, InputError):
+        return []
 
 
 def _gb(n: int) -> str:
@@ -126,6 +152,9 @@ class LadderOptions:
     split_max_bytes: int = quantize_mod.DEFAULT_SPLIT_MAX_BYTES
     jobs: int = 1
     timeout: float | None = None
+    tune: tuple[str, ...] = ()  # size points that also get a per-tensor tuned file (converters.tune)
+    tune_seconds: float | None = None  # time budget of the tune stage
+    tune_candidates: tuple[str, ...] | None = None  # ggml types measured per tensor (None: layout.DEFAULT_CANDIDATES)
 
 
 def _check_options(o: LadderOptions, types: tuple[quants.QuantType, ...]) -> None:
@@ -151,6 +180,9 @@ def plan(checkpoint: Checkpoint, out: Path, *, model_name: str, options: LadderO
     o = options
     types = quants.parse_ladder(o.ladder)
     _check_options(o, types)
+    from converters import tune as tune_mod
+
+    tuned = tuple(q.name for q in tune_mod.check_points(o.tune, [q.name for q in types]))
     files = []
     for q in types:
         est = checkpoint.estimate_gguf_bytes(q.bpw)
@@ -163,7 +195,7 @@ def plan(checkpoint: Checkpoint, out: Path, *, model_name: str, options: LadderO
                 reference_bytes=checkpoint.estimate_gguf_bytes(32 if o.outtype.lower() == "f32" else 16),
                 calibration=o.calibration if o.imatrix else None, calibration_chunks=o.calibration_chunks,
                 ctx=o.ctx, imatrix=o.imatrix, split_max_bytes=o.split_max_bytes, jobs=o.jobs, files=tuple(files),
-                source_repo=source_repo, source_revision=source_revision)
+                source_repo=source_repo, source_revision=source_revision, tune=tuned)
 
 
 def prepare(p: Plan) -> None:
@@ -183,8 +215,9 @@ def prepare(p: Plan) -> None:
 
 def ladder_record(p: Plan, toolchain: Toolchain, conv_rec: records.StageRecord,
                   cal_rec: records.StageRecord | None, quantized: dict[str, records.StageRecord],
-                  seconds: dict[str, float]) -> Ladder:
-    """The ladder.json record of a finished run, from the stage records."""
+                  seconds: dict[str, float], *, projector: records.StageRecord | None = None) -> Ladder:
+    """The ladder.json record of a finished run, from the stage records (``projector``: a vision-language model's
+    projector conversion, :mod:`converters.mmproj`)."""
     files = []
     for q in p.ladder:
         rec = quantized[q.name]
@@ -210,4 +243,4 @@ def ladder_record(p: Plan, toolchain: Toolchain, conv_rec: records.StageRecord,
                           has_chat_template=ck.has_chat_template, license=ck.license),
         toolchain=ToolchainInfo(version=toolchain.version, commit=toolchain.commit, cuda=toolchain.cuda),
         reference=ReferenceFile(type=p.outtype.upper(), path=ref_out.path, size=ref_out.size, sha256=ref_out.sha256),
-        imatrix=imatrix, files=tuple(files), seconds=seconds)
+        imatrix=imatrix, files=tuple(files), seconds=seconds, projectors=mmproj.projector_files(projector))

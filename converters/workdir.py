@@ -122,7 +122,7 @@ class Record:
         out: dict[str, Any] = {}
         for f in self._wire_fields():
             value = getattr(self, f.name)
-            if value is None and f.metadata.get("omit_none"):
+            if f.metadata.get("omit_none") and (value is None or value == ()):
                 continue
             out[f.name] = _dump(f, value)
         out.update({k: v for k, v in getattr(self, "extra").items() if k not in out})
@@ -221,6 +221,19 @@ class LadderFile(Record):
 
 
 @_record
+class ProjectorFile(Record):
+    """A vision-language model's multimodal projector (``mmproj-<Model>-<TYPE>.gguf``), converted once beside the
+    text ladder (:mod:`converters.mmproj`)."""
+
+    REQUIRED = ("type", "path")
+    type: str = field("")  # F16, Q8_0
+    path: str = field("")
+    size: int = field(0)
+    sha256: str = field("")
+    extra: dict[str, Any] = _extra()
+
+
+@_record
 class Ladder(Record):
     """``ladder.json``: what the ladder pipeline produced (schema in docs/ARCHITECTURE.md)."""
 
@@ -233,6 +246,8 @@ class Ladder(Record):
     imatrix: ImatrixInfo | None = field(sub=ImatrixInfo)
     files: tuple[LadderFile, ...] = field(sub=LadderFile, many=True)
     seconds: dict[str, float] = field({})
+    # a vision-language model's projector files; not written for a text-only model
+    projectors: tuple[ProjectorFile, ...] = field(sub=ProjectorFile, many=True, omit_none=True)
     extra: dict[str, Any] = _extra()
 
     @classmethod
@@ -456,10 +471,11 @@ class WorkDir:
 
     def content(self, ladder: Ladder) -> dict[str, dict[str, Any]]:
         """``{relative path: {"size", "sha256"}}`` of the ladder's files as they are now: the reference, every part
-        of every quant and the imatrix files (those present). Full content hashes, cached by size + mtime + inode
-        in this work dir's records: what evaluation records as measured and publishing checks before upload."""
+        of every quant, the imatrix files and the vision projectors (those present). Full content hashes, cached by
+        size + mtime + inode in this work dir's records: what evaluation records as measured and publishing checks
+        before upload."""
         rels = [ladder.reference.path, *(p for f in ladder.files for p in f.all_parts),
-                *(ladder.imatrix.paths if ladder.imatrix else ())]
+                *(ladder.imatrix.paths if ladder.imatrix else ()), *(p.path for p in ladder.projectors)]
         out: dict[str, dict[str, Any]] = {}
         for rel in dict.fromkeys(r for r in rels if r):
             p = self.file(rel)

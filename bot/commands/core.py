@@ -16,7 +16,7 @@ from typing import Any
 from bot.commands import deprecated_alias, figures, stderr
 from converters import checkpoint as ckpt_mod
 from converters import pipeline, quants, toolchain
-from converters.errors import ConfigError, InputError, UnsupportedModel
+from converters.errors import ConfigError, InputError, ToolError, UnsupportedModel
 from converters.report import PASSED
 from converters.stages import free_bytes
 from converters.workdir import Ladder, WorkDir
@@ -40,6 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--outtype", default="bf16", choices=["bf16", "f16", "f32"], help="reference GGUF type")
     p.add_argument("--jobs", type=int, default=1, help="quant types to build in parallel (default 1)")
     p.add_argument("--split-max-size", default="45G", help="split files larger than this (e.g. 45G, 500M)")
+    p.add_argument("--tune", default="", metavar="TYPE,...",
+                   help="size points that also get a per-tensor tuned file <Model>-<TYPE>-tuned.gguf (e.g. Q4_K_M,Q2_K)")
+    p.add_argument("--tune-seconds", type=float, default=3600.0, metavar="S",
+                   help="time budget of tuning (measurements, probes, solves; default 3600)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation and checks")
     p.add_argument("--eval-text", help="evaluation text: FILE, URL or hf://... (never the calibration text)")
@@ -136,7 +140,9 @@ def convert_spec(args: argparse.Namespace, source: Any, model_name: str) -> Any:
         source=source, model_name=model_name,
         ladder=pipeline.LadderOptions(ladder=tuple(q.name for q in ladder), outtype=args.outtype, imatrix=imatrix,
                                       calibration=cal, calibration_chunks=args.calibration_chunks, ctx=args.ctx,
-                                      split_max_bytes=parse_size(args.split_max_size), jobs=args.jobs),
+                                      split_max_bytes=parse_size(args.split_max_size), jobs=args.jobs,
+                                      tune=tuple(t.strip() for t in args.tune.split(",") if t.strip()),
+                                      tune_seconds=args.tune_seconds),
         evaluation=EvalSettings(eval_text, chunks=args.eval_chunks) if eval_text is not None else None,
         publish=PublishTarget(repo_id=args.repo, private=args.private) if args.publish else None,
         fetch=FetchPolicy(patterns=ckpt_mod.FETCH_PATTERNS, need_bytes=cli_disk_need),
@@ -148,7 +154,8 @@ def _dry_run(args: argparse.Namespace, spec: Any, info: Any, tc: Any) -> int:
     if spec.source.path is None:
         ck = _hub_checkpoint_facts(info, supported)
     else:
-        ck = ckpt_mod.inspect(spec.source.path, supported=supported)
+        ck = ckpt_mod.inspect(spec.source.path, supported=supported,
+                              projectors=ckpt_mod.supported_projectors(tc.root))
     p = pipeline.plan(ck, args.out, model_name=spec.model_name, options=spec.ladder,
                       source_repo=spec.source.repo, source_revision=spec.source.revision)
     print(json.dumps(p.to_json(), indent=2) if args.json else p.describe())
@@ -210,6 +217,10 @@ def _print_ladder(ladder: Ladder, out: Path, seconds: float) -> None:
             print(f"    - {reason}")
     if ladder.imatrix:
         print(f"imatrix    {ladder.imatrix.gguf}, {ladder.imatrix.dat}")
+    if ladder.projectors:  # a vision-language model: its projector files and their check
+        check = wd.report().checks.get("projector") if wd.has_report() else None
+        print(f"projector  {', '.join(p.path for p in ladder.projectors)}"
+              + (f"  ({check.status}: {check.detail})" if check else ""))
 
 
 def cmd_toolchain_install(args: argparse.Namespace) -> int:
@@ -254,13 +265,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         rows.append((pkg, v or "MISSING"))
         if v is None:
             problems.append(f"python package {pkg} is not installed")
+    no_compiler = []  # a problem only while llama.cpp is not built (a runtime image carries no compiler)
     for prog in ("cmake", "ninja", "cc", "c++"):
         path = shutil.which(prog)
         rows.append((prog, "found" if path else "missing"))
         if path is None and prog in ("cmake", "cc", "c++"):
-            problems.append(f"{prog} is needed to build llama.cpp")
+            no_compiler.append(f"{prog} is needed to build llama.cpp")
     rows.append(("nvcc", "found" if shutil.which("nvcc") else "not found"))
-    rows.append(("GPU", "visible" if toolchain.gpu_visible() else "none (CPU build)"))
+    gpus = _gpu_rows(rows, problems)
     tc = None
     try:
         tc = toolchain.find(required=False)
@@ -269,10 +281,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if tc is None:
         rows.append(("llama.cpp", f"not built (pinned {toolchain.PINNED_PACKAGE} {toolchain.PINNED_VERSION})"))
         problems.append("llama.cpp is not built: run 'ggufbot toolchain install'")
+        problems += no_compiler
     else:
         rows.append(("llama.cpp", f"{tc.version}, {'CUDA' if tc.cuda else 'CPU'}, {tc.origin}"))
         for m in tc.missing():
             problems.append(f"llama.cpp program missing: {m}")
+        _cuda_build_rows(tc, gpus, rows, problems)
     cache = toolchain.cache_root()
     rows.append(("cache", str(cache)))
     rows.append(("free disk (cache)", f"{free_bytes(cache) / 1e9:.1f} GB"))
@@ -290,6 +304,47 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_rows(rows: list[tuple[str, str]], problems: list[str]) -> list[toolchain.Gpu] | None:
+    """One "GPU n" row per GPU nvidia-smi lists, with its VRAM; None when nvidia-smi failed."""
+    try:
+        gpus = toolchain.gpus()
+    except ToolError as e:
+        rows.append(("GPU", f"none: {e}"))
+        return None
+    if not gpus:
+        rows.append(("GPU", "none (no nvidia-smi)" if shutil.which("nvidia-smi") is None else "none listed"))
+    for i, g in enumerate(gpus):
+        rows.append((f"GPU {i}", f"{g.name}, VRAM {g.vram_mib / 1024:.1f} GiB ({g.free_mib / 1024:.1f} GiB free), "
+                                  f"driver {g.driver}"))
+    return gpus
+
+
+def _cuda_build_rows(tc: toolchain.Toolchain, gpus: list[toolchain.Gpu] | None, rows: list[tuple[str, str]],
+                     problems: list[str]) -> None:
+    """The "CUDA build" row (the CUDA architectures it was built for) and a CUDA build without a GPU as a problem."""
+    if not tc.cuda:
+        note = "; a GPU is visible: GGUFBOT_CUDA=1 ggufbot toolchain install builds for it" if gpus else ""
+        rows.append(("CUDA build", f"no (CPU){note}"))
+        return
+    archs = next((a.split("=", 1)[1] for a in _build_info(tc).get("cmake_args", [])
+                  if a.startswith("-DCMAKE_CUDA_ARCHITECTURES=")), "CMake's default")
+    rows.append(("CUDA build", f"yes, compute capabilities {archs}"))
+    if not gpus:
+        problems.append("llama.cpp is a CUDA build but no GPU is usable (a container needs the GPU: --gpus all, "
+                        "or the compose file's device reservation)")
+
+
+def _build_info(tc: toolchain.Toolchain) -> dict[str, Any]:
+    try:
+        return json.loads((tc.bin_dir.parent / "toolchain.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _token_file() -> bool:
+    """A token file: hub.token_file given by the environment, systemd's credential, or huggingface_hub's own."""
     home = os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
-    return (Path(home) / "token").exists()
+    files = [Path(home) / "token", Path(os.environ.get("GGUFBOT_HUB__TOKEN_FILE") or "/nonexistent")]
+    if os.environ.get("CREDENTIALS_DIRECTORY"):
+        files.append(Path(os.environ["CREDENTIALS_DIRECTORY"]) / "hf_token")
+    return any(f.is_file() for f in files)
