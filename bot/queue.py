@@ -96,7 +96,10 @@ def _lost_connection(e: BaseException) -> bool:
 
 class RidingConnector(procrastinate.PsycopgConnector):
     """procrastinate's psycopg connector, waiting out a PostgreSQL outage (up to :data:`OUTAGE_SECONDS`) instead
-    of failing: the worker's heartbeat, job fetch, job completion and LISTEN loop all stall and continue."""
+    of failing: the worker's heartbeat, job fetch, job completion and LISTEN loop all stall and continue. Once
+    ``give_up`` is set (a stop request) it waits no more: a worker stopped during an outage exits at once."""
+
+    give_up: threading.Event | None = None
 
     async def _ride(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         deadline, delay, warned = time.monotonic() + OUTAGE_SECONDS, 0.2, False
@@ -107,7 +110,8 @@ class RidingConnector(procrastinate.PsycopgConnector):
                     log.warning("queue: PostgreSQL reachable again (%s)", what)
                 return out
             except pq_exc.ConnectorException as e:
-                if not _lost_connection(e) or time.monotonic() > deadline:
+                stopping = self.give_up is not None and self.give_up.is_set()
+                if not _lost_connection(e) or time.monotonic() > deadline or stopping:
                     raise
                 if not warned:
                     log.warning("queue: PostgreSQL unreachable during %s (%s); waiting for it", what,
@@ -133,7 +137,7 @@ class RidingConnector(procrastinate.PsycopgConnector):
             try:
                 await super().listen_notify(on_notification=on_notification, channels=channels)
             except pq_exc.ConnectorException as e:
-                if not _lost_connection(e):
+                if not _lost_connection(e) or (self.give_up is not None and self.give_up.is_set()):
                     raise
                 await asyncio.sleep(1.0)  # the worker also polls for jobs, so nothing is missed meanwhile
 
@@ -239,6 +243,7 @@ class Box:
         connector = RidingConnector(conninfo=conninfo(s.database_url),
                                     pool_factory=psycopg_pool.AsyncNullConnectionPool,
                                     max_size=self.concurrency + 6, timeout=10.0)
+        connector.give_up = self.stop
         app = procrastinate.App(connector=connector)
         strategy = PolicyRetry(s)
 
@@ -410,6 +415,13 @@ class Box:
                 ready()
             try:
                 await asyncio.gather(*tasks)
+            except (pq_exc.ConnectorException, psycopg.OperationalError) as e:
+                if not (self.stop.is_set() and (isinstance(e, psycopg.OperationalError) or _lost_connection(e))):
+                    raise
+                # stopped while the server was unreachable: nothing could be released; procrastinate hands the
+                # jobs on once their heartbeat is stale, as after a crash
+                log.warning("stopped during a PostgreSQL outage: this box's running jobs go back to the queue "
+                            "after the stall timeout")
             finally:
                 reg.cancel()
                 for name in self._registered:
@@ -432,7 +444,10 @@ class Box:
                      ", ".join(qs), n, w.worker_id)
 
     def request_stop(self) -> None:
+        from bot import store as store_mod
+
         self.stop.set()
+        store_mod.stop_waiting_for_the_server()
         for w, *_ in self.workers:
             w.stop()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -500,6 +501,13 @@ def make_engine(url: str) -> Engine:
 
 
 OUTAGE_SECONDS = 600.0  # how long a PostgreSQL store waits for its server to come back before giving up
+_STOPPING = threading.Event()
+
+
+def stop_waiting_for_the_server() -> None:
+    """The process is stopping (SIGTERM): connections fail at once instead of waiting out an outage, so a stop
+    during an outage is not held up for :data:`OUTAGE_SECONDS` (procrastinate hands the job on after the stall)."""
+    _STOPPING.set()
 
 
 def _connect_riding_outages(dialect: Any, _rec: Any, cargs: Any, cparams: Any) -> Any:
@@ -514,7 +522,7 @@ def _connect_riding_outages(dialect: Any, _rec: Any, cargs: Any, cparams: Any) -
                 log.warning("state store: PostgreSQL is reachable again")
             return conn
         except dialect.dbapi.OperationalError as e:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or _STOPPING.is_set():
                 raise
             if not warned:
                 log.warning("state store: PostgreSQL unreachable (%s); waiting for it", str(e).splitlines()[0][:200])

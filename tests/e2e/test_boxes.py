@@ -271,3 +271,26 @@ def test_kill_and_outage_every_release_published_once(world: World) -> None:
             assert p.wait(60) == 0, world.log_tail()
     for log in world.logs.glob("*.log"):
         assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
+
+
+def test_a_worker_stopped_during_an_outage_exits_at_once(world: World) -> None:
+    # SIGTERM while PostgreSQL is unreachable: the worker does not wait out the outage (up to 600 s) to exit
+    p = world.start("late", "worker", "--concurrency", "1")
+    log = world.logs / "late.log"
+    wait_for(lambda: "procrastinate worker" in log.read_text(), 120, "the late worker registered", world)
+    world.proxy.cut()
+    try:
+        wait_for(lambda: "unreachable" in log.read_text(), 60, "the late worker to notice the outage", world)
+        t = time.monotonic()
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"a worker stopped during an outage still runs after 30 s\n{log.read_text()[-3000:]}")
+        took = time.monotonic() - t
+    finally:
+        world.proxy.restore()
+    text = log.read_text()
+    assert "received SIGTERM" in text and "stopped during a PostgreSQL outage" in text, text[-3000:]
+    assert p.returncode == 0 and "Traceback" not in text, text[-3000:]
+    print(f"boxes: a worker stopped during an outage exited in {took:.1f} s (rc {p.returncode})")
