@@ -886,14 +886,20 @@ def _source_checks(job: _Job, ref_facts: verify.GgufFacts) -> tuple[dict[str, Ch
     if src is None or not src.is_dir():
         missing = Check.fail("the source checkpoint is not available")
         return {"tokenizer": missing, "chat_template": missing, "special_tokens": missing}, None
+    return source_checks(job.tc, job.reference, ref_facts, src)
+
+
+def source_checks(tc: Any, reference: Path, facts: verify.GgufFacts, src: Path) -> tuple[dict[str, Check], Any]:
+    """The tokenizer (parity of ``reference`` with the source's), chat template and special-token checks against
+    the source folder ``src``; also returns the source tokenizer (None when it does not load)."""
     try:
         tok = hfmodel.load_tokenizer(src)
     except InputError as e:
         return {"tokenizer": Check.fail(str(e))}, None
     out: dict[str, Check] = {}
-    for name, fn in (("tokenizer", lambda: verify.tokenizer_parity(job.tc, job.reference, src)),
-                     ("chat_template", lambda: verify.chat_template_check(ref_facts, src)),
-                     ("special_tokens", lambda: verify.special_tokens_check(ref_facts, src, tok))):
+    for name, fn in (("tokenizer", lambda: verify.tokenizer_parity(tc, reference, src)),
+                     ("chat_template", lambda: verify.chat_template_check(facts, src)),
+                     ("special_tokens", lambda: verify.special_tokens_check(facts, src, tok))):
         try:
             out[name] = fn()
         except GgufbotError as e:

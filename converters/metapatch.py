@@ -39,7 +39,7 @@ import numpy as np
 
 from converters import checkpoint as checkpoint_mod
 from converters import gguf_meta, records, verify
-from converters.errors import CheckFailed, GgufbotError, InputError, PatchRefused, ToolError
+from converters.errors import CheckFailed, InputError, PatchRefused, ToolError
 from converters.hooks import END, SKIP
 from converters.report import FAILED, PASSED, Check, FileResult, Report
 from converters.toolchain import Toolchain, run
@@ -347,24 +347,6 @@ class RecheckStage:
             raise CheckFailed(self.name, f"the patched files are not published: {why}")
 
 
-def _source_checks(tc: Toolchain, first: Path, facts: verify.GgufFacts, src: Path) -> tuple[dict[str, Check], Any]:
-    from converters import hfmodel
-
-    try:
-        tok = hfmodel.load_tokenizer(src)
-    except InputError as e:
-        return {"tokenizer": Check.fail(str(e))}, None
-    out: dict[str, Check] = {}
-    for name, fn in (("tokenizer", lambda: verify.tokenizer_parity(tc, first, src)),
-                     ("chat_template", lambda: verify.chat_template_check(facts, src)),
-                     ("special_tokens", lambda: verify.special_tokens_check(facts, src, tok))):
-        try:
-            out[name] = fn()
-        except GgufbotError as e:
-            out[name] = Check.fail(f"the check could not run: {e.short()}")
-    return out, tok
-
-
 def recheck(wd: WorkDir, ladder: Ladder, old: Report, source_dir: Path, *, toolchain: Toolchain,
             patched: Mapping[str, Any], info: PatchInput) -> Report:
     """The earlier report with the cheap checks run again on the patched files and its hashes updated."""
@@ -377,7 +359,7 @@ def recheck(wd: WorkDir, ladder: Ladder, old: Report, source_dir: Path, *, toolc
     facts = verify.GgufFacts.read(first)
     checks = {k: c for k, c in old.checks.items() if k not in ("tokenizer", "chat_template", "special_tokens",
                                                                 "end_of_reply", "generation")}
-    src_checks, tok = _source_checks(toolchain, first, facts, source_dir)
+    src_checks, tok = evaluate.source_checks(toolchain, first, facts, source_dir)
     checks.update(src_checks)
     prompt, is_chat = verify.prompt_for(facts, tok)
     gens: dict[Path, Any] = {}  # each file generates once (the first file's reply serves the job-level checks)
