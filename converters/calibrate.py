@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from converters import records
+from converters import gguf_meta, records
 from converters.errors import InputError, ToolError
 from converters.hooks import NULL_HOOKS, PROGRESS, Event, Hooks
 from converters.stages import StageOutcome
@@ -101,6 +101,8 @@ def calibrate(reference: Path, workdir: Path, model_name: str, text: TextFile, *
             if m:
                 raise InputError(f"calibration text {text.name} is too short: {m.group(1)} tokens, one chunk of "
                                  f"{ctx} needs {2 * ctx}") from e
+            if why := _non_finite(e, reference):
+                raise InputError(why) from e
             raise
     n_chunks = _computed_chunks(res.stderr + res.stdout)
     with records.atomic_output(final_dat) as tmp:
@@ -112,6 +114,29 @@ def calibrate(reference: Path, workdir: Path, model_name: str, text: TextFile, *
                        extra={"text": text.describe(), "chunks_requested": chunks, "chunks": n_chunks, "ctx": ctx})
     log.info("calibrate: done in %.1f s (%s chunks)", seconds, n_chunks)
     return StageOutcome(STAGE, rec, skipped=False)
+
+
+def _non_finite(error: ToolError, reference: Path) -> str | None:
+    """Why llama-imatrix failed, when non-finite numbers are the cause: None when they are not.
+
+    It prints ``non-finite values detected in <tensor>`` and exits at once, and its logger (a thread of its own)
+    can lose that line. So the reference's tensor data is scanned for NaN/inf (only here, after a failure): bad
+    weights are named; with finite weights, the printed line means the activations overflowed."""
+    if error.timed_out or error.returncode != 1:
+        return None
+    try:
+        bad = gguf_meta.non_finite_tensors(reference)
+    except InputError:
+        bad = []
+    if bad:
+        shown = ", ".join(f"{name} ({n} values)" for name, n in bad[:3])
+        if len(bad) > 3:
+            shown += f" and {len(bad) - 3} more"
+        return f"the model's tensor data is non-finite (NaN/inf) in {len(bad)} tensor(s): {shown}"
+    if m := re.search(r"non-finite values detected in (\S+)", error.stderr_tail):
+        return (f"llama-imatrix found non-finite activations in {m.group(1)}: the weights are finite, the model "
+                "overflows on the calibration text")
+    return None
 
 
 def _computed_chunks(output: str) -> int | None:

@@ -6,7 +6,8 @@ header: they call :func:`read` (a :class:`GgufMeta` of plain Python values), :fu
 
 Values are decoded as llama.cpp writes them: scalars as Python numbers/bools, strings as UTF-8 (invalid
 bytes kept as surrogates, so a broken vocabulary entry is reported rather than crashing the check), arrays as
-lists. Only the header is read; tensor data is memory-mapped and never touched.
+lists. Only the header is read; tensor data is memory-mapped and touched only by :func:`non_finite_tensors`, a
+scan that runs when a program has already failed on a file.
 
 Speed: stock ``GGUFReader`` builds a ``numpy.memmap`` view per array element, so a 256k-token vocabulary
 takes tens of seconds to open. :class:`_HeaderReader` is ``GGUFReader`` with plain-ndarray views and one
@@ -166,6 +167,39 @@ def reader(path: Path) -> gguf.GGUFReader:
     """A fast ``GGUFReader`` of ``path`` (fields with their raw parts and types, tensor infos; data memory-mapped):
     for code that copies fields to a new file. :class:`~converters.errors.InputError` when it is not a GGUF."""
     return _open(Path(path))
+
+
+def non_finite_tensors(path: Path, *, chunk_bytes: int = 1 << 26) -> list[tuple[str, int]]:
+    """``(tensor name, how many NaN/inf values)`` of every tensor of ``path`` that holds any, in file order.
+
+    Float tensors (F32, F16, BF16) are read in slices of about ``chunk_bytes`` from the memory map, so memory stays
+    flat on a large model; quantized tensors are dequantized with gguf-py. It reads the whole file: call it to
+    explain a failure, not on every run."""
+    from gguf import quants
+    from gguf.constants import GGMLQuantizationType as T
+
+    out = []
+    for t in _open(Path(path)).tensors:
+        raw = t.data
+        if t.tensor_type in (T.F32, T.F16):
+            flat = raw.reshape(-1)
+            step = max(1, chunk_bytes // flat.itemsize)
+            bad = sum(int(flat[i:i + step].size - np.isfinite(flat[i:i + step]).sum())
+                      for i in range(0, flat.size, step))
+        elif t.tensor_type == T.BF16:
+            flat = raw.reshape(-1).view(np.uint16)
+            # a BF16 value is not finite when all 8 exponent bits are set
+            step = max(1, chunk_bytes // 2)
+            bad = sum(int(((flat[i:i + step] & 0x7F80) == 0x7F80).sum()) for i in range(0, flat.size, step))
+        else:
+            try:
+                values = quants.dequantize(raw, t.tensor_type)
+            except NotImplementedError:
+                continue  # a type gguf-py cannot decode: not judged
+            bad = int(values.size - np.isfinite(values).sum())
+        if bad:
+            out.append((t.name, bad))
+    return out
 
 
 def data_offset(path: Path) -> int:

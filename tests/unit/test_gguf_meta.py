@@ -127,3 +127,45 @@ def test_every_catalogued_type_has_a_file_type() -> None:
 def test_unknown_file_type() -> None:
     with pytest.raises(InputError):
         gguf_meta.file_type("Q9_Z")
+
+
+def _write_tensors(path: Path, tensors: dict) -> Path:
+    w = gguf.GGUFWriter(str(path), "llama")
+    for name, (arr, qtype) in tensors.items():
+        if qtype is None:
+            w.add_tensor(name, arr)
+        else:
+            data = gguf.quants.quantize(arr, qtype)
+            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_non_finite_tensors_are_counted_in_every_float_type_and_in_quants(tmp_path: Path) -> None:
+    T = gguf.GGMLQuantizationType
+    rows = np.linspace(-1, 1, 4 * 64, dtype=np.float32).reshape(4, 64)
+    f32 = rows.copy()
+    f32[0, :3] = [np.nan, np.inf, -np.inf]
+    f16 = rows.astype(np.float16)
+    f16[2, 5] = np.nan
+    bf16_bad = rows.copy()
+    bf16_bad[1, :2] = [np.nan, np.inf]
+    q8_bad = rows.copy()
+    q8_bad[3, 7] = np.nan
+    path = _write_tensors(tmp_path / "m.gguf", {
+        "a.weight": (f32, None),
+        "b.weight": (f16, None),
+        "c.weight": (bf16_bad, T.BF16),
+        "d.weight": (rows, T.BF16),  # finite: not listed
+        "e.weight": (q8_bad, T.Q8_0),
+        "f.weight": (rows, T.Q8_0),
+    })
+    found = dict(gguf_meta.non_finite_tensors(path, chunk_bytes=64))  # small slices: the slicing is counted right
+    assert set(found) == {"a.weight", "b.weight", "c.weight", "e.weight"}, found
+    assert (found["a.weight"], found["b.weight"], found["c.weight"]) == (3, 1, 2)
+    assert found["e.weight"] >= 1  # a NaN makes its Q8_0 block's scale NaN: the block's values are all lost
+    clean = _write_tensors(tmp_path / "clean.gguf", {"a.weight": (rows, None), "d.weight": (rows, T.BF16)})
+    assert gguf_meta.non_finite_tensors(clean) == []
