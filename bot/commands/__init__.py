@@ -53,7 +53,7 @@ class CliHooks(Hooks):
 
     def __init__(self, every: float = 5.0) -> None:
         self.every = every
-        self._last_step = 0.0
+        self._last_step: float | None = None  # None: the first counted step is always shown
 
     def __enter__(self) -> "CliHooks":
         return self
@@ -83,18 +83,23 @@ class CliHooks(Hooks):
             stderr(f"[{stage}] done" + (f" in {secs:.1f} s" if isinstance(secs, (int, float)) else ""))
 
 
+    def _due(self, event: Event) -> bool:
+        """A counted step is shown when it is the first, the last, or ``every`` seconds after the last shown.
+        (Not measured from 0: ``time.monotonic()`` counts from boot, and a box just booted must show its first.)"""
+        now = time.monotonic()
+        if event.done == event.total or self._last_step is None or now - self._last_step >= self.every:
+            self._last_step = now
+            return True
+        return False
+
     def _timed_step(self, stage: str, event: Event) -> None:
         """``[calibrate] chunk 8/222, ETA 2 min 5 s``, at most every few seconds, and the last step."""
-        now = time.monotonic()
-        if event.done == event.total or now - self._last_step >= self.every:
-            self._last_step = now
+        if self._due(event):
             stderr(f"[{stage}] {event.describe()}")
 
     def _training_step(self, stage: str, event: Event) -> None:
         """``[distill] step 40/400 loss 2.3117 lr 0.0001``, at most every few seconds, and the last step."""
-        now = time.monotonic()
-        if event.done == event.total or now - self._last_step >= self.every:
-            self._last_step = now
+        if self._due(event):
             stderr(f"[{stage}] step {event.done}/{event.total} loss {event.data['loss']:.4f} "
                    f"lr {event.data.get('lr', 0.0):.3g}")
 
