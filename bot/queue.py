@@ -48,7 +48,7 @@ from procrastinate.worker import Worker
 
 from bot import jobs as J
 from bot.retry import RetryPolicy
-from bot.runner import Runner, new_worker_id, retry_policy, slug
+from bot.runner import Runner, new_worker_id, on_stop_signal, retry_policy, slug
 from bot.settings import Settings
 from bot.store import Store
 
@@ -452,19 +452,8 @@ class Box:
             w.stop()
 
     def on_signal(self, signum: int) -> None:
-        """The first SIGTERM: the running steps finish, the jobs go back to the queue, the process exits. SIGINT,
-        SIGHUP or a second SIGTERM: the running programs are killed at once, the jobs go back."""
-        from converters import toolchain
-
-        at_once = signum != signal.SIGTERM or self.stop.is_set()
-        name = signal.Signals(signum).name
-        self.request_stop()
-        if at_once:
-            log.warning("received %s: stopping the running programs, releasing the jobs, then exiting", name)
-            toolchain.kill_all()
-        else:
-            log.warning("received %s: finishing the current step, releasing the jobs, then exiting "
-                        "(send it again, or SIGINT, to stop at once)", name)
+        """:func:`bot.runner.on_stop_signal`: the jobs go back to the queue."""
+        on_stop_signal(signum, self.stop.is_set(), self.request_stop)
 
 
 def _sync(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:

@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -83,6 +84,24 @@ def worker_is_dead(worker_id: str) -> bool:
         state = Path(f"/proc/{pid_n}/stat").read_text().rsplit(")", 1)[1].split()[0]
         return state in ("Z", "X")
     return False
+
+
+def on_stop_signal(signum: int, stopping: bool, request_stop: Callable[[], None]) -> None:
+    """What a box does on a signal (the scheduler and the procrastinate worker alike). The first SIGTERM is a
+    graceful stop: the running step finishes (a service manager's stop must not throw away an hour of imatrix),
+    the job is released and the process exits; its programs never outlive it (``PR_SET_PDEATHSIG``). SIGINT,
+    SIGHUP or a second SIGTERM (``stopping``: a stop was already asked for) stop at once: the running programs
+    are killed, the jobs released (they resume from their last finished stage). ``request_stop`` is called
+    first, so a job whose program dies now sees the stop request, not a failure."""
+    name = signal.Signals(signum).name
+    at_once = signum != signal.SIGTERM or stopping
+    request_stop()
+    if at_once:
+        log.warning("received %s: stopping the running programs, releasing the jobs, then exiting", name)
+        tc_mod.kill_all()
+    else:
+        log.warning("received %s: finishing the current step, releasing the jobs, then exiting "
+                    "(send it again, or SIGINT, to stop at once)", name)
 
 
 def slug(repo: str) -> str:

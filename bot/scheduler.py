@@ -19,11 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 from bot import jobs as J
-from bot.runner import Outcome, Runner, new_worker_id
+from bot.runner import Outcome, Runner, new_worker_id, on_stop_signal
 from bot.settings import Settings
 from bot.store import StateStore, Store
 from bot.watcher import PollResult, Watcher
-from converters import toolchain
 from converters.errors import GgufbotError, HubAuthError
 
 log = logging.getLogger(__name__)
@@ -186,19 +185,7 @@ class Bot:
                 return
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        """The first SIGTERM is a graceful stop: the running step finishes (a service manager's stop must not throw
-        away an hour of imatrix), the job is released and the process exits; its programs never outlive it
-        (``PR_SET_PDEATHSIG``). SIGINT, SIGHUP or a second SIGTERM stop at once: the running programs are
-        killed, the jobs released (they resume from their last finished stage)."""
-        name = signal.Signals(signum).name
-        at_once = signum != signal.SIGTERM or self.stop.is_set()
-        self.stop.set()  # first: a job whose program dies now sees the stop request, not a failure
-        if at_once:
-            log.warning("received %s: stopping the running programs, releasing the jobs, then exiting", name)
-            toolchain.kill_all()
-        else:
-            log.warning("received %s: finishing the current step, releasing the jobs, then exiting "
-                        "(send it again, or SIGINT, to stop at once)", name)
+        on_stop_signal(signum, self.stop.is_set(), self.stop.set)
 
 
 def _tick(duty: Callable[[float], Any], name: str, done: threading.Event | None = None) -> Callable[[], None]:
