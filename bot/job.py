@@ -139,6 +139,9 @@ class JobSpec:
                                           private=s.target.private, policy=policy) if publishing else None,
             fetch=FetchPolicy(patterns=ckpt_mod.RESULT_PATTERNS, need_bytes=need, check=check,
                               max_bytes=s.max_model_bytes or None),
+            # an architecture (or a vision tower) the pinned converter cannot convert is refused at inspect with
+            # that reason, as `ggufbot convert` does, not left to fail inside the converter
+            rules=CheckpointRules(check_architecture=True),
             limits=ToolLimits(s.limits.tool_seconds_per_gb, s.limits.tool_min_seconds))
 
     def for_variant(self, recipe: variants_mod.Recipe, teacher_dir: Path, teacher_workdir: Path) -> "JobSpec":

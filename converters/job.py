@@ -182,7 +182,7 @@ class InspectStage:
         if ctx.checkpoint_dir is None:
             raise RuntimeError("no checkpoint folder: a fetch or prune stage must run first")
         supported = projectors = None
-        if self.rules.check_architecture:
+        if self.rules.check_architecture and ctx.toolchain is not None:
             supported = checkpoint_mod.supported_architectures(ctx.toolchain.root)
             projectors = checkpoint_mod.supported_projectors(ctx.toolchain.root)
         ctx.checkpoint = checkpoint_mod.inspect(ctx.checkpoint_dir, supported=supported, projectors=projectors)

@@ -170,3 +170,27 @@ def test_a_projector_that_failed_its_check_is_not_published_and_blocks_the_model
     ok, why = publishable({**report.checks, mmproj.CHECK: failed})
     assert not ok and why == ["the vision projector does not work: " + failed.detail]
     assert publishable(report.checks | {mmproj.CHECK: Check.ok("loads")}) == (True, [])
+
+
+@pytest.mark.parametrize("arch,why", [
+    ("PaddleOCRVLForConditionalGeneration", "cannot convert its vision tower"),
+    ("MysteryForCausalLM", "architecture MysteryForCausalLM is not supported by the pinned llama.cpp converter")])
+def test_the_bots_job_refuses_what_the_converter_cannot_convert_at_inspect(tmp_path, converter, arch, why) -> None:
+    """The bot's own job spec (not only `ggufbot convert`) checks the architecture and the vision tower against the
+    pinned converter before any program runs."""
+    import types
+
+    from bot import settings as S
+    from bot.job import JobSpec
+    from converters.hooks import NULL_HOOKS
+    from converters.job import InspectStage, JobContext
+
+    spec = JobSpec.from_settings(S.from_mapping({}, env={}, free_disk=10**12), "acme/Model", "a" * 40,
+                                 calibration=None, evaluation=None)
+    assert spec.rules.check_architecture
+    config = {**VLM_CONFIG, "architectures": [arch]} if "VL" in arch else {"architectures": [arch],
+                                                                           "model_type": "mystery"}
+    ctx = JobContext(workdir=tmp_path / "work", toolchain=types.SimpleNamespace(root=converter), hooks=NULL_HOOKS,
+                     model_name="Model", checkpoint_dir=make(tmp_path, config=config))
+    with pytest.raises(UnsupportedModel, match=why):
+        InspectStage(spec.ladder, spec.rules).run(ctx)
