@@ -18,6 +18,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.procs import die_with_the_tests
+
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--window-size=1280,900")
 
@@ -36,7 +38,8 @@ class Browser:
         profile = tmp / "chromium-profile"
         profile.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-                                      "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                      "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=die_with_the_tests)
         port_file = profile / "DevToolsActivePort"
         end = time.monotonic() + timeout
         while not (port_file.is_file() and port_file.read_text().strip()):

@@ -28,6 +28,7 @@ from bot import jobs as J
 from bot.store import Store
 from tests.bot_fixtures import bot_config, checkpoint_files, populate
 from tests.hub_fixtures import TEST_USER, default_tokens
+from tests.procs import die_with_the_tests
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
 
@@ -60,7 +61,7 @@ class World:
         log = open(self.logs / f"run-{self.n}.log", "w")
         return subprocess.Popen([sys.executable, "-m", "bot.cli", "-v", "run", "--config", str(self.config), *extra],
                                 cwd=REPO_ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_the_tests)
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

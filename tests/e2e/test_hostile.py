@@ -33,6 +33,7 @@ from tests.bot_fixtures import (
 )
 from tests.hub_fixtures import TEST_USER, default_tokens
 from tests.models import tiny_random_checkpoint
+from tests.procs import die_with_the_tests
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
 
@@ -58,7 +59,7 @@ class World:
         with open(self.log, "w") as log:
             p = subprocess.Popen([sys.executable, "-m", "bot.cli", "-v", "run", "--exit-when-idle", "--no-poll",
                                   "--config", str(self.config)], cwd=REPO_ROOT, env=self.env(), stdout=log,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_the_tests)
             try:
                 return p.wait(timeout)
             except subprocess.TimeoutExpired:

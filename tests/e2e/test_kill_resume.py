@@ -24,6 +24,7 @@ import pytest
 from converters import records
 from tests.bot_fixtures import checkpoint_files
 from tests.hub_fixtures import TEST_ORG, default_tokens
+from tests.procs import die_with_the_tests
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
 
@@ -56,7 +57,7 @@ class Runs:
         """Start a run on the shared work dir; SIGKILL it ``delay`` s after the stderr line ``marker`` once
         ``ready()`` holds; return what it printed."""
         p = subprocess.Popen(self.argv(self.workdir, KILL_REPO), cwd=REPO_ROOT, env=self.env(),
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=die_with_the_tests)
         seen: list[str] = []
         try:
             assert p.stderr is not None

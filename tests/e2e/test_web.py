@@ -28,6 +28,7 @@ from bot.store import Store
 from tests.bot_fixtures import checkpoint_files
 from tests.browser import Browser, chromium_path
 from tests.hub_fixtures import default_tokens
+from tests.procs import die_with_the_tests
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
 
@@ -100,7 +101,7 @@ webhook_secret_file = "{tmp / 'secret'}"
     log = tmp / "run.log"
     proc = subprocess.Popen([sys.executable, "-m", "bot.cli", "-v", "run", "--no-poll", "--config", str(config)],
                             cwd=REPO_ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=die_with_the_tests)
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
