@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tests.hubserver import free_port, point_client_here  # noqa: E402  (no Hub client imported by it)
 
 
 def main() -> int:
@@ -32,15 +33,12 @@ def main() -> int:
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="ggufbot-bench-publish-"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     token = "hf_benchmarktoken000000"
-    os.environ.update({"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp / "hf"), "HF_TOKEN": token,
-                       "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-                       "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+    port = free_port()
+    point_client_here(port, tmp / "hf", token)
     from bot.hub import Hub  # noqa: E402 - after the environment
     from bot.publish import PublishOptions, publish
+    from converters.workdir import WorkDir
     from tests.hubserver import HubServer
     from tests.workdirs import make_workdir
 
@@ -62,6 +60,10 @@ def main() -> int:
                 f["size"] = p.stat().st_size
                 f["sha256"] = None  # hashed by the publisher, as part of the measurement
             (wd / "ladder.json").write_text(json.dumps(ladder))
+            w = WorkDir(wd)  # the evaluation's record of the files: publishing refuses files it did not measure
+            report = w.report()
+            report.file_hashes = w.content(w.ladder())
+            w.write_report(report)
             total = sum((wd / f["path"]).stat().st_size for f in ladder["files"])
             hub = Hub()
             t0 = time.perf_counter()

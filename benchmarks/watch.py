@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
 import tempfile
 import time
@@ -21,11 +19,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-
-def _reserve_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.hubserver import free_port, point_client_here  # noqa: E402  (no Hub client imported by it)
 
 
 def main() -> int:
@@ -37,13 +31,10 @@ def main() -> int:
                     help="models per author that pass every listing rule (each costs one model_info request)")
     args = ap.parse_args()
 
-    port = _reserve_port()
+    port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="ggufbot-bench-watch-"))
     token = "hf_benchtoken0123456789"
-    # the client reads these at import time
-    os.environ.update({"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp / "hf"), "HF_TOKEN": token,
-                       "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-                       "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+    point_client_here(port, tmp / "hf", token)  # the client reads these at import time
 
     from bot.hub import Hub
     from bot.settings import from_mapping

@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -27,38 +26,20 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.hubserver import HubServer
+from tests.hubserver import HubServer, free_port, point_client_here
 
 TEST_TOKEN = "hf_localtesttoken0123456789"
 TEST_USER = "tester"
 TEST_ORG = "ggufbot-test"
 
 
-def _reserve_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_PORT = _reserve_port()
-ENDPOINT = f"http://127.0.0.1:{_PORT}"
+_PORT = free_port()
 _HF_HOME = tempfile.mkdtemp(prefix="ggufbot-hfhome-")
 atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)  # the client's cache of this test session
 
-if "huggingface_hub" in sys.modules and os.environ.get("HF_ENDPOINT") != ENDPOINT:
-    _EARLY_IMPORT = True  # reported by the fixture, with the fix
-else:
-    _EARLY_IMPORT = False
-os.environ.update({
-    "HF_ENDPOINT": ENDPOINT,
-    "HF_HOME": _HF_HOME,
-    "HF_TOKEN": TEST_TOKEN,
-    "HF_HUB_DISABLE_XET": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-})
-for _var in ("HUGGINGFACE_CO_STAGING", "HF_HUB_OFFLINE", "HF_HUB_ETAG_TIMEOUT"):
-    os.environ.pop(_var, None)
+# a client imported before this point kept another endpoint: reported by the fixture, with the fix
+_EARLY_IMPORT = "huggingface_hub" in sys.modules and os.environ.get("HF_ENDPOINT") != f"http://127.0.0.1:{_PORT}"
+ENDPOINT = point_client_here(_PORT, _HF_HOME, TEST_TOKEN)
 
 
 def default_tokens() -> dict[str, str]:

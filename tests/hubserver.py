@@ -67,6 +67,27 @@ KNOWN_LICENSES = {
 BASE_MODEL_RELATIONS = {"adapter", "merge", "quantized", "finetune"}
 
 
+def free_port() -> int:
+    """A port free on 127.0.0.1 now, for a server started later."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def point_client_here(port: int, home: str | Path, token: str) -> str:
+    """Point the real ``huggingface_hub`` client at a local server on ``port``: ``HF_ENDPOINT``, ``HF_HOME``,
+    ``HF_TOKEN`` and the switches of HUB_API.md (no Xet, telemetry or progress bars; no staging or offline mode).
+    The client reads them when it is imported, so call this first. Returns the endpoint."""
+    import os
+
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update({"HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_TOKEN": token, "HF_HUB_DISABLE_XET": "1",
+                       "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+    for var in ("HUGGINGFACE_CO_STAGING", "HF_HUB_OFFLINE", "HF_HUB_ETAG_TIMEOUT"):
+        os.environ.pop(var, None)
+    return endpoint
+
+
 def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
