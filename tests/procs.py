@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -50,6 +52,22 @@ def wait_for_child(ppid: int, name: str, within: float) -> int:
             return found[0]
         time.sleep(0.1)
     raise AssertionError(f"no {name} child of {ppid} within {within} s")
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, tail: Callable[[], str] | Path | None = None,
+             every: float = 0.2) -> Any:
+    """Poll ``pred`` every ``every`` s until it returns something true, and return that; after ``timeout`` s fail
+    the test with ``what`` and the end of the log (``tail``: a log file, or a function returning the text)."""
+    import pytest
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    text = tail.read_text()[-4000:] if isinstance(tail, Path) else tail() if tail is not None else ""
+    pytest.fail(f"timed out waiting for {what}" + (f"\n{text}" if text else ""))
 
 
 def kill_quietly(*pids: int) -> None:

@@ -19,7 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from bot import jobs as J
 from bot.store import Store
 from tests.bot_fixtures import bot_config, checkpoint_files, populate
 from tests.hub_fixtures import TEST_USER, default_tokens
-from tests.procs import die_with_the_tests
+from tests.procs import die_with_the_tests, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
 
@@ -81,16 +80,6 @@ def world(hub_server_session, tmp_path_factory, smollm2, calibration_text, eval_
     w.store.close()
 
 
-def wait_for(pred, timeout: float, what: str, world: World | None = None):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}" + (f"\n{world.log_tail()}" if world else ""))
-
-
 def target_commits(world: World) -> int:
     """Commits made by publishing (the repo's creation commit, which has no parent, is not one)."""
     return sum(1 for c in world.hub.commits(TARGET) if c.parent is not None)
@@ -116,7 +105,8 @@ def test_killed_run_resumes_and_publishes_once(world: World) -> None:
     [job] = world.store.jobs()
     p1 = world.start_run("--no-poll")
     try:
-        wait_for(lambda: (j := world.store.job(job.id)) and j.stage == "quantize", 400, "the quantize stage", world)
+        wait_for(lambda: (j := world.store.job(job.id)) and j.stage == "quantize",
+                 400, "the quantize stage", world.log_tail, every=0.1)
     finally:
         os.killpg(p1.pid, signal.SIGKILL)
         p1.wait(30)
@@ -173,7 +163,8 @@ def test_new_revisions_requeue_only_on_result_changes(world: World) -> None:
     assert job2.revision == new_sha and "config.json" in job2.reason
     # SIGTERM during the conversion: the step finishes, the job goes back to the queue, the process exits 0
     p = world.start_run("--exit-when-idle", "--no-poll")
-    wait_for(lambda: (j := world.store.job(job2.id)) and j.stage == "convert", 300, "the convert stage", world)
+    wait_for(lambda: (j := world.store.job(job2.id)) and j.stage == "convert",
+             300, "the convert stage", world.log_tail, every=0.1)
     p.send_signal(signal.SIGTERM)
     assert p.wait(300) == 0, world.log_tail()
     released = world.store.job(job2.id)

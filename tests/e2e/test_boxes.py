@@ -30,8 +30,9 @@ from bot import jobs as J
 from bot.store import Store
 from tests.bot_fixtures import bot_config, checkpoint_files, postgres_url, scripted_model
 from tests.hub_fixtures import TEST_USER, default_tokens
+from tests.hubserver import free_port
 from tests.models import tiny_random_checkpoint
-from tests.procs import die_with_the_tests
+from tests.procs import die_with_the_tests, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama, pytest.mark.postgres]
 
@@ -49,7 +50,7 @@ class Proxy:
 
     def __init__(self, host: str, port: int) -> None:
         self.upstream = (host, port)
-        self.port = _free_port()
+        self.port = free_port()
         self.pairs: list[tuple[socket.socket, socket.socket]] = []
         self.lock = threading.Lock()
         self.listener: socket.socket | None = None
@@ -110,12 +111,6 @@ class Proxy:
                 s.shutdown(socket.SHUT_RDWR)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class World:
     def __init__(self, hub, tmp: Path, url: str, proxy: Proxy, config: Path) -> None:
         self.hub, self.tmp, self.url, self.proxy, self.config = hub, tmp, url, proxy, config
@@ -160,16 +155,6 @@ class World:
                 p.wait(10)
 
 
-def wait_for(pred, timeout: float, what: str, world: World):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}\n{world.log_tail()}")
-
-
 @pytest.fixture(scope="module")
 def world(hub_server_session, tmp_path_factory, calibration_text, eval_text, toolchain):
     hub = hub_server_session
@@ -208,29 +193,31 @@ def test_kill_and_outage_every_release_published_once(world: World) -> None:
     world.start("scheduler", "run", "--no-worker")
     for i in range(N_WORKERS):
         world.start(f"box{i}", "worker", "--concurrency", "1")
-    wait_for(lambda: len(world.store.jobs()) == N_RELEASES, 120, "the poll to queue the twelve releases", world)
+    wait_for(lambda: len(world.store.jobs()) == N_RELEASES,
+             120, "the poll to queue the twelve releases", world.log_tail)
 
     # kill -9 a worker while it quantizes
     def quantizing():
         return next((j for j in world.store.jobs([J.Status.RUNNING]) if j.stage == "quantize"), None)
-    victim = wait_for(quantizing, 600, "a job in quantize", world)
+    victim = wait_for(quantizing, 600, "a job in quantize", world.log_tail)
     pid = int(victim.worker_id.split(":")[1])
     box = next(n for n, p in world.procs.items() if p.pid == pid)
     os.killpg(pid, signal.SIGKILL)
     world.procs[box].wait(10)
     t_kill = time.monotonic()
     wait_for(lambda: world.store.events(job_id=victim.id, kind="job.requeued", limit=1), 120,
-             "the killed worker's job back in the queue", world)  # the next free worker takes it
+             "the killed worker's job back in the queue", world.log_tail)  # the next free worker takes it
     stall = time.monotonic() - t_kill
 
     # PostgreSQL unreachable for 30 s mid-run
-    wait_for(lambda: world.store.counts().get("published", 0) >= 4, 900, "four published jobs", world)
+    wait_for(lambda: world.store.counts().get("published", 0) >= 4, 900, "four published jobs", world.log_tail)
     running_before = [j.id for j in world.store.jobs([J.Status.RUNNING])]
     world.proxy.cut()
     time.sleep(OUTAGE_S)
     world.proxy.restore()
     t_back = time.monotonic()
-    wait_for(lambda: world.store.counts().get("published", 0) == N_RELEASES, 1500, "every job published", world)
+    wait_for(lambda: world.store.counts().get("published", 0) == N_RELEASES,
+             1500, "every job published", world.log_tail)
     print(f"boxes: {N_RELEASES} releases on {N_WORKERS} workers in {time.monotonic() - t0:.0f} s; killed job "
           f"#{victim.id} back in the queue {stall:.1f} s after the kill; {len(running_before)} job(s) running through "
           f"the {OUTAGE_S:.0f} s outage; all published {time.monotonic() - t_back:.0f} s after it")
@@ -277,10 +264,10 @@ def test_a_worker_stopped_during_an_outage_exits_at_once(world: World) -> None:
     # SIGTERM while PostgreSQL is unreachable: the worker does not wait out the outage (up to 600 s) to exit
     p = world.start("late", "worker", "--concurrency", "1")
     log = world.logs / "late.log"
-    wait_for(lambda: "procrastinate worker" in log.read_text(), 120, "the late worker registered", world)
+    wait_for(lambda: "procrastinate worker" in log.read_text(), 120, "the late worker registered", world.log_tail)
     world.proxy.cut()
     try:
-        wait_for(lambda: "unreachable" in log.read_text(), 60, "the late worker to notice the outage", world)
+        wait_for(lambda: "unreachable" in log.read_text(), 60, "the late worker to notice the outage", world.log_tail)
         t = time.monotonic()
         os.killpg(p.pid, signal.SIGTERM)
         try:

@@ -13,10 +13,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -28,7 +26,8 @@ from bot.store import Store
 from tests.bot_fixtures import checkpoint_files
 from tests.browser import Browser, chromium_path
 from tests.hub_fixtures import default_tokens
-from tests.procs import die_with_the_tests
+from tests.hubserver import free_port
+from tests.procs import die_with_the_tests, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
 
@@ -39,22 +38,6 @@ SOURCE = f"{AUTHOR}/{MODEL}"
 BROKEN = f"{AUTHOR}/Broken-135M"
 ADMIN = "e2e-admin-token"
 SECRET = "e2e-webhook-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(pred, timeout: float, what: str, log: Path | None = None):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}" + (f"\n{log.read_text()[-4000:]}" if log else ""))
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
