@@ -94,6 +94,26 @@ def _lost_connection(e: BaseException) -> bool:
         isinstance(e.__cause__, psycopg.OperationalError)
 
 
+class QuietStopInOutage(logging.Filter):
+    """Once a stop is requested during an outage, :class:`RidingConnector` stops waiting, and procrastinate's side
+    tasks (heartbeat, periodic deferrer, listener) end on the lost connection, each logged as an ERROR with two
+    tracebacks. That is the stop working, not a failure: such a record becomes one WARNING line without the
+    traceback. Any other record passes unchanged."""
+
+    def __init__(self, stopping: threading.Event) -> None:
+        super().__init__()
+        self.stopping = stopping
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if self.stopping.is_set() and exc is not None and _lost_connection(exc):
+            what = getattr(record, "task_name", None) or record.getMessage().split(" error:", 1)[0]
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+            record.msg, record.args = "%s ended: PostgreSQL unreachable while stopping", (what,)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 class RidingConnector(procrastinate.PsycopgConnector):
     """procrastinate's psycopg connector, waiting out a PostgreSQL outage (up to :data:`OUTAGE_SECONDS`) instead
     of failing: the worker's heartbeat, job fetch, job completion and LISTEN loop all stall and continue. Once
@@ -402,12 +422,15 @@ class Box:
             plans.append(([SCHEDULER_QUEUE], 2, "scheduler"))  # the tick and the poll
         if jobs:
             plans.append((queues or worker_queues(s), self.concurrency, "worker"))
+        quiet = QuietStopInOutage(self.stop)
+        logging.getLogger("procrastinate.utils").addFilter(quiet)  # its "<side task> error:" lines
         async with self.app.open_async():
             for qs, n, what in plans:
                 w = Worker(self.app, queues=qs, name=what, concurrency=n, install_signal_handlers=False,
                            update_heartbeat_interval=interval, stalled_worker_timeout=s.schedule.stale_after_seconds,
                            fetch_job_polling_interval=max(0.5, min(5.0, s.schedule.dispatch_seconds)),
                            abort_job_polling_interval=5.0, listen_notify=True)
+                w.logger.addFilter(quiet)
                 self.workers.append((w, what, qs, n))
             tasks = [asyncio.create_task(w.run(), name=f"procrastinate-{what}") for w, what, _, _ in self.workers]
             reg = asyncio.create_task(self._register())

@@ -225,3 +225,39 @@ def test_worker_release_on_stop_and_retries_go_through_procrastinate(pg_url: str
     assert abs(pq[hub.id].scheduled_at.timestamp() - hub.not_before) < 3
     assert (bad.status, bad.error_type) == (J.Status.FAILED, "InputError") and pq[bad.id].status == "failed"
     st.close()
+
+
+def test_side_tasks_ending_on_the_lost_connection_while_stopping_log_one_warning_line() -> None:
+    import logging
+
+    import psycopg
+    from procrastinate import exceptions as pq_exc
+
+    def lost() -> BaseException:
+        try:
+            try:
+                raise psycopg.OperationalError("connection refused")
+            except psycopg.OperationalError as e:
+                raise pq_exc.ConnectorException() from e
+        except pq_exc.ConnectorException as e:
+            return e
+
+    def record(exc: BaseException, **extra: Any) -> logging.LogRecord:
+        r = logging.LogRecord("procrastinate.worker.worker", logging.ERROR, __file__, 1,
+                              "Side task deferrer failed with exception: %s, stopping worker", (exc,),
+                              (type(exc), exc, exc.__traceback__))
+        r.__dict__.update(extra)
+        return r
+
+    stopping = threading.Event()
+    quiet = Q.QuietStopInOutage(stopping)
+    r = record(lost(), task_name="deferrer")
+    assert quiet.filter(r) and r.levelno == logging.ERROR and r.exc_info  # not stopping: left as it is
+    stopping.set()
+    assert quiet.filter(r) and (r.levelname, r.getMessage(), r.exc_info, r.exc_text) == (
+        "WARNING", "deferrer ended: PostgreSQL unreachable while stopping", None, None)
+    u = logging.LogRecord("procrastinate.utils", logging.ERROR, __file__, 1, "deferrer error: %r", (lost(),), None)
+    u.exc_info = (pq_exc.ConnectorException, u.args[0], None)
+    assert quiet.filter(u) and u.getMessage() == "deferrer ended: PostgreSQL unreachable while stopping"
+    other = record(ValueError("a bug"), task_name="deferrer")  # anything else stays an error with its traceback
+    assert quiet.filter(other) and other.levelno == logging.ERROR and other.exc_info
