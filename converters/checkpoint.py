@@ -26,10 +26,14 @@ from converters import chat, records
 from converters.errors import InputError, UnsupportedModel
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-SAFETENSORS_DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1, "F6_E2M3": 1, "F6_E3M2": 1,
+# Bits per element of every dtype the official safetensors loader knows (its ``Dtype::bitsize``): F4 and F6_* pack
+# several elements in a byte. A name outside this table is refused, as the official loader refuses it.
+SAFETENSORS_DTYPE_BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
+    "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
 }
+_USIZE_MAX = 2**64 - 1  # the official loader's sizes and offsets are 64-bit; a product beyond it is an overflow
 TOKENIZER_SETS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("tokenizer.tiktoken",))
 # Files whose change changes the GGUF result (weights, config, tokenizer, chat template): the watcher
 # re-queues a new revision only when one of these changed, and stage records fingerprint exactly these.
@@ -212,27 +216,41 @@ def _is_int(x: object) -> bool:
 
 
 def _tensor_span(name: str, info: object, data_len: int) -> tuple[int, int]:
-    """The checked ``(start, end)`` of one header entry; raises ValueError with what is wrong."""
+    """The checked ``(start, end)`` of one header entry, by the official loader's rules (``Metadata::validate`` of
+    huggingface/safetensors): elements x bits per element must end on a byte boundary and be exactly the entry's
+    bytes (a sub-byte dtype is not rounded up), without overflowing 64 bits. Raises ValueError with what is wrong."""
     if not isinstance(info, dict):
         raise ValueError(f"entry for tensor {name!r} is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r} for {name!r}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BITS:
+        raise ValueError(f"unknown dtype {dtype!r} for {name!r}"[:200])
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= _USIZE_MAX for d in shape):
         raise ValueError(f"shape of {name!r} is not a list of sizes: {shape!r}"[:200])
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
         raise ValueError(f"data_offsets of {name!r} are not two integers")
     start, end = offsets
     if not (0 <= start <= end <= data_len):
         raise ValueError(f"tensor {name!r} lies outside the file (negative offsets or truncated)")
-    if dtype not in ("F4", "F6_E2M3", "F6_E3M2") and (end - start) != math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]:
+    n = 1
+    for d in shape:  # the official loader multiplies in order and refuses an overflow, even one before a zero
+        n *= d
+        if n > _USIZE_MAX:
+            break
+    bits = n * SAFETENSORS_DTYPE_BITS[dtype]
+    if bits > _USIZE_MAX:
+        raise ValueError(f"shape of {name!r} overflows: {shape!r}"[:200])
+    if bits % 8:
+        raise ValueError(f"tensor {name!r} ({dtype} x {n}) does not end on a byte boundary")
+    if end - start != bits // 8:
         raise ValueError(f"tensor {name!r} size does not match its shape")
     return start, end
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """Parse and check a safetensors header: every entry well-typed, offsets in range, no two tensors sharing
-    bytes, and the data region filling the file. Anything wrong is one :class:`InputError` line."""
+    """Parse and check a safetensors header exactly as strictly as the official loader: every entry well-typed,
+    its bytes matching its dtype and shape, the tensors tiling the data region from its first byte to the file's
+    end in offset order (no gap, no overlap), ``__metadata__`` absent, null or a map of strings. Anything wrong is
+    one :class:`InputError` line."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -247,17 +265,23 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             raise InputError(f"corrupt safetensors {path.name}: header is not JSON ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise InputError(f"corrupt safetensors {path.name}: header is not an object")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise InputError(f"corrupt safetensors {path.name}: __metadata__ is not a map of strings")
     data_len = size - 8 - n
     try:
         spans = sorted(_tensor_span(name, info, data_len) for name, info in header.items() if name != "__metadata__")
     except ValueError as e:
         raise InputError(f"corrupt safetensors {path.name}: {e}") from None
-    for (_, end), (start, _) in zip(spans, spans[1:]):
-        if start < end:
-            raise InputError(f"corrupt safetensors {path.name}: two tensors overlap (bytes {start}..{end})")
-    end_max = spans[-1][1] if spans else 0
-    if end_max != data_len:
-        raise InputError(f"corrupt safetensors {path.name}: {data_len - end_max} bytes unaccounted for (truncated or padded)")
+    covered = 0  # sorted by offsets, each tensor starts where the previous one ended: no gap, no overlap
+    for start, end in spans:
+        if start > covered:
+            raise InputError(f"corrupt safetensors {path.name}: bytes {covered}..{start} belong to no tensor")
+        if start < covered:
+            raise InputError(f"corrupt safetensors {path.name}: two tensors overlap (bytes {start}..{covered})")
+        covered = end
+    if covered != data_len:
+        raise InputError(f"corrupt safetensors {path.name}: {data_len - covered} bytes unaccounted for (truncated or padded)")
     return header
 
 

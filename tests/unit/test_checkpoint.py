@@ -212,3 +212,71 @@ def test_a_hugging_face_cache_snapshot_with_a_shard_index_is_accepted(tmp_path):
     (snap / "model.safetensors").symlink_to(src / "model.safetensors")
     with pytest.raises(UnsupportedModel, match="outside the checkpoint"):
         ck.inspect(snap)
+
+
+# --------------------------------------------------------------------------------------------------
+# Exactly as strict as the official loader (issue 19): every crafted header below is also given to safetensors'
+# own loader, and inspect must accept exactly what it accepts.
+# --------------------------------------------------------------------------------------------------
+
+def _t(dtype: str, shape: list, start: int, end: int) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+
+
+F32x2 = _t("F32", [2], 0, 8)
+OFFICIAL = [
+    # (name, header, data length, words of our refusal or None when both loaders accept it)
+    ("F4 packs two elements a byte", {"w": _t("F4", [4, 4], 0, 8)}, 8, None),
+    ("F6 packs four elements in three bytes", {"w": _t("F6_E2M3", [4], 0, 3), "v": _t("F6_E3M2", [8], 3, 9)}, 9, None),
+    ("F4 huge shape in 8 bytes", {"w": _t("F4", [10**15], 0, 8)}, 8, "size does not match its shape"),
+    ("F6 huge shape in 8 bytes", {"w": _t("F6_E2M3", [10**6, 10**6], 0, 6)}, 6, "size does not match its shape"),
+    ("F4 odd count rounded up", {"w": _t("F4", [3], 0, 2)}, 2, "byte boundary"),
+    ("F6 count not a multiple of 4", {"w": _t("F6_E3M2", [3], 0, 3)}, 3, "byte boundary"),
+    ("F4 scalar", {"w": _t("F4", [], 0, 1)}, 1, "byte boundary"),
+    ("dtypes the loader knows", {"c": _t("C64", [1], 0, 8), "f": _t("F8_E4M3FNUZ", [2], 8, 10),
+                                 "g": _t("F8_E5M2FNUZ", [2], 10, 12), "e": _t("F8_E8M0", [4], 12, 16)}, 16, None),
+    ("a dtype it does not know", {"w": _t("E8M0", [8], 0, 8)}, 8, "unknown dtype 'E8M0'"),
+    ("a gap between tensors", {"a": F32x2, "b": _t("F32", [2], 16, 24)}, 24, "bytes 8..16 belong to no tensor"),
+    ("data not starting at 0", {"a": _t("F32", [2], 8, 16)}, 16, "bytes 0..8 belong to no tensor"),
+    ("zero-size tensors anywhere", {"z0": _t("F32", [0], 0, 0), "a": F32x2, "z": _t("BF16", [4, 0], 8, 8)}, 8, None),
+    ("shape overflows before a zero", {"w": _t("F32", [2**40, 2**40, 0], 0, 0)}, 0, "overflows"),
+    ("a zero before a huge dimension", {"w": _t("F32", [0, 2**40, 2**40], 0, 0)}, 0, None),
+    ("no tensors at all", {}, 0, None),
+    ("__metadata__ a string map", {"__metadata__": {"format": "pt"}, "a": F32x2}, 8, None),
+    ("__metadata__ null", {"__metadata__": None, "a": F32x2}, 8, None),
+    ("__metadata__ with a number", {"__metadata__": {"format": 1}, "a": F32x2}, 8, "__metadata__ is not a map of strings"),
+    ("__metadata__ with null", {"__metadata__": {"format": None}, "a": F32x2}, 8, "__metadata__ is not a map of strings"),
+    ("__metadata__ nested", {"__metadata__": {"x": {"y": "z"}}, "a": F32x2}, 8, "__metadata__ is not a map of strings"),
+    ("__metadata__ a list", {"__metadata__": ["pt"], "a": F32x2}, 8, "__metadata__ is not a map of strings"),
+    ("__metadata__ a string", {"__metadata__": "pt", "a": F32x2}, 8, "__metadata__ is not a map of strings"),
+]
+
+
+def _official_loads(path: Path) -> bool:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "numpy") as f:
+            list(f.keys())
+    except SafetensorError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name,header,n,words", OFFICIAL, ids=[c[0] for c in OFFICIAL])
+def test_inspect_accepts_exactly_what_the_official_loader_accepts(tmp_path, name, header, n, words):
+    d = make(tmp_path, weights=False, extra={"model.safetensors": crafted(header, b"\0" * n)})
+    assert _official_loads(d / "model.safetensors") is (words is None)  # the case says what safetensors does
+    if words is None:
+        ck.inspect(d)
+        return
+    with pytest.raises(InputError) as ei:
+        ck.inspect(d)
+    msg = str(ei.value)
+    assert msg.startswith("corrupt safetensors model.safetensors: ") and words in msg and "\n" not in msg, msg
+
+
+def test_sub_byte_tensors_count_their_elements_as_parameters(tmp_path):
+    d = make(tmp_path, weights=False, extra={"model.safetensors": crafted({"w": _t("F4", [4, 4], 0, 8)}, b"\0" * 8)})
+    c = ck.inspect(d)
+    assert (c.parameters, c.dtypes) == (16, ("F4",))
