@@ -3,7 +3,7 @@
 Each stage writes its outputs under temporary names and renames them into place, then writes a small
 JSON record: the identity of its inputs (full content hashes, never sizes alone), each output's size and
 sha256, the seconds spent and the tool version. A stage whose record matches its current inputs, and whose
-outputs still have the recorded content, is skipped. Content hashes are cached by size + mtime + inode
+outputs still have the recorded content, is skipped. Content hashes are cached by size + mtime + ctime + inode
 (:func:`content_sha256`), so checking an unchanged file costs a ``stat``.
 """
 
@@ -40,9 +40,11 @@ def fingerprint_file(path: Path, cache_dir: Path | None = None) -> dict[str, Any
 
 
 # ------------------------------------------------------------------------------------ content hashes
-# A file's full sha256 is reused while its size, mtime (ns), inode and device are unchanged: any write to the
-# file (in place, same size) or its replacement by another file changes one of them. The cache lives in memory
-# (per process) and, given a work directory, in its records/HASH_CACHE_FILE, so a resumed run re-hashes nothing.
+# A file's full sha256 is reused while its size, mtime (ns), ctime (ns), inode and device are unchanged: any write
+# to the file (in place, same size) or its replacement by another file changes one of them. The mtime alone is not
+# enough: ``os.utime`` sets it back after a same-size rewrite; the ctime cannot be set by a program (the kernel
+# moves it on every write, and on the utime call itself). The cache lives in memory (per process) and, given a work
+# directory, in its records/HASH_CACHE_FILE, so a resumed run re-hashes nothing.
 HASH_CACHE_FILE = "sha256-cache.json"
 _HASH_LOCK = threading.Lock()
 _HASH_MEMO: dict[str, tuple[list[int], str]] = {}
@@ -54,9 +56,10 @@ def forget_memory_hashes() -> None:
         _HASH_MEMO.clear()
 
 
-def stat_key(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+def stat_key(path: str | os.PathLike[str]) -> list[int]:
+    """What changes when a file's content may have changed: size, mtime, ctime, inode, device."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
 def _cache_file(cache_dir: Path) -> Path:
@@ -90,14 +93,14 @@ def _cached(p: Path, key: list[int], cache_dir: Path | None) -> str | None:
             return hit[1]
         if cache_dir is not None:
             row = _load_hash_cache(cache_dir).get(str(p))
-            if isinstance(row, list) and len(row) == 5 and row[:4] == key:
-                _HASH_MEMO[str(p)] = (key, row[4])
-                return str(row[4])
+            if isinstance(row, list) and len(row) == len(key) + 1 and row[:-1] == key:  # older rows: a miss
+                _HASH_MEMO[str(p)] = (key, row[-1])
+                return str(row[-1])
     return None
 
 
 def content_sha256(path: str | os.PathLike[str], cache_dir: Path | None = None) -> str:
-    """The sha256 of the whole file, from the cache when its size, mtime, inode and device are unchanged."""
+    """The sha256 of the whole file, from the cache when its size, mtime, ctime, inode and device are unchanged."""
     p = Path(path).absolute()
     key = stat_key(p)
     hit = _cached(p, key, cache_dir)
@@ -225,7 +228,7 @@ def load(workdir: Path, stage: str) -> StageRecord | None:
 
 def complete(workdir: Path, stage: str, inputs: dict[str, Any]) -> StageRecord | None:
     """The stage's record if it is finished for these exact inputs and its outputs are intact: each output's
-    content hash still equals the recorded one (re-read only when the file's size, mtime or inode changed)."""
+    content hash still equals the recorded one (re-read only when the file's :func:`stat_key` changed)."""
     rec = load(workdir, stage)
     if rec is None or _canon(rec.inputs) != _canon(inputs):
         return None

@@ -1,4 +1,6 @@
+import hashlib
 import json
+import os
 
 import pytest
 
@@ -54,3 +56,36 @@ def test_corrupt_record_counts_as_missing(tmp_path):
     p.parent.mkdir()
     p.write_text("{not json")
     assert records.load(tmp_path, "x") is None
+
+
+def _rewrite_keeping_mtime(path, data: bytes) -> None:
+    """Same size, same inode, and the mtime set back to what it was: only the ctime tells."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_size == st.st_size
+
+
+def test_a_same_size_rewrite_with_its_mtime_restored_is_hashed_again(tmp_path):
+    f = tmp_path / "q.gguf"
+    f.write_bytes(b"GGUF" + b"A" * 4096)
+    old = records.content_sha256(f, tmp_path)
+    _rewrite_keeping_mtime(f, b"GGUF" + b"B" * 4096)
+    new = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert records.content_sha256(f, tmp_path) == new != old
+    # the work dir's cache file (a new process) does not answer with the old hash either
+    _rewrite_keeping_mtime(f, b"GGUF" + b"C" * 4096)
+    records.forget_memory_hashes()
+    assert records.content_sha256(f, tmp_path) == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def test_a_cache_row_written_without_the_ctime_is_not_trusted(tmp_path):
+    f = tmp_path / "q.gguf"
+    f.write_bytes(b"GGUF" + b"A" * 64)
+    st = f.stat()
+    cache = tmp_path / records.RECORDS_DIR / records.HASH_CACHE_FILE
+    cache.parent.mkdir()
+    cache.write_text(json.dumps({str(f.absolute()): [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, "0" * 64]}))
+    records.forget_memory_hashes()
+    assert records.content_sha256(f, tmp_path) == hashlib.sha256(f.read_bytes()).hexdigest()
