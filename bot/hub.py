@@ -71,11 +71,72 @@ def _install_timeout(seconds: float | None) -> None:
     timeout = httpx2.Timeout(seconds, connect=min(seconds, 15.0)) if seconds else None
 
     def factory() -> httpx2.Client:
-        return httpx2.Client(event_hooks={"request": [hf_request_event_hook]}, follow_redirects=True,
-                             timeout=timeout)
+        return _FailFastClient(event_hooks={"request": [hf_request_event_hook]}, follow_redirects=True,
+                               timeout=timeout)
 
     huggingface_hub.set_client_factory(factory)
     _installed_timeout[:] = [seconds]
+
+
+class HubUnreachable(HubError):
+    """The Hub could not be reached at all (connection refused, name not resolved, connect timeout, TLS): an
+    outage, not a failed request. Transient; never retried here (the caller stops: a poll ends, a job retries
+    on its own schedule). ``reason`` is one of a few fixed words, never the client's exception text."""
+
+    def __init__(self, what: str, reason: str):
+        super().__init__(f"{what}: Hub unreachable ({reason})", status=None)
+        self.reason = reason
+
+
+class _ConnectFailed(httpx2.TransportError):
+    """A connection to the Hub could not be made. Deliberately not a ``NetworkError``/``TimeoutException``:
+    huggingface_hub's ``http_backoff`` then neither retries it five times with sleeps (about 23 s per request
+    while the Hub is down) nor calls ``close_session()``, whose reset of the shared client races with
+    ``get_session()`` in the other polling threads (which then got ``None`` as a client:
+    ``AttributeError: 'NoneType' object has no attribute 'request'``)."""
+
+    def __init__(self, reason: str, request: Any) -> None:
+        super().__init__(reason, request=request)
+        self.reason = reason
+
+
+def _connect_reason(e: BaseException) -> str:
+    """A fixed, host-free word for why a connection could not be made."""
+    import socket
+    import ssl
+
+    if isinstance(e, httpx2.ConnectTimeout):
+        return "connection timed out"
+    seen: list[BaseException] = []
+    x: BaseException | None = e
+    while x is not None and len(seen) < 10:
+        seen.append(x)
+        x = x.__cause__ or x.__context__
+    for x in seen:
+        if isinstance(x, socket.gaierror):
+            return "name not resolved"
+        if isinstance(x, ssl.SSLError):
+            return "TLS handshake failed"
+        if isinstance(x, ConnectionRefusedError):
+            return "connection refused"
+    text = " ".join(str(x) for x in seen).lower()
+    for needle, reason in (("refused", "connection refused"), ("name or service", "name not resolved"),
+                           ("name resolution", "name not resolved"), ("nodename", "name not resolved"),
+                           ("network is unreachable", "network unreachable"), ("no route", "network unreachable"),
+                           ("ssl", "TLS handshake failed"), ("certificate", "TLS handshake failed")):
+        if needle in text:
+            return reason
+    return "connection failed"
+
+
+class _FailFastClient(httpx2.Client):
+    """The client's shared session: a connection that cannot be made raises :class:`_ConnectFailed` at once."""
+
+    def send(self, request: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        try:
+            return super().send(request, **kwargs)
+        except (httpx2.ConnectError, httpx2.ConnectTimeout) as e:
+            raise _ConnectFailed(_connect_reason(e), request) from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,6 +432,8 @@ class Hub:
                 return fn()
             except Exception as e:  # noqa: BLE001 - converted below, nothing escapes unconverted
                 err = self._convert(e, what)
+                if isinstance(err, HubUnreachable):
+                    raise err from None  # an outage: the caller stops, nothing to gain from retrying here
                 method, url, status = _request_of(e)
                 if client_retried(method, url, status):
                     raise err from None
@@ -402,6 +465,9 @@ class Hub:
         if isinstance(e, hf_errors.LocalTokenNotFoundError):
             return HubAuthError(f"{what}: no Hub token; set HF_TOKEN (a token with write access for publishing)",
                                 status=401)
+        down = _find_cause(e, _ConnectFailed)
+        if down is not None:
+            return HubUnreachable(what, down.reason)
         net = _find_cause(e, (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError,
                               TimeoutError, ConnectionError))
         if net is not None:
@@ -412,7 +478,9 @@ class Hub:
                             status=400)
         if isinstance(e, ValueError):
             return HubError(self._redact(f"{what}: {e}"), status=400)
-        return HubError(self._redact(f"{what}: {type(e).__name__}: {e}"), status=None)
+        # not the client's exception text: a reason and a log line say what failed, the traceback is for -v
+        log.debug("hub: %s: unexpected %s from the client", what, type(e).__name__, exc_info=e)
+        return HubError(f"{what}: unexpected failure in the Hub client", status=None)
 
     def _from_http(self, e: Any, what: str) -> HubError:
         resp = e.response
