@@ -63,6 +63,21 @@ def install_signal_handlers() -> dict[int, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``ggufbot`` command. Called without ``argv`` it is the process itself (the console script, ``python -m
+    bot.cli``): it becomes its children's subreaper (an orphaned descendant comes back to it, not to PID 1) and, on
+    every way out (return, error, signal), kills what is left of its children. A caller passing ``argv`` (a test)
+    keeps its own children."""
+    own_process = argv is None
+    if own_process:
+        toolchain.own_children()
+    try:
+        return _main(argv)
+    finally:
+        if own_process:
+            toolchain.kill_children()
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # the service logs one line per stage by default; one-shot commands stay quiet unless -v

@@ -7,9 +7,14 @@ processes installing at once safe. A user can instead point ``LLAMA_CPP_DIR`` at
 with built programs.
 
 Every program is started through :func:`run`: an argument list (never a shell string), a timeout, the
-exit code checked, and the tail of stderr kept in the raised :class:`ToolError`. Each child gets an environment
-without secrets, its own process group, kernel resource limits when asked, and dies with this process
-(``PR_SET_PDEATHSIG``); :func:`kill_all` (the command line's signal handlers) kills every running one at once.
+exit code checked, and the tail of stderr kept in the raised :class:`ToolError`. Each child gets an allow-listed
+environment (:func:`child_env`: no secret, no database URL, no credential path; the Hub offline), kernel resource
+limits when asked, and runs under a small supervisor (``converters/reaper.py``) that dies with this process
+(``PR_SET_PDEATHSIG``, a SIGKILL of ggufbot included) and takes the program's whole tree with it: the program's
+process group and every descendant re-parented to it (``PR_SET_CHILD_SUBREAPER``), also when the program exits
+normally. :func:`kill_all` (the command line's signal handlers) kills every running one at once;
+:func:`own_children` makes the ggufbot process itself a subreaper and :func:`kill_children` ends what is left of
+its children on the way out.
 """
 
 from __future__ import annotations
@@ -66,10 +71,33 @@ STDERR_TAIL_CHARS = 4000
 # Running programs
 # --------------------------------------------------------------------------------------------------
 
-# Names of environment variables a child never sees: the Hub token and anything named like a secret.
+# What a child gets of this process's environment: these names, and names starting with those ending in "_". The
+# system's basics, thread counts, the GPU runtime's variables; nothing else (no database URL or password, no token,
+# no path to a credential). A program that needs more names them: run(..., inherit=...).
+CHILD_ENV = (
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_", "TZ", "TMPDIR", "TEMP", "TMP", "NO_COLOR",
+    "LD_LIBRARY_PATH",  # CUDA images find the driver's libraries through it
+    "OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "GOTO_NUM_THREADS", "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_", "TOKENIZERS_PARALLELISM",
+    "CUDA_", "NVIDIA_", "CUBLAS_", "GGML_", "HIP_", "ROCR_", "HSA_", "PYTORCH_",
+)
+# Building llama.cpp: the compiler and CMake's own variables
+BUILD_ENV = ("CC", "CXX", "CFLAGS", "CXXFLAGS", "CPPFLAGS", "LDFLAGS", "CUDACXX", "CUDAHOSTCXX", "CUDAFLAGS",
+             "NVCC_", "CMAKE_", "CCACHE_", "MAKEFLAGS", "PKG_CONFIG_PATH", "LIBRARY_PATH", "CPATH", "C_INCLUDE_PATH",
+             "CPLUS_INCLUDE_PATH")
+# Fetching the pinned source with pip: the user's index configuration, proxies and CA certificates
+FETCH_ENV = ("PIP_", "http_proxy", "https_proxy", "no_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+             "ALL_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "XDG_CONFIG_HOME",
+             "NETRC")
+# Set in every child whatever this process's environment says: nothing a child does fetches code or files from the Hub
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+# Names a child never gets, even when allowed above or passed by the caller: the Hub token, anything named like a secret
 SECRET_ENV = re.compile(r"^(HF_TOKEN|HUGGING_FACE_HUB_TOKEN)$|_(TOKEN|KEY|SECRET|PASSWORD)$", re.I)
 POLL_SECONDS = 0.2  # how often a waiting run() checks its deadline and the stop request
-PR_SET_PDEATHSIG = 1
+STOP_GRACE_SECONDS = 10.0  # a supervisor asked to stop that is still there after this is killed itself
+PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER = 36
+REAPER = Path(__file__).with_name("reaper.py")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,15 +172,31 @@ def kill_all(*, closing: bool = False) -> int:
     with _LIVE_LOCK:
         procs = list(_LIVE.values())
     for p in procs:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(p.pid, signal.SIGKILL)
+        _stop(p)
     return len(procs)
 
 
-def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment plus ``extra``, without the Hub token or any ``*_TOKEN``/``*_KEY`` variable."""
-    env = {**os.environ, **(extra or {})}
-    return {k: v for k, v in env.items() if not SECRET_ENV.search(k)}
+def _stop(proc: subprocess.Popen) -> None:
+    """Ask a program's supervisor to kill the program's tree (it then dies of SIGKILL, as the program would have);
+    safe in a signal handler: it only sends a signal."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        proc.send_signal(signal.SIGTERM)
+
+
+def _allowed(name: str, allow: Sequence[str]) -> bool:
+    return any(name.startswith(a) if a.endswith("_") else name == a for a in allow)
+
+
+def child_env(extra: Mapping[str, str] | None = None, inherit: Sequence[str] = ()) -> dict[str, str]:
+    """A child's environment: the allow-listed part of this process's (:data:`CHILD_ENV` and ``inherit``: names, or
+    prefixes ending in ``_``), then ``extra``; never a name like a secret (:data:`SECRET_ENV`); the Hub, transformers
+    and datasets always offline (:data:`OFFLINE_ENV`)."""
+    allow = (*CHILD_ENV, *inherit)
+    env = {k: v for k, v in os.environ.items() if _allowed(k, allow)}
+    env.update(extra or {})
+    env = {k: v for k, v in env.items() if not SECRET_ENV.search(k)}
+    env.update(OFFLINE_ENV)
+    return env
 
 
 def _prctl() -> Callable[..., int] | None:
@@ -169,21 +213,64 @@ def _prctl() -> Callable[..., int] | None:
 _PRCTL = _prctl()
 
 
-def _child_setup(parent: int, limits: ResourceLimits | None) -> Callable[[], None]:
-    """Runs in the child between fork and exec: die with the parent (PR_SET_PDEATHSIG), then the limits."""
-    pairs = limits.pairs() if limits is not None else []
+def own_children() -> bool:
+    """Make this process (the ``ggufbot`` command, at start) a child subreaper: a descendant orphaned under it (a
+    supervisor killed outright) is re-parented here, not to PID 1, so :func:`kill_children` finds it. Also make it
+    not dumpable: a child of the same user can then read neither its memory nor ``/proc/PID/environ`` (which holds
+    what the children are not given). False where the kernel has no prctl."""
+    if _PRCTL is None:
+        return False
+    _PRCTL(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    _PRCTL(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    return True
 
-    def setup() -> None:
-        import resource
 
-        if _PRCTL is not None:
-            _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the line above: never run as an orphan
-            os._exit(137)
-        for res, value in pairs:
-            resource.setrlimit(res, (value, value))
+def kill_children(within: float = 5.0) -> int:
+    """On the way out of the ``ggufbot`` command: stop every running program (:func:`kill_all`), kill every other
+    child of this process and its process group (when not ours), reap them, and again for what is re-parented here
+    meanwhile, for at most ``within`` seconds. Returns how many children were killed."""
+    kill_all(closing=True)
+    me, own_group, killed, seen = os.getpid(), os.getpgrp(), 0, set()
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        kids = _children_of(me)
+        if not kids:
+            break
+        with _LIVE_LOCK:
+            supervisors = set(_LIVE)
+        for pid in kids:
+            if pid in supervisors:
+                continue  # asked to stop above; it kills its own tree, then exits
+            with contextlib.suppress(OSError):
+                pgid = os.getpgid(pid)
+                if pgid != own_group:
+                    os.killpg(pgid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            if pid not in seen:
+                seen.add(pid)
+                killed += 1
+        for pid in set(kids) - supervisors:  # a supervisor is reaped by the run() waiting for it
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.02)
+    return killed
 
-    return setup
+
+def _children_of(pid: int) -> list[int]:
+    """Live (not zombie) children of ``pid``, from /proc."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            out.append(int(d))
+    return out
 
 
 def run(
@@ -192,6 +279,7 @@ def run(
     timeout: float | None = None,
     cwd: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
+    inherit: Sequence[str] = (),
     on_line: Callable[[str], None] | None = None,
     keep_output: int = 2_000_000,
     stdin: bytes | None = None,
@@ -199,11 +287,12 @@ def run(
 ) -> RunResult:
     """Run one program and return its output; raise ToolError on a non-zero exit or a timeout.
 
-    The child runs in its own process group with an environment without secrets (:func:`child_env`), dies with
-    this process (PR_SET_PDEATHSIG) and gets ``limits``. Its run time is capped by ``timeout`` and by the
-    current :class:`Watch`'s; the watch's stop request kills the whole group within :data:`POLL_SECONDS`.
-    ``on_line`` is called with every line the program prints (stdout and stderr); ``stdin`` is written to its
-    standard input. At most ``keep_output`` characters of each stream are kept.
+    The child gets an allow-listed environment (:func:`child_env`; ``env`` adds to it, ``inherit`` names more of this
+    process's variables it needs) and ``limits``, and runs under the supervisor (``converters/reaper.py``): in its
+    own process group, killed with every descendant when it exits, when this process dies (even of SIGKILL) or when
+    asked. Its run time is capped by ``timeout`` and by the current :class:`Watch`'s; the watch's stop request kills
+    the whole tree within :data:`POLL_SECONDS`. ``on_line`` is called with every line the program prints (stdout
+    and stderr); ``stdin`` is written to its standard input. At most ``keep_output`` characters of each stream are kept.
     """
     args = [os.fspath(a) for a in argv]
     if not args:
@@ -212,7 +301,7 @@ def run(
     caps = [t for t in (timeout, watch.timeout) if t is not None]
     started = time.monotonic()
     log.debug("run: %s", " ".join(args))
-    proc = _start(args, cwd, child_env(env), stdin is not None, limits)
+    proc = _start(args, cwd, child_env(env, inherit), stdin is not None, limits)
     try:
         out_buf, err_buf, threads = _pump(proc, on_line, watch.alive, keep_output, stdin)
         timed_out = _wait(proc, min(caps) if caps else None, watch.check)
@@ -232,19 +321,61 @@ def run(
 
 def _start(args: list[str], cwd: Any, env: dict[str, str], with_stdin: bool,
            limits: ResourceLimits | None) -> subprocess.Popen:
+    """Start ``args`` under the supervisor; a program that cannot be started raises ToolError as Popen's would."""
     if _CLOSING.is_set():
         raise ToolError(args, None, "not started: ggufbot is shutting down")
+    program = _which(args[0], env)
+    if program is None:
+        err = FileNotFoundError(2, os.strerror(2), args[0])
+        raise ToolError(args, None, f"could not start: {err}")
+    lim = limits or ResourceLimits()
+    wrapper = [sys.executable, "-I", "-S", str(REAPER), str(os.getpid()), "", *(
+        "-" if v is None else str(int(v)) for v in (lim.cpu_seconds, lim.memory_bytes, lim.file_bytes)),
+        "--", program, *args[1:]]
+    status_r, status_w = os.pipe()
+    wrapper[5] = str(status_w)
     try:
-        proc = subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.PIPE if with_stdin else subprocess.DEVNULL,
+        proc = subprocess.Popen(wrapper, cwd=cwd, env=env, stdin=subprocess.PIPE if with_stdin else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                                preexec_fn=_child_setup(os.getpid(), limits))
+                                pass_fds=(status_w,))
     except (OSError, subprocess.SubprocessError) as e:
+        os.close(status_r)
         raise ToolError(args, None, f"could not start: {e}") from e
+    finally:
+        os.close(status_w)
     with _LIVE_LOCK:
         _LIVE[proc.pid] = proc
-    if _CLOSING.is_set():  # a signal arrived while it was starting
+    try:
+        with open(status_r, "rb") as status:  # end-of-file once the program runs (or the supervisor is gone)
+            failed = status.read()
+        if _CLOSING.is_set():  # a signal arrived while it was starting
+            _kill_group(proc)
+    except BaseException:
         _kill_group(proc)
+        raise
+    if failed:
+        proc.wait()
+        for stream in (proc.stdout, proc.stderr, proc.stdin):
+            if stream is not None:
+                stream.close()
+        with _LIVE_LOCK:
+            _LIVE.pop(proc.pid, None)
+        code, _, what = failed.decode("utf-8", "replace").partition("\n")
+        err = OSError(int(code), os.strerror(int(code)), what) if int(code) else RuntimeError(what)
+        raise ToolError(args, None, f"could not start: {err}")
     return proc
+
+
+def _which(name: str, env: Mapping[str, str]) -> str | None:
+    """The path the program ``name`` runs from, looked up as ``execvp`` would in the child's PATH (relative to the
+    child's working directory when it holds a slash)."""
+    if os.sep in name:
+        return name
+    for d in os.get_exec_path(dict(env)):
+        path = os.path.join(d, name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
 
 
 def output_pieces(stream: Any) -> Iterator[bytes]:
@@ -329,14 +460,18 @@ def _wait(proc: subprocess.Popen, timeout: float | None, check: Callable[[], Non
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill the program's tree (through its supervisor) and wait for it; a supervisor that does not answer within
+    :data:`STOP_GRACE_SECONDS` is killed with its process group (the program dies with it: PR_SET_PDEATHSIG)."""
+    _stop(proc)
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=STOP_GRACE_SECONDS)
+        return
     except subprocess.TimeoutExpired:
         pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,10 +493,10 @@ def gpu_visible() -> bool:
     if not smi:
         return False
     try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
+        out = run([smi, "-L"], timeout=20)
+    except ToolError:
         return False
-    return out.returncode == 0 and "GPU" in out.stdout
+    return "GPU" in out.stdout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -564,13 +699,14 @@ def _from_user_dir(root: Path) -> Toolchain:
     q = bin_dir / "llama-quantize"
     if q.exists():
         try:
-            res = subprocess.run([str(q), "--version"], capture_output=True, text=True, timeout=30)
-            m = re.search(r"version:\s*(\d+)\s*\(([0-9a-f]+)\)", res.stdout + res.stderr)
-            if m:
-                version = f"llama.cpp b{m.group(1)} ({m.group(2)})"
-                commit = m.group(2)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
+            res = run([q, "--version"], timeout=30)
+            text = res.stdout + res.stderr
+        except ToolError as e:  # some builds exit non-zero after printing it
+            text = e.stderr_tail
+        m = re.search(r"version:\s*(\d+)\s*\(([0-9a-f]+)\)", text)
+        if m:
+            version = f"llama.cpp b{m.group(1)} ({m.group(2)})"
+            commit = m.group(2)
     return Toolchain(root=root, bin_dir=bin_dir, version=version, commit=commit, cuda=False, origin="LLAMA_CPP_DIR")
 
 
@@ -614,7 +750,7 @@ def _fetch_sdist(dest: Path, on_line: Callable[[str], None] | None) -> Path:
     # --no-binary names the package alone: its build backend may come as a wheel (a wheelhouse without sdists)
     run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", PINNED_PACKAGE,
          "--disable-pip-version-check", "-d", str(dest), f"{PINNED_PACKAGE}=={PINNED_VERSION}"],
-        timeout=1800, on_line=on_line)
+        timeout=1800, on_line=on_line, inherit=FETCH_ENV)
     found = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
     if not found:
         raise ToolchainError(f"pip did not produce the {PINNED_PACKAGE} {PINNED_VERSION} source distribution")
@@ -686,11 +822,12 @@ def _build_into(staging: Path, flags: BuildFlags, *, jobs: int | None, sdist: Pa
     build = staging / "build"
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     log.info("toolchain: configuring llama.cpp (%s)", "CUDA" if flags.cuda else "CPU")
-    run(["cmake", "-S", str(src), "-B", str(build), *gen, *flags.cmake_args()], timeout=1800, on_line=on_line)
+    run(["cmake", "-S", str(src), "-B", str(build), *gen, *flags.cmake_args()], timeout=1800, on_line=on_line,
+        inherit=BUILD_ENV)
     n = jobs or os.cpu_count() or 2
     log.info("toolchain: building %s with %d jobs", ", ".join(PROGRAMS), n)
     run(["cmake", "--build", str(build), "--config", "Release", "-j", str(n), "--target", *PROGRAMS],
-        timeout=timeout, on_line=on_line)
+        timeout=timeout, on_line=on_line, inherit=BUILD_ENV)
     bin_dir = staging / "bin"
     bin_dir.mkdir()
     for p in PROGRAMS:
