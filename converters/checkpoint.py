@@ -12,6 +12,7 @@ rules to a Hub record before anything is downloaded.
 from __future__ import annotations
 
 import ast
+import collections
 import dataclasses
 import json
 import math
@@ -285,27 +286,55 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-# The largest value a config may give each size (far above any released model). A config beyond them is absurd: the
-# converter and transformers would loop or allocate without end (``num_hidden_layers: 10**9``). Checked in the
-# config and in each nested sub-config (``text_config``...).
-CONFIG_CEILINGS = {
-    "num_hidden_layers": 4096, "n_layer": 4096, "num_layers": 4096, "hidden_size": 1 << 18, "n_embd": 1 << 18,
-    "intermediate_size": 1 << 20, "num_attention_heads": 1 << 14, "num_key_value_heads": 1 << 14,
-    "head_dim": 1 << 14, "vocab_size": 1 << 24, "num_experts": 1 << 14, "num_local_experts": 1 << 14,
+# The range each size may take wherever it appears in config.json: at the top, in every sub-config
+# (``text_config``, ``vision_config``, ``thinker_config.text_config``, ``talker_config``...) and in lists of per-layer
+# blocks (``block_configs[3].ffn``). A whole number, or a list of them, each within its range: a value outside is
+# absurd, and the converter, transformers or the card's arithmetic would loop, allocate without end or divide by zero.
+# The ranges are far outside every released model (checked against the defaults of all ~830 transformers config
+# classes, which are the published checkpoints' sizes) and the same for a language model and a tower:
+#   layers <= 4096 (the deepest released: 128), widths <= 2**18 / 2**20 (largest: 8192 / 32768 in the defaults,
+#   ~53k FFN in Llama-3.1-405B), vocabulary <= 2**24 (largest: ~291k), experts <= 2**14 (largest: 16384, Doge's
+#   tiny ones), head_dim 0..2**14 (GLM-5 declares 0: derived);
+#   head counts 1..2**14: 0 heads is no attention at all and divides the card's head_dim by zero (largest: 128);
+#   context lengths 0..2**32-1: GGUF's context_length is a uint32, the converter cannot write more (the longest
+#   released context is Llama 4 Scout's 10,485,760 tokens).
+_LAYERS, _HEADS, _CONTEXT = (0, 4096), (1, 1 << 14), (0, (1 << 32) - 1)
+CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
+    "num_hidden_layers": _LAYERS, "n_layer": _LAYERS, "num_layers": _LAYERS,
+    "hidden_size": (0, 1 << 18), "n_embd": (0, 1 << 18), "intermediate_size": (0, 1 << 20),
+    "num_attention_heads": _HEADS, "num_key_value_heads": _HEADS, "n_head": _HEADS, "num_heads": _HEADS,
+    "num_kv_heads": _HEADS, "n_head_kv": _HEADS, "multi_query_group_num": _HEADS,
+    "head_dim": (0, 1 << 14), "vocab_size": (0, 1 << 24), "num_experts": (0, 1 << 14), "num_local_experts": (0, 1 << 14),
+    "max_position_embeddings": _CONTEXT, "n_positions": _CONTEXT, "n_ctx": _CONTEXT, "seq_length": _CONTEXT,
 }
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
 
 
+def _config_sizes(config: Mapping[str, Any]) -> Iterable[tuple[str, str, object]]:
+    """``(path, key, value)`` of every size key in the config and in every mapping or list nested in it, shallowest
+    first; walked with a queue, not recursion (a parsed config may nest deeper than Python's recursion limit)."""
+    queue: collections.deque[tuple[str, object]] = collections.deque([("", config)])
+    while queue:
+        path, node = queue.popleft()
+        items = node.items() if isinstance(node, Mapping) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in items:
+            where = f"{path}[{k}]" if isinstance(k, int) else f"{path}.{k}" if path else str(k)
+            if isinstance(k, str) and k in CONFIG_BOUNDS:
+                yield where, k, v
+            elif isinstance(v, (Mapping, list)):
+                queue.append((where, v))
+
+
 def config_refusal(config: Mapping[str, Any], tensor_names: Iterable[str] = ()) -> str | None:
-    """Why a config is absurd (a size that is not a whole number, or a list of them, within :data:`CONFIG_CEILINGS`;
-    more language-model layers than the weights hold), or None. ``tensor_names``: the checkpoint's tensors."""
-    subs = [("", config)] + [(f"{k}.", v) for k, v in config.items() if isinstance(v, Mapping)]
-    for prefix, cfg in subs:
-        for key, ceiling in CONFIG_CEILINGS.items():
-            v = cfg.get(key)
-            if v is not None and not all(_is_int(x) and 0 <= x <= ceiling for x in (v if isinstance(v, list) else [v])):
-                return f"config.json {prefix}{key} = {str(v)[:40]} is not a size a model can have (at most {ceiling})"
+    """Why a config is absurd (a size, wherever it appears, that is not a whole number or a list of them within its
+    :data:`CONFIG_BOUNDS` range; more language-model layers than the weights hold), or None. ``tensor_names``: the
+    checkpoint's tensors."""
+    for where, key, v in _config_sizes(config):
+        lo, hi = CONFIG_BOUNDS[key]
+        if v is not None and not all(_is_int(x) and lo <= x <= hi for x in (v if isinstance(v, list) else [v])):
+            shown = where if len(where) <= 120 else f"...{where[-117:]}"
+            return f"config.json {shown} = {str(v)[:40]} is not a size a model can have ({lo} to {hi})"
     text = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else {}
     declared = next((c[k] for c in (config, text) for k in LAYER_KEYS if _is_int(c.get(k))), None)
     blocks = [int(m.group(1)) for n in tensor_names if (m := _BLOCK.search(n))]
@@ -350,6 +379,8 @@ def _load_json(path: Path, what: str) -> dict[str, Any]:
         raise UnsupportedModel(f"no {path.name} ({what})") from None
     except ValueError as e:  # includes UnicodeDecodeError and records.NotAnObject ("not a JSON object")
         raise UnsupportedModel(f"malformed {path.name}: {e}") from None
+    except RecursionError:  # nested deeper than the JSON parser goes
+        raise UnsupportedModel(f"malformed {path.name}: nested too deeply") from None
 
 
 def _card_license(path: Path) -> str | None:

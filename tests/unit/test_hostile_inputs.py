@@ -40,10 +40,64 @@ NAMES = list(SMALL_LAYER)  # layers 0 and 1
     ({"architectures": ["X"], "text_config": {"num_hidden_layers": 10**12}}, "text_config.num_hidden_layers"),
     ({"architectures": ["X"], "text_config": {"num_hidden_layers": 5}}, "declares 5 layers"),
     ({"architectures": ["X"], "vision_config": {"num_hidden_layers": 27}}, None),  # a vision tower: not the LM's
+    # issue 19: every size key wherever it appears, head counts and context lengths bounded
+    ({"architectures": ["X"], "thinker_config": {"text_config": {"vocab_size": 10**12}}},
+     "thinker_config.text_config.vocab_size = 1000000000000"),
+    ({"architectures": ["X"], "talker_config": {"audio_config": {"vision_config": {"hidden_size": -1}}}},
+     "talker_config.audio_config.vision_config.hidden_size = -1"),
+    ({**CFG, "block_configs": [{"ffn": {"intermediate_size": 16}}, {"ffn": {"intermediate_size": 10**12}}]},
+     "block_configs[1].ffn.intermediate_size"),
+    ({**CFG, "block_configs": [{"ffn": {"intermediate_size": None}}]}, None),  # a no-op block: no size at all
+    ({**CFG, "num_attention_heads": 0}, "num_attention_heads = 0"),
+    ({**CFG, "num_key_value_heads": 0}, "num_key_value_heads = 0"),
+    ({**CFG, "n_head": 0}, "n_head = 0"),
+    ({**CFG, "num_attention_heads": 4, "num_key_value_heads": None}, None),  # no GQA: kv heads = heads
+    ({"architectures": ["X"], "vision_config": {"num_heads": [1, 2, 0, 8]}}, "vision_config.num_heads"),
+    ({"architectures": ["X"], "vision_config": {"num_attention_heads": [1, 2, 5, 8]}}, None),  # a pyramid backbone
+    ({**CFG, "max_position_embeddings": 10**15}, "max_position_embeddings = 1000000000000000"),
+    ({**CFG, "max_position_embeddings": 10_485_760}, None),  # Llama 4 Scout's 10M context
+    ({**CFG, "n_positions": 2**32}, "n_positions = 4294967296"),  # past GGUF's uint32 context_length
+    ({**CFG, "text_config": {"max_position_embeddings": -1}}, "text_config.max_position_embeddings = -1"),
+    ({"architectures": ["X"], "seq_length": "131072"}, "seq_length = 131072"),  # a string is not a size
+    # the layers-vs-weights rule still reads the language model's count from text_config, not the towers'
+    ({"architectures": ["X"], "text_config": {"num_hidden_layers": 2}, "vision_config": {"num_hidden_layers": 27}},
+     None),
+    ({"architectures": ["X"], "num_hidden_layers": 2, "vision_config": {"num_hidden_layers": 27}}, None),
+    ({"architectures": ["X"], "text_config": {"num_hidden_layers": 3}, "vision_config": {"num_hidden_layers": 1}},
+     "declares 3 layers but the weights hold 2"),
 ])
 def test_config_refusal(config: dict, words: str | None) -> None:
     got = ck.config_refusal(config, NAMES)
     assert (got is None) if words is None else (words in (got or "")), got
+
+
+# Released multi-part models: their sub-configs have legitimately different sizes (the defaults of transformers'
+# config classes are the published checkpoints' values), and none may be refused.
+REAL_MODEL_TYPES = ("llama", "qwen2_5_omni", "qwen3_omni_moe", "llama4", "gemma3", "gemma3n", "mllama",
+                    "deepseek_v3", "qwen2_5_vl", "qwen3_vl_moe", "pvt_v2", "falcon", "mamba2", "whisper")
+
+
+@pytest.mark.parametrize("model_type", REAL_MODEL_TYPES)
+def test_real_nested_configs_pass(model_type: str) -> None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type).to_dict()
+    assert ck.config_refusal(config) is None
+
+
+@pytest.mark.parametrize(("vocab_size", "refused"), [(16, False), (10**12, True)])
+def test_a_deep_config_is_walked_without_recursion(vocab_size: int, refused: bool) -> None:
+    deep: dict = {"vocab_size": vocab_size}
+    for _ in range(5000):  # deeper than Python's recursion limit
+        deep = {"sub_config": deep}
+    got = ck.config_refusal(deep)
+    assert (got is not None) is refused and (not refused or "sub_config.sub_config.sub_config." in got), got
+
+
+def test_a_config_nested_too_deep_to_parse_is_one_clear_refusal(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+    with pytest.raises(UnsupportedModel, match="malformed config.json"):
+        ck.inspect(tmp_path)
 
 
 def test_inspect_refuses_an_absurd_config(tmp_path: Path) -> None:
