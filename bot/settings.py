@@ -133,8 +133,12 @@ class Limits:
     min_free_disk_gb: float = 5.0  # a job does not start with less free than this plus its estimate
     concurrency: int = 1
     max_attempts: int = 4
-    tool_seconds_per_gb: float = 600.0  # any one program (converter, llama-imatrix...) may run this long per GB
-    tool_min_seconds: float = 1800.0  # ... of the source's weights, and at least this long
+    # How long one program may run, from its work (converters.job.ToolLimits): tool_min_seconds, plus
+    tool_seconds_per_gb: float = 600.0  # converter, llama-quantize, llama-gguf-split: per GB of the file read
+    tool_min_seconds: float = 120.0  # every program (was a 1800 s minimum for any program)
+    tool_load_seconds_per_gb: float = 30.0  # llama-imatrix, llama-perplexity, llama-completion: loading, per GB
+    tool_eval_seconds_per_token_gb: float = 0.05  # llama-imatrix, llama-perplexity: per token of text per GB
+    tool_generate_seconds_per_token_gb: float = 1.0  # llama-completion: per token (prompt and generated) per GB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,9 +369,10 @@ def _check(s: Settings) -> None:
         bad("worker.big_model_gb", "must be positive")
     if s.limits.min_free_disk_gb < 0:
         bad("limits.min_free_disk_gb", "must be >= 0")
-    if s.limits.tool_seconds_per_gb <= 0 or s.limits.tool_min_seconds <= 0:
-        bad("limits.tool_seconds_per_gb" if s.limits.tool_seconds_per_gb <= 0 else "limits.tool_min_seconds",
-            "must be positive")
+    for key in ("tool_seconds_per_gb", "tool_min_seconds", "tool_load_seconds_per_gb", "tool_eval_seconds_per_token_gb",
+                "tool_generate_seconds_per_token_gb"):
+        if getattr(s.limits, key) <= 0:
+            bad(f"limits.{key}", "must be positive")
     for key in ("poll_minutes", "dispatch_seconds", "housekeeping_minutes", "heartbeat_seconds",
                 "stale_after_seconds", "stuck_after_seconds", "retry_base_seconds", "retry_max_seconds"):
         if getattr(s.schedule, key) <= 0:

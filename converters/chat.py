@@ -11,6 +11,13 @@ Where a checkpoint keeps its template, in transformers' order of precedence: ``c
 ``chat_template.json`` (``{"chat_template": ...}``), ``tokenizer_config.json``'s ``chat_template``. A list of
 named templates gives its ``default`` one (none without it: that is what transformers renders by default and
 what gguf-py writes as ``tokenizer.chat_template``). A blank template is no template.
+
+That order is transformers'; the pinned converter's gguf-py has its own (``tokenizer_config.json``'s
+``chat_template`` first, then ``chat_template.jinja`` with ``additional_chat_templates/*.jinja`` as named ones, then
+``chat_template.json``), and llama.cpp renders the GGUF's ``tokenizer.chat_template`` and named
+``tokenizer.chat_template.<name>`` when it loads a model for chat. So a check of "the" template proves nothing
+about the file: :func:`template_candidates` lists every template any of them may pick, and each one is rendered
+in the sandbox before anything is converted (``converters.verify.templates_refusal``).
 """
 
 from __future__ import annotations
@@ -75,6 +82,48 @@ def find_template(checkpoint_dir: Path, tokenizer_config: Mapping[str, Any] | No
     return pick(tokenizer_config.get("chat_template"))
 
 
+EXTRA_DIR = "additional_chat_templates"  # <name>.jinja: named templates beside chat_template.jinja
+
+
+def _named(where: str, value: Any) -> list[tuple[str, str]]:
+    """Every template of a config value: a string, a list of ``{"name", "template"}`` or a name -> template map."""
+    if isinstance(value, str):
+        return [(where, value)]
+    items: list[tuple[Any, Any]] = []
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = [(t.get("name"), t.get("template")) for t in value if isinstance(t, Mapping)]
+    return [(f"{where} {name!r}", t) for name, t in items if isinstance(t, str)]
+
+
+def template_candidates(checkpoint_dir: Path,
+                        tokenizer_config: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
+    """Every chat template of a local checkpoint that a converter or a runtime may pick, as (where, template):
+    ``tokenizer_config.json``'s ``chat_template`` (a string, or each of a list of named templates),
+    ``chat_template.jinja``, ``additional_chat_templates/<name>.jinja``, ``chat_template.json``'s ``chat_template``.
+    Blank templates are left out, and a text already listed is listed once (under its first place)."""
+    root = Path(checkpoint_dir)
+    if tokenizer_config is None:
+        tokenizer_config = tokenizer_settings(root)
+    found = _named(f"{TOKENIZER_CONFIG} chat_template", tokenizer_config.get("chat_template"))
+    if (root / JINJA_FILE).is_file():
+        found.append((JINJA_FILE, (root / JINJA_FILE).read_text(encoding="utf-8", errors="replace")))
+    extra = root / EXTRA_DIR
+    if extra.is_dir():
+        found += [(f"{EXTRA_DIR}/{f.name}", f.read_text(encoding="utf-8", errors="replace"))
+                  for f in sorted(extra.glob("*.jinja")) if f.is_file()]
+    if (root / JSON_FILE).is_file():
+        found += _named(f"{JSON_FILE} chat_template", _json_object(root / JSON_FILE).get("chat_template"))
+    seen: set[str] = set()
+    out: list[tuple[str, str]] = []
+    for where, text in found:
+        if text.strip() and text not in seen:
+            seen.add(text)
+            out.append((where, text))
+    return out
+
+
 def tokenizer_template(tok: Any) -> str | None:
     """The chat template a loaded transformers tokenizer renders by default."""
     return pick(getattr(tok, "chat_template", None))
@@ -135,6 +184,28 @@ def render(template: str, messages: Sequence[Mapping[str, Any]], *, bos: str = "
     return answer["text"]
 
 
+def render_probes(template: str, probes: Sequence[tuple[Sequence[Mapping[str, Any]], Mapping[str, Any]]], *,
+                  context: Mapping[str, Any] | None = None) -> list[str | TemplateError]:
+    """Render ``template`` once per probe (messages, more variables) in one sandboxed child with :func:`render`'s
+    limits for all of them: a text or the :class:`~converters.errors.TemplateError` of each probe. A limit stops
+    the child: its error is then the last item (the probes after it are not rendered); a template's own error
+    does not stop the others."""
+    request = {"template": template, "probes": [{"messages": [dict(m) for m in msgs], "variables": dict(extra)}
+                                                for msgs, extra in probes],
+               "variables": {"bos_token": "", "eos_token": "", **(context or {}), "add_generation_prompt": True},
+               "fixed_date": None, "lenient": False, "max_chars": MAX_OUTPUT_CHARS}
+    try:
+        res = run([sys.executable, "-I", "-m", __name__], stdin=json.dumps(request).encode(), timeout=RENDER_SECONDS,
+                  limits=RENDER_LIMITS, keep_output=8 * MAX_OUTPUT_CHARS)
+    except ToolError as e:
+        return [_limit_error(e)]
+    try:
+        answers = json.loads(res.stdout)["answers"]
+    except (ValueError, KeyError, TypeError):
+        return [TemplateError("output", "the renderer's answer was not readable")]
+    return [a["text"] if "text" in a else TemplateError(a["error"], a["message"]) for a in answers]
+
+
 def _limit_error(e: ToolError) -> TemplateError:
     if e.timed_out:
         return TemplateError("time", f"rendering took longer than {RENDER_SECONDS:.0f} s")
@@ -143,10 +214,10 @@ def _limit_error(e: ToolError) -> TemplateError:
     return TemplateError("crash", f"the renderer died ({e.short()})")
 
 
-def _render_here(request: Mapping[str, Any]) -> str:
+def _render_here(request: Mapping[str, Any], env: Any = None) -> str:
     """The child's work: render in the sandbox, streaming, and stop once the output is too long."""
-    env = _environment(bool(request["lenient"]), request["fixed_date"])
-    variables = dict(request["variables"], messages=request["messages"], tools=None, documents=None)
+    env = env if env is not None else _environment(bool(request["lenient"]), request["fixed_date"])
+    variables = {"tools": None, "documents": None, **request["variables"], "messages": request["messages"]}
     out: list[str] = []
     size, limit = 0, int(request["max_chars"])
     for piece in env.from_string(request["template"]).generate(**variables):
@@ -157,20 +228,35 @@ def _render_here(request: Mapping[str, Any]) -> str:
     return "".join(out)
 
 
-def _child() -> None:
-    """``python -m converters.chat``: one request (JSON) on stdin, ``{"text"}`` or ``{"error", "message"}`` out."""
-    sys.setrecursionlimit(2000)
+def _answer(request: Mapping[str, Any], env: Any = None) -> dict[str, Any]:
     try:
-        answer: dict[str, Any] = {"text": _render_here(json.loads(sys.stdin.buffer.read()))}
+        return {"text": _render_here(request, env)}
     except TemplateError as e:
-        answer = {"error": e.kind, "message": e.message}
+        return {"error": e.kind, "message": e.message}
     except MemoryError:
-        answer = {"error": "memory", "message": f"rendering needed more than {RENDER_LIMITS.memory_bytes >> 20} MB"}
+        return {"error": "memory", "message": f"rendering needed more than {RENDER_LIMITS.memory_bytes >> 20} MB"}
     except RecursionError:
-        answer = {"error": "recursion", "message": "the template recursed too deeply"}
+        return {"error": "recursion", "message": "the template recursed too deeply"}
     except Exception as e:  # noqa: BLE001 - whatever the template raised is its failure
-        answer = {"error": type(e).__name__, "message": str(e)[:500]}
-    sys.stdout.write(json.dumps(answer))
+        return {"error": type(e).__name__, "message": str(e)[:500]}
+
+
+def _child() -> None:
+    """``python -m converters.chat``: one request (JSON) on stdin, ``{"text"}`` or ``{"error", "message"}`` out;
+    a request with ``probes``: ``{"answers": [...]}``, one per probe, up to the first that hits a limit."""
+    sys.setrecursionlimit(2000)
+    request = json.loads(sys.stdin.buffer.read())
+    if "probes" not in request:
+        sys.stdout.write(json.dumps(_answer(request)))
+        return
+    env = _environment(bool(request["lenient"]), request["fixed_date"])
+    answers: list[dict[str, Any]] = []
+    for probe in request["probes"]:
+        answers.append(_answer({**request, "messages": probe["messages"],
+                                "variables": {**request["variables"], **probe["variables"]}}, env))
+        if answers[-1].get("error") in LIMIT_KINDS:
+            break
+    sys.stdout.write(json.dumps({"answers": answers}))
 
 
 if __name__ == "__main__":

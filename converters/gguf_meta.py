@@ -137,6 +137,12 @@ class GgufMeta:
         except (TypeError, ValueError):
             return None
 
+    def chat_templates(self) -> dict[str, str]:
+        """Every chat template the file carries, by key: ``tokenizer.chat_template`` (the default) and each named
+        ``tokenizer.chat_template.<name>`` (what llama.cpp may render: ``tool_use``, ``rerank``, ...)."""
+        return {k: v for k, v in self.values.items()
+                if (k == CHAT_TEMPLATE or k.startswith(CHAT_TEMPLATE + ".")) and isinstance(v, str)}
+
     def attention_shapes(self) -> dict[str, int | None]:
         """Layers, KV heads, head size and training context (what a KV-cache size needs)."""
         n_head = self.model_int(K.Attention.HEAD_COUNT)

@@ -33,7 +33,7 @@ from converters import quantize as quantize_mod
 from converters.errors import UnsupportedModel
 from converters.hooks import END, SKIP, START, Event, Hooks
 from converters.report import Report
-from converters.toolchain import Toolchain, Watch, watched
+from converters.toolchain import Toolchain, Watch, current_watch, watched
 from converters.workdir import Ladder, WorkDir
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,53 @@ class CheckpointRules:
 
 @dataclasses.dataclass(frozen=True)
 class ToolLimits:
-    """How long any one program of a job may run: ``seconds_per_gb`` of the source's weights, at least
-    ``min_seconds`` (settings ``limits.tool_seconds_per_gb`` and ``limits.tool_min_seconds``)."""
+    """How long one program of a job may run, from the work it does (settings ``[limits] tool_*``), every one
+    ``min_seconds`` plus:
+
+    - the converter, llama-quantize, llama-gguf-split: ``seconds_per_gb`` per GB of the file they read;
+    - llama-imatrix, llama-perplexity: ``load_seconds_per_gb`` per GB of the model, plus
+      ``eval_seconds_per_token_gb`` per token of text (chunks x ctx) per GB of the model;
+    - llama-completion: the same load, plus ``generate_seconds_per_token_gb`` per token (prompt and generated);
+    - llama-tokenize (vocabulary only): ``min_seconds``.
+
+    The defaults are about ten times what a busy 2-core CPU needs (a 64-token generation on a 135 M model gets about
+    3 minutes, not the 30 of the old one-size limit); a program that prints nothing for
+    ``schedule.stuck_after_seconds`` is caught by the stuck-job detection before that anyway."""
 
     seconds_per_gb: float = 600.0
-    min_seconds: float = 1800.0
+    min_seconds: float = 120.0
+    load_seconds_per_gb: float = 30.0
+    eval_seconds_per_token_gb: float = 0.05
+    generate_seconds_per_token_gb: float = 1.0
+
+    @classmethod
+    def from_settings(cls, limits: Any) -> "ToolLimits":
+        """From the settings' ``[limits]`` section (``bot.settings.Limits``)."""
+        return cls(seconds_per_gb=limits.tool_seconds_per_gb, min_seconds=limits.tool_min_seconds,
+                   load_seconds_per_gb=limits.tool_load_seconds_per_gb,
+                   eval_seconds_per_token_gb=limits.tool_eval_seconds_per_token_gb,
+                   generate_seconds_per_token_gb=limits.tool_generate_seconds_per_token_gb)
+
+    def convert(self, read_bytes: int) -> float:
+        """The converter, llama-quantize or llama-gguf-split reading ``read_bytes``."""
+        return self.min_seconds + self.seconds_per_gb * max(0, read_bytes) / 1e9
+
+    def evaluate(self, tokens: int, model_bytes: int) -> float:
+        """llama-imatrix or llama-perplexity over ``tokens`` of text with a model of ``model_bytes``."""
+        gb = max(0, model_bytes) / 1e9
+        return self.min_seconds + gb * (self.load_seconds_per_gb + max(0, tokens) * self.eval_seconds_per_token_gb)
+
+    def generation(self) -> verify.ProgramLimit:
+        """What llama-completion and llama-tokenize get (``converters.verify`` sizes each run with it)."""
+        return verify.ProgramLimit(floor=self.min_seconds, load_seconds_per_gb=self.load_seconds_per_gb,
+                                   seconds_per_token_gb=self.generate_seconds_per_token_gb)
 
     def timeout(self, weight_bytes: int) -> float:
-        return max(self.min_seconds, self.seconds_per_gb * weight_bytes / 1e9)
+        """A program of unknown work on a model of ``weight_bytes`` (a stage that does not size its programs)."""
+        return self.convert(weight_bytes)
+
+
+DEFAULT_EVAL_CHUNKS = 64  # converters.evaluate's default when no chunk count is given
 
 
 @dataclasses.dataclass
@@ -91,8 +130,18 @@ class JobContext:
     limits: ToolLimits = ToolLimits()
 
     def tool_timeout(self) -> float | None:
-        """The cap on any one program's run time: scaled from the checkpoint's size once it is known."""
+        """The cap on any one program of the running stage (its :class:`~converters.toolchain.Watch`'s, set by
+        :func:`run_stages` from the stage's work); outside a stage, the one of a program of unknown work."""
+        watch = current_watch().timeout
+        if watch is not None:
+            return watch
         return self.limits.timeout(self.checkpoint.weight_bytes) if self.checkpoint is not None else None
+
+    def reference_bytes(self) -> int:
+        """Size of the BF16 reference once converted (else of the source's weights)."""
+        if self.reference is not None and self.reference.outputs:
+            return int(self.reference.outputs[0].size)
+        return self.checkpoint.weight_bytes if self.checkpoint is not None else 0
 
     def need_plan(self) -> pipeline.Plan:
         if self.plan is None:
@@ -101,10 +150,23 @@ class JobContext:
 
 
 class Stage(Protocol):
+    """A step of a job. A stage may also define ``program_seconds(ctx) -> float | None``: the limit of the
+    longest program it starts, from its work (:class:`ToolLimits`); without it a program gets
+    ``ToolLimits.timeout`` of the source's size."""
+
     name: str
     quiet: bool
 
     def run(self, ctx: JobContext) -> None: ...
+
+
+def stage_timeout(stage: Stage, ctx: JobContext) -> float | None:
+    """The cap on any one program ``stage`` starts (None: before the checkpoint is known, no cap but each
+    program's own)."""
+    sized = getattr(stage, "program_seconds", None)
+    if callable(sized):
+        return sized(ctx)
+    return ctx.limits.timeout(ctx.checkpoint.weight_bytes) if ctx.checkpoint is not None else None
 
 
 def run_stages(stages: Sequence[Stage], ctx: JobContext) -> JobContext:
@@ -114,8 +176,10 @@ def run_stages(stages: Sequence[Stage], ctx: JobContext) -> JobContext:
         ctx.hooks.check_cancel()
         ctx.hooks.progress(Event(stage.name, START, data={"quiet": stage.quiet}))
         ctx.hooks.check_cancel()
-        # every program the stage starts: a timeout scaled from the model, killed on a stop request
-        with watched(Watch(timeout=ctx.tool_timeout(), check=ctx.hooks.check_abort, alive=ctx.hooks.alive)):
+        # every program the stage starts: a limit sized from its work, killed on a stop request, and every line it
+        # prints a sign of life (the stuck-job detection); generations sized per run (converters.verify)
+        with watched(Watch(timeout=stage_timeout(stage, ctx), check=ctx.hooks.check_abort, alive=ctx.hooks.alive)), \
+                verify.limited(ctx.limits.generation()):
             stage.run(ctx)
     return ctx
 
@@ -186,8 +250,11 @@ class InspectStage:
             supported = checkpoint_mod.supported_architectures(ctx.toolchain.root)
             projectors = checkpoint_mod.supported_projectors(ctx.toolchain.root)
         ctx.checkpoint = checkpoint_mod.inspect(ctx.checkpoint_dir, supported=supported, projectors=projectors)
-        refused = verify.template_refusal(ctx.checkpoint.chat_template, chat.tokenizer_settings(ctx.checkpoint_dir))
-        if refused is not None:  # before any program runs: a template that loops or escapes stalls nothing later
+        tok_cfg = chat.tokenizer_settings(ctx.checkpoint_dir)
+        # every template the converter or a runtime may pick, before any program runs: one that loops or escapes
+        # stalls nothing later (the converter may prefer another file than transformers does)
+        refused = verify.templates_refusal(chat.template_candidates(ctx.checkpoint_dir, tok_cfg), tok_cfg)
+        if refused is not None:
             raise UnsupportedModel(refused)
         ctx.plan = pipeline.plan(ctx.checkpoint, ctx.workdir, model_name=ctx.model_name, options=self.options,
                                  source_repo=ctx.source_repo, source_revision=ctx.source_revision)
@@ -222,9 +289,14 @@ class ConvertStage(_ToolStage):
     name: str = convert_mod.STAGE
     quiet: bool = False
 
+    def program_seconds(self, ctx: JobContext) -> float | None:
+        return ctx.limits.convert(ctx.checkpoint.weight_bytes) if ctx.checkpoint is not None else None
+
     def call(self, ctx: JobContext, p: pipeline.Plan) -> Any:
         out = convert_mod.convert(p.checkpoint, ctx.workdir, p.model_name, toolchain=ctx.toolchain,
                                   outtype=p.outtype, timeout=self.timeout, hooks=ctx.hooks)
+        # what went into the file is what every later program loads: its templates through the sandbox first
+        sandbox_templates(ctx.workdir, ctx.workdir / out.record.outputs[0].path)
         if p.checkpoint.vision:  # a vision-language model: its projector too, once (converters.mmproj)
             proj = mmproj.convert_projector(p.checkpoint, ctx.workdir, p.model_name, toolchain=ctx.toolchain,
                                             timeout=self.timeout, hooks=ctx.hooks, stage=self.name)
@@ -241,6 +313,14 @@ class CalibrateStage(_ToolStage):
     timeout: float | None = None
     name: str = calibrate_mod.STAGE
     quiet: bool = False
+
+    def program_seconds(self, ctx: JobContext) -> float | None:
+        p = ctx.need_plan()
+        if p.calibration_chunks is not None:
+            tokens = p.calibration_chunks * p.ctx
+        else:  # all of the text: at most a token per two bytes
+            tokens = p.calibration.path.stat().st_size // 2 if p.calibration is not None else 0
+        return ctx.limits.evaluate(tokens, ctx.reference_bytes())
 
     def call(self, ctx: JobContext, p: pipeline.Plan) -> Any:
         assert p.calibration is not None and ctx.reference is not None
@@ -259,6 +339,10 @@ class QuantizeStage:
     timeout: float | None = None
     name: str = "quantize"
     quiet: bool = False
+
+    def program_seconds(self, ctx: JobContext) -> float | None:
+        # ``jobs`` programs share the cores: each may take that many times longer
+        return ctx.limits.convert(ctx.reference_bytes()) * max(1, ctx.need_plan().jobs)
 
     def run(self, ctx: JobContext) -> None:
         p = ctx.need_plan()
@@ -323,6 +407,13 @@ class EvaluateStage:
     name: str = "evaluate"
     quiet: bool = False
 
+    def program_seconds(self, ctx: JobContext) -> float | None:
+        """llama-perplexity over the evaluation chunks on the reference, the largest model it loads."""
+        opts = _eval_options(self.settings, self.calibration, **ctx.state.get("eval_overrides", {}))
+        ctx_len = int(opts.get("ctx") or (ctx.plan.ctx if ctx.plan is not None else 512))
+        chunks = int(opts.get("chunks") or self.settings.chunks or DEFAULT_EVAL_CHUNKS)
+        return ctx.limits.evaluate(chunks * ctx_len, ctx.reference_bytes())
+
     def run(self, ctx: JobContext) -> None:
         overrides = ctx.state.get("eval_overrides", {})
         ctx.report = evaluate_workdir(ctx, _eval_options(self.settings, self.calibration, **overrides))
@@ -332,6 +423,25 @@ class EvaluateStage:
 
             why = "; ".join(str(r) for r in ctx.report.reasons or []) or "the evaluation found it not publishable"
             raise CheckFailed("evaluate", f"not published: {why}")
+
+
+TEMPLATES_RECORD = "templates"  # the record of a reference whose chat templates passed the sandbox
+
+
+def sandbox_templates(workdir: Path, gguf: Path) -> None:
+    """Every chat template ``gguf`` carries (``tokenizer.chat_template*``: what llama.cpp renders when it loads a
+    model for chat) rendered in the sandbox; raise :class:`~converters.errors.UnsupportedModel` naming the one
+    that hits a limit or leaves the sandbox. Recorded (``records/templates.json``, keyed by the templates'
+    sha256), so a resumed job does not render them again; quants carry the same keys (the evaluation's metadata
+    check) and ``converters.verify.generate`` checks any other file before it is loaded."""
+    digests = verify.template_digests(gguf)
+    inputs = {"templates": digests}
+    if records.complete(workdir, TEMPLATES_RECORD, inputs) is not None:
+        verify.passed_templates(digests)
+        return
+    t0 = time.monotonic()
+    verify.require_sandboxed_templates(gguf)
+    records.save(workdir, TEMPLATES_RECORD, inputs, [], time.monotonic() - t0, None, extra={"file": gguf.name})
 
 
 def ladder_stages(options: pipeline.LadderOptions, evaluation: EvalSettings | None, *,

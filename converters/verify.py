@@ -14,6 +14,8 @@ Which checks run where (see ``converters.evaluate.run``):
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -26,7 +28,7 @@ from typing import Any
 
 from converters import chat, gguf_meta, hfmodel
 from converters import toolchain as tc_mod
-from converters.errors import InputError, TemplateError, ToolError
+from converters.errors import InputError, TemplateError, ToolError, UnsupportedModel
 from converters.report import Check
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ class GgufFacts:
     add_bos: bool
     chat_template: str | None
     digests: Mapping[str, str]  # key -> sha256 of the value, for the keys compared across files
+    # every tokenizer.chat_template* key (the default and the named ones llama.cpp may render)
+    chat_templates: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def read(cls, path: Path) -> "GgufFacts":
@@ -67,7 +71,7 @@ class GgufFacts:
                    eos_id=md.opt_int(_TOK.EOS_ID), eot_id=md.opt_int(_TOK.EOT_ID), eom_id=md.opt_int(_TOK.EOM_ID),
                    # llama.cpp's default when the key is absent: add BOS for SPM vocabularies
                    add_bos=bool(add_bos) if add_bos is not None else model == "llama",
-                   chat_template=md.get(_TOK.CHAT_TEMPLATE), digests=digests)
+                   chat_template=md.get(_TOK.CHAT_TEMPLATE), digests=digests, chat_templates=md.chat_templates())
 
     def token_text(self, i: int | None) -> str:
         if i is None or not 0 <= i < len(self.tokens):
@@ -121,7 +125,48 @@ TOKENIZER_SAMPLES: tuple[tuple[str, str], ...] = (
     ("symbols", "<html><body class=\"x\">&amp; a->b => c != d <= e; $HOME ~/.cache @user #tag`x`</body></html>"),
 )
 
-TOKENIZER_TIMEOUT = 300
+@dataclasses.dataclass(frozen=True)
+class ProgramLimit:
+    """How long a llama.cpp program that loads a model and works through tokens may run: ``floor`` seconds, plus
+    ``load_seconds_per_gb`` per GB of the model file and ``seconds_per_token_gb`` per token per GB of the model.
+    ``converters.job.ToolLimits`` builds the one the running stage uses (:func:`limited`) from the settings."""
+
+    floor: float = 60.0
+    load_seconds_per_gb: float = 30.0
+    seconds_per_token_gb: float = 2.0
+
+    def seconds(self, tokens: int, model_bytes: int) -> float:
+        gb = max(0, model_bytes) / 1e9
+        return self.floor + gb * (self.load_seconds_per_gb + max(0, tokens) * self.seconds_per_token_gb)
+
+
+_LIMIT: contextvars.ContextVar[ProgramLimit] = contextvars.ContextVar("ggufbot_generation_limit",
+                                                                      default=ProgramLimit())
+
+
+@contextlib.contextmanager
+def limited(limit: ProgramLimit):  # type: ignore[no-untyped-def]
+    """Generation and tokenization started in the block are limited by ``limit`` (threads: copy the context)."""
+    token = _LIMIT.set(limit)
+    try:
+        yield limit
+    finally:
+        _LIMIT.reset(token)
+
+
+def model_bytes(gguf: Path) -> int:
+    """Bytes of a GGUF model, every part of a split file (``-00001-of-00003.gguf``) counted."""
+    m = re.fullmatch(r"(.*)-\d{5}-of-(\d{5})\.gguf", gguf.name)
+    if not m:
+        return gguf.stat().st_size if gguf.exists() else 0
+    parts = [gguf.with_name(f"{m.group(1)}-{i:05d}-of-{m.group(2)}.gguf") for i in range(1, int(m.group(2)) + 1)]
+    return sum(q.stat().st_size for q in parts if q.exists())
+
+
+def tokenize_timeout() -> float:
+    """llama-tokenize reads the vocabulary only (``vocab_only``): the floor."""
+    return _LIMIT.get().floor
+
 
 
 def special_sample(tok) -> str | None:
@@ -140,7 +185,8 @@ def llama_tokenize(tc: tc_mod.Toolchain, gguf: Path, text: str, *, add_bos: bool
     argv = [tc.program("llama-tokenize"), "-m", gguf, "-f", f, "--ids", "--no-escape"]
     if not add_bos:
         argv.append("--no-bos")
-    res = tc_mod.run(argv, timeout=TOKENIZER_TIMEOUT)
+    require_sandboxed_templates(gguf)
+    res = tc_mod.run(argv, timeout=tokenize_timeout())
     return parse_ids(res.stdout)
 
 
@@ -226,23 +272,103 @@ SAMPLE_CONVERSATIONS: tuple[tuple[dict[str, str], ...], ...] = (
 REPLY_QUESTION = "What is the capital of France? Answer in one short sentence."
 
 
-def template_refusal(template: str | None, tokenizer_config: Mapping[str, Any]) -> str | None:
-    """Why a checkpoint is refused for its chat template before anything is converted: rendering a sample
-    conversation in the sandbox hit a limit (it loops, allocates or recurses without end) or tried to leave the
-    sandbox. None otherwise: the template's own errors (e.g. refusing a system message) are the template check's."""
-    if not template:
+# What the sandbox renders every template with before anything runs: the sample conversations, a lone user turn and
+# a tool call with a tool list, as llama.cpp does when it loads a model for chat (its capability probes in
+# common/jinja/caps.cpp render the template with each of these shapes)
+_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The weather of a city.",
+                                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                         "required": ["city"]}}}
+SANDBOX_PROBES: tuple[tuple[tuple[dict[str, Any], ...], dict[str, Any]], ...] = (
+    *((conv, {}) for conv in SAMPLE_CONVERSATIONS),
+    (({"role": "user", "content": "Name a colour."},), {}),
+    (({"role": "user", "content": "What is the weather in Paris?"},
+      {"role": "assistant", "content": "", "tool_calls": [
+          {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+      {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "sunny"}),
+     {"tools": [_TOOL]}),
+)
+
+_PASSED: set[str] = set()  # sha256 of the templates that rendered every probe within the limits (this process)
+_REFUSED: dict[str, str] = {}  # sha256 -> why, of those that did not (a second look costs nothing)
+
+
+def _digest(template: str) -> str:
+    return hashlib.sha256(template.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _sandbox_reason(template: str, context: Mapping[str, Any]) -> str | None:
+    """Render ``template`` with every probe in the sandbox: why it must not run anywhere (a limit: it loops,
+    allocates or recurses without end; or it reached outside the sandbox), or None. The template's own errors
+    (e.g. refusing a system message) are not a reason: they are the template check's to judge."""
+    digest = _digest(template)
+    if digest in _PASSED:
         return None
-    special = {k: v for k, v in tokenizer_config.items() if k.endswith("_token") and isinstance(v, str)}
-    for conv in SAMPLE_CONVERSATIONS:
-        try:
-            chat.render(template, conv, context=special)
-            return None
-        except TemplateError as e:
-            if e.kind in chat.LIMIT_KINDS:
-                return f"its chat template does not render within the sandbox's limits ({e})"
-            if e.kind == chat.SANDBOX_VIOLATION:
-                return f"its chat template tries to leave the sandbox ({e})"
+    if digest in _REFUSED:
+        return _REFUSED[digest]
+    for e in chat.render_probes(template, SANDBOX_PROBES, context=context):
+        if isinstance(e, TemplateError) and e.kind in chat.LIMIT_KINDS:
+            _REFUSED[digest] = f"does not render within the sandbox's limits ({e})"
+            return _REFUSED[digest]
+        if isinstance(e, TemplateError) and e.kind == chat.SANDBOX_VIOLATION:
+            _REFUSED[digest] = f"tries to leave the sandbox ({e})"
+            return _REFUSED[digest]
+    _PASSED.add(digest)
     return None
+
+
+def templates_refusal(candidates: Sequence[tuple[str, str]], tokenizer_config: Mapping[str, Any]) -> str | None:
+    """Why a checkpoint is refused for a chat template before anything is converted, naming the template; None
+    when every one renders within the sandbox's limits. ``candidates``: (where, template) pairs,
+    :func:`converters.chat.template_candidates` (every template a converter or a runtime may pick)."""
+    special = {k: v for k, v in tokenizer_config.items() if k.endswith("_token") and isinstance(v, str)}
+    for where, template in candidates:
+        why = _sandbox_reason(template, special) if template else None
+        if why is not None:
+            return f"its chat template ({where}) {why}" if where else f"its chat template {why}"
+    return None
+
+
+def template_refusal(template: str | None, tokenizer_config: Mapping[str, Any]) -> str | None:
+    """:func:`templates_refusal` of one template."""
+    return templates_refusal([("", template)] if template else [], tokenizer_config)
+
+
+def gguf_template_refusal(templates: Mapping[str, str], tokens: Sequence[str] = (), bos_id: int | None = None,
+                          eos_id: int | None = None) -> str | None:
+    """Why a GGUF must not be loaded by any llama.cpp program: one of its chat templates (every
+    ``tokenizer.chat_template*`` key: llama.cpp renders them when it loads a model for chat) does not render within
+    the sandbox's limits or tries to leave it. None when all pass."""
+    def text(i: int | None) -> str:
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else ""
+
+    context = {"bos_token": text(bos_id), "eos_token": text(eos_id)}
+    for key in sorted(templates, key=lambda k: (k != gguf_meta.CHAT_TEMPLATE, k)):
+        why = _sandbox_reason(templates[key], context)
+        if why is not None:
+            return f"the GGUF's chat template {key} {why}"
+    return None
+
+
+def require_sandboxed_templates(gguf: Path) -> None:
+    """Raise :class:`~converters.errors.UnsupportedModel` unless every chat template of ``gguf`` has passed the
+    sandbox (rendered now if this process has not seen it pass): called before a llama.cpp program loads a GGUF."""
+    md = gguf_meta.read(gguf)
+    templates = md.chat_templates()
+    if all(_digest(t) in _PASSED for t in templates.values()):
+        return
+    why = gguf_template_refusal(templates, md.get(_TOK.LIST) or (), md.opt_int(_TOK.BOS_ID), md.opt_int(_TOK.EOS_ID))
+    if why is not None:
+        raise UnsupportedModel(f"{Path(gguf).name}: {why}; no llama.cpp program is started on it")
+
+
+def template_digests(gguf: Path) -> dict[str, str]:
+    """sha256 of each chat template of ``gguf``, by key (what a record of the sandbox check is keyed by)."""
+    return {k: _digest(v) for k, v in gguf_meta.read(gguf).chat_templates().items()}
+
+
+def passed_templates(digests: Mapping[str, str]) -> None:
+    """Note templates a record says have passed the sandbox (a resumed job need not render them again)."""
+    _PASSED.update(digests.values())
 
 
 def _diff_at(a: str, b: str) -> int:
@@ -252,8 +378,21 @@ def _diff_at(a: str, b: str) -> int:
     return min(len(a), len(b))
 
 
+def _provenance(in_gguf: str, rendered: str, source_dir: Path) -> str:
+    """Where the GGUF's template and transformers' come from, when they are different files of the checkpoint."""
+    where = {t: w for w, t in reversed(chat.template_candidates(source_dir))}
+    a, b = where.get(in_gguf), where.get(rendered)
+    return f" (the GGUF carries {a}; transformers renders {b})" if a and b and a != b else ""
+
+
 def chat_template_check(gguf: GgufFacts, source_dir: Path) -> Check:
-    """The GGUF carries the source's chat template and renders the same prompt (a base model passes)."""
+    """The GGUF carries the source's chat template and renders the same prompt (a base model passes). The templates
+    compared and rendered are the ones read back from the GGUF (``gguf``): the default one against what transformers
+    renders, and every named one (``tokenizer.chat_template.<name>``) in the sandbox."""
+    named = {k: v for k, v in gguf.chat_templates.items() if k != gguf_meta.CHAT_TEMPLATE}
+    why = gguf_template_refusal(named, gguf.tokens, gguf.bos_id, gguf.eos_id)
+    if why is not None:
+        return Check.fail(why, has_template=True)
     tok = hfmodel.load_tokenizer(source_dir)
     src = chat.tokenizer_template(tok)
     if not src:
@@ -281,8 +420,8 @@ def chat_template_check(gguf: GgufFacts, source_dir: Path) -> Check:
         if got != expected:
             i = _diff_at(got, expected)
             return Check.fail(f"the GGUF's chat template renders a different prompt: first difference at character "
-                              f"{i}: GGUF {got[max(0, i - 15):i + 25]!r} vs source {expected[max(0, i - 15):i + 25]!r}",
-                              has_template=True, index=i)
+                              f"{i}: GGUF {got[max(0, i - 15):i + 25]!r} vs source {expected[max(0, i - 15):i + 25]!r}"
+                              + _provenance(gguf.chat_template, src, source_dir), has_template=True, index=i)
         return Check.ok(f"template present and renders the same prompt as the source ({len(conv)} messages, "
                         f"{len(got)} characters)", has_template=True, same_text=gguf.chat_template == src)
     return Check.fail("the source's own chat template does not render the sample conversations", has_template=True)
@@ -374,7 +513,6 @@ def special_tokens_check(gguf: GgufFacts, source_dir: Path, tok=None) -> Check:
 # --------------------------------------------------------------------------------------------------
 
 END_MARK = "[end of text]"
-GENERATION_TIMEOUT = 900
 PLAIN_PROMPT = "The history of the printing press begins in"
 
 
@@ -403,15 +541,25 @@ def prompt_for(gguf: GgufFacts, tok=None) -> tuple[str, bool]:
     return PLAIN_PROMPT, False
 
 
+def generation_timeout(gguf: Path, prompt: str, n_predict: int) -> float:
+    """The limit of one generation: the prompt's bytes (at most one token each) and ``n_predict`` tokens, at the
+    running stage's rate (:class:`ProgramLimit`) for the model's size."""
+    return _LIMIT.get().seconds(len(prompt.encode("utf-8", "surrogateescape")) + n_predict, model_bytes(gguf))
+
+
 def generate(tc: tc_mod.Toolchain, gguf: Path, prompt: str, *, n_predict: int, threads: int | None = None,
-             ctx: int = 1024) -> Generation:
-    """Greedy generation with llama-completion; the text printed after the prompt."""
+             ctx: int = 1024, timeout: float | None = None) -> Generation:
+    """Greedy generation with llama-completion; the text printed after the prompt. llama-completion renders the
+    GGUF's chat template when it loads the model, so it is never started on a GGUF whose templates have not passed
+    the sandbox (:func:`require_sandboxed_templates` raises ``UnsupportedModel``). ``timeout``: default
+    :func:`generation_timeout`."""
     argv: list[Any] = [tc.program("llama-completion"), "-m", gguf, "-p", prompt, "-n", str(n_predict),
                        "--temp", "0", "--seed", "1", "-c", str(ctx), "-no-cnv", "--no-display-prompt",
                        "--no-escape", "--no-warmup"]
     if threads:
         argv += ["-t", str(threads)]
-    res = tc_mod.run(argv, timeout=GENERATION_TIMEOUT)
+    require_sandboxed_templates(gguf)
+    res = tc_mod.run(argv, timeout=timeout if timeout is not None else generation_timeout(gguf, prompt, n_predict))
     text = res.stdout.rstrip()
     ended = text.endswith(END_MARK)
     if ended:
