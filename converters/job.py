@@ -319,7 +319,7 @@ class CalibrateStage(_ToolStage):
         if p.calibration_chunks is not None:
             tokens = p.calibration_chunks * p.ctx
         else:  # all of the text: at most a token per two bytes
-            tokens = p.calibration.path.stat().st_size // 2 if p.calibration is not None else 0
+            tokens = p.calibration.bytes // 2 if p.calibration is not None else 0
         return ctx.limits.evaluate(tokens, ctx.reference_bytes())
 
     def call(self, ctx: JobContext, p: pipeline.Plan) -> Any:

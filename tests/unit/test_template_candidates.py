@@ -35,8 +35,8 @@ BUDGET = 3 * chat.RENDER_SECONDS  # a refusal costs a few renderings, never one 
 
 @pytest.fixture(autouse=True)
 def _fresh_memo(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(verify, "_PASSED", set())  # each test renders as a new process would
-    monkeypatch.setattr(verify, "_REFUSED", {})
+    monkeypatch.setattr(verify, "_PASSED", set(), raising=False)  # each test renders as a new process would
+    monkeypatch.setattr(verify, "_REFUSED", {}, raising=False)
 
 
 def checkpoint(root: Path, files: dict[str, object]) -> Path:
