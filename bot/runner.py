@@ -89,7 +89,7 @@ def worker_is_dead(worker_id: str) -> bool:
 def on_stop_signal(signum: int, stopping: bool, request_stop: Callable[[], None]) -> None:
     """What a box does on a signal (the scheduler and the procrastinate worker alike). The first SIGTERM is a
     graceful stop: the running step finishes (a service manager's stop must not throw away an hour of imatrix),
-    the job is released and the process exits; its programs never outlive it (``PR_SET_PDEATHSIG``). SIGINT,
+    the job is released and the process exits; its programs never outlive it (``converters/reaper.py``). SIGINT,
     SIGHUP or a second SIGTERM (``stopping``: a stop was already asked for) stop at once: the running programs
     are killed, the jobs released (they resume from their last finished stage). ``request_stop`` is called
     first, so a job whose program dies now sees the stop request, not a failure."""

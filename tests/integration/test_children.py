@@ -221,4 +221,4 @@ def test_the_supervisor_starts_quickly():
     bare = median(lambda: subprocess.run([sys.executable, "-I", "-S", "-c", "pass"], check=True))
     supervised = median(lambda: toolchain.run(["true"]))
     print(f"run(['true']) {supervised * 1000:.1f} ms, python -I -S {bare * 1000:.1f} ms")
-    assert supervised < bare * 3 + 0.05
+    assert supervised < bare * 3 + 0.1

@@ -24,18 +24,21 @@ def test_a_signalled_convert_leaves_no_llama_imatrix(tmp_path: Path, smollm2, ca
     # the first run converts (the BF16 record is kept); each run then spends its time in llama-imatrix
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL):
         bot = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        imatrix = None
+        imatrix = program = None
         try:
+            # ggufbot's child is the program's supervisor (converters/reaper.py, named after it), the program its child
             imatrix = wait_for_child(bot.pid, "llama-imatrix", within=240)
+            program = wait_for_child(imatrix, "llama-imatrix", within=30)
             time.sleep(1.0)
             t0 = time.monotonic()
             bot.send_signal(sig)
             bot.wait(timeout=15)
-            assert gone(imatrix, within=5), f"llama-imatrix outlived ggufbot convert after {sig.name}"
+            assert gone(program, within=5), f"llama-imatrix outlived ggufbot convert after {sig.name}"
+            assert gone(imatrix, within=5), f"its supervisor outlived ggufbot convert after {sig.name}"
             assert time.monotonic() - t0 < 5
             err = bot.stderr.read().decode()
             if sig != signal.SIGKILL:
                 assert bot.returncode == 128 + sig and "Traceback" not in err, err[-2000:]
         finally:
-            kill_quietly(bot.pid, *([imatrix] if imatrix else []))
+            kill_quietly(bot.pid, *([imatrix] if imatrix else []), *([program] if program else []))
     assert not list(out.glob("*-imatrix.gguf"))  # never finished, nothing half-written in place

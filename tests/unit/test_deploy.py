@@ -127,6 +127,14 @@ def test_unit_stop_restart_hardening_credential() -> None:
     assert not any("HF_TOKEN" in v for v in k.get("Environment", [])) and "EnvironmentFile" not in k
 
 
+def test_unit_keeps_what_the_bot_writes_and_sees_to_its_user() -> None:
+    """A child runs as the bot's user (docs/SECURITY.md): the unit makes what the service writes private to that user
+    and hides other users' processes from the service and its children."""
+    k = unit_keys()
+    assert k["UMask"] == ["0077"] and k["ProtectProc"] == ["invisible"]
+    assert "ProcSubset" not in k  # /proc/cpuinfo must stay readable: the toolchain's build key reads it
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     """verify with a root holding the unit, its ExecStart and systemd's own units (this machine has no /opt/ggufbot)."""
