@@ -100,8 +100,9 @@ def job_finished(state: str) -> None:
 
 
 class StoreCollector:
-    """Gauges read from the state store at scrape time: ``ggufbot_jobs{state}`` and
-    ``ggufbot_last_successful_poll_timestamp_seconds`` (the newest good poll of any source)."""
+    """Gauges read from the state store at scrape time: ``ggufbot_jobs{state}``,
+    ``ggufbot_last_successful_poll_timestamp_seconds`` (the newest good poll of any source) and
+    ``ggufbot_hub_reachable`` (0 while the last poll could not reach the Hub)."""
 
     STATES = ("queued", "running", "retrying", "published", "converted", "failed", "cancelled")
 
@@ -119,6 +120,11 @@ class StoreCollector:
                                  "Unix time of the last successful poll of any source (0: never)")
         last.add_metric([], max(oks) if oks else 0.0)
         yield last
+        from bot.status import hub_state
+
+        up = GaugeMetricFamily("ggufbot_hub_reachable", "1 when the last poll reached the Hub, 0 during an outage")
+        up.add_metric([], 1.0 if hub_state(self.store)["reachable"] else 0.0)
+        yield up
 
 
 class _ProcessMetrics:

@@ -24,6 +24,20 @@ STEP = re.compile(r"(\d+)\s*/\s*(\d+)\)?\s*$")  # "Q4_K_M 2/4", "kld Q8_0 3/7", 
 TIMING_EVENTS = 3000  # the newest stage events read for the timings of past stages
 
 
+def hub_state(store: Any) -> dict[str, Any]:
+    """Whether the last poll reached the Hub: ``{"reachable": True}``, or ``{"reachable": False, "since",
+    "reason", "endpoint", "checked_at", "next_poll_at", "message"}`` from the newest ``hub.unreachable`` event
+    when no ``hub.reachable`` came after it."""
+    last = store.events(kind="hub.*", limit=1)
+    if not last or last[0]["kind"] != "hub.unreachable":
+        return {"reachable": True}
+    e = last[0]
+    d = e.get("data") if isinstance(e.get("data"), dict) else {}
+    return {"reachable": False, "since": d.get("since", e["at"]), "reason": d.get("reason"),
+            "endpoint": d.get("endpoint"), "checked_at": e["at"], "next_poll_at": d.get("next_poll_at"),
+            "message": e["message"]}
+
+
 def job_row(j: Any, now: float) -> dict[str, Any]:
     """One job as ``status --json`` and ``/api/jobs`` show it."""
     return {"id": j.id, "repo": j.repo, "revision": j.revision, "status": j.status.value, "stage": j.stage,
@@ -59,6 +73,7 @@ def status_data(st: Any, settings: Any, now: float, limit: int = 10) -> dict[str
         "sources": [{"source": r.key, "mark": r.mark, "last_poll_at": r.last_poll_at, "last_ok_at": r.last_ok_at,
                      "polls": r.polls, "failures": r.failures, "last_error": r.last_error} for r in st.sources()],
         "workers": workers_view(st, now, settings.schedule.stale_after_seconds),
+        "hub": hub_state(st),
     }
 
 

@@ -29,8 +29,10 @@ from typing import Any
 
 from bot import jobs as J
 from bot import metrics
+from bot.hub import HubUnreachable
 from bot.rules import Decision, decide, sibling_names
 from bot.settings import Settings, Source
+from bot.status import hub_state
 from bot.store import StateStore
 from converters.checkpoint import is_result_file
 from converters.errors import HubAuthError, HubError, HubNotFound
@@ -38,7 +40,7 @@ from converters.errors import HubAuthError, HubError, HubNotFound
 log = logging.getLogger(__name__)
 
 __all__ = ["Watcher", "PollResult", "SourceResult", "fingerprint", "changed_files", "compare_revisions",
-           "RevisionDiff", "diff_fingerprints", "iso"]
+           "RevisionDiff", "diff_fingerprints", "iso", "public_endpoint"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,6 +114,18 @@ def diff_fingerprints(old: Mapping[str, str] | None, new: Mapping[str, str]) -> 
 # --------------------------------------------------------------------------------------------------
 
 
+def public_endpoint(url: str) -> str:
+    """The Hub endpoint as shown in a line or a record: scheme, host and port only (no user info, no path)."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    return f"{u.scheme}://{u.hostname}{':' + str(u.port) if u.port else ''}" if u.hostname else "the Hub"
+
+
+def clock(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def iso(t: Any) -> str | None:
     """A comparable ISO-8601 UTC string for a datetime or a Hub date string."""
     if t is None:
@@ -169,28 +183,65 @@ class Watcher:
 
     # ---------------------------------------------------------------- one poll
     def poll(self, now: float | None = None) -> PollResult:
+        """Poll every source. The first source that cannot reach the Hub at all (:class:`HubUnreachable`) stops
+        the poll: the sources not started yet are not tried, each is recorded as failed (so none is due again
+        before the next poll), one warning line says so, and the outage is recorded (``hub.unreachable`` event,
+        read by :func:`hub_state`) until a poll reaches the Hub again (``hub.reachable``)."""
         now = time.time() if now is None else now
         t0 = time.monotonic()
         sources = self.settings.sources
         workers = max(1, min(self.settings.hub.poll_workers, len(sources)))
+        outage: list[HubUnreachable] = []  # the first connection failure of this poll
         if workers == 1:
-            results = [self.poll_source(src, now) for src in sources]
+            results = [self.poll_source(src, now, outage) for src in sources]
         else:  # sources are independent: list them concurrently (each still stops at its own mark)
             with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="poll") as pool:
-                results = list(pool.map(lambda src: self.poll_source(src, now), sources))
+                results = list(pool.map(lambda src: self.poll_source(src, now, outage), sources))
         res = PollResult(results, time.monotonic() - t0)
         metrics.polled(res.seconds, sum(r.listed for r in results))
         failed = [r for r in results if not r.ok]
-        self.store.event("poll.failed" if failed else "poll.ok",
-                         f"poll of {len(results)} source(s): {res.decided} decided, {len(res.queued)} queued"
-                         + (f", {len(failed)} failed: {failed[0].source}: {failed[0].error}" if failed else ""),
+        if outage:
+            summary = self._record_outage(outage[0], now)
+        else:
+            summary = (f"poll of {len(results)} source(s): {res.decided} decided, {len(res.queued)} queued"
+                       + (f", {len(failed)} failed: {failed[0].source}: {failed[0].error}" if failed else ""))
+            if any(r.ok for r in results):
+                self._record_reachable(now)
+        self.store.event("poll.failed" if failed else "poll.ok", summary,
                          now=now, data=res.to_json() if len(results) <= 20 else {"decided": res.decided,
                                                                                   "queued": res.queued,
                                                                                   "failed": len(failed)})
         return res
 
-    def poll_source(self, source: Source, now: float) -> SourceResult:
+    def _record_outage(self, err: HubUnreachable, now: float) -> str:
+        """The poll's one line about an outage, and its record in the store (``since`` kept across polls)."""
+        endpoint = public_endpoint(getattr(self.hub, "endpoint", "") or "")
+        next_at = now + self.settings.schedule.poll_minutes * 60
+        prev = hub_state(self.store)
+        since = prev["since"] if not prev["reachable"] and prev.get("since") else now
+        line = f"Hub unreachable: {err.reason} ({endpoint}); next poll at {clock(next_at)}"
+        log.warning("%s", line)
+        self.store.event("hub.unreachable", line, now=now,
+                         data={"reason": err.reason, "endpoint": endpoint, "since": since, "next_poll_at": next_at})
+        return line
+
+    def _record_reachable(self, now: float) -> None:
+        prev = hub_state(self.store)
+        if prev["reachable"]:
+            return
+        line = f"Hub reachable again (unreachable since {clock(prev['since'])})" if prev.get("since") else \
+            "Hub reachable again"
+        log.info("%s", line)
+        self.store.event("hub.reachable", line, now=now, data={"since": prev.get("since")})
+
+    def poll_source(self, source: Source, now: float, outage: list[HubUnreachable] | None = None) -> SourceResult:
+        """Poll one source. ``outage`` (shared by one poll's sources) holds the poll's first connection failure:
+        once it is set the source is not tried, and a connection failure here sets it instead of logging."""
         key = source.key
+        if outage:  # the Hub is down: not tried, recorded as failed (not due again before the next poll)
+            result = SourceResult(key, ok=False, error=f"not polled: {outage[0].short()}")
+            self.store.record_poll(key, now=now, ok=False, error=result.error)
+            return result
         row = self.store.source(key)
         floor = row.mark if row and row.mark else iso(now - source.lookback_days * 86400)
         result = SourceResult(key, ok=True)
@@ -213,6 +264,15 @@ class Watcher:
                     batch = []
             if batch:
                 self._decide_batch(batch, source, now, result)
+        except HubUnreachable as e:
+            result.ok = False
+            result.error = e.short()
+            if outage is not None:
+                outage.append(e)  # the poll's one line is written once every source has stopped
+            else:
+                log.warning("poll of %s failed: %s", key, result.error)
+            self.store.record_poll(key, now=now, ok=False, error=result.error)
+            return result
         except HubError as e:
             result.ok = False
             result.error = f"{type(e).__name__}: {e.short()}"

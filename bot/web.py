@@ -259,7 +259,10 @@ class StatusSite:
             raise HttpError(503, f"the state store does not answer: {type(e).__name__}") from None
         if self.health is not None and not self.health():
             raise HttpError(503, "the scheduler is not running")
-        return JSONResponse({"ok": True, "jobs": counts})
+        # a Hub outage is reported, not failed: restarting the bot cannot bring the Hub back, and a container
+        # healthcheck that did would kill jobs that do not need the Hub (an imatrix run) again and again
+        hub = status.hub_state(self.store)
+        return JSONResponse({"ok": True, "degraded": not hub["reachable"], "hub": hub, "jobs": counts})
 
     def _existing(self, job_id: int) -> Any:
         job = self.store.job(job_id)

@@ -369,6 +369,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
     out = []
+    hub = data["hub"]
+    if not hub["reachable"]:
+        nxt = f"; next poll at {_when(hub['next_poll_at'])}" if hub.get("next_poll_at") else ""
+        out.append(f"Hub unreachable since {_when(hub['since'])}: {hub.get('reason') or 'no connection'} "
+                   f"({hub.get('endpoint') or 'the Hub'}){nxt}")
     counts = ", ".join(f"{k} {v}" for k, v in sorted(data["counts"].items())) or "no jobs"
     out.append(f"jobs: {counts}")
     if data["publish_note"]:
