@@ -8,7 +8,9 @@ output that cannot be parsed raises :class:`~converters.errors.ParseError` (a fi
 The converter itself can be wrong (rope, norms, tokenizer) in a way GGUF-against-GGUF cannot see, so the
 reference's stored log-probabilities are also compared with the source checkpoint run in ``transformers``
 on the same token ids (top-1 agreement and mean KL divergence), for every model size: one that does not fit
-in memory is run with part of its weights on disk (accelerate's offload).
+in memory is run with part of its weights on disk (accelerate's offload). The source model is untrusted input:
+it is loaded and run in a child with memory, CPU-time and time limits, offline (:mod:`converters.hfchild`), as
+is the source tokenizer the checks use.
 
 The gate (:func:`judge`, a pure function) marks a file failed when its figures are not finite, when it is
 far above the ladder's own curve (:mod:`converters.curve`), when its mean KLD is above the ceiling for its
@@ -24,6 +26,7 @@ import dataclasses
 import importlib.metadata
 import logging
 import math
+import os
 import re
 import shutil
 import time
@@ -245,8 +248,77 @@ def _source_log_probs(model: Any, base: BaseLogits, spec: CompareSpec) -> tuple[
     return np.concatenate(klds), agree, total, n
 
 
+# The child that runs the source model (converters.hfchild): its memory is the budget the model may take in RAM
+# (beyond it, weights go to disk) plus room for torch, the activations and the log-probabilities of a chunk
+COMPARE_HEADROOM = 2 << 30
+COMPARE_MIN_SECONDS = 1800.0
+COMPARE_SECONDS_PER_GB = 600.0  # of 16-bit weights
+
+
+def compare_limits(spec: CompareSpec, base: BaseLogits, budget: int) -> tuple[Any, float]:
+    """The source model's child: (limits, wall-clock seconds). Memory: ``budget`` plus the headroom and six
+    float64 copies of one chunk's logits (``RLIMIT_DATA``, which torch's address-space reservations do not
+    reach; see :mod:`converters.hfchild`); time: scaled from the model's size; CPU time: that on every thread."""
+    from converters import hfchild
+
+    chunk = base.n_ctx * base.n_vocab * 8 * 6
+    seconds = max(COMPARE_MIN_SECONDS, COMPARE_SECONDS_PER_GB * 2 * (spec.parameters or 0) / 1e9)
+    threads = spec.threads or os.cpu_count() or 1
+    return hfchild.ChildLimits(cpu_seconds=int(seconds * threads), data_bytes=budget + COMPARE_HEADROOM + chunk), \
+        seconds
+
+
 def compare_with_source(source_dir: Path, base: BaseLogits, spec: CompareSpec) -> Check:
-    """Top-1 agreement and mean KLD(GGUF || transformers) on the same tokens as the stored reference run."""
+    """Top-1 agreement and mean KLD(GGUF || transformers) on the same tokens as the stored reference run. The
+    source model is loaded and run in a child (:mod:`converters.hfchild`) with memory, CPU-time and time limits,
+    offline; a child that hits a limit leaves the comparison not checked, with the reason."""
+    from converters import hfchild
+
+    budget = spec.max_memory if spec.max_memory is not None else hfmodel.available_memory() * 3 // 4
+    offload_dir = spec.offload_dir or records.tmp_path_for(Path(source_dir).parent / "offload")
+    request = {"op": "compare", "source_dir": str(source_dir),
+               "base": {"path": str(base.path), "n_ctx": base.n_ctx, "n_vocab": base.n_vocab,
+                        "n_chunk": base.n_chunk},
+               "spec": {**dataclasses.asdict(spec), "max_memory": budget, "offload_dir": str(offload_dir)}}
+    limits, seconds = compare_limits(spec, base, budget)
+    try:
+        out = hfchild.call(request, limits=limits, timeout=seconds)
+    except hfchild.ChildFailed as e:
+        shutil.rmtree(offload_dir, ignore_errors=True)  # the child's own clean-up did not run
+        return not_checked(f"the source model could not be run within its limits: {e.message}")
+    if out.get("error") == "load":
+        return not_checked(f"transformers cannot load the source model ({out['type']}: {out['message']})")
+    if "error" in out:
+        return not_checked(f"the source model could not be run ({out.get('type', out['error'])}: {out['message']})")
+    agree, total, n = int(out["agree"]), int(out["total"]), int(out["chunks"])
+    offload = bool(out["offloaded"])
+    kld_mean, kld_err, kld_max = out["kld_mean"], out["kld_mean_err"], out["kld_max"]
+    dtype = out["dtype"]
+    top1 = agree / total
+    top1_err = math.sqrt(top1 * (1 - top1) / max(1, total - 1))
+    data = {"top1_agreement": top1, "top1_agreement_err": top1_err, "kld_mean": kld_mean,
+            "kld_mean_err": kld_err, "kld_max": kld_max, "tokens": total, "chunks": n, "dtype": dtype,
+            "offloaded": offload, "min_top1": spec.min_top1, "max_kld": spec.max_kld}
+    summary = (f"top-1 agreement {100 * top1:.2f} ± {100 * top1_err:.2f} %, mean KLD {data['kld_mean']:.5f} "
+               f"on {total} tokens ({n} chunks, transformers {data['dtype']}"
+               f"{', weights partly on disk' if offload else ''})")
+    if not all(math.isfinite(x) for x in (top1, data["kld_mean"])):
+        return Check.fail(f"BF16 GGUF and source disagree: figures not finite ({summary})", **data)
+    if top1 < spec.min_top1 or data["kld_mean"] > spec.max_kld:
+        return Check.fail(f"BF16 GGUF and source disagree (a converter bug: rope, norms, tokenizer?): {summary}; "
+                          f"limits: top-1 >= {100 * spec.min_top1:.0f} %, KLD <= {spec.max_kld}", **data)
+    return Check.ok(summary, **data)
+
+
+def compare_here(request: Mapping[str, Any]) -> dict[str, Any]:
+    """The child's work (``converters.hfchild``): load the source model within the memory budget (the rest of its
+    weights on disk), run it on the stored reference's tokens, return the figures (or ``error``: ``load`` when
+    transformers cannot load it, ``run`` when it could not be run)."""
+    source_dir = Path(request["source_dir"])
+    b = request["base"]
+    base = BaseLogits(Path(b["path"]), int(b["n_ctx"]), int(b["n_vocab"]), int(b["n_chunk"]))
+    sp = dict(request["spec"])
+    spec = CompareSpec(**{**sp, "offload_dir": Path(sp["offload_dir"]) if sp.get("offload_dir") else None})
     dtype = hfmodel.pick_dtype(hfmodel.CPU, parameters=spec.parameters, f32_max_params=COMPARE_F32_MAX_PARAMS)
     hfmodel.set_threads(spec.threads)
     offload = spec.offload(dtype, source_dir)
@@ -256,28 +328,16 @@ def compare_with_source(source_dir: Path, base: BaseLogits, spec: CompareSpec) -
         kld, agree, total, n = _source_log_probs(model, base, spec)
     except UnsupportedModel as e:  # an architecture transformers cannot run: not checked, not a crash
         cause = e.__cause__ or e
-        return not_checked(f"transformers cannot load the source model ({type(cause).__name__}: {cause})")
+        return {"error": "load", "type": type(cause).__name__, "message": str(cause)}
     except (RuntimeError, MemoryError, ValueError, OSError) as e:  # e.g. out of memory or disk during the run
-        return not_checked(f"the source model could not be run ({type(e).__name__}: {e})")
+        return {"error": "run", "type": type(e).__name__, "message": str(e)}
     finally:
         model = None
         if offload is not None:
             shutil.rmtree(offload.folder, ignore_errors=True)
-    top1 = agree / total
-    top1_err = math.sqrt(top1 * (1 - top1) / max(1, total - 1))
-    data = {"top1_agreement": top1, "top1_agreement_err": top1_err, "kld_mean": float(kld.mean()),
+    return {"agree": agree, "total": total, "chunks": n, "kld_mean": float(kld.mean()),
             "kld_mean_err": float(kld.std(ddof=1) / math.sqrt(len(kld))) if len(kld) > 1 else None,
-            "kld_max": float(kld.max()), "tokens": total, "chunks": n, "dtype": hfmodel.dtype_name(dtype),
-            "offloaded": offload is not None, "min_top1": spec.min_top1, "max_kld": spec.max_kld}
-    summary = (f"top-1 agreement {100 * top1:.2f} ± {100 * top1_err:.2f} %, mean KLD {data['kld_mean']:.5f} "
-               f"on {total} tokens ({n} chunks, transformers {data['dtype']}"
-               f"{', weights partly on disk' if offload is not None else ''})")
-    if not all(math.isfinite(x) for x in (top1, data["kld_mean"])):
-        return Check.fail(f"BF16 GGUF and source disagree: figures not finite ({summary})", **data)
-    if top1 < spec.min_top1 or data["kld_mean"] > spec.max_kld:
-        return Check.fail(f"BF16 GGUF and source disagree (a converter bug: rope, norms, tokenizer?): {summary}; "
-                          f"limits: top-1 >= {100 * spec.min_top1:.0f} %, KLD <= {spec.max_kld}", **data)
-    return Check.ok(summary, **data)
+            "kld_max": float(kld.max()), "dtype": hfmodel.dtype_name(dtype), "offloaded": offload is not None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -828,6 +888,9 @@ def _write(job: _Job, report: Report, inputs: dict[str, Any], started: float) ->
         from converters import chart
 
         report.chart = chart.render(report, job.wd.chart_path).name
+        png = job.wd.chart_path  # published with the quants, so checked like them (bot.publish.verified_hashes)
+        report.file_hashes[report.chart] = {"size": png.stat().st_size,
+                                            "sha256": records.content_sha256(png, job.wd.path)}
     except Exception as e:  # noqa: BLE001 - a chart is decoration; its failure must not lose the measurements
         log.warning("evaluate: chart failed: %s", e)
         report.chart = None
@@ -892,8 +955,8 @@ def _source_checks(job: _Job, ref_facts: verify.GgufFacts) -> tuple[dict[str, Ch
 def source_checks(tc: Any, reference: Path, facts: verify.GgufFacts, src: Path) -> tuple[dict[str, Check], Any]:
     """The tokenizer (parity of ``reference`` with the source's), chat template and special-token checks against
     the source folder ``src``; also returns the source tokenizer (None when it does not load)."""
-    try:
-        tok = hfmodel.load_tokenizer(src)
+    try:  # one child answers every check below: the tokenizer is kept with the sample texts encoded
+        tok = hfmodel.load_tokenizer(src, texts=[text for _, text in verify.TOKENIZER_SAMPLES])
     except InputError as e:
         return {"tokenizer": Check.fail(str(e))}, None
     out: dict[str, Check] = {}

@@ -4,6 +4,11 @@ Always local files only, safetensors only and never remote code (``trust_remote_
 is untrusted input. Loading failures become the project's errors (:class:`~converters.errors.UnsupportedModel`
 for a model, :class:`~converters.errors.InputError` for a tokenizer), with the loader's own exception as
 ``__cause__``.
+
+:func:`load_tokenizer` loads in a limited, offline child process (:mod:`converters.hfchild`) and returns its
+answers; :func:`load_tokenizer_here` and :func:`load_causal_lm` load in the calling process: the children of
+:mod:`converters.hfchild` call them, and the variant stages (prune, distill), which train or measure the model
+in torch, still do.
 """
 
 from __future__ import annotations
@@ -110,8 +115,17 @@ def needs_offload(parameters: int | None, dtype: Any, budget: int) -> bool:
     return need is not None and need * 5 // 4 > budget
 
 
-def load_tokenizer(checkpoint: Path) -> Any:
-    """The tokenizer of a local checkpoint."""
+def load_tokenizer(checkpoint: Path, texts: Any = ()) -> Any:
+    """The tokenizer of a local checkpoint, loaded in a limited, offline child (a
+    :class:`converters.hfchild.SourceTokenizer`); ``texts``: encoded in that child at once (see
+    :func:`converters.hfchild.tokenizer`)."""
+    from converters import hfchild
+
+    return hfchild.tokenizer(checkpoint, texts)
+
+
+def load_tokenizer_here(checkpoint: Path) -> Any:
+    """The transformers tokenizer of a local checkpoint, loaded in this process (a child's work)."""
     try:
         with _LOCK:
             return auto_class("AutoTokenizer").from_pretrained(str(checkpoint), trust_remote_code=False,
