@@ -8,8 +8,9 @@ When the runner starts a job it decides the job's kind (:func:`choose`) and reco
   toolchain than the one that made the published files, no kept ``ladder.json`` of the earlier job;
 - **patch**: every changed file is a template, tokenizer or generation-config file (or ``config.json`` with
   only ``bos/eos/pad_token_id`` changed). The same :func:`bot.job.run_job` runs the patch stages: fetch the
-  new revision's config and tokenizer files and the published repo's files (:class:`PatchFetchStage`), then
-  :mod:`converters.metapatch` (vocab-only conversion, rewrite with the tensor data unchanged, the cheap checks
+  new revision's config and tokenizer files and the published repo's files (:class:`PatchFetchStage`, which
+  applies the acceptance rules to the revision's Hub record first), then :mod:`converters.metapatch` (a full
+  job's inspect on the new files, vocab-only conversion, rewrite with the tensor data unchanged, the cheap checks
   again), then the usual publish stage with one what's-new line ("chat template updated upstream (commit
   abc1234)").
 
@@ -266,11 +267,12 @@ def _intact(workdir: Path, files: Any) -> bool:
 
 
 def stages(spec: Any, hub: Any) -> tuple[Any, ...]:
-    """fetch (metadata and the published files) -> vocab -> patch -> recheck; the caller adds publish."""
+    """fetch (metadata and the published files; the acceptance rules on the revision's Hub record) -> inspect (a
+    full job's, on those files) -> vocab -> patch -> recheck; the caller adds publish."""
     assert spec.patch is not None and spec.source.repo and spec.source.revision
     require = spec.evaluation.require_publishable if spec.evaluation is not None else True
     return (PatchFetchStage(spec.source.repo, spec.source.revision, spec.patch, hub, check=spec.fetch.check),
-            *metapatch.patch_stages(require_publishable=require))
+            *metapatch.patch_stages(require_publishable=require, check_architecture=spec.rules.check_architecture))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,10 +15,18 @@ A patch is refused (:class:`~converters.errors.PatchRefused`, the job then runs 
 changes length, the vocabulary size changes, or an architecture key of the vocab-only file differs from the
 published file's (:func:`refusal`).
 
-The stages (``vocab``, ``patch``, ``recheck``) work on the published files and the earlier ``ladder.json`` and
-``report.json`` the bot put in ``<workdir>/published`` (``ctx.state["patch"]``, a :class:`PatchInput`), and
-leave a work directory that publishes like any other: the patched files, ``ladder.json`` and ``report.json``
-(KLD figures kept, the cheap checks run again, a ``weights_unchanged`` check with the tensor-data hashes).
+Before any program reads the new revision's files, they pass the checks a full job's ``inspect`` stage runs
+(:func:`inspect_files`: ``checkpoint.inspect`` -- remote code in ``config.json`` or ``tokenizer_config.json``,
+the architecture and vision tower against the pinned converter, absurd config sizes, a tokenizer -- and the
+chat-template refusal): the converter's ``--vocab-only`` loads the tokenizer with ``trust_remote_code=True`` for
+several architectures, so a revision that only adds an ``auto_map`` to ``tokenizer_config.json`` must be refused
+as it is for a full job.
+
+The stages (``inspect``, ``vocab``, ``patch``, ``recheck``) work on the published files and the earlier
+``ladder.json`` and ``report.json`` the bot put in ``<workdir>/published`` (``ctx.state["patch"]``, a
+:class:`PatchInput`), and leave a work directory that publishes like any other: the patched files, ``ladder.json``
+and ``report.json`` (KLD figures kept, the cheap checks run again, a ``weights_unchanged`` check with the
+tensor-data hashes).
 """
 
 from __future__ import annotations
@@ -37,9 +45,9 @@ from typing import Any
 import gguf
 import numpy as np
 
+from converters import chat, gguf_meta, records, verify
 from converters import checkpoint as checkpoint_mod
-from converters import gguf_meta, records, verify
-from converters.errors import CheckFailed, InputError, PatchRefused, ToolError
+from converters.errors import CheckFailed, InputError, PatchRefused, ToolError, UnsupportedModel
 from converters.hooks import END, SKIP
 from converters.report import FAILED, PASSED, Check, FileResult, Report
 from converters.toolchain import Toolchain, run
@@ -51,6 +59,9 @@ TOKENIZER = gguf_meta.TOKENIZER_NAMESPACE
 TOKENS = gguf_meta.K.Tokenizer.LIST
 VOCAB_FILE = "vocab-only.gguf"
 BASE_DIR = "published"  # the earlier publication's files, ladder.json and report.json
+INSPECT_STAGE = "inspect"
+INSPECT_VIEW = "inspect-view"  # the new revision's files and a stand-in for the unchanged weights, while inspected
+WEIGHTS_STAND_IN = "weights-unchanged.safetensors"  # a valid safetensors file without tensors
 VOCAB_STAGE = "vocab"
 PATCH_STAGE = "patch"
 CHECK_STAGE = "recheck"
@@ -72,6 +83,31 @@ class PatchInput:
 # --------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------
+
+
+def inspect_files(checkpoint_dir: Path, workdir: Path, *, supported: frozenset[str] | None = None,
+                  projectors: frozenset[str] | None = None) -> checkpoint_mod.Checkpoint:
+    """A full job's ``inspect`` on the new revision's config, tokenizer and template files (raises
+    :class:`~converters.errors.UnsupportedModel` with its reason): ``checkpoint.inspect`` on a folder of those files
+    and a stand-in weight file without tensors (the weights are the published files', which the patch does not
+    change and the earlier job inspected), then the chat-template refusal."""
+    view = workdir / INSPECT_VIEW
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    try:
+        for p in sorted(Path(checkpoint_dir).iterdir()):
+            if p.is_file() and p.name != WEIGHTS_STAND_IN:
+                _link_or_copy(p, view / p.name)
+        header = b"{}"
+        (view / WEIGHTS_STAND_IN).write_bytes(len(header).to_bytes(8, "little") + header)
+        ckpt = checkpoint_mod.inspect(view, supported=supported, projectors=projectors)
+        tok_cfg = chat.tokenizer_settings(view)  # every template the converter or a runtime may pick, as at inspect
+        refused = verify.templates_refusal(chat.template_candidates(view, tok_cfg), tok_cfg)
+        if refused is not None:
+            raise UnsupportedModel(refused)
+        return dataclasses.replace(ckpt, path=Path(checkpoint_dir), weight_files=(), weight_bytes=0, parameters=0)
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
 
 
 def vocab_only(checkpoint_dir: Path, workdir: Path, *, toolchain: Toolchain, timeout: float | None = None,
@@ -232,6 +268,24 @@ def _input(ctx: Any) -> PatchInput:
     if not isinstance(info, PatchInput):
         raise RuntimeError("no patch input: the bot's patch fetch must run first")
     return info
+
+
+@dataclasses.dataclass(frozen=True)
+class InspectStage:
+    """The new revision's files through a full job's inspect (:func:`inspect_files`) before the converter runs."""
+
+    check_architecture: bool = False  # as a full job's CheckpointRules: the pinned converter's architectures
+    name: str = INSPECT_STAGE
+    quiet: bool = True
+
+    def run(self, ctx: Any) -> None:
+        if ctx.checkpoint_dir is None:
+            raise RuntimeError("no checkpoint folder: the patch fetch must run first")
+        supported = projectors = None
+        if self.check_architecture and ctx.toolchain is not None:
+            supported = checkpoint_mod.supported_architectures(ctx.toolchain.root)
+            projectors = checkpoint_mod.supported_projectors(ctx.toolchain.root)
+        inspect_files(ctx.checkpoint_dir, ctx.workdir, supported=supported, projectors=projectors)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -428,10 +482,10 @@ def recheck(wd: WorkDir, ladder: Ladder, old: Report, source_dir: Path, *, toolc
                                file_hashes=hashes, notes=list(verdict.notes), seconds=dict(old.seconds))
 
 
-def patch_stages(*, require_publishable: bool = True) -> tuple[Any, ...]:
-    """vocab -> patch -> recheck (after the bot's patch fetch; before its publish)."""
-    return (VocabStage(), PatchStage(), RecheckStage(require_publishable))
+def patch_stages(*, require_publishable: bool = True, check_architecture: bool = False) -> tuple[Any, ...]:
+    """inspect -> vocab -> patch -> recheck (after the bot's patch fetch; before its publish)."""
+    return (InspectStage(check_architecture), VocabStage(), PatchStage(), RecheckStage(require_publishable))
 
 
-__all__ = ["PatchInput", "PatchedPart", "vocab_only", "refusal", "changed_keys", "tensor_data_sha256", "rewrite",
-           "recheck", "patch_stages", "BASE_DIR"]
+__all__ = ["PatchInput", "PatchedPart", "InspectStage", "inspect_files", "vocab_only", "refusal", "changed_keys",
+           "tensor_data_sha256", "rewrite", "recheck", "patch_stages", "BASE_DIR"]
