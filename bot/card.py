@@ -18,6 +18,9 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import logging
+import re
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,11 @@ GATED_TEXT_KEYS = ("extra_gated_prompt", "extra_gated_heading", "extra_gated_des
 GATED_FIELD_TYPES = ("text", "checkbox", "date_picker", "country")
 DEFAULT_RUN_TYPE = "Q4_K_M"
 SOURCE_CHECK = "bf16_vs_source"  # the report's check of the BF16 conversion against the source model
+# A license_link relative to the source repo: plain path segments, each starting with a letter or digit (so no
+# "..", no leading "/", no scheme, query or fragment)
+_SAFE_RELATIVE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*")
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,6 +442,45 @@ def variant_context(info: VariantInfo, *, hub_url: str = "") -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------------------------- source card data
+def _shown(v: Any) -> str:
+    return f"{type(v).__name__} {str(v)[:60]!r}"
+
+
+def source_text(v: Any, key: str, repo: str | None = None) -> str | list[str] | None:
+    """A value of the source's card data (``key``) as the Hub reads it (text, or a list of text), or None. A mapping,
+    a number or a nested list is left out, and so is each such item of a list (logged): the rest goes into our
+    card's YAML unchanged."""
+    if isinstance(v, str) or not v:
+        return v or None
+    if isinstance(v, list):
+        kept = [x for x in v if isinstance(x, str) and x]
+        if len(kept) != len(v):
+            log.warning("source card of %s: %s items that are not text left out: %s", repo, key,
+                     _shown([x for x in v if not (isinstance(x, str) and x)]))
+        return kept or None
+    log.warning("source card of %s: %s %s is not text or a list of text; left out", repo, key, _shown(v))
+    return None
+
+
+def license_link(value: Any, repo: str | None, revision: str | None, hub_url: str) -> str | None:
+    """The source's ``license_link`` for our card: an absolute http(s) address as it is; a plain path relative to the
+    source repo (``LICENSE``) as that file's address in the source repo at the converted revision (our repo has no
+    such file); anything else (``javascript:``, ``data:``, ``file:``, ``//host``, ``..``, spaces) None, logged."""
+    if not value:
+        return None
+    if isinstance(value, str):
+        link = value.strip()
+        parts = urllib.parse.urlsplit(link) if not re.search(r"[\s<>\"'\\\x00-\x1f\x7f]", link) else None
+        if parts is not None and parts.scheme.lower() in ("http", "https") and parts.hostname:
+            return link
+        rel = link[2:] if link.startswith("./") else link
+        if parts is not None and not parts.scheme and repo and _SAFE_RELATIVE.fullmatch(rel):
+            return f"{hub_url.rstrip('/')}/{repo}/blob/{revision or 'main'}/{rel}"
+    log.warning("source card of %s: license_link %s is not a web address; left out", repo, _shown(value))
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- context
 def _metadata(ladder: Ladder, source: SourceFacts, settings: CardSettings,
               variant: VariantInfo | None) -> dict[str, Any]:
@@ -444,17 +491,21 @@ def _metadata(ladder: Ladder, source: SourceFacts, settings: CardSettings,
     if base_repo:
         meta["base_model"] = base_repo
         meta["base_model_relation"] = VARIANT_RELATION if variant is not None else "quantized"
-    lic = card.get("license") or source.license or ladder.source.license
-    if lic:
-        meta["license"] = lic
-    for k in ("license_name", "license_link"):
-        if card.get(k):
-            meta[k] = card[k]
-    if card.get("language"):
-        meta["language"] = card["language"]
-    pipeline_tag = card.get("pipeline_tag") or source.pipeline_tag
-    if pipeline_tag:
-        meta["pipeline_tag"] = pipeline_tag
+    # what the source's card says, as text or lists of text only (source_text, license_link): never a mapping or a
+    # number in our YAML, never a javascript: or data: link
+    fallbacks = {"license": (source.license, ladder.source.license), "pipeline_tag": (source.pipeline_tag,)}
+    for k in ("license", "license_name", "license_link", "language", "pipeline_tag"):
+        for v in (card.get(k),) + fallbacks.get(k, ()):
+            if k == "license_link":
+                v = license_link(v, base_repo, source.revision or ladder.source.revision, settings.hub_url)
+            elif k == "pipeline_tag" and v and not isinstance(v, str):  # the Hub takes one pipeline tag
+                log.warning("source card of %s: pipeline_tag %s is not one string; left out", base_repo, _shown(v))
+                v = None
+            else:
+                v = source_text(v, k, base_repo)
+            if v:
+                meta[k] = v
+                break
     # MARKER_TAG marks the repo as the bot's: bot.target never writes to a repo without it (unless adopted)
     tags = list(BASE_TAGS[:1]) + (["imatrix"] if ladder.imatrix else []) + list(BASE_TAGS[1:]) + [MARKER_TAG] \
         + list(settings.extra_tags)

@@ -384,6 +384,8 @@ def _load_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def _card_license(path: Path) -> str | None:
+    """The licence id on the model card's ``license:`` line (``apache-2.0``, ``llama3.1``, ``openrail++``), or None:
+    a YAML list, mapping or any other text is not one licence id (the card copies the Hub's card data first)."""
     readme = path / "README.md"
     if not readme.exists():
         return None
@@ -391,8 +393,8 @@ def _card_license(path: Path) -> str | None:
     m = re.match(r"^---\s*\n(.*?)\n---", text, re.S)
     if not m:
         return None
-    lm = re.search(r"^license:\s*['\"]?([^'\"\n]+)", m.group(1), re.M)
-    return lm.group(1).strip() if lm else None
+    lm = re.search(r"^license:[ \t]*(['\"]?)([A-Za-z0-9][A-Za-z0-9._+-]*)\1[ \t]*(?:#.*)?\r?$", m.group(1), re.M)
+    return lm.group(2) if lm else None
 
 
 def inspect(path: str | Path, *, supported: frozenset[str] | None = None,

@@ -4,13 +4,17 @@ rendered as CommonMark (markdown-it-py, tables on) and the HTML is inspected."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 
+import pytest
 from markdown_it import MarkdownIt
 
 from bot import card, markdown
 from converters.report import Check
 from converters.workdir import WorkDir
+from tests.hubserver import _validate_front_matter
 from tests.workdirs import make_workdir
 
 EVIL = "https://evil.example/x"
@@ -83,3 +87,72 @@ def test_only_known_gating_keys_pass_with_plain_text_values() -> None:
     assert "<b>" not in MarkdownIt("commonmark").render(got["extra_gated_prompt"])
     assert got["extra_gated_fields"] == {"Name": "text", "Country": "country",
                                          "Why": {"type": "select", "options": ["a", markdown.cell(f"[b]({EVIL})")]}}
+
+
+# --------------------------------------------------------------------------------------------------
+# Card data copied from the source (issue 19): strings or lists of strings only, license_link only http(s)
+# --------------------------------------------------------------------------------------------------
+REV = "a" * 40
+SOURCE_LICENSE = f"http://hub.test/acme/Tiny-Instruct/blob/{REV}/LICENSE"
+COPIED = [
+    # (source card data, the copied metadata expected; absent keys must be absent)
+    ({"license": "apache-2.0", "language": "en", "pipeline_tag": "text-generation"},
+     {"license": "apache-2.0", "language": "en", "pipeline_tag": "text-generation"}),
+    ({"license": "other", "license_name": "tiny-license", "license_link": "https://acme.example/LICENSE",
+      "language": ["en", "fr", "de"]},
+     {"license": "other", "license_name": "tiny-license", "license_link": "https://acme.example/LICENSE",
+      "language": ["en", "fr", "de"]}),
+    ({"license": {"evil": "x"}}, {}),
+    ({"license": 5, "language": 7, "pipeline_tag": ["text-generation"]}, {}),  # the Hub wants one pipeline_tag
+    ({"language": ["en", {"x": 1}, ["fr"], 3, "de"]}, {"language": ["en", "de"]}),
+    ({"language": [[["en"]]]}, {}),
+    ({"license_name": ["tiny", "license"]}, {"license_name": ["tiny", "license"]}),
+    ({"license_name": {"a": "b"}}, {}),
+    ({"license_link": "javascript:alert(1)"}, {}),
+    ({"license_link": "JavaScript:alert(1)"}, {}),
+    ({"license_link": "data:text/html,<script>alert(1)</script>"}, {}),
+    ({"license_link": "file:///etc/passwd"}, {}),
+    ({"license_link": "file://host/etc/passwd"}, {}),
+    ({"license_link": "javascript://acme.example/%0Aalert(1)"}, {}),  # a scheme with a host is still no web address
+    ({"license_link": "ftp://acme.example/LICENSE"}, {}),
+    ({"license_link": "//evil.example/x"}, {}),
+    ({"license_link": "https://"}, {}),
+    ({"license_link": "https://acme.example/a b"}, {}),
+    ({"license_link": ["https://acme.example/LICENSE"]}, {}),
+    ({"license_link": "http://acme.example/LICENSE"}, {"license_link": "http://acme.example/LICENSE"}),
+    # a link relative to the source repo points at that repo's file at the converted revision (ours has none)
+    ({"license_link": "LICENSE"}, {"license_link": SOURCE_LICENSE}),
+    ({"license_link": "./LICENSE"}, {"license_link": SOURCE_LICENSE}),
+    ({"license_link": "../../other/repo/LICENSE"}, {}),
+    ({"license_link": "/etc/passwd"}, {}),
+]
+COPIED_KEYS = ("license", "license_name", "license_link", "language", "pipeline_tag")
+
+
+@pytest.mark.parametrize(("data", "expected"), COPIED)
+def test_card_data_from_the_source_is_text_or_lists_of_text(tmp_path: Path, data: dict, expected: dict,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    wd = make_workdir(tmp_path, chat_template=None)
+    ladder, report = WorkDir(wd).ladder(), WorkDir(wd).report()
+    ladder = dataclasses.replace(ladder, source=dataclasses.replace(ladder.source, license=None))
+    facts = card.SourceFacts.from_checkpoint(Path(ladder.source.path), repo=ladder.source.repo,
+                                             revision=ladder.source.revision, card_data=data)
+    with caplog.at_level(logging.INFO, logger="bot.card"):
+        ctx = card.build_context(ladder, report, facts, SETTINGS)
+    assert {k: v for k, v in ctx["metadata"].items() if k in COPIED_KEYS} == expected
+    dropped = sorted(k for k in data if k not in expected or (isinstance(data[k], list) and expected[k] != data[k]))
+    for k in dropped:  # each value or list item left out is said in the log, naming its key
+        assert any(k in r.getMessage() for r in caplog.records), (k, caplog.text)
+    if not dropped:
+        assert not caplog.records
+    assert not _validate_front_matter(card.render(ctx))
+
+
+def test_a_hub_license_fallback_is_text_too(tmp_path: Path) -> None:
+    wd = make_workdir(tmp_path, chat_template=None)
+    ladder, report = WorkDir(wd).ladder(), WorkDir(wd).report()
+    ladder = dataclasses.replace(ladder, source=dataclasses.replace(ladder.source, license=None))
+    facts = card.SourceFacts(repo="acme/Tiny-Instruct", card_data={"license": ["mit", {"x": 1}]},
+                             license={"evil": 1}, pipeline_tag={"evil": 1})  # type: ignore[arg-type]
+    meta = card.build_context(ladder, report, facts, SETTINGS)["metadata"]
+    assert meta["license"] == ["mit"] and "pipeline_tag" not in meta

@@ -280,3 +280,15 @@ def test_sub_byte_tensors_count_their_elements_as_parameters(tmp_path):
     d = make(tmp_path, weights=False, extra={"model.safetensors": crafted({"w": _t("F4", [4, 4], 0, 8)}, b"\0" * 8)})
     c = ck.inspect(d)
     assert (c.parameters, c.dtypes) == (16, ("F4",))
+
+
+@pytest.mark.parametrize("front,license", [
+    ("license: apache-2.0", "apache-2.0"), ("license: 'llama3.1'", "llama3.1"), ('license: "cc-by-nc-4.0"', "cc-by-nc-4.0"),
+    ("license: other\nlicense_name: x", "other"), ("language: en", None), ("license: openrail++", "openrail++"),
+    ("license: mit  # the code too", "mit"), ("language: en\r\nlicense: mit\r\ntags: [a]\r", "mit"),  # CRLF
+    ("license:\n  - mit\n  - apache-2.0", None),  # a YAML list: not one licence id (the Hub's card data has it)
+    ("license: {evil: 1}", None), ("license: [mit]", None), ("license: <script>alert(1)</script>", None),
+])
+def test_the_readme_licence_is_one_licence_id(tmp_path, front, license):
+    d = make(tmp_path, extra={"README.md": f"---\n{front}\n---\n# x\n"})
+    assert ck.inspect(d).license == license
