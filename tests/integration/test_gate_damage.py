@@ -33,7 +33,7 @@ import os, subprocess, sys
 sys.path.insert(0, {root!r})
 from tests.ggufedit import damage_tensor
 rc = subprocess.call([{real!r}] + sys.argv[1:])
-damage = dict(item.split("=", 1) for item in os.environ.get("GGUFBOT_TEST_DAMAGE", "").split(",") if item)
+damage = {damage!r}  # in its text: a child program gets no test variable (toolchain.child_env)
 args = sys.argv[1:]
 for qtype, tensor in damage.items():
     if rc == 0 and qtype in args and args.index(qtype) >= 2:
@@ -55,7 +55,7 @@ def faulty_llama(tmp_path_factory, toolchain) -> Path:
         if prog.name != "llama-quantize":
             (bin_dir / prog.name).symlink_to(prog.resolve())
     wrapper = bin_dir / "llama-quantize"
-    wrapper.write_text(WRAPPER.format(python=sys.executable, root=str(REPO_ROOT),
+    wrapper.write_text(WRAPPER.format(python=sys.executable, root=str(REPO_ROOT), damage=DAMAGE,
                                       real=str(toolchain.program("llama-quantize").resolve())))
     wrapper.chmod(0o755)
     return root

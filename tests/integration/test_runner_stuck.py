@@ -22,16 +22,18 @@ from tests.hub_fixtures import TEST_TOKEN
 from tests.models import tiny_random_checkpoint
 from tests.procs import gone
 
-HANG = "import os, sys, time\nopen(os.environ['GGUFBOT_TEST_PIDFILE'], 'a').write(f'{os.getpid()}\\n')\ntime.sleep(600)\n"
+def hang(pidfile: Path) -> str:
+    """A converter that writes its pid to ``pidfile`` (named in its text: a child gets no test variable), prints
+    nothing and never ends."""
+    return f"import os, time\nopen({str(pidfile)!r}, 'a').write(f'{{os.getpid()}}\\n')\ntime.sleep(600)\n"
 
 
 @pytest.fixture
 def world(hub_server, tmp_path: Path, monkeypatch, calibration_text, eval_text):
     root = tmp_path / "llama.cpp"
     root.mkdir()
-    (root / "convert_hf_to_gguf.py").write_text(HANG)  # prints nothing, never ends
     pidfile = tmp_path / "pids"
-    monkeypatch.setenv("GGUFBOT_TEST_PIDFILE", str(pidfile))
+    (root / "convert_hf_to_gguf.py").write_text(hang(pidfile))  # prints nothing, never ends
     tc = Toolchain(root=root, bin_dir=root, version="hang", commit=None, cuda=False, origin="test")
     settings = from_mapping({"data_dir": str(tmp_path / "data"), "sources": [{"author": "acme"}],
                              "target": {"publish": False},
