@@ -26,7 +26,7 @@ import logging
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -39,7 +39,8 @@ from huggingface_hub.utils import filter_repo_objects
 
 from bot import metrics
 from bot.retry import RetryPolicy
-from converters.errors import HubAuthError, HubError, HubNotFound, UnsupportedModel
+from converters import records
+from converters.errors import CheckFailed, HubAuthError, HubError, HubNotFound, UnsupportedModel
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -326,21 +327,34 @@ class Hub:
                    lambda: self._api.update_repo_settings(repo_id, gated=gated))  # type: ignore[arg-type]
 
     def commit(self, repo_id: str, *, additions: dict[str, Path], deletions: list[str], message: str,
-               description: str = "", parent_commit: str | None = None) -> str | None:
+               description: str = "", parent_commit: str | None = None,
+               expected_sha256: Mapping[str, str] | None = None) -> str | None:
         """One atomic commit of ``additions`` (path in repo -> local file) and ``deletions``; its sha.
 
         With ``parent_commit`` the Hub refuses the commit (412) if the branch moved meanwhile, so a
         retry after a lost answer can never commit twice.
+
+        The bytes sent are the bytes hashed (:func:`_upload_operations`): a file up to ``INLINE_MAX`` is read once and
+        sent from memory; a larger one is uploaded (LFS or Xet) before the commit, and the sha256 the client computed
+        from what it read (hf_xet while chunking the upload, the LFS path just before it) must be unchanged, as must
+        the file's stat key (size, mtime, ctime, inode) from before that hash to after the upload. ``expected_sha256``
+        (path in repo -> sha256, what publishing verified) must be what is sent. Otherwise CheckFailed, and no
+        commit is made.
         """
         for p in list(additions) + list(deletions):
             if not safe_relative_path(p):
                 raise HubError(f"refusing to commit the unsafe path {p!r}", status=400)
         if not additions and not deletions:
             return None
+        adds, guards = _upload_operations(additions, expected_sha256)
+        if "README.md" in additions:  # the card's metadata is checked before any upload (create_commit checks first too)
+            card = Path(additions["README.md"]).read_text(encoding="utf-8")
+            self._call(f"validate README.md of {repo_id}", lambda: self._api._validate_yaml(card))
+        self._call(f"upload {repo_id}", lambda: self._api.preupload_lfs_files(repo_id, additions=adds))
+        _check_uploaded(adds, guards, expected_sha256)
+        ops: list[Any] = [*adds, *(CommitOperationDelete(path_in_repo=p) for p in deletions)]
 
         def attempt() -> str:
-            ops: list[Any] = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in additions.items()]
-            ops += [CommitOperationDelete(path_in_repo=p) for p in deletions]
             info = self._api.create_commit(repo_id, operations=ops, commit_message=message,
                                            commit_description=description, parent_commit=parent_commit)
             return str(info.oid)
@@ -348,7 +362,7 @@ class Hub:
         # without a parent guard, a commit whose answer was lost (timeout, dropped connection) may have
         # landed: it is not sent again
         sha = self._call(f"commit {repo_id}", attempt, retry_lost_commit=parent_commit is not None)
-        metrics.published(sum(Path(f).stat().st_size for f in additions.values()))
+        metrics.published(sum(op.upload_info.size for op in adds))
         return sha
 
     # ------------------------------------------------------------------ webhooks
@@ -419,6 +433,7 @@ class Hub:
         exact = [glob.escape(n) for n in chosen]
         self._call(f"snapshot {repo_id}@{sha}", lambda: self._api.snapshot_download(
             repo_id, revision=sha, local_dir=str(dest), allow_patterns=exact))
+        _check_downloaded(repo_id, info, dest, chosen)
         log.info("downloaded %s@%s: %d files, %d bytes", repo_id, (sha or "")[:12], len(chosen), total)
         metrics.fetched(total)
         return dest
@@ -523,6 +538,74 @@ class Hub:
                            retry_after=retry_after)
         err.args = (self._redact(str(err)),)
         return err
+
+
+def _check_downloaded(repo_id: str, info: ModelRecord, dest: Path, names: Iterable[str]) -> None:
+    """Each downloaded file the listing gives an LFS sha256 is hashed here and must have it: the listing's hash is
+    compared, never assumed. A file that differs is removed (a new download fetches it again) and HubError raised."""
+    bad = []
+    for name in names:
+        sib = info.sibling(name)
+        if sib is None or not sib.lfs_sha256:
+            continue
+        p = dest / name
+        if records.content_sha256(p) != sib.lfs_sha256:  # kept in memory: the fetch's own identity costs a stat
+            bad.append(name)
+            p.unlink(missing_ok=True)
+    if bad:
+        raise HubError(f"download {repo_id}@{(info.sha or '')[:12]}: the sha256 of {', '.join(bad)} is not the one "
+                       "the Hub lists; removed, to be downloaded again", status=None)
+
+
+INLINE_MAX = 10 * 1024 * 1024  # a file up to this size is read into memory and sent from there (the Hub's limit
+# for a regular git file: anything larger goes through LFS or Xet)
+
+
+def _upload_operations(additions: Mapping[str, Path], expected: Mapping[str, str] | None) -> tuple[
+        list[CommitOperationAdd], dict[str, tuple[Path, list[int]]]]:
+    """The add operations, and for each file sent from its path, the path and its stat key before any read.
+
+    A small file's bytes are read once and checked here; a large one is left for the client to hash and upload
+    (hf_xet hashes while it uploads; the LFS path hashes just before) and checked by :func:`_check_uploaded`."""
+    ops, guards = [], {}
+    for rel, f in additions.items():
+        f = Path(f)
+        if expected is not None and rel not in expected:
+            raise CheckFailed("publish", f"refusing to upload {rel}: no verified sha256 for it")
+        key = records.stat_key(f)
+        if key[0] <= INLINE_MAX:
+            data = f.read_bytes()
+            ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=data))
+        else:
+            guards[rel] = (f, key)
+            ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(f)))
+    if expected is not None:
+        _compare(ops, expected, only=lambda rel: rel not in guards)
+    return ops, guards
+
+
+def _check_uploaded(ops: list[CommitOperationAdd], guards: Mapping[str, tuple[Path, list[int]]],
+                    expected: Mapping[str, str] | None) -> None:
+    """After the upload, before the commit: each file sent from its path was not touched from before its hash to
+    after its upload, was uploaded through LFS or Xet (never read again at commit time), and hashed to the
+    expected sha256."""
+    moved = [rel for rel, (f, key) in guards.items() if not f.is_file() or records.stat_key(f) != key]
+    regular = [op.path_in_repo for op in ops if op.path_in_repo in guards and op._upload_mode != "lfs"]
+    if moved or regular:
+        why = "; ".join(x for x in (
+            f"changed while it was uploaded: {', '.join(sorted(moved))}" if moved else "",
+            f"the Hub did not take it as an LFS file: {', '.join(sorted(regular))}" if regular else "") if x)
+        raise CheckFailed("publish", f"refusing to commit files that may not be the ones verified ({why})")
+    if expected is not None:
+        _compare(ops, expected, only=lambda rel: rel in guards)
+
+
+def _compare(ops: list[CommitOperationAdd], expected: Mapping[str, str], only: Callable[[str], bool]) -> None:
+    changed = sorted(op.path_in_repo for op in ops if only(op.path_in_repo)
+                     and op.upload_info.sha256.hex() != expected[op.path_in_repo])
+    if changed:
+        raise CheckFailed("publish", f"refusing to commit files whose bytes are not the ones verified "
+                          f"(sha256 of what was read for the upload differs): {', '.join(changed)}")
 
 
 def _first_line(e: BaseException) -> str:

@@ -14,7 +14,9 @@ commit is made. Anything else is an update, with a "What's new" line in the card
 
 Safety: nothing is published when ``report.json`` says ``publishable: false``; a file whose report
 entry is missing or not ``passed`` is never uploaded, nor one whose sha256 is not the one the evaluation
-measured (``report.json`` ``file_hashes``); another model's repo is never written to (:mod:`bot.target`
+measured (``report.json`` ``file_hashes``: quants, imatrix, projectors and the chart); the bytes uploaded are the
+bytes verified (:meth:`bot.hub.Hub.commit` compares the sha256 of what it sends with the plan's and refuses a file
+changed between the check and the upload); another model's repo is never written to (:mod:`bot.target`
 reads the target first: a different source or no ggufbot marker means the disambiguated name, or a failure);
 the token is checked (``whoami``) before any upload starts, and never appears in a file, a log line or an error.
 """
@@ -37,6 +39,7 @@ from bot import card as card_mod
 from bot import target as target_mod
 from bot.target import Identity, RemoteRepo, TargetPolicy
 from converters.errors import CheckFailed, ConfigError, GgufbotError, HubError, HubNotFound, InputError
+from converters import records
 from converters.records import TMP_MARK, content_sha256
 from converters.report import Report
 from converters.workdir import CHART_FILE, REPORT_FILE, Ladder, VariantInfo, WorkDir
@@ -76,6 +79,7 @@ class PublishPlan:
     publication: dict[str, Any]
     whats_new: tuple[str, ...]
     sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+    hashes: dict[str, str] = dataclasses.field(default_factory=dict)  # sha256 of each addition, as verified
     workdir: Path | None = None  # where the repos this publication creates are recorded (see created_repos)
 
     def describe(self) -> dict[str, Any]:
@@ -156,8 +160,8 @@ def collect_files(workdir: Path | WorkDir, ladder: Ladder, report: Report) -> di
             out[rel] = _safe_local(wd, rel)
     for proj in card_mod.published_projectors(ladder, report):  # a vision-language model's mmproj files
         out[proj.path] = _safe_local(wd, proj.path)
-    chart = chart_name(report)
-    if (wd.path / chart).is_file():
+    chart = report.chart  # only a chart the evaluation drew (and hashed); not one left by an earlier run
+    if isinstance(chart, str) and chart and (wd.path / chart).is_file():
         out[chart] = _safe_local(wd, chart)
     return out
 
@@ -247,17 +251,20 @@ def _source_facts(hub: Any, ladder: Ladder, gguf_files: list[Path] = ()) -> card
 
 
 def verified_hashes(workdir: WorkDir, report: Report, files: Mapping[str, Path]) -> dict[str, str]:
-    """Each file's sha256 now (re-read unless its size, mtime and inode are unchanged since it was hashed),
-    which must be the one evaluation measured (``report.json`` ``file_hashes``); the chart, drawn by the
-    evaluation from the report, is only hashed. CheckFailed names every file that changed or was never measured."""
+    """Each file's sha256 now (re-read unless its stat key is unchanged since it was hashed), which must be the one
+    the evaluation measured (``report.json`` ``file_hashes``; the chart too: the evaluation records the one it
+    drew). CheckFailed names every file that changed or was never measured."""
     measured = {p: str(v.get("sha256")) for p, v in report.file_hashes.items()}
     for f in report.files:  # reports that list the hashes only per file
         measured.update({str(pt.get("path")): str(pt.get("sha256")) for pt in f.parts if pt.get("path") not in measured})
+    chart = report.chart
+    if chart and chart in files and chart not in measured:
+        # a work dir evaluated before the chart had its entry: the evaluate stage's record hashed it when written
+        rec = records.load(workdir.path, "evaluate")
+        measured.update({o.path: o.sha256 for o in (rec.outputs if rec else ()) if o.path == chart})
     out, changed, unmeasured = {}, [], []
     for rel, path in sorted(files.items()):
         out[rel] = content_sha256(path, workdir.path)
-        if rel == chart_name(report):
-            continue
         if rel not in measured:
             unmeasured.append(rel)
         elif measured[rel] != out[rel]:
@@ -350,9 +357,17 @@ def plan_publish(workdir: Path | WorkDir, hub: Any, options: PublishOptions, *, 
         p in old_files or p.endswith(".gguf") or p.endswith("-imatrix.dat"))))
     message, description = _commit_text(model, ladder, report, pub, news, update=exists and bool(old_pub))
     gated = facts.gated if options.gate_like_source and facts.gated else False
+    made = {p: records.sha256_file(f) for p, f in additions.items() if p not in hashes}  # the card, report.json
     return PublishPlan(repo_id, "update" if exists else "create", exists, options.private, gated, additions,
                        deletions, message[:200], description, head, pub, news,
-                       {p: f.stat().st_size for p, f in additions.items()}, wd.path)
+                       {p: f.stat().st_size for p, f in additions.items()}, {**hashes, **made}, wd.path)
+
+
+def with_made_file(plan: PublishPlan, path_in_repo: str, local: Path) -> PublishPlan:
+    """``plan`` with one more file made for this commit (like the card): uploaded with the sha256 it has now."""
+    additions = {**plan.additions, path_in_repo: local}
+    return dataclasses.replace(plan, additions=additions, sizes={k: p.stat().st_size for k, p in additions.items()},
+                               hashes={**plan.hashes, path_in_repo: records.sha256_file(local)})
 
 
 def _target(hub: Any, wd: WorkDir, options: PublishOptions, ladder: Ladder, org: str,
@@ -392,10 +407,10 @@ def execute(plan: PublishPlan, hub: Any) -> PublishResult:
     created = False
     parent = plan.parent_commit
     if not plan.repo_exists:
+        hub.create_repo(plan.repo_id, private=plan.private, exist_ok=False)  # 409: someone else's, never noted
+        created = True
         if plan.workdir is not None:
             target_mod.note_created(plan.workdir, plan.repo_id)
-        hub.create_repo(plan.repo_id, private=plan.private, exist_ok=False)
-        created = True
         try:
             if plan.gated:
                 hub.set_gated(plan.repo_id, plan.gated if isinstance(plan.gated, str) else "auto")
@@ -407,7 +422,8 @@ def execute(plan: PublishPlan, hub: Any) -> PublishResult:
              len(plan.deletions))
     try:
         sha = hub.commit(plan.repo_id, additions=plan.additions, deletions=list(plan.deletions),
-                         message=plan.message, description=plan.description, parent_commit=parent)
+                         message=plan.message, description=plan.description, parent_commit=parent,
+                         expected_sha256=plan.hashes)
     except GgufbotError as e:
         if isinstance(e, HubError) and e.status == 412:
             # the branch moved: maybe our own commit landed and only its answer was lost

@@ -152,8 +152,9 @@ def created_repos(workdir: Path) -> list[str]:
 
 
 def note_created(workdir: Path, repo_id: str) -> None:
-    """Record, before creating it, that this work dir creates ``repo_id``: a run killed before its commit lands
-    finds the empty repo its own on the next start."""
+    """Record, once the Hub has created it for this run, that this work dir created ``repo_id``: a run killed before
+    its commit lands finds the empty repo its own on the next start. Never before the create succeeded: a create
+    refused (409) because another party made the repo first would make their empty repo count as ours."""
     repos = created_repos(workdir)
     if repo_id not in repos:
         records.write_json_atomic(WorkDir(workdir).records_path / CREATED_FILE, {"repos": [*repos, repo_id]})

@@ -10,7 +10,6 @@ local paths is published beside it.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import logging
@@ -49,9 +48,7 @@ def publish_variant(workdir: Path, hub: Any, options: publish_mod.PublishOptions
         if plan.action != "none":
             vj = staging / VARIANT_FILE
             vj.write_text(json.dumps(public_info(info), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            additions = {**plan.additions, VARIANT_FILE: vj}
-            plan = dataclasses.replace(plan, additions=additions,
-                                       sizes={k: p.stat().st_size for k, p in additions.items()})
+            plan = publish_mod.with_made_file(plan, VARIANT_FILE, vj)
         if dry_run:
             return plan
         return publish_mod.execute(plan, hub)

@@ -23,7 +23,10 @@ Every error body repeats the request's token (``echo_token``), as a careless ser
 token-redaction tests look for it in logs, the database, reports and cards. Faults are matched in the order
 they were added: ``fail_next`` (an HTTP error status, optional
 ``Retry-After``), ``slow_next`` (sleep before answering), ``drop_next`` (close the connection without an
-answer). ``n=None`` means forever. Nothing here reads the environment; pointing the client at
+answer), ``corrupt_next`` (a file download answers other bytes of the same size), ``call_next`` (run a function of
+the test when the request arrives, before it is answered: e.g. change a local file between the client's hashing and
+its upload). ``n=None`` means forever. ``verify_lfs_sha256 = False`` makes the LFS upload store whatever bytes it
+receives under the announced oid, as a storage that takes the client's word for it (a presigned PUT) would. Nothing here reads the environment; pointing the client at
 ``hub.url`` (``HF_ENDPOINT``) is the caller's business (see ``tests/hub_fixtures.py``).
 """
 
@@ -176,13 +179,14 @@ class Repo:
 
 @dataclasses.dataclass
 class _Fault:
-    kind: str  # "fail" | "slow" | "drop" | "drop_after"
+    kind: str  # "fail" | "slow" | "drop" | "drop_after" | "corrupt" | "call"
     remaining: int | None
     status: int = 500
     path_prefix: str | None = None
     method: str | None = None
     retry_after: float | None = None
     seconds: float = 0.0
+    call: Any = None  # kind "call": run with no arguments when a matching request arrives
 
     def matches(self, method: str, path: str) -> bool:
         if self.remaining is not None and self.remaining <= 0:
@@ -238,6 +242,7 @@ class HubServer:
         self.log: list[LoggedRequest] = []
         self.errors: list[str] = []  # tracebacks of server bugs (answered 500)
         self.echo_token = True  # error bodies repeat the request's token (redaction must catch it)
+        self.verify_lfs_sha256 = True  # an LFS upload whose bytes do not hash to its oid is refused
         self._faults: list[_Fault] = []
         self.webhooks: dict[str, dict[str, Any]] = {}  # id -> {"owner", "url", "watched", "domains", "secret", ...}
         self.deliveries: list[tuple[str, str, int | None, str]] = []
@@ -279,6 +284,7 @@ class HubServer:
             self._faults.clear()
             self.webhooks.clear()
             self.deliveries.clear()
+            self.verify_lfs_sha256 = True
             if valid_tokens is not None:
                 self.valid_tokens = dict(valid_tokens)
 
@@ -304,6 +310,16 @@ class HubServer:
         """
         with self._lock:
             self._faults.append(_Fault("drop_after" if after else "drop", n, path_prefix=path_prefix, method=method))
+
+    def corrupt_next(self, n: int | None = 1, path_prefix: str | None = None) -> None:
+        """Answer the next ``n`` matching file downloads (GET) with their bytes altered (same size)."""
+        with self._lock:
+            self._faults.append(_Fault("corrupt", n, path_prefix=path_prefix, method="GET"))
+
+    def call_next(self, fn: Any, n: int | None = 1, path_prefix: str | None = None, method: str | None = None) -> None:
+        """Run ``fn()`` when each of the next ``n`` matching requests arrives, then answer it as usual."""
+        with self._lock:
+            self._faults.append(_Fault("call", n, path_prefix=path_prefix, method=method, call=fn))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -593,11 +609,17 @@ class HubServer:
         entry = LoggedRequest(method, path, split.query, None, None)
         with self._lock:
             self.log.append(entry)
-        drop_after = False
+        drop_after = corrupt = False
         try:
             for fault in self._take_faults(method, path):
                 if fault.kind == "drop_after":
                     drop_after = True
+                    continue
+                if fault.kind == "corrupt":
+                    corrupt = True
+                    continue
+                if fault.kind == "call":
+                    fault.call()
                     continue
                 if fault.kind == "slow":
                     time.sleep(fault.seconds)
@@ -623,6 +645,8 @@ class HubServer:
             status, headers = 500, {"Content-Type": "application/json"}
             payload = json.dumps({"error": f"hubserver bug: {type(e).__name__}: {e}"}).encode()
         entry.status, entry.user = status, user
+        if corrupt and status in (200, 206) and payload:
+            payload = bytes(b ^ 0x5A for b in payload)
         if drop_after:
             entry.status = None
             _drop_connection(h)
@@ -941,7 +965,7 @@ class HubServer:
 
     def _lfs_object(self, action: str, oid: str, body: bytes) -> tuple[int, dict, bytes]:
         if action == "upload":
-            if hashlib.sha256(body).hexdigest() != oid:
+            if self.verify_lfs_sha256 and hashlib.sha256(body).hexdigest() != oid:
                 raise _HubError(400, "sha256 of the uploaded content does not match the oid")
             self.lfs_store[oid] = body
             return self._json({})

@@ -102,6 +102,10 @@ def make_workdir(root: Path, *, model: str = "Tiny-Instruct", source_repo: str |
                     reasons=[] if publishable else ["BF16 conversion disagrees with the source model"],
                     seconds={}, chart="size-vs-kld.png" if chart else None)
     report.file_hashes = WorkDir(wd).content(Ladder.from_json(ladder))  # what the evaluation measured
+    if chart:  # and the chart it drew
+        png = wd / "size-vs-kld.png"
+        report.file_hashes[png.name] = {"size": png.stat().st_size,
+                                        "sha256": hashlib.sha256(png.read_bytes()).hexdigest()}
     WorkDir(wd).write_ladder(Ladder.from_json(ladder))
     WorkDir(wd).write_report(report)
     return wd
