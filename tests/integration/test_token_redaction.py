@@ -41,7 +41,36 @@ def test_the_server_does_echo_the_token(hub_server: HubServer) -> None:
     assert http.value.code == 404 and TEST_TOKEN in http.value.read().decode()
     with pytest.raises(HubError) as ei:
         hub().model_info("acme/none")
+    assert TEST_TOKEN not in str(ei.value)  # (a 404's message never carries the body: see the next test)
+
+
+@pytest.mark.parametrize("status", [403, 500])
+def test_an_error_message_that_repeats_the_server_body_is_redacted(hub_server: HubServer, status: int) -> None:
+    """403 and 5xx messages carry the server's own words (``detail``): here they repeat the token."""
+    hub_server.add_model(SOURCE, {"config.json": b"{}"})
+    hub_server.fail_next(None, status=status, path_prefix=f"/api/models/{SOURCE}")
+    with pytest.raises(HubError) as ei:
+        hub().model_info(SOURCE)
+    hub_server.clear_faults()
+    assert ei.value.status == status
+    assert f"injected fault {status} (request made with ***)" in str(ei.value)  # the body did reach the message
     assert TEST_TOKEN not in str(ei.value)
+
+
+def test_a_token_other_than_the_configured_one_is_redacted(hub_server: HubServer, monkeypatch) -> None:
+    """The token is rotated under a running bot (HF_TOKEN changed; the client reads it per request): the Hub echoes
+    a token the adapter was not built with, and only the ``hf_...`` pattern can catch it."""
+    rotated = "hf_rotatedtoken9876543210zyx"
+    hub_server.valid_tokens[rotated] = hub_server.valid_tokens[TEST_TOKEN]
+    monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
+    h = Hub(token=None, retry=RetryPolicy(max_attempts=1), sleep=lambda s: None)
+    monkeypatch.setenv("HF_TOKEN", rotated)
+    hub_server.add_model(SOURCE, {"config.json": b"{}"})
+    hub_server.fail_next(1, status=403, path_prefix=f"/api/models/{SOURCE}")
+    with pytest.raises(HubError) as ei:
+        h.model_info(SOURCE)
+    assert "(request made with hf_***)" in str(ei.value)  # the rotated token was sent and echoed...
+    assert rotated not in str(ei.value) and TEST_TOKEN not in str(ei.value)  # ...and is not in the message
 
 
 def test_no_token_in_logs_database_report_or_card(hub_server: HubServer, tmp_path: Path, caplog) -> None:
