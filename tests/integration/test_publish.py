@@ -132,7 +132,8 @@ def test_gated_source_fields_are_passed_through(hub_server: HubServer, tmp_path:
     card = ModelCard(hub_server.files(TARGET)["README.md"].decode())
     assert card.data.license == "other"
     assert card.data.license_name == "tiny-community-license"
-    assert card.data.license_link == "LICENSE"
+    # a link relative to the source repo points at the source's file at the converted revision
+    assert card.data.license_link.startswith("http") and card.data.license_link.endswith(f"/{SOURCE}/blob/{rev}/LICENSE")
     assert card.data.extra_gated_prompt == "You agree to the Tiny license."
     assert card.data.extra_gated_fields == {"Company": "text", "I agree": "checkbox"}
     assert hub_server.repo(TARGET).gated == "manual"  # gated before any file landed
