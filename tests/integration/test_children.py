@@ -27,7 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def leaver(tmp_path: Path, name: str = "leaver", then: str = "") -> Path:
     """A program that starts two sleeping grandchildren (``sleep 123 &`` in its group, ``setsid sleep 124 &``
-    in a session of its own), writes their pids to ``<name>.pids`` once both run, then does ``then``."""
+    in a session of its own), writes their pids and its own to ``<name>.pids`` once both run, then does ``then``
+    (``exec sleep``: the program itself waits, so that the test knows every process it leaves)."""
     prog = tmp_path / name
     pids = tmp_path / f"{name}.pids"
     prog.write_text(textwrap.dedent(f"""\
@@ -36,7 +37,7 @@ def leaver(tmp_path: Path, name: str = "leaver", then: str = "") -> Path:
         a=$!
         setsid sleep 124 &
         b=$!
-        echo "$a $b" > {pids}.part && mv {pids}.part {pids}
+        echo "$a $b $$" > {pids}.part && mv {pids}.part {pids}
         {then}
         """))
     prog.chmod(0o755)
@@ -50,24 +51,30 @@ def grandchildren(prog: Path, within: float = 10.0) -> list[int]:
         assert time.monotonic() < deadline, f"{prog.name} did not start its grandchildren"
         time.sleep(0.05)
     found = [int(p) for p in pids.read_text().split()]
-    assert len(found) == 2
-    return found
+    assert len(found) == 3
+    return found[:2]
 
 
-def assert_all_gone(pids: list[int], after: str) -> None:
+def everything(prog: Path) -> list[int]:
+    """The program and its grandchildren, for a test's clean-up whatever happened (the code under test may be wrong)."""
+    pids = prog.with_name(prog.name + ".pids")
+    return [int(p) for p in pids.read_text().split()] if pids.exists() else []
+
+
+def assert_all_gone(pids: list[int], after: str, prog: Path) -> None:
     try:
         left = [p for p in pids if not gone(p, within=5)]
         assert not left, f"grandchildren {left} outlived the program after {after}: " + " / ".join(
             Path(f"/proc/{p}/cmdline").read_text().replace("\0", " ") for p in left if Path(f"/proc/{p}").exists())
     finally:
-        kill_quietly(*pids)
+        kill_quietly(*pids, *everything(prog))
 
 
 def test_a_normal_return_leaves_no_grandchild(tmp_path):
     prog = leaver(tmp_path, then="echo done")
     res = toolchain.run([prog], timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "done"
-    assert_all_gone(grandchildren(prog, within=0), "a normal return")
+    assert_all_gone(grandchildren(prog, within=0), "a normal return", prog)
 
 
 def test_a_failing_program_keeps_its_exit_code_and_leaves_no_grandchild(tmp_path):
@@ -75,20 +82,20 @@ def test_a_failing_program_keeps_its_exit_code_and_leaves_no_grandchild(tmp_path
     with pytest.raises(ToolError) as ei:
         toolchain.run([prog], timeout=60)
     assert ei.value.returncode == 7 and "the reason" in ei.value.stderr_tail
-    assert_all_gone(grandchildren(prog, within=0), "a failure")
+    assert_all_gone(grandchildren(prog, within=0), "a failure", prog)
 
 
 def test_a_timeout_leaves_no_grandchild(tmp_path):
-    prog = leaver(tmp_path, then="sleep 60")
+    prog = leaver(tmp_path, then="exec sleep 60")
     t0 = time.monotonic()
     with pytest.raises(ToolError) as ei:
         toolchain.run([prog], timeout=2)
     assert ei.value.timed_out and time.monotonic() - t0 < 15
-    assert_all_gone(grandchildren(prog, within=0), "a timeout")
+    assert_all_gone(grandchildren(prog, within=0), "a timeout", prog)
 
 
 def test_kill_all_leaves_no_grandchild(tmp_path):
-    prog = leaver(tmp_path, then="sleep 60")
+    prog = leaver(tmp_path, then="exec sleep 60")
     errors: list[BaseException] = []
 
     def target() -> None:
@@ -105,7 +112,7 @@ def test_kill_all_leaves_no_grandchild(tmp_path):
     t.join(timeout=15)
     assert not t.is_alive() and time.monotonic() - t0 < 5
     assert isinstance(errors[0], ToolError) and errors[0].returncode == -signal.SIGKILL  # as a killed program's
-    assert_all_gone(pids, "kill_all")
+    assert_all_gone(pids, "kill_all", prog)
 
 
 def test_a_program_killed_by_a_signal_is_reported_so(tmp_path):
@@ -132,16 +139,16 @@ PARENT = textwrap.dedent("""
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_a_killed_parent_leaves_no_grandchild(tmp_path, sig):
-    prog = leaver(tmp_path, then="sleep 120")
+    prog = leaver(tmp_path, then="exec sleep 120")
     parent = subprocess.Popen([sys.executable, "-c", PARENT, str(prog)], cwd=REPO_ROOT)
     pids: list[int] = []
     try:
         pids = grandchildren(prog, within=30)
         parent.send_signal(sig)
         assert parent.wait(timeout=10) == (-sig if sig == signal.SIGKILL else 128 + sig)
-        assert_all_gone(pids, f"{sig.name} of the parent")
+        assert_all_gone(pids, f"{sig.name} of the parent", prog)
     finally:
-        kill_quietly(parent.pid, *pids)
+        kill_quietly(parent.pid, *pids, *everything(prog))
 
 
 def fake_llama_cpp(tmp_path: Path, then: str) -> tuple[Path, Path]:
@@ -160,7 +167,7 @@ def ggufbot_env(**extra: str) -> dict[str, str]:
 def test_sigkill_of_the_ggufbot_command_leaves_no_grandchild(tmp_path):
     """The real command line: ``ggufbot toolchain info`` with LLAMA_CPP_DIR runs ``llama-quantize --version``
     (through toolchain.run since issue 19: it used to be a bare subprocess.run, which even a SIGTERM left behind)."""
-    root, prog = fake_llama_cpp(tmp_path, then="sleep 120")
+    root, prog = fake_llama_cpp(tmp_path, then="exec sleep 120")
     bot = subprocess.Popen([sys.executable, "-m", "bot.cli", "toolchain", "info"], cwd=REPO_ROOT,
                            env=ggufbot_env(LLAMA_CPP_DIR=str(root)), stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
@@ -169,15 +176,15 @@ def test_sigkill_of_the_ggufbot_command_leaves_no_grandchild(tmp_path):
         pids = grandchildren(prog, within=60)
         bot.kill()
         assert bot.wait(timeout=10) == -signal.SIGKILL
-        assert_all_gone(pids, "SIGKILL of ggufbot")
+        assert_all_gone(pids, "SIGKILL of ggufbot", prog)
     finally:
-        kill_quietly(bot.pid, *pids)
+        kill_quietly(bot.pid, *pids, *everything(prog))
 
 
 def test_the_ggufbot_command_leaves_no_orphan_on_its_way_out(tmp_path):
     """A supervisor killed outright (here: SIGKILL while the program runs) hands its orphans to the ggufbot process,
     the subreaper, which kills them when the command ends; without it they would be PID 1's, running on."""
-    root, prog = fake_llama_cpp(tmp_path, then="sleep 120")
+    root, prog = fake_llama_cpp(tmp_path, then="exec sleep 120")
     bot = subprocess.Popen([sys.executable, "-m", "bot.cli", "toolchain", "info"], cwd=REPO_ROOT,
                            env=ggufbot_env(LLAMA_CPP_DIR=str(root)), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
@@ -190,9 +197,9 @@ def test_the_ggufbot_command_leaves_no_orphan_on_its_way_out(tmp_path):
         for pid in pids:
             assert _ppid(pid) in (bot.pid, None), f"grandchild {pid} was not re-parented to ggufbot"
         out, err = bot.communicate(timeout=60)
-        assert_all_gone(pids, "the end of the ggufbot command")
+        assert_all_gone(pids, "the end of the ggufbot command", prog)
     finally:
-        kill_quietly(bot.pid, *pids)
+        kill_quietly(bot.pid, *pids, *everything(prog))
 
 
 def _children(ppid: int) -> list[int]:
