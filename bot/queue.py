@@ -51,6 +51,7 @@ from bot.retry import RetryPolicy
 from bot.runner import Runner, new_worker_id, on_stop_signal, retry_policy, slug
 from bot.settings import Settings
 from bot.store import Store
+from converters.errors import StateError
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +81,123 @@ def conninfo(database_url: str) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def apply_schema(conn: Any) -> None:
-    """procrastinate's schema, in the migration's transaction (``bot.store`` migration 3), unless present."""
-    if sa.inspect(conn).has_table("procrastinate_jobs"):
-        return
+@dataclasses.dataclass(frozen=True)
+class Procrastinate:
+    """The procrastinate a box runs: its version, its full schema and the names of its migration files (each a
+    ``MM.mm.pp_NN_name.sql`` in ``procrastinate/sql/migrations``, applied in name order; ``schema.sql`` is the
+    result of all of them). procrastinate keeps no record of what a database has: ``queue_migrations`` is
+    ggufbot's (:func:`apply_schema` fills it, :func:`migrate_schema` adds to it)."""
+
+    version: str
+    schema: Callable[[], str]
+    migrations: tuple[str, ...]
+    read: Callable[[str], str]
+
+
+def _installed() -> Procrastinate:
+    import importlib.metadata
+    from pathlib import Path
+
     from procrastinate.schema import SchemaManager
 
-    conn.connection.driver_connection.execute(SchemaManager.get_schema())  # no parameters: '%' stays literal
+    folder = Path(SchemaManager.get_migrations_path())
+    return Procrastinate(version=importlib.metadata.version("procrastinate"), schema=SchemaManager.get_schema,
+                         migrations=tuple(sorted(p.name for p in folder.glob("*.sql"))),
+                         read=lambda name: (folder / name).read_text(encoding="utf-8"))
+
+
+INSTALLED = _installed()
+# Every procrastinate schema ggufbot made before queue_migrations existed came from procrastinate >= 3.10 (the pin
+# since ggufbot first used it): such a database has every migration up to this version.
+BASELINE = (3, 10, 0)
+MIGRATION_LOCK = 72231  # bot.store's migration lock: one migrator at a time across machines
+
+_MD = sa.MetaData()
+T_QUEUE_MIGRATIONS = sa.Table("queue_migrations", _MD,
+                              sa.Column("name", sa.String(200), primary_key=True),  # the migration file's name
+                              sa.Column("procrastinate", sa.String(40), nullable=False),  # the version applying it
+                              sa.Column("applied_at", sa.Float, nullable=False))
+
+
+def migration_version(name: str) -> tuple[int, int, int]:
+    """``03.04.00_01_pre_add_retry.sql`` -> (3, 4, 0)."""
+    major, minor, patch = name.split("_", 1)[0].split(".")
+    return int(major), int(minor), int(patch)
+
+
+def _record(conn: Any, names: Iterable[str], now: float) -> None:
+    rows = [{"name": n, "procrastinate": INSTALLED.version, "applied_at": now} for n in names]
+    if rows:
+        conn.execute(T_QUEUE_MIGRATIONS.insert(), rows)
+
+
+def apply_schema(conn: Any, now: float | None = None) -> None:
+    """procrastinate's schema, in the migration's transaction (``bot.store`` migration 3), unless present; it is
+    recorded as every migration of the installed procrastinate."""
+    if sa.inspect(conn).has_table("procrastinate_jobs"):
+        return
+    conn.connection.driver_connection.execute(INSTALLED.schema())  # no parameters: '%' stays literal
+    T_QUEUE_MIGRATIONS.create(conn, checkfirst=True)
+    _record(conn, INSTALLED.migrations, time.time() if now is None else now)
+
+
+def applied_migrations(conn: Any) -> set[str]:
+    """The procrastinate migrations the database has: its record, else (made before the record existed) every
+    migration up to :data:`BASELINE`; none without procrastinate's schema."""
+    insp = sa.inspect(conn)
+    if insp.has_table("queue_migrations"):
+        return {r[0] for r in conn.execute(sa.select(T_QUEUE_MIGRATIONS.c.name))}
+    if insp.has_table("procrastinate_jobs"):
+        return {n for n in INSTALLED.migrations if migration_version(n) <= BASELINE}
+    return set()
+
+
+def schema_state(engine: Any) -> tuple[list[str], list[str]]:
+    """(migrations of the installed procrastinate not applied, in order; applied ones it does not know)."""
+    with engine.connect() as c:
+        if not sa.inspect(c).has_table("procrastinate_jobs"):
+            return list(INSTALLED.migrations), []
+        done = applied_migrations(c)
+    return [n for n in INSTALLED.migrations if n not in done], sorted(done - set(INSTALLED.migrations))
+
+
+def migrate_schema(engine: Any, now: float | None = None) -> list[str]:
+    """Apply the installed procrastinate's migrations the database does not have, in order, each in its own
+    transaction with its record (under the migration lock). Returns the names applied."""
+    now = time.time() if now is None else now
+    with engine.begin() as c:
+        c.execute(sa.text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
+        if not sa.inspect(c).has_table("procrastinate_jobs"):
+            apply_schema(c, now)
+            return []
+        if not sa.inspect(c).has_table("queue_migrations"):  # made before the record: write its baseline
+            base = applied_migrations(c)
+            T_QUEUE_MIGRATIONS.create(c)
+            _record(c, sorted(base), now)
+    done = []
+    for name in INSTALLED.migrations:
+        with engine.begin() as c:
+            c.execute(sa.text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
+            if c.execute(sa.select(T_QUEUE_MIGRATIONS.c.name).where(T_QUEUE_MIGRATIONS.c.name == name)).first():
+                continue
+            c.connection.driver_connection.execute(INSTALLED.read(name))  # no parameters: '%' stays literal
+            _record(c, [name], now)
+        log.info("queue schema: applied procrastinate migration %s", name)
+        done.append(name)
+    return done
+
+
+def check_schema(engine: Any) -> None:
+    """Refuse to run procrastinate workers on a schema that is not the installed procrastinate's."""
+    pending, unknown = schema_state(engine)
+    if pending:
+        raise StateError(f"the queue schema in PostgreSQL is older than procrastinate {INSTALLED.version} on this "
+                         f"box: {len(pending)} migration(s) not applied ({', '.join(pending)}); run `ggufbot "
+                         "migrate` (with the other boxes' workers stopped or upgraded)")
+    if unknown:
+        raise StateError(f"the queue schema in PostgreSQL has migrations procrastinate {INSTALLED.version} on this "
+                         f"box does not know ({', '.join(unknown)}): a newer procrastinate migrated it; upgrade "
+                         "this box")
 
 
 def _lost_connection(e: BaseException) -> bool:
@@ -411,6 +522,7 @@ class Box:
         """Run procrastinate workers until a stop request: the job worker (``queues``, default by this box's
         capabilities) and/or the scheduler's (the tick queue, one at a time)."""
         s = self.settings
+        check_schema(self.store.engine)  # procrastinate's queries need its own schema, not an older one
         logging.getLogger("procrastinate").setLevel(logging.WARNING)  # a line per tick is noise; ours say more
         loop = asyncio.get_running_loop()
         if install_signals:

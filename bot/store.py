@@ -552,8 +552,11 @@ class Store(StateStore):
             v = c.execute(sa.select(T_VERSION.c.version).where(T_VERSION.c.id == 1)).scalar()
         return int(v or 0)
 
-    def migrate(self, target: int = LATEST, now: float | None = None) -> int:
-        """Apply the migrations not yet applied, each in its own transaction; return the new version."""
+    def migrate(self, target: int = LATEST, now: float | None = None, *, queue: bool = False) -> int:
+        """Apply the migrations not yet applied, each in its own transaction; return the new version. With
+        ``queue`` (``ggufbot migrate``), on PostgreSQL, then procrastinate's own migrations that the queue schema
+        lacks (:func:`bot.queue.migrate_schema`): opening the store creates that schema when absent but never
+        upgrades it, since workers of other boxes may still run the older procrastinate."""
         now = time.time() if now is None else now
         with self.engine.begin() as c:
             if self.engine.dialect.name == "postgresql":  # one migrator at a time across machines
@@ -576,6 +579,10 @@ class Store(StateStore):
                 else:
                     c.execute(T_VERSION.update().where(T_VERSION.c.id == 1).values(version=n, updated_at=now))
             log.info("state store migrated to schema version %d", n)
+        if queue and self.queued_by_procrastinate and target >= 3:
+            from bot import queue as queue_mod
+
+            queue_mod.migrate_schema(self.engine, now)
         return self.schema_version()
 
     def _write(self, fn: Callable[[Connection], Any], retries: int = 8) -> Any:

@@ -1,5 +1,5 @@
-"""The bot's commands: ``run``, ``watch --once``, ``enqueue``, ``status``, ``retry``, ``cancel``, ``skip``/``unskip``,
-``serve`` (the status page alone) and ``webhook create|list|delete``.
+"""The bot's commands: ``run``, ``worker``, ``migrate``, ``watch --once``, ``enqueue``, ``status``, ``retry``,
+``cancel``, ``skip``/``unskip``, ``serve`` (the status page alone) and ``webhook create|list|delete``.
 
 Every command reads the settings (``--config FILE``, else ``$GGUFBOT_CONFIG``, else built-in defaults, plus
 ``GGUFBOT_<SECTION>__<KEY>`` variables) and opens the state store they name.
@@ -44,6 +44,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queues", default=None,
                    help="comma-separated queues (default: ggufbot, plus ggufbot-big on a big GPU box)")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("migrate", parents=[common], help="upgrade the state store and procrastinate's queue schema",
+                       description="Apply the state store's migrations and, on PostgreSQL, the installed "
+                       "procrastinate's migrations that the queue schema lacks, in order (workers refuse to start "
+                       "on an older queue schema). Run it once the boxes' workers are stopped or upgraded.")
+    p.add_argument("--check", action="store_true",
+                   help="apply nothing; list what is not applied (exit code 1 if anything is)")
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("watch", parents=[common], help="poll the watched sources and queue what is accepted")
     p.add_argument("--once", action="store_true", required=True, help="one poll, then exit (the only mode)")
@@ -280,6 +288,38 @@ def cmd_webhook_delete(args: argparse.Namespace) -> int:
     hub.delete_webhook(args.id)
     print(f"deleted webhook {args.id}")
     return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from bot.store import LATEST, Store
+
+    s = _settings(args)
+    st = Store(s.database_url, migrate=False)
+    try:
+        before = st.schema_version()
+        pq = None
+        if st.queued_by_procrastinate:
+            from bot import queue
+
+            pq = queue
+        pending = pq.schema_state(st.engine)[0] if pq is not None and before >= 3 else []
+        if args.check:
+            print(f"state store: schema version {before} of {LATEST}")
+            if pq is not None:
+                print(f"queue schema (procrastinate {pq.INSTALLED.version}): "
+                      + (f"{len(pending)} migration(s) not applied: {', '.join(pending)}" if pending else
+                         "up to date" if before >= 3 else "not created yet"))
+            return 1 if before < LATEST or pending else 0
+        after = st.migrate(queue=True)
+        print(f"state store: schema version {after}" + (f" (was {before})" if after != before else " (up to date)"))
+        if pq is not None:
+            left, _ = pq.schema_state(st.engine)
+            done = [n for n in pending if n not in left]
+            print(f"queue schema (procrastinate {pq.INSTALLED.version}): "
+                  + (f"applied {', '.join(done)}" if done else "up to date"))
+        return 0
+    finally:
+        st.close()
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
