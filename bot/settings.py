@@ -137,8 +137,8 @@ class Limits:
     tool_seconds_per_gb: float = 600.0  # converter, llama-quantize, llama-gguf-split: per GB of the file read
     tool_min_seconds: float = 120.0  # every program (was a 1800 s minimum for any program)
     tool_load_seconds_per_gb: float = 30.0  # llama-imatrix, llama-perplexity, llama-completion: loading, per GB
-    tool_eval_seconds_per_token_gb: float = 0.05  # llama-imatrix, llama-perplexity: per token of text per GB
-    tool_generate_seconds_per_token_gb: float = 1.0  # llama-completion: per token (prompt and generated) per GB
+    tool_eval_seconds_per_token_gb: float = 0.25  # llama-imatrix, llama-perplexity: per token of text per GB
+    tool_generate_seconds_per_token_gb: float = 3.0  # llama-completion: per generated token per GB (at least 1 GB)
 
 
 @dataclasses.dataclass(frozen=True)

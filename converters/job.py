@@ -65,18 +65,21 @@ class ToolLimits:
     - the converter, llama-quantize, llama-gguf-split: ``seconds_per_gb`` per GB of the file they read;
     - llama-imatrix, llama-perplexity: ``load_seconds_per_gb`` per GB of the model, plus
       ``eval_seconds_per_token_gb`` per token of text (chunks x ctx) per GB of the model;
-    - llama-completion: the same load, plus ``generate_seconds_per_token_gb`` per token (prompt and generated);
+    - llama-completion: the same load, plus ``generate_seconds_per_token_gb`` per generated token per GB of the
+      model, and ``eval_seconds_per_token_gb`` per prompt token;
     - llama-tokenize (vocabulary only): ``min_seconds``.
 
-    The defaults are about ten times what a busy 2-core CPU needs (a 64-token generation on a 135 M model gets about
-    3 minutes, not the 30 of the old one-size limit); a program that prints nothing for
-    ``schedule.stuck_after_seconds`` is caught by the stuck-job detection before that anyway."""
+    Per token, a model counts as at least 1 GB (``converters.verify.MIN_TOKEN_GB``): below that the program's own
+    per-token overhead rules. Measured on SmolLM2-135M's BF16 file on a 2-core box loaded 3 times over: 0.92 s per
+    generated token, 0.046 s per evaluated token (8 chunks of 512 in 190 s); the defaults allow 3 to 6 times that
+    (a 64-token generation gets about 6 minutes, not the 30 of the old one-size limit). A program that prints
+    nothing for ``schedule.stuck_after_seconds`` is caught by the stuck-job detection before that anyway."""
 
     seconds_per_gb: float = 600.0
     min_seconds: float = 120.0
     load_seconds_per_gb: float = 30.0
-    eval_seconds_per_token_gb: float = 0.05
-    generate_seconds_per_token_gb: float = 1.0
+    eval_seconds_per_token_gb: float = 0.25
+    generate_seconds_per_token_gb: float = 3.0
 
     @classmethod
     def from_settings(cls, limits: Any) -> "ToolLimits":
@@ -93,12 +96,14 @@ class ToolLimits:
     def evaluate(self, tokens: int, model_bytes: int) -> float:
         """llama-imatrix or llama-perplexity over ``tokens`` of text with a model of ``model_bytes``."""
         gb = max(0, model_bytes) / 1e9
-        return self.min_seconds + gb * (self.load_seconds_per_gb + max(0, tokens) * self.eval_seconds_per_token_gb)
+        return (self.min_seconds + gb * self.load_seconds_per_gb
+                + max(gb, verify.MIN_TOKEN_GB) * max(0, tokens) * self.eval_seconds_per_token_gb)
 
     def generation(self) -> verify.ProgramLimit:
         """What llama-completion and llama-tokenize get (``converters.verify`` sizes each run with it)."""
         return verify.ProgramLimit(floor=self.min_seconds, load_seconds_per_gb=self.load_seconds_per_gb,
-                                   seconds_per_token_gb=self.generate_seconds_per_token_gb)
+                                   seconds_per_token_gb=self.generate_seconds_per_token_gb,
+                                   prompt_seconds_per_token_gb=self.eval_seconds_per_token_gb)
 
     def timeout(self, weight_bytes: int) -> float:
         """A program of unknown work on a model of ``weight_bytes`` (a stage that does not size its programs)."""

@@ -125,19 +125,27 @@ TOKENIZER_SAMPLES: tuple[tuple[str, str], ...] = (
     ("symbols", "<html><body class=\"x\">&amp; a->b => c != d <= e; $HOME ~/.cache @user #tag`x`</body></html>"),
 )
 
+MIN_TOKEN_GB = 1.0  # a token costs at least what it costs on a 1 GB model: below, the program's own overhead rules
+
+
 @dataclasses.dataclass(frozen=True)
 class ProgramLimit:
     """How long a llama.cpp program that loads a model and works through tokens may run: ``floor`` seconds, plus
-    ``load_seconds_per_gb`` per GB of the model file and ``seconds_per_token_gb`` per token per GB of the model.
+    ``load_seconds_per_gb`` per GB of the model file, plus per GB of the model (at least :data:`MIN_TOKEN_GB`)
+    ``seconds_per_token_gb`` per generated token and ``prompt_seconds_per_token_gb`` per prompt token (a batch).
     ``converters.job.ToolLimits`` builds the one the running stage uses (:func:`limited`) from the settings."""
 
-    floor: float = 60.0
+    floor: float = 120.0
     load_seconds_per_gb: float = 30.0
-    seconds_per_token_gb: float = 2.0
+    seconds_per_token_gb: float = 3.0
+    prompt_seconds_per_token_gb: float = 0.25
 
-    def seconds(self, tokens: int, model_bytes: int) -> float:
+    def seconds(self, tokens: int, model_bytes: int, prompt_tokens: int = 0) -> float:
         gb = max(0, model_bytes) / 1e9
-        return self.floor + gb * (self.load_seconds_per_gb + max(0, tokens) * self.seconds_per_token_gb)
+        per_token = max(gb, MIN_TOKEN_GB)
+        return (self.floor + gb * self.load_seconds_per_gb
+                + per_token * (max(0, tokens) * self.seconds_per_token_gb
+                               + max(0, prompt_tokens) * self.prompt_seconds_per_token_gb))
 
 
 _LIMIT: contextvars.ContextVar[ProgramLimit] = contextvars.ContextVar("ggufbot_generation_limit",
@@ -542,9 +550,9 @@ def prompt_for(gguf: GgufFacts, tok=None) -> tuple[str, bool]:
 
 
 def generation_timeout(gguf: Path, prompt: str, n_predict: int) -> float:
-    """The limit of one generation: the prompt's bytes (at most one token each) and ``n_predict`` tokens, at the
-    running stage's rate (:class:`ProgramLimit`) for the model's size."""
-    return _LIMIT.get().seconds(len(prompt.encode("utf-8", "surrogateescape")) + n_predict, model_bytes(gguf))
+    """The limit of one generation: ``n_predict`` tokens and the prompt's bytes (at most one token each), at the
+    running stage's rates (:class:`ProgramLimit`) for the model's size."""
+    return _LIMIT.get().seconds(n_predict, model_bytes(gguf), len(prompt.encode("utf-8", "surrogateescape")))
 
 
 def generate(tc: tc_mod.Toolchain, gguf: Path, prompt: str, *, n_predict: int, threads: int | None = None,

@@ -37,8 +37,9 @@ def test_a_64_token_generation_on_a_135m_model_gets_minutes_not_half_an_hour(tmp
     model = sparse(tmp_path / "SmolLM2-BF16.gguf", SMOL_BF16)
     with verify.limited(job.ToolLimits().generation()):
         seconds = verify.generation_timeout(model, "x" * 200, 64)
-    assert job.ToolLimits().min_seconds <= seconds <= 300, seconds
-    assert seconds < OLD_FLOOR / 5
+    # measured there: 0.92 s a token on a 2-core box loaded 3 times over, so about a minute; allowed minutes, not 30
+    assert 64 * 0.92 * 3 <= seconds <= 480, seconds
+    assert seconds < OLD_FLOOR / 3
 
 
 def test_a_generation_limit_grows_with_tokens_and_model_size(tmp_path: Path) -> None:
@@ -93,11 +94,12 @@ def test_each_stage_sizes_its_programs_from_its_work(tmp_path: Path) -> None:
     calibrate = job.stage_timeout(job.CalibrateStage(), ctx)
     quantize = job.stage_timeout(job.QuantizeStage(), ctx)
     evaluate_few, evaluate_many = (job.stage_timeout(evaluation(n), ctx) for n in (4, 64))
-    for seconds in (convert, calibrate, quantize, evaluate_few, evaluate_many):
-        assert seconds is not None and floor <= seconds < OLD_FLOOR, (convert, calibrate, quantize, evaluate_many)
-    assert evaluate_few < evaluate_many  # chunks x ctx
-    # 8 chunks x 256 tokens on a 270 MB model: minutes at most
-    assert calibrate < 300
+    for seconds in (convert, calibrate, quantize, evaluate_few):
+        assert seconds is not None and floor <= seconds < OLD_FLOOR, (convert, calibrate, quantize, evaluate_few)
+    # chunks x ctx: 64 chunks of 256 tokens take about 750 s on that busy box: more than the old one-size limit gave
+    assert evaluate_few < 64 * 256 * 0.046 * 3 < evaluate_many
+    # 8 chunks x 256 tokens on a 270 MB model (measured: 0.046 s a token on a busy 2-core box, 95 s): minutes
+    assert 2048 * 0.046 * 3 < calibrate < 900
 
 
 def test_stage_limits_grow_with_the_work(tmp_path: Path) -> None:
@@ -188,7 +190,7 @@ def test_the_limits_come_from_the_settings(tmp_path: Path) -> None:
     limits = job.ToolLimits.from_settings(s.limits)
     assert limits == job.ToolLimits(seconds_per_gb=600.0, min_seconds=60.0, load_seconds_per_gb=10.0,
                                     eval_seconds_per_token_gb=0.2, generate_seconds_per_token_gb=0.5)
-    assert limits.generation() == verify.ProgramLimit(60.0, 10.0, 0.5)
+    assert limits.generation() == verify.ProgramLimit(60.0, 10.0, 0.5, 0.2)
     assert job.ToolLimits.from_settings(S.Limits()) == job.ToolLimits()  # one set of defaults
 
 
