@@ -43,6 +43,8 @@ RESULT_PATTERNS = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.tiktoken", "*.tiktoken", "chat_template.jinja",
     "chat_template.json", "preprocessor_config.json", "processor_config.json",
+    # named templates beside chat_template.jinja: the converter writes them as tokenizer.chat_template.<name>
+    "additional_chat_templates/*.jinja",
 )
 # What a Hub fetch downloads: the result files plus the model card, for the licence.
 FETCH_PATTERNS = RESULT_PATTERNS + ("README.md",)
@@ -88,13 +90,15 @@ def files_fingerprint(path: Path, cache_dir: Path | None = None) -> list[dict[st
     if not path.is_dir():
         return None
     files = sorted(p for p in path.iterdir() if p.is_file() and is_result_file(p.name))
-    return [records.fingerprint_file(p, cache_dir) for p in files]
+    extra = sorted(p for p in (path / "additional_chat_templates").glob("*.jinja") if p.is_file())
+    return ([records.fingerprint_file(p, cache_dir) for p in files]
+            + [{**records.fingerprint_file(p, cache_dir), "name": f"{p.parent.name}/{p.name}"} for p in extra])
 
 
 def is_result_file(name: str) -> bool:
     """Whether a file (a name in a repo or a folder; matched on its base name) changes the GGUF result."""
     base = name.rsplit("/", 1)[-1]
-    return any(fnmatchcase(base, pat) for pat in RESULT_PATTERNS)
+    return any(fnmatchcase(name if "/" in pat else base, pat) for pat in RESULT_PATTERNS)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -292,3 +292,18 @@ def test_sub_byte_tensors_count_their_elements_as_parameters(tmp_path):
 def test_the_readme_licence_is_one_licence_id(tmp_path, front, license):
     d = make(tmp_path, extra={"README.md": f"---\n{front}\n---\n# x\n"})
     assert ck.inspect(d).license == license
+
+
+def test_named_templates_beside_chat_template_jinja_are_result_files(tmp_path: Path) -> None:
+    """The pinned converter writes ``additional_chat_templates/<name>.jinja`` as ``tokenizer.chat_template.<name>``:
+    the fetch downloads them (so inspect renders them in the sandbox), the watcher re-queues on their change and the
+    stage records fingerprint them."""
+    from converters.checkpoint import files_fingerprint, is_result_file
+
+    assert is_result_file("additional_chat_templates/tool_use.jinja")
+    assert not is_result_file("other_folder/tool_use.jinja") and not is_result_file("tool_use.jinja")
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "additional_chat_templates").mkdir()
+    (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
+    names = [f["name"] for f in files_fingerprint(tmp_path) or []]
+    assert names == ["config.json", "additional_chat_templates/tool_use.jinja"]
