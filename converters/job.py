@@ -166,12 +166,18 @@ class Stage(Protocol):
 
 
 def stage_timeout(stage: Stage, ctx: JobContext) -> float | None:
-    """The cap on any one program ``stage`` starts (None: before the checkpoint is known, no cap but each
-    program's own)."""
+    """The cap on any one program ``stage`` starts: its ``program_seconds(ctx)`` when it has one (None: before the
+    checkpoint is known, no cap but each program's own)."""
     sized = getattr(stage, "program_seconds", None)
     if callable(sized):
         return sized(ctx)
-    return ctx.limits.timeout(ctx.checkpoint.weight_bytes) if ctx.checkpoint is not None else None
+    if ctx.checkpoint is None:
+        return None
+    # a stage that does not size its programs (tune, a variant's teacher logits...): the converter's limit, or
+    # llama-perplexity's over the default evaluation on the reference, whichever is longer
+    ctx_len = ctx.plan.ctx if ctx.plan is not None else 512
+    return max(ctx.limits.timeout(ctx.checkpoint.weight_bytes),
+               ctx.limits.evaluate(DEFAULT_EVAL_CHUNKS * ctx_len, ctx.reference_bytes()))
 
 
 def run_stages(stages: Sequence[Stage], ctx: JobContext) -> JobContext:

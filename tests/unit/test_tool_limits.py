@@ -98,6 +98,13 @@ def test_each_stage_sizes_its_programs_from_its_work(tmp_path: Path) -> None:
         assert seconds is not None and floor <= seconds < OLD_FLOOR, (convert, calibrate, quantize, evaluate_few)
     # chunks x ctx: 64 chunks of 256 tokens take about 750 s on that busy box: more than the old one-size limit gave
     assert evaluate_few < 64 * 256 * 0.046 * 3 < evaluate_many
+    # a stage that does not size its programs (tune, a variant's teacher logits: llama-perplexity over the default
+    # evaluation) gets at least the evaluation's limit
+
+    class Unsized:
+        name, quiet = "teacher-logits", False
+
+    assert job.stage_timeout(Unsized(), ctx) >= evaluate_many
     # 8 chunks x 256 tokens on a 270 MB model (measured: 0.046 s a token on a busy 2-core box, 95 s): minutes
     assert 2048 * 0.046 * 3 < calibrate < 900
 
