@@ -142,7 +142,7 @@ class JobSpec:
             # an architecture (or a vision tower) the pinned converter cannot convert is refused at inspect with
             # that reason, as `ggufbot convert` does, not left to fail inside the converter
             rules=CheckpointRules(check_architecture=True),
-            limits=ToolLimits(s.limits.tool_seconds_per_gb, s.limits.tool_min_seconds))
+            limits=ToolLimits.from_settings(s.limits))
 
     def for_variant(self, recipe: variants_mod.Recipe, teacher_dir: Path, teacher_workdir: Path) -> "JobSpec":
         """The spec of one variant of this job: prune/heal the teacher, the same ladder, evaluation against the

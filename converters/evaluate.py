@@ -709,6 +709,7 @@ def _prepare(wd: WorkDir, opts: EvalOptions, toolchain: tc_mod.Toolchain | None,
     reference = wd.path / ladder.reference.path
     if not reference.exists():
         raise InputError(f"the reference GGUF {ladder.reference.path} is missing from {wd.path}")
+    verify.require_sandboxed_templates(reference)  # a work dir from elsewhere: its templates pass before any program
     return _Job(wd=wd, ladder=ladder, opts=opts, eval_text=eval_text, eval_sha=eval_sha, cal_sha=cal_sha,
                 src_path=src_path, reference=reference, tc=tc, hooks=hooks, content=wd.content(ladder))
 

@@ -248,6 +248,11 @@ def rewrite(src: Path, dst: Path, vocab: Path) -> PatchedPart:
 
 
 
+def _folder_bytes(folder: Path) -> int:
+    """What the vocab-only converter may read: the bytes of the files in ``folder`` (config and tokenizer files)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists():
@@ -300,7 +305,8 @@ class VocabStage:
             raise RuntimeError("no checkpoint folder: the patch fetch must run first")
         t0 = time.monotonic()
         path, skipped = vocab_only(ctx.checkpoint_dir, ctx.workdir, toolchain=ctx.toolchain,
-                                   timeout=ctx.limits.min_seconds, on_line=ctx.hooks.tool_lines(self.name))
+                                   timeout=ctx.limits.convert(_folder_bytes(ctx.checkpoint_dir)),
+                                   on_line=ctx.hooks.tool_lines(self.name))
         ctx.state["vocab"] = path
         ctx.hooks.emit(self.name, SKIP if skipped else END, data={"seconds": round(time.monotonic() - t0, 3)})
 

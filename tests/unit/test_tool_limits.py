@@ -201,6 +201,15 @@ def test_the_limits_come_from_the_settings(tmp_path: Path) -> None:
     assert job.ToolLimits.from_settings(S.Limits()) == job.ToolLimits()  # one set of defaults
 
 
+def test_the_bot_job_takes_every_limit_from_the_settings(tmp_path: Path) -> None:
+    from bot.job import JobSpec
+
+    s = load(tmp_path, "[limits]\ntool_min_seconds = 60\ntool_generate_seconds_per_token_gb = 0.5\n"
+                       "tool_eval_seconds_per_token_gb = 0.2\ntool_load_seconds_per_gb = 10\n")
+    spec = JobSpec.from_settings(s, "acme/Model", "a" * 40, calibration=None, evaluation=None)
+    assert spec.limits == job.ToolLimits.from_settings(s.limits) != job.ToolLimits()
+
+
 def test_old_keys_still_work(tmp_path: Path) -> None:
     s = load(tmp_path, "[limits]\ntool_seconds_per_gb = 300\ntool_min_seconds = 1800\n")
     limits = job.ToolLimits.from_settings(s.limits)
