@@ -248,6 +248,18 @@ def rewrite(src: Path, dst: Path, vocab: Path) -> PatchedPart:
 
 
 
+def carried_hashes(old: Report, patched: set[str]) -> dict[str, dict[str, Any]]:
+    """The measured hashes of the files a patch republishes unchanged (imatrix, chart, projectors): the earlier
+    report's ``file_hashes``, and for a file it lacks there (a chart published before charts were hashed) the sha256
+    its ``publication`` block recorded when it was uploaded (publish compares either with the downloaded bytes)."""
+    hashes = {k: dict(v) for k, v in old.file_hashes.items() if k not in patched}
+    published = (old.extra.get("publication") or {}).get("files") if isinstance(old.extra, dict) else None
+    for path, v in (published if isinstance(published, dict) else {}).items():
+        if path not in hashes and path not in patched and isinstance(v, dict) and isinstance(v.get("sha256"), str):
+            hashes[str(path)] = {"size": v.get("size"), "sha256": v["sha256"]}
+    return hashes
+
+
 def _folder_bytes(folder: Path) -> int:
     """What the vocab-only converter may read: the bytes of the files in ``folder`` (config and tokenizer files)."""
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
@@ -445,7 +457,7 @@ def recheck(wd: WorkDir, ladder: Ladder, old: Report, source_dir: Path, *, toolc
         Check.fail("the tensor data differs from the published files", **data))
     present_types = {f.type for f in present}
     old_paths = {p for f in present for p in (f.path, *(str(x.get("path")) for x in f.parts))}
-    hashes = {k: v for k, v in old.file_hashes.items() if k not in old_paths}
+    hashes = carried_hashes(old, old_paths)
     files: list[FileResult] = []
     for f in old.files:
         lf = ladder.file(f.type)
