@@ -40,7 +40,7 @@ from huggingface_hub.utils import filter_repo_objects
 from bot import metrics
 from bot.retry import RetryPolicy
 from converters import records
-from converters.errors import CheckFailed, HubAuthError, HubError, HubNotFound, UnsupportedModel
+from converters.errors import CheckFailed, HubAuthError, HubError, HubNotFound, HubUnreachable, UnsupportedModel
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,16 +77,6 @@ def _install_timeout(seconds: float | None) -> None:
 
     huggingface_hub.set_client_factory(factory)
     _installed_timeout[:] = [seconds]
-
-
-class HubUnreachable(HubError):
-    """The Hub could not be reached at all (connection refused, name not resolved, connect timeout, TLS): an
-    outage, not a failed request. Transient; never retried here (the caller stops: a poll ends, a job retries
-    on its own schedule). ``reason`` is one of a few fixed words, never the client's exception text."""
-
-    def __init__(self, what: str, reason: str):
-        super().__init__(f"{what}: Hub unreachable ({reason})", status=None)
-        self.reason = reason
 
 
 class _ConnectFailed(httpx2.TransportError):

@@ -29,7 +29,7 @@ from typing import Any
 
 from bot import jobs as J
 from bot import metrics
-from bot.hub import HubUnreachable
+from converters.errors import HubUnreachable
 from bot.rules import Decision, decide, sibling_names
 from bot.settings import Settings, Source
 from bot.status import hub_state

@@ -127,6 +127,16 @@ class HubError(GgufbotError):
         return self.status is None or self.status in (408, 429) or self.status >= 500
 
 
+class HubUnreachable(HubError):
+    """The Hub could not be reached at all (connection refused, name not resolved, connect timeout, TLS): an
+    outage, not a failed request. Transient; never retried here (the caller stops: a poll ends, a job retries
+    on its own schedule). ``reason`` is one of a few fixed words, never the client's exception text."""
+
+    def __init__(self, what: str, reason: str):
+        super().__init__(f"{what}: Hub unreachable ({reason})", status=None)
+        self.reason = reason
+
+
 class HubAuthError(HubError):
     """Bad or missing token (401), or no access to a gated/private repo (403)."""
 
