@@ -246,6 +246,7 @@ class Hostile:
     reason: str
     code: str | None = None  # the decision code (stopped_by == "decision")
     stage: str | None = None  # the stage its job fails in (stopped_by == "job")
+    never_served: tuple[str, ...] = ()  # payload files of the repo that must never be downloaded
 
 
 def canary_code(canary: Path, case: str) -> str:
@@ -312,6 +313,9 @@ FENCE_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['con
                   "```\n</code></pre>\n\n[Claim your prize](http://attacker.invalid/x) <img src=x onerror=alert(1)>\n"
                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 FENCE_LINK = "attacker.invalid"
+PLAIN_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+HOSTILE_LICENSE_LINK = "javascript:alert(document.cookie)"
+HOSTILE_LICENSE_NAME = {"name": "<img src=x onerror=alert(1)>"}  # not text nor a list of text: dropped
 
 
 def escape_template(canary: Path) -> str:
@@ -381,7 +385,7 @@ def populate_hostile(hub: HubServer, author: str, tiny: Path, canary: Path, scra
     out: dict[str, Hostile] = {}
 
     def add(h: Hostile, files: Mapping[str, Any], config: Mapping[str, Any] | None = None, **kw: Any) -> None:
-        hub.add_model(f"{author}/{h.name}", dict(files), card_data=card, config=dict(config or cfg),
+        hub.add_model(f"{author}/{h.name}", dict(files), card_data=kw.pop("card_data", card), config=dict(config or cfg),
                       safetensors_params=kw.pop("safetensors_params", params), pipeline_tag="text-generation",
                       library_name="transformers", last_modified=now - dt.timedelta(seconds=len(out)), **kw)
         out[f"{author}/{h.name}"] = h
@@ -394,15 +398,17 @@ def populate_hostile(hub: HubServer, author: str, tiny: Path, canary: Path, scra
     remote_cfg = {**cfg, "auto_map": {"AutoConfig": "configuration_evil.EvilConfig",
                                       "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}}
     add(Hostile("Remote-Code", "auto_map in config.json and custom .py files", "decision", "auto_map",
-                code="remote_code"),
+                code="remote_code", never_served=("modeling_evil.py", "configuration_evil.py")),
         {**small, "config.json": json.dumps(remote_cfg), "modeling_evil.py": canary_code(canary, "modeling"),
          "configuration_evil.py": canary_code(canary, "configuration")}, remote_cfg)
     # the Hub's listing shows a clean config; only the downloaded tokenizer_config.json names remote code
-    add(Hostile("Remote-Tokenizer", "auto_map only in tokenizer_config.json", "job", "auto_map", stage="inspect"),
+    add(Hostile("Remote-Tokenizer", "auto_map only in tokenizer_config.json", "job", "auto_map", stage="inspect",
+                never_served=("tokenization_evil.py",)),
         {**small, "tokenizer_config.json": json.dumps({**tok_cfg, "auto_map": {
             "AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}),
          "tokenization_evil.py": canary_code(canary, "tokenization")})
-    add(Hostile("Pickle-Only", "pickle weights that run code when unpickled", "decision", "pickle", code="pickle_only"),
+    add(Hostile("Pickle-Only", "pickle weights that run code when unpickled", "decision", "pickle", code="pickle_only",
+                never_served=("pytorch_model.bin",)),
         {k: v for k, v in base.items() if not k.endswith(".safetensors")}
         | {"pytorch_model.bin": canary_pickle(canary, "pickle")})
     add(Hostile("WeightMap-Escape", "a shard index naming files outside the checkpoint", "job", "unsafe files",
@@ -433,9 +439,57 @@ def populate_hostile(hub: HubServer, author: str, tiny: Path, canary: Path, scra
     add(Hostile("Corrupt-Tensors", "NaN tensor data under a valid header", "job", "non-finite", stage="calibrate"),
         {**base, "model.safetensors": with_tensor_filled(tiny / "model.safetensors",
                                                           "model.layers.0.self_attn.q_proj.weight", BF16_NAN)})
-    add(Hostile("Dotdot-Names", "file names with '..'", "decision", "escape", code="unsafe_filename"),
+    add(Hostile("Dotdot-Names", "file names with '..'", "decision", "escape", code="unsafe_filename",
+                never_served=("../../escape.sh", "nested/../../model.safetensors")),
         {**small, "../../escape.sh": f"#!/bin/sh\ntouch {canary / 'dotdot'}\n",
          "nested/../../model.safetensors": safetensors_bytes(SMALL_LAYER)})
+    # templates a converter or runtime may pick besides chat_template.jinja: every one is rendered in the sandbox
+    add(Hostile("Two-Templates", "a harmless chat_template.jinja and a looping tokenizer_config.json chat_template",
+                "job", "chat template", stage="inspect"),
+        {**small, "chat_template.jinja": PLAIN_TEMPLATE,
+         "tokenizer_config.json": json.dumps({**tok_cfg, "chat_template": LOOP_TEMPLATE})})
+    add(Hostile("Named-Templates", "a list of named templates whose 'tool_use' one loops", "job", "chat template",
+                stage="inspect"),
+        {**small, "tokenizer_config.json": json.dumps({**tok_cfg, "chat_template": [
+            {"name": "default", "template": PLAIN_TEMPLATE}, {"name": "tool_use", "template": LOOP_TEMPLATE}]})})
+    add(Hostile("Json-Template", "a looping chat_template.json", "job", "chat template", stage="inspect"),
+        {**small, "chat_template.json": json.dumps({"chat_template": LOOP_TEMPLATE})})
+    add(Hostile("Extra-Template", "additional_chat_templates/*.jinja that tries to leave the sandbox", "job",
+                "chat template", stage="inspect"),
+        {**small, "chat_template.jinja": PLAIN_TEMPLATE,
+         "additional_chat_templates/tool_use.jinja": escape_template(canary)})
+    # safetensors headers the official loader refuses
+    f4_lie = {"model.embed_tokens.weight": {"dtype": "F4", "shape": [10**15], "data_offsets": [0, 8]}}
+    add(Hostile("F4-Size-Lie", "an F4 tensor of 10**15 elements in 8 bytes", "job", "corrupt safetensors",
+                stage="inspect"),
+        {**small, "model.safetensors": safetensors_bytes({}, header=f4_lie, data=b"\0" * 8)})
+    gap = {"model.embed_tokens.weight": {"dtype": "BF16", "shape": [16, 8], "data_offsets": [0, 256]},
+           "model.norm.weight": {"dtype": "BF16", "shape": [8], "data_offsets": [512, 528]}}
+    add(Hostile("Offset-Gap", "tensor data with a gap between two tensors", "job", "corrupt safetensors",
+                stage="inspect"),
+        {**small, "model.safetensors": safetensors_bytes({}, header=gap, data=b"\0" * 528)})
+    meta = {"__metadata__": {"format": {"nested": ["pt"]}},
+            "model.norm.weight": {"dtype": "BF16", "shape": [8], "data_offsets": [0, 16]}}
+    add(Hostile("Metadata-Object", "a safetensors __metadata__ that is not a string map", "job",
+                "corrupt safetensors", stage="inspect"),
+        {**small, "model.safetensors": safetensors_bytes({}, header=meta, data=b"\0" * 16)})
+    # config sizes: nested, zero and absurd
+    nested = {**cfg, "thinker_config": {"text_config": {"vocab_size": 10**12}}}
+    add(Hostile("Nested-Config", "thinker_config.text_config.vocab_size = 10**12", "job", "vocab_size",
+                stage="inspect"), {**base, "config.json": json.dumps(nested)}, nested)
+    no_heads = {**cfg, "num_attention_heads": 0}
+    add(Hostile("Zero-Heads", "num_attention_heads = 0", "job", "num_attention_heads", stage="inspect"),
+        {**base, "config.json": json.dumps(no_heads)}, no_heads)
+    far = {**cfg, "max_position_embeddings": 10**15}
+    add(Hostile("Far-Positions", "max_position_embeddings = 10**15", "job", "max_position_embeddings",
+                stage="inspect"), {**base, "config.json": json.dumps(far)}, far)
+    # card metadata copied from the source: only strings (or lists of strings), license_link only http(s)
+    meta_model = scripted_model(tiny, scratch / "card-metadata")
+    add(Hostile("Card-Metadata", "license_link javascript:, a language object, HTML in license_name", "contained",
+                "published with the source's card metadata reduced to plain strings"),
+        checkpoint_files(meta_model), json.loads((meta_model / "config.json").read_text()),
+        card_data={**card, "license_name": HOSTILE_LICENSE_NAME,
+                   "license_link": HOSTILE_LICENSE_LINK, "language": [{"code": "en"}, "fr"]})
     # the name collision: <namespace>/TinyChat-GGUF was published by the bot from another author's TinyChat
     hub.add_model(f"{namespace}/TinyChat-GGUF", {"TinyChat-Q8_0.gguf": b"GGUF\x03\x00\x00\x00 from other-lab"},
                   card_data={"base_model": "other-lab/TinyChat", "tags": ["gguf", "ggufbot"],
