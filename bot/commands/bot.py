@@ -316,7 +316,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             left, _ = pq.schema_state(st.engine)
             done = [n for n in pending if n not in left]
             print(f"queue schema (procrastinate {pq.INSTALLED.version}): "
-                  + (f"applied {', '.join(done)}" if done else "up to date"))
+                  + (f"{len(left)} migration(s) still not applied: {', '.join(left)}" if left else
+                     f"applied {', '.join(done)}" if done else "up to date"))
+            return 1 if left else 0
         return 0
     finally:
         st.close()
