@@ -23,19 +23,20 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from converters import evaluate, toolchain as tc_mod  # noqa: E402
+from converters.ladder import evaluate
+from converters.llama import toolchain as tc_mod
 
 
 def build_smol_ladder(out: Path, tc: tc_mod.Toolchain, calibration: Path) -> Path:
-    from converters import checkpoint as ck_mod
-    from converters import pipeline
-    from converters.calibrate import TextFile
+    from converters.formats import checkpoint as ck_mod
+    from converters.ladder import pipeline
+    from converters.llama.calibrate import TextFile
     from tests.models import smollm2_checkpoint
 
     ckpt = smollm2_checkpoint()
     ck = ck_mod.inspect(ckpt, supported=ck_mod.supported_architectures(tc.root))
-    from bot.job import JobSpec, Source, run_job
-    from converters.hooks import NULL_HOOKS
+    from bot.jobs.job import JobSpec, Source, run_job
+    from converters.core.hooks import NULL_HOOKS
 
     spec = JobSpec(source=Source(repo="HuggingFaceTB/SmolLM2-135M-Instruct", path=ck.path), model_name=ckpt.name,
                    ladder=pipeline.LadderOptions(ladder="Q8_0,Q4_K_M,Q2_K", calibration=TextFile.of(calibration),

@@ -27,9 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from converters import checkpoint as ck_mod  # noqa: E402
-from converters import pipeline, quants, records, toolchain  # noqa: E402
-from converters.calibrate import TextFile  # noqa: E402
+from converters.formats import checkpoint as ck_mod
+from converters.ladder import pipeline
+from converters.core import quants
+from converters.core import records
+from converters.llama import toolchain
+from converters.llama.calibrate import TextFile  # noqa: E402
 from tests.models import smollm2_checkpoint  # noqa: E402
 
 
@@ -107,8 +110,8 @@ def run_plain(tc, ck_dir: Path, out: Path, cal: Path, types, chunks: int, ctx: i
 
 
 def run_bot(tc, ck, out: Path, cal: Path, ladder: str, chunks: int, ctx: int, jobs: int) -> dict:
-    from bot.job import JobSpec, Source, run_job
-    from converters.hooks import Event, Hooks
+    from bot.jobs.job import JobSpec, Source, run_job
+    from converters.core.hooks import Event, Hooks
 
     spec = JobSpec(source=Source(path=Path(ck.path)), model_name="model",
                    ladder=pipeline.LadderOptions(ladder=ladder, calibration=TextFile.of(cal), calibration_chunks=chunks,

@@ -1,4 +1,4 @@
-"""Benchmark: per-tensor tuned files (converters/tune.py) vs llama.cpp's stock mixes at the same byte budget.
+"""Benchmark: per-tensor tuned files (converters/ladder/tune.py) vs llama.cpp's stock mixes at the same byte budget.
 
 On the SmolLM2-135M-Instruct checkpoint (tests/models.py), in one run: the ladder (stock files), the imatrix on the
 calibration text (groups_merged.txt), tuning of each size point (probes on the calibration text), and the
@@ -25,12 +25,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bot.job import JobSpec, Source, run_job  # noqa: E402
-from converters import records, toolchain  # noqa: E402
-from converters.calibrate import TextFile  # noqa: E402
-from converters.hooks import NULL_HOOKS  # noqa: E402
-from converters.job import EvalSettings  # noqa: E402
-from converters.pipeline import LadderOptions  # noqa: E402
+from bot.jobs.job import JobSpec, Source, run_job  # noqa: E402
+from converters.core import records
+from converters.llama import toolchain
+from converters.llama.calibrate import TextFile  # noqa: E402
+from converters.core.hooks import NULL_HOOKS  # noqa: E402
+from converters.ladder.job import EvalSettings  # noqa: E402
+from converters.ladder.pipeline import LadderOptions  # noqa: E402
 from tests.models import smollm2_checkpoint  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -53,7 +54,7 @@ def main() -> int:
     if out is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-layout-")
         out = Path(tmp.name) / "work"
-    from converters import tune as tune_mod
+    from converters.ladder import tune as tune_mod
 
     spec = JobSpec(source=Source(repo="HuggingFaceTB/SmolLM2-135M-Instruct", path=ck), model_name=ck.name,
                    ladder=LadderOptions(ladder=",".join(points), calibration=TextFile.of(DATA / "groups_merged.txt"),

@@ -40,12 +40,13 @@ def main() -> int:
     token = "hf_benchmarktoken000000"
     port = free_port()
     point_client_here(port, tmp / "hf", token)
-    from bot.hub import Hub  # noqa: E402 - after the environment
-    from bot.runner import Runner
-    from bot.settings import from_mapping
-    from bot.store import Store
-    from bot.watcher import fingerprint
-    from converters import metapatch, toolchain as tc_mod
+    from bot.hub.client import Hub  # noqa: E402 - after the environment
+    from bot.service.runner import Runner
+    from bot.model.settings import from_mapping
+    from bot.state.store import Store
+    from bot.service.watcher import fingerprint
+    from converters.patch import metapatch
+    from converters.llama import toolchain as tc_mod
     from tests.bot_fixtures import checkpoint_files
     from tests.hubserver import HubServer
     from tests.models import smollm2_checkpoint

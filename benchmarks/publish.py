@@ -36,9 +36,9 @@ def main() -> int:
     token = "hf_benchmarktoken000000"
     port = free_port()
     point_client_here(port, tmp / "hf", token)
-    from bot.hub import Hub  # noqa: E402 - after the environment
-    from bot.publish import PublishOptions, publish
-    from converters.workdir import WorkDir
+    from bot.hub.client import Hub  # noqa: E402 - after the environment
+    from bot.publish.commit import PublishOptions, publish
+    from converters.core.workdir import WorkDir
     from tests.hubserver import HubServer
     from tests.workdirs import make_workdir
 

@@ -26,9 +26,9 @@ SHARED = ROOT.parent / "shared" / "data"
 
 
 def _ladder(ck_dir: Path, out: Path, name: str, tc: Any, qtype: str) -> tuple[dict[str, Any], float]:
-    from bot.job import JobSpec, Source, run_job
-    from converters import pipeline
-    from converters.hooks import NULL_HOOKS
+    from bot.jobs.job import JobSpec, Source, run_job
+    from converters.ladder import pipeline
+    from converters.core.hooks import NULL_HOOKS
 
     t0 = time.monotonic()
     spec = JobSpec(source=Source(path=Path(ck_dir)), model_name=name,
@@ -37,7 +37,7 @@ def _ladder(ck_dir: Path, out: Path, name: str, tc: Any, qtype: str) -> tuple[di
 
 
 def _measure(tc: Any, gguf: Path, base: Path, ctx: int) -> dict[str, Any]:
-    from converters import evaluate
+    from converters.ladder import evaluate
 
     stats, secs = evaluate.run_kld(tc, gguf, base, ctx=ctx)
     return {"kld_mean": stats.kld_mean, "kld_mean_err": stats.kld_mean_err, "same_top_p": stats.same_top_p,
@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
 
-    from converters import evaluate, prune, toolchain, variants
+    from converters.ladder import evaluate
+    from converters.variants import prune
+    from converters.llama import toolchain
+    from converters.variants import recipes as variants
 
     tc = toolchain.find(required=True)
     if args.source is None:

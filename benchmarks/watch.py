@@ -36,10 +36,10 @@ def main() -> int:
     token = "hf_benchtoken0123456789"
     point_client_here(port, tmp / "hf", token)  # the client reads these at import time
 
-    from bot.hub import Hub
-    from bot.settings import from_mapping
-    from bot.store import Store
-    from bot.watcher import Watcher
+    from bot.hub.client import Hub
+    from bot.model.settings import from_mapping
+    from bot.state.store import Store
+    from bot.service.watcher import Watcher
     from tests.hubserver import HubServer
 
     server = HubServer(valid_tokens={token: "bench"}, port=port)

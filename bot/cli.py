@@ -12,8 +12,8 @@ import signal
 import sys
 import threading
 
-from converters import toolchain
-from converters.errors import GgufbotError
+from converters.llama import toolchain
+from converters.core.errors import GgufbotError
 
 log = logging.getLogger("ggufbot")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from converters import toolchain  # noqa: E402
+from converters.llama import toolchain
 
 DOCKERFILE = REPO_ROOT / "deploy" / "Dockerfile"
 

@@ -41,7 +41,7 @@ venv)
 toolchain)
     # the build goes into the image (GGUFBOT_TOOLCHAIN_ROOT); the download cache does not
     GGUFBOT_CACHE=/tmp/ggufbot-build-cache PYTHONPATH="$2" /opt/ggufbot/venv/bin/python -c \
-        'from converters import toolchain; print(toolchain.install(on_line=print).describe())'
+        'from converters.llama import toolchain; print(toolchain.install(on_line=print).describe())'
     rm -rf /tmp/ggufbot-build-cache "$2"
     ;;
 package)

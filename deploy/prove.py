@@ -44,7 +44,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from converters import toolchain  # noqa: E402
+from converters.llama import toolchain
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # the tests' texts (tests/conftest.py)
 BASE_TAG = "ggufbot-proof-base:bookworm"

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from bot.hub import ModelRecord, Sibling
-from converters.errors import HubNotFound
+from bot.hub.client import ModelRecord, Sibling
+from converters.core.errors import HubNotFound
 from tests.hubserver import HubServer
 
 PG_BASE = os.environ.get("GGUFBOT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -154,7 +154,7 @@ def model_record(files: Iterable[tuple[str, int | None, str | None]] = GOOD_FILE
 
 
 class FakeHub:
-    """The read side of :class:`bot.hub.Hub` in memory: commits of model repos (records and file contents), a
+    """The read side of :class:`bot.hub.client.Hub` in memory: commits of model repos (records and file contents), a
     log of the calls (``calls``: (method, repo)) and errors to raise (``errors``: method -> error, or
     (method, repo) -> error). Each commit is a minute newer than the last, starting a day before :data:`T0`; a
     new repo has a million parameters."""

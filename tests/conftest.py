@@ -43,7 +43,7 @@ def smollm2() -> Path:
 
 @pytest.fixture(scope="session")
 def toolchain():
-    from converters import toolchain as tc_mod
+    from converters.llama import toolchain as tc_mod
 
     return tc_mod.find(required=True)
 
@@ -56,11 +56,11 @@ SMOL_CAL_CTX = 256
 
 def build_smol_ladder(out: Path, checkpoint: Path, calibration: Path, toolchain, *, jobs: int = 2, hooks=None):
     """The SmolLM2 ladder through the job runner: a local checkpoint named after its Hub repo."""
-    from bot.job import JobSpec, Source, run_job
-    from converters.calibrate import TextFile
-    from converters.hooks import NULL_HOOKS
-    from converters.job import CheckpointRules
-    from converters.pipeline import LadderOptions
+    from bot.jobs.job import JobSpec, Source, run_job
+    from converters.llama.calibrate import TextFile
+    from converters.core.hooks import NULL_HOOKS
+    from converters.ladder.job import CheckpointRules
+    from converters.ladder.pipeline import LadderOptions
 
     spec = JobSpec(source=Source(repo="HuggingFaceTB/SmolLM2-135M-Instruct", path=checkpoint),
                    model_name=checkpoint.name,

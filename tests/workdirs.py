@@ -1,7 +1,7 @@
 """Work directories for publishing tests: placeholder GGUF bytes plus ladder.json / report.json.
 
 Publishing does not interpret GGUF contents, so the quants here are small byte strings; ladder.json and
-report.json are written through ``converters.workdir.WorkDir`` from the typed records, like the pipeline and
+report.json are written through ``converters.core.workdir.WorkDir`` from the typed records, like the pipeline and
 the evaluation write them. The figures are inputs to the card, not measurements.
 """
 
@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from converters.report import FAILED, PASSED, Check, FileResult, KldStats, Report, TextInfo
-from converters.workdir import Ladder, WorkDir
+from converters.core.report import FAILED, PASSED, Check, FileResult, KldStats, Report, TextInfo
+from converters.core.workdir import Ladder, WorkDir
 
 CHATML = (
     "{% for message in messages %}"

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from converters.hooks import END, LINE, PROGRESS, SKIP, START, Event, Hooks
+from converters.core.hooks import END, LINE, PROGRESS, SKIP, START, Event, Hooks
 
 
 def stderr(msg: str) -> None:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bot import jobs as J
+from bot.model import jobstate as J
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +113,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _settings(args: argparse.Namespace):
-    from bot import settings as settings_mod
+    from bot.model import settings as settings_mod
 
     return settings_mod.load(args.config)
 
 
 def _store(settings):
-    from bot.store import Store
+    from bot.state.store import Store
 
     return Store(settings.database_url)
 
 
 def _bot(settings, **kw: Any):
-    from bot.scheduler import Bot
+    from bot.service.scheduler import Bot
 
     return Bot(settings, **kw)
 
@@ -138,13 +138,13 @@ def _service_logging(args: argparse.Namespace) -> None:
 
 
 def _on_queue(s) -> bool:
-    """A PostgreSQL state: jobs go through procrastinate (bot.queue)."""
+    """A PostgreSQL state: jobs go through procrastinate (bot.queue.box)."""
     return s.database_url.startswith("postgresql")
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from converters import toolchain as tc_mod
-    from converters.errors import ConfigError
+    from converters.llama import toolchain as tc_mod
+    from converters.core.errors import ConfigError
 
     s = _settings(args)
     if not _on_queue(s):
@@ -153,7 +153,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.concurrency is not None and args.concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
     _service_logging(args)
-    from bot import queue
+    from bot.queue import box as queue
 
     tc = tc_mod.find(required=True)
     box = queue.Box(s, toolchain=tc, concurrency=args.concurrency)
@@ -166,12 +166,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def _run_on_queue(args: argparse.Namespace, s) -> int:
     """``ggufbot run`` on PostgreSQL: the scheduler (procrastinate periodic tick) and, unless --no-worker, a
     worker in the same process."""
-    from bot import queue
-    from bot.store import Store
+    from bot.queue import box as queue
+    from bot.state.store import Store
 
     tc = None
     if not args.no_worker:
-        from converters import toolchain as tc_mod
+        from converters.llama import toolchain as tc_mod
 
         tc = tc_mod.find(required=True)
     st = Store(s.database_url)
@@ -181,7 +181,7 @@ def _run_on_queue(args: argparse.Namespace, s) -> int:
     print(f"ggufbot run: state in {_safe_url(s.database_url)} ({what}); {bot.publish_note}", file=sys.stderr)
     web = None
     if s.web.listen:
-        from bot.web import StatusSite, WebServer
+        from bot.web.site import StatusSite, WebServer
 
         site = StatusSite(s, st, watcher=bot.watcher, hub_url=bot.hub.endpoint, health=lambda: bool(box.workers))
         web = WebServer(site, s.web.listen).start()
@@ -198,23 +198,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     _service_logging(args)
     if _on_queue(s):
         if args.exit_when_idle:
-            from converters.errors import ConfigError
+            from converters.core.errors import ConfigError
 
             raise ConfigError("--exit-when-idle: not with a PostgreSQL database_url (workers run until stopped)")
         return _run_on_queue(args, s)
     if args.no_worker:
-        from converters.errors import ConfigError
+        from converters.core.errors import ConfigError
 
         raise ConfigError("--no-worker needs a PostgreSQL database_url (with SQLite, `ggufbot run` runs the jobs)",
                           key="database_url")
-    from converters import toolchain as tc_mod
+    from converters.llama import toolchain as tc_mod
 
     tc = tc_mod.find(required=True)  # fail at start, not in the middle of the first job
     bot = _bot(s, toolchain=tc)
     print(f"ggufbot run: state in {_safe_url(s.database_url)}; {bot.publish_note}", file=sys.stderr)
     web = None
     if s.web.listen:
-        from bot.web import StatusSite, WebServer
+        from bot.web.site import StatusSite, WebServer
 
         site = StatusSite(s, bot.store, watcher=bot.watcher, hub_url=bot.hub.endpoint,
                           health=lambda: bot.scheduler is not None and bot.scheduler.running)
@@ -228,9 +228,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from bot.hub import Hub
-    from bot.watcher import Watcher
-    from bot.web import StatusSite, WebServer
+    from bot.hub.client import Hub
+    from bot.service.watcher import Watcher
+    from bot.web.site import StatusSite, WebServer
 
     s = _settings(args)
     st = _store(s)
@@ -245,15 +245,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _webhook_hub(args: argparse.Namespace):
-    from bot.hub import Hub
+    from bot.hub.client import Hub
 
     s = _settings(args)
     return s, Hub(token=s.token, endpoint=s.hub.endpoint)
 
 
 def cmd_webhook_create(args: argparse.Namespace) -> int:
-    from bot.settings import read_secret_file
-    from converters.errors import ConfigError
+    from bot.model.settings import read_secret_file
+    from converters.core.errors import ConfigError
 
     s, hub = _webhook_hub(args)
     if not s.web.webhook_secret_file:
@@ -291,7 +291,7 @@ def cmd_webhook_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from bot.store import LATEST, Store
+    from bot.state.store import LATEST, Store
 
     s = _settings(args)
     st = Store(s.database_url, migrate=False)
@@ -299,7 +299,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         before = st.schema_version()
         pq = None
         if st.queued_by_procrastinate:
-            from bot import queue
+            from bot.queue import box as queue
 
             pq = queue
         pending = pq.schema_state(st.engine)[0] if pq is not None and before >= 3 else []
@@ -346,7 +346,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     s = _settings(args)
     repo, _, rev = args.target.partition("@")
     if repo.count("/") != 1:
-        from converters.errors import ConfigError
+        from converters.core.errors import ConfigError
 
         raise ConfigError(f"expected OWNER/NAME[@REVISION], got {args.target!r}")
     bot = _bot(s, resolve_namespace=False)
@@ -404,7 +404,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     s = _settings(args)
     st = _store(s)
     now = time.time()
-    from bot.status import status_data
+    from bot.service.status import status_data
 
     data = status_data(st, s, now, limit=args.limit)
     if args.json:

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from bot.commands import deprecated_alias, figures, stderr
-from converters import checkpoint as ckpt_mod
-from converters import pipeline, quants, toolchain
-from converters.errors import ConfigError, InputError, ToolError, UnsupportedModel
-from converters.report import PASSED
-from converters.stages import free_bytes
-from converters.workdir import Ladder, WorkDir
+from converters.formats import checkpoint as ckpt_mod
+from converters.ladder import pipeline
+from converters.core import quants
+from converters.llama import toolchain
+from converters.core.errors import ConfigError, InputError, ToolError, UnsupportedModel
+from converters.core.report import PASSED
+from converters.core.stages import free_bytes
+from converters.core.workdir import Ladder, WorkDir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -86,8 +88,8 @@ def _split_source(source: str, revision: str | None) -> tuple[str, str | None]:
 
 def _hub_info(repo: str, revision: str | None):
     """Model facts from the Hub, refusing pickle-only and remote-code repos before anything is downloaded."""
-    from bot import rules
-    from bot.hub import Hub
+    from bot.model import rules
+    from bot.hub.client import Hub
 
     hub = Hub()
     info = hub.model_info(repo, revision)
@@ -116,7 +118,7 @@ def _hub_checkpoint_facts(info, supported) -> ckpt_mod.Checkpoint:
 
 def _texts(args: argparse.Namespace, imatrix: bool) -> tuple[Any, Any]:
     """The calibration text (with an imatrix) and the evaluation text (unless --no-eval or --dry-run)."""
-    from bot.texts import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, resolve_text, same_text
+    from bot.jobs.texts import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, resolve_text, same_text
 
     cal = resolve_text(args.calibration or DEFAULT_CALIBRATION) if imatrix else None
     if args.no_eval or args.dry_run:
@@ -130,8 +132,8 @@ def _texts(args: argparse.Namespace, imatrix: bool) -> tuple[Any, Any]:
 
 def convert_spec(args: argparse.Namespace, source: Any, model_name: str) -> Any:
     """The job of ``ggufbot convert``, from its arguments."""
-    from bot.job import FetchPolicy, JobSpec, PublishTarget, cli_disk_need
-    from converters.job import CheckpointRules, EvalSettings
+    from bot.jobs.job import FetchPolicy, JobSpec, PublishTarget, cli_disk_need
+    from converters.ladder.job import CheckpointRules, EvalSettings
 
     ladder = quants.parse_ladder(args.ladder)
     imatrix = not args.no_imatrix
@@ -164,7 +166,7 @@ def _dry_run(args: argparse.Namespace, spec: Any, info: Any, tc: Any) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from bot.commands import cli_hooks
-    from bot.job import Source, run_job
+    from bot.jobs.job import Source, run_job
 
     if args.publish and args.no_eval:
         raise InputError("--publish needs the evaluation: a file is published only after it passed the gate")
@@ -186,7 +188,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(args, spec, info, tc)
     if hub is None and args.publish:
-        from bot.hub import Hub
+        from bot.hub.client import Hub
 
         hub = Hub()
     with cli_hooks() as hooks:

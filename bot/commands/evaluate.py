@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from bot.commands import deprecated_alias, figures
-from converters.errors import InputError
-from converters.hooks import PROGRESS, Event, Hooks
-from converters.workdir import LADDER_FILE, WorkDir
+from converters.core.errors import InputError
+from converters.core.hooks import PROGRESS, Event, Hooks
+from converters.core.workdir import LADDER_FILE, WorkDir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,8 +65,8 @@ class _StepLines(Hooks):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from bot.texts import DEFAULT_EVALUATION, resolve_text
-    from converters import evaluate
+    from bot.jobs.texts import DEFAULT_EVALUATION, resolve_text
+    from converters.ladder import evaluate
 
     if not WorkDir(args.dir).has_ladder():
         raise InputError(f"{args.dir} has no {LADDER_FILE}: run 'ggufbot convert' first")

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from converters.errors import InputError
+from converters.core.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,16 +30,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from bot.hub import Hub
-    from bot.publish import DEFAULT_REPO_TEMPLATE, PublishOptions, publish
+    from bot.hub.client import Hub
+    from bot.publish.commit import DEFAULT_REPO_TEMPLATE, PublishOptions, publish
 
-    from bot.target import TargetPolicy
+    from bot.publish.target import TargetPolicy
 
     token = endpoint = None
     namespace, template, private = args.namespace, args.repo_template, args.private
     policy = TargetPolicy()
     if args.config is not None:
-        from bot import settings as settings_mod
+        from bot.model import settings as settings_mod
 
         s = settings_mod.load(args.config)
         token, endpoint = s.token, s.hub.endpoint
@@ -54,7 +54,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     options = PublishOptions(repo_id=args.repo, repo_template=template or DEFAULT_REPO_TEMPLATE,
                              namespace=namespace, private=private, quantized_by=args.quantized_by, policy=policy)
     from bot.commands import TtyHooks, cli_hooks
-    from converters.hooks import END, START, Event
+    from converters.core.hooks import END, START, Event
 
     hub = Hub(token=token, endpoint=endpoint)
     with cli_hooks() as hooks:  # a spinner and the time taken on a terminal; nothing more otherwise

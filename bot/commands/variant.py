@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.commands import deprecated_alias
-from converters.errors import ConfigError, InputError
+from converters.core.errors import ConfigError, InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -71,7 +71,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_variant(args: argparse.Namespace) -> int:
-    from converters import prune, variants
+    from converters.variants import prune
+    from converters.variants import recipes as variants
 
     if args.list:
         for name in variants.names():
@@ -94,14 +95,14 @@ def cmd_variant(args: argparse.Namespace) -> int:
                               args.model_name or source.resolve().name, recipe)}, indent=2))
         return 0
 
-    from bot.texts import DEFAULT_CALIBRATION, resolve_text, same_text
-    from converters import toolchain
+    from bot.jobs.texts import DEFAULT_CALIBRATION, resolve_text, same_text
+    from converters.llama import toolchain
 
     tc = toolchain.find(required=True)
     cal = resolve_text(args.calibration or DEFAULT_CALIBRATION)
     eval_text = None
     if not args.no_eval:
-        from bot.texts import DEFAULT_EVALUATION
+        from bot.jobs.texts import DEFAULT_EVALUATION
 
         eval_text = resolve_text(args.eval_text or DEFAULT_EVALUATION)
         if same_text(cal, eval_text):
@@ -109,9 +110,9 @@ def cmd_variant(args: argparse.Namespace) -> int:
                              "text it was pruned and healed on")
     started = time.monotonic()
     from bot.commands import cli_hooks, stderr
-    from bot.job import JobSpec, Source, run_job
-    from converters.job import EvalSettings
-    from converters.pipeline import LadderOptions
+    from bot.jobs.job import JobSpec, Source, run_job
+    from converters.ladder.job import EvalSettings
+    from converters.ladder.pipeline import LadderOptions
 
     teacher_model = args.model_name or source.resolve().name
     v = variants.VariantOf(recipe, source, teacher_model, cal.path, args.teacher_workdir, args.source_repo)
@@ -138,13 +139,13 @@ def cmd_variant(args: argparse.Namespace) -> int:
 
 def _publish_target(args: argparse.Namespace) -> tuple[Any, Any]:
     """The Hub client and the variant's target (``--repo``, or ``--namespace``/the settings' namespace)."""
-    from bot.hub import Hub
-    from bot.job import PublishTarget
+    from bot.hub.client import Hub
+    from bot.jobs.job import PublishTarget
 
     token = endpoint = None
     namespace = args.namespace
     if args.config is not None:
-        from bot import settings as settings_mod
+        from bot.model import settings as settings_mod
 
         s = settings_mod.load(args.config)
         token, endpoint = s.token, s.hub.endpoint

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from bot import jobs as J
-from bot.store import Store
+from bot.model import jobstate as J
+from bot.state.store import Store
 from tests.bot_fixtures import bot_config, checkpoint_files, populate
 from tests.hub_fixtures import TEST_USER, default_tokens
 from tests.procs import die_with_the_tests, wait_for

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from bot import jobs as J
-from bot.store import Store
+from bot.model import jobstate as J
+from bot.state.store import Store
 from tests.bot_fixtures import bot_config, checkpoint_files, postgres_url, scripted_model
 from tests.hub_fixtures import TEST_USER, default_tokens
 from tests.hubserver import free_port

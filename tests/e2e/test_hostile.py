@@ -32,9 +32,9 @@ from pathlib import Path
 
 import pytest
 
-from bot import jobs as J
-from bot.runner import slug
-from bot.store import Store
+from bot.model import jobstate as J
+from bot.service.runner import slug
+from bot.state.store import Store
 from tests.bot_fixtures import (
     FENCE_LINK,
     HOSTILE_LICENSE_LINK,

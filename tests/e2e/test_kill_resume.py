@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from converters import records
+from converters.core import records
 from tests.bot_fixtures import checkpoint_files
 from tests.hub_fixtures import TEST_ORG, default_tokens
 from tests.procs import die_with_the_tests

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bot import jobs as J
-from bot.store import Store
+from bot.model import jobstate as J
+from bot.state.store import Store
 from tests.bot_fixtures import checkpoint_files
 from tests.browser import Browser, chromium_path
 from tests.hub_fixtures import default_tokens

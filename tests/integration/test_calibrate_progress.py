@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from converters import calibrate
-from converters.calibrate import CalibrateOptions, TextFile
-from converters.hooks import PROGRESS, Event, Recorder
-from converters.workdir import WorkDir
+from converters.llama import calibrate
+from converters.llama.calibrate import CalibrateOptions, TextFile
+from converters.core.hooks import PROGRESS, Event, Recorder
+from converters.core.workdir import WorkDir
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
 

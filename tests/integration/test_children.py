@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from converters import toolchain
-from converters.errors import ToolError
+from converters.llama import toolchain
+from converters.core.errors import ToolError
 from tests.procs import gone, kill_quietly
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -125,7 +125,7 @@ def test_a_program_killed_by_a_signal_is_reported_so(tmp_path):
 PARENT = textwrap.dedent("""
     import sys
     from bot import cli
-    from converters import toolchain
+    from converters.llama import toolchain
     toolchain.own_children()
     cli.install_signal_handlers()
     try:

@@ -93,7 +93,7 @@ def test_bad_ladders(ladder, text, tiny, tmp_path, capsys, toolchain):
 
 
 def test_too_little_disk_is_refused_before_writing(tiny, tmp_path, capsys, monkeypatch, calibration_text, toolchain):
-    import converters.stages as stages
+    import converters.core.stages as stages
 
     monkeypatch.setattr(stages, "free_bytes", lambda path: 1_000_000)
     out = tmp_path / "out"
@@ -146,7 +146,7 @@ def test_toolchain_info_and_doctor(capsys, toolchain):
 def test_the_summary_shows_the_measured_figures_and_why_a_file_was_refused(tiny, tmp_path, capsys, calibration_text,
                                                                           eval_text, toolchain):
     from bot.commands import figures
-    from converters.workdir import WorkDir
+    from converters.core.workdir import WorkDir
 
     out = tmp_path / "out"
     code, stdout, _ = run_cli(capsys, tiny, "--out", out, "--ladder", "Q8_0,Q2_K", "--calibration", calibration_text,

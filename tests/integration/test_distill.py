@@ -8,8 +8,10 @@ import logging
 import pytest
 from safetensors.torch import load_file
 
-from converters import distill, hfmodel, prune
-from converters.hooks import PROGRESS, Recorder
+from converters.variants import distill
+from converters.formats import hfmodel
+from converters.variants import prune
+from converters.core.hooks import PROGRESS, Recorder
 from tests.integration.variant_fixtures import pruned_smollm2
 
 HELDOUT_CHUNKS = 6
@@ -25,7 +27,7 @@ def test_100_steps_lower_the_kld_against_the_teacher(tmp_path_factory, smollm2, 
     healed = tmp_path_factory.mktemp("healed") / "ckpt"
     hooks = Recorder()
     cfg = distill.DistillConfig(steps=100, seq_len=64, batch_size=1, lr=2e-4, samples=32, seed=0, log_every=25)
-    with caplog.at_level(logging.INFO, logger="converters.distill"):
+    with caplog.at_level(logging.INFO, logger="converters.variants.distill"):
         res = distill.distill(smollm2, student, healed, calibration_text, cfg,
                               first_changed_layer=variant.info["prune"]["first_changed_layer"],
                               hooks=hooks)

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from converters import evaluate, verify
-from converters import report as rep
-from converters.errors import DiskSpaceError, InputError
-from converters.hooks import PROGRESS, Recorder
-from converters.report import FAILED, PASSED, FileResult
-from converters.workdir import WorkDir
+from converters.ladder import evaluate
+from converters.llama import verify
+from converters.core import report as rep
+from converters.core.errors import DiskSpaceError, InputError
+from converters.core.hooks import PROGRESS, Recorder
+from converters.core.report import FAILED, PASSED, FileResult
+from converters.core.workdir import WorkDir
 from tests.ggufedit import damage_tensor, set_number
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]

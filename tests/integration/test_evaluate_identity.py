@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from bot.cli import main
-from converters import records
-from converters.workdir import WorkDir
+from converters.core import records
+from converters.core.workdir import WorkDir
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
 

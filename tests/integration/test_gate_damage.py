@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from converters.report import FAILED, PASSED
-from converters.workdir import WorkDir
+from converters.core.report import FAILED, PASSED
+from converters.core.workdir import WorkDir
 from tests.hub_fixtures import TEST_ORG
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]

@@ -1,6 +1,6 @@
 """Two jobs' evaluations load their source models at the same time (``limits.concurrency = 2``): transformers is not
 thread-safe there (a first import in two threads fails; two ``from_pretrained`` at once leave every later model of
-the process with tensors on the meta device), so :mod:`converters.hfmodel` loads one model at a time. In a fresh
+the process with tensors on the meta device), so :mod:`converters.formats.hfmodel` loads one model at a time. In a fresh
 interpreter (the damage is to the process), as the bot's runner threads do it."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ start = threading.Barrier(2)
 def load(together):
     try:
         import torch
-        from converters import hfmodel
+        from converters.formats import hfmodel
         if together:
             start.wait()
         hfmodel.load_tokenizer(sys.argv[1])

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from bot import card
-from converters import chat, verify
-from converters.report import FAILED, PASSED
+from bot.publish import card
+from converters.formats import chat
+from converters.llama import verify
+from converters.core.report import FAILED, PASSED
 
 LOOPS = "{% for a in range(100000) %}{% for b in range(100000) %}{% if a < 0 %}x{% endif %}{% endfor %}{% endfor %}"
 HUGE = "{{ 'x' * 10**10 }}"
@@ -76,7 +77,7 @@ def test_a_hostile_template_costs_the_card_only_its_example(smollm2: Path) -> No
 def test_the_source_side_renders_like_transformers(smollm2: Path) -> None:
     """The source's template goes through the same renderer with the tokenizer's special tokens, as transformers'
     apply_chat_template passes them: the two renderings agree."""
-    from converters import hfmodel
+    from converters.formats import hfmodel
 
     tok = hfmodel.load_tokenizer(smollm2)
     conv = verify.SAMPLE_CONVERSATIONS[0]

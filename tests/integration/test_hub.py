@@ -1,4 +1,4 @@
-"""bot.hub against the local Hub server, through the real huggingface_hub client."""
+"""bot.hub.client against the local Hub server, through the real huggingface_hub client."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.hub import Hub, ModelRecord, client_retried, safe_relative_path
-from bot.retry import RetryPolicy
-from converters.errors import HubAuthError, HubError, HubNotFound, UnsupportedModel
+from bot.hub.client import Hub, ModelRecord, client_retried, safe_relative_path
+from bot.model.retry import RetryPolicy
+from converters.core.errors import HubAuthError, HubError, HubNotFound, UnsupportedModel
 from tests.hubserver import HubServer
 
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)

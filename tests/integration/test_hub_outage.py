@@ -20,12 +20,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.cli import main
-from bot.hub import Hub, HubUnreachable
-from bot.settings import from_mapping
-from bot.status import status_data
-from bot.store import Store
-from bot.watcher import Watcher
-from bot.web import StatusSite, WebServer
+from bot.hub.client import Hub, HubUnreachable
+from bot.model.settings import from_mapping
+from bot.service.status import status_data
+from bot.state.store import Store
+from bot.service.watcher import Watcher
+from bot.web.site import StatusSite, WebServer
 from tests.hub_fixtures import TEST_TOKEN
 from tests.hubserver import HubServer, free_port
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from gguf import GGUFReader
 
-from converters import quants, records, toolchain as tc_mod
+from converters.core import quants
+from converters.core import records
+from converters.llama import toolchain as tc_mod
 from tests.conftest import SMOL_LADDER, build_smol_ladder
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
@@ -66,7 +68,7 @@ def test_each_quant_runs_with_finite_perplexity(smol_workdir, eval_text, toolcha
 
 
 def test_rerun_skips_every_finished_stage(smol_workdir, smollm2, calibration_text, toolchain):
-    from converters.hooks import Recorder
+    from converters.core.hooks import Recorder
 
     before = {p: p.stat().st_mtime_ns for p in smol_workdir.glob("*.gguf")}
     rec = Recorder()
@@ -81,10 +83,10 @@ def test_rerun_skips_every_finished_stage(smol_workdir, smollm2, calibration_tex
 # pre-tokenizer hash the converter then (rightly) does not recognise; real Qwen2 repos ship their own.
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "phi3"])
 def test_tiny_architectures_convert_and_quantize(arch, toolchain, tmp_path):
-    from bot.job import JobSpec, Source, run_job
-    from converters.hooks import NULL_HOOKS
-    from converters.job import CheckpointRules
-    from converters.pipeline import LadderOptions
+    from bot.jobs.job import JobSpec, Source, run_job
+    from converters.core.hooks import NULL_HOOKS
+    from converters.ladder.job import CheckpointRules
+    from converters.ladder.pipeline import LadderOptions
     from tests.models import tiny_random_checkpoint
 
     spec = JobSpec(source=Source(path=tiny_random_checkpoint(arch)), model_name=f"tiny-{arch}",
@@ -100,7 +102,7 @@ def test_tiny_architectures_convert_and_quantize(arch, toolchain, tmp_path):
 
 def test_split_files_over_the_limit(smol_workdir, toolchain, tmp_path):
     """A quant over the split size is written as -0000i-of-0000N parts in a folder; llama.cpp loads them."""
-    from converters import quantize as quantize_mod
+    from converters.llama import quantize as quantize_mod
 
     ref = smol_workdir / "SmolLM2-135M-Instruct-BF16.gguf"
     q = quants.get("Q8_0")

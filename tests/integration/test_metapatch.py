@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from bot import jobs as J
-from bot.hub import Hub
-from bot.runner import Runner
-from bot.settings import from_mapping
-from bot.store import Store
-from bot.watcher import fingerprint
-from converters import gguf_meta, metapatch
+from bot.model import jobstate as J
+from bot.hub.client import Hub
+from bot.service.runner import Runner
+from bot.model.settings import from_mapping
+from bot.state.store import Store
+from bot.service.watcher import fingerprint
+from converters.formats import gguf_meta
+from converters.patch import metapatch
 from tests.bot_fixtures import checkpoint_files, scripted_model
 from tests.hub_fixtures import TEST_TOKEN, TEST_USER, default_tokens
 from tests.models import tiny_random_checkpoint
@@ -159,10 +160,10 @@ def _added_tokens(tok: dict, first_id: int, n: int) -> list[str]:
 def full_runs_stopped(monkeypatch):
     """The full job's stages are not run again here (the full path is every other test's): a full spec reaching
     ``run_job`` is recorded and stopped (the job goes back to the queue); a patch spec runs for real."""
-    import bot.job
-    from converters.errors import Cancelled
+    from bot.jobs import job as job_mod
+    from converters.core.errors import Cancelled
 
-    real, seen = bot.job.run_job, []
+    real, seen = job_mod.run_job, []
 
     def spy(spec, *a, **kw):
         seen.append("patch" if spec.patch is not None else "full")
@@ -170,7 +171,7 @@ def full_runs_stopped(monkeypatch):
             raise Cancelled("stopped before the full job's stages (test)")
         return real(spec, *a, **kw)
 
-    monkeypatch.setattr(bot.job, "run_job", spy)
+    monkeypatch.setattr(job_mod, "run_job", spy)
     return seen
 
 
@@ -217,7 +218,7 @@ def test_vocabulary_change_takes_the_full_path(world: World, full_runs_stopped) 
 
 def test_a_split_file_stays_split(world: World, toolchain, tmp_path: Path) -> None:
     """Part 1 gets the new tokenizer keys, the other parts are copied as they are; tensor data unchanged."""
-    from converters.toolchain import run
+    from converters.llama.toolchain import run
 
     split = tmp_path / "split"
     split.mkdir()

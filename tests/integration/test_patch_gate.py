@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bot import jobs as J
-from converters import metapatch
+from bot.model import jobstate as J
+from converters.patch import metapatch
 from tests.bot_fixtures import checkpoint_files, scripted_model
 from tests.hub_fixtures import default_tokens
 from tests.integration.test_metapatch import SOURCE, TARGET, World, commits

@@ -6,9 +6,12 @@ import json
 
 import pytest
 
-from converters import gguf_meta, hfmodel, prune, variants
-from converters.errors import ConfigError, UnknownName, UnsupportedModel
-from converters.workdir import WorkDir
+from converters.formats import gguf_meta
+from converters.formats import hfmodel
+from converters.variants import prune
+from converters.variants import recipes as variants
+from converters.core.errors import ConfigError, UnknownName, UnsupportedModel
+from converters.core.workdir import WorkDir
 from tests.integration.variant_fixtures import CALIB_SAMPLES, CALIB_SEQ_LEN, pruned_smollm2
 
 

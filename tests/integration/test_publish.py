@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from bot.hub import Hub
-from bot.publish import PublishOptions, publish
-from bot.retry import RetryPolicy
-from converters.errors import CheckFailed, HubAuthError, HubError
+from bot.hub.client import Hub
+from bot.publish.commit import PublishOptions, publish
+from bot.model.retry import RetryPolicy
+from converters.core.errors import CheckFailed, HubAuthError, HubError
 from tests.hub_fixtures import TEST_ORG, TEST_TOKEN
 from tests.hubserver import HubServer, _validate_front_matter
 from tests.workdirs import make_workdir

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from bot import hub as hub_mod
-from bot.hub import Hub
-from bot.publish import PublishOptions, execute, plan_publish, publish, staging_dir
-from bot.retry import RetryPolicy
-from bot.target import created_repos
-from converters import records
-from converters.errors import CheckFailed, HubError
-from converters.workdir import WorkDir
+from bot.hub import client as hub_mod
+from bot.hub.client import Hub
+from bot.publish.commit import PublishOptions, execute, plan_publish, publish, staging_dir
+from bot.model.retry import RetryPolicy
+from bot.publish.target import created_repos
+from converters.core import records
+from converters.core.errors import CheckFailed, HubError
+from converters.core.workdir import WorkDir
 from tests.hub_fixtures import TEST_ORG
 from tests.hubserver import HubServer
 from tests.workdirs import make_workdir
@@ -159,7 +159,7 @@ def test_a_work_dir_evaluated_before_the_chart_had_its_hash_uses_the_stage_recor
 
 
 def test_the_evaluation_records_the_hash_of_the_chart_it_drew(tmp_path: Path) -> None:
-    from converters import evaluate
+    from converters.ladder import evaluate
 
     wd = WorkDir(make_workdir(tmp_path, chart=False))
     report = wd.report()
@@ -190,9 +190,9 @@ def test_a_repo_another_party_created_first_never_counts_as_ours(hub_server: Hub
 
 # ------------------------------------------------------------------------------ fetched files
 def test_a_fetched_file_whose_bytes_are_not_the_listed_ones_is_refused(hub_server: HubServer, tmp_path: Path) -> None:
-    from bot.job import FetchPolicy, FetchStage, Source
-    from converters.hooks import NULL_HOOKS
-    from converters.job import JobContext
+    from bot.jobs.job import FetchPolicy, FetchStage, Source
+    from converters.core.hooks import NULL_HOOKS
+    from converters.ladder.job import JobContext
 
     weights = b"\0" * 4096 + b"A" * 4096
     rev = hub_server.add_model(SOURCE, {"config.json": b'{"model_type": "llama"}', "model.safetensors": weights},

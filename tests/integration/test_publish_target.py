@@ -1,5 +1,5 @@
 """Another model's repo is never overwritten, and what is published is exactly what was measured: the bot's
-publish stage and ``bot.publish`` with the real huggingface_hub client against the local Hub server."""
+publish stage and ``bot.publish.commit`` with the real huggingface_hub client against the local Hub server."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from bot.hub import Hub
-from bot.job import PublishStage, PublishTarget
-from bot.publish import PublishOptions, publish
-from bot.target import TargetPolicy, note_created
-from bot.variants import publish_variant
-from converters.errors import CheckFailed
-from converters.hooks import NULL_HOOKS
-from converters.job import JobContext
-from converters.workdir import VariantInfo, WorkDir
+from bot.hub.client import Hub
+from bot.jobs.job import PublishStage, PublishTarget
+from bot.publish.commit import PublishOptions, publish
+from bot.publish.target import TargetPolicy, note_created
+from bot.jobs.variants import publish_variant
+from converters.core.errors import CheckFailed
+from converters.core.hooks import NULL_HOOKS
+from converters.ladder.job import JobContext
+from converters.core.workdir import VariantInfo, WorkDir
 from tests.hub_fixtures import TEST_ORG
 from tests.hubserver import HubServer
 from tests.workdirs import make_workdir
@@ -199,8 +199,8 @@ def test_a_report_without_measured_hashes_publishes_nothing(hub_server: HubServe
 
 # ------------------------------------------------------------------------------ fetch: content identities
 def _fetch(wd: Path, rev: str) -> dict:
-    from bot.job import FetchPolicy, FetchStage, Source
-    from converters import records
+    from bot.jobs.job import FetchPolicy, FetchStage, Source
+    from converters.core import records
 
     ctx = JobContext(wd, None, NULL_HOOKS, MODEL, source_repo=A, source_revision=rev)
     FetchStage(Source(repo=A, revision=rev), FetchPolicy(), Hub()).run(ctx)
@@ -209,7 +209,8 @@ def _fetch(wd: Path, rev: str) -> dict:
 
 def test_fetch_records_the_hubs_lfs_sha256_and_a_same_size_revision_is_new_content(hub_server: HubServer,
                                                                                    tmp_path: Path) -> None:
-    from converters import checkpoint, records
+    from converters.formats import checkpoint
+    from converters.core import records
 
     weights = b"\0" * 4096 + b"A" * 4096
     rev1 = hub_server.add_model(A, {"config.json": b'{"model_type": "llama"}', "model.safetensors": weights},

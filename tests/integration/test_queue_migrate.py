@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from bot import queue as Q
-from bot import settings as settings_mod
+from bot.queue import box as Q
+from bot.model import settings as settings_mod
 from bot.cli import main
-from bot.store import Store
-from converters.errors import StateError
+from bot.state.store import Store
+from converters.core.errors import StateError
 from tests.bot_fixtures import postgres_url
 
 pytestmark = pytest.mark.postgres

@@ -1,4 +1,4 @@
-"""Jobs over procrastinate on the local PostgreSQL (``bot.queue``), each test on a throw-away schema.
+"""Jobs over procrastinate on the local PostgreSQL (``bot.queue.box``), each test on a throw-away schema.
 
 ggufbot's migrate step applies procrastinate's schema; the home-made claim and stale-job sweep are refused on
 PostgreSQL; a delivered job is taken by compare-and-set (again after its worker stalled, counting the attempt);
@@ -19,11 +19,11 @@ import pytest
 import sqlalchemy as sa
 from asgiref.sync import sync_to_async
 
-from bot import jobs as J
-from bot import queue as Q
-from bot import settings as settings_mod
-from bot.store import LATEST, Store
-from converters.errors import HubError, InputError, StateError
+from bot.model import jobstate as J
+from bot.queue import box as Q
+from bot.model import settings as settings_mod
+from bot.state.store import LATEST, Store
+from converters.core.errors import HubError, InputError, StateError
 from tests.bot_fixtures import postgres_url
 
 pytestmark = pytest.mark.postgres
@@ -149,7 +149,7 @@ def test_conninfo_keeps_options() -> None:
 
 
 def test_status_lists_every_box_worker_with_its_jobs(pg_url: str, tmp_path) -> None:
-    from bot.status import status_data
+    from bot.service.status import status_data
 
     s = make_settings(pg_url, tmp_path)
     st = Store(pg_url)
@@ -181,7 +181,7 @@ def test_status_lists_every_box_worker_with_its_jobs(pg_url: str, tmp_path) -> N
 def test_worker_release_on_stop_and_retries_go_through_procrastinate(pg_url: str, tmp_path, monkeypatch) -> None:
     """A real procrastinate worker runs the runner; the stages are stood in for by a function honouring the
     stop request (SIGTERM), a transient and a permanent error: ggufbot's record and procrastinate's job agree."""
-    import bot.runner as runner_mod
+    import bot.service.runner as runner_mod
 
     s = make_settings(pg_url, tmp_path)
     st = Store(pg_url)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from converters import records
+from converters.core import records
 from tests.conftest import SMOL_CAL_CHUNKS, SMOL_CAL_CTX, SMOL_LADDER
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from bot import cli
-from bot import jobs as J
-from bot.hub import Hub
-from bot.runner import Runner
-from bot.settings import from_mapping
-from bot.store import Store
+from bot.model import jobstate as J
+from bot.hub.client import Hub
+from bot.service.runner import Runner
+from bot.model.settings import from_mapping
+from bot.state.store import Store
 from tests.bot_fixtures import SMALL_CONFIG, populate
 from tests.hub_fixtures import TEST_TOKEN
 
@@ -160,7 +160,7 @@ def test_cli_commands(env, tmp_path: Path, capsys) -> None:
 
 def test_toolchain_change_requeues_published_models(env) -> None:
     settings, store, hub, server = env
-    from bot.watcher import Watcher
+    from bot.service.watcher import Watcher
 
     jid = store.enqueue(f"{AUTHOR}/M-1B", "a" * 40, reason="new release", now=1, fingerprint={"x": "1"})
     store.claim("w", now=2)
@@ -181,7 +181,7 @@ def test_toolchain_change_requeues_published_models(env) -> None:
 
 def test_bot_duties_take_now_and_say_when_nothing_is_published(env, tmp_path: Path) -> None:
     settings, store, hub, server = env
-    from bot.scheduler import Bot
+    from bot.service.scheduler import Bot
 
     no_token = from_mapping({"data_dir": str(settings.data_dir), "sources": [{"author": AUTHOR}]}, env={},
                             free_disk=10**13)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from bot import jobs as J
-from bot.hub import Hub
-from bot.runner import Runner
-from bot.settings import from_mapping
-from bot.store import Store
-from converters.toolchain import Toolchain
+from bot.model import jobstate as J
+from bot.hub.client import Hub
+from bot.service.runner import Runner
+from bot.model.settings import from_mapping
+from bot.state.store import Store
+from converters.llama.toolchain import Toolchain
 from tests.bot_fixtures import checkpoint_files
 from tests.hub_fixtures import TEST_TOKEN
 from tests.models import tiny_random_checkpoint

@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 
 from bot import cli
-from bot import jobs as J
-from bot.hub import Hub
-from bot.runner import Runner
-from bot.settings import from_mapping
-from bot.store import Store
-from converters import prune, variants
+from bot.model import jobstate as J
+from bot.hub.client import Hub
+from bot.service.runner import Runner
+from bot.model.settings import from_mapping
+from bot.state.store import Store
+from converters.variants import prune
+from converters.variants import recipes as variants
 from tests.bot_fixtures import checkpoint_files
 from tests.hub_fixtures import TEST_TOKEN, TEST_USER
 from tests.hubserver import _validate_front_matter

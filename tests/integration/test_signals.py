@@ -26,7 +26,7 @@ def test_a_signalled_convert_leaves_no_llama_imatrix(tmp_path: Path, smollm2, ca
         bot = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         imatrix = program = None
         try:
-            # ggufbot's child is the program's supervisor (converters/reaper.py, named after it), the program its child
+            # ggufbot's child is the program's supervisor (converters/core/reaper.py, named after it), the program its child
             imatrix = wait_for_child(bot.pid, "llama-imatrix", within=240)
             program = wait_for_child(imatrix, "llama-imatrix", within=30)
             time.sleep(1.0)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from bot import jobs as J
-from bot.store import LATEST, Store
+from bot.model import jobstate as J
+from bot.state.store import LATEST, Store
 from tests.bot_fixtures import postgres_url
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def test_upgrade_from_version_1_keeps_data(db_url: str) -> None:
 
 CLAIMER = """
 import json, sys
-from bot.store import Store
+from bot.state.store import Store
 st = Store(sys.argv[1])
 got = []
 while True:

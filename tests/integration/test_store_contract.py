@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from bot import jobs as J
-from bot.memstore import MemoryStore
-from bot.store import StateStore, Store
-from converters.errors import StateError
+from bot.model import jobstate as J
+from bot.state.memstore import MemoryStore
+from bot.state.store import StateStore, Store
+from converters.core.errors import StateError
 from tests.bot_fixtures import postgres_url
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from bot.hub import Hub
-from bot.publish import PublishOptions, publish
-from bot.retry import RetryPolicy
-from bot.runner import Runner
-from bot.settings import from_mapping
-from bot.store import Store
-from converters.errors import HubError
+from bot.hub.client import Hub
+from bot.publish.commit import PublishOptions, publish
+from bot.model.retry import RetryPolicy
+from bot.service.runner import Runner
+from bot.model.settings import from_mapping
+from bot.state.store import Store
+from converters.core.errors import HubError
 from tests.hub_fixtures import TEST_ORG, TEST_TOKEN
 from tests.hubserver import HubServer
 from tests.workdirs import make_workdir

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from converters import layout
-from converters import toolchain as tc_mod
-from converters import tune
+from converters.ladder import layout
+from converters.llama import toolchain as tc_mod
+from converters.ladder import tune
 from tests.models import tiny_random_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
@@ -21,10 +21,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.llama]
 
 @pytest.fixture(scope="module")
 def tuned_workdir(tmp_path_factory, calibration_text, toolchain) -> Path:
-    from bot.job import JobSpec, Source, run_job
-    from converters.calibrate import TextFile
-    from converters.hooks import NULL_HOOKS
-    from converters.pipeline import LadderOptions
+    from bot.jobs.job import JobSpec, Source, run_job
+    from converters.llama.calibrate import TextFile
+    from converters.core.hooks import NULL_HOOKS
+    from converters.ladder.pipeline import LadderOptions
 
     root = tmp_path_factory.mktemp("tune")
     src = root / "tiny-llama"
@@ -60,7 +60,7 @@ def test_tuned_files_match_their_layout_and_budget(tuned_workdir):
         # the type file given to llama-quantize is the plan
         types_file = tuned_workdir / "tune" / f"{point}-tuned.tensor-types.txt"
         assert types_file.read_text().split() == layout.tensor_type_lines({t["name"]: t["type"] for t in lay["tensors"]})
-    from converters import records
+    from converters.core import records
 
     rec = records.load(tuned_workdir, "tune")
     assert rec is not None and rec.extra["points"]["Q4_K_M"]["status"] == "built"

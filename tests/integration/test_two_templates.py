@@ -2,7 +2,7 @@
 a looping ``chat_template`` in ``tokenizer_config.json``, the one the pinned converter's gguf-py writes into the GGUF).
 
 - ``ggufbot convert`` of it fails within 60 s with one ``error:`` line naming the template, nothing written;
-- the bot's job (``bot.job.run_job`` with the bot's rules) is refused with the same reason;
+- the bot's job (``bot.jobs.job.run_job`` with the bot's rules) is refused with the same reason;
 - a template that reaches the BF16 reference without being seen at inspect (a converter that adds its own) is
   refused right after the convert stage, before any llama.cpp program: the reference is the last file written.
 """
@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from bot.job import JobSpec, Source, run_job
-from converters import chat, records
-from converters.errors import UnsupportedModel
-from converters.hooks import NULL_HOOKS
-from converters.job import CheckpointRules, TEMPLATES_RECORD
-from converters.pipeline import LadderOptions
+from bot.jobs.job import JobSpec, Source, run_job
+from converters.formats import chat
+from converters.core import records
+from converters.core.errors import UnsupportedModel
+from converters.core.hooks import NULL_HOOKS
+from converters.ladder.job import CheckpointRules, TEMPLATES_RECORD
+from converters.ladder.pipeline import LadderOptions
 
 pytestmark = pytest.mark.llama
 

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from bot.hub import Hub
-from bot.publish import PublishOptions
-from bot.variants import publish_variant
-from converters import prune, variants
-from converters.distill import DistillConfig
+from bot.hub.client import Hub
+from bot.publish.commit import PublishOptions
+from bot.jobs.variants import publish_variant
+from converters.variants import prune
+from converters.variants import recipes as variants
+from converters.variants.distill import DistillConfig
 from tests.hub_fixtures import TEST_ORG
 from tests.hubserver import HubServer, _validate_front_matter
 from tests.workdirs import make_workdir

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from converters import verify
-from converters.report import FAILED, PASSED
+from converters.llama import verify
+from converters.core.report import FAILED, PASSED
 from tests.ggufedit import copy_with_metadata
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]

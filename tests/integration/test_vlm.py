@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from converters import mmproj
-from converters.workdir import WorkDir
+from converters.llama import mmproj
+from converters.core.workdir import WorkDir
 from tests.vlm_models import IMAGE_TOKENS, VLM_NAME, tiny_gemma3_vlm_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
 
 
 def _spec(src: Path):
-    from bot.job import JobSpec, Source
-    from converters.job import CheckpointRules
-    from converters.pipeline import LadderOptions
+    from bot.jobs.job import JobSpec, Source
+    from converters.ladder.job import CheckpointRules
+    from converters.ladder.pipeline import LadderOptions
 
     return JobSpec(source=Source(path=src), model_name=VLM_NAME,
                    ladder=LadderOptions(ladder="Q4_K_M", imatrix=False),
@@ -32,9 +32,9 @@ def _spec(src: Path):
 def vlm_workdir(tmp_path_factory, eval_text, toolchain) -> Path:
     """The job's ladder stages, then the evaluation with short settings (the same code the job's evaluate stage
     runs; its transformers comparison and generations on a random model only cost time here)."""
-    from bot.job import run_job
-    from converters import evaluate
-    from converters.hooks import NULL_HOOKS
+    from bot.jobs.job import run_job
+    from converters.ladder import evaluate
+    from converters.core.hooks import NULL_HOOKS
 
     root = tmp_path_factory.mktemp("vlm")
     src = root / VLM_NAME
@@ -89,8 +89,8 @@ def test_a_file_that_is_no_projector_fails_the_check(vlm_workdir: Path, toolchai
 
 
 def test_a_second_run_converts_nothing_again(vlm_workdir: Path, toolchain) -> None:
-    from bot.job import run_job
-    from converters.hooks import NULL_HOOKS
+    from bot.jobs.job import run_job
+    from converters.core.hooks import NULL_HOOKS
 
     before = {p.name: p.stat().st_mtime_ns for p in vlm_workdir.glob("*.gguf")}
     run_job(_spec(vlm_workdir.parent / VLM_NAME), vlm_workdir, NULL_HOOKS, toolchain=toolchain)
@@ -100,11 +100,11 @@ def test_a_second_run_converts_nothing_again(vlm_workdir: Path, toolchain) -> No
 def test_published_repo_and_card_carry_the_projector(vlm_workdir: Path, hub_server, tmp_path: Path) -> None:
     """Publishing does not read GGUF contents: a work dir of placeholder quants that passed the gate (the random
     model's text cannot pass it) with the real projector files and the real projector check added."""
-    from bot.hub import Hub
-    from bot.publish import PublishOptions, publish
-    from bot.retry import RetryPolicy
-    from converters.report import Check
-    from converters.workdir import Ladder
+    from bot.hub.client import Hub
+    from bot.publish.commit import PublishOptions, publish
+    from bot.model.retry import RetryPolicy
+    from converters.core.report import Check
+    from converters.core.workdir import Ladder
     from tests.hub_fixtures import TEST_ORG
     from tests.workdirs import make_workdir
 

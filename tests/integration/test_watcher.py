@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from bot import jobs as J
-from bot.hub import Hub
-from bot.settings import Settings, from_mapping
-from bot.store import Store
-from bot.watcher import Watcher
+from bot.model import jobstate as J
+from bot.hub.client import Hub
+from bot.model.settings import Settings, from_mapping
+from bot.state.store import Store
+from bot.service.watcher import Watcher
 from tests.bot_fixtures import SMALL_CONFIG, populate
 from tests.hub_fixtures import TEST_TOKEN
 

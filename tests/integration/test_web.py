@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bot import jobs as J
-from bot import settings as settings_mod
-from bot.hub import Hub
-from bot.store import Store
-from bot.watcher import Watcher
-from bot.web import StatusSite, WebServer
+from bot.model import jobstate as J
+from bot.model import settings as settings_mod
+from bot.hub.client import Hub
+from bot.state.store import Store
+from bot.service.watcher import Watcher
+from bot.web.site import StatusSite, WebServer
 from tests.bot_fixtures import SMALL_CONFIG, postgres_url
 from tests.hub_fixtures import TEST_TOKEN
 from tests.workdirs import make_workdir

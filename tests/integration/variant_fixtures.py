@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from converters import pipeline
+from converters.ladder import pipeline
 
 _LOCK = threading.Lock()
 _CACHE: dict[str, "PrunedVariant"] = {}
@@ -36,7 +36,8 @@ class PrunedVariant:
 
 
 def pruned_smollm2(tmp_path_factory: pytest.TempPathFactory, teacher: Path, calibration: Path, toolchain) -> PrunedVariant:
-    from converters import calibrate, variants
+    from converters.llama import calibrate
+    from converters.variants import recipes as variants
 
     with _LOCK:
         if "smollm2" not in _CACHE:
@@ -44,8 +45,8 @@ def pruned_smollm2(tmp_path_factory: pytest.TempPathFactory, teacher: Path, cali
             recipe = dataclasses.replace(base, prune=dataclasses.replace(
                 base.prune, calib_samples=CALIB_SAMPLES, calib_seq_len=CALIB_SEQ_LEN))
             out = tmp_path_factory.mktemp("variant-prune4")
-            from bot.job import JobSpec, Source, run_job
-            from converters.hooks import NULL_HOOKS
+            from bot.jobs.job import JobSpec, Source, run_job
+            from converters.core.hooks import NULL_HOOKS
 
             v = variants.VariantOf(recipe, teacher, "SmolLM2-135M-Instruct", calibration)
             spec = JobSpec(source=Source(), model_name=variants.model_name("SmolLM2-135M-Instruct", recipe),

@@ -1,4 +1,4 @@
-"""converters.calibrate: why llama-imatrix failed, told from its output and from the reference's tensor data.
+"""converters.llama.calibrate: why llama-imatrix failed, told from its output and from the reference's tensor data.
 
 llama-imatrix prints ``non-finite values detected in <tensor>`` and exits at once; its logger thread can lose
 that line, so the reason must not depend on it."""
@@ -10,8 +10,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from converters import calibrate
-from converters.errors import ToolError
+from converters.llama import calibrate
+from converters.core.errors import ToolError
 
 LOST = "0.00.359.397 I compute_imatrix: computing over 2 chunks, n_ctx=256, batch_size=2048, n_seq=8\n"
 SAID = LOST + "0.00.412.001 E collect_imatrix: non-finite values detected in blk.0.attn_q.weight\n"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bot import card
-from converters.report import Report
-from converters.workdir import Ladder, WorkDir
+from bot.publish import card
+from converters.core.report import Report
+from converters.core.workdir import Ladder, WorkDir
 from tests.hubserver import _validate_front_matter
 from tests.workdirs import CHATML, make_workdir
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from bot import card
-from converters.report import Check
-from converters.workdir import WorkDir
+from bot.publish import card
+from converters.core.report import Check
+from converters.core.workdir import WorkDir
 from tests.workdirs import make_workdir
 
 SETTINGS = card.CardSettings(repo_id="team/Tiny-Instruct-GGUF", quantized_by="team", hub_url="http://hub.test")
@@ -60,9 +60,9 @@ def test_notes_are_shown_and_inert(tmp_path: Path) -> None:
 
 
 def test_require_source_check_reaches_the_evaluation(tmp_path: Path) -> None:
-    from bot.job import JobSpec
-    from bot.settings import load
-    from converters.calibrate import TextFile
+    from bot.jobs.job import JobSpec
+    from bot.model.settings import load
+    from converters.llama.calibrate import TextFile
 
     text = tmp_path / "eval.txt"
     text.write_text("some text\n")

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from markdown_it import MarkdownIt
 
-from bot import card, markdown
-from converters.report import Check
-from converters.workdir import WorkDir
+from bot.publish import card
+from bot.publish import markdown
+from converters.core.report import Check
+from converters.core.workdir import WorkDir
 from tests.hubserver import _validate_front_matter
 from tests.workdirs import make_workdir
 
@@ -137,7 +138,7 @@ def test_card_data_from_the_source_is_text_or_lists_of_text(tmp_path: Path, data
     ladder = dataclasses.replace(ladder, source=dataclasses.replace(ladder.source, license=None))
     facts = card.SourceFacts.from_checkpoint(Path(ladder.source.path), repo=ladder.source.repo,
                                              revision=ladder.source.revision, card_data=data)
-    with caplog.at_level(logging.INFO, logger="bot.card"):
+    with caplog.at_level(logging.INFO, logger="bot.publish.card"):
         ctx = card.build_context(ladder, report, facts, SETTINGS)
     assert {k: v for k, v in ctx["metadata"].items() if k in COPIED_KEYS} == expected
     dropped = sorted(k for k in data if k not in expected or (isinstance(data[k], list) and expected[k] != data[k]))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bot import card
-from converters.workdir import WorkDir
+from bot.publish import card
+from converters.core.workdir import WorkDir
 from tests.workdirs import make_workdir
 
 SETTINGS = card.CardSettings(repo_id="team/Tiny-Instruct-GGUF", quantized_by="team", hub_url="http://hub.test")

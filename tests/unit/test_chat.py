@@ -1,4 +1,4 @@
-"""converters.chat: where a checkpoint keeps its chat template, and the one sandboxed renderer."""
+"""converters.formats.chat: where a checkpoint keeps its chat template, and the one sandboxed renderer."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import jinja2
 import pytest
 from jinja2.exceptions import SecurityError
 
-from converters import chat
-from converters.errors import TemplateError
+from converters.formats import chat
+from converters.core.errors import TemplateError
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

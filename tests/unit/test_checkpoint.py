@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from converters import checkpoint as ck
-from converters.errors import InputError, UnsupportedModel
+from converters.formats import checkpoint as ck
+from converters.core.errors import InputError, UnsupportedModel
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8}
 
@@ -157,7 +157,7 @@ def test_supported_architectures_read_from_converter_source(tmp_path):
 
 
 REFUSALS = [
-    # (file names, weights refusal, its reason): the rules inspect applies to a folder and bot.rules to a Hub record
+    # (file names, weights refusal, its reason): the rules inspect applies to a folder and bot.model.rules to a Hub record
     (["model.safetensors", "pytorch_model.bin"], None, None),
     (["config.json", "pytorch_model.bin", "extra.PT"], ck.Refusal("pickle_only", ("pytorch_model.bin", "extra.PT")),
      "only pickle weights (extra.PT, pytorch_model.bin); refused: pickle can run code"),
@@ -298,7 +298,7 @@ def test_named_templates_beside_chat_template_jinja_are_result_files(tmp_path: P
     """The pinned converter writes ``additional_chat_templates/<name>.jinja`` as ``tokenizer.chat_template.<name>``:
     the fetch downloads them (so inspect renders them in the sandbox), the watcher re-queues on their change and the
     stage records fingerprint them."""
-    from converters.checkpoint import files_fingerprint, is_result_file
+    from converters.formats.checkpoint import files_fingerprint, is_result_file
 
     assert is_result_file("additional_chat_templates/tool_use.jinja")
     assert not is_result_file("other_folder/tool_use.jinja") and not is_result_file("tool_use.jinja")

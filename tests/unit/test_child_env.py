@@ -1,5 +1,5 @@
 """Children get an allow-listed environment, never the bot's minus ``*_TOKEN``/``*_KEY`` (issue 19, section 4), and
-can fetch nothing from the Hub (section 2): every program started through ``converters.toolchain.run``, and the two
+can fetch nothing from the Hub (section 2): every program started through ``converters.llama.toolchain.run``, and the two
 that used to bypass it (``nvidia-smi``, ``llama-quantize --version`` of a LLAMA_CPP_DIR)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from converters import toolchain
+from converters.llama import toolchain
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -130,7 +130,7 @@ def test_the_ggufbot_command_runs_a_user_llama_quantize_through_run(tmp_path):
 
 OWN = textwrap.dedent("""
     import ctypes, json
-    from converters import toolchain
+    from converters.llama import toolchain
     prctl = ctypes.CDLL(None).prctl
     before = prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
     toolchain.own_children()

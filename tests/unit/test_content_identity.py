@@ -1,5 +1,5 @@
 """Resume keys on content, not size: full sha256 identities, cached by size + mtime + inode; and the pure rule
-deciding whether a Hub repo is this model's (bot.target.foreign_reason)."""
+deciding whether a Hub repo is this model's (bot.publish.target.foreign_reason)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from bot.target import Identity, RemoteRepo, TargetPolicy, foreign_reason
-from converters import checkpoint, records
-from converters.errors import ConfigError
+from bot.publish.target import Identity, RemoteRepo, TargetPolicy, foreign_reason
+from converters.formats import checkpoint
+from converters.core import records
+from converters.core.errors import ConfigError
 
 BIG = 70 << 20  # larger than the old 64 MB limit above which only the head and tail were hashed
 

@@ -1,4 +1,4 @@
-"""The acceptance rules (bot.rules): one table row per reason, on the project's own ModelRecord; the watcher's
+"""The acceptance rules (bot.model.rules): one table row per reason, on the project's own ModelRecord; the watcher's
 fingerprints of result-changing files."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from bot.hub import ModelRecord
-from bot.rules import convert_refusal, decide, fetch_refusal, quantized_reason, rule, rule_names, unsafe_name
-from bot.settings import Source, from_mapping
-from bot.watcher import changed_files, diff_fingerprints, fingerprint, iso
+from bot.hub.client import ModelRecord
+from bot.model.rules import convert_refusal, decide, fetch_refusal, quantized_reason, rule, rule_names, unsafe_name
+from bot.model.settings import Source, from_mapping
+from bot.service.watcher import changed_files, diff_fingerprints, fingerprint, iso
 from tests.bot_fixtures import GB, GOOD_FILES, model_record
 
 SETTINGS = from_mapping({"limits": {"max_model_gb": 10}}, env={}, free_disk=10**13)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bot import settings as settings_mod
-from converters import toolchain
+from bot.model import settings as settings_mod
+from converters.llama import toolchain
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

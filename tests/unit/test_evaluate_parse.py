@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters import evaluate, verify
-from converters.errors import InputError, ParseError
-from converters.report import Check, FileResult, KldStats, Report, TextInfo
+from converters.ladder import evaluate
+from converters.llama import verify
+from converters.core.errors import InputError, ParseError
+from converters.core.report import Check, FileResult, KldStats, Report, TextInfo
 
 DATA = Path(__file__).parent / "data"
 KLD_TEXT = (DATA / "perplexity_kld_q8_0.txt").read_text()
@@ -181,7 +182,7 @@ def _stats(**kw) -> KldStats:
 
 
 def test_report_round_trips_and_keeps_unknown_fields(tmp_path):
-    from converters.workdir import WorkDir
+    from converters.core.workdir import WorkDir
 
     f = FileResult(type="Q4_K_M", path="M-Q4_K_M.gguf", size=10, bpw=4.9, bpw_nominal=4.89,
                    stats=_stats(kld_mean=0.03, kld_mean_err=0.001, kld_max=float("inf")),
@@ -202,7 +203,7 @@ def test_report_round_trips_and_keeps_unknown_fields(tmp_path):
 
 
 def test_report_of_another_schema_version_is_refused(tmp_path):
-    from converters.workdir import WorkDir
+    from converters.core.workdir import WorkDir
 
     (tmp_path / "report.json").write_text('{"schema_version": 99}')
     with pytest.raises(InputError, match="schema_version"):

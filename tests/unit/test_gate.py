@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from converters import evaluate
-from converters.report import Check, FileResult, KldStats
+from converters.ladder import evaluate
+from converters.core.report import Check, FileResult, KldStats
 
 NAN = float("nan")
 
@@ -128,7 +128,7 @@ def test_cli_ceilings(items, expected):
 @pytest.mark.parametrize("bad", ["Q4_K_M", "Q4_K_M=x", "=1"])
 def test_cli_ceilings_refuse_garbage(bad):
     from bot.commands.evaluate import parse_ceilings
-    from converters.errors import InputError
+    from converters.core.errors import InputError
 
     with pytest.raises(InputError, match="bad --ceiling"):
         parse_ceilings([bad])

@@ -1,4 +1,4 @@
-"""converters.gguf_meta: the same values as gguf-py's own reader, keys from gguf.Keys, file types from gguf-py."""
+"""converters.formats.gguf_meta: the same values as gguf-py's own reader, keys from gguf.Keys, file types from gguf-py."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import gguf
 import numpy as np
 import pytest
 
-from converters import gguf_meta, quants
-from converters.errors import InputError
+from converters.formats import gguf_meta
+from converters.core import quants
+from converters.core.errors import InputError
 
 TOKENS = ["<s>", "</s>", "hello", " wörld", "日本", "🦙", ""]
 

@@ -1,4 +1,4 @@
-"""transformers on an untrusted checkpoint runs in a limited, offline child (converters.hfchild), never in the
+"""transformers on an untrusted checkpoint runs in a limited, offline child (converters.formats.hfchild), never in the
 bot's process: the tokenizer service answers like the tokenizer itself, one child per check; the source-model
 comparison gives the figures the in-process run gives; a child over its memory budget stops with the reason."""
 
@@ -13,9 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters import evaluate, hfchild, hfmodel, verify
-from converters.errors import InputError
-from converters.report import SKIPPED
+from converters.ladder import evaluate
+from converters.formats import hfchild
+from converters.formats import hfmodel
+from converters.llama import verify
+from converters.core.errors import InputError
+from converters.core.report import SKIPPED
 from tests.models import tiny_random_checkpoint
 
 TEXTS = [text for _, text in verify.TOKENIZER_SAMPLES]
@@ -84,7 +87,7 @@ def test_a_changed_tokenizer_is_loaded_again(tiny: Path, tmp_path: Path, cold) -
 
 
 def test_loading_a_tokenizer_does_not_bring_transformers_into_the_process(tiny: Path) -> None:
-    code = ("import sys\nfrom converters import hfmodel\n"
+    code = ("import sys\nfrom converters.formats import hfmodel\n"
             f"tok = hfmodel.load_tokenizer({str(tiny)!r})\n"
             "assert tok.eos_token_id == 2, tok.eos_token_id\n"
             "print(sorted(m for m in ('transformers', 'tokenizers', 'torch') if m in sys.modules))")

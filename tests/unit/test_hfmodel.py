@@ -1,4 +1,4 @@
-"""converters.hfmodel: dtype choice and loading failures as the project's errors (no model needed)."""
+"""converters.formats.hfmodel: dtype choice and loading failures as the project's errors (no model needed)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from converters import hfmodel
-from converters.errors import InputError, UnsupportedModel
+from converters.formats import hfmodel
+from converters.core.errors import InputError, UnsupportedModel
 
 
 @pytest.mark.parametrize(("device", "parameters", "limit", "expected"), [

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from converters import checkpoint as ck
-from converters import verify
-from converters.errors import UnsupportedModel
+from converters.formats import checkpoint as ck
+from converters.llama import verify
+from converters.core.errors import UnsupportedModel
 from tests.bot_fixtures import (
     SMALL_LAYER,
     canary_code,

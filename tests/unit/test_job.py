@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 
 from bot.commands import CliHooks
-from bot.job import JobSpec, PublishTarget, Source, stages_for
-from converters.errors import Cancelled
-from converters.hooks import END, PROGRESS, SKIP, START, Event, Recorder, StopFlag
-from converters.job import JobContext, Produced, RecordedStage, run_stages
-from converters.pipeline import LadderOptions
+from bot.jobs.job import JobSpec, PublishTarget, Source, stages_for
+from converters.core.errors import Cancelled
+from converters.core.hooks import END, PROGRESS, SKIP, START, Event, Recorder, StopFlag
+from converters.ladder.job import JobContext, Produced, RecordedStage, run_stages
+from converters.ladder.pipeline import LadderOptions
 
 TOOLCHAIN = SimpleNamespace(version="llama.cpp test")
 
@@ -113,7 +113,7 @@ def test_cli_lines(capsys, event, line):
 
 
 def test_stage_list_of_a_spec(tmp_path):
-    from converters import variants
+    from converters.variants import recipes as variants
 
     local = JobSpec(source=Source(path=tmp_path), model_name="M", ladder=LadderOptions(imatrix=False))
     assert [s.name for s in stages_for(local)] == ["inspect", "convert", "quantize"]

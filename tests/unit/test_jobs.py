@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 
-from bot import jobs as J
-from bot.runner import retry_policy
-from bot.settings import from_mapping
-from converters.errors import DiskSpaceError, HubError, HubNotFound, StateError, ToolError, UnsupportedModel
+from bot.model import jobstate as J
+from bot.service.runner import retry_policy
+from bot.model.settings import from_mapping
+from converters.core.errors import DiskSpaceError, HubError, HubNotFound, StateError, ToolError, UnsupportedModel
 
 S = J.Status
 LEGAL = {

@@ -1,4 +1,4 @@
-"""converters.layout: bytes, candidates, the knapsack solver against brute force, the tensor-type file."""
+"""converters.ladder.layout: bytes, candidates, the knapsack solver against brute force, the tensor-type file."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from converters import layout
-from converters.layout import Option, TensorInfo
+from converters.ladder import layout
+from converters.ladder.layout import Option, TensorInfo
 
 
 def _brute(items, budget):

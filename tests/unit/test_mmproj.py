@@ -1,4 +1,4 @@
-"""Vision-language models (converters.mmproj): acceptance, the ladder record, the test image, the embeddings check's
+"""Vision-language models (converters.llama.mmproj): acceptance, the ladder record, the test image, the embeddings check's
 reader, and what the card and publishing do with projector files. No llama.cpp here (tests/integration/test_vlm.py
 runs it)."""
 
@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from bot import card, publish
-from converters import checkpoint as ck
-from converters import mmproj
-from converters.errors import UnsupportedModel
-from converters.report import Check
-from converters.workdir import Ladder, ProjectorFile, WorkDir
+from bot.publish import card
+from bot.publish import commit as publish
+from converters.formats import checkpoint as ck
+from converters.llama import mmproj
+from converters.core.errors import UnsupportedModel
+from converters.core.report import Check
+from converters.core.workdir import Ladder, ProjectorFile, WorkDir
 from tests.unit.test_checkpoint import make
 from tests.workdirs import make_workdir
 
@@ -158,7 +159,7 @@ def test_a_q8_0_projector_that_failed_is_withheld_and_the_f16_one_published(tmp_
 
 
 def test_a_projector_that_failed_its_check_is_not_published_and_blocks_the_model(tmp_path) -> None:
-    from converters.evaluate import publishable
+    from converters.ladder.evaluate import publishable
 
     failed = Check.fail("mmproj-Tiny-Instruct-Q8_0.gguf: 12 of 1024 image embedding values are not finite")
     wd = _vlm_workdir(tmp_path, failed)
@@ -180,10 +181,10 @@ def test_the_bots_job_refuses_what_the_converter_cannot_convert_at_inspect(tmp_p
     pinned converter before any program runs."""
     import types
 
-    from bot import settings as S
-    from bot.job import JobSpec
-    from converters.hooks import NULL_HOOKS
-    from converters.job import InspectStage, JobContext
+    from bot.model import settings as S
+    from bot.jobs.job import JobSpec
+    from converters.core.hooks import NULL_HOOKS
+    from converters.ladder.job import InspectStage, JobContext
 
     spec = JobSpec.from_settings(S.from_mapping({}, env={}, free_disk=10**12), "acme/Model", "a" * 40,
                                  calibration=None, evaluation=None)

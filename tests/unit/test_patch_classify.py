@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.patch import FULL, PATCH, PatchBase, classify, json_keys_changed
-from converters.gguf_meta import GgufMeta
-from converters.metapatch import changed_keys, refusal
+from bot.jobs.patch import FULL, PATCH, PatchBase, classify, json_keys_changed
+from converters.formats.gguf_meta import GgufMeta
+from converters.patch.metapatch import changed_keys, refusal
 
 
 @pytest.mark.parametrize("changed,keys,kind,words", [
@@ -69,7 +69,7 @@ def test_refusal_on_vocabulary_and_architecture_changes() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# The runner's decision for a job (bot.patch.choose): an in-memory Hub, the earlier job's kept ladder.json
+# The runner's decision for a job (bot.jobs.patch.choose): an in-memory Hub, the earlier job's kept ladder.json
 # --------------------------------------------------------------------------------------------------
 
 
@@ -85,9 +85,9 @@ class Jobs:
 def _published_job(tmp_path: Path, hub, repo: str, sha: str, toolchain: str = "tc 1"):
     from types import SimpleNamespace
 
-    from bot import jobs as J
-    from bot.watcher import fingerprint
-    from converters.workdir import Ladder, ReferenceFile, ToolchainInfo, WorkDir
+    from bot.model import jobstate as J
+    from bot.service.watcher import fingerprint
+    from converters.core.workdir import Ladder, ReferenceFile, ToolchainInfo, WorkDir
 
     keep = tmp_path / "keep"
     keep.mkdir(exist_ok=True)
@@ -101,7 +101,7 @@ def _published_job(tmp_path: Path, hub, repo: str, sha: str, toolchain: str = "t
 def test_choose_patch_or_full(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from bot.patch import choose
+    from bot.jobs.patch import choose
     from tests.bot_fixtures import FakeHub
 
     hub, repo = FakeHub(), "acme/M"

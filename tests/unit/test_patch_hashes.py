@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from converters.metapatch import carried_hashes
-from converters.report import SCHEMA_VERSION, Report
+from converters.patch.metapatch import carried_hashes
+from converters.core.report import SCHEMA_VERSION, Report
 
 CHART, IMATRIX, Q8 = "size-vs-kld.png", "M-imatrix.gguf", "M-Q8_0.gguf"
 

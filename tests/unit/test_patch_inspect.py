@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from converters import metapatch
-from converters.errors import UnsupportedModel
-from converters.hooks import NULL_HOOKS
-from converters.job import JobContext, run_stages
+from converters.patch import metapatch
+from converters.core.errors import UnsupportedModel
+from converters.core.hooks import NULL_HOOKS
+from converters.ladder.job import JobContext, run_stages
 from tests.models import tiny_random_checkpoint
 
 LOOPS = "{% for a in range(100000) %}{% for b in range(100000) %}{% if a < 0 %}x{% endif %}{% endfor %}{% endfor %}"

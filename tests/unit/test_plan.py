@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from converters import pipeline
-from converters.calibrate import TextFile
-from converters.checkpoint import Checkpoint
-from converters.errors import InputError, NeedsImatrix
+from converters.ladder import pipeline
+from converters.llama.calibrate import TextFile
+from converters.formats.checkpoint import Checkpoint
+from converters.core.errors import InputError, NeedsImatrix
 
 
 def fake_checkpoint(params: int) -> Checkpoint:

@@ -1,4 +1,4 @@
-"""llama-imatrix's output as progress: parsed in ``converters.calibrate``, shown by the CLI (``CliHooks``) and in
+"""llama-imatrix's output as progress: parsed in ``converters.llama.calibrate``, shown by the CLI (``CliHooks``) and in
 the bot's progress column (``JobHooks``)."""
 
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 import types
 
 from bot.commands import CliHooks
-from bot.memstore import MemoryStore
-from bot.runner import JobHooks
-from converters.calibrate import ImatrixProgress
-from converters.hooks import PROGRESS, START, Event, Recorder
+from bot.state.memstore import MemoryStore
+from bot.service.runner import JobHooks
+from converters.llama.calibrate import ImatrixProgress
+from converters.core.hooks import PROGRESS, START, Event, Recorder
 
 # what the pinned llama-imatrix printed for 12 chunks of 128 tokens of the SmolLM2 fixture (-b 256), in the pieces
-# converters.toolchain.run passes on: the header on stderr, then per pass of 2 chunks a flushed, unended piece
+# converters.llama.toolchain.run passes on: the header on stderr, then per pass of 2 chunks a flushed, unended piece
 IMATRIX_OUTPUT = [
     "0.00.501.023 I compute_imatrix: computing over 12 chunks, n_ctx=128, batch_size=256, n_seq=2",
     "0.02.567.074 I compute_imatrix: 2.07 seconds per pass - ETA ",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from bot.card import published_files
-from bot.publish import DEFAULT_VARIANT_TEMPLATE, repo_name, whats_new
-from converters.errors import ConfigError
-from converters.report import Report
-from converters.workdir import Ladder
+from bot.publish.card import published_files
+from bot.publish.commit import DEFAULT_VARIANT_TEMPLATE, repo_name, whats_new
+from converters.core.errors import ConfigError
+from converters.core.report import Report
+from converters.core.workdir import Ladder
 
 
 @pytest.mark.parametrize("template, expected", [

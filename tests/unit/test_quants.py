@@ -1,7 +1,7 @@
 import pytest
 
-from converters import quants
-from converters.errors import UnknownName
+from converters.core import quants
+from converters.core.errors import UnknownName
 
 
 def test_default_ladder_is_the_documented_one():

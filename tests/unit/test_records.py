@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from converters import records
+from converters.core import records
 
 
 def test_atomic_output_renames_on_success(tmp_path):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bot.retry import RetryPolicy
-from converters.errors import CheckFailed, DiskSpaceError, HubAuthError, HubError, HubNotFound, InputError
+from bot.model.retry import RetryPolicy
+from converters.core.errors import CheckFailed, DiskSpaceError, HubAuthError, HubError, HubNotFound, InputError
 
 P = RetryPolicy(max_attempts=5, base=1.0, cap=4.0)
 

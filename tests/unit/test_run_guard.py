@@ -1,4 +1,4 @@
-"""Child programs never outlive ggufbot, never see a secret, and stop when asked (``converters.toolchain.run``)."""
+"""Child programs never outlive ggufbot, never see a secret, and stop when asked (``converters.llama.toolchain.run``)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import time
 
 import pytest
 
-from converters import toolchain
-from converters.errors import Cancelled, ToolError
+from converters.llama import toolchain
+from converters.core.errors import Cancelled, ToolError
 from tests.procs import gone, kill_quietly, wait_for_child
 
 # A ggufbot process in miniature: the command line's signal handlers, then one program through toolchain.run.
 PARENT = textwrap.dedent("""
     import sys
     from bot import cli
-    from converters import toolchain
+    from converters.llama import toolchain
     cli.install_signal_handlers()
     try:
         toolchain.run([sys.executable, "-c", "import time; time.sleep(120)"])

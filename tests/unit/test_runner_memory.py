@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from bot import jobs as J
-from bot.memstore import MemoryStore
-from bot.runner import Runner
-from bot.scheduler import Bot
-from bot.settings import Settings, from_mapping
-from converters.errors import HubError, HubNotFound
+from bot.model import jobstate as J
+from bot.state.memstore import MemoryStore
+from bot.service.runner import Runner
+from bot.service.scheduler import Bot
+from bot.model.settings import Settings, from_mapping
+from converters.core.errors import HubError, HubNotFound
 from tests.bot_fixtures import FakeHub
 
 REPO = "acme/Tiny-1B"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bot import settings as S
-from converters.errors import ConfigError
+from bot.model import settings as S
+from converters.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "deploy" / "ggufbot.example.toml"

@@ -16,11 +16,16 @@ from pathlib import Path
 import gguf
 import pytest
 
-from converters import chat, gguf_meta, job, pipeline, records, verify
-from converters.errors import UnsupportedModel
-from converters.hooks import NULL_HOOKS
-from converters.report import FAILED
-from converters.toolchain import Toolchain
+from converters.formats import chat
+from converters.formats import gguf_meta
+from converters.ladder import job
+from converters.ladder import pipeline
+from converters.core import records
+from converters.llama import verify
+from converters.core.errors import UnsupportedModel
+from converters.core.hooks import NULL_HOOKS
+from converters.core.report import FAILED
+from converters.llama.toolchain import Toolchain
 from tests.bot_fixtures import SMALL_LAYER, safetensors_bytes
 
 HARMLESS = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -13,13 +13,16 @@ from pathlib import Path
 import gguf
 import pytest
 
-from bot import settings as S
-from converters import checkpoint as ck
-from converters import job, pipeline, records, verify
-from converters.calibrate import TextFile
-from converters.errors import ConfigError, ToolError
-from converters.hooks import NULL_HOOKS
-from converters.toolchain import Toolchain
+from bot.model import settings as S
+from converters.formats import checkpoint as ck
+from converters.ladder import job
+from converters.ladder import pipeline
+from converters.core import records
+from converters.llama import verify
+from converters.llama.calibrate import TextFile
+from converters.core.errors import ConfigError, ToolError
+from converters.core.hooks import NULL_HOOKS
+from converters.llama.toolchain import Toolchain
 from tests.bot_fixtures import SMALL_LAYER, safetensors_bytes
 
 MB = 1_000_000
@@ -202,7 +205,7 @@ def test_the_limits_come_from_the_settings(tmp_path: Path) -> None:
 
 
 def test_the_bot_job_takes_every_limit_from_the_settings(tmp_path: Path) -> None:
-    from bot.job import JobSpec
+    from bot.jobs.job import JobSpec
 
     s = load(tmp_path, "[limits]\ntool_min_seconds = 60\ntool_generate_seconds_per_token_gb = 0.5\n"
                        "tool_eval_seconds_per_token_gb = 0.2\ntool_load_seconds_per_gb = 10\n")

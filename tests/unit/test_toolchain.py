@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from converters import toolchain
-from converters.errors import ToolchainError, ToolError
+from converters.llama import toolchain
+from converters.core.errors import ToolchainError, ToolError
 
 
 def test_run_returns_output_of_an_argument_list():
@@ -110,7 +110,7 @@ def test_cache_root_honours_env(monkeypatch, tmp_path):
 FAKE_INSTALL = r"""
 import json, os, sys, time
 from pathlib import Path
-from converters import toolchain
+from converters.llama import toolchain
 
 def fake_build(staging, flags, **kw):
     with open(os.environ["COUNTER"], "a") as f:

@@ -1,4 +1,4 @@
-"""converters.tune's pure parts on small GGUF files written with gguf-py: importance, errors, the size point's plan."""
+"""converters.ladder.tune's pure parts on small GGUF files written with gguf-py: importance, errors, the size point's plan."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 from gguf.quants import quantize
 
-from converters import layout, tune
+from converters.ladder import layout
+from converters.ladder import tune
 
 
 def _write(path, tensors: dict, arch: str = "llama") -> None:
@@ -55,7 +56,7 @@ def test_plan_point_keeps_within_the_stock_file(tmp_path):
     errors = {"blk.0.ffn_up.weight": {"Q4_0": 4.0, "Q8_0": 0.1, "Q5_0": 1.0},
               "blk.0.attn_q.weight": {"Q4_0": 9.0, "Q8_0": 0.2, "Q5_0": 2.0}}
     m = tune.Measurements(tensors, errors, scales={"ffn_gate_up": 0.01, "attn_qk": 0.02})
-    from converters import quants
+    from converters.core import quants
 
     lay = tune.plan_point(m, quants.get("Q8_0"), stock, margin=0)
     assert lay.budget == stock.stat().st_size

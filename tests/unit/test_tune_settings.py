@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from bot import settings as S
-from converters.errors import ConfigError
+from bot.model import settings as S
+from converters.core.errors import ConfigError
 
 
 def test_tune_is_off_by_default_and_reaches_the_job_spec() -> None:
-    from bot.job import JobSpec
+    from bot.jobs.job import JobSpec
 
     s = S.from_mapping({}, env={}, free_disk=10**12)
     assert s.quantize.tune == () and s.quantize.tune_seconds > 0
@@ -33,7 +33,8 @@ def test_bad_tune_settings_name_the_key(quantize, why) -> None:
 
 
 def test_ladder_stages_add_tune_only_when_asked() -> None:
-    from converters import job, pipeline
+    from converters.ladder import job
+    from converters.ladder import pipeline
 
     names = [s.name for s in job.ladder_stages(pipeline.LadderOptions(ladder="small", imatrix=False), None)]
     assert "tune" not in names

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from converters import evaluate, layout
-from converters.report import FileResult, KldStats
+from converters.ladder import evaluate
+from converters.ladder import layout
+from converters.core.report import FileResult, KldStats
 
 
 def stats(kld: float, err: float) -> KldStats:

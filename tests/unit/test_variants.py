@@ -6,8 +6,10 @@ import math
 
 import pytest
 
-from converters import distill, prune, variants
-from converters.errors import ConfigError, GgufbotError, InputError, UnknownName, UnsupportedModel
+from converters.variants import distill
+from converters.variants import prune
+from converters.variants import recipes as variants
+from converters.core.errors import ConfigError, GgufbotError, InputError, UnknownName, UnsupportedModel
 
 
 # ---------------------------------------------------------------------------------------------- prune
@@ -215,7 +217,7 @@ def test_parse_list_unknown():
         variants.parse_list("prune-25pct-kd,nope")
 
 
-# the variant repo name: tests/unit/test_publish_rules.py (bot.publish.repo_name)
+# the variant repo name: tests/unit/test_publish_rules.py (bot.publish.commit.repo_name)
 
 
 def test_ceilings_add_the_pruning_loss():
@@ -249,13 +251,13 @@ def test_card_knows_variants_natively(tmp_path):
 
     from huggingface_hub import ModelCard
 
-    from bot import card
+    from bot.publish import card
     from tests.hubserver import _validate_front_matter
     from tests.workdirs import make_workdir
 
     wd = make_workdir(tmp_path, model="Tiny-Instruct-prune-1-layer-kd", source_repo="acme/Tiny-Instruct",
                       types=("Q8_0",))
-    from converters.workdir import VariantInfo, WorkDir
+    from converters.core.workdir import VariantInfo, WorkDir
 
     ladder, report = WorkDir(wd).ladder(), WorkDir(wd).report()
     facts = card.SourceFacts.from_checkpoint(None, repo=ladder.source.repo, revision=ladder.source.revision)
@@ -289,9 +291,9 @@ def test_card_knows_variants_natively(tmp_path):
 
 
 def test_public_info_has_no_local_paths():
-    from bot.variants import public_info
+    from bot.jobs.variants import public_info
 
-    from converters.workdir import VariantInfo
+    from converters.core.workdir import VariantInfo
 
     info = VariantInfo.from_json({"recipe": {"name": "r"}, "teacher": {"path": "/x/y", "parameters": 3},
                                   "variant": {"path": "/x/z", "bytes": 1},

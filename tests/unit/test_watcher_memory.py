@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from bot import jobs as J
-from bot.memstore import MemoryStore
-from bot.settings import Settings, from_mapping
-from bot.watcher import Watcher
-from converters.errors import HubError
+from bot.model import jobstate as J
+from bot.state.memstore import MemoryStore
+from bot.model.settings import Settings, from_mapping
+from bot.service.watcher import Watcher
+from converters.core.errors import HubError
 from tests.bot_fixtures import T0, FakeHub
 
 NOW = T0.timestamp()

@@ -9,13 +9,13 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from bot import jobs as J
-from bot import settings as settings_mod
+from bot.model import jobstate as J
+from bot.model import settings as settings_mod
 from bot.commands import CLI_HOOKS, TtyHooks, cli_hooks
-from bot.status import running_view
-from bot.webhooks import HubEvent, watching_source
-from converters.errors import ConfigError, InputError
-from converters.hooks import END, PROGRESS, START, Event
+from bot.service.status import running_view
+from bot.web.webhooks import HubEvent, watching_source
+from converters.core.errors import ConfigError, InputError
+from converters.core.hooks import END, PROGRESS, START, Event
 from tests.bot_fixtures import model_record
 
 

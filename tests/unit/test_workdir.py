@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from converters.errors import InputError
-from converters.records import write_json_atomic
-from converters.report import Report
-from converters.workdir import (CHART_FILE, LADDER_FILE, PLAN_FILE, REPORT_FILE, VARIANT_FILE, Ladder, LadderFile,
+from converters.core.errors import InputError
+from converters.core.records import write_json_atomic
+from converters.core.report import Report
+from converters.core.workdir import (CHART_FILE, LADDER_FILE, PLAN_FILE, REPORT_FILE, VARIANT_FILE, Ladder, LadderFile,
                                 VariantInfo, WorkDir)
 
-# ladder.json exactly as converters/pipeline.py has always written it (docs/ARCHITECTURE.md)
+# ladder.json exactly as converters/ladder/pipeline.py has always written it (docs/ARCHITECTURE.md)
 LADDER: dict[str, Any] = {
     "schema_version": 1,
     "model_name": "M",

@@ -1,0 +1,410 @@
+"""One job spec, one runner of stages: ``run_job(spec, workdir, hooks, toolchain=..., hub=...)``.
+
+A :class:`JobSpec` is frozen and built once: :meth:`JobSpec.from_settings` for the bot, from the command
+line by ``ggufbot convert`` and ``ggufbot variant``. :func:`run_job` turns it into a tuple of stage objects
+and runs them with :func:`converters.ladder.job.run_stages` (mergekit's shape: options -> plan -> executor):
+
+    fetch (Hub) | prune, distill (a variant) -> inspect -> convert -> calibrate -> quantize -> evaluate
+        -> publish -> variant:<recipe> ...
+
+The file stages live in ``converters/ladder/job.py`` and ``converters/variants/recipes.py`` (``converters/`` never imports
+``bot/``); this module adds the stages that need the Hub (fetch, publish) and ``variant:<recipe>``, which is
+itself a ``run_job`` of a derived spec whose first stages prune and heal the teacher instead of fetching. A
+failing variant is recorded in the result; it never fails the main job (a stop request still stops it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bot.publish.target import TargetPolicy
+from converters.formats import checkpoint as ckpt_mod
+from converters.core import records
+from converters.variants import recipes as variants_mod
+from converters.llama.calibrate import TextFile
+from converters.core.errors import Cancelled, CheckFailed, DiskSpaceError, UnsupportedModel
+from converters.core.hooks import END, LINE, SKIP, Event, Hooks
+from converters.ladder.job import CheckpointRules, EvalSettings, JobContext, Stage, ToolLimits, ladder_stages, run_stages
+from converters.ladder.pipeline import LadderOptions, model_name_for
+from converters.core.report import Report
+from converters.core.stages import DISK_MARGIN, free_bytes
+from converters.core.workdir import Ladder, WorkDir
+
+log = logging.getLogger(__name__)
+
+# What a bot job needs on disk beyond the source weights: a 16-bit reference (~1x) and the ladder (~4.5x for
+# the default ladder), so about 6x the source; the planner checks its own exact estimate again before writing.
+DISK_FACTOR = 6.0
+
+
+class LazyText:
+    """A text resolved on first use: the bot downloads its calibration and evaluation texts only when a stage
+    reads them (after the fetch, as a stage of the job), not when the spec is built."""
+
+    def __init__(self, resolve: Callable[[], TextFile]) -> None:
+        self._resolve = resolve
+        self._text: TextFile | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._text is None:
+            self._text = self._resolve()
+        return getattr(self._text, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where the checkpoint comes from: a local folder (``path``), or the Hub (``repo`` at ``revision``)."""
+
+    repo: str | None = None
+    revision: str | None = None
+    path: Path | None = None  # a local checkpoint: nothing is fetched (``repo`` may still name it, for the card)
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchPolicy:
+    """How the fetch stage downloads: which files, what must fit on disk, which rules to check again."""
+
+    patterns: tuple[str, ...] = ckpt_mod.RESULT_PATTERNS
+    need_bytes: Callable[[Any], int] | None = None  # bytes that must be free, from the Hub's model info
+    check: Callable[[Any], None] | None = None  # raises UnsupportedModel for a refused model
+    max_bytes: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishTarget:
+    """Where a finished ladder goes: an explicit repo id, or a namespace and template."""
+
+    repo_id: str | None = None
+    namespace: str | None = None
+    template: str | None = None  # the main repo: ``{model}-GGUF``; a variant: ``{org}/{model}-{variant}-GGUF``
+    private: bool = False
+    policy: TargetPolicy = TargetPolicy()  # another model's repo at that name: rename or fail; adopted repos
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    source: Source
+    model_name: str
+    ladder: LadderOptions
+    evaluation: EvalSettings | None = None
+    variants: tuple[variants_mod.Recipe, ...] = ()
+    publish: PublishTarget | None = None  # None: not published
+    variant_publish: PublishTarget | None = None
+    fetch: FetchPolicy = FetchPolicy()
+    rules: CheckpointRules = CheckpointRules()
+    variant_of: variants_mod.VariantOf | None = None  # set on the derived spec of a variant
+    limits: ToolLimits = ToolLimits()  # how long any one program may run
+    patch: Any = None  # a bot.jobs.patch.PatchBase: a metadata patch of that publication instead of the ladder stages
+    whats_new: tuple[str, ...] = ()  # the published card's what's-new lines (default: what the publication changed)
+
+    @classmethod
+    def from_settings(cls, settings: Any, repo: str, revision: str, *, calibration: TextFile | LazyText | None,
+                      evaluation: TextFile | LazyText, namespace: Callable[[], str] | str | None = None) -> "JobSpec":
+        """The bot's job for ``repo@revision``; publishing when the settings allow it and a token is set."""
+        from bot.model.rules import fetch_refusal, weight_bytes
+
+        s, q = settings, settings.quantize
+
+        def check(info: Any) -> None:
+            d = fetch_refusal(info, s)  # the safety rules again, on the exact revision fetched
+            if d is not None:
+                raise UnsupportedModel(d.reason, repo=repo)
+
+        def need(info: Any) -> int:
+            # each variant keeps its checkpoint, reference and ladder beside the teacher's until the cleanup
+            return int((weight_bytes(info) or 0) * DISK_FACTOR * (1 + len(q.variants))
+                       + s.limits.min_free_disk_gb * 1e9)
+
+        publishing = s.target.publish and bool(s.token)
+        policy = TargetPolicy(on_collision=s.target.on_collision, adopt=tuple(s.target.adopt))
+        ns = namespace if isinstance(namespace, str) else None
+        return cls(
+            source=Source(repo=repo, revision=revision), model_name=model_name_for(repo),
+            ladder=LadderOptions(ladder=q.ladder, outtype=q.outtype, calibration=calibration,
+                                 calibration_chunks=q.calibration_chunks, ctx=q.ctx,
+                                 split_max_bytes=int(q.split_max_gb * 1e9), jobs=q.jobs,
+                                 tune=tuple(q.tune), tune_seconds=q.tune_seconds),
+            evaluation=EvalSettings(evaluation, chunks=q.evaluation_chunks, name_text=True, require_publishable=True,
+                                    require_source_check=q.require_source_check),
+            variants=variants_mod.parse_list(q.variants),
+            publish=PublishTarget(namespace=ns, template=s.target.repo_template, private=s.target.private,
+                                  policy=policy) if publishing else None,
+            variant_publish=PublishTarget(namespace=ns, template=s.target.variant_repo_template,
+                                          private=s.target.private, policy=policy) if publishing else None,
+            fetch=FetchPolicy(patterns=ckpt_mod.RESULT_PATTERNS, need_bytes=need, check=check,
+                              max_bytes=s.max_model_bytes or None),
+            # an architecture (or a vision tower) the pinned converter cannot convert is refused at inspect with
+            # that reason, as `ggufbot convert` does, not left to fail inside the converter
+            rules=CheckpointRules(check_architecture=True),
+            limits=ToolLimits.from_settings(s.limits))
+
+    def for_variant(self, recipe: variants_mod.Recipe, teacher_dir: Path, teacher_workdir: Path) -> "JobSpec":
+        """The spec of one variant of this job: prune/heal the teacher, the same ladder, evaluation against the
+        teacher's logits, publishing to the variant template."""
+        v = variants_mod.VariantOf(recipe, teacher_dir, self.model_name, self.ladder.calibration.path
+                                   if self.ladder.calibration else teacher_dir, teacher_workdir, self.source.repo)
+        o = self.ladder
+        ev = self.evaluation
+        return JobSpec(
+            source=Source(repo=self.source.repo, revision=self.source.revision),
+            model_name=variants_mod.model_name(self.model_name, recipe),
+            ladder=LadderOptions(ladder=o.ladder, imatrix=o.imatrix, calibration=o.calibration,
+                                 calibration_chunks=o.calibration_chunks, ctx=o.ctx),
+            evaluation=dataclasses.replace(ev, name_text=False, require_publishable=False) if ev else None,
+            publish=self.variant_publish, variant_of=v, limits=self.limits)
+
+
+@dataclasses.dataclass(frozen=True)
+class Published:
+    repo_id: str
+    url: str | None  # the commit's URL (the repo's when nothing changed)
+    action: str  # create | update | none
+    commit: str | None = None
+    repo_url: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantOutcome:
+    recipe: str
+    entry: dict[str, Any]  # the job result's entry: status, figures, target repo or error
+    workdir: Path
+    ladder: Ladder | None = None
+    url: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class JobResult:
+    ladder: Ladder
+    report: Report | None
+    published: Published | None
+    variants: tuple[VariantOutcome, ...]
+    checkpoint_dir: Path | None
+
+
+# ------------------------------------------------------------------------------------------ bot stages
+@dataclasses.dataclass(frozen=True)
+class FetchStage:
+    """Download the files that matter from the Hub into ``<workdir>/source`` (skipped when its record and the
+    files are still there); checks the rules again on the exact revision and that it fits on disk."""
+
+    source: Source
+    policy: FetchPolicy
+    hub: Any
+    name: str = "fetch"
+    quiet: bool = True
+
+    def run(self, ctx: JobContext) -> None:
+        src = ctx.workdir / "source"
+        ctx.checkpoint_dir = src
+        inputs = {"repo": self.source.repo, "revision": self.source.revision, "patterns": list(self.policy.patterns)}
+        rec = records.load(ctx.workdir, self.name)
+        if rec is not None and rec.inputs == inputs and fetched_intact(ctx.workdir, src, rec.extra.get("files")):
+            log.info("fetch: %s@%s already done", self.source.repo, self.source.revision)
+            ctx.hooks.emit(self.name, SKIP, data={"quiet": True})
+            return
+        t0 = time.monotonic()
+        info = self._checked_info(ctx)
+        self.policy_download(ctx, info, src)
+        files = fetched_identities(ctx.workdir, src, info)
+        if not any(n.endswith(".safetensors") for n in files):
+            raise UnsupportedModel("no safetensors weights were downloaded", repo=self.source.repo)
+        records.save(ctx.workdir, self.name, inputs, [], time.monotonic() - t0, None, extra={"files": files})
+        total = sum(f["size"] for f in files.values())
+        ctx.hooks.emit(self.name, END, text=f"fetch done: {len(files)} files, {total / 1e6:.1f} MB",
+                       data={"quiet": True})
+
+    def _checked_info(self, ctx: JobContext) -> Any:
+        info = self.hub.model_info(self.source.repo, revision=self.source.revision)
+        if self.policy.check is not None:
+            self.policy.check(info)
+        need = self.policy.need_bytes(info) if self.policy.need_bytes is not None else 0
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        free = free_bytes(ctx.workdir)
+        if need > free:
+            raise DiskSpaceError(str(ctx.workdir), need, free)
+        return info
+
+    def policy_download(self, ctx: JobContext, info: Any, dest: Path) -> None:
+        wanted = sum(s.size or 0 for s in info.siblings
+                     if any(fnmatch.fnmatch(s.rfilename, pat) for pat in self.policy.patterns))
+        ctx.hooks.emit(self.name, LINE, text=f"{self.source.repo}@{self.source.revision} ({wanted / 1e9:.2f} GB)")
+        self.hub.download_snapshot(self.source.repo, self.source.revision, dest,
+                                   allow_patterns=list(self.policy.patterns), max_bytes=self.policy.max_bytes)
+
+
+def fetched_identities(workdir: Path, src: Path, info: Any) -> dict[str, dict[str, Any]]:
+    """``{name: {"size", "sha256"}}`` of the downloaded files. A file the Hub stores in LFS gets the sha256 of the
+    Hub's listing (free: no local hashing; it becomes the file's cached content hash), the others are hashed."""
+    listed = {s.rfilename: s for s in info.siblings}
+    out: dict[str, dict[str, Any]] = {}
+    for p in sorted(src.rglob("*")):
+        name = str(p.relative_to(src))
+        if not p.is_file() or ".cache" in p.relative_to(src).parts:
+            continue
+        size = p.stat().st_size
+        sib = listed.get(name)
+        if sib is not None and sib.lfs_sha256 and sib.size == size:
+            records.remember_sha256(p, sib.lfs_sha256, workdir)
+        out[name] = {"size": size, "sha256": records.content_sha256(p, workdir)}
+    return out
+
+
+def fetched_intact(workdir: Path, src: Path, files: Any) -> bool:
+    """Whether every file the fetch record lists still has its recorded content (sizes alone are not enough)."""
+    if not isinstance(files, dict) or not files:
+        return False
+    for name, ident in files.items():
+        p = src / name
+        if not isinstance(ident, dict) or not p.is_file() or p.stat().st_size != ident.get("size") \
+                or records.content_sha256(p, workdir) != ident.get("sha256"):
+            return False
+    return True
+
+
+def cli_disk_need(info: Any) -> int:
+    """``convert ORG/NAME``: the download plus the reference GGUF (about the same size again) must fit."""
+    wanted = sum(s.size or 0 for s in info.siblings
+                 if any(fnmatch.fnmatch(s.rfilename, pat) for pat in ckpt_mod.FETCH_PATTERNS))
+    return int(2 * wanted * DISK_MARGIN)
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishStage:
+    target: PublishTarget
+    hub: Any
+    variant: variants_mod.VariantOf | None = None
+    name: str = "publish"
+    quiet: bool = False
+    whats_new: tuple[str, ...] = ()  # the card's what's-new lines instead of the computed ones
+
+    def run(self, ctx: JobContext) -> None:
+        from bot.publish import commit as publish
+        from bot.jobs import variants as bot_variants
+
+        opts = publish.PublishOptions(repo_id=self.target.repo_id, repo_template=self.target.template,
+                                      namespace=self.target.namespace, private=self.target.private,
+                                      policy=self.target.policy, whats_new=self.whats_new)
+        if self.variant is not None:
+            if ctx.report is not None:
+                variant_gate(ctx.report, self.variant.recipe.name)
+            res = bot_variants.publish_variant(ctx.workdir, self.hub, opts)
+        else:
+            _plan, res = publish.publish(ctx.workdir, self.hub, opts)
+        assert res is not None
+        ctx.state["published"] = Published(res.repo_id, f"{res.url}/commit/{res.commit}" if res.commit else res.url,
+                                           res.action, res.commit, res.url)
+
+
+class NestedHooks(Hooks):
+    """A variant's events inside its job: stage names become ``variant:<recipe>/<stage>``."""
+
+    def __init__(self, parent: Hooks, outer: str) -> None:
+        self.parent, self.outer = parent, outer
+
+    def progress(self, event: Event) -> None:
+        self.parent.progress(dataclasses.replace(event, stage=f"{self.outer}/{event.stage}"))
+
+    def check_cancel(self) -> None:
+        self.parent.check_cancel()
+
+    def alive(self) -> None:
+        self.parent.alive()
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantStage:
+    spec: JobSpec
+    recipe: variants_mod.Recipe
+    hub: Any
+    quiet: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"variant:{self.recipe.name}"
+
+    def run(self, ctx: JobContext) -> None:
+        vdir = WorkDir(ctx.workdir).variant_dir(self.recipe.name).path
+        sub = self.spec.for_variant(self.recipe, ctx.checkpoint_dir or ctx.workdir, ctx.workdir)
+        t0 = time.monotonic()
+        entry: dict[str, Any] = {"recipe": self.recipe.name}
+        outcome: VariantOutcome
+        try:
+            res = run_job(sub, vdir, NestedHooks(ctx.hooks, self.name), toolchain=ctx.toolchain, hub=self.hub)
+            entry.update(_variant_entry(vdir, res, sub.publish is not None))
+            outcome = VariantOutcome(self.recipe.name, entry, vdir, res.ladder,
+                                     res.published.url if res.published else None)
+        except Cancelled:
+            raise
+        except Exception as e:  # noqa: BLE001 - a variant never fails the main job
+            from bot.model import jobstate as J
+
+            etype, msg = J.error_fields(e)
+            entry.update(status="failed", error_type=etype, error_message=msg)
+            log.error("variant %s failed: %s: %s", self.recipe.name, etype, msg,
+                      exc_info=not isinstance(e, (UnsupportedModel, CheckFailed)))
+            outcome = VariantOutcome(self.recipe.name, entry, vdir)
+        entry["seconds"] = round(time.monotonic() - t0, 1)
+        ctx.state.setdefault("variants", []).append(outcome)
+
+
+def variant_gate(report: Report | None, recipe: str, publishable: bool | None = None) -> None:
+    """A variant whose evaluation is not publishable fails (its own entry only, never the main job)."""
+    if publishable if publishable is not None else (report is not None and report.publishable):
+        return
+    why = "; ".join(str(r) for r in (report.reasons if report else [])) or "see its report.json"
+    raise CheckFailed("evaluate", f"variant {recipe} is not publishable: {why}")
+
+
+def _variant_entry(vdir: Path, res: JobResult, publishing: bool) -> dict[str, Any]:
+    info = variants_mod.load_info(vdir) or {}
+    evaluation = info.get("evaluation") or {}
+    entry: dict[str, Any] = {
+        "model_name": info.get("model_name"),
+        "layers": [info["teacher"].get("layers"), info["variant"].get("layers")],
+        "parameters": [info["teacher"].get("parameters"), info["variant"].get("parameters")],
+        "kld_vs_teacher": evaluation.get("reference_kld_mean"),
+    }
+    if not evaluation.get("publishable"):
+        variant_gate(res.report, info["recipe"]["name"], publishable=False)
+    if res.published is None:
+        return {**entry, "status": "converted", "workdir": str(vdir)}
+    p = res.published
+    return {**entry, "status": "published", "target_repo": p.repo_id, "commit": p.url, "action": p.action}
+
+
+# ------------------------------------------------------------------------------------------ the job
+def stages_for(spec: JobSpec, hub: Any = None) -> tuple[Stage, ...]:
+    """The stage objects of ``spec``, in order."""
+    out: list[Stage] = []
+    if spec.patch is not None:
+        from bot.jobs import patch as patch_mod
+
+        out += patch_mod.stages(spec, hub)
+    elif spec.variant_of is not None:
+        out += variants_mod.stages(spec.variant_of, spec.ladder, spec.evaluation)
+    else:
+        if spec.source.path is None:
+            out.append(FetchStage(spec.source, spec.fetch, hub))
+        out += ladder_stages(spec.ladder, spec.evaluation, rules=spec.rules)
+    if spec.publish is not None:
+        out.append(PublishStage(spec.publish, hub, spec.variant_of, whats_new=spec.whats_new))
+    out += [VariantStage(spec, r, hub) for r in spec.variants]
+    return tuple(out)
+
+
+def run_job(spec: JobSpec, workdir: Path | WorkDir, hooks: Hooks, *, toolchain: Any, hub: Any = None) -> JobResult:
+    """Run every stage of ``spec`` in ``workdir`` (finished stages skip themselves); ``hooks`` gets the progress
+    and is asked between steps whether to stop."""
+    wd = Path(WorkDir(workdir).path)
+    ctx = JobContext(wd, toolchain, hooks, spec.model_name, source_repo=spec.source.repo,
+                     source_revision=spec.source.revision, checkpoint_dir=spec.source.path, limits=spec.limits)
+    run_stages(stages_for(spec, hub), ctx)
+    assert ctx.ladder is not None
+    return JobResult(ladder=ctx.ladder, report=ctx.report, published=ctx.state.get("published"),
+                     variants=tuple(ctx.state.get("variants", ())), checkpoint_dir=ctx.checkpoint_dir)

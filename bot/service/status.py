@@ -1,0 +1,218 @@
+"""What ``ggufbot status`` and the status page show, read from the state store (never written).
+
+Pure functions of the store's rows, the kept reports and ``now``: the job rows of ``status --json`` and of the
+JSON API (:func:`job_row`), the running jobs' progress (stage k of n, the step inside the stage, elapsed time and
+an ETA from past stage timings: :func:`running_view`), and a published job's ladder table from its report
+(:func:`ladder_rows`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from bot.model import jobstate as J
+from converters.core.errors import GgufbotError
+from converters.core.report import Report
+from converters.core.workdir import REPORT_FILE, WorkDir
+
+STEP = re.compile(r"(\d+)\s*/\s*(\d+)\)?\s*$")  # "Q4_K_M 2/4", "kld Q8_0 3/7", "(2/4)"
+TIMING_EVENTS = 3000  # the newest stage events read for the timings of past stages
+
+
+def hub_state(store: Any) -> dict[str, Any]:
+    """Whether the last poll reached the Hub: ``{"reachable": True}``, or ``{"reachable": False, "since",
+    "reason", "endpoint", "checked_at", "next_poll_at", "message"}`` from the newest ``hub.unreachable`` event
+    when no ``hub.reachable`` came after it."""
+    last = store.events(kind="hub.*", limit=1)
+    if not last or last[0]["kind"] != "hub.unreachable":
+        return {"reachable": True}
+    e = last[0]
+    d = e.get("data") if isinstance(e.get("data"), dict) else {}
+    return {"reachable": False, "since": d.get("since", e["at"]), "reason": d.get("reason"),
+            "endpoint": d.get("endpoint"), "checked_at": e["at"], "next_poll_at": d.get("next_poll_at"),
+            "message": e["message"]}
+
+
+def job_row(j: Any, now: float) -> dict[str, Any]:
+    """One job as ``status --json`` and ``/api/jobs`` show it."""
+    return {"id": j.id, "repo": j.repo, "revision": j.revision, "status": j.status.value, "stage": j.stage,
+            "progress": j.progress, "attempts": j.attempts, "max_attempts": j.max_attempts, "reason": j.reason,
+            "error_type": j.error_type, "error_message": j.error_message, "worker_id": j.worker_id,
+            "heartbeat_age_s": round(now - j.heartbeat_at, 1) if j.heartbeat_at else None,
+            "not_before": j.not_before, "target_repo": j.target_repo, "created_at": j.created_at,
+            "started_at": j.started_at, "finished_at": j.finished_at,
+            "variants": list((j.result or {}).get("variants") or []) if isinstance(j.result, dict) else []}
+
+
+def publish_note(settings: Any) -> str | None:
+    if settings.will_publish:
+        return None
+    return ("no Hub token (HF_TOKEN): jobs are converted but not published" if settings.target.publish
+            else "publishing is turned off (target.publish = false)")
+
+
+def status_data(st: Any, settings: Any, now: float, limit: int = 10) -> dict[str, Any]:
+    skipped = [m for m in st.models(limit=200) if m.decision in ("skipped", "unchanged")][:limit]
+    return {
+        "publishing": settings.will_publish,
+        "publish_note": publish_note(settings),
+        "counts": st.counts(),
+        "queue": [job_row(j, now) for j in st.jobs([J.Status.QUEUED, J.Status.RETRYING], limit=limit)],
+        "running": [job_row(j, now) for j in st.jobs([J.Status.RUNNING], limit=limit)],
+        "published": [job_row(j, now) for j in st.jobs([J.Status.PUBLISHED, J.Status.CONVERTED], limit=limit,
+                                                       newest_first=True)],
+        "failed": [job_row(j, now) for j in st.jobs([J.Status.FAILED, J.Status.CANCELLED], limit=limit,
+                                                    newest_first=True)],
+        "skipped": [{"repo": m.repo, "sha": m.sha, "code": m.code, "reason": m.reason, "manual": m.manual_skip}
+                    for m in skipped],
+        "sources": [{"source": r.key, "mark": r.mark, "last_poll_at": r.last_poll_at, "last_ok_at": r.last_ok_at,
+                     "polls": r.polls, "failures": r.failures, "last_error": r.last_error} for r in st.sources()],
+        "workers": workers_view(st, now, settings.schedule.stale_after_seconds),
+        "hub": hub_state(st),
+    }
+
+
+def workers_view(st: Any, now: float, stale_after: float = 300.0) -> list[dict[str, Any]]:
+    """Every box's workers (PostgreSQL: ``bot.queue.box``), live ones first, with the jobs each is running; empty on
+    a single-box store."""
+    rows = st.workers(now=now, stale_after=stale_after) if hasattr(st, "workers") else []
+    out = [{"name": w["name"], "host": w["host"], "queues": w["queues"] or [], "concurrency": w["concurrency"],
+            "gpu": w["gpu"], "max_model_gb": w["max_model_gb"], "alive": w["alive"],
+            "heartbeat_age_s": None if w["heartbeat_age_s"] is None else round(w["heartbeat_age_s"], 1),
+            "started_at": w["started_at"], "stopped_at": w["stopped_at"], "running": w["running"]} for w in rows]
+    return sorted(out, key=lambda w: (not w["alive"], w["host"], w["name"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Running jobs: progress and ETA
+# --------------------------------------------------------------------------------------------------
+
+
+def _stage_of_event(e: dict[str, Any]) -> str | None:
+    """The main stage a ``stage.end``/``stage.skip`` event is about (None for a variant's inner stages)."""
+    word = (e.get("message") or "").split(" ", 1)[0].rstrip(":")
+    return word if word in J.STAGES else None
+
+
+def stage_timings(st: Any) -> tuple[dict[str, float], dict[int, float]]:
+    """(median seconds per stage over past jobs, when the current stage of each job began).
+
+    A stage's time is from the end of the job's previous stage (or its claim) to its ``stage.end`` event; skipped
+    stages (records found) are not timings."""
+    evs = st.events(kind="stage.*", limit=TIMING_EVENTS) + st.events(kind="job.claimed", limit=TIMING_EVENTS)
+    by_job: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for e in evs:
+        if e.get("job_id") is not None:
+            by_job[e["job_id"]].append(e)
+    samples: dict[str, list[float]] = defaultdict(list)
+    began: dict[int, float] = {}
+    for job_id, rows in by_job.items():
+        prev: float | None = None
+        for e in sorted(rows, key=lambda r: (r["at"], r["id"])):
+            stage = _stage_of_event(e)
+            if e["kind"] == "stage.end" and stage is not None and prev is not None:
+                samples[stage].append(e["at"] - prev)
+            if e["kind"] == "job.claimed" or stage is not None:
+                prev = e["at"]
+        if prev is not None:
+            began[job_id] = prev
+    return {k: statistics.median(v) for k, v in samples.items()}, began
+
+
+@dataclasses.dataclass(frozen=True)
+class RunningView:
+    job: dict[str, Any]
+    stage_index: int  # 1-based position of the current stage in J.STAGES (variants count as after publish)
+    stage_count: int
+    step: tuple[int, int] | None  # (i, m) inside the stage, from the progress text
+    percent: float  # of the whole job
+    elapsed_s: float
+    stage_elapsed_s: float
+    eta_s: float | None  # None: no past timings to go by
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _index(stage: str | None) -> int:
+    if not stage:
+        return 0
+    if stage.startswith("variant:"):
+        return J.STAGES.index("publish") + 1
+    if stage == "tune":  # the optional per-tensor tuning (quantize.tune) counts as part of quantize
+        return J.STAGES.index("quantize")
+    return J.STAGES.index(stage) if stage in J.STAGES else 0
+
+
+def running_view(job: Any, timings: dict[str, float], began: dict[int, float], now: float) -> RunningView:
+    k = _index(job.stage)
+    m = STEP.search(job.progress or "")
+    step = (int(m.group(1)), int(m.group(2))) if m and int(m.group(2)) > 0 else None
+    frac = min(1.0, step[0] / step[1]) if step else 0.0
+    n = len(J.STAGES)
+    start = began.get(job.id) or job.started_at or now
+    in_stage = max(0.0, now - start)
+    eta: float | None = None
+    if job.stage in timings or (step and frac > 0):
+        if step and frac > 0:
+            left = in_stage * (1 - frac) / frac
+        else:
+            left = max(0.0, timings[job.stage] - in_stage)
+        eta = left + sum(timings.get(s, 0.0) for s in J.STAGES[k + 1:])
+    return RunningView(job=job_row(job, now), stage_index=k + 1, stage_count=n, step=step,
+                       percent=round(100 * (k + frac) / n, 1), elapsed_s=round(now - (job.started_at or now), 1),
+                       stage_elapsed_s=round(in_stage, 1), eta_s=round(eta, 1) if eta is not None else None)
+
+
+def running_views(st: Any, now: float, limit: int = 50) -> list[RunningView]:
+    jobs = st.jobs([J.Status.RUNNING], limit=limit)
+    if not jobs:
+        return []
+    timings, began = stage_timings(st)
+    return [running_view(j, timings, began, now) for j in jobs]
+
+
+# --------------------------------------------------------------------------------------------------
+# Published jobs: the ladder table from the report
+# --------------------------------------------------------------------------------------------------
+
+
+def report_of(st: Any, job: Any) -> Report | None:
+    """The job's report: the kept copy of a published job, else the one in its work directory; None when
+    this machine has neither (another worker's job on a shared database) or it cannot be read."""
+    dirs = [Path(a["path"]).parent for a in st.artifacts(job.id) if a["kind"] == Path(REPORT_FILE).stem]
+    if job.workdir:
+        dirs.append(Path(job.workdir))
+    for d in dirs:
+        wd = WorkDir(d)
+        if wd.has_report():
+            try:
+                return wd.report()
+            except GgufbotError:
+                continue
+    return None
+
+
+def ladder_rows(report: Report) -> list[dict[str, Any]]:
+    """type, size, bits per weight, mean KLD ± error, same top token ± error, gate status and reasons."""
+    rows = []
+    for f in sorted(report.files, key=lambda f: -f.size):
+        s = f.stats
+        rows.append({"type": f.type, "size": f.size, "bpw": f.bpw, "status": f.status, "reasons": list(f.reasons),
+                     "kld_mean": s.kld_mean if s else None, "kld_mean_err": s.kld_mean_err if s else None,
+                     "same_top_p": s.same_top_p if s else None, "same_top_p_err": s.same_top_p_err if s else None})
+    return rows
+
+
+def queue_sizes(st: Any, job_ids: set[int]) -> dict[int, int]:
+    """Bytes to fetch of queued jobs, as the watcher recorded them (``job.size`` events)."""
+    out: dict[int, int] = {}
+    for e in st.events(kind="job.size", limit=5000):
+        if e.get("job_id") in job_ids and isinstance(e.get("data"), dict):
+            out.setdefault(e["job_id"], int(e["data"].get("bytes") or 0))
+    return out
