@@ -25,6 +25,7 @@ run: toolchain
 	$(BIN)/ggufbot $(ARGS)
 
 test: toolchain
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: toolchain
