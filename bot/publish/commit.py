@@ -33,7 +33,7 @@ import tempfile
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.publish import card as card_mod
 from bot.publish import target as target_mod
@@ -43,6 +43,9 @@ from converters.core import records
 from converters.core.records import TMP_MARK, content_sha256
 from converters.core.report import Report
 from converters.core.workdir import CHART_FILE, REPORT_FILE, Ladder, VariantInfo, WorkDir
+
+if TYPE_CHECKING:
+    from bot.hub.client import Hub
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +224,7 @@ def _same(pub: Mapping[str, Any] | None, new: Mapping[str, Any], remote_lfs: Map
     return True
 
 
-def _source_facts(hub: Any, ladder: Ladder, gguf_files: list[Path] = ()) -> card_mod.SourceFacts:
+def _source_facts(hub: Hub, ladder: Ladder, gguf_files: list[Path] = ()) -> card_mod.SourceFacts:
     src = ladder.source
     kw: dict[str, Any] = {"repo": src.repo, "revision": src.revision, "license": src.license}
     if src.repo:
@@ -302,7 +305,7 @@ def _write_staging(staging: Path, card_text: str, report: Report, pub: Mapping[s
     return {"README.md": staging / "README.md", REPORT_FILE: staging / REPORT_FILE}
 
 
-def _card_text(hub: Any, ladder: Ladder, report: Report, files: Mapping[str, Path], spec: "_CardSpec") -> tuple[
+def _card_text(hub: Hub, ladder: Ladder, report: Report, files: Mapping[str, Path], spec: "_CardSpec") -> tuple[
         str, card_mod.SourceFacts]:
     """The rendered model card and the source facts it was built from."""
     published = card_mod.published_files(ladder, report)
@@ -326,7 +329,7 @@ class _CardSpec:
     variant: VariantInfo | None
 
 
-def plan_publish(workdir: Path | WorkDir, hub: Any, options: PublishOptions, *, staging: Path,
+def plan_publish(workdir: Path | WorkDir, hub: Hub, options: PublishOptions, *, staging: Path,
                  now: dt.datetime | None = None, variant: VariantInfo | None = None) -> PublishPlan:
     """Decide what to publish; writes README.md and report.json into ``staging``; no Hub writes.
     ``variant`` (a variant's variant.json) makes the card describe a pruned/healed variant of the source."""
@@ -370,7 +373,7 @@ def with_made_file(plan: PublishPlan, path_in_repo: str, local: Path) -> Publish
                                hashes={**plan.hashes, path_in_repo: records.sha256_file(local)})
 
 
-def _target(hub: Any, wd: WorkDir, options: PublishOptions, ladder: Ladder, org: str,
+def _target(hub: Hub, wd: WorkDir, options: PublishOptions, ladder: Ladder, org: str,
             variant: VariantInfo | None) -> RemoteRepo:
     """The target repo as it is now: the template's name (or ``options.repo_id``) when it is this model's, else
     the disambiguated ``{author}_{model}`` name (bot.publish.target.choose_target)."""
@@ -399,7 +402,7 @@ def _commit_text(model: str, ladder: Ladder, report: Report, pub: Mapping[str, A
     return message, description
 
 
-def execute(plan: PublishPlan, hub: Any) -> PublishResult:
+def execute(plan: PublishPlan, hub: Hub) -> PublishResult:
     url = f"{hub.endpoint}/{plan.repo_id}"
     if plan.action == "none":
         log.info("publish %s: already up to date, no commit", plan.repo_id)
@@ -442,7 +445,7 @@ def execute(plan: PublishPlan, hub: Any) -> PublishResult:
     return PublishResult(plan.repo_id, plan.action, sha, url)
 
 
-def _remove_new_repo(hub: Any, repo_id: str) -> None:
+def _remove_new_repo(hub: Hub, repo_id: str) -> None:
     """A repo created by this run whose first commit failed is removed: no empty half-published repo."""
     try:
         hub.delete_repo(repo_id, missing_ok=True)
@@ -460,7 +463,7 @@ def staging_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def publish(workdir: Path | WorkDir, hub: Any, options: PublishOptions = PublishOptions(), *, dry_run: bool = False,
+def publish(workdir: Path | WorkDir, hub: Hub, options: PublishOptions = PublishOptions(), *, dry_run: bool = False,
             now: dt.datetime | None = None) -> tuple[PublishPlan, PublishResult | None]:
     """Plan and (unless ``dry_run``) execute; returns the plan and the result (None for a dry run)."""
     with staging_dir() as staging:

@@ -25,10 +25,11 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.model import jobstate as J
 from bot.model import metrics
+from bot.model.record import ModelRecord
 from converters.core.errors import HubUnreachable
 from bot.model.rules import Decision, decide, sibling_names
 from bot.model.settings import Settings, Source
@@ -36,6 +37,9 @@ from bot.service.status import hub_state
 from bot.state.store import StateStore
 from converters.formats.checkpoint import is_result_file
 from converters.core.errors import HubAuthError, HubError, HubNotFound
+
+if TYPE_CHECKING:
+    from bot.hub.client import Hub
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ __all__ = ["Watcher", "PollResult", "SourceResult", "fingerprint", "changed_file
 # --------------------------------------------------------------------------------------------------
 
 
-def fingerprint(rec: Any) -> dict[str, str]:
+def fingerprint(rec: ModelRecord) -> dict[str, str]:
     """path -> content identity of every result-changing file of ``rec`` (a full record with file metadata).
 
     LFS files (weights, large tokenizers) carry their sha256 in the record; small git files only their size, so
@@ -72,7 +76,7 @@ class RevisionDiff:
     note: str | None = None
 
 
-def compare_revisions(old_fp: Mapping[str, str] | None, new_fp: Mapping[str, str], *, hub: Any = None,
+def compare_revisions(old_fp: Mapping[str, str] | None, new_fp: Mapping[str, str], *, hub: Hub | None = None,
                       repo: str = "", old_rev: str | None = None, new_rev: str | None = None) -> RevisionDiff:
     """Files known only by their size (small git files) with the same size in both fingerprints are read at both
     revisions and compared (a few small downloads). A revision that is gone counts its unread files as changed."""
@@ -98,7 +102,7 @@ def compare_revisions(old_fp: Mapping[str, str] | None, new_fp: Mapping[str, str
     return RevisionDiff(tuple(out), note)
 
 
-def changed_files(old_fp: Mapping[str, str] | None, new_fp: Mapping[str, str], *, hub: Any = None,
+def changed_files(old_fp: Mapping[str, str] | None, new_fp: Mapping[str, str], *, hub: Hub | None = None,
                   repo: str = "", old_rev: str | None = None, new_rev: str | None = None) -> list[str]:
     """Result-changing files that differ between two revisions (:func:`compare_revisions` without its note)."""
     return list(compare_revisions(old_fp, new_fp, hub=hub, repo=repo, old_rev=old_rev, new_rev=new_rev).changed)
@@ -175,7 +179,7 @@ class PollResult:
 
 
 class Watcher:
-    def __init__(self, settings: Settings, store: StateStore, hub: Any, *, toolchain_version: str | None = None):
+    def __init__(self, settings: Settings, store: StateStore, hub: Hub, *, toolchain_version: str | None = None):
         self.settings = settings
         self.store = store
         self.hub = hub
@@ -303,14 +307,14 @@ class Watcher:
                 self.store.event("job.size", f"{e['item']['bytes'] / 1e9:.2f} GB to fetch", now=now, job_id=jid,
                                  repo=e["repo"], data={"bytes": e["item"]["bytes"]})  # the status page's queue
 
-    def decide_now(self, rec: Any, source: Source, now: float) -> SourceResult:
+    def decide_now(self, rec: ModelRecord, source: Source, now: float) -> SourceResult:
         """Decide one listed record outside a poll (a Hub webhook): the poll's rules and its never-twice check."""
         result = SourceResult(source.key, ok=True, listed=1)
         self._decide_batch([rec], source, now, result)
         return result
 
     # ---------------------------------------------------------------- one model
-    def consider(self, rec: Any, source: Source | None, prev: Any, now: float,
+    def consider(self, rec: ModelRecord, source: Source | None, prev: Any, now: float,
                  manual: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Decide one listed model: (decision row for the store, job to queue or None). Writes nothing."""
         base = {"repo": rec.id, "sha": rec.sha, "last_modified": iso(getattr(rec, "last_modified", None)),
@@ -356,7 +360,7 @@ class Watcher:
                "max_attempts": self.settings.limits.max_attempts, "priority": 1 if manual else 0}
         return item, enq
 
-    def _has_access(self, info: Any) -> bool:
+    def _has_access(self, info: ModelRecord) -> bool:
         if not self.settings.token:
             return False
         probe = next((n for n in sibling_names(info) if n == "config.json"), None) or \

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bot.hub.client import ModelRecord
+from bot.model.record import ModelRecord
 from bot.model.rules import convert_refusal, decide, fetch_refusal, quantized_reason, rule, rule_names, unsafe_name
 from bot.model.settings import Source, from_mapping
 from bot.service.watcher import changed_files, diff_fingerprints, fingerprint, iso
