@@ -217,7 +217,7 @@ def test_parse_list_unknown():
         variants.parse_list("prune-25pct-kd,nope")
 
 
-# the variant repo name: tests/unit/test_publish_rules.py (bot.publish.commit.repo_name)
+# the variant repo name: tests/unit/test_publish_rules.py (bot.model.repo_names.repo_name)
 
 
 def test_ceilings_add_the_pruning_loss():
