@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from bot.model.repo_names import repo_name
 from bot.publish import card as card_mod
+from bot.publish.source_card import SourceFacts
 from bot.publish import target as target_mod
 from bot.publish.target import Identity, RemoteRepo, TargetPolicy
 from converters.core.errors import CheckFailed, GgufbotError, HubError, HubNotFound, InputError
@@ -189,7 +190,7 @@ def _same(pub: Mapping[str, Any] | None, new: Mapping[str, Any], remote_lfs: Map
     return True
 
 
-def _source_facts(hub: Hub, ladder: Ladder, gguf_files: list[Path] = ()) -> card_mod.SourceFacts:
+def _source_facts(hub: Hub, ladder: Ladder, gguf_files: list[Path] = ()) -> SourceFacts:
     src = ladder.source
     kw: dict[str, Any] = {"repo": src.repo, "revision": src.revision, "license": src.license}
     if src.repo:
@@ -205,11 +206,11 @@ def _source_facts(hub: Hub, ladder: Ladder, gguf_files: list[Path] = ()) -> card
         if rec is not None:
             kw.update(card_data=rec.card_data, gated=rec.gated, pipeline_tag=rec.pipeline_tag,
                       license=src.license or rec.license)
-    facts = card_mod.SourceFacts.from_checkpoint(Path(src.path) if src.path else None, **kw)
+    facts = SourceFacts.from_checkpoint(Path(src.path) if src.path else None, **kw)
     want_template = facts.chat_template is None and src.has_chat_template is not False
     if (facts.n_layer is None or want_template) and gguf_files:
         # the checkpoint is gone (or had no config): the quants carry the same facts in their header
-        extra = card_mod.SourceFacts.facts_from_gguf(gguf_files[0])
+        extra = SourceFacts.facts_from_gguf(gguf_files[0])
         if not want_template:
             extra.pop("chat_template", None)
         missing = {k: v for k, v in extra.items() if getattr(facts, k) is None}
@@ -271,7 +272,7 @@ def _write_staging(staging: Path, card_text: str, report: Report, pub: Mapping[s
 
 
 def _card_text(hub: Hub, ladder: Ladder, report: Report, files: Mapping[str, Path], spec: "_CardSpec") -> tuple[
-        str, card_mod.SourceFacts]:
+        str, SourceFacts]:
     """The rendered model card and the source facts it was built from."""
     published = card_mod.published_files(ladder, report)
     facts = _source_facts(hub, ladder, [files[pf.file.path] for pf in published if pf.file.path in files])
