@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from bot.hub.client import ModelRecord, Sibling
+from bot.model.record import ModelRecord, Sibling
 from converters.core.errors import HubNotFound
 from tests.hubserver import HubServer
 

@@ -11,7 +11,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.commands import deprecated_alias, figures, stderr
 from converters.formats import checkpoint as ckpt_mod
@@ -22,6 +22,10 @@ from converters.core.errors import ConfigError, InputError, ToolError, Unsupport
 from converters.core.report import PASSED
 from converters.core.stages import free_bytes
 from converters.core.workdir import Ladder, WorkDir
+
+if TYPE_CHECKING:
+    from bot.jobs.job import JobSpec
+    from bot.model.record import ModelRecord
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -151,7 +155,7 @@ def convert_spec(args: argparse.Namespace, source: Any, model_name: str) -> Any:
         rules=CheckpointRules(check_architecture=True))
 
 
-def _dry_run(args: argparse.Namespace, spec: Any, info: Any, tc: Any) -> int:
+def _dry_run(args: argparse.Namespace, spec: JobSpec, info: ModelRecord | None, tc: toolchain.Toolchain) -> int:
     supported = ckpt_mod.supported_architectures(tc.root)
     if spec.source.path is None:
         ck = _hub_checkpoint_facts(info, supported)

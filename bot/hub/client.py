@@ -1,7 +1,7 @@
 """The Hub adapter: the only module of the project that imports ``huggingface_hub``.
 
 Everything the bot needs from the Hub goes through :class:`Hub`: typed records out
-(:class:`ModelRecord`, parsed once here, unknown fields kept in ``extra``), project errors out
+(:class:`bot.model.record.ModelRecord`, parsed once here, unknown fields kept in ``extra``), project errors out
 (``HubError`` / ``HubAuthError`` / ``HubNotFound`` from ``converters.core.errors``), retries decided by a
 :class:`bot.model.retry.RetryPolicy`.
 
@@ -19,8 +19,6 @@ message that leaves this module).
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
 import glob
 import logging
 import re
@@ -33,11 +31,12 @@ from urllib.parse import unquote, urlsplit
 
 import httpx2
 import huggingface_hub
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelInfo, WebhookInfo
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import filter_repo_objects
 
 from bot.model import metrics
+from bot.model.record import ModelRecord, Sibling, Webhook
 from bot.model.retry import RetryPolicy
 from converters.core import records
 from converters.core.errors import CheckFailed, HubAuthError, HubError, HubNotFound, HubUnreachable, UnsupportedModel
@@ -130,63 +129,10 @@ class _FailFastClient(httpx2.Client):
             raise _ConnectFailed(_connect_reason(e), request) from e
 
 
-@dataclasses.dataclass(frozen=True)
-class Sibling:
-    rfilename: str
-    size: int | None
-    lfs_sha256: str | None
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelRecord:
-    id: str
-    sha: str | None
-    created_at: dt.datetime | None
-    last_modified: dt.datetime | None
-    private: bool
-    gated: bool | str
-    disabled: bool
-    tags: tuple[str, ...]
-    pipeline_tag: str | None
-    library_name: str | None
-    license: str | None
-    card_data: dict
-    config: dict
-    siblings: tuple[Sibling, ...]
-    safetensors_total: int | None
-    downloads: int
-    likes: int
-    extra: dict
-
-    @property
-    def author(self) -> str:
-        return self.id.split("/")[0] if "/" in self.id else ""
-
-    def sibling(self, name: str) -> Sibling | None:
-        for s in self.siblings:
-            if s.rfilename == name:
-                return s
-        return None
-
-
-@dataclasses.dataclass(frozen=True)
-class Webhook:
-    """One of the token's Hub webhooks (never its secret)."""
-
-    id: str
-    url: str | None
-    watched: tuple[tuple[str, str], ...]  # (type: user/org/model..., name)
-    domains: tuple[str, ...]
-    disabled: bool
-
-    @classmethod
-    def from_info(cls, info: Any) -> "Webhook":
-        return cls(id=str(info.id), url=info.url, watched=tuple((w.type, w.name) for w in info.watched),
+def webhook_from_info(info: WebhookInfo) -> Webhook:
+    """Turn the client's ``WebhookInfo`` into the project's record (never its secret)."""
+    return Webhook(id=str(info.id), url=info.url, watched=tuple((w.type, w.name) for w in info.watched),
                    domains=tuple(info.domains or ()), disabled=bool(info.disabled))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "url": self.url, "watched": [{"type": t, "name": n} for t, n in self.watched],
-                "domains": list(self.domains), "disabled": self.disabled}
 
 
 _KNOWN_INFO_ATTRS = {
@@ -197,7 +143,7 @@ _KNOWN_INFO_ATTRS = {
 }
 
 
-def record_from_info(info: Any) -> ModelRecord:
+def record_from_info(info: ModelInfo) -> ModelRecord:
     """Turn the client's ``ModelInfo`` into the project's record (the one place that reads it)."""
     card = info.card_data.to_dict() if getattr(info, "card_data", None) is not None else {}
     tags = tuple(info.tags or ())
@@ -361,10 +307,10 @@ class Hub:
         items = [{"type": t, "name": n} for t, n in watched]
         info = self._call("create_webhook", lambda: self._api.create_webhook(url=url, watched=items,
                                                                               domains=["repo"], secret=secret))
-        return Webhook.from_info(info)
+        return webhook_from_info(info)
 
     def list_webhooks(self) -> list[Webhook]:
-        return [Webhook.from_info(i) for i in self._call("list_webhooks", lambda: self._api.list_webhooks())]
+        return [webhook_from_info(i) for i in self._call("list_webhooks", lambda: self._api.list_webhooks())]
 
     def delete_webhook(self, webhook_id: str) -> None:
         self._call(f"delete_webhook {webhook_id}", lambda: self._api.delete_webhook(webhook_id))

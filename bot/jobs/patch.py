@@ -165,7 +165,7 @@ def choose(job: Any, store: Any, hub: Any, *, workdir: Path, toolchain_version: 
     """The kind of ``job`` (full or patch) and, for a patch, the publication it starts from. A few small Hub
     reads (the two revisions' file lists and their changed JSON files); never raises for a Hub error (full)."""
     from bot.model import jobstate as J
-    from bot.service.watcher import compare_revisions, fingerprint
+    from bot.hub.revisions import compare_revisions, fingerprint
 
     marker = workdir / KIND_FILE
     if marker.is_file():

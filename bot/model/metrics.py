@@ -6,8 +6,9 @@ Two kinds:
   that see the thing happen: stage durations (the runner's hooks), bytes fetched and published and Hub errors
   by status code (the Hub adapter), poll duration, models seen and webhook calls (the watcher and
   :mod:`bot.web.webhooks`);
-- read from the state store when scraped (:class:`StoreCollector`): jobs by state and the time of the last
-  successful poll, so that ``ggufbot serve`` alone shows every worker's jobs.
+- read from the state store when scraped (:class:`bot.web.gauges.StoreCollector`, made with :func:`gauge` and
+  given to :func:`exposition`): jobs by state and the time of the last successful poll, so that
+  ``ggufbot serve`` alone shows every worker's jobs.
 
 The calls below never raise: a metric must not fail a job.
 """
@@ -17,8 +18,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Hashable, Iterator
-from typing import Any
+from collections.abc import Hashable, Iterator, Sequence
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -99,32 +100,15 @@ def job_finished(state: str) -> None:
     _safely(JOBS_FINISHED.labels(state=state).inc)
 
 
-class StoreCollector:
-    """Gauges read from the state store at scrape time: ``ggufbot_jobs{state}``,
-    ``ggufbot_last_successful_poll_timestamp_seconds`` (the newest good poll of any source) and
-    ``ggufbot_hub_reachable`` (0 while the last poll could not reach the Hub)."""
+def gauge(name: str, documentation: str, labels: Sequence[str] | None = None) -> GaugeMetricFamily:
+    """A gauge read at scrape time (a collector given to :func:`exposition` yields these; :mod:`bot.web.gauges`)."""
+    return GaugeMetricFamily(name, documentation, labels=labels)
 
-    STATES = ("queued", "running", "retrying", "published", "converted", "failed", "cancelled")
 
-    def __init__(self, store: Any) -> None:
-        self.store = store
+class Collector(Protocol):
+    """What :func:`exposition` reads besides this process's metrics: metrics made at scrape time."""
 
-    def collect(self) -> Iterator[Metric]:
-        counts = self.store.counts()
-        jobs = GaugeMetricFamily("ggufbot_jobs", "Jobs in the state store by state", labels=["state"])
-        for state in sorted(set(self.STATES) | set(counts)):
-            jobs.add_metric([state], counts.get(state, 0))
-        yield jobs
-        oks = [s.last_ok_at for s in self.store.sources() if s.last_ok_at]
-        last = GaugeMetricFamily("ggufbot_last_successful_poll_timestamp_seconds",
-                                 "Unix time of the last successful poll of any source (0: never)")
-        last.add_metric([], max(oks) if oks else 0.0)
-        yield last
-        from bot.service.status import hub_state
-
-        up = GaugeMetricFamily("ggufbot_hub_reachable", "1 when the last poll reached the Hub, 0 during an outage")
-        up.add_metric([], 1.0 if hub_state(self.store)["reachable"] else 0.0)
-        yield up
+    def collect(self) -> Iterator[Metric]: ...
 
 
 class _ProcessMetrics:
@@ -134,9 +118,10 @@ class _ProcessMetrics:
         yield from REGISTRY.collect()
 
 
-def exposition(store: Any) -> bytes:
-    """The text format of this process's metrics and the store's gauges."""
+def exposition(*collectors: Collector) -> bytes:
+    """The text format of this process's metrics and of the ``collectors``' (e.g. the store's gauges)."""
     reg = CollectorRegistry(auto_describe=False)
     reg.register(_ProcessMetrics())  # type: ignore[arg-type]
-    reg.register(StoreCollector(store))  # type: ignore[arg-type]
+    for c in collectors:
+        reg.register(c)  # type: ignore[arg-type]
     return generate_latest(reg)

@@ -24,8 +24,8 @@ import dataclasses
 import functools
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
 
+from bot.model.record import ModelRecord
 from bot.model.settings import Settings, Source
 from converters.formats.checkpoint import PICKLE_ONLY, Refusal, remote_code_refusal, safe_name, weights_refusal
 
@@ -60,11 +60,11 @@ def skip(code: str, reason: str) -> Decision:
 
 
 # --------------------------------------------------------------------------------------------------
-# Facts read from a model record (duck-typed: bot.hub.client.ModelRecord)
+# Facts read from a model record (bot.model.record.ModelRecord)
 # --------------------------------------------------------------------------------------------------
 
 
-def sibling_names(rec: Any) -> list[str]:
+def sibling_names(rec: ModelRecord) -> list[str]:
     return [s.rfilename for s in (getattr(rec, "siblings", None) or ())]
 
 
@@ -73,7 +73,7 @@ def unsafe_name(name: str) -> bool:
     return not safe_name(name)
 
 
-def record_license(rec: Any) -> str | None:
+def record_license(rec: ModelRecord) -> str | None:
     cd = getattr(rec, "card_data", None) or {}
     lic = getattr(rec, "license", None) or (cd.get("license") if isinstance(cd, Mapping) else None)
     if isinstance(lic, list):
@@ -85,7 +85,7 @@ def record_license(rec: Any) -> str | None:
     return str(lic).lower() if lic else None
 
 
-def weight_bytes(rec: Any) -> int | None:
+def weight_bytes(rec: ModelRecord) -> int | None:
     """Sum of the safetensors weight files' sizes, or None when the record carries no sizes."""
     total = 0
     for s in getattr(rec, "siblings", None) or ():
@@ -96,7 +96,7 @@ def weight_bytes(rec: Any) -> int | None:
     return total
 
 
-def params_of(rec: Any) -> int | None:
+def params_of(rec: ModelRecord) -> int | None:
     p = getattr(rec, "safetensors_total", None)
     return int(p) if p else None
 
@@ -105,7 +105,7 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def quantized_reason(rec: Any, names: Iterable[str]) -> str | None:
+def quantized_reason(rec: ModelRecord, names: Iterable[str]) -> str | None:
     """Why ``rec`` is already a quantized or converted release (GGUF files, library, tags, config, name)."""
     names = list(names)
     gg = next((n for n in names if n.lower().endswith(".gguf")), None)
@@ -142,7 +142,7 @@ class Candidate:
     """What a rule sees. ``full``: the record carries file sizes (from ``model_info``), so the exact size rule
     applies. ``has_access``: whether the token can read a gated repo (None: not checked yet)."""
 
-    rec: Any
+    rec: ModelRecord
     settings: Settings
     source: Source | None = None
     full: bool = False
@@ -171,7 +171,7 @@ def rule_names() -> tuple[str, ...]:
     return tuple(n for n, _ in _RULES)
 
 
-def decide(rec: Any, settings: Settings, source: Source | None = None, *, full: bool = False,
+def decide(rec: ModelRecord, settings: Settings, source: Source | None = None, *, full: bool = False,
            has_access: bool | None = None) -> Decision:
     """Accept or skip ``rec`` (see :class:`Candidate` for ``full`` and ``has_access``)."""
     cand = Candidate(rec, settings, source, full, has_access)
@@ -296,14 +296,14 @@ def _gated(c: Candidate) -> Decision | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def fetch_refusal(rec: Any, settings: Settings) -> Decision | None:
+def fetch_refusal(rec: ModelRecord, settings: Settings) -> Decision | None:
     """The runner, on the full record of the exact revision it fetches: the safety rules again (a job may have
     been queued under other settings, or the revision may differ from the listing); None to go ahead."""
     d = decide(rec, settings, None, full=True)
     return None if d.accept or d.code in FETCH_IGNORED else d
 
 
-def convert_refusal(rec: Any) -> str | None:
+def convert_refusal(rec: ModelRecord) -> str | None:
     """``ggufbot convert ORG/NAME``: the reason to refuse the repo before anything is downloaded (what
     ``checkpoint.inspect`` would refuse from its files and config), or None."""
     weights = weights_refusal(sibling_names(rec))

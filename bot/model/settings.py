@@ -30,7 +30,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bot.model.repo_names import repo_name
+from converters.core import quants
 from converters.core.errors import ConfigError
+from converters.ladder import tune as tune_mod
+from converters.variants import recipes as variants_mod
 
 ENV_PREFIX = "GGUFBOT_"
 
@@ -395,9 +399,6 @@ def _check(s: Settings) -> None:
             bad("target.adopt", f"not a repo id ORG/NAME: {rid!r}")
     if s.target.namespace is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", s.target.namespace):
         bad("target.namespace", f"not a valid Hub namespace: {s.target.namespace!r}")
-    from bot.publish.commit import repo_name
-    from converters.variants import recipes as variants_mod
-
     try:
         repo_name(s.target.variant_repo_template, namespace=s.target.namespace or "org", model="Model",
                   variant="variant")
@@ -416,14 +417,10 @@ def _check(s: Settings) -> None:
     if s.hub.poll_workers < 1 or s.hub.poll_workers > 64:
         bad("hub.poll_workers", "must be between 1 and 64")
     try:
-        from converters.core import quants
-
         quants.parse_ladder(s.quantize.ladder)
     except Exception as e:  # UnknownName: name the key
         bad("quantize.ladder", str(e))
     try:
-        from converters.ladder import tune as tune_mod
-
         tune_mod.check_points(s.quantize.tune, [q.name for q in quants.parse_ladder(s.quantize.ladder)])
     except Exception as e:
         bad("quantize.tune", str(e))

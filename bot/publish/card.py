@@ -2,14 +2,12 @@
 
 ``build_context`` takes the work directory's records (:class:`~converters.core.workdir.Ladder`,
 :class:`~converters.core.report.Report`, for a variant :class:`~converters.core.workdir.VariantInfo`), the facts
-about the source model (:class:`SourceFacts`: its card data, gating, chat template, attention shapes) and
-the publishing settings (:class:`CardSettings`), and returns a plain dict; ``render`` turns that dict
-into ``README.md`` with ``templates/model_card.md.j2``. Neither touches the network or the clock.
-``SourceFacts.from_checkpoint`` is the one helper here that reads files (the local checkpoint's
-``config.json`` and chat template).
+about the source model (:class:`~bot.publish.source_card.SourceFacts`: its card data, gating, chat template,
+attention shapes) and the publishing settings (:class:`CardSettings`), and returns a plain dict; ``render`` turns
+that dict into ``README.md`` with ``templates/model_card.md.j2``. Neither touches the network or the clock.
 
-The chat template of the source is untrusted input: it is rendered in Jinja2's
-``ImmutableSandboxedEnvironment`` and its failure only costs the card its prompt-format example.
+What comes from the source is untrusted input, read and made safe by :mod:`bot.publish.source_card` (the facts, the
+chat template's example rendered in the sandbox, the card data copied into our YAML front matter).
 """
 
 from __future__ import annotations
@@ -17,10 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-import json
 import logging
-import re
-import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,11 +24,10 @@ import jinja2
 import yaml
 
 from bot.publish import markdown
+from bot.publish.source_card import SourceFacts, gating_fields, license_link, render_chat_example, shown, source_text
 from bot.publish.target import MARKER_TAG
-from converters.formats import chat
 from converters.ladder import layout
 from converters.llama import mmproj
-from converters.core.errors import TemplateError
 from converters.core.report import PASSED, SKIPPED, FileResult, Report
 from converters.core.workdir import (CalibrationInfo, DistillInfo, ImatrixInfo, Ladder, LadderFile, ProjectorFile,
                                 PruneCalibration, PruneInfo, VariantEvaluation, VariantFileFigures, VariantInfo)
@@ -46,80 +40,10 @@ VARIANT_RELATION = "finetune"
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
 BASE_TAGS = ("gguf", "llama.cpp", "quantized")
 KV_CONTEXTS = (4096, 32768)
-SYSTEM_PLACEHOLDER = "{system_prompt}"
-PROMPT_PLACEHOLDER = "{prompt}"
-# The Hub's gating keys a source's card may pass on (with plain-text values); any other extra_gated_* is dropped
-GATED_TEXT_KEYS = ("extra_gated_prompt", "extra_gated_heading", "extra_gated_description",
-                   "extra_gated_button_content")
-GATED_FIELD_TYPES = ("text", "checkbox", "date_picker", "country")
 DEFAULT_RUN_TYPE = "Q4_K_M"
 SOURCE_CHECK = "bf16_vs_source"  # the report's check of the BF16 conversion against the source model
-# A license_link relative to the source repo: plain path segments, each starting with a letter or digit (so no
-# "..", no leading "/", no scheme, query or fragment)
-_SAFE_RELATIVE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*")
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceFacts:
-    """What the card needs to know about the source model."""
-
-    repo: str | None = None
-    revision: str | None = None
-    card_data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    gated: bool | str = False
-    pipeline_tag: str | None = None
-    license: str | None = None  # fallback when the card data has none (e.g. from a "license:" tag)
-    chat_template: str | None = None
-    bos_token: str | None = None
-    eos_token: str | None = None
-    n_layer: int | None = None
-    n_kv_heads: int | None = None
-    head_dim: int | None = None
-    n_ctx_train: int | None = None
-
-    @staticmethod
-    def shapes_from_config(config: Mapping[str, Any]) -> dict[str, int | None]:
-        """Attention shapes from a transformers ``config.json`` (text_config for multimodal models)."""
-        c = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else config
-        n_layer = c.get("num_hidden_layers") or c.get("n_layer") or c.get("num_layers")
-        n_head = c.get("num_attention_heads") or c.get("n_head")
-        n_kv = c.get("num_key_value_heads") or c.get("multi_query_group_num") or n_head
-        head_dim = c.get("head_dim")
-        if not head_dim and c.get("hidden_size") and n_head:
-            head_dim = int(c["hidden_size"]) // int(n_head)
-        ctx = c.get("max_position_embeddings") or c.get("n_positions") or c.get("seq_length")
-        return {"n_layer": _int(n_layer), "n_kv_heads": _int(n_kv), "head_dim": _int(head_dim), "n_ctx_train": _int(ctx)}
-
-    @staticmethod
-    def facts_from_gguf(path: Path) -> dict[str, Any]:
-        """Attention shapes and chat template from a GGUF header ({} when it cannot be read)."""
-        from converters.formats import gguf_meta
-
-        try:
-            meta = gguf_meta.read(path)
-        except Exception:  # noqa: BLE001 - not a readable GGUF: no facts from it
-            return {}
-        tmpl = meta.get(gguf_meta.CHAT_TEMPLATE)
-        out = {**meta.attention_shapes(), "chat_template": tmpl if isinstance(tmpl, str) and tmpl.strip() else None}
-        return {k: v for k, v in out.items() if v is not None}
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint_dir: Path | None, **kw: Any) -> "SourceFacts":
-        """Facts read from a local HF checkpoint (config.json, chat template, special tokens) plus ``kw``."""
-        facts: dict[str, Any] = {}
-        if checkpoint_dir is not None and Path(checkpoint_dir).is_dir():
-            d = Path(checkpoint_dir)
-            cfg = _read_json(d / "config.json")
-            if cfg:
-                facts.update(cls.shapes_from_config(cfg))
-            tok = _read_json(d / "tokenizer_config.json") or {}
-            facts["chat_template"] = chat.find_template(d, tok)
-            facts["bos_token"] = _token_text(tok.get("bos_token"))
-            facts["eos_token"] = _token_text(tok.get("eos_token"))
-        facts.update({k: v for k, v in kw.items() if v is not None})
-        return cls(**facts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,27 +56,6 @@ class CardSettings:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _int(x: Any) -> int | None:
-    try:
-        return int(x) if x is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _read_json(p: Path) -> dict | None:
-    try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) else None
-
-
-def _token_text(t: Any) -> str | None:
-    if isinstance(t, Mapping):
-        t = t.get("content")
-    return t if isinstance(t, str) else None
-
-
 def kv_cache_bytes(n_layer: int, n_ctx: int, n_kv_heads: int, head_dim: int, bytes_per_elem: int = 2) -> int:
     """Bytes of an f16 K+V cache: 2 (K and V) * layers * context * kv heads * head dim * 2 bytes."""
     return 2 * n_layer * n_ctx * n_kv_heads * head_dim * bytes_per_elem
@@ -190,62 +93,10 @@ def _percent_scale(x: Any) -> float:
     return 100.0 if isinstance(x, (int, float)) and x <= 1.0 else 1.0
 
 
-DATE_PLACEHOLDER = "{date}"  # the template's clock in a card, so the card does not depend on the day it was made
-
-
-def render_chat_example(template: str | None, bos: str | None = None, eos: str | None = None) -> str | None:
-    """The chat template applied to a sample conversation, in a sandbox; None when it cannot be rendered."""
-    if not template:
-        return None
-    conversations = [
-        [{"role": "system", "content": SYSTEM_PLACEHOLDER}, {"role": "user", "content": PROMPT_PLACEHOLDER}],
-        [{"role": "user", "content": PROMPT_PLACEHOLDER}],
-    ]
-    for messages in conversations:
-        try:
-            out = chat.render(template, messages, bos=bos or "", eos=eos or "", fixed_date=DATE_PLACEHOLDER,
-                              lenient=True)
-        except TemplateError as e:  # an untrusted template may fail any way it likes
-            if e.kind in chat.LIMIT_KINDS:
-                return None  # it ran out of time, memory or output: another conversation will not do better
-            continue
-        if PROMPT_PLACEHOLDER in out:
-            return out.strip("\n")
-    return None
-
-
 def _chat_example(source: SourceFacts) -> dict[str, Any]:
     """The rendered example and a fence it cannot close (the text comes from the source's template)."""
     example = render_chat_example(source.chat_template, source.bos_token, source.eos_token)
     return {"chat_example": example, "chat_fence": markdown.fence(example or "")}
-
-
-def _gating_field(value: Any) -> Any:
-    """One ``extra_gated_fields`` value as plain data: a known field type, or a select of plain-text options."""
-    if isinstance(value, str) and value in GATED_FIELD_TYPES:
-        return value
-    if isinstance(value, Mapping) and value.get("type") == "select" and isinstance(value.get("options"), list):
-        options = [markdown.cell(o) for o in value["options"] if isinstance(o, (str, int, float))]
-        return {"type": "select", "options": options} if options else None
-    return None
-
-
-def gating_fields(card: Mapping[str, Any]) -> dict[str, Any]:
-    """The Hub's known gating keys of a gated source's card data, with plain-text values (escaped so that the
-    Hub's Markdown shows no link or HTML); unknown ``extra_gated_*`` keys and other value types are dropped."""
-    out: dict[str, Any] = {}
-    for k in GATED_TEXT_KEYS:
-        if isinstance(card.get(k), str):
-            out[k] = markdown.cell(card[k])
-    if isinstance(card.get("extra_gated_eu_disallowed"), bool):
-        out["extra_gated_eu_disallowed"] = card["extra_gated_eu_disallowed"]
-    fields = card.get("extra_gated_fields")
-    if isinstance(fields, Mapping):
-        kept = {markdown.cell(name): v for name, v in ((n, _gating_field(v)) for n, v in fields.items())
-                if isinstance(name, str) and v is not None}
-        if kept:
-            out["extra_gated_fields"] = kept
-    return out
 
 
 def _calibration_link(source: str | None, hub_url: str) -> str | None:
@@ -444,45 +295,6 @@ def variant_context(info: VariantInfo, *, hub_url: str = "") -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------------------------------------- source card data
-def _shown(v: Any) -> str:
-    return f"{type(v).__name__} {str(v)[:60]!r}"
-
-
-def source_text(v: Any, key: str, repo: str | None = None) -> str | list[str] | None:
-    """A value of the source's card data (``key``) as the Hub reads it (text, or a list of text), or None. A mapping,
-    a number or a nested list is left out, and so is each such item of a list (logged): the rest goes into our
-    card's YAML unchanged."""
-    if isinstance(v, str) or not v:
-        return v or None
-    if isinstance(v, list):
-        kept = [x for x in v if isinstance(x, str) and x]
-        if len(kept) != len(v):
-            log.warning("source card of %s: %s items that are not text left out: %s", repo, key,
-                     _shown([x for x in v if not (isinstance(x, str) and x)]))
-        return kept or None
-    log.warning("source card of %s: %s %s is not text or a list of text; left out", repo, key, _shown(v))
-    return None
-
-
-def license_link(value: Any, repo: str | None, revision: str | None, hub_url: str) -> str | None:
-    """The source's ``license_link`` for our card: an absolute http(s) address as it is; a plain path relative to the
-    source repo (``LICENSE``) as that file's address in the source repo at the converted revision (our repo has no
-    such file); anything else (``javascript:``, ``data:``, ``file:``, ``//host``, ``..``, spaces) None, logged."""
-    if not value:
-        return None
-    if isinstance(value, str):
-        link = value.strip()
-        parts = urllib.parse.urlsplit(link) if not re.search(r"[\s<>\"'\\\x00-\x1f\x7f]", link) else None
-        if parts is not None and parts.scheme.lower() in ("http", "https") and parts.hostname:
-            return link
-        rel = link[2:] if link.startswith("./") else link
-        if parts is not None and not parts.scheme and repo and _SAFE_RELATIVE.fullmatch(rel):
-            return f"{hub_url.rstrip('/')}/{repo}/blob/{revision or 'main'}/{rel}"
-    log.warning("source card of %s: license_link %s is not a web address; left out", repo, _shown(value))
-    return None
-
-
 # ---------------------------------------------------------------------------------------------- context
 def _metadata(ladder: Ladder, source: SourceFacts, settings: CardSettings,
               variant: VariantInfo | None) -> dict[str, Any]:
@@ -501,7 +313,7 @@ def _metadata(ladder: Ladder, source: SourceFacts, settings: CardSettings,
             if k == "license_link":
                 v = license_link(v, base_repo, source.revision or ladder.source.revision, settings.hub_url)
             elif k == "pipeline_tag" and v and not isinstance(v, str):  # the Hub takes one pipeline tag
-                log.warning("source card of %s: pipeline_tag %s is not one string; left out", base_repo, _shown(v))
+                log.warning("source card of %s: pipeline_tag %s is not one string; left out", base_repo, shown(v))
                 v = None
             else:
                 v = source_text(v, k, base_repo)

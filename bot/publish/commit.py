@@ -30,26 +30,29 @@ import json
 import logging
 import shutil
 import tempfile
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from bot.model.repo_names import repo_name
 from bot.publish import card as card_mod
+from bot.publish.source_card import SourceFacts
 from bot.publish import target as target_mod
 from bot.publish.target import Identity, RemoteRepo, TargetPolicy
-from converters.core.errors import CheckFailed, ConfigError, GgufbotError, HubError, HubNotFound, InputError
+from converters.core.errors import CheckFailed, GgufbotError, HubError, HubNotFound, InputError
 from converters.core import records
 from converters.core.records import TMP_MARK, content_sha256
 from converters.core.report import Report
 from converters.core.workdir import CHART_FILE, REPORT_FILE, Ladder, VariantInfo, WorkDir
+
+if TYPE_CHECKING:
+    from bot.hub.client import Hub
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REPO_TEMPLATE = "{org}/{model}-GGUF"
 DEFAULT_VARIANT_TEMPLATE = "{org}/{model}-{variant}-GGUF"
 PUBLICATION_SCHEMA = 1
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]{1,96}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,40 +106,6 @@ class PublishResult:
     action: str
     commit: str | None
     url: str
-
-
-def repo_name(template: str, *, namespace: str, model: str, author: str | None = None,
-              variant: str | None = None) -> str:
-    """The one repo-name template function: ``{org}`` (the target namespace), ``{model}`` (the model name),
-    ``{author}`` (the source repo's owner, default the namespace) and, for a variant's repo, ``{variant}`` (the
-    recipe). A template without the namespace (settings' ``{model}-GGUF``) is put under ``namespace``."""
-    if variant is not None:
-        return _variant_repo_name(template, namespace=namespace, model=model, variant=variant)
-    try:
-        name = template.format(org=namespace, model=model, author=author or namespace)
-    except (KeyError, IndexError, ValueError) as e:
-        raise ConfigError(f"bad repo name template {template!r}: {e}; use {{org}}, {{model}}, {{author}}",
-                          key="target.repo_template") from None
-    if "/" not in name:
-        name = f"{namespace}/{name}"
-    return name
-
-
-def _variant_repo_name(template: str, *, namespace: str, model: str, variant: str) -> str:
-    """A variant's repo, e.g. ``acme/SmolLM2-135M-Instruct-prune-25pct-kd-GGUF``: the template must name the
-    namespace, the model and the variant (a variant never lands in its teacher's repo)."""
-    for name in ("{org}", "{model}", "{variant}"):
-        if name not in template:
-            raise ConfigError(f"variant repo pattern {template!r} must contain {name}",
-                              key="target.variant_repo_template")
-    try:
-        rid = template.format(org=namespace, model=model, variant=variant)
-    except (KeyError, IndexError, ValueError) as e:
-        raise ConfigError(f"only {{org}}, {{model}} and {{variant}} may be used ({e})",
-                          key="target.variant_repo_template") from None
-    if not REPO_ID.fullmatch(rid):
-        raise ConfigError(f"variant repo id {rid!r} is not a valid Hub repo id", key="target.variant_repo_template")
-    return rid
 
 
 def _safe_local(workdir: WorkDir, rel: str) -> Path:
@@ -221,7 +190,7 @@ def _same(pub: Mapping[str, Any] | None, new: Mapping[str, Any], remote_lfs: Map
     return True
 
 
-def _source_facts(hub: Any, ladder: Ladder, gguf_files: list[Path] = ()) -> card_mod.SourceFacts:
+def _source_facts(hub: Hub, ladder: Ladder, gguf_files: list[Path] = ()) -> SourceFacts:
     src = ladder.source
     kw: dict[str, Any] = {"repo": src.repo, "revision": src.revision, "license": src.license}
     if src.repo:
@@ -237,11 +206,11 @@ def _source_facts(hub: Any, ladder: Ladder, gguf_files: list[Path] = ()) -> card
         if rec is not None:
             kw.update(card_data=rec.card_data, gated=rec.gated, pipeline_tag=rec.pipeline_tag,
                       license=src.license or rec.license)
-    facts = card_mod.SourceFacts.from_checkpoint(Path(src.path) if src.path else None, **kw)
+    facts = SourceFacts.from_checkpoint(Path(src.path) if src.path else None, **kw)
     want_template = facts.chat_template is None and src.has_chat_template is not False
     if (facts.n_layer is None or want_template) and gguf_files:
         # the checkpoint is gone (or had no config): the quants carry the same facts in their header
-        extra = card_mod.SourceFacts.facts_from_gguf(gguf_files[0])
+        extra = SourceFacts.facts_from_gguf(gguf_files[0])
         if not want_template:
             extra.pop("chat_template", None)
         missing = {k: v for k, v in extra.items() if getattr(facts, k) is None}
@@ -302,8 +271,8 @@ def _write_staging(staging: Path, card_text: str, report: Report, pub: Mapping[s
     return {"README.md": staging / "README.md", REPORT_FILE: staging / REPORT_FILE}
 
 
-def _card_text(hub: Any, ladder: Ladder, report: Report, files: Mapping[str, Path], spec: "_CardSpec") -> tuple[
-        str, card_mod.SourceFacts]:
+def _card_text(hub: Hub, ladder: Ladder, report: Report, files: Mapping[str, Path], spec: "_CardSpec") -> tuple[
+        str, SourceFacts]:
     """The rendered model card and the source facts it was built from."""
     published = card_mod.published_files(ladder, report)
     facts = _source_facts(hub, ladder, [files[pf.file.path] for pf in published if pf.file.path in files])
@@ -326,7 +295,7 @@ class _CardSpec:
     variant: VariantInfo | None
 
 
-def plan_publish(workdir: Path | WorkDir, hub: Any, options: PublishOptions, *, staging: Path,
+def plan_publish(workdir: Path | WorkDir, hub: Hub, options: PublishOptions, *, staging: Path,
                  now: dt.datetime | None = None, variant: VariantInfo | None = None) -> PublishPlan:
     """Decide what to publish; writes README.md and report.json into ``staging``; no Hub writes.
     ``variant`` (a variant's variant.json) makes the card describe a pruned/healed variant of the source."""
@@ -370,7 +339,7 @@ def with_made_file(plan: PublishPlan, path_in_repo: str, local: Path) -> Publish
                                hashes={**plan.hashes, path_in_repo: records.sha256_file(local)})
 
 
-def _target(hub: Any, wd: WorkDir, options: PublishOptions, ladder: Ladder, org: str,
+def _target(hub: Hub, wd: WorkDir, options: PublishOptions, ladder: Ladder, org: str,
             variant: VariantInfo | None) -> RemoteRepo:
     """The target repo as it is now: the template's name (or ``options.repo_id``) when it is this model's, else
     the disambiguated ``{author}_{model}`` name (bot.publish.target.choose_target)."""
@@ -399,7 +368,7 @@ def _commit_text(model: str, ladder: Ladder, report: Report, pub: Mapping[str, A
     return message, description
 
 
-def execute(plan: PublishPlan, hub: Any) -> PublishResult:
+def execute(plan: PublishPlan, hub: Hub) -> PublishResult:
     url = f"{hub.endpoint}/{plan.repo_id}"
     if plan.action == "none":
         log.info("publish %s: already up to date, no commit", plan.repo_id)
@@ -442,7 +411,7 @@ def execute(plan: PublishPlan, hub: Any) -> PublishResult:
     return PublishResult(plan.repo_id, plan.action, sha, url)
 
 
-def _remove_new_repo(hub: Any, repo_id: str) -> None:
+def _remove_new_repo(hub: Hub, repo_id: str) -> None:
     """A repo created by this run whose first commit failed is removed: no empty half-published repo."""
     try:
         hub.delete_repo(repo_id, missing_ok=True)
@@ -460,7 +429,7 @@ def staging_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def publish(workdir: Path | WorkDir, hub: Any, options: PublishOptions = PublishOptions(), *, dry_run: bool = False,
+def publish(workdir: Path | WorkDir, hub: Hub, options: PublishOptions = PublishOptions(), *, dry_run: bool = False,
             now: dt.datetime | None = None) -> tuple[PublishPlan, PublishResult | None]:
     """Plan and (unless ``dry_run``) execute; returns the plan and the result (None for a dry run)."""
     with staging_dir() as staging:

@@ -21,11 +21,14 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from converters.core import records
 from converters.core.errors import CheckFailed, ConfigError, HubNotFound
 from converters.core.workdir import REPORT_FILE, WorkDir
+
+if TYPE_CHECKING:
+    from bot.hub.client import Hub
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ class RemoteRepo:
         return str(src["repo"]) if isinstance(src, dict) and src.get("repo") else None
 
 
-def read_remote(hub: Any, repo_id: str) -> RemoteRepo:
+def read_remote(hub: Hub, repo_id: str) -> RemoteRepo:
     try:
         info = hub.model_info(repo_id)
     except HubNotFound:
@@ -160,7 +163,7 @@ def note_created(workdir: Path, repo_id: str) -> None:
         records.write_json_atomic(WorkDir(workdir).records_path / CREATED_FILE, {"repos": [*repos, repo_id]})
 
 
-def choose_target(hub: Any, names: tuple[str, str | None], ours: Identity, policy: TargetPolicy,
+def choose_target(hub: Hub, names: tuple[str, str | None], ours: Identity, policy: TargetPolicy,
                   workdir: Path) -> RemoteRepo:
     """The repo to publish to: ``names[0]`` when it is this model's; else ``names[1]`` (the disambiguated name,
     None when renaming is not possible or not allowed) when that one is; else CheckFailed with the reasons."""

@@ -18,12 +18,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bot.hub.client import Hub
 from bot.model import jobstate as J
 from bot.service.runner import Outcome, Runner, new_worker_id, on_stop_signal
 from bot.model.settings import Settings
 from bot.state.store import StateStore, Store
 from bot.service.watcher import PollResult, Watcher
 from converters.core.errors import GgufbotError, HubAuthError
+from converters.llama import toolchain as tc_mod
+from converters.llama.toolchain import Toolchain
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +34,12 @@ EVENT_RETENTION_DAYS = 90
 
 
 class Bot:
-    def __init__(self, settings: Settings, *, store: StateStore | None = None, hub: Any = None, toolchain: Any = None,
-                 stop: threading.Event | None = None, worker_id: str | None = None, resolve_namespace: bool = True):
+    def __init__(self, settings: Settings, *, store: StateStore | None = None, hub: Hub | None = None,
+                 toolchain: Toolchain | None = None, stop: threading.Event | None = None, worker_id: str | None = None,
+                 resolve_namespace: bool = True):
         self.settings = settings
         self.store = store or Store(settings.database_url)
         if hub is None:
-            from bot.hub.client import Hub
-
             hub = Hub(token=settings.token, endpoint=settings.hub.endpoint)
         self.hub = hub
         self.stop = stop or threading.Event()
@@ -45,8 +47,6 @@ class Bot:
         tc_version = getattr(toolchain, "version", None)
         if tc_version is None:
             try:
-                from converters.llama import toolchain as tc_mod
-
                 found = tc_mod.find(required=False)
                 tc_version = found.version if found else None
             except GgufbotError:

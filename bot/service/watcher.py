@@ -24,11 +24,12 @@ import dataclasses
 import datetime as dt
 import logging
 import time
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from bot.hub.revisions import compare_revisions, fingerprint
 from bot.model import jobstate as J
 from bot.model import metrics
+from bot.model.record import ModelRecord
 from converters.core.errors import HubUnreachable
 from bot.model.rules import Decision, decide, sibling_names
 from bot.model.settings import Settings, Source
@@ -37,76 +38,12 @@ from bot.state.store import StateStore
 from converters.formats.checkpoint import is_result_file
 from converters.core.errors import HubAuthError, HubError, HubNotFound
 
+if TYPE_CHECKING:
+    from bot.hub.client import Hub
+
 log = logging.getLogger(__name__)
 
-__all__ = ["Watcher", "PollResult", "SourceResult", "fingerprint", "changed_files", "compare_revisions",
-           "RevisionDiff", "diff_fingerprints", "iso", "public_endpoint"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Fingerprints of the result-changing files
-# --------------------------------------------------------------------------------------------------
-
-
-def fingerprint(rec: Any) -> dict[str, str]:
-    """path -> content identity of every result-changing file of ``rec`` (a full record with file metadata).
-
-    LFS files (weights, large tokenizers) carry their sha256 in the record; small git files only their size, so
-    their content is compared by :func:`changed_files` when, and only when, a new revision shows up. No request.
-    """
-    out: dict[str, str] = {}
-    for s in getattr(rec, "siblings", None) or ():
-        if not is_result_file(s.rfilename):
-            continue
-        h = getattr(s, "lfs_sha256", None)
-        out[s.rfilename] = f"sha256:{h}" if h else f"size:{s.size}"
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class RevisionDiff:
-    """The result-changing files that differ between two revisions, and, when the earlier revision could not be
-    read any more (history squashed or force-pushed), a note saying so: its small files then count as changed."""
-
-    changed: tuple[str, ...]
-    note: str | None = None
-
-
-def compare_revisions(old_fp: Mapping[str, str] | None, new_fp: Mapping[str, str], *, hub: Any = None,
-                      repo: str = "", old_rev: str | None = None, new_rev: str | None = None) -> RevisionDiff:
-    """Files known only by their size (small git files) with the same size in both fingerprints are read at both
-    revisions and compared (a few small downloads). A revision that is gone counts its unread files as changed."""
-    old = dict(old_fp or {})
-    out: list[str] = []
-    note = None
-    for k in sorted(set(old) | set(new_fp)):
-        a, b = old.get(k), new_fp.get(k)
-        if a != b:
-            out.append(k)
-        elif a is not None and a.startswith("size:") and hub is not None and old_rev and new_rev and old_rev != new_rev:
-            if note is not None:
-                out.append(k)
-                continue
-            try:
-                if hub.read_text(repo, k, revision=old_rev) != hub.read_text(repo, k, revision=new_rev):
-                    out.append(k)
-            except HubNotFound as e:
-                note = (f"earlier revision {old_rev[:12]} can no longer be read (history squashed or force-pushed: "
-                        f"{e.short()}); its files that cannot be compared count as changed")
-                log.warning("%s: %s", repo, note)
-                out.append(k)
-    return RevisionDiff(tuple(out), note)
-
-
-def changed_files(old_fp: Mapping[str, str] | None, new_fp: Mapping[str, str], *, hub: Any = None,
-                  repo: str = "", old_rev: str | None = None, new_rev: str | None = None) -> list[str]:
-    """Result-changing files that differ between two revisions (:func:`compare_revisions` without its note)."""
-    return list(compare_revisions(old_fp, new_fp, hub=hub, repo=repo, old_rev=old_rev, new_rev=new_rev).changed)
-
-
-def diff_fingerprints(old: Mapping[str, str] | None, new: Mapping[str, str]) -> list[str]:
-    """Files whose recorded identity differs (no content comparison)."""
-    return changed_files(old, new)
+__all__ = ["Watcher", "PollResult", "SourceResult", "iso", "public_endpoint"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,7 +112,7 @@ class PollResult:
 
 
 class Watcher:
-    def __init__(self, settings: Settings, store: StateStore, hub: Any, *, toolchain_version: str | None = None):
+    def __init__(self, settings: Settings, store: StateStore, hub: Hub, *, toolchain_version: str | None = None):
         self.settings = settings
         self.store = store
         self.hub = hub
@@ -303,14 +240,14 @@ class Watcher:
                 self.store.event("job.size", f"{e['item']['bytes'] / 1e9:.2f} GB to fetch", now=now, job_id=jid,
                                  repo=e["repo"], data={"bytes": e["item"]["bytes"]})  # the status page's queue
 
-    def decide_now(self, rec: Any, source: Source, now: float) -> SourceResult:
+    def decide_now(self, rec: ModelRecord, source: Source, now: float) -> SourceResult:
         """Decide one listed record outside a poll (a Hub webhook): the poll's rules and its never-twice check."""
         result = SourceResult(source.key, ok=True, listed=1)
         self._decide_batch([rec], source, now, result)
         return result
 
     # ---------------------------------------------------------------- one model
-    def consider(self, rec: Any, source: Source | None, prev: Any, now: float,
+    def consider(self, rec: ModelRecord, source: Source | None, prev: Any, now: float,
                  manual: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Decide one listed model: (decision row for the store, job to queue or None). Writes nothing."""
         base = {"repo": rec.id, "sha": rec.sha, "last_modified": iso(getattr(rec, "last_modified", None)),
@@ -356,7 +293,7 @@ class Watcher:
                "max_attempts": self.settings.limits.max_attempts, "priority": 1 if manual else 0}
         return item, enq
 
-    def _has_access(self, info: Any) -> bool:
+    def _has_access(self, info: ModelRecord) -> bool:
         if not self.settings.token:
             return False
         probe = next((n for n in sibling_names(info) if n == "config.json"), None) or \

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import jinja2
@@ -40,10 +40,15 @@ from starlette.routing import Route
 from bot.model import jobstate as J
 from bot.model import metrics
 from bot.service import status
-from bot.web import webhooks
+from bot.service.watcher import Watcher
+from bot.web import gauges, webhooks
 from bot.publish.card import TEMPLATES_DIR
 from bot.model.settings import Settings, parse_listen, read_secret_file
 from converters.core.errors import ConfigError, HubError, InputError, StateError
+from converters.formats import chart
+
+if TYPE_CHECKING:
+    from bot.state.store import StateStore  # bot.state.base.StateStore once the state package has it
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +118,7 @@ class StatusSite:
     ``watcher`` (a :class:`bot.service.watcher.Watcher`) decides webhook calls; ``health`` says whether the
     scheduler is alive (``ggufbot run``); secrets are read from the files the settings name."""
 
-    def __init__(self, settings: Settings, store: Any, *, watcher: Any = None,
+    def __init__(self, settings: Settings, store: StateStore, *, watcher: Watcher | None = None,
                  health: Callable[[], bool] | None = None, hub_url: str = "") -> None:
         w = settings.web
         self.settings, self.store, self.watcher, self.health = settings, store, watcher, health
@@ -151,11 +156,11 @@ class StatusSite:
             return JSONResponse({"error": message}, status_code=code)
         return self.render("message.html.j2", code, title=f"{code}", message=message, ok=False)
 
-    def render(self, name: str, code: int = 200, **ctx: Any) -> HTMLResponse:
-        ctx.setdefault("pages", PAGES)
-        ctx.setdefault("now", time.time())
-        ctx.setdefault("publish_note", status.publish_note(self.settings))
-        return HTMLResponse(self.env.get_template(name).render(**ctx), status_code=code)
+    def render(self, name: str, code: int = 200, **context: Any) -> HTMLResponse:
+        context.setdefault("pages", PAGES)
+        context.setdefault("now", time.time())
+        context.setdefault("publish_note", status.publish_note(self.settings))
+        return HTMLResponse(self.env.get_template(name).render(**context), status_code=code)
 
     def _page_route(self, page: str) -> Callable[[Request], Response]:
         return self._guard(lambda request: self.render(f"{page}.html.j2", page=page,
@@ -203,8 +208,6 @@ class StatusSite:
         with self._chart_lock:
             png = self._charts.get(key)
             if png is None:
-                from converters.formats import chart
-
                 with tempfile.TemporaryDirectory(prefix="ggufbot-chart-") as tmp:
                     png = chart.render(report, Path(tmp) / "chart.png").read_bytes()
                 self._charts[key] = png
@@ -252,7 +255,7 @@ class StatusSite:
                              "decisions": decisions, "jobs": [status.job_row(j, now) for j in jobs]})
 
     def metrics(self, request: Request) -> Response:
-        return Response(metrics.exposition(self.store), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(gauges.exposition(self.store), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def healthz(self, request: Request) -> Response:
         try:

@@ -16,7 +16,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from bot.model import metrics
+from bot.model.record import ModelRecord
 from bot.model.settings import Settings, Source
+from bot.service.watcher import Watcher
 from converters.core.errors import HubNotFound, InputError
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ class Outcome:
         return {"status": self.status, "message": self.message, "jobs": list(self.job_ids)}
 
 
-def watching_source(settings: Settings, rec: Any) -> Source | None:
+def watching_source(settings: Settings, rec: ModelRecord) -> Source | None:
     """The first configured source that lists ``rec`` (author, search term, Hub tags and pipeline tag)."""
     vocab = set(getattr(rec, "tags", ()) or ()) | {rec.pipeline_tag, rec.library_name}
     for src in settings.sources:
@@ -89,7 +91,7 @@ def maybe_watched(settings: Settings, repo: str) -> bool:
                for s in settings.sources)
 
 
-def handle(event: HubEvent, watcher: Any, settings: Settings, now: float) -> Outcome:
+def handle(event: HubEvent, watcher: Watcher, settings: Settings, now: float) -> Outcome:
     """Decide the event's repo at its new head; never raises for a repo that is not watched or gone."""
     if event.scope != CONTENT_SCOPE or event.repo_type != "model":
         return _done("ignored", f"scope {event.scope} of a {event.repo_type} repo is not watched")

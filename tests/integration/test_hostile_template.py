@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.publish import card
+from bot.publish import source_card
 from converters.formats import chat
 from converters.llama import verify
 from converters.core.report import FAILED, PASSED
@@ -68,10 +68,10 @@ def test_a_hostile_source_template_fails_the_check_in_seconds(smollm2: Path, tmp
 
 def test_a_hostile_template_costs_the_card_only_its_example(smollm2: Path) -> None:
     t0 = time.monotonic()
-    assert card.render_chat_example(LOOPS) is None
+    assert source_card.render_chat_example(LOOPS) is None
     assert time.monotonic() - t0 < BUDGET
-    example = card.render_chat_example(good_template(smollm2))
-    assert example is not None and card.PROMPT_PLACEHOLDER in example
+    example = source_card.render_chat_example(good_template(smollm2))
+    assert example is not None and source_card.PROMPT_PLACEHOLDER in example
 
 
 def test_the_source_side_renders_like_transformers(smollm2: Path) -> None:

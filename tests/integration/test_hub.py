@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.hub.client import Hub, ModelRecord, client_retried, safe_relative_path
+from bot.hub.client import Hub, client_retried, safe_relative_path
+from bot.model.record import ModelRecord
 from bot.model.retry import RetryPolicy
 from converters.core.errors import HubAuthError, HubError, HubNotFound, UnsupportedModel
 from tests.hubserver import HubServer

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.publish import card
+from bot.publish import card, source_card
 from converters.core.report import Report
 from converters.core.workdir import Ladder, WorkDir
 from tests.hubserver import _validate_front_matter
@@ -21,9 +21,9 @@ def _inputs(tmp_path: Path, **kw) -> tuple[Ladder, Report, Path]:
     return WorkDir(wd).ladder(), WorkDir(wd).report(), wd
 
 
-def _facts(wd: Path, ladder: Ladder, **kw) -> card.SourceFacts:
+def _facts(wd: Path, ladder: Ladder, **kw) -> source_card.SourceFacts:
     src = ladder.source
-    return card.SourceFacts.from_checkpoint(Path(src.path), repo=src.repo, revision=src.revision, **kw)
+    return source_card.SourceFacts.from_checkpoint(Path(src.path), repo=src.repo, revision=src.revision, **kw)
 
 
 SETTINGS = card.CardSettings(repo_id="team/Tiny-Instruct-GGUF", quantized_by="team", hub_url=HUB)
@@ -52,7 +52,7 @@ def test_llama3_8b_kv_cache_is_4_gib_at_32k() -> None:
      {"n_layer": 4, "n_kv_heads": 2, "head_dim": 256, "n_ctx_train": None}),  # explicit head_dim wins
 ])
 def test_shapes_from_config(config, expected) -> None:
-    assert card.SourceFacts.shapes_from_config(config) == expected
+    assert source_card.SourceFacts.shapes_from_config(config) == expected
 
 
 def test_context_metadata_and_files(tmp_path: Path) -> None:
@@ -118,7 +118,7 @@ def test_prompt_format_rendered_from_the_chat_template(tmp_path: Path) -> None:
     (None, None),
 ])
 def test_render_chat_example(template, expect) -> None:
-    out = card.render_chat_example(template, "<s>", "</s>")
+    out = source_card.render_chat_example(template, "<s>", "</s>")
     if expect is None:
         assert out is None
     else:
@@ -207,8 +207,8 @@ def test_facts_from_a_gguf_header(tmp_path: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    facts = card.SourceFacts.facts_from_gguf(path)
+    facts = source_card.SourceFacts.facts_from_gguf(path)
     assert facts == {"n_layer": 30, "n_kv_heads": 3, "head_dim": 64, "n_ctx_train": 8192, "chat_template": CHATML}
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF not really")
-    assert card.SourceFacts.facts_from_gguf(junk) == {}
+    assert source_card.SourceFacts.facts_from_gguf(junk) == {}

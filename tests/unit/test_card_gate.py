@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from bot.publish import card
+from bot.publish import card, source_card
 from converters.core.report import Check
 from converters.core.workdir import WorkDir
 from tests.workdirs import make_workdir
@@ -16,7 +16,7 @@ SETTINGS = card.CardSettings(repo_id="team/Tiny-Instruct-GGUF", quantized_by="te
 def _render(wd: Path, report=None) -> tuple[dict, str]:
     ladder = WorkDir(wd).ladder()
     report = report or WorkDir(wd).report()
-    facts = card.SourceFacts.from_checkpoint(Path(ladder.source.path), repo=ladder.source.repo)
+    facts = source_card.SourceFacts.from_checkpoint(Path(ladder.source.path), repo=ladder.source.repo)
     ctx = card.build_context(ladder, report, facts, SETTINGS)
     return ctx, card.render(ctx)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from markdown_it import MarkdownIt
 
-from bot.publish import card
+from bot.publish import card, source_card
 from bot.publish import markdown
 from converters.core.report import Check
 from converters.core.workdir import WorkDir
@@ -34,7 +34,7 @@ def build(tmp_path: Path, template: str | None, **facts) -> str:
     wd = make_workdir(tmp_path, chat_template=template)
     ladder, report = WorkDir(wd).ladder(), WorkDir(wd).report()
     src = ladder.source
-    f = card.SourceFacts.from_checkpoint(Path(src.path), repo=src.repo, revision=src.revision, **facts)
+    f = source_card.SourceFacts.from_checkpoint(Path(src.path), repo=src.repo, revision=src.revision, **facts)
     return card.render(card.build_context(ladder, report, f, SETTINGS))
 
 
@@ -56,7 +56,7 @@ def test_table_cells_and_sentences_from_the_source_are_plain_text(tmp_path: Path
     hostile = f"x | y\n[a]({EVIL}) <img src=x onerror=alert(1)> www.evil.example `code` *b* {EVIL} me@evil.example"
     report = report.__class__.from_json({**report.to_json(),
                                          "checks": {"chat_template": Check.fail(hostile).to_json()}})
-    f = card.SourceFacts.from_checkpoint(Path(ladder.source.path), repo=ladder.source.repo)
+    f = source_card.SourceFacts.from_checkpoint(Path(ladder.source.path), repo=ladder.source.repo)
     html = html_of(card.render(card.build_context(ladder, report, f, SETTINGS)))
     row = next(r for r in html.split("<tr>") if "<td>chat template</td>" in r).split("</tr>")[0]
     assert "<a " not in row and "<img" not in row and "<code>" not in row and "<em>" not in row
@@ -81,7 +81,7 @@ def test_only_known_gating_keys_pass_with_plain_text_values() -> None:
         "extra_gated_fields": {"Name": "text", "Country": "country", "Why": {"type": "select", "options": ["a", f"[b]({EVIL})"]},
                                "Evil": {"type": "iframe", "src": EVIL}, "Bad": 5},
     }
-    got = card.gating_fields(data)
+    got = source_card.gating_fields(data)
     assert set(got) == {"extra_gated_prompt", "extra_gated_heading", "extra_gated_eu_disallowed", "extra_gated_fields"}
     assert got["extra_gated_prompt"] == markdown.cell(data["extra_gated_prompt"])
     assert "<a " not in MarkdownIt("commonmark").render(got["extra_gated_prompt"])
@@ -136,9 +136,9 @@ def test_card_data_from_the_source_is_text_or_lists_of_text(tmp_path: Path, data
     wd = make_workdir(tmp_path, chat_template=None)
     ladder, report = WorkDir(wd).ladder(), WorkDir(wd).report()
     ladder = dataclasses.replace(ladder, source=dataclasses.replace(ladder.source, license=None))
-    facts = card.SourceFacts.from_checkpoint(Path(ladder.source.path), repo=ladder.source.repo,
+    facts = source_card.SourceFacts.from_checkpoint(Path(ladder.source.path), repo=ladder.source.repo,
                                              revision=ladder.source.revision, card_data=data)
-    with caplog.at_level(logging.INFO, logger="bot.publish.card"):
+    with caplog.at_level(logging.INFO, logger="bot.publish"):
         ctx = card.build_context(ladder, report, facts, SETTINGS)
     assert {k: v for k, v in ctx["metadata"].items() if k in COPIED_KEYS} == expected
     dropped = sorted(k for k in data if k not in expected or (isinstance(data[k], list) and expected[k] != data[k]))
@@ -153,7 +153,7 @@ def test_a_hub_license_fallback_is_text_too(tmp_path: Path) -> None:
     wd = make_workdir(tmp_path, chat_template=None)
     ladder, report = WorkDir(wd).ladder(), WorkDir(wd).report()
     ladder = dataclasses.replace(ladder, source=dataclasses.replace(ladder.source, license=None))
-    facts = card.SourceFacts(repo="acme/Tiny-Instruct", card_data={"license": ["mit", {"x": 1}]},
+    facts = source_card.SourceFacts(repo="acme/Tiny-Instruct", card_data={"license": ["mit", {"x": 1}]},
                              license={"evil": 1}, pipeline_tag={"evil": 1})  # type: ignore[arg-type]
     meta = card.build_context(ladder, report, facts, SETTINGS)["metadata"]
     assert meta["license"] == ["mit"] and "pipeline_tag" not in meta

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bot.publish import card
+from bot.publish import card, source_card
 from converters.core.workdir import WorkDir
 from tests.workdirs import make_workdir
 
@@ -15,7 +15,7 @@ def _card(tmp_path: Path, failed=()):
     wd = make_workdir(tmp_path, types=("Q8_0", "Q4_K_M", "Q4_K_M-tuned", "Q2_K"), failed=failed)
     ladder, report = WorkDir(wd).ladder(), WorkDir(wd).report()
     src = ladder.source
-    facts = card.SourceFacts.from_checkpoint(Path(src.path), repo=src.repo, revision=src.revision)
+    facts = source_card.SourceFacts.from_checkpoint(Path(src.path), repo=src.repo, revision=src.revision)
     ctx = card.build_context(ladder, report, facts, SETTINGS)
     return ctx, card.render(ctx)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.publish import card
+from bot.publish import card, source_card
 from bot.publish import commit as publish
 from converters.formats import checkpoint as ck
 from converters.llama import mmproj
@@ -133,7 +133,7 @@ def test_card_and_upload_list_the_projector_when_its_check_passed(tmp_path) -> N
     files = publish.collect_files(wd, ladder, report)
     assert {"mmproj-Tiny-Instruct-F16.gguf", "mmproj-Tiny-Instruct-Q8_0.gguf"} <= set(files)
     publish.verified_hashes(wd, report, files)  # measured by the evaluation: publishable as they are
-    facts = card.SourceFacts.from_checkpoint(Path(ladder.source.path), repo=ladder.source.repo)
+    facts = source_card.SourceFacts.from_checkpoint(Path(ladder.source.path), repo=ladder.source.repo)
     settings = card.CardSettings(repo_id="team/Tiny-Instruct-GGUF", quantized_by="team", hub_url="http://hub.test")
     ctx = card.build_context(ladder, report, facts, settings)
     assert ctx["projectors"]["main"] == "mmproj-Tiny-Instruct-F16.gguf"
@@ -165,7 +165,7 @@ def test_a_projector_that_failed_its_check_is_not_published_and_blocks_the_model
     wd = _vlm_workdir(tmp_path, failed)
     ladder, report = wd.ladder(), wd.report()
     assert not any(p.startswith("mmproj-") for p in publish.collect_files(wd, ladder, report))
-    facts = card.SourceFacts.from_checkpoint(Path(ladder.source.path), repo=ladder.source.repo)
+    facts = source_card.SourceFacts.from_checkpoint(Path(ladder.source.path), repo=ladder.source.repo)
     settings = card.CardSettings(repo_id="team/Tiny-Instruct-GGUF", quantized_by="team", hub_url="http://hub.test")
     assert "vision projector" not in card.render(card.build_context(ladder, report, facts, settings))
     ok, why = publishable({**report.checks, mmproj.CHECK: failed})

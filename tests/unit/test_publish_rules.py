@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bot.publish.card import published_files
-from bot.publish.commit import DEFAULT_VARIANT_TEMPLATE, repo_name, whats_new
+from bot.model.repo_names import repo_name
+from bot.publish.commit import DEFAULT_VARIANT_TEMPLATE, whats_new
 from converters.core.errors import ConfigError
 from converters.core.report import Report
 from converters.core.workdir import Ladder

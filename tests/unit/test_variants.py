@@ -217,7 +217,7 @@ def test_parse_list_unknown():
         variants.parse_list("prune-25pct-kd,nope")
 
 
-# the variant repo name: tests/unit/test_publish_rules.py (bot.publish.commit.repo_name)
+# the variant repo name: tests/unit/test_publish_rules.py (bot.model.repo_names.repo_name)
 
 
 def test_ceilings_add_the_pruning_loss():
@@ -251,7 +251,7 @@ def test_card_knows_variants_natively(tmp_path):
 
     from huggingface_hub import ModelCard
 
-    from bot.publish import card
+    from bot.publish import card, source_card
     from tests.hubserver import _validate_front_matter
     from tests.workdirs import make_workdir
 
@@ -260,7 +260,7 @@ def test_card_knows_variants_natively(tmp_path):
     from converters.core.workdir import VariantInfo, WorkDir
 
     ladder, report = WorkDir(wd).ladder(), WorkDir(wd).report()
-    facts = card.SourceFacts.from_checkpoint(None, repo=ladder.source.repo, revision=ladder.source.revision)
+    facts = source_card.SourceFacts.from_checkpoint(None, repo=ladder.source.repo, revision=ladder.source.revision)
     settings = card.CardSettings(repo_id="team/Tiny-Instruct-prune-1-layer-kd-GGUF", quantized_by="team",
                                  hub_url="http://hub.test")
     plain = card.build_context(ladder, report, facts, settings)
