@@ -3,7 +3,7 @@
 A checkpoint's tokenizer and model are untrusted input: loading them runs transformers' and the tokenizer library's
 parsers on files anyone can publish (a tokenizer that allocates or loops without end, a config that makes
 transformers build a gigantic model). As :mod:`converters.formats.chat` does for templates, that work runs in a child
-(``python -I -m converters.formats.hfchild``, started by :func:`converters.llama.toolchain.run`: no secrets in its environment,
+(``python -I -m converters.formats.hfchild``, started by :func:`converters.core.proc.run`: no secrets in its environment,
 its own process group, dies with the bot) with CPU-time, memory and wall-clock limits, offline
 (``HF_HUB_OFFLINE=1``, ``TRANSFORMERS_OFFLINE=1``: nothing it does can fetch code or files), answering one JSON
 request on stdin with one JSON answer on stdout.
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.core.errors import InputError, ToolError
-from converters.llama.toolchain import ResourceLimits, run
+from converters.core.proc import ResourceLimits, run
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ MAX_ANSWER_BYTES = 256 << 20  # a vocabulary of a few hundred thousand tokens is
 
 @dataclasses.dataclass(frozen=True)
 class ChildLimits(ResourceLimits):
-    """:class:`~converters.llama.toolchain.ResourceLimits` (CPU time, written-file bytes: set by the program's supervisor
+    """:class:`~converters.core.proc.ResourceLimits` (CPU time, written-file bytes: set by the program's supervisor
     before it starts) plus ``data_bytes`` (``RLIMIT_DATA``, see the module notes), which the child sets on itself
     first thing, before it reads the request's files or imports transformers or torch."""
 

@@ -2,7 +2,7 @@
 
 Every check returns a :class:`~converters.core.report.Check` (passed / failed / skipped, a readable detail and
 its data); none raises for a failing model, only for a broken environment (no toolchain, unreadable
-source). llama.cpp programs run through :func:`converters.llama.toolchain.run`; the source side uses the HF
+source). llama.cpp programs run through :func:`converters.core.proc.run`; the source side uses the HF
 tokenizer (``transformers``) and, for templates, Jinja2's immutable sandbox (templates are untrusted).
 
 Which checks run where (see ``converters.ladder.evaluate.run``):
@@ -29,8 +29,9 @@ from typing import Any
 from converters.formats import chat
 from converters.formats import gguf_meta
 from converters.formats import hfmodel
+from converters.core import proc
 from converters.llama import toolchain as tc_mod
-from converters.core.errors import InputError, TemplateError, ToolError, UnsupportedModel
+from converters.core.errors import InputError, ParseError, TemplateError, ToolError, UnsupportedModel
 from converters.core.report import Check
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ def llama_tokenize(tc: tc_mod.Toolchain, gguf: Path, text: str, *, add_bos: bool
     if not add_bos:
         argv.append("--no-bos")
     require_sandboxed_templates(gguf)
-    res = tc_mod.run(argv, timeout=tokenize_timeout())
+    res = proc.run(argv, timeout=tokenize_timeout())
     return parse_ids(res.stdout)
 
 
@@ -212,8 +213,6 @@ def tool_error_reason(e: ToolError) -> str:
 def parse_ids(stdout: str) -> list[int]:
     m = re.search(r"\[([\d,\s]*)\]\s*$", stdout.strip())
     if not m:
-        from converters.core.errors import ParseError
-
         raise ParseError(f"llama-tokenize printed no id list: {stdout.strip()[-200:]!r}")
     body = m.group(1).strip()
     return [int(x) for x in body.split(",")] if body else []
@@ -569,7 +568,7 @@ def generate(tc: tc_mod.Toolchain, gguf: Path, prompt: str, *, n_predict: int, t
     if threads:
         argv += ["-t", str(threads)]
     require_sandboxed_templates(gguf)
-    res = tc_mod.run(argv, timeout=timeout if timeout is not None else generation_timeout(gguf, prompt, n_predict))
+    res = proc.run(argv, timeout=timeout if timeout is not None else generation_timeout(gguf, prompt, n_predict))
     text = res.stdout.rstrip()
     ended = text.endswith(END_MARK)
     if ended:
