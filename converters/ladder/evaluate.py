@@ -289,7 +289,7 @@ def compare_with_source(source_dir: Path, base: BaseLogits, spec: CompareSpec) -
                "spec": {**dataclasses.asdict(spec), "max_memory": budget, "offload_dir": str(offload_dir)}}
     limits, seconds = compare_limits(spec, base, budget)
     try:
-        out = hfchild.call(request, limits=limits, timeout=seconds)
+        out = hfchild.call(request, entry=compare_here, limits=limits, timeout=seconds)
     except hfchild.ChildFailed as e:
         shutil.rmtree(offload_dir, ignore_errors=True)  # the child's own clean-up did not run
         return not_checked(f"the source model could not be run within its limits: {e.message}")

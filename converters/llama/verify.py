@@ -179,16 +179,6 @@ def tokenize_timeout() -> float:
     return _LIMIT.get().floor
 
 
-
-def special_sample(tok) -> str | None:
-    """A sample with the source's special tokens written into plain text."""
-    specials = [t for t in (getattr(tok, "all_special_tokens", None) or []) if t]
-    specials = list(dict.fromkeys(specials))[:6]
-    if not specials:
-        return None
-    return "Start " + " and ".join(f"{s}text{i}" for i, s in enumerate(specials)) + " end" + specials[0] + "\n"
-
-
 def llama_tokenize(tc: tc_mod.Toolchain, gguf: Path, text: str, *, add_bos: bool, workdir: Path) -> list[int]:
     """Token ids of ``text`` from llama.cpp's tokenizer (special tokens parsed, bytes passed verbatim)."""
     f = workdir / "sample.txt"
@@ -232,7 +222,7 @@ def tokenizer_parity(tc: tc_mod.Toolchain, gguf: Path, source_dir: Path,
     tok = hfmodel.load_tokenizer(source_dir, texts=[text for _, text in samples])  # one limited child, every sample
     facts = GgufFacts.read(gguf)
     cases = [(name, text, False) for name, text in samples]
-    sp = special_sample(tok)
+    sp = hfmodel.special_sample(tok)
     if sp is not None:
         cases.append(("special tokens", sp, False))
     # once with the tokenizer's own special-token handling: does each side add a BOS the same way?
