@@ -24,6 +24,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from converters.ladder import evaluate
+from converters.core import proc
 from converters.llama import toolchain as tc_mod
 
 
@@ -69,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     # one plain perplexity run of the reference over the same text: the cost of reading the model once
     argv_plain = [tc.program("llama-perplexity"), "-m", reference, "-f", args.eval_text, "-c", str(args.ctx),
                   "--chunks", str(args.chunks)] + (["-t", str(args.threads)] if args.threads else [])
-    plain = tc_mod.run(argv_plain, timeout=evaluate.KLD_TIMEOUT).seconds
+    plain = proc.run(argv_plain, timeout=evaluate.KLD_TIMEOUT).seconds
 
     # count how often each model file is opened by a llama.cpp program during the evaluation
     opened: collections.Counter[str] = collections.Counter()
     runs: collections.Counter[str] = collections.Counter()
-    real_run = tc_mod.run
+    real_run = proc.run
 
     def counting_run(argv, **kw):
         a = [str(x) for x in argv]
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[f"{Path(a[0]).name} {model}"] += 1
         return real_run(argv, **kw)
 
-    tc_mod.run = counting_run  # type: ignore[assignment]
+    proc.run = counting_run  # type: ignore[assignment]
     started = time.monotonic()
     try:
         (wd / "records" / "evaluate.json").unlink(missing_ok=True)  # measure a real run, not a skip
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        chunks=args.chunks, ctx=args.ctx, threads=args.threads),
                               toolchain=tc)
     finally:
-        tc_mod.run = real_run  # type: ignore[assignment]
+        proc.run = real_run  # type: ignore[assignment]
     total = time.monotonic() - started
     s = report.seconds
     files = {}

@@ -31,6 +31,7 @@ from converters.formats import checkpoint as ck_mod
 from converters.ladder import pipeline
 from converters.core import quants
 from converters.core import records
+from converters.core import proc
 from converters.llama import toolchain
 from converters.llama.calibrate import TextFile  # noqa: E402
 from tests.models import smollm2_checkpoint  # noqa: E402
@@ -93,17 +94,17 @@ def run_plain(tc, ck_dir: Path, out: Path, cal: Path, types, chunks: int, ctx: i
     stages = {}
     t0 = time.monotonic()
     ref = out / "model-BF16.gguf"
-    toolchain.run([sys.executable, tc.converter, ck_dir, "--outtype", "bf16", "--outfile", ref], env=tc.python_env())
+    proc.run([sys.executable, tc.converter, ck_dir, "--outtype", "bf16", "--outfile", ref], env=tc.python_env())
     stages["convert"] = time.monotonic() - t0
     t0 = time.monotonic()
     imat = out / "imatrix.gguf"
-    toolchain.run([tc.program("llama-imatrix"), "-m", ref, "-f", cal, "-o", imat, "--output-format", "gguf",
+    proc.run([tc.program("llama-imatrix"), "-m", ref, "-f", cal, "-o", imat, "--output-format", "gguf",
                    "-c", str(ctx), "-t", threads, "--no-ppl", "-ofreq", "1000000", "--chunks", str(chunks)])
-    toolchain.run([tc.program("llama-imatrix"), "-m", ref, "--in-file", imat, "--output-format", "dat", "-o", out / "imatrix.dat"])
+    proc.run([tc.program("llama-imatrix"), "-m", ref, "--in-file", imat, "--output-format", "dat", "-o", out / "imatrix.dat"])
     stages["calibrate"] = time.monotonic() - t0
     t0 = time.monotonic()
     for q in types:
-        toolchain.run([tc.program("llama-quantize"), "--imatrix", imat, ref, out / f"model-{q.name}.gguf",
+        proc.run([tc.program("llama-quantize"), "--imatrix", imat, ref, out / f"model-{q.name}.gguf",
                        q.base_name, threads])
     stages["quantize"] = time.monotonic() - t0
     return stages

@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 
-from converters.llama import toolchain
+from converters.core import proc
 from converters.core.errors import GgufbotError
 
 log = logging.getLogger("ggufbot")
@@ -51,7 +51,7 @@ class SignalExit(KeyboardInterrupt):
 
 def on_signal(signum: int, _frame: object) -> None:
     """Kill every running child program's process group at once, refuse new ones, then unwind."""
-    toolchain.kill_all(closing=True)
+    proc.kill_all(closing=True)
     raise SignalExit(signum)
 
 
@@ -69,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     keeps its own children."""
     own_process = argv is None
     if own_process:
-        toolchain.own_children()
+        proc.own_children()
     try:
         return _main(argv)
     finally:
         if own_process:
-            toolchain.kill_children()
+            proc.kill_children()
 
 
 def _main(argv: list[str] | None) -> int:

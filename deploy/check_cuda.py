@@ -24,7 +24,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from converters.llama import toolchain
+from converters.core import proc
+from converters.llama import build, toolchain
 
 DOCKERFILE = REPO_ROOT / "deploy" / "Dockerfile"
 
@@ -68,10 +69,10 @@ def source_tree(tmp: Path) -> Path:
     tc = toolchain.find(required=False)
     if tc is not None and (tc.root / "CMakeLists.txt").exists():
         return tc.root
-    sdist = toolchain._fetch_sdist(tmp / "download", None)
+    sdist = build._fetch_sdist(tmp / "download", None)
     src = tmp / "src"
     src.mkdir()
-    toolchain._extract_llama_cpp(sdist, src)
+    build._extract_llama_cpp(sdist, src)
     return src
 
 
@@ -88,7 +89,7 @@ def driver_stub_args(nvcc: Path, tmp: Path) -> list[str]:
     stub = tmp / "stubs" / "libcuda.so"
     stub.parent.mkdir()
     (tmp / "stubs" / "empty.c").write_text("void ggufbot_cuda_stub(void) {}\n")
-    toolchain.run(["cc", "-shared", "-fPIC", "-o", str(stub), str(tmp / "stubs" / "empty.c")], timeout=120)
+    proc.run(["cc", "-shared", "-fPIC", "-o", str(stub), str(tmp / "stubs" / "empty.c")], timeout=120)
     print("  this toolkit has no driver stub (lib64/stubs/libcuda.so): an empty one stands in for the configure step")
     return [f"-DCUDA_cuda_driver_LIBRARY={stub}"]
 
@@ -98,11 +99,11 @@ def cublas_args(nvcc: Path, tmp: Path) -> list[str]:
     nvcc's major version) unpacked into ``tmp`` and named to CMake, so a compiler-only toolkit can configure."""
     if has_lib(nvcc.parent.parent, "libcublas.so*"):
         return []
-    ver = re.search(r"release (\d+)\.", toolchain.run([str(nvcc), "--version"], timeout=60).stdout)
+    ver = re.search(r"release (\d+)\.", proc.run([str(nvcc), "--version"], timeout=60).stdout)
     major = int(ver.group(1)) if ver else 12
     spec = f"nvidia-cublas>={major},<{major + 1}" if major >= 13 else f"nvidia-cublas-cu{major}"
     print(f"  this toolkit has no cuBLAS: {spec} from PyPI for the configure step")
-    toolchain.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(tmp / "wheel"), spec],
+    proc.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(tmp / "wheel"), spec],
                   timeout=1800)
     import zipfile
 
@@ -133,7 +134,7 @@ def cmake_configure(flags: toolchain.BuildFlags) -> bool | None:
         print("cmake configure (CUDA):", " ".join(a for a in flags.cmake_args() if "CUDA" in a or "NATIVE" in a))
         started = time.monotonic()
         try:
-            res = toolchain.run(argv, timeout=1800)
+            res = proc.run(argv, timeout=1800)
         except toolchain.ToolError as e:
             print(f"  FAILED: {e}\n{e.stderr_tail[-3000:]}")
             return False

@@ -3,7 +3,7 @@
 #   image-build.sh build-packages   compilers, CMake, Ninja (and Python when the base has none)
 #   image-build.sh run-packages     what the programs need at run time (OpenMP, libstdc++, Python)
 #   image-build.sh venv             the venv with torch (TORCH_SPEC, TORCH_INDEX_URL)
-#   image-build.sh toolchain DIR    the pinned llama.cpp, built by DIR/converters/toolchain.py alone (its own layer:
+#   image-build.sh toolchain DIR    the pinned llama.cpp, built by DIR/converters/llama/build.py alone (its own layer:
 #                                   a change elsewhere in the source does not rebuild it) without looking at this
 #                                   machine's CPU or GPU (GGUFBOT_PORTABLE=1, GGUFBOT_CUDA_ARCHS)
 #   image-build.sh package SRC      ggufbot itself (with the PostgreSQL extra) into the venv
@@ -41,7 +41,7 @@ venv)
 toolchain)
     # the build goes into the image (GGUFBOT_TOOLCHAIN_ROOT); the download cache does not
     GGUFBOT_CACHE=/tmp/ggufbot-build-cache PYTHONPATH="$2" /opt/ggufbot/venv/bin/python -c \
-        'from converters.llama import toolchain; print(toolchain.install(on_line=print).describe())'
+        'from converters.llama import build; print(build.install(on_line=print).describe())'
     rm -rf /tmp/ggufbot-build-cache "$2"
     ;;
 package)

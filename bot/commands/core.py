@@ -17,7 +17,7 @@ from bot.commands import deprecated_alias, figures, stderr
 from converters.formats import checkpoint as ckpt_mod
 from converters.ladder import pipeline
 from converters.core import quants
-from converters.llama import toolchain
+from converters.llama import build, toolchain
 from converters.core.errors import ConfigError, InputError, ToolError, UnsupportedModel
 from converters.core.report import PASSED
 from converters.core.stages import free_bytes
@@ -243,7 +243,7 @@ def cmd_toolchain_install(args: argparse.Namespace) -> int:
             last[0] = now
             stderr(line[:160])
 
-    tc = toolchain.install(jobs=args.jobs, on_line=on_line)
+    tc = build.install(jobs=args.jobs, on_line=on_line)
     print(f"{tc.version} ready ({'CUDA' if tc.cuda else 'CPU'}) in {tc.bin_dir.parent}")
     return 0
 

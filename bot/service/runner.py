@@ -44,7 +44,7 @@ from bot.jobs.job import JobSpec, LazyText, VariantOutcome
 from bot.model.retry import RetryPolicy
 from bot.model.settings import Settings
 from bot.state.store import Job, Store
-from converters.llama import toolchain as tc_mod
+from converters.core import proc
 from converters.core.errors import Cancelled, GgufbotError, InputError, Stuck
 from converters.core.hooks import END, LINE, PROGRESS, SKIP, START, Event, Hooks
 from converters.core.workdir import LADDER_FILE, PLAN_FILE, REPORT_FILE, VARIANT_FILE, Ladder
@@ -98,7 +98,7 @@ def on_stop_signal(signum: int, stopping: bool, request_stop: Callable[[], None]
     request_stop()
     if at_once:
         log.warning("received %s: stopping the running programs, releasing the jobs, then exiting", name)
-        tc_mod.kill_all()
+        proc.kill_all()
     else:
         log.warning("received %s: finishing the current step, releasing the jobs, then exiting "
                     "(send it again, or SIGINT, to stop at once)", name)
@@ -136,7 +136,7 @@ class JobHooks(Hooks):
     def check_abort(self) -> None:
         """While a program runs: a lost claim, a stuck job or a stop at once (SIGINT, SIGHUP, a second SIGTERM:
         the programs were killed) stop it; a graceful stop (the first SIGTERM) lets the step finish."""
-        if self.lost.is_set() or self.stuck.is_set() or tc_mod.killed_on_request():
+        if self.lost.is_set() or self.stuck.is_set() or proc.killed_on_request():
             self.check_cancel()
 
     def alive(self) -> None:

@@ -28,14 +28,9 @@ class QuantType:
 
     @property
     def base_name(self) -> str:
+        """llama-quantize's name of the type's tensors (an "_L" variant's base), also the name whose
+        ``general.file_type`` number it writes (:func:`converters.formats.gguf_meta.file_type`)."""
         return self.name[:-2] if self.large else self.name
-
-    @property
-    def file_type(self) -> int:
-        """``general.file_type`` (llama_ftype) llama-quantize writes for this type (gguf-py's number)."""
-        from converters.formats import gguf_meta
-
-        return gguf_meta.file_type(self.base_name)
 
 
 def _t(*names: str) -> frozenset[str]:

@@ -1,4 +1,4 @@
-"""The supervisor every program runs under (started by :func:`converters.llama.toolchain.run`, never imported by it).
+"""The supervisor every program runs under (started by :func:`converters.core.proc.run`, never imported by it).
 
 ``python -I -S reaper.py PARENT STATUS_FD CPU AS FSIZE -- PROGRAM_PATH ARGS...``
 

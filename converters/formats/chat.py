@@ -3,7 +3,7 @@
 A chat template is untrusted input (it comes with the model). It is rendered only here, in Jinja2's
 ``ImmutableSandboxedEnvironment`` with what transformers provides to templates (``raise_exception``,
 ``strftime_now``, ``tojson``, loop controls, ``bos_token``/``eos_token``, ``add_generation_prompt``), in a child
-process (started by :func:`converters.llama.toolchain.run`: no secrets in its environment) with CPU-time, memory and
+process (started by :func:`converters.core.proc.run`: no secrets in its environment) with CPU-time, memory and
 output-size limits, so that a template that loops, allocates or recurses without end fails with a reason in
 seconds instead of stalling the bot.
 
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.core.errors import TemplateError, ToolError
-from converters.llama.toolchain import ResourceLimits, run
+from converters.core.proc import ResourceLimits, run
 
 log = logging.getLogger(__name__)
 

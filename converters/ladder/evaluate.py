@@ -42,6 +42,7 @@ from converters.llama import mmproj
 from converters.core import quants
 from converters.core import records
 from converters.llama import verify
+from converters.core import proc
 from converters.llama import toolchain as tc_mod
 from converters.core.errors import (DiskSpaceError, GgufbotError, InputError, ParseError, ToolError, UnknownName,
                                UnsupportedModel)
@@ -288,7 +289,7 @@ def compare_with_source(source_dir: Path, base: BaseLogits, spec: CompareSpec) -
                "spec": {**dataclasses.asdict(spec), "max_memory": budget, "offload_dir": str(offload_dir)}}
     limits, seconds = compare_limits(spec, base, budget)
     try:
-        out = hfchild.call(request, limits=limits, timeout=seconds)
+        out = hfchild.call(request, entry=compare_here, limits=limits, timeout=seconds)
     except hfchild.ChildFailed as e:
         shutil.rmtree(offload_dir, ignore_errors=True)  # the child's own clean-up did not run
         return not_checked(f"the source model could not be run within its limits: {e.message}")
@@ -500,7 +501,7 @@ def _sha256_text(path: Path) -> str:
 
 
 def count_tokens(tc: tc_mod.Toolchain, gguf: Path, text: Path) -> int:
-    res = tc_mod.run([tc.program("llama-tokenize"), "-m", gguf, "-f", text, "--ids", "--show-count", "--log-disable"],
+    res = proc.run([tc.program("llama-tokenize"), "-m", gguf, "-f", text, "--ids", "--show-count", "--log-disable"],
                      timeout=TOKENIZE_TIMEOUT, keep_output=20_000)
     m = re.search(r"Total number of tokens:\s*(\d+)", res.stdout)
     if not m:
@@ -549,7 +550,7 @@ def _run_parsed(argv: list[Any], parse: Callable[[str], Any]) -> tuple[Any, floa
     """
     seconds = 0.0
     for attempt in (1, 2):
-        res = tc_mod.run(argv, timeout=KLD_TIMEOUT)
+        res = proc.run(argv, timeout=KLD_TIMEOUT)
         seconds += res.seconds
         try:
             return parse(res.stdout + "\n" + res.stderr), seconds

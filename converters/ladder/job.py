@@ -38,7 +38,8 @@ from converters.llama import quantize as quantize_mod
 from converters.core.errors import UnsupportedModel
 from converters.core.hooks import END, SKIP, START, Event, Hooks
 from converters.core.report import Report
-from converters.llama.toolchain import Toolchain, Watch, current_watch, watched
+from converters.core.proc import Watch, current_watch, watched
+from converters.llama.toolchain import Toolchain
 from converters.core.workdir import Ladder, WorkDir
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class JobContext:
     limits: ToolLimits = ToolLimits()
 
     def tool_timeout(self) -> float | None:
-        """The cap on any one program of the running stage (its :class:`~converters.llama.toolchain.Watch`'s, set by
+        """The cap on any one program of the running stage (its :class:`~converters.core.proc.Watch`'s, set by
         :func:`run_stages` from the stage's work); outside a stage, the one of a program of unknown work."""
         watch = current_watch().timeout
         if watch is not None:
@@ -187,7 +188,7 @@ def stage_timeout(stage: Stage, ctx: JobContext) -> float | None:
 
 def run_stages(stages: Sequence[Stage], ctx: JobContext) -> JobContext:
     """Run ``stages`` in order; stop (``hooks.check_cancel()`` raises) between any two of them, and inside a
-    running program (its process group is killed: :class:`converters.llama.toolchain.Watch`)."""
+    running program (its process group is killed: :class:`converters.core.proc.Watch`)."""
     for stage in stages:
         ctx.hooks.check_cancel()
         ctx.hooks.progress(Event(stage.name, START, data={"quiet": stage.quiet}))

@@ -53,7 +53,8 @@ from converters.core import records
 from converters.core.errors import CheckFailed, InputError
 from converters.ladder.layout import TensorInfo
 from converters.core.quants import QuantType
-from converters.llama.toolchain import Toolchain, run
+from converters.core.proc import run
+from converters.llama.toolchain import Toolchain
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from converters.core import records
 from converters.core.errors import InputError, ToolError
 from converters.core.hooks import NULL_HOOKS, PROGRESS, Event, Hooks
 from converters.core.stages import StageOutcome
-from converters.llama.toolchain import Toolchain, run
+from converters.core.proc import run
+from converters.llama.toolchain import Toolchain
 
 log = logging.getLogger(__name__)
 STAGE = "calibrate"
@@ -150,7 +151,7 @@ class ImatrixProgress:
 
     The pinned program prints ``computing over 222 chunks, n_ctx=512, batch_size=2048, n_seq=4`` once, then, per
     pass of ``n_seq`` chunks, the running perplexity of each chunk as ``[1]12.3456,[2]11.2345,`` (flushed, no newline
-    until the end; :func:`converters.llama.toolchain.run` passes such pieces on). Without a perplexity (``--no-ppl``) only
+    until the end; :func:`converters.core.proc.run` passes such pieces on). Without a perplexity (``--no-ppl``) only
     the first pass's ``2.07 seconds per pass - ETA`` is there to count."""
 
     def __init__(self, hooks: Hooks, clock: Callable[[], float] = time.monotonic) -> None:

@@ -13,7 +13,8 @@ from converters.formats.checkpoint import Checkpoint
 from converters.core.errors import ToolError, UnsupportedModel
 from converters.core.hooks import NULL_HOOKS, Hooks
 from converters.core.stages import StageOutcome, check_disk
-from converters.llama.toolchain import Toolchain, run
+from converters.core.proc import run
+from converters.llama.toolchain import Toolchain
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,10 @@ from converters.core.errors import ToolError, UnsupportedModel
 from converters.core.hooks import NULL_HOOKS, Hooks
 from converters.core.report import Check
 from converters.core.stages import StageOutcome
-from converters.llama.toolchain import Toolchain, run
+from converters.core.proc import run
+from converters.llama.convert import converter_reason
+from converters.llama.toolchain import Toolchain
+from converters.llama.verify import tool_error_reason
 from converters.core.workdir import ProjectorFile
 
 log = logging.getLogger(__name__)
@@ -74,8 +77,6 @@ def convert_projector(ckpt: Checkpoint, workdir: Path, model_name: str, *, toolc
                 run(argv, timeout=timeout, env=toolchain.python_env(), on_line=hooks.tool_lines(stage))
         except ToolError as e:
             if qtype == TYPES[0]:
-                from converters.llama.convert import converter_reason
-
                 reason = converter_reason(e.stderr_tail)
                 if reason:
                     raise UnsupportedModel(f"vision projector: {reason}") from e
@@ -175,8 +176,6 @@ def check_one(tc: Toolchain, text_model: Path, projector: Path, image: Path, scr
     try:
         res = run(argv, timeout=CHECK_TIMEOUT, env={"MTMD_DEBUG_EMBEDDINGS": str(dump)}, keep_output=200_000)
     except ToolError as e:
-        from converters.llama.verify import tool_error_reason
-
         out.update(status="failed", detail=f"llama-mtmd-cli cannot use it: {tool_error_reason(e)}",
                    seconds=round(time.monotonic() - t0, 3))
         return out

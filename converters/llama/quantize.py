@@ -15,7 +15,9 @@ from converters.core.errors import NeedsImatrix
 from converters.core.hooks import NULL_HOOKS, Hooks
 from converters.core.quants import QuantType
 from converters.core.stages import StageOutcome, check_disk
-from converters.llama.toolchain import Toolchain, run
+from converters.formats import gguf_meta
+from converters.core.proc import run
+from converters.llama.toolchain import Toolchain
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +121,6 @@ def _split(src: Path, workdir: Path, model_name: str, q: QuantType, max_bytes: i
     scratch.mkdir(parents=True)
     # llama-gguf-split limits the tensor data of a part; the first part also holds all metadata (vocabulary,
     # template), so leave room for it and for alignment padding to keep every part under max_bytes
-    from converters.formats import gguf_meta
-
     header = gguf_meta.data_offset(src)
     max_mb = max(1, math.floor((max_bytes - header - 1_000_000) / 1_000_000))
     run([toolchain.program("llama-gguf-split"), "--split", "--split-max-size", f"{max_mb}M", src, scratch / stem],

@@ -2,7 +2,7 @@
 
 Every check returns a :class:`~converters.core.report.Check` (passed / failed / skipped, a readable detail and
 its data); none raises for a failing model, only for a broken environment (no toolchain, unreadable
-source). llama.cpp programs run through :func:`converters.llama.toolchain.run`; the source side uses the HF
+source). llama.cpp programs run through :func:`converters.core.proc.run`; the source side uses the HF
 tokenizer (``transformers``) and, for templates, Jinja2's immutable sandbox (templates are untrusted).
 
 Which checks run where (see ``converters.ladder.evaluate.run``):
@@ -29,8 +29,9 @@ from typing import Any
 from converters.formats import chat
 from converters.formats import gguf_meta
 from converters.formats import hfmodel
+from converters.core import proc
 from converters.llama import toolchain as tc_mod
-from converters.core.errors import InputError, TemplateError, ToolError, UnsupportedModel
+from converters.core.errors import InputError, ParseError, TemplateError, ToolError, UnsupportedModel
 from converters.core.report import Check
 
 log = logging.getLogger(__name__)
@@ -178,16 +179,6 @@ def tokenize_timeout() -> float:
     return _LIMIT.get().floor
 
 
-
-def special_sample(tok) -> str | None:
-    """A sample with the source's special tokens written into plain text."""
-    specials = [t for t in (getattr(tok, "all_special_tokens", None) or []) if t]
-    specials = list(dict.fromkeys(specials))[:6]
-    if not specials:
-        return None
-    return "Start " + " and ".join(f"{s}text{i}" for i, s in enumerate(specials)) + " end" + specials[0] + "\n"
-
-
 def llama_tokenize(tc: tc_mod.Toolchain, gguf: Path, text: str, *, add_bos: bool, workdir: Path) -> list[int]:
     """Token ids of ``text`` from llama.cpp's tokenizer (special tokens parsed, bytes passed verbatim)."""
     f = workdir / "sample.txt"
@@ -196,7 +187,7 @@ def llama_tokenize(tc: tc_mod.Toolchain, gguf: Path, text: str, *, add_bos: bool
     if not add_bos:
         argv.append("--no-bos")
     require_sandboxed_templates(gguf)
-    res = tc_mod.run(argv, timeout=tokenize_timeout())
+    res = proc.run(argv, timeout=tokenize_timeout())
     return parse_ids(res.stdout)
 
 
@@ -212,8 +203,6 @@ def tool_error_reason(e: ToolError) -> str:
 def parse_ids(stdout: str) -> list[int]:
     m = re.search(r"\[([\d,\s]*)\]\s*$", stdout.strip())
     if not m:
-        from converters.core.errors import ParseError
-
         raise ParseError(f"llama-tokenize printed no id list: {stdout.strip()[-200:]!r}")
     body = m.group(1).strip()
     return [int(x) for x in body.split(",")] if body else []
@@ -233,7 +222,7 @@ def tokenizer_parity(tc: tc_mod.Toolchain, gguf: Path, source_dir: Path,
     tok = hfmodel.load_tokenizer(source_dir, texts=[text for _, text in samples])  # one limited child, every sample
     facts = GgufFacts.read(gguf)
     cases = [(name, text, False) for name, text in samples]
-    sp = special_sample(tok)
+    sp = hfmodel.special_sample(tok)
     if sp is not None:
         cases.append(("special tokens", sp, False))
     # once with the tokenizer's own special-token handling: does each side add a BOS the same way?
@@ -569,7 +558,7 @@ def generate(tc: tc_mod.Toolchain, gguf: Path, prompt: str, *, n_predict: int, t
     if threads:
         argv += ["-t", str(threads)]
     require_sandboxed_templates(gguf)
-    res = tc_mod.run(argv, timeout=timeout if timeout is not None else generation_timeout(gguf, prompt, n_predict))
+    res = proc.run(argv, timeout=timeout if timeout is not None else generation_timeout(gguf, prompt, n_predict))
     text = res.stdout.rstrip()
     ended = text.endswith(END_MARK)
     if ended:

@@ -53,7 +53,8 @@ from converters.formats import checkpoint as checkpoint_mod
 from converters.core.errors import CheckFailed, InputError, PatchRefused, ToolError, UnsupportedModel
 from converters.core.hooks import END, SKIP
 from converters.core.report import FAILED, PASSED, Check, FileResult, Report
-from converters.llama.toolchain import Toolchain, run
+from converters.core.proc import run
+from converters.llama.toolchain import Toolchain
 from converters.core.workdir import Ladder, WorkDir
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from converters.llama import toolchain
+from converters.core import proc
 from converters.core.errors import ToolError
 from tests.procs import gone, kill_quietly
 
@@ -72,7 +72,7 @@ def assert_all_gone(pids: list[int], after: str, prog: Path) -> None:
 
 def test_a_normal_return_leaves_no_grandchild(tmp_path):
     prog = leaver(tmp_path, then="echo done")
-    res = toolchain.run([prog], timeout=60)
+    res = proc.run([prog], timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "done"
     assert_all_gone(grandchildren(prog, within=0), "a normal return", prog)
 
@@ -80,7 +80,7 @@ def test_a_normal_return_leaves_no_grandchild(tmp_path):
 def test_a_failing_program_keeps_its_exit_code_and_leaves_no_grandchild(tmp_path):
     prog = leaver(tmp_path, then="echo 'the reason' >&2; exit 7")
     with pytest.raises(ToolError) as ei:
-        toolchain.run([prog], timeout=60)
+        proc.run([prog], timeout=60)
     assert ei.value.returncode == 7 and "the reason" in ei.value.stderr_tail
     assert_all_gone(grandchildren(prog, within=0), "a failure", prog)
 
@@ -89,7 +89,7 @@ def test_a_timeout_leaves_no_grandchild(tmp_path):
     prog = leaver(tmp_path, then="exec sleep 60")
     t0 = time.monotonic()
     with pytest.raises(ToolError) as ei:
-        toolchain.run([prog], timeout=2)
+        proc.run([prog], timeout=2)
     assert ei.value.timed_out and time.monotonic() - t0 < 15
     assert_all_gone(grandchildren(prog, within=0), "a timeout", prog)
 
@@ -100,7 +100,7 @@ def test_kill_all_leaves_no_grandchild(tmp_path):
 
     def target() -> None:
         try:
-            toolchain.run([prog], timeout=60)
+            proc.run([prog], timeout=60)
         except BaseException as e:  # noqa: BLE001 - the test looks at it
             errors.append(e)
 
@@ -108,7 +108,7 @@ def test_kill_all_leaves_no_grandchild(tmp_path):
     t.start()
     pids = grandchildren(prog)
     t0 = time.monotonic()
-    assert toolchain.kill_all() == 1
+    assert proc.kill_all() == 1
     t.join(timeout=15)
     assert not t.is_alive() and time.monotonic() - t0 < 5
     assert isinstance(errors[0], ToolError) and errors[0].returncode == -signal.SIGKILL  # as a killed program's
@@ -117,7 +117,7 @@ def test_kill_all_leaves_no_grandchild(tmp_path):
 
 def test_a_program_killed_by_a_signal_is_reported_so(tmp_path):
     with pytest.raises(ToolError) as ei:
-        toolchain.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"])
+        proc.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"])
     assert ei.value.returncode == -signal.SIGSEGV
 
 
@@ -125,15 +125,15 @@ def test_a_program_killed_by_a_signal_is_reported_so(tmp_path):
 PARENT = textwrap.dedent("""
     import sys
     from bot import cli
-    from converters.llama import toolchain
-    toolchain.own_children()
+    from converters.core import proc
+    proc.own_children()
     cli.install_signal_handlers()
     try:
-        toolchain.run([sys.argv[1]])
+        proc.run([sys.argv[1]])
     except KeyboardInterrupt as e:
         sys.exit(128 + getattr(e, "signum", 2))
     finally:
-        toolchain.kill_children()
+        proc.kill_children()
 """)
 
 
@@ -166,7 +166,7 @@ def ggufbot_env(**extra: str) -> dict[str, str]:
 
 def test_sigkill_of_the_ggufbot_command_leaves_no_grandchild(tmp_path):
     """The real command line: ``ggufbot toolchain info`` with LLAMA_CPP_DIR runs ``llama-quantize --version``
-    (through toolchain.run since issue 19: it used to be a bare subprocess.run, which even a SIGTERM left behind)."""
+    (through proc.run since issue 19: it used to be a bare subprocess.run, which even a SIGTERM left behind)."""
     root, prog = fake_llama_cpp(tmp_path, then="exec sleep 120")
     bot = subprocess.Popen([sys.executable, "-m", "bot.cli", "toolchain", "info"], cwd=REPO_ROOT,
                            env=ggufbot_env(LLAMA_CPP_DIR=str(root)), stdout=subprocess.DEVNULL,
@@ -226,6 +226,6 @@ def test_the_supervisor_starts_quickly():
         return sorted(times)[len(times) // 2]
 
     bare = median(lambda: subprocess.run([sys.executable, "-I", "-S", "-c", "pass"], check=True))
-    supervised = median(lambda: toolchain.run(["true"]))
+    supervised = median(lambda: proc.run(["true"]))
     print(f"run(['true']) {supervised * 1000:.1f} ms, python -I -S {bare * 1000:.1f} ms")
     assert supervised < bare * 3 + 0.1

@@ -33,7 +33,7 @@ import os, subprocess, sys
 sys.path.insert(0, {root!r})
 from tests.ggufedit import damage_tensor
 rc = subprocess.call([{real!r}] + sys.argv[1:])
-damage = {damage!r}  # in its text: a child program gets no test variable (toolchain.child_env)
+damage = {damage!r}  # in its text: a child program gets no test variable (proc.child_env)
 args = sys.argv[1:]
 for qtype, tensor in damage.items():
     if rc == 0 and qtype in args and args.index(qtype) >= 2:

@@ -11,7 +11,8 @@ from gguf import GGUFReader
 
 from converters.core import quants
 from converters.core import records
-from converters.llama import toolchain as tc_mod
+from converters.core import proc
+from converters.formats import gguf_meta
 from tests.conftest import SMOL_LADDER, build_smol_ladder
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
@@ -30,14 +31,14 @@ def test_ladder_files_read_back_right(smol_workdir):
     assert [f["type"] for f in ladder["files"]] == SMOL_LADDER.split(",")
     ref = smol_workdir / ladder["reference"]["path"]
     n_ref, ft_ref, types_ref = tensor_types(ref)
-    assert ft_ref == quants.get("BF16").file_type and set(types_ref) <= {"BF16", "F32"}
+    assert ft_ref == gguf_meta.file_type(quants.get("BF16").base_name) and set(types_ref) <= {"BF16", "F32"}
     sizes = {}
     for f in ladder["files"]:
         q = quants.get(f["type"])
         path = smol_workdir / f["path"]
         n, ft, types = tensor_types(path)
         assert n == n_ref, f"{q.name}: tensor count {n} != {n_ref}"
-        assert ft == q.file_type, f"{q.name}: general.file_type {ft}"
+        assert ft == gguf_meta.file_type(q.base_name), f"{q.name}: general.file_type {ft}"
         assert set(types) <= q.tensor_types, f"{q.name}: unexpected tensor types {set(types) - q.tensor_types}"
         assert types["F32"] == types_ref["F32"]  # norms stay F32
         assert f["size"] == path.stat().st_size and f["sha256"] == records.sha256_file(path)
@@ -58,7 +59,7 @@ def test_each_quant_runs_with_finite_perplexity(smol_workdir, eval_text, toolcha
     ladder = json.loads((smol_workdir / "ladder.json").read_text())
     ppl = {}
     for f in ladder["files"]:
-        res = tc_mod.run([toolchain.program("llama-perplexity"), "-m", smol_workdir / f["path"], "-f", short,
+        res = proc.run([toolchain.program("llama-perplexity"), "-m", smol_workdir / f["path"], "-f", short,
                           "-c", "128", "--chunks", "4", "-t", "2"], timeout=600)
         m = re.search(r"Final estimate: PPL = ([0-9.]+)", res.stdout + res.stderr)
         assert m, f"{f['type']}: no perplexity in output"
@@ -96,7 +97,7 @@ def test_tiny_architectures_convert_and_quantize(arch, toolchain, tmp_path):
     n_ref = tensor_types(tmp_path / ladder["reference"]["path"])[0]
     for f in ladder["files"]:
         n, ft, types = tensor_types(tmp_path / f["path"])
-        assert n == n_ref and ft == quants.get(f["type"]).file_type
+        assert n == n_ref and ft == gguf_meta.file_type(quants.get(f["type"]).base_name)
         assert set(types) <= quants.get(f["type"]).tensor_types
 
 
@@ -112,6 +113,6 @@ def test_split_files_over_the_limit(smol_workdir, toolchain, tmp_path):
     assert len(parts) >= 2 and parts[0] == f"Smol-Q8_0/Smol-Q8_0-00001-of-{len(parts):05d}.gguf"
     assert all((tmp_path / p).stat().st_size <= 60_000_000 for p in parts)
     assert not (tmp_path / "Smol-Q8_0.gguf").exists()
-    res = tc_mod.run([toolchain.program("llama-completion"), "-m", tmp_path / parts[0], "-p", "Hello", "-n", "4",
+    res = proc.run([toolchain.program("llama-completion"), "-m", tmp_path / parts[0], "-p", "Hello", "-n", "4",
                       "-no-cnv", "--temp", "0", "-t", "2"], timeout=300)
     assert res.returncode == 0

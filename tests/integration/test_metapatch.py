@@ -218,7 +218,7 @@ def test_vocabulary_change_takes_the_full_path(world: World, full_runs_stopped) 
 
 def test_a_split_file_stays_split(world: World, toolchain, tmp_path: Path) -> None:
     """Part 1 gets the new tokenizer keys, the other parts are copied as they are; tensor data unchanged."""
-    from converters.llama.toolchain import run
+    from converters.core.proc import run
 
     split = tmp_path / "split"
     split.mkdir()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from converters.ladder import layout
-from converters.llama import toolchain as tc_mod
+from converters.core import proc
 from converters.ladder import tune
 from tests.models import tiny_random_checkpoint
 
@@ -71,7 +71,7 @@ def test_tuned_files_match_their_layout_and_budget(tuned_workdir):
 def test_tuned_file_loads_with_finite_perplexity(tuned_workdir, eval_text, toolchain, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text(eval_text.read_text(encoding="utf-8")[:20000], encoding="utf-8")
-    res = tc_mod.run([toolchain.program("llama-perplexity"), "-m", tuned_workdir / "tiny-llama-Q2_K-tuned.gguf",
+    res = proc.run([toolchain.program("llama-perplexity"), "-m", tuned_workdir / "tiny-llama-Q2_K-tuned.gguf",
                       "-f", short, "-c", "128", "--chunks", "2", "-t", "2"], timeout=600)
     m = re.search(r"Final estimate: PPL = ([0-9.]+|nan|inf)", res.stdout + res.stderr)
     assert m and math.isfinite(float(m.group(1)))

@@ -1,5 +1,5 @@
 """Children get an allow-listed environment, never the bot's minus ``*_TOKEN``/``*_KEY`` (issue 19, section 4), and
-can fetch nothing from the Hub (section 2): every program started through ``converters.llama.toolchain.run``, and the two
+can fetch nothing from the Hub (section 2): every program started through ``converters.core.proc.run``, and the two
 that used to bypass it (``nvidia-smi``, ``llama-quantize --version`` of a LLAMA_CPP_DIR)."""
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from converters.core import proc
 from converters.llama import toolchain
+from converters.llama.build import BUILD_ENV, FETCH_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,7 +56,7 @@ def assert_clean(env: dict[str, str]) -> None:
 
 def test_a_child_sees_no_secret_and_is_offline(monkeypatch):
     bot_environment(monkeypatch)
-    env = json.loads(toolchain.run(PRINT_ENV).stdout)
+    env = json.loads(proc.run(PRINT_ENV).stdout)
     assert_clean(env)
     assert {k: env.get(k) for k in KEPT} == KEPT
     assert env["PATH"] == os.environ["PATH"] and env["HOME"] == os.environ["HOME"]
@@ -63,7 +65,7 @@ def test_a_child_sees_no_secret_and_is_offline(monkeypatch):
 
 def test_what_the_caller_adds_is_passed_but_never_a_secret_or_online(monkeypatch):
     bot_environment(monkeypatch)
-    env = json.loads(toolchain.run(PRINT_ENV, env={"MTMD_DEBUG_EMBEDDINGS": "/x", "EXTRA_TOKEN": "t",
+    env = json.loads(proc.run(PRINT_ENV, env={"MTMD_DEBUG_EMBEDDINGS": "/x", "EXTRA_TOKEN": "t",
                                                    "HF_HUB_OFFLINE": "0"}).stdout)
     assert env["MTMD_DEBUG_EMBEDDINGS"] == "/x" and "EXTRA_TOKEN" not in env
     assert_clean(env)
@@ -72,7 +74,7 @@ def test_what_the_caller_adds_is_passed_but_never_a_secret_or_online(monkeypatch
 def test_the_converter_gets_its_gguf_py_and_nothing_more(monkeypatch, tmp_path):
     bot_environment(monkeypatch)
     tc = toolchain.Toolchain(root=tmp_path, bin_dir=tmp_path, version="test", commit=None, cuda=False, origin="pinned")
-    env = json.loads(toolchain.run(PRINT_ENV, env=tc.python_env()).stdout)
+    env = json.loads(proc.run(PRINT_ENV, env=tc.python_env()).stdout)
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path / "gguf-py")
     assert_clean(env)
 
@@ -81,10 +83,10 @@ def test_a_build_inherits_the_compiler_and_pip_settings_it_names(monkeypatch):
     bot_environment(monkeypatch)
     monkeypatch.setenv("CC", "gcc-13")
     monkeypatch.setenv("PIP_INDEX_URL", "https://pypi.example/simple")
-    plain = json.loads(toolchain.run(PRINT_ENV).stdout)
+    plain = json.loads(proc.run(PRINT_ENV).stdout)
     assert "CC" not in plain and "PIP_INDEX_URL" not in plain
-    build = json.loads(toolchain.run(PRINT_ENV, inherit=toolchain.BUILD_ENV).stdout)
-    fetch = json.loads(toolchain.run(PRINT_ENV, inherit=toolchain.FETCH_ENV).stdout)
+    build = json.loads(proc.run(PRINT_ENV, inherit=BUILD_ENV).stdout)
+    fetch = json.loads(proc.run(PRINT_ENV, inherit=FETCH_ENV).stdout)
     assert build["CC"] == "gcc-13" and fetch["PIP_INDEX_URL"] == "https://pypi.example/simple"
     assert_clean(build)
     assert_clean(fetch)
@@ -130,10 +132,10 @@ def test_the_ggufbot_command_runs_a_user_llama_quantize_through_run(tmp_path):
 
 OWN = textwrap.dedent("""
     import ctypes, json
-    from converters.llama import toolchain
+    from converters.core import proc
     prctl = ctypes.CDLL(None).prctl
     before = prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
-    toolchain.own_children()
+    proc.own_children()
     flag = ctypes.c_int(0)
     prctl(37, ctypes.byref(flag), 0, 0, 0)  # PR_GET_CHILD_SUBREAPER
     print(json.dumps([before, prctl(3, 0, 0, 0, 0), flag.value]))

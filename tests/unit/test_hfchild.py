@@ -8,11 +8,13 @@ import dataclasses
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from converters.core import proc
 from converters.ladder import evaluate
 from converters.formats import hfchild
 from converters.formats import hfmodel
@@ -31,9 +33,9 @@ def tiny() -> Path:
 
 @pytest.fixture
 def cold():
-    hfchild.forget()
+    hfmodel.forget()
     yield
-    hfchild.forget()
+    hfmodel.forget()
 
 
 def test_the_tokenizer_service_answers_like_the_tokenizer(tiny: Path, cold) -> None:
@@ -44,8 +46,8 @@ def test_the_tokenizer_service_answers_like_the_tokenizer(tiny: Path, cold) -> N
         for special in (False, True):
             assert tok(text, add_special_tokens=special)["input_ids"] == \
                 real(text, add_special_tokens=special)["input_ids"], (text, special)
-    sample = verify.special_sample(tok)
-    assert sample is not None and sample == verify.special_sample(real)
+    sample = hfmodel.special_sample(tok)
+    assert sample is not None and sample == hfmodel.special_sample(real)
     ids = real(sample, add_special_tokens=False)["input_ids"]
     assert tok(sample, add_special_tokens=False)["input_ids"] == ids
     assert tok.convert_ids_to_tokens(ids) == real.convert_ids_to_tokens(ids)
@@ -96,8 +98,34 @@ def test_loading_a_tokenizer_does_not_bring_transformers_into_the_process(tiny: 
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_the_child_runs_only_an_entry_its_caller_names() -> None:
+    """formats/hfchild names no module above it: the caller gives the function the child runs (a top-level function
+    of a converters module, imported by name in the child); a request naming anything else runs nothing."""
+    assert hfchild.entry_name(hfmodel.tokenizer_here) == "converters.formats.hfmodel:tokenizer_here"
+    assert hfchild.entry_name(evaluate.compare_here).endswith(":compare_here")
+    for bad in (lambda request: {}, json.loads, dataclasses.replace, hfmodel.SourceTokenizer.encode):
+        with pytest.raises(ValueError, match="not a child entry"):
+            hfchild.entry_name(bad)
+    for name in ("os:system", "json:loads", "converters.formats.hfmodel:Path", "converters.formats.hfmodel:json",
+                 "converters.formats.hfmodel:no_such_function", "converters.no_such_module:run", ""):
+        res = proc.run([sys.executable, "-I", "-m", hfchild.MODULE], stdin=json.dumps({"entry": name}).encode(),
+                       timeout=120, env=hfchild.OFFLINE_ENV)
+        assert json.loads(res.stdout)["error"] == "request", name
+
+
+def test_offline_is_read_from_the_module_transformers_loaded(monkeypatch) -> None:
+    """The child's ``offline`` fact comes from huggingface_hub's constants as loaded in it, without importing
+    huggingface_hub (only bot/hub does): not loaded is not proven offline."""
+    monkeypatch.delitem(sys.modules, "huggingface_hub.constants", raising=False)
+    assert hfchild.offline() is False and "huggingface_hub.constants" not in sys.modules
+    monkeypatch.setitem(sys.modules, "huggingface_hub.constants", types.SimpleNamespace(HF_HUB_OFFLINE=False))
+    assert hfchild.offline() is False
+    monkeypatch.setitem(sys.modules, "huggingface_hub.constants", types.SimpleNamespace(HF_HUB_OFFLINE=True))
+    assert hfchild.offline() is True
+
+
 def test_a_tokenizer_over_its_memory_limit_fails_with_the_reason(tiny: Path, cold, monkeypatch) -> None:
-    monkeypatch.setattr(hfchild, "TOKENIZER_LIMITS", dataclasses.replace(hfchild.TOKENIZER_LIMITS,
+    monkeypatch.setattr(hfmodel, "TOKENIZER_LIMITS", dataclasses.replace(hfmodel.TOKENIZER_LIMITS,
                                                                          data_bytes=64 << 20))
     with pytest.raises(InputError, match="cannot load the source tokenizer .* within its limits"):
         hfmodel.load_tokenizer(tiny)

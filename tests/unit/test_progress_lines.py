@@ -12,7 +12,7 @@ from converters.llama.calibrate import ImatrixProgress
 from converters.core.hooks import PROGRESS, START, Event, Recorder
 
 # what the pinned llama-imatrix printed for 12 chunks of 128 tokens of the SmolLM2 fixture (-b 256), in the pieces
-# converters.llama.toolchain.run passes on: the header on stderr, then per pass of 2 chunks a flushed, unended piece
+# converters.core.proc.run passes on: the header on stderr, then per pass of 2 chunks a flushed, unended piece
 IMATRIX_OUTPUT = [
     "0.00.501.023 I compute_imatrix: computing over 12 chunks, n_ctx=128, batch_size=256, n_seq=2",
     "0.02.567.074 I compute_imatrix: 2.07 seconds per pass - ETA ",

@@ -3,12 +3,13 @@ import time
 
 import pytest
 
+from converters.core import proc
 from converters.llama import toolchain
 from converters.core.errors import ToolchainError, ToolError
 
 
 def test_run_returns_output_of_an_argument_list():
-    res = toolchain.run([sys.executable, "-c", "import sys; print('out; $HOME'); print('err', file=sys.stderr)"])
+    res = proc.run([sys.executable, "-c", "import sys; print('out; $HOME'); print('err', file=sys.stderr)"])
     assert res.stdout.strip() == "out; $HOME"  # no shell: nothing is expanded
     assert res.stderr.strip() == "err" and res.returncode == 0
 
@@ -16,10 +17,10 @@ def test_run_returns_output_of_an_argument_list():
 def test_non_zero_exit_raises_with_stderr_tail():
     code = "import sys; sys.stderr.write('x' * 10000 + '\\nfinal reason\\n'); sys.exit(3)"
     with pytest.raises(ToolError) as ei:
-        toolchain.run([sys.executable, "-c", code])
+        proc.run([sys.executable, "-c", code])
     e = ei.value
     assert e.returncode == 3 and not e.timed_out and not e.transient
-    assert e.stderr_tail.endswith("final reason\n") and len(e.stderr_tail) <= toolchain.STDERR_TAIL_CHARS
+    assert e.stderr_tail.endswith("final reason\n") and len(e.stderr_tail) <= proc.STDERR_TAIL_CHARS
     assert "final reason" in str(e) and "code 3" in str(e)
 
 
@@ -29,7 +30,7 @@ def test_timeout_kills_the_process_group(tmp_path):
             f"open({str(marker)!r}, 'w').write(str(p.pid)); time.sleep(60)")
     t0 = time.monotonic()
     with pytest.raises(ToolError) as ei:
-        toolchain.run([sys.executable, "-c", code], timeout=2)
+        proc.run([sys.executable, "-c", code], timeout=2)
     assert ei.value.timed_out and ei.value.transient
     assert time.monotonic() - t0 < 30
     child = int(marker.read_text())
@@ -50,12 +51,12 @@ def _dead(pid: int) -> bool:
 
 def test_missing_program_is_a_tool_error(tmp_path):
     with pytest.raises(ToolError):
-        toolchain.run([str(tmp_path / "no-such-program")])
+        proc.run([str(tmp_path / "no-such-program")])
 
 
 def test_on_line_sees_every_line():
     lines = []
-    toolchain.run([sys.executable, "-c", "print('a'); print('b')"], on_line=lines.append)
+    proc.run([sys.executable, "-c", "print('a'); print('b')"], on_line=lines.append)
     assert lines == ["a", "b"]
 
 
@@ -110,7 +111,7 @@ def test_cache_root_honours_env(monkeypatch, tmp_path):
 FAKE_INSTALL = r"""
 import json, os, sys, time
 from pathlib import Path
-from converters.llama import toolchain
+from converters.llama import build, toolchain
 
 def fake_build(staging, flags, **kw):
     with open(os.environ["COUNTER"], "a") as f:
@@ -123,8 +124,8 @@ def fake_build(staging, flags, **kw):
         (staging / "bin" / p).write_text("")
     (staging / "toolchain.json").write_text(json.dumps({"version": "fake", "cuda": False}))
 
-toolchain._build_into = fake_build
-tc = toolchain.install()
+build._build_into = fake_build
+tc = build.install()
 print(tc.bin_dir)
 """
 
@@ -152,7 +153,7 @@ def test_on_line_gets_what_a_program_flushed_without_ending_the_line():
     code = ("import sys, time\nfor i in (1, 2):\n    sys.stdout.write(f'[{i}]5.8,'); sys.stdout.flush(); time.sleep(0.5)\n"
             "print(); print('10%\\r50%\\r100%')")
     started = time.monotonic()
-    res = toolchain.run([sys.executable, "-c", code], on_line=lambda s: seen.append((s, time.monotonic())))
+    res = proc.run([sys.executable, "-c", code], on_line=lambda s: seen.append((s, time.monotonic())))
     assert [s for s, _ in seen] == ["[1]5.8,", "[2]5.8,", "", "10%", "50%", "100%"]
     assert seen[0][1] - started < res.seconds - 0.4  # the first piece came while the program was still running
     assert res.stdout == "[1]5.8,[2]5.8,\n10%\r50%\r100%\n"
