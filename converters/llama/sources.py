@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from converters.core.errors import ConfigError, ToolchainError, ToolError
-from converters.llama.toolchain import run
+from converters.core.proc import run
 
 KINDS = ("pinned", "git", "dir")
 RELEASE_TAG = re.compile(r"^b(\d+)$")  # llama.cpp's release tags: b6500, b6501, ...
