@@ -5,7 +5,11 @@ published by a full job; then upstream revisions arrive:
    data is byte-identical, the checks pass again, the KLD figures are kept, one commit says what's new;
 2. only the end token changes (tokenizer_config.json's ``eos_token``): patched the same way, the EOS id changed;
 3. the vocabulary changes: tokens added to the tokenizer only (the patch is refused on the way: the full job), or
-   with the embeddings resized (a full job at once); the kind and its reason are recorded.
+   with the embeddings resized (a full job at once); the kind and its reason are recorded;
+4. a revision that only adds an ``auto_map`` to ``tokenizer_config.json`` is a patch, and the patch job passes the same
+   gate as a full job (issue 19): refused at ``inspect`` with the full job's reason, before the pinned converter's
+   ``--vocab-only`` (which loads some architectures' tokenizers with ``trust_remote_code=True``) reads a file, and
+   nothing is published. Last: the refused revision stays on the source's main branch.
 
 And the file level: a split file stays split (part 2 is copied as it is, part 1 gets the new keys).
 """
@@ -237,3 +241,28 @@ def test_a_split_file_stays_split(world: World, toolchain, tmp_path: Path) -> No
     assert all((out / p.name).read_bytes() == p.read_bytes() for p in parts[1:])
     assert gguf_meta.read(out / parts[0].name).get(gguf_meta.CHAT_TEMPLATE).startswith("{% for m in messages")
     assert gguf_meta.read(out / parts[0].name).get("split.count") == len(parts)
+
+
+def test_a_tokenizer_auto_map_revision_is_refused_by_the_patch_job(world: World) -> None:
+    # on the files of the last published revision (the tests above left other revisions on main), only auto_map
+    base = max(world.store.jobs([J.Status.PUBLISHED], repo=SOURCE), key=lambda j: j.id).revision
+    files, head = world.server.files(SOURCE, revision=base), world.server.files(SOURCE)
+    cfg = json.loads(files["tokenizer_config.json"])
+    cfg["auto_map"] = {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}
+    sha = world.server.add_commit(SOURCE, {**{n: b for n, b in files.items() if head.get(n) != b},
+                                           "tokenizer_config.json": json.dumps(cfg, indent=1)},
+                                  deletions=[n for n in head if n not in files], message="tokenizer code")
+    before = len(commits(world))
+    out, job = world.run(sha)
+    kinds = [e["data"] for e in world.store.events(job_id=job.id, limit=100) if e["kind"] == "job.kind"]
+    assert kinds and kinds[-1]["kind"] == "patch"  # only tokenizer settings changed: a patch job
+    assert out.status == J.Status.FAILED, job
+    assert job.error_type == "UnsupportedModel"
+    assert "needs trust_remote_code (tokenizer_config.json has auto_map)" in job.error_message
+    stages = {e["message"].split()[0] for e in world.store.events(job_id=job.id, limit=200)
+              if e["kind"] in ("stage.start", "stage.end", "stage.skip")}
+    assert "vocab" not in stages and "patch" not in stages
+    wd = Path(job.workdir)
+    assert not (wd / metapatch.VOCAB_FILE).exists()  # the converter never read the files
+    assert len(commits(world)) == before  # nothing published
+    assert "auto_map" not in world.server.files(TARGET).get("README.md", b"").decode()
