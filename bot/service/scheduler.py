@@ -21,7 +21,8 @@ from typing import Any
 from bot.model import jobstate as J
 from bot.service.runner import Outcome, Runner, new_worker_id, on_stop_signal
 from bot.model.settings import Settings
-from bot.state.store import StateStore, Store
+from bot.state.base import StateStore
+from bot.state.store import Store
 from bot.service.watcher import PollResult, Watcher
 from converters.core.errors import GgufbotError, HubAuthError
 
