@@ -20,8 +20,9 @@ Work directories are per box (``<data_dir>/work/job-N-...`` on the box that runs
 box after a crash starts its stages again there, one that comes back to the same box resumes.
 
 Every procrastinate query waits out a PostgreSQL outage (:class:`RidingConnector`) by the state store's rule
-(:class:`bot.state.engine.OutageWait`): workers and the scheduler stall and continue; a tick that follows a gap waits one stall timeout
-before it judges worker heartbeats, so a worker that could not reach the server is not taken for dead.
+(:class:`bot.state.engine.OutageWait`): workers and the scheduler stall and continue; a tick that follows a gap
+waits one stall timeout before it judges worker heartbeats, so a worker that could not reach the server is not taken
+for dead. The queue's schema (procrastinate's) is handed to the state store by :mod:`bot.queue.schema`.
 """
 
 from __future__ import annotations
