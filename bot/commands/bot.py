@@ -118,16 +118,20 @@ def _settings(args: argparse.Namespace):
     return settings_mod.load(args.config)
 
 
-def _store(settings):
+def _store(settings, migrate: bool = True):
+    if _on_queue(settings):  # the queue hands its schema to the store (migration 3 creates it)
+        from bot.queue.schema import open_store
+
+        return open_store(settings.database_url, migrate=migrate)
     from bot.state.store import Store
 
-    return Store(settings.database_url)
+    return Store(settings.database_url, migrate=migrate)
 
 
 def _bot(settings, **kw: Any):
     from bot.service.scheduler import Bot
 
-    return Bot(settings, **kw)
+    return Bot(settings, store=kw.pop("store", None) or _store(settings), **kw)
 
 
 def _service_logging(args: argparse.Namespace) -> None:
@@ -139,7 +143,9 @@ def _service_logging(args: argparse.Namespace) -> None:
 
 def _on_queue(s) -> bool:
     """A PostgreSQL state: jobs go through procrastinate (bot.queue.box)."""
-    return s.database_url.startswith("postgresql")
+    from bot.state.engine import delivered_by_queue
+
+    return delivered_by_queue(s.database_url)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -167,14 +173,13 @@ def _run_on_queue(args: argparse.Namespace, s) -> int:
     """``ggufbot run`` on PostgreSQL: the scheduler (procrastinate periodic tick) and, unless --no-worker, a
     worker in the same process."""
     from bot.queue import box as queue
-    from bot.state.store import Store
 
     tc = None
     if not args.no_worker:
         from converters.llama import toolchain as tc_mod
 
         tc = tc_mod.find(required=True)
-    st = Store(s.database_url)
+    st = _store(s)
     bot = _bot(s, store=st, toolchain=tc)
     box = queue.Box(s, store=st, hub=bot.hub, toolchain=tc, bot=bot, poll=not args.no_poll)
     what = "scheduler only" if args.no_worker else "scheduler and worker"
@@ -291,31 +296,27 @@ def cmd_webhook_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from bot.state.store import LATEST, Store
+    from bot.state.schema import LATEST
 
     s = _settings(args)
-    st = Store(s.database_url, migrate=False)
+    st = _store(s, migrate=False)
     try:
         before = st.schema_version()
-        pq = None
-        if st.queued_by_procrastinate:
-            from bot.queue import box as queue
-
-            pq = queue
-        pending = pq.schema_state(st.engine)[0] if pq is not None and before >= 3 else []
+        pq = st.queue_schema if st.queued_by_procrastinate else None
+        pending = st.queue_state()[0] if pq is not None and before >= 3 else []
         if args.check:
             print(f"state store: schema version {before} of {LATEST}")
             if pq is not None:
-                print(f"queue schema (procrastinate {pq.INSTALLED.version}): "
+                print(f"queue schema (procrastinate {pq.version}): "
                       + (f"{len(pending)} migration(s) not applied: {', '.join(pending)}" if pending else
                          "up to date" if before >= 3 else "not created yet"))
             return 1 if before < LATEST or pending else 0
         after = st.migrate(queue=True)
         print(f"state store: schema version {after}" + (f" (was {before})" if after != before else " (up to date)"))
         if pq is not None:
-            left, _ = pq.schema_state(st.engine)
+            left, _ = st.queue_state()
             done = [n for n in pending if n not in left]
-            print(f"queue schema (procrastinate {pq.INSTALLED.version}): "
+            print(f"queue schema (procrastinate {pq.version}): "
                   + (f"{len(left)} migration(s) still not applied: {', '.join(left)}" if left else
                      f"applied {', '.join(done)}" if done else "up to date"))
             return 1 if left else 0

@@ -19,9 +19,10 @@ queue at once without using an attempt.
 Work directories are per box (``<data_dir>/work/job-N-...`` on the box that runs it): a job that moves to another
 box after a crash starts its stages again there, one that comes back to the same box resumes.
 
-Every procrastinate query waits out a PostgreSQL outage (:class:`RidingConnector`), as the state store does
-(``bot.state.store``): workers and the scheduler stall and continue; a tick that follows a gap waits one stall timeout
-before it judges worker heartbeats, so a worker that could not reach the server is not taken for dead.
+Every procrastinate query waits out a PostgreSQL outage (:class:`RidingConnector`) by the state store's rule
+(:class:`bot.state.engine.OutageWait`): workers and the scheduler stall and continue; a tick that follows a gap
+waits one stall timeout before it judges worker heartbeats, so a worker that could not reach the server is not taken
+for dead. The queue's schema (procrastinate's) is handed to the state store by :mod:`bot.queue.schema`.
 """
 
 from __future__ import annotations
@@ -41,17 +42,21 @@ from typing import Any, TypeVar
 import procrastinate
 import psycopg
 import psycopg_pool
-import sqlalchemy as sa
 from procrastinate import exceptions as pq_exc
+from procrastinate import jobs as pq_jobs
 from procrastinate import retry as pq_retry
+from procrastinate import utils as pq_utils
 from procrastinate.worker import Worker
 
+from bot.hub.client import Hub
 from bot.model import jobstate as J
 from bot.model.retry import RetryPolicy
+from bot.queue.schema import check_schema, open_store
 from bot.service.runner import Runner, new_worker_id, on_stop_signal, retry_policy, slug
+from bot.service.scheduler import EVENT_RETENTION_DAYS, Bot
 from bot.model.settings import Settings
+from bot.state.engine import OutageWait, conninfo, stop_waiting_for_the_server
 from bot.state.store import Store
-from converters.core.errors import StateError
 
 log = logging.getLogger(__name__)
 
@@ -63,141 +68,13 @@ TICK_TASK = "ggufbot.tick"
 TICK_LOCK = "ggufbot-scheduler"
 POLL_TASK = "ggufbot.poll"  # the poll has its own task: a long poll never holds up dispatch and recovery
 POLL_LOCK = "ggufbot-poll"
-OUTAGE_SECONDS = 600.0  # how long procrastinate's queries wait for the server before failing
 
 T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------------
-# Connection, schema
+# Connection
 # --------------------------------------------------------------------------------------------------
-
-
-def conninfo(database_url: str) -> str:
-    """The libpq URL of a SQLAlchemy ``postgresql+psycopg://`` URL (query options such as ``options`` kept)."""
-    url = sa.engine.make_url(database_url)
-    if url.get_backend_name() != "postgresql":
-        raise ValueError(f"not a PostgreSQL URL: {url.get_backend_name()}")
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class Procrastinate:
-    """The procrastinate a box runs: its version, its full schema and the names of its migration files (each a
-    ``MM.mm.pp_NN_name.sql`` in ``procrastinate/sql/migrations``, applied in name order; ``schema.sql`` is the
-    result of all of them). procrastinate keeps no record of what a database has: ``queue_migrations`` is
-    ggufbot's (:func:`apply_schema` fills it, :func:`migrate_schema` adds to it)."""
-
-    version: str
-    schema: Callable[[], str]
-    migrations: tuple[str, ...]
-    read: Callable[[str], str]
-
-
-def _installed() -> Procrastinate:
-    import importlib.metadata
-    from pathlib import Path
-
-    from procrastinate.schema import SchemaManager
-
-    folder = Path(SchemaManager.get_migrations_path())
-    return Procrastinate(version=importlib.metadata.version("procrastinate"), schema=SchemaManager.get_schema,
-                         migrations=tuple(sorted(p.name for p in folder.glob("*.sql"))),
-                         read=lambda name: (folder / name).read_text(encoding="utf-8"))
-
-
-INSTALLED = _installed()
-# Every procrastinate schema ggufbot made before queue_migrations existed came from procrastinate >= 3.10 (the pin
-# since ggufbot first used it): such a database has every migration up to this version.
-BASELINE = (3, 10, 0)
-MIGRATION_LOCK = 72231  # bot.state.store's migration lock: one migrator at a time across machines
-
-_MD = sa.MetaData()
-T_QUEUE_MIGRATIONS = sa.Table("queue_migrations", _MD,
-                              sa.Column("name", sa.String(200), primary_key=True),  # the migration file's name
-                              sa.Column("procrastinate", sa.String(40), nullable=False),  # the version applying it
-                              sa.Column("applied_at", sa.Float, nullable=False))
-
-
-def migration_version(name: str) -> tuple[int, int, int]:
-    """``03.04.00_01_pre_add_retry.sql`` -> (3, 4, 0)."""
-    major, minor, patch = name.split("_", 1)[0].split(".")
-    return int(major), int(minor), int(patch)
-
-
-def _record(conn: Any, names: Iterable[str], now: float) -> None:
-    rows = [{"name": n, "procrastinate": INSTALLED.version, "applied_at": now} for n in names]
-    if rows:
-        conn.execute(T_QUEUE_MIGRATIONS.insert(), rows)
-
-
-def apply_schema(conn: Any, now: float | None = None) -> None:
-    """procrastinate's schema, in the migration's transaction (``bot.state.store`` migration 3), unless present; it is
-    recorded as every migration of the installed procrastinate."""
-    if sa.inspect(conn).has_table("procrastinate_jobs"):
-        return
-    conn.connection.driver_connection.execute(INSTALLED.schema())  # no parameters: '%' stays literal
-    T_QUEUE_MIGRATIONS.create(conn, checkfirst=True)
-    _record(conn, INSTALLED.migrations, time.time() if now is None else now)
-
-
-def applied_migrations(conn: Any) -> set[str]:
-    """The procrastinate migrations the database has: its record, else (made before the record existed) every
-    migration up to :data:`BASELINE`; none without procrastinate's schema."""
-    insp = sa.inspect(conn)
-    if insp.has_table("queue_migrations"):
-        return {r[0] for r in conn.execute(sa.select(T_QUEUE_MIGRATIONS.c.name))}
-    if insp.has_table("procrastinate_jobs"):
-        return {n for n in INSTALLED.migrations if migration_version(n) <= BASELINE}
-    return set()
-
-
-def schema_state(engine: Any) -> tuple[list[str], list[str]]:
-    """(migrations of the installed procrastinate not applied, in order; applied ones it does not know)."""
-    with engine.connect() as c:
-        if not sa.inspect(c).has_table("procrastinate_jobs"):
-            return list(INSTALLED.migrations), []
-        done = applied_migrations(c)
-    return [n for n in INSTALLED.migrations if n not in done], sorted(done - set(INSTALLED.migrations))
-
-
-def migrate_schema(engine: Any, now: float | None = None) -> list[str]:
-    """Apply the installed procrastinate's migrations the database does not have, in order, each in its own
-    transaction with its record (under the migration lock). Returns the names applied."""
-    now = time.time() if now is None else now
-    with engine.begin() as c:
-        c.execute(sa.text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
-        if not sa.inspect(c).has_table("procrastinate_jobs"):
-            apply_schema(c, now)
-            return []
-        if not sa.inspect(c).has_table("queue_migrations"):  # made before the record: write its baseline
-            base = applied_migrations(c)
-            T_QUEUE_MIGRATIONS.create(c)
-            _record(c, sorted(base), now)
-    done = []
-    for name in INSTALLED.migrations:
-        with engine.begin() as c:
-            c.execute(sa.text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
-            if c.execute(sa.select(T_QUEUE_MIGRATIONS.c.name).where(T_QUEUE_MIGRATIONS.c.name == name)).first():
-                continue
-            c.connection.driver_connection.execute(INSTALLED.read(name))  # no parameters: '%' stays literal
-            _record(c, [name], now)
-        log.info("queue schema: applied procrastinate migration %s", name)
-        done.append(name)
-    return done
-
-
-def check_schema(engine: Any) -> None:
-    """Refuse to run procrastinate workers on a schema that is not the installed procrastinate's."""
-    pending, unknown = schema_state(engine)
-    if pending:
-        raise StateError(f"the queue schema in PostgreSQL is older than procrastinate {INSTALLED.version} on this "
-                         f"box: {len(pending)} migration(s) not applied ({', '.join(pending)}); run `ggufbot "
-                         "migrate` (with the other boxes' workers stopped or upgraded)")
-    if unknown:
-        raise StateError(f"the queue schema in PostgreSQL has migrations procrastinate {INSTALLED.version} on this "
-                         f"box does not know ({', '.join(unknown)}): a newer procrastinate migrated it; upgrade "
-                         "this box")
 
 
 def _lost_connection(e: BaseException) -> bool:
@@ -226,30 +103,33 @@ class QuietStopInOutage(logging.Filter):
 
 
 class RidingConnector(procrastinate.PsycopgConnector):
-    """procrastinate's psycopg connector, waiting out a PostgreSQL outage (up to :data:`OUTAGE_SECONDS`) instead
-    of failing: the worker's heartbeat, job fetch, job completion and LISTEN loop all stall and continue. Once
-    ``give_up`` is set (a stop request) it waits no more: a worker stopped during an outage exits at once."""
+    """procrastinate's psycopg connector, waiting out a PostgreSQL outage (:class:`bot.state.engine.OutageWait`,
+    the state store's rule) instead of failing: the worker's heartbeat, job fetch, job completion and LISTEN loop
+    all stall and continue. Once ``give_up`` is set (a stop request) it waits no more: a worker stopped during an
+    outage exits at once."""
 
     give_up: threading.Event | None = None
 
+    def _giving_up(self) -> bool:
+        return self.give_up is not None and self.give_up.is_set()
+
     async def _ride(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        deadline, delay, warned = time.monotonic() + OUTAGE_SECONDS, 0.2, False
+        wait = OutageWait(self._giving_up)
         while True:
             try:
                 out = await call()
-                if warned:
+                if wait.warned:
                     log.warning("queue: PostgreSQL reachable again (%s)", what)
                 return out
             except pq_exc.ConnectorException as e:
-                stopping = self.give_up is not None and self.give_up.is_set()
-                if not _lost_connection(e) or time.monotonic() > deadline or stopping:
+                if not _lost_connection(e):
                     raise
-                if not warned:
-                    log.warning("queue: PostgreSQL unreachable during %s (%s); waiting for it", what,
-                                str(e.__cause__).splitlines()[0][:200] if str(e.__cause__) else type(e.__cause__))
-                    warned = True
+                delay = wait.retry_in(lambda e=e: log.warning(
+                    "queue: PostgreSQL unreachable during %s (%s); waiting for it", what,
+                    str(e.__cause__).splitlines()[0][:200] if str(e.__cause__) else type(e.__cause__)))
+                if delay is None:
+                    raise
                 await asyncio.sleep(delay)
-                delay = min(2.0, delay * 2)
 
     async def execute_query_async(self, query: Any, **arguments: Any) -> None:
         return await self._ride("a query", lambda: super(RidingConnector, self).execute_query_async(query, **arguments))
@@ -268,7 +148,7 @@ class RidingConnector(procrastinate.PsycopgConnector):
             try:
                 await super().listen_notify(on_notification=on_notification, channels=channels)
             except pq_exc.ConnectorException as e:
-                if not _lost_connection(e) or (self.give_up is not None and self.give_up.is_set()):
+                if not _lost_connection(e) or self._giving_up():
                     raise
                 await asyncio.sleep(1.0)  # the worker also polls for jobs, so nothing is missed meanwhile
 
@@ -316,7 +196,7 @@ class PolicyRetry(pq_retry.BaseRetryStrategy):
     def policy(self, max_attempts: int) -> RetryPolicy:
         return retry_policy(self.settings, max_attempts)
 
-    def get_retry_decision(self, *, exception: BaseException, job: Any) -> pq_retry.RetryDecision | None:
+    def get_retry_decision(self, *, exception: BaseException, job: pq_jobs.Job | None) -> pq_retry.RetryDecision | None:
         if isinstance(exception, Released):
             return pq_retry.RetryDecision(retry_in={"seconds": 0})
         if isinstance(exception, JobFailed):
@@ -334,15 +214,13 @@ class Box:
     """What one process (``ggufbot worker``, ``ggufbot run``) brings to the queue: the procrastinate app with its
     two tasks, the state store, the Hub adapter, and one :class:`Runner` per concurrency slot."""
 
-    def __init__(self, settings: Settings, *, store: Store | None = None, hub: Any = None, toolchain: Any = None,
-                 concurrency: int | None = None, bot: Any = None, poll: bool = True):
+    def __init__(self, settings: Settings, *, store: Store | None = None, hub: Hub | None = None,
+                 toolchain: Any = None, concurrency: int | None = None, bot: Bot | None = None, poll: bool = True):
         self.settings = settings
-        self.store = store or Store(settings.database_url)
+        self.store = store or open_store(settings.database_url)
         if not self.store.queued_by_procrastinate:
             raise ValueError("bot.queue.box needs a PostgreSQL database_url")
         if hub is None:
-            from bot.hub.client import Hub
-
             hub = Hub(token=settings.token, endpoint=settings.hub.endpoint)
         self.hub = hub
         self.toolchain = toolchain
@@ -445,8 +323,6 @@ class Box:
             self._last_housekeeping = now
             if self.bot is not None:
                 self.bot.watcher.requeue_for_toolchain(now)
-            from bot.service.scheduler import EVENT_RETENTION_DAYS
-
             self.store.prune_events(before=now - EVENT_RETENTION_DAYS * 86400)
         return out
 
@@ -465,10 +341,7 @@ class Box:
 
     def live_jobs(self) -> set[int]:
         """ggufbot job ids with a procrastinate job waiting or running."""
-        with self.store.engine.connect() as c:
-            rows = c.execute(sa.text("SELECT (args->>'job_id')::bigint FROM procrastinate_jobs "
-                                     "WHERE task_name = :t AND status IN ('todo', 'doing')"), {"t": JOB_TASK})
-            return {int(r[0]) for r in rows if r[0] is not None}
+        return self.store.live_queue_jobs(JOB_TASK)
 
     def dispatch(self, now: float) -> list[int]:
         """Hand every queued (or retrying, when its wait is over) ggufbot job without a procrastinate job to
@@ -522,7 +395,7 @@ class Box:
         """Run procrastinate workers until a stop request: the job worker (``queues``, default by this box's
         capabilities) and/or the scheduler's (the tick queue, one at a time)."""
         s = self.settings
-        check_schema(self.store.engine)  # procrastinate's queries need its own schema, not an older one
+        check_schema(self.store)  # procrastinate's queries need its own schema, not an older one
         logging.getLogger("procrastinate").setLevel(logging.WARNING)  # a line per tick is noise; ours say more
         loop = asyncio.get_running_loop()
         if install_signals:
@@ -579,10 +452,8 @@ class Box:
                      ", ".join(qs), n, w.worker_id)
 
     def request_stop(self) -> None:
-        from bot.state import store as store_mod
-
         self.stop.set()
-        store_mod.stop_waiting_for_the_server()
+        stop_waiting_for_the_server()
         for w, *_ in self.workers:
             w.stop()
 
@@ -593,9 +464,7 @@ class Box:
 
 def _sync(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
     """Call one of procrastinate's coroutines from a task's thread (on the worker's event loop)."""
-    from procrastinate import utils
-
-    return utils.async_to_sync(fn, *args, **kwargs)
+    return pq_utils.async_to_sync(fn, *args, **kwargs)
 
 
 def run(box: Box, **kw: Any) -> int:

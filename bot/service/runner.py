@@ -43,7 +43,8 @@ from bot.jobs import patch as patch_mod
 from bot.jobs.job import JobSpec, LazyText, VariantOutcome
 from bot.model.retry import RetryPolicy
 from bot.model.settings import Settings
-from bot.state.store import Job, Store
+from bot.state.base import Job
+from bot.state.store import Store
 from converters.core import proc
 from converters.core.errors import Cancelled, GgufbotError, InputError, Stuck
 from converters.core.hooks import END, LINE, PROGRESS, SKIP, START, Event, Hooks

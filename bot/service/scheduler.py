@@ -22,7 +22,8 @@ from bot.hub.client import Hub
 from bot.model import jobstate as J
 from bot.service.runner import Outcome, Runner, new_worker_id, on_stop_signal
 from bot.model.settings import Settings
-from bot.state.store import StateStore, Store
+from bot.state.base import StateStore
+from bot.state.store import Store
 from bot.service.watcher import PollResult, Watcher
 from converters.core.errors import GgufbotError, HubAuthError
 from converters.llama import toolchain as tc_mod

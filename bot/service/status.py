@@ -80,7 +80,7 @@ def status_data(st: Any, settings: Any, now: float, limit: int = 10) -> dict[str
 def workers_view(st: Any, now: float, stale_after: float = 300.0) -> list[dict[str, Any]]:
     """Every box's workers (PostgreSQL: ``bot.queue.box``), live ones first, with the jobs each is running; empty on
     a single-box store."""
-    rows = st.workers(now=now, stale_after=stale_after) if hasattr(st, "workers") else []
+    rows = st.workers(now=now, stale_after=stale_after)
     out = [{"name": w["name"], "host": w["host"], "queues": w["queues"] or [], "concurrency": w["concurrency"],
             "gpu": w["gpu"], "max_model_gb": w["max_model_gb"], "alive": w["alive"],
             "heartbeat_age_s": None if w["heartbeat_age_s"] is None else round(w["heartbeat_age_s"], 1),

@@ -34,7 +34,7 @@ from converters.core.errors import HubUnreachable
 from bot.model.rules import Decision, decide, sibling_names
 from bot.model.settings import Settings, Source
 from bot.service.status import hub_state
-from bot.state.store import StateStore
+from bot.state.base import StateStore
 from converters.formats.checkpoint import is_result_file
 from converters.core.errors import HubAuthError, HubError, HubNotFound
 

@@ -1,11 +1,12 @@
-"""An in-memory state store: the interface and the rules of :class:`bot.state.store.Store`, kept in dicts.
+"""An in-memory state store: the interface and the rules of :mod:`bot.state.base`, kept in dicts.
 
 Like procrastinate's ``InMemoryConnector``, it ships with the interface so that the runner's and the watcher's
-unit tests need no database file. It implements :class:`bot.state.store.StateStore` with the same semantics, which
-``tests/unit/test_store_contract.py`` checks against the SQL store case by case:
+unit tests need no database file. It implements :class:`bot.state.base.StateStore` with the same semantics, which
+``tests/integration/test_store_contract.py`` checks against the SQL store case by case:
 
-- every status move is a compare-and-set against :data:`bot.model.jobstate.TRANSITIONS` (and the holding worker), under
-  one lock, so two threads never claim the same job;
+- every status move is the interface's compare-and-set (:class:`bot.state.base.Move`: against
+  :data:`bot.model.jobstate.TRANSITIONS` and the holding worker), under one lock, so two threads never claim the
+  same job;
 - one job per dedup key (default ``repo@revision``); a ``repo@sha`` is one decision;
 - a write is one transaction: it works on a copy of the tables that replaces them only when it succeeds;
 - values come back as the database gives them: times as floats, JSON columns as fresh copies.
@@ -24,10 +25,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from bot.model import jobstate as J
-from bot.state.store import (
+from bot.state.base import (
     MANUAL_SKIP_REASON,
     Job,
     ModelRow,
+    Move,
     SourceRow,
     StateStore,
     decision_values,
@@ -35,10 +37,11 @@ from bot.state.store import (
     manual_skip_values,
     mark_duplicate,
     model_values,
-    move_values,
     new_model_values,
     poll_values,
     queued_message,
+    start_move,
+    worker_rows,
 )
 from converters.core.errors import StateError
 
@@ -72,11 +75,12 @@ class _Tables:
     artifacts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     last_id: dict[str, int] = dataclasses.field(default_factory=dict)
+    workers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def copy(self) -> "_Tables":
         """A copy to write on (rows are immutable or never changed in place, so the containers suffice)."""
         return _Tables(dict(self.sources), dict(self.models), list(self.decisions), dict(self.jobs),
-                       list(self.artifacts), list(self.events), dict(self.last_id))
+                       list(self.artifacts), list(self.events), dict(self.last_id), dict(self.workers))
 
     def new_id(self, table: str) -> int:
         self.last_id[table] = self.last_id.get(table, 0) + 1
@@ -256,41 +260,27 @@ class MemoryStore(StateStore):
         return [self._fresh_job(j) for j in rows[:limit]]
 
     def claim(self, worker_id: str, *, now: float) -> Job | None:
-        with self._tx() as t:
-            cand = [j for j in t.jobs.values()
+        with self._lock:
+            cand = [j for j in self._t.jobs.values()
                     if j.status.claimable and (j.not_before is None or j.not_before <= now)]
             if not cand:
                 return None
             job = min(cand, key=lambda j: (-j.priority, j.id))
-            t.set_job(job, {"status": J.Status.RUNNING, "worker_id": worker_id, "heartbeat_at": now,
-                            "attempts": job.attempts + 1, "updated_at": now, "not_before": None,
-                            "started_at": job.started_at if job.started_at is not None else now})
-            t.add_event(now=now, job_id=job.id, kind="job.claimed", message=f"claimed by {worker_id}",
-                        data={"worker_id": worker_id})
+            self._move(job.id, start_move(worker_id, now), now=now)
         return self.job(job.id)
 
-    def transition(self, job_id: int, dst: J.Status, *, now: float, worker_id: str | None = None,
-                   message: str | None = None, **fields: Any) -> Job:
-        dst = J.Status(dst)
+    def _move(self, job_id: int, move: Move, *, now: float) -> bool:
         with self._tx() as t:
             job = t.jobs.get(job_id)
-            moved = job is not None and job.status in J.sources_of(dst) and \
-                (worker_id is None or job.worker_id == worker_id)
-            if moved:
-                t.set_job(job, move_values(dst, now, fields))
-                t.add_event(now=now, job_id=job_id, kind=f"job.{dst.value}", message=message or dst.value)
-        if not moved:
-            raise self._refused(job_id, dst, worker_id)
-        got = self.job(job_id)
-        assert got is not None
-        return got
-
-    def update_running(self, job_id: int, worker_id: str, *, now: float, **fields: Any) -> bool:
-        with self._tx() as t:
-            job = t.jobs.get(job_id)
-            if job is None or job.status != J.Status.RUNNING or job.worker_id != worker_id:
+            if job is None or job.status not in move.srcs or (move.holder is not None and job.worker_id != move.holder):
                 return False
-            t.set_job(job, {"heartbeat_at": now, "updated_at": now, **fields})
+            vals = dict(move.values)
+            if move.start:
+                vals.update(attempts=job.attempts + 1, started_at=job.started_at if job.started_at is not None else now)
+            t.set_job(job, vals)
+            if move.event is not None:
+                kind, message, data = move.event(job)
+                t.add_event(now=now, job_id=job_id, kind=kind, message=message, data=data)
             return True
 
     # ---------------------------------------------------------------- artifacts and events
@@ -331,3 +321,25 @@ class MemoryStore(StateStore):
             for j in self._t.jobs.values():
                 out[j.status.value] = out.get(j.status.value, 0) + 1
         return dict(sorted(out.items()))
+
+    # ---------------------------------------------------------------- workers (no queue: none beat)
+    def register_worker(self, name: str, *, host: str, queue_worker_id: int | None, queues: Sequence[str],
+                        concurrency: int, gpu: bool, max_model_gb: float | None, now: float) -> None:
+        with self._tx() as t:
+            t.workers[name] = {"name": name, "host": host, "queue_worker_id": queue_worker_id,
+                               "queues": _json_copy(list(queues)), "concurrency": concurrency, "gpu": gpu,
+                               "max_model_gb": _float(max_model_gb), "started_at": float(now), "stopped_at": None}
+
+    def worker_stopped(self, name: str, *, now: float) -> None:
+        with self._tx() as t:
+            if name in t.workers:
+                t.workers[name] = {**t.workers[name], "stopped_at": float(now)}
+
+    def workers(self, *, now: float, stale_after: float = 300.0, limit: int = 200) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = sorted((dict(w) for w in self._t.workers.values()), key=lambda w: w["started_at"], reverse=True)
+            running: dict[str, list[int]] = {}
+            for j in self._t.jobs.values():
+                if j.status == J.Status.RUNNING:
+                    running.setdefault(j.worker_id or "", []).append(j.id)
+        return worker_rows([{**w, "queues": _json_copy(w["queues"])} for w in rows[:limit]], {}, running, stale_after)

@@ -27,7 +27,7 @@ import pytest
 import sqlalchemy as sa
 
 from bot.model import jobstate as J
-from bot.state.store import Store
+from bot.queue.schema import open_store
 from tests.bot_fixtures import bot_config, checkpoint_files, postgres_url, scripted_model
 from tests.hub_fixtures import TEST_USER, default_tokens
 from tests.hubserver import free_port
@@ -116,7 +116,7 @@ class World:
         self.hub, self.tmp, self.url, self.proxy, self.config = hub, tmp, url, proxy, config
         u = sa.engine.make_url(url)
         self.proxied_url = u.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-        self.store = Store(url)
+        self.store = open_store(url)  # the state and queue schemas, as the boxes open it
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs = tmp / "logs"
         self.logs.mkdir()

@@ -17,8 +17,10 @@ import pytest
 import sqlalchemy as sa
 
 from bot.queue import box as Q
+from bot.queue import schema as QS
 from bot.model import settings as settings_mod
 from bot.cli import main
+from bot.state import schema as S
 from bot.state.store import Store
 from converters.core.errors import StateError
 from tests.bot_fixtures import postgres_url
@@ -35,15 +37,13 @@ def pg_url():
         yield url
 
 
-def made_by_procrastinate_3_3(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def made_by_procrastinate_3_3(url: str) -> None:
     """The database as ggufbot on a box with procrastinate 3.3.0 made it: that version's schema.sql, recorded as
     the migrations its package shipped (the installed ones up to 3.3.0: the same files)."""
-    old = dataclasses.replace(Q.INSTALLED, version="3.3.0", schema=lambda: (OLD / "schema.sql").read_text(),
-                              migrations=tuple(n for n in Q.INSTALLED.migrations
-                                               if Q.migration_version(n) <= (3, 3, 0)))
-    with monkeypatch.context() as m:
-        m.setattr(Q, "INSTALLED", old)
-        Store(url).close()
+    old = dataclasses.replace(QS.INSTALLED, version="3.3.0", schema=lambda: (OLD / "schema.sql").read_text(),
+                              migrations=tuple(n for n in QS.INSTALLED.migrations
+                                               if S.migration_version(n) <= (3, 3, 0)))
+    Store(url, queue_schema=old).close()
 
 
 def catalogue(url: str) -> dict[str, list]:
@@ -86,11 +86,11 @@ def box_for(url: str, tmp_path: Path) -> Q.Box:
     return Q.Box(s, hub=object(), poll=False)
 
 
-def test_a_database_of_the_previous_schema_is_refused_then_upgraded_by_migrate(pg_url, tmp_path, monkeypatch,
+def test_a_database_of_the_previous_schema_is_refused_then_upgraded_by_migrate(pg_url, tmp_path,
                                                                                 capsys) -> None:
-    made_by_procrastinate_3_3(pg_url, monkeypatch)
-    st = Store(pg_url)  # opening it with the installed procrastinate does not touch the queue schema
-    assert Q.schema_state(st.engine) == (NEW_IN_PIN, [])
+    made_by_procrastinate_3_3(pg_url)
+    st = QS.open_store(pg_url)  # opening it with the installed procrastinate does not touch the queue schema
+    assert st.queue_state() == (NEW_IN_PIN, [])
     box = box_for(pg_url, tmp_path)
     with pytest.raises(StateError, match=r"older than procrastinate .*03\.04\.00_01.*run `ggufbot migrate`"):
         asyncio.run(asyncio.wait_for(box.serve(install_signals=False), 15))  # started workers: a timeout
@@ -102,36 +102,35 @@ def test_a_database_of_the_previous_schema_is_refused_then_upgraded_by_migrate(p
     assert "2 migration(s) not applied: " + ", ".join(NEW_IN_PIN) in out
     assert main(["migrate", "--config", str(cfg)]) == 0
     assert "applied " + ", ".join(NEW_IN_PIN) in capsys.readouterr().out
-    assert Q.schema_state(st.engine) == ([], [])
-    Q.check_schema(st.engine)  # a worker may start now
+    assert st.queue_state() == ([], [])
+    QS.check_schema(st)  # a worker may start now
     assert main(["migrate", "--check", "--config", str(cfg)]) == 0  # and again: nothing left
     assert main(["migrate", "--config", str(cfg)]) == 0
     assert "queue schema (procrastinate " in capsys.readouterr().out
 
     with postgres_url() as fresh_url:
-        Store(fresh_url).close()  # made by the installed procrastinate
+        QS.open_store(fresh_url).close()  # made by the installed procrastinate
         assert catalogue(pg_url) == catalogue(fresh_url)
     st.close()
 
 
 def test_a_database_made_before_the_record_counts_as_the_pins_floor(pg_url, tmp_path) -> None:
-    st = Store(pg_url)
+    st = QS.open_store(pg_url)
     with st.engine.begin() as c:
-        assert {r[0] for r in c.execute(sa.text("SELECT name FROM queue_migrations"))} == set(Q.INSTALLED.migrations)
+        assert {r[0] for r in c.execute(sa.text("SELECT name FROM queue_migrations"))} == set(QS.INSTALLED.migrations)
         c.execute(sa.text("DROP TABLE queue_migrations"))  # as made by ggufbot before this record
-    assert Q.schema_state(st.engine) == ([n for n in Q.INSTALLED.migrations if Q.migration_version(n) > Q.BASELINE],
-                                         [])
-    assert Q.migrate_schema(st.engine) == []  # procrastinate 3.10: nothing after the floor to apply
+    assert st.queue_state() == ([n for n in QS.INSTALLED.migrations if S.migration_version(n) > QS.BASELINE], [])
+    assert st.migrate_queue() == []  # procrastinate 3.10: nothing after the floor to apply
     with st.engine.connect() as c:
-        assert {r[0] for r in c.execute(sa.text("SELECT name FROM queue_migrations"))} == set(Q.INSTALLED.migrations)
+        assert {r[0] for r in c.execute(sa.text("SELECT name FROM queue_migrations"))} == set(QS.INSTALLED.migrations)
     st.close()
 
 
 def test_a_schema_migrated_by_a_newer_procrastinate_is_refused(pg_url, tmp_path) -> None:
-    st = Store(pg_url)
+    st = QS.open_store(pg_url)
     with st.engine.begin() as c:
         c.execute(sa.text("INSERT INTO queue_migrations (name, procrastinate, applied_at) "
                           "VALUES ('03.99.00_01_pre_future.sql', '3.99.0', 0)"))
     with pytest.raises(StateError, match=r"03\.99\.00_01_pre_future\.sql.*upgrade this box"):
-        Q.check_schema(st.engine)
+        QS.check_schema(st)
     st.close()

@@ -21,8 +21,10 @@ from asgiref.sync import sync_to_async
 
 from bot.model import jobstate as J
 from bot.queue import box as Q
+from bot.queue.schema import open_store
 from bot.model import settings as settings_mod
-from bot.state.store import LATEST, Store
+from bot.state.engine import conninfo
+from bot.state.schema import LATEST
 from converters.core.errors import HubError, InputError, StateError
 from tests.bot_fixtures import postgres_url
 
@@ -43,11 +45,11 @@ def make_settings(url: str, tmp_path, **sections: Any) -> settings_mod.Settings:
 
 
 def test_migrate_applies_procrastinate_schema_and_refuses_the_home_made_queue(pg_url: str) -> None:
-    st = Store(pg_url)
+    st = open_store(pg_url)
     assert st.schema_version() == LATEST
     insp = sa.inspect(st.engine)
     assert {"procrastinate_jobs", "procrastinate_workers", "workers", "jobs"} <= set(insp.get_table_names())
-    assert Store(pg_url).schema_version() == LATEST  # opening again is a no-op
+    assert open_store(pg_url).schema_version() == LATEST  # opening again is a no-op
     jid = st.enqueue("acme/M", "a" * 40, reason="new", now=1)
     with pytest.raises(StateError, match="procrastinate"):
         st.claim("w", now=2)
@@ -68,7 +70,7 @@ def test_migrate_applies_procrastinate_schema_and_refuses_the_home_made_queue(pg
 
 def test_tick_dispatches_once_per_repo_and_routes_big_models(pg_url: str, tmp_path) -> None:
     s = make_settings(pg_url, tmp_path, worker={"big_model_gb": 10.0, "gpu": True})
-    st = Store(pg_url)
+    st = open_store(pg_url)
     now = time.time()
     a1 = st.enqueue("acme/A", "1" * 40, reason="new", now=now)
     a2 = st.enqueue("acme/A", "2" * 40, reason="new revision", now=now)
@@ -96,7 +98,7 @@ def test_tick_dispatches_once_per_repo_and_routes_big_models(pg_url: str, tmp_pa
 
 def test_stalled_worker_jobs_go_back_but_not_after_a_gap(pg_url: str, tmp_path) -> None:
     s = make_settings(pg_url, tmp_path)
-    st = Store(pg_url)
+    st = open_store(pg_url)
     now = time.time()
     jid = st.enqueue("acme/A", "1" * 40, reason="new", now=now)
     box = Q.Box(s, store=st, hub=object(), poll=False)
@@ -144,7 +146,7 @@ def test_retry_strategy_is_the_retry_policy(tmp_path, error, attempts, expected)
 
 
 def test_conninfo_keeps_options() -> None:
-    got = Q.conninfo("postgresql+psycopg://u:p@h:5433/db?options=-csearch_path%3Dt_1")
+    got = conninfo("postgresql+psycopg://u:p@h:5433/db?options=-csearch_path%3Dt_1")
     assert got.startswith("postgresql://u:p@h:5433/db?options=") and "search_path" in got
 
 
@@ -152,7 +154,7 @@ def test_status_lists_every_box_worker_with_its_jobs(pg_url: str, tmp_path) -> N
     from bot.service.status import status_data
 
     s = make_settings(pg_url, tmp_path)
-    st = Store(pg_url)
+    st = open_store(pg_url)
     now = time.time()
     jid = st.enqueue("acme/A", "1" * 40, reason="new", now=now)
     box = Q.Box(s, store=st, hub=object(), poll=False)
@@ -184,7 +186,7 @@ def test_worker_release_on_stop_and_retries_go_through_procrastinate(pg_url: str
     import bot.service.runner as runner_mod
 
     s = make_settings(pg_url, tmp_path)
-    st = Store(pg_url)
+    st = open_store(pg_url)
     now = time.time()
     ids = {name: st.enqueue(f"acme/{name}", "1" * 40, reason="new", now=now) for name in ("Stop", "Hub503", "Bad")}
     started = threading.Event()

@@ -18,7 +18,10 @@ import pytest
 import sqlalchemy as sa
 
 from bot.model import jobstate as J
-from bot.state.store import LATEST, Store
+from bot.queue.schema import INSTALLED
+from bot.state.schema import LATEST
+from bot.state.store import Store
+from converters.core.errors import StateError
 from tests.bot_fixtures import postgres_url
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -33,18 +36,23 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
 
 
+def store_at(url: str, **kw: bool) -> Store:
+    """The store as the CLI opens it: on PostgreSQL with the queue's schema handed over (migration 3 creates it)."""
+    return Store(url, queue_schema=INSTALLED if url.startswith("postgresql") else None, **kw)
+
+
 def test_fresh_store_is_at_latest_and_sqlite_uses_wal(db_url: str) -> None:
-    st = Store(db_url)
+    st = store_at(db_url)
     assert st.schema_version() == LATEST
     if db_url.startswith("sqlite"):
         with st.engine.connect() as c:
             assert c.execute(sa.text("PRAGMA journal_mode")).scalar() == "wal"
         assert st.db_size() and st.db_size() > 0
-    assert Store(db_url).schema_version() == LATEST  # opening again is a no-op
+    assert store_at(db_url).schema_version() == LATEST  # opening again is a no-op
 
 
 def test_upgrade_from_version_1_keeps_data(db_url: str) -> None:
-    old = Store(db_url, migrate=False)
+    old = store_at(db_url, migrate=False)
     assert old.migrate(target=1) == 1
     with old.engine.begin() as c:  # a row written by the version-1 code (no priority column yet)
         c.execute(sa.text("INSERT INTO jobs (repo, revision, dedup_key, reason, status, attempts, max_attempts, "
@@ -52,7 +60,7 @@ def test_upgrade_from_version_1_keeps_data(db_url: str) -> None:
         c.execute(sa.text("INSERT INTO models (repo, sha, decision, code, reason, decided_at, manual_skip) "
                           "VALUES ('a/b', 'r1', 'accepted', 'queued', 'new release', 1, false)"))
     old.close()
-    st = Store(db_url)
+    st = store_at(db_url)
     assert st.schema_version() == LATEST
     [job] = st.jobs()
     assert (job.repo, job.revision, job.status, job.priority) == ("a/b", "r1", J.Status.QUEUED, 0)
@@ -79,7 +87,7 @@ print(json.dumps(got))
 
 def test_two_processes_never_claim_the_same_job(tmp_path: Path) -> None:
     db_url = f"sqlite:///{tmp_path / 'state.db'}"  # on PostgreSQL procrastinate claims (test_queue_pg.py)
-    st = Store(db_url)
+    st = store_at(db_url)
     ids = [st.enqueue("o/m", f"{i:040d}", reason="r", now=0) for i in range(120)]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, db_url, f"w{i}"], stdout=subprocess.PIPE, env=env,
@@ -90,3 +98,16 @@ def test_two_processes_never_claim_the_same_job(tmp_path: Path) -> None:
     assert sorted(claimed) == sorted(ids)  # all claimed, none twice
     assert len(set(claimed)) == len(claimed)
     assert all(j.attempts == 1 for j in st.jobs())
+
+
+@pytest.mark.postgres
+def test_a_postgresql_store_without_the_queue_schema_refuses_migration_3() -> None:
+    with postgres_url() as url:
+        st = Store(url, migrate=False)
+        assert st.migrate(target=2) == 2  # the state's own tables need nothing from the queue
+        with pytest.raises(StateError, match="queue's schema"):
+            st.migrate()
+        assert st.schema_version() == 2  # the failed migration left nothing behind
+        with pytest.raises(StateError, match="without the job queue's schema"):
+            st.queue_state()
+        st.close()

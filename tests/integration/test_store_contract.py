@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from bot.model import jobstate as J
+from bot.queue.schema import INSTALLED
+from bot.state.base import StateStore
 from bot.state.memstore import MemoryStore
-from bot.state.store import StateStore, Store
+from bot.state.store import Store
 from converters.core.errors import StateError
 from tests.bot_fixtures import postgres_url
 
@@ -34,7 +36,7 @@ def st(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
         store.close()
         return
     with postgres_url() as url:
-        store = Store(url)
+        store = Store(url, queue_schema=INSTALLED)
         yield store
         store.close()
 
@@ -223,3 +225,33 @@ def test_two_threads_never_claim_the_same_job(claim_st: StateStore) -> None:
     claimed = got["a"] + got["b"]
     assert sorted(claimed) == sorted(ids) and len(set(claimed)) == len(claimed)
     assert all(j.attempts == 1 for j in st.jobs())
+
+
+def test_take_a_delivered_job_counts_the_attempt_and_names_the_stalled_worker(st: StateStore) -> None:
+    jid = st.enqueue("o/t", "1" * 40, reason="new", now=1)
+    job = st.take(jid, "box1:1:a", now=2)
+    assert (job.status, job.worker_id, job.attempts, job.started_at) == (J.Status.RUNNING, "box1:1:a", 1, 2.0)
+    job = st.take(jid, "box2:1:b", now=3)  # delivered again after box1's worker stalled
+    assert (job.status, job.worker_id, job.attempts, job.started_at) == (J.Status.RUNNING, "box2:1:b", 2, 2.0)
+    assert not st.update_running(jid, "box1:1:a", now=4, progress="x")  # box1 has lost it
+    assert [e["message"] for e in st.events(job_id=jid, kind="job.claimed")] == \
+        ["claimed by box2:1:b (was running on box1:1:a, which stopped)", "claimed by box1:1:a"]
+    st.transition(jid, J.Status.CANCELLED, now=5)
+    assert st.take(jid, "box3:1:c", now=6) is None  # a cancelled job is not run
+    assert st.take(999, "box3:1:c", now=6) is None  # nor one that does not exist
+
+
+def test_workers_are_listed_with_the_jobs_they_run(st: StateStore) -> None:
+    assert st.workers(now=10) == []
+    st.register_worker("box1:10:ab", host="box1", queue_worker_id=None, queues=["ggufbot"], concurrency=2, gpu=False,
+                       max_model_gb=None, now=1)
+    st.register_worker("box2:20:cd", host="box2", queue_worker_id=None, queues=["ggufbot"], concurrency=1, gpu=True,
+                       max_model_gb=40.0, now=2)
+    jid = st.enqueue("o/w", "1" * 40, reason="new", now=3)
+    st.take(jid, "box1:10:ab-1", now=4)  # a slot of box1's worker
+    st.worker_stopped("box2:20:cd", now=5)
+    rows = st.workers(now=10)
+    assert [(w["name"], w["host"], w["queues"], w["running"], w["stopped_at"], w["alive"]) for w in rows] == [
+        ("box2:20:cd", "box2", ["ggufbot"], [], 5.0, False),
+        ("box1:10:ab", "box1", ["ggufbot"], [jid], None, False)]  # no queue heartbeat: not alive
+    assert rows[0]["max_model_gb"] == 40.0 and rows[0]["gpu"] is True and rows[1]["heartbeat_age_s"] is None
