@@ -33,14 +33,17 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bot.hub.client import Hub
 from bot.model import jobstate as J
 from bot.model import metrics
 from bot.jobs import patch as patch_mod
+from bot.jobs import texts
 from bot.jobs.job import JobSpec, LazyText, VariantOutcome
+from bot.jobs.run import run_for_job
 from bot.model.retry import RetryPolicy
 from bot.model.settings import Settings
 from bot.state.store import Job, Store
@@ -52,6 +55,7 @@ from converters.core.workdir import LADDER_FILE, PLAN_FILE, REPORT_FILE, VARIANT
 log = logging.getLogger(__name__)
 
 WATCH_SECONDS = 2.0  # how often a running job's cancellation and stuck state are checked
+CLEANUP = "cleanup"  # the runner's last stage of a published job (after run_job): keep the report, drop the rest
 
 
 def retry_policy(settings: Settings, max_attempts: int | None = None) -> RetryPolicy:
@@ -139,6 +143,14 @@ class JobHooks(Hooks):
         if self.lost.is_set() or self.stuck.is_set() or tc_mod.killed_on_request():
             self.check_cancel()
 
+    def planned(self, stages: Sequence[str]) -> None:
+        """The job's own stage list (what ``status`` counts "stage k of n" and the ETA over): a ``job.stages``
+        event; a job that publishes ends with the runner's ``cleanup``."""
+        names = [*stages, *([CLEANUP] if "publish" in stages else [])]
+        r = self.runner
+        r.store.event("job.stages", f"stages: {', '.join(names)}", now=r.clock(), job_id=self.job.id,
+                      repo=self.job.repo, data={"stages": names})
+
     def alive(self) -> None:
         self.moved = time.monotonic()
 
@@ -190,7 +202,7 @@ class Outcome:
 
 
 class Runner:
-    def __init__(self, settings: Settings, store: Store, hub: Any, *, worker_id: str | None = None,
+    def __init__(self, settings: Settings, store: Store, hub: Hub, *, worker_id: str | None = None,
                  toolchain: Any = None, namespace: str | None = None, stop: threading.Event | None = None,
                  clock: Callable[[], float] = time.time):
         self.settings = settings
@@ -334,7 +346,7 @@ class Runner:
         """fetch -> ... -> publish -> variants (one :func:`bot.jobs.job.run_job`), then artifacts and the cleanup."""
         s = self.settings
         # a full job, or a metadata patch of the published files (bot.jobs.patch decides, and falls back when refused)
-        res, kind = patch_mod.run_for_job(self.spec_for(job), job, workdir, hooks, store=self.store, hub=self.hub,
+        res, kind = run_for_job(self.spec_for(job), job, workdir, hooks, store=self.store, hub=self.hub,
                                           toolchain=self._toolchain(), clock=self.clock)
         tc_version = res.ladder.toolchain.version
         fields: dict[str, Any] = {"toolchain_version": tc_version}
@@ -357,7 +369,7 @@ class Runner:
             fields["result"]["variants"] = done
         # ---- cleanup: keep the report and the imatrix, drop the rest
         hooks.check_cancel()
-        hooks.progress(Event("cleanup", START))
+        hooks.progress(Event(CLEANUP, START))
         hooks.check_cancel()
         fields["result"]["kept"] = self._cleanup(job, workdir, res.ladder)
         fields["workdir"] = None
@@ -385,8 +397,6 @@ class Runner:
                 self._record_artifacts(job, v.workdir, v.ladder, url=None, kind="variant-gguf", prefix=v.workdir)
 
     def _text(self, spec: str | None, kind: str) -> Any:
-        from bot.jobs import texts
-
         spec = spec or (texts.DEFAULT_CALIBRATION if kind == "calibration" else texts.DEFAULT_EVALUATION)
         if spec not in self._texts:
             self._texts[spec] = texts.resolve_text(spec, hub=self.hub)
@@ -394,8 +404,6 @@ class Runner:
 
     def _toolchain(self) -> Any:
         if self.toolchain is None:
-            from converters.llama import toolchain as tc_mod
-
             self.toolchain = tc_mod.find(required=True)
         return self.toolchain
 

@@ -23,7 +23,7 @@ from bot.hub.client import Hub
 from bot.service.runner import Runner
 from bot.model.settings import from_mapping
 from bot.state.store import Store
-from bot.service.watcher import fingerprint
+from bot.model.revisions import fingerprint
 from converters.formats import gguf_meta
 from converters.patch import metapatch
 from tests.bot_fixtures import checkpoint_files, scripted_model

@@ -11,7 +11,8 @@ import pytest
 from bot.hub.client import ModelRecord
 from bot.model.rules import convert_refusal, decide, fetch_refusal, quantized_reason, rule, rule_names, unsafe_name
 from bot.model.settings import Source, from_mapping
-from bot.service.watcher import changed_files, diff_fingerprints, fingerprint, iso
+from bot.model.revisions import changed_files, diff_fingerprints, fingerprint
+from bot.service.watcher import iso
 from tests.bot_fixtures import GB, GOOD_FILES, model_record
 
 SETTINGS = from_mapping({"limits": {"max_model_gb": 10}}, env={}, free_disk=10**13)
