@@ -32,7 +32,7 @@ from bot.model.settings import Settings
 from bot.publish import commit as publish
 from bot.publish.target import TargetPolicy
 from converters.formats import checkpoint as ckpt_mod
-from converters.core import records
+from converters.core import names, records
 from converters.core.records import StageRecord
 from converters.variants import recipes as variants_mod
 from converters.llama.calibrate import TextFile
@@ -212,14 +212,14 @@ class FetchStage(RecordedStage[JobContext]):
     quiet: bool = True
 
     def run(self, ctx: JobContext) -> None:
-        ctx.checkpoint_dir = ctx.workdir / "source"
+        ctx.checkpoint_dir = ctx.workdir / names.SOURCE_DIR
         super().run(ctx)
 
     def inputs(self, ctx: JobContext) -> dict[str, Any]:
         return {"repo": self.source.repo, "revision": self.source.revision, "patterns": list(self.policy.patterns)}
 
     def intact(self, ctx: JobContext, rec: StageRecord) -> bool:
-        return fetched_intact(ctx.workdir, ctx.workdir / "source", rec.extra.get("files"))
+        return fetched_intact(ctx.workdir, ctx.workdir / names.SOURCE_DIR, rec.extra.get("files"))
 
     def event_data(self, rec: StageRecord) -> dict[str, Any]:
         return {"quiet": True}
@@ -230,7 +230,7 @@ class FetchStage(RecordedStage[JobContext]):
         return f"fetch done: {len(files)} files, {total / 1e6:.1f} MB"
 
     def produce(self, ctx: JobContext) -> Produced:
-        src = ctx.workdir / "source"
+        src = ctx.workdir / names.SOURCE_DIR
         info = self._checked_info(ctx)
         self.policy_download(ctx, info, src)
         files = fetched_identities(ctx.workdir, src, info)

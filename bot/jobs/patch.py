@@ -35,7 +35,7 @@ from bot.model import jobstate as J
 from bot.model.revisions import compare_revisions, fingerprint
 from bot.state.store import Job, StateStore
 from converters.patch import metapatch
-from converters.core import records
+from converters.core import names, records
 from converters.core.records import StageRecord
 from converters.core.stages import Produced, RecordedStage, Stage
 from converters.formats.checkpoint import RESULT_PATTERNS
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 FULL = "full"
 PATCH = "patch"
-KIND_FILE = "kind.json"  # a job that fell back to the full run says so here (a resumed job stays full)
+KIND_FILE = names.KIND  # a job that fell back to the full run says so here (a resumed job stays full)
 
 # Files a patch can follow, and what the card calls them
 TEMPLATE_FILES = {"chat_template.jinja": "chat template", "chat_template.json": "chat template"}
@@ -232,7 +232,7 @@ class PatchFetchStage(RecordedStage[JobContext]):
                                     self.base.changed, self.base.what)
 
     def run(self, ctx: JobContext) -> None:
-        ctx.checkpoint_dir = ctx.workdir / "source"
+        ctx.checkpoint_dir = ctx.workdir / names.SOURCE_DIR
         super().run(ctx)
 
     def inputs(self, ctx: JobContext) -> dict[str, Any]:
@@ -249,7 +249,7 @@ class PatchFetchStage(RecordedStage[JobContext]):
         return f"fetch done: {len(rec.extra['files'])} files (metadata and the published files)"
 
     def produce(self, ctx: JobContext) -> Produced:
-        src, pub = ctx.workdir / "source", ctx.workdir / metapatch.BASE_DIR
+        src, pub = ctx.workdir / names.SOURCE_DIR, ctx.workdir / names.PUBLISHED_DIR
         if self.check is not None:
             self.check(self.hub.model_info(self.repo, revision=self.revision))
         self.hub.download_snapshot(self.repo, self.revision, src, allow_patterns=list(META_PATTERNS))

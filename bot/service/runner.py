@@ -50,7 +50,8 @@ from bot.state.store import Job, Store
 from converters.llama import toolchain as tc_mod
 from converters.core.errors import Cancelled, GgufbotError, InputError, Stuck
 from converters.core.hooks import END, LINE, PROGRESS, SKIP, START, Event, Hooks
-from converters.core.workdir import LADDER_FILE, PLAN_FILE, REPORT_FILE, VARIANT_FILE, Ladder
+from converters.core import artifacts
+from converters.core.workdir import VARIANTS_DIR, Ladder
 
 log = logging.getLogger(__name__)
 
@@ -417,19 +418,17 @@ class Runner:
     def _cleanup(self, job: Job, workdir: Path, ladder: Ladder) -> list[str]:
         keep_dir = self.settings.keep_dir / slug(job.repo) / job.revision[:12]
         keep_dir.mkdir(parents=True, exist_ok=True)
-        names = [REPORT_FILE, LADDER_FILE, PLAN_FILE]
-        names += list(ladder.imatrix.paths) if ladder.imatrix else []
         kept = []
-        for n in names:
+        for kind, n in artifacts.kept_files(ladder, artifacts.JOB):  # the catalogue's kinds kept after cleanup
             p = workdir / n
             if p.is_file():
                 shutil.copy2(p, keep_dir / Path(n).name)
                 kept.append(str(keep_dir / Path(n).name))
-                self.store.add_artifact(job.id, "imatrix" if "imatrix" in n else Path(n).stem,
-                                        str(keep_dir / Path(n).name), now=self.clock(), size=p.stat().st_size)
-        for vdir in sorted((workdir / "variants").glob("*")) if (workdir / "variants").is_dir() else []:
-            vkeep = keep_dir / "variants" / vdir.name
-            for n in (REPORT_FILE, LADDER_FILE, VARIANT_FILE):
+                self.store.add_artifact(job.id, kind.name, str(keep_dir / Path(n).name), now=self.clock(),
+                                        size=p.stat().st_size)
+        for vdir in sorted((workdir / VARIANTS_DIR).glob("*")) if (workdir / VARIANTS_DIR).is_dir() else []:
+            vkeep = keep_dir / VARIANTS_DIR / vdir.name
+            for _kind, n in artifacts.kept_files(None, artifacts.VARIANT):
                 if (vdir / n).is_file():
                     vkeep.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(vdir / n, vkeep / n)

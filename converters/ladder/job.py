@@ -41,6 +41,7 @@ from converters.llama import verify
 from converters.formats import checkpoint as checkpoint_mod
 from converters.llama import convert as convert_mod
 from converters.llama import quantize as quantize_mod
+from converters.core import names
 from converters.core import stages as core_stages
 from converters.core.errors import CheckFailed, InputError, UnsupportedModel
 from converters.core.hooks import END, SKIP, Hooks
@@ -498,7 +499,7 @@ class TuneStage:
                 summary["points"][q.name] = {"status": "stopped", "reason": str(e)}
             m = None
         finally:
-            shutil.rmtree(wd / tune.TUNE_DIR / "scratch", ignore_errors=True)
+            shutil.rmtree(wd / names.TUNE_DIR / "scratch", ignore_errors=True)
         for q in points if m is not None else ():
             t1 = time.monotonic()
             try:

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from converters.core import names
 from converters.ladder import layout
 from converters.core import quants, records
 from converters.core.errors import CheckFailed, InputError
@@ -58,8 +59,7 @@ from converters.llama.toolchain import Toolchain, run
 log = logging.getLogger(__name__)
 
 STAGE = "tune"
-TUNE_DIR = "tune"
-MEASURE_FILE = "measurements.json"
+TUNE_DIR = names.TUNE_DIR
 DEFAULT_PROBE_CHUNKS = 8
 PROBE_BASE_TYPE = "Q8_0"
 
@@ -83,11 +83,11 @@ def group_of(kind: str) -> str:
 
 
 def tuned_name(q: QuantType) -> str:
-    return q.name + layout.TUNED_SUFFIX
+    return names.tuned_type(q.name)
 
 
 def file_name(model_name: str, q: QuantType) -> str:
-    return f"{model_name}-{tuned_name(q)}.gguf"
+    return names.tuned(model_name, q.name)
 
 
 class TuneStopped(Exception):
@@ -356,7 +356,7 @@ def build(layout_: layout.Layout, q: QuantType, reference: Path, workdir: Path, 
     """Quantize with the layout's ``--tensor-type-file``; check the file's types and size against the plan."""
     tdir = workdir / TUNE_DIR
     tdir.mkdir(parents=True, exist_ok=True)
-    tf = tdir / f"{tuned_name(q)}.tensor-types.txt"
+    tf = workdir / names.tensor_types(q.name)
     layout.write_tensor_type_file(tf, layout_.types)
     tmp = records.tmp_path_for(out)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -378,7 +378,7 @@ def build(layout_: layout.Layout, q: QuantType, reference: Path, workdir: Path, 
 
 
 def layout_path(workdir: Path, q: QuantType) -> Path:
-    return workdir / TUNE_DIR / f"{tuned_name(q)}.layout.json"
+    return workdir / names.layout(q.name)
 
 
 def save_layout(workdir: Path, q: QuantType, lay: layout.Layout) -> Path:
@@ -389,14 +389,14 @@ def save_layout(workdir: Path, q: QuantType, lay: layout.Layout) -> Path:
 
 
 def load_measurements(workdir: Path) -> Measurements | None:
-    p = workdir / TUNE_DIR / MEASURE_FILE
+    p = workdir / names.MEASUREMENTS
     if not p.exists():
         return None
     return Measurements.from_json(json.loads(p.read_text()))
 
 
 def save_measurements(workdir: Path, m: Measurements) -> Path:
-    p = workdir / TUNE_DIR / MEASURE_FILE
+    p = workdir / names.MEASUREMENTS
     p.parent.mkdir(parents=True, exist_ok=True)
     records.write_json_atomic(p, m.to_json())
     return p

@@ -45,6 +45,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from converters.core import names
 from converters.formats import chat
 from converters.formats import gguf_meta
 from converters.core import records
@@ -63,8 +64,8 @@ log = logging.getLogger(__name__)
 
 TOKENIZER = gguf_meta.TOKENIZER_NAMESPACE
 TOKENS = gguf_meta.K.Tokenizer.LIST
-VOCAB_FILE = "vocab-only.gguf"
-BASE_DIR = "published"  # the earlier publication's files, ladder.json and report.json
+VOCAB_FILE = names.VOCAB
+BASE_DIR = names.PUBLISHED_DIR  # the earlier publication's files, ladder.json and report.json
 INSPECT_STAGE = "inspect"
 INSPECT_VIEW = "inspect-view"  # the new revision's files and a stand-in for the unchanged weights, while inspected
 WEIGHTS_STAND_IN = "weights-unchanged.safetensors"  # a valid safetensors file without tensors

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from converters.core import names as file_names
 from converters.core import records
 from converters.core.errors import ConfigError, InputError, UnknownName
 from converters.core.hooks import NULL_HOOKS, Hooks
@@ -130,7 +131,7 @@ def parse_list(spec: str | Iterable[str] | None) -> tuple[Recipe, ...]:
 # --------------------------------------------------------------------------------------------------
 # Building a variant: prune -> heal -> the same ladder -> evaluation against the teacher
 # --------------------------------------------------------------------------------------------------
-TEACHER_LOGITS = "teacher-base-logits.kld"
+TEACHER_LOGITS = file_names.TEACHER_LOGITS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,15 +142,15 @@ class VariantPaths:
 
     @property
     def pruned(self) -> Path:
-        return self.out / "checkpoint-pruned"
+        return self.out / file_names.PRUNED_DIR
 
     @property
     def healed(self) -> Path:
-        return self.out / "checkpoint-healed"
+        return self.out / file_names.HEALED_DIR
 
     @property
     def teacher_dir(self) -> Path:
-        return self.out / "teacher"
+        return self.out / file_names.TEACHER_DIR
 
     @property
     def teacher_logits(self) -> Path:
