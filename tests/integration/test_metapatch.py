@@ -160,10 +160,10 @@ def _added_tokens(tok: dict, first_id: int, n: int) -> list[str]:
 def full_runs_stopped(monkeypatch):
     """The full job's stages are not run again here (the full path is every other test's): a full spec reaching
     ``run_job`` is recorded and stopped (the job goes back to the queue); a patch spec runs for real."""
-    from bot.jobs import job as job_mod
+    from bot.jobs import run as run_mod
     from converters.core.errors import Cancelled
 
-    real, seen = job_mod.run_job, []
+    real, seen = run_mod.run_job, []
 
     def spy(spec, *a, **kw):
         seen.append("patch" if spec.patch is not None else "full")
@@ -171,7 +171,7 @@ def full_runs_stopped(monkeypatch):
             raise Cancelled("stopped before the full job's stages (test)")
         return real(spec, *a, **kw)
 
-    monkeypatch.setattr(job_mod, "run_job", spy)
+    monkeypatch.setattr(run_mod, "run_job", spy)
     return seen
 
 
