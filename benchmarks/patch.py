@@ -44,7 +44,7 @@ def main() -> int:
     from bot.service.runner import Runner
     from bot.model.settings import from_mapping
     from bot.state.store import Store
-    from bot.hub.revisions import fingerprint
+    from bot.model.revisions import fingerprint
     from converters.patch import metapatch
     from converters.llama import toolchain as tc_mod
     from tests.bot_fixtures import checkpoint_files

@@ -23,17 +23,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bot.hub.client import Hub, ModelRecord
+from bot.jobs import patch as patch_mod
+from bot.jobs import variants as bot_variants
+from bot.model import jobstate as J
+from bot.model.rules import fetch_refusal, weight_bytes
+from bot.model.settings import Settings
+from bot.publish import commit as publish
 from bot.publish.target import TargetPolicy
 from converters.formats import checkpoint as ckpt_mod
-from converters.core import records
+from converters.core import names, records
+from converters.core.records import StageRecord
 from converters.variants import recipes as variants_mod
 from converters.llama.calibrate import TextFile
+from converters.llama.toolchain import Toolchain
 from converters.core.errors import Cancelled, CheckFailed, DiskSpaceError, UnsupportedModel
-from converters.core.hooks import END, LINE, SKIP, Event, Hooks
-from converters.ladder.job import CheckpointRules, EvalSettings, JobContext, Stage, ToolLimits, ladder_stages, run_stages
+from converters.core.hooks import LINE, Event, Hooks
+from converters.ladder.job import CheckpointRules, EvalSettings, JobContext, ToolLimits, ladder_stages, run_stages
 from converters.ladder.pipeline import LadderOptions, model_name_for
 from converters.core.report import Report
-from converters.core.stages import DISK_MARGIN, free_bytes
+from converters.core.stages import DISK_MARGIN, Produced, RecordedStage, Stage, StateKey, free_bytes
 from converters.core.workdir import Ladder, WorkDir
 
 log = logging.getLogger(__name__)
@@ -71,8 +80,8 @@ class FetchPolicy:
     """How the fetch stage downloads: which files, what must fit on disk, which rules to check again."""
 
     patterns: tuple[str, ...] = ckpt_mod.RESULT_PATTERNS
-    need_bytes: Callable[[Any], int] | None = None  # bytes that must be free, from the Hub's model info
-    check: Callable[[Any], None] | None = None  # raises UnsupportedModel for a refused model
+    need_bytes: Callable[[ModelRecord], int] | None = None  # bytes that must be free, from the Hub's model info
+    check: Callable[[ModelRecord], None] | None = None  # raises UnsupportedModel for a refused model
     max_bytes: int | None = None
 
 
@@ -100,23 +109,21 @@ class JobSpec:
     rules: CheckpointRules = CheckpointRules()
     variant_of: variants_mod.VariantOf | None = None  # set on the derived spec of a variant
     limits: ToolLimits = ToolLimits()  # how long any one program may run
-    patch: Any = None  # a bot.jobs.patch.PatchBase: a metadata patch of that publication instead of the ladder stages
+    patch: patch_mod.PatchBase | None = None  # a metadata patch of that publication instead of the ladder stages
     whats_new: tuple[str, ...] = ()  # the published card's what's-new lines (default: what the publication changed)
 
     @classmethod
-    def from_settings(cls, settings: Any, repo: str, revision: str, *, calibration: TextFile | LazyText | None,
+    def from_settings(cls, settings: Settings, repo: str, revision: str, *, calibration: TextFile | LazyText | None,
                       evaluation: TextFile | LazyText, namespace: Callable[[], str] | str | None = None) -> "JobSpec":
         """The bot's job for ``repo@revision``; publishing when the settings allow it and a token is set."""
-        from bot.model.rules import fetch_refusal, weight_bytes
-
         s, q = settings, settings.quantize
 
-        def check(info: Any) -> None:
+        def check(info: ModelRecord) -> None:
             d = fetch_refusal(info, s)  # the safety rules again, on the exact revision fetched
             if d is not None:
                 raise UnsupportedModel(d.reason, repo=repo)
 
-        def need(info: Any) -> int:
+        def need(info: ModelRecord) -> int:
             # each variant keeps its checkpoint, reference and ladder beside the teacher's until the cleanup
             return int((weight_bytes(info) or 0) * DISK_FACTOR * (1 + len(q.variants))
                        + s.limits.min_free_disk_gb * 1e9)
@@ -187,39 +194,51 @@ class JobResult:
     checkpoint_dir: Path | None
 
 
+# What the bot's stages hand to run_job's result (converters.core.stages.StateKey)
+PUBLISHED: StateKey[Published] = StateKey("published")  # PublishStage
+VARIANTS: StateKey[list[VariantOutcome]] = StateKey("variants")  # each VariantStage, in order
+
+
 # ------------------------------------------------------------------------------------------ bot stages
 @dataclasses.dataclass(frozen=True)
-class FetchStage:
+class FetchStage(RecordedStage[JobContext]):
     """Download the files that matter from the Hub into ``<workdir>/source`` (skipped when its record and the
     files are still there); checks the rules again on the exact revision and that it fits on disk."""
 
     source: Source
     policy: FetchPolicy
-    hub: Any
+    hub: Hub
     name: str = "fetch"
     quiet: bool = True
 
     def run(self, ctx: JobContext) -> None:
-        src = ctx.workdir / "source"
-        ctx.checkpoint_dir = src
-        inputs = {"repo": self.source.repo, "revision": self.source.revision, "patterns": list(self.policy.patterns)}
-        rec = records.load(ctx.workdir, self.name)
-        if rec is not None and rec.inputs == inputs and fetched_intact(ctx.workdir, src, rec.extra.get("files")):
-            log.info("fetch: %s@%s already done", self.source.repo, self.source.revision)
-            ctx.hooks.emit(self.name, SKIP, data={"quiet": True})
-            return
-        t0 = time.monotonic()
+        ctx.checkpoint_dir = ctx.workdir / names.SOURCE_DIR
+        super().run(ctx)
+
+    def inputs(self, ctx: JobContext) -> dict[str, Any]:
+        return {"repo": self.source.repo, "revision": self.source.revision, "patterns": list(self.policy.patterns)}
+
+    def intact(self, ctx: JobContext, rec: StageRecord) -> bool:
+        return fetched_intact(ctx.workdir, ctx.workdir / names.SOURCE_DIR, rec.extra.get("files"))
+
+    def event_data(self, rec: StageRecord) -> dict[str, Any]:
+        return {"quiet": True}
+
+    def done_text(self, ctx: JobContext, rec: StageRecord) -> str:
+        files = rec.extra["files"]
+        total = sum(f["size"] for f in files.values())
+        return f"fetch done: {len(files)} files, {total / 1e6:.1f} MB"
+
+    def produce(self, ctx: JobContext) -> Produced:
+        src = ctx.workdir / names.SOURCE_DIR
         info = self._checked_info(ctx)
         self.policy_download(ctx, info, src)
         files = fetched_identities(ctx.workdir, src, info)
         if not any(n.endswith(".safetensors") for n in files):
             raise UnsupportedModel("no safetensors weights were downloaded", repo=self.source.repo)
-        records.save(ctx.workdir, self.name, inputs, [], time.monotonic() - t0, None, extra={"files": files})
-        total = sum(f["size"] for f in files.values())
-        ctx.hooks.emit(self.name, END, text=f"fetch done: {len(files)} files, {total / 1e6:.1f} MB",
-                       data={"quiet": True})
+        return Produced([], {"files": files})
 
-    def _checked_info(self, ctx: JobContext) -> Any:
+    def _checked_info(self, ctx: JobContext) -> ModelRecord:
         info = self.hub.model_info(self.source.repo, revision=self.source.revision)
         if self.policy.check is not None:
             self.policy.check(info)
@@ -230,7 +249,7 @@ class FetchStage:
             raise DiskSpaceError(str(ctx.workdir), need, free)
         return info
 
-    def policy_download(self, ctx: JobContext, info: Any, dest: Path) -> None:
+    def policy_download(self, ctx: JobContext, info: ModelRecord, dest: Path) -> None:
         wanted = sum(s.size or 0 for s in info.siblings
                      if any(fnmatch.fnmatch(s.rfilename, pat) for pat in self.policy.patterns))
         ctx.hooks.emit(self.name, LINE, text=f"{self.source.repo}@{self.source.revision} ({wanted / 1e9:.2f} GB)")
@@ -238,7 +257,7 @@ class FetchStage:
                                    allow_patterns=list(self.policy.patterns), max_bytes=self.policy.max_bytes)
 
 
-def fetched_identities(workdir: Path, src: Path, info: Any) -> dict[str, dict[str, Any]]:
+def fetched_identities(workdir: Path, src: Path, info: ModelRecord) -> dict[str, dict[str, Any]]:
     """``{name: {"size", "sha256"}}`` of the downloaded files. A file the Hub stores in LFS gets the sha256 of the
     Hub's listing (free: no local hashing; it becomes the file's cached content hash), the others are hashed."""
     listed = {s.rfilename: s for s in info.siblings}
@@ -267,7 +286,7 @@ def fetched_intact(workdir: Path, src: Path, files: Any) -> bool:
     return True
 
 
-def cli_disk_need(info: Any) -> int:
+def cli_disk_need(info: ModelRecord) -> int:
     """``convert ORG/NAME``: the download plus the reference GGUF (about the same size again) must fit."""
     wanted = sum(s.size or 0 for s in info.siblings
                  if any(fnmatch.fnmatch(s.rfilename, pat) for pat in ckpt_mod.FETCH_PATTERNS))
@@ -277,16 +296,13 @@ def cli_disk_need(info: Any) -> int:
 @dataclasses.dataclass(frozen=True)
 class PublishStage:
     target: PublishTarget
-    hub: Any
+    hub: Hub
     variant: variants_mod.VariantOf | None = None
     name: str = "publish"
     quiet: bool = False
     whats_new: tuple[str, ...] = ()  # the card's what's-new lines instead of the computed ones
 
     def run(self, ctx: JobContext) -> None:
-        from bot.publish import commit as publish
-        from bot.jobs import variants as bot_variants
-
         opts = publish.PublishOptions(repo_id=self.target.repo_id, repo_template=self.target.template,
                                       namespace=self.target.namespace, private=self.target.private,
                                       policy=self.target.policy, whats_new=self.whats_new)
@@ -297,8 +313,8 @@ class PublishStage:
         else:
             _plan, res = publish.publish(ctx.workdir, self.hub, opts)
         assert res is not None
-        ctx.state["published"] = Published(res.repo_id, f"{res.url}/commit/{res.commit}" if res.commit else res.url,
-                                           res.action, res.commit, res.url)
+        ctx.put(PUBLISHED, Published(res.repo_id, f"{res.url}/commit/{res.commit}" if res.commit else res.url,
+                                     res.action, res.commit, res.url))
 
 
 class NestedHooks(Hooks):
@@ -321,7 +337,7 @@ class NestedHooks(Hooks):
 class VariantStage:
     spec: JobSpec
     recipe: variants_mod.Recipe
-    hub: Any
+    hub: Hub
     quiet: bool = False
 
     @property
@@ -342,15 +358,13 @@ class VariantStage:
         except Cancelled:
             raise
         except Exception as e:  # noqa: BLE001 - a variant never fails the main job
-            from bot.model import jobstate as J
-
             etype, msg = J.error_fields(e)
             entry.update(status="failed", error_type=etype, error_message=msg)
             log.error("variant %s failed: %s: %s", self.recipe.name, etype, msg,
                       exc_info=not isinstance(e, (UnsupportedModel, CheckFailed)))
             outcome = VariantOutcome(self.recipe.name, entry, vdir)
         entry["seconds"] = round(time.monotonic() - t0, 1)
-        ctx.state.setdefault("variants", []).append(outcome)
+        ctx.put(VARIANTS, [*ctx.get(VARIANTS, []), outcome])
 
 
 def variant_gate(report: Report | None, recipe: str, publishable: bool | None = None) -> None:
@@ -379,13 +393,15 @@ def _variant_entry(vdir: Path, res: JobResult, publishing: bool) -> dict[str, An
 
 
 # ------------------------------------------------------------------------------------------ the job
-def stages_for(spec: JobSpec, hub: Any = None) -> tuple[Stage, ...]:
+def stages_for(spec: JobSpec, hub: Hub | None = None) -> tuple[Stage[JobContext], ...]:
     """The stage objects of ``spec``, in order."""
-    out: list[Stage] = []
+    out: list[Stage[JobContext]] = []
     if spec.patch is not None:
-        from bot.jobs import patch as patch_mod
-
-        out += patch_mod.stages(spec, hub)
+        assert spec.source.repo and spec.source.revision and hub is not None
+        out += patch_mod.stages(spec.source.repo, spec.source.revision, spec.patch, hub, check=spec.fetch.check,
+                                require_publishable=spec.evaluation.require_publishable
+                                if spec.evaluation is not None else True,
+                                check_architecture=spec.rules.check_architecture)
     elif spec.variant_of is not None:
         out += variants_mod.stages(spec.variant_of, spec.ladder, spec.evaluation)
     else:
@@ -398,7 +414,8 @@ def stages_for(spec: JobSpec, hub: Any = None) -> tuple[Stage, ...]:
     return tuple(out)
 
 
-def run_job(spec: JobSpec, workdir: Path | WorkDir, hooks: Hooks, *, toolchain: Any, hub: Any = None) -> JobResult:
+def run_job(spec: JobSpec, workdir: Path | WorkDir, hooks: Hooks, *, toolchain: Toolchain | None,
+            hub: Hub | None = None) -> JobResult:
     """Run every stage of ``spec`` in ``workdir`` (finished stages skip themselves); ``hooks`` gets the progress
     and is asked between steps whether to stop."""
     wd = Path(WorkDir(workdir).path)
@@ -406,5 +423,5 @@ def run_job(spec: JobSpec, workdir: Path | WorkDir, hooks: Hooks, *, toolchain: 
                      source_revision=spec.source.revision, checkpoint_dir=spec.source.path, limits=spec.limits)
     run_stages(stages_for(spec, hub), ctx)
     assert ctx.ladder is not None
-    return JobResult(ladder=ctx.ladder, report=ctx.report, published=ctx.state.get("published"),
-                     variants=tuple(ctx.state.get("variants", ())), checkpoint_dir=ctx.checkpoint_dir)
+    return JobResult(ladder=ctx.ladder, report=ctx.report, published=ctx.get(PUBLISHED, None),
+                     variants=tuple(ctx.get(VARIANTS, ())), checkpoint_dir=ctx.checkpoint_dir)

@@ -25,23 +25,29 @@ import dataclasses
 import json
 import logging
 import shutil
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bot.hub.client import Hub
+from bot.model.record import ModelRecord
+from bot.model import jobstate as J
+from bot.model.revisions import compare_revisions, fingerprint
+from bot.state.store import Job, StateStore
 from converters.patch import metapatch
-from converters.core import records
+from converters.core import names, records
+from converters.core.records import StageRecord
+from converters.core.stages import Produced, RecordedStage, Stage
 from converters.formats.checkpoint import RESULT_PATTERNS
 from converters.core.errors import HubError, InputError, PatchRefused
-from converters.core.hooks import END, SKIP
 from converters.core.workdir import LADDER_FILE, REPORT_FILE, WorkDir
+from converters.ladder.job import JobContext
 
 log = logging.getLogger(__name__)
 
 FULL = "full"
 PATCH = "patch"
-KIND_FILE = "kind.json"  # a job that fell back to the full run says so here (a resumed job stays full)
+KIND_FILE = names.KIND  # a job that fell back to the full run says so here (a resumed job stays full)
 
 # Files a patch can follow, and what the card calls them
 TEMPLATE_FILES = {"chat_template.jinja": "chat template", "chat_template.json": "chat template"}
@@ -152,7 +158,7 @@ def classify(changed: Sequence[str], keys: Mapping[str, set[str] | None] | None 
 # --------------------------------------------------------------------------------------------------
 
 
-def _kept_ladder(job: Any) -> Path | None:
+def _kept_ladder(job: Job) -> Path | None:
     kept = (job.result or {}).get("kept") if isinstance(job.result, dict) else None
     for k in kept or ():
         if Path(k).name == LADDER_FILE and Path(k).is_file():
@@ -160,13 +166,10 @@ def _kept_ladder(job: Any) -> Path | None:
     return None
 
 
-def choose(job: Any, store: Any, hub: Any, *, workdir: Path, toolchain_version: str | None
+def choose(job: Job, store: StateStore, hub: Hub, *, workdir: Path, toolchain_version: str | None
            ) -> tuple[Classification, PatchBase | None]:
     """The kind of ``job`` (full or patch) and, for a patch, the publication it starts from. A few small Hub
     reads (the two revisions' file lists and their changed JSON files); never raises for a Hub error (full)."""
-    from bot.model import jobstate as J
-    from bot.hub.revisions import compare_revisions, fingerprint
-
     marker = workdir / KIND_FILE
     if marker.is_file():
         with_reason = records.read_json_object(marker)
@@ -210,7 +213,7 @@ def choose(job: Any, store: Any, hub: Any, *, workdir: Path, toolchain_version: 
 
 
 @dataclasses.dataclass(frozen=True)
-class PatchFetchStage:
+class PatchFetchStage(RecordedStage[JobContext]):
     """The new revision's config and tokenizer files into ``<workdir>/source``; the published repo's files (as
     its report.json's publication block lists them, sha256-checked), its report.json and the earlier job's
     ladder.json into ``<workdir>/published``."""
@@ -218,23 +221,35 @@ class PatchFetchStage:
     repo: str
     revision: str
     base: PatchBase
-    hub: Any
-    check: Any = None  # the safety rules again on the exact revision (FetchPolicy.check): raises UnsupportedModel
+    hub: Hub
+    check: Callable[[ModelRecord], None] | None = None  # the safety rules again on the exact revision
+    # (FetchPolicy.check): raises UnsupportedModel
     name: str = "fetch"
     quiet: bool = True
 
-    def run(self, ctx: Any) -> None:
-        src, pub = ctx.workdir / "source", ctx.workdir / metapatch.BASE_DIR
-        ctx.checkpoint_dir = src
-        info = metapatch.PatchInput(pub, self.revision, self.base.base_revision, self.base.changed, self.base.what)
-        inputs = {"repo": self.repo, "revision": self.revision, "target": self.base.target_repo,
-                  "base_revision": self.base.base_revision, "patterns": list(META_PATTERNS)}
-        rec = records.load(ctx.workdir, self.name)
-        if rec is not None and rec.inputs == inputs and _intact(ctx.workdir, rec.extra.get("files")):
-            ctx.state["patch"] = info
-            ctx.hooks.emit(self.name, SKIP, data={"quiet": True})
-            return
-        t0 = time.monotonic()
+    def _input(self, ctx: JobContext) -> metapatch.PatchInput:
+        return metapatch.PatchInput(ctx.workdir / metapatch.BASE_DIR, self.revision, self.base.base_revision,
+                                    self.base.changed, self.base.what)
+
+    def run(self, ctx: JobContext) -> None:
+        ctx.checkpoint_dir = ctx.workdir / names.SOURCE_DIR
+        super().run(ctx)
+
+    def inputs(self, ctx: JobContext) -> dict[str, Any]:
+        return {"repo": self.repo, "revision": self.revision, "target": self.base.target_repo,
+                "base_revision": self.base.base_revision, "patterns": list(META_PATTERNS)}
+
+    def intact(self, ctx: JobContext, rec: StageRecord) -> bool:
+        return _intact(ctx.workdir, rec.extra.get("files"))
+
+    def event_data(self, rec: StageRecord) -> dict[str, Any]:
+        return {"quiet": True}
+
+    def done_text(self, ctx: JobContext, rec: StageRecord) -> str:
+        return f"fetch done: {len(rec.extra['files'])} files (metadata and the published files)"
+
+    def produce(self, ctx: JobContext) -> Produced:
+        src, pub = ctx.workdir / names.SOURCE_DIR, ctx.workdir / names.PUBLISHED_DIR
         if self.check is not None:
             self.check(self.hub.model_info(self.repo, revision=self.revision))
         self.hub.download_snapshot(self.repo, self.revision, src, allow_patterns=list(META_PATTERNS))
@@ -254,10 +269,10 @@ class PatchFetchStage:
         shutil.copy2(self.base.ladder_path, pub / LADDER_FILE)
         got = {str(p.relative_to(ctx.workdir)): records.content_sha256(p, ctx.workdir)
                for d in (src, pub) for p in sorted(d.rglob("*")) if p.is_file() and ".cache" not in p.parts}
-        records.save(ctx.workdir, self.name, inputs, [], time.monotonic() - t0, None, extra={"files": got})
-        ctx.state["patch"] = info
-        ctx.hooks.emit(self.name, END, text=f"fetch done: {len(got)} files (metadata and the published files)",
-                       data={"quiet": True})
+        return Produced([], {"files": got})
+
+    def use(self, ctx: JobContext, rec: StageRecord) -> None:
+        ctx.put(metapatch.PATCH_INPUT, self._input(ctx))
 
 
 def _intact(workdir: Path, files: Any) -> bool:
@@ -267,55 +282,14 @@ def _intact(workdir: Path, files: Any) -> bool:
                for n, sha in files.items())
 
 
-def stages(spec: Any, hub: Any) -> tuple[Any, ...]:
+def stages(repo: str, revision: str, base: PatchBase, hub: Hub, *, check: Callable[[ModelRecord], None] | None,
+           require_publishable: bool, check_architecture: bool) -> tuple[Stage[JobContext], ...]:
     """fetch (metadata and the published files; the acceptance rules on the revision's Hub record) -> inspect (a
-    full job's, on those files) -> vocab -> patch -> recheck; the caller adds publish."""
-    assert spec.patch is not None and spec.source.repo and spec.source.revision
-    require = spec.evaluation.require_publishable if spec.evaluation is not None else True
-    return (PatchFetchStage(spec.source.repo, spec.source.revision, spec.patch, hub, check=spec.fetch.check),
-            *metapatch.patch_stages(require_publishable=require, check_architecture=spec.rules.check_architecture))
-
-
-# --------------------------------------------------------------------------------------------------
-# Running a job of either kind
-# --------------------------------------------------------------------------------------------------
-
-
-def run_for_job(spec: Any, job: Any, workdir: Path, hooks: Any, *, store: Any, hub: Any, toolchain: Any,
-                clock: Any = time.time) -> tuple[Any, Classification]:
-    """Decide the kind of ``job``, record it, run it; a refused patch falls back to the full job (recorded)."""
-    from bot.jobs.job import run_job
-
-    cls, base = choose(job, store, hub, workdir=Path(workdir), toolchain_version=getattr(toolchain, "version", None))
-    store.event("job.kind", f"{cls.kind} job: {cls.reason}", now=clock(), job_id=job.id, repo=job.repo,
-                data={"kind": cls.kind, "reason": cls.reason, "changed": list(cls.changed)})
-    log.info("job %d %s: %s job (%s)", job.id, job.repo, cls.kind, cls.reason)
-    if base is None:
-        return run_job(spec, workdir, hooks, toolchain=toolchain, hub=hub), cls
-    try:
-        target = dataclasses.replace(spec.publish, repo_id=base.target_repo) if spec.publish is not None else None
-        patch_spec = dataclasses.replace(spec, patch=base, variants=(), publish=target,
-                                         whats_new=(base.whats_new(job.revision),))
-        return run_job(patch_spec, workdir, hooks, toolchain=toolchain, hub=hub), cls
-    except PatchRefused as e:
-        why = f"metadata patch refused: {e.reason}; running the full job"
-        log.warning("job %d %s: %s", job.id, job.repo, why)
-        store.event("job.kind", f"full job: {why}", now=clock(), job_id=job.id, repo=job.repo,
-                    data={"kind": FULL, "reason": why, "changed": list(cls.changed)})
-        _reset(Path(workdir))
-        records.write_json_atomic(Path(workdir) / KIND_FILE, {"kind": FULL, "reason": why})
-        full = Classification(FULL, why, cls.changed)
-        return run_job(spec, workdir, hooks, toolchain=toolchain, hub=hub), full
-
-
-def _reset(workdir: Path) -> None:
-    """Remove what the refused patch wrote (its downloads, patched files and records) before the full job."""
-    for p in list(workdir.iterdir()) if workdir.is_dir() else ():
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+    full job's, on those files) -> vocab -> patch -> recheck; the caller (``bot.jobs.job.stages_for``) adds
+    publish."""
+    return (PatchFetchStage(repo, revision, base, hub, check=check),
+            *metapatch.patch_stages(require_publishable=require_publishable, check_architecture=check_architecture))
 
 
 __all__ = ["Classification", "PatchBase", "PatchFetchStage", "classify", "choose", "json_keys_changed", "stages",
-           "run_for_job", "FULL", "PATCH"]
+           "FULL", "PATCH", "KIND_FILE"]

@@ -18,6 +18,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from bot.hub.client import Hub
 from converters.core import records
 from converters.llama.calibrate import TextFile
 from converters.core.errors import InputError
@@ -84,8 +85,6 @@ def _fetch_hub(spec: str, hub) -> Path:
     kind, repo, path, rev = m.groups()
     repo_type = {"datasets": "dataset", "spaces": "space", "models": "model"}[kind]
     if hub is None:
-        from bot.hub.client import Hub
-
         hub = Hub()
     got = Path(hub.download_file(repo, path, revision=rev, repo_type=repo_type))
     return got

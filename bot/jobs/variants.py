@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from bot.hub.client import Hub
 from bot.publish import commit as publish_mod
 from converters.core.errors import InputError
 from converters.core.workdir import VARIANT_FILE, VariantInfo, WorkDir
@@ -34,7 +35,7 @@ def public_info(info: VariantInfo) -> dict[str, Any]:
     return clean(info.to_json())
 
 
-def publish_variant(workdir: Path, hub: Any, options: publish_mod.PublishOptions = publish_mod.PublishOptions(), *,
+def publish_variant(workdir: Path, hub: Hub, options: publish_mod.PublishOptions = publish_mod.PublishOptions(), *,
                     dry_run: bool = False,
                     now: dt.datetime | None = None) -> publish_mod.PublishResult | publish_mod.PublishPlan:
     """Publish a variant work dir to ``{org}/{model}-{variant}-GGUF`` (``options.repo_template``, or

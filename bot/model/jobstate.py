@@ -15,7 +15,7 @@ allowed source state (a compare-and-set), so two workers can never both move the
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, Protocol
 
 from converters.core.errors import GgufbotError, StateError
 
@@ -58,10 +58,23 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.CONVERTED: frozenset(),
 }
 
-# The stages of one job, in order; ``stage`` in the jobs table holds the current one. Between ``publish`` and
-# ``cleanup`` a job runs one ``variant:<recipe>`` stage per recipe of ``quantize.variants`` (VARIANT_STAGE).
-STAGES = ("fetch", "inspect", "convert", "calibrate", "quantize", "evaluate", "publish", "cleanup")
-VARIANT_STAGE = "variant:{recipe}"
+# ``stage`` in the jobs table holds the current stage; the stages of a job are the ones it records when it starts
+# (a ``job.stages`` event: ``bot.service.status.planned_stages``), not a fixed list.
+
+
+class JobRow(Protocol):
+    """What the operator moves read of a job row (``bot.state.store.Job``)."""
+
+    id: int
+    status: Status
+
+
+class JobTable(Protocol):
+    """What the operator moves need of the state store (``bot.state.store.StateStore``, which sits above)."""
+
+    def job(self, job_id: int) -> JobRow | None: ...
+
+    def transition(self, job_id: int, dst: Status, *, now: float, **fields: Any) -> JobRow: ...
 
 
 def allowed(src: Status | str, dst: Status | str) -> bool:
@@ -86,7 +99,7 @@ def error_fields(err: BaseException) -> tuple[str, str]:
     return type(err).__name__, msg[:2000]
 
 
-def operator_retry(store: Any, job_id: int, *, now: float, by: str = "operator") -> tuple[Status, Any]:
+def operator_retry(store: JobTable, job_id: int, *, now: float, by: str = "operator") -> tuple[Status, JobRow]:
     """Put a failed or cancelled job back in the queue (a retrying one: now). Returns (old status, job);
     StateError for an unknown job or a status that cannot be retried. ``ggufbot retry`` and the status page."""
     job = existing(store, job_id)
@@ -101,14 +114,14 @@ def operator_retry(store: Any, job_id: int, *, now: float, by: str = "operator")
     return src, moved
 
 
-def operator_cancel(store: Any, job_id: int, *, now: float, by: str = "operator") -> tuple[Status, Any]:
+def operator_cancel(store: JobTable, job_id: int, *, now: float, by: str = "operator") -> tuple[Status, JobRow]:
     """Cancel a queued, retrying or running job (a running one stops at its next step). Returns (old status, job)."""
     job = existing(store, job_id)
     check(job.status, Status.CANCELLED)
     return job.status, store.transition(job.id, Status.CANCELLED, now=now, message=f"cancelled by the {by}")
 
 
-def existing(store: Any, job_id: int) -> Any:
+def existing(store: JobTable, job_id: int) -> JobRow:
     job = store.job(job_id)
     if job is None:
         raise StateError(f"no job {job_id}")

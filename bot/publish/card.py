@@ -26,10 +26,11 @@ import yaml
 from bot.publish import markdown
 from bot.publish.source_card import SourceFacts, gating_fields, license_link, render_chat_example, shown, source_text
 from bot.publish.target import MARKER_TAG
+from converters.core import artifacts
 from converters.ladder import layout
 from converters.llama import mmproj
 from converters.core.report import PASSED, SKIPPED, FileResult, Report
-from converters.core.workdir import (CalibrationInfo, DistillInfo, ImatrixInfo, Ladder, LadderFile, ProjectorFile,
+from converters.core.workdir import (CalibrationInfo, DistillInfo, ImatrixInfo, Ladder, LadderFile,
                                 PruneCalibration, PruneInfo, VariantEvaluation, VariantFileFigures, VariantInfo)
 
 TEMPLATE_NAME = "model_card.md.j2"
@@ -156,31 +157,13 @@ class PublishedFile:
 
 def published_files(ladder: Ladder, report: Report) -> list[PublishedFile]:
     """Ladder files that passed the gate in the report, with their figures (unreported = not published)."""
-    by_type = {r.type: r for r in report.files}
-    out = []
-    for f in ladder.files:
-        r = by_type.get(f.type)
-        if r is None or r.status != PASSED:
-            continue
-        out.append(PublishedFile(f, r))
-    return out
-
-
-def published_projectors(ladder: Ladder, report: Report) -> list[ProjectorFile]:
-    """A vision-language model's projector files, published when the report's ``projector`` check passed (the F16
-    one loaded in llama-mtmd-cli and gave finite image embeddings), each file only when it passed; none for a
-    text-only model."""
-    check = report.checks.get(mmproj.CHECK)
-    if not ladder.projectors or check is None or check.status != PASSED:
-        return []
-    passed = mmproj.passed_files(check)  # a Q8_0 projector that failed while the F16 one passed is withheld
-    return [p for p in ladder.projectors if passed is None or Path(p.path).name in passed]
+    return [PublishedFile(f, r) for f, r in artifacts.passed_quants(ladder, report)]
 
 
 def _projectors(ladder: Ladder, report: Report, files: Sequence[Mapping[str, Any]],
                 run_type: str | None) -> dict[str, Any] | None:
     """The card's vision section: the projector files and a text model to show them with (None: no projector)."""
-    projs = published_projectors(ladder, report)
+    projs = artifacts.published_projectors(ladder, report)
     if not projs:
         return None
     row = next((f for f in files if f["type"] == run_type), files[0] if files else None)

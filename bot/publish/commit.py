@@ -40,7 +40,7 @@ from bot.publish.source_card import SourceFacts
 from bot.publish import target as target_mod
 from bot.publish.target import Identity, RemoteRepo, TargetPolicy
 from converters.core.errors import CheckFailed, GgufbotError, HubError, HubNotFound, InputError
-from converters.core import records
+from converters.core import artifacts, records
 from converters.core.records import TMP_MARK, content_sha256
 from converters.core.report import Report
 from converters.core.workdir import CHART_FILE, REPORT_FILE, Ladder, VariantInfo, WorkDir
@@ -120,19 +120,8 @@ def _safe_local(workdir: WorkDir, rel: str) -> Path:
 def collect_files(workdir: Path | WorkDir, ladder: Ladder, report: Report) -> dict[str, Path]:
     """Repo path -> local file for everything published except README.md and report.json."""
     wd = WorkDir(workdir)
-    out: dict[str, Path] = {}
-    for pf in card_mod.published_files(ladder, report):
-        for part in pf.file.all_parts:
-            out[part] = _safe_local(wd, part)
-    for rel in ladder.imatrix.paths if ladder.imatrix else ():
-        if (wd.path / rel).is_file():
-            out[rel] = _safe_local(wd, rel)
-    for proj in card_mod.published_projectors(ladder, report):  # a vision-language model's mmproj files
-        out[proj.path] = _safe_local(wd, proj.path)
-    chart = report.chart  # only a chart the evaluation drew (and hashed); not one left by an earlier run
-    if isinstance(chart, str) and chart and (wd.path / chart).is_file():
-        out[chart] = _safe_local(wd, chart)
-    return out
+    return {rel: _safe_local(wd, rel)
+            for _kind, rel in artifacts.published_files(ladder, report, lambda rel: (wd.path / rel).is_file())}
 
 
 def chart_name(report: Report) -> str:
@@ -323,7 +312,7 @@ def plan_publish(workdir: Path | WorkDir, hub: Hub, options: PublishOptions, *, 
     additions = {**files, **_write_staging(staging, card_text, report, pub, now)}
     old_files = set((old_pub or {}).get("files") or {})
     deletions = tuple(sorted(p for p in remote_files if p not in additions and (
-        p in old_files or p.endswith(".gguf") or p.endswith("-imatrix.dat"))))
+        p in old_files or artifacts.stale_in_repo(p))))
     message, description = _commit_text(model, ladder, report, pub, news, update=exists and bool(old_pub))
     gated = facts.gated if options.gate_like_source and facts.gated else False
     made = {p: records.sha256_file(f) for p, f in additions.items() if p not in hashes}  # the card, report.json

@@ -33,26 +33,32 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bot.hub.client import Hub
 from bot.model import jobstate as J
 from bot.model import metrics
 from bot.jobs import patch as patch_mod
+from bot.jobs import texts
 from bot.jobs.job import JobSpec, LazyText, VariantOutcome
+from bot.jobs.run import run_for_job
 from bot.model.retry import RetryPolicy
 from bot.model.settings import Settings
 from bot.state.base import Job
 from bot.state.store import Store
 from converters.core import proc
+from converters.llama import toolchain as tc_mod
 from converters.core.errors import Cancelled, GgufbotError, InputError, Stuck
 from converters.core.hooks import END, LINE, PROGRESS, SKIP, START, Event, Hooks
-from converters.core.workdir import LADDER_FILE, PLAN_FILE, REPORT_FILE, VARIANT_FILE, Ladder
+from converters.core import artifacts
+from converters.core.workdir import VARIANTS_DIR, Ladder
 
 log = logging.getLogger(__name__)
 
 WATCH_SECONDS = 2.0  # how often a running job's cancellation and stuck state are checked
+CLEANUP = "cleanup"  # the runner's last stage of a published job (after run_job): keep the report, drop the rest
 
 
 def retry_policy(settings: Settings, max_attempts: int | None = None) -> RetryPolicy:
@@ -140,6 +146,14 @@ class JobHooks(Hooks):
         if self.lost.is_set() or self.stuck.is_set() or proc.killed_on_request():
             self.check_cancel()
 
+    def planned(self, stages: Sequence[str]) -> None:
+        """The job's own stage list (what ``status`` counts "stage k of n" and the ETA over): a ``job.stages``
+        event; a job that publishes ends with the runner's ``cleanup``."""
+        names = [*stages, *([CLEANUP] if "publish" in stages else [])]
+        r = self.runner
+        r.store.event("job.stages", f"stages: {', '.join(names)}", now=r.clock(), job_id=self.job.id,
+                      repo=self.job.repo, data={"stages": names})
+
     def alive(self) -> None:
         self.moved = time.monotonic()
 
@@ -191,7 +205,7 @@ class Outcome:
 
 
 class Runner:
-    def __init__(self, settings: Settings, store: Store, hub: Any, *, worker_id: str | None = None,
+    def __init__(self, settings: Settings, store: Store, hub: Hub, *, worker_id: str | None = None,
                  toolchain: Any = None, namespace: str | None = None, stop: threading.Event | None = None,
                  clock: Callable[[], float] = time.time):
         self.settings = settings
@@ -335,7 +349,7 @@ class Runner:
         """fetch -> ... -> publish -> variants (one :func:`bot.jobs.job.run_job`), then artifacts and the cleanup."""
         s = self.settings
         # a full job, or a metadata patch of the published files (bot.jobs.patch decides, and falls back when refused)
-        res, kind = patch_mod.run_for_job(self.spec_for(job), job, workdir, hooks, store=self.store, hub=self.hub,
+        res, kind = run_for_job(self.spec_for(job), job, workdir, hooks, store=self.store, hub=self.hub,
                                           toolchain=self._toolchain(), clock=self.clock)
         tc_version = res.ladder.toolchain.version
         fields: dict[str, Any] = {"toolchain_version": tc_version}
@@ -358,7 +372,7 @@ class Runner:
             fields["result"]["variants"] = done
         # ---- cleanup: keep the report and the imatrix, drop the rest
         hooks.check_cancel()
-        hooks.progress(Event("cleanup", START))
+        hooks.progress(Event(CLEANUP, START))
         hooks.check_cancel()
         fields["result"]["kept"] = self._cleanup(job, workdir, res.ladder)
         fields["workdir"] = None
@@ -386,17 +400,13 @@ class Runner:
                 self._record_artifacts(job, v.workdir, v.ladder, url=None, kind="variant-gguf", prefix=v.workdir)
 
     def _text(self, spec: str | None, kind: str) -> Any:
-        from bot.jobs import texts
-
         spec = spec or (texts.DEFAULT_CALIBRATION if kind == "calibration" else texts.DEFAULT_EVALUATION)
         if spec not in self._texts:
             self._texts[spec] = texts.resolve_text(spec, hub=self.hub)
         return self._texts[spec]
 
-    def _toolchain(self) -> Any:
+    def _toolchain(self) -> tc_mod.Toolchain:
         if self.toolchain is None:
-            from converters.llama import toolchain as tc_mod
-
             self.toolchain = tc_mod.find(required=True)
         return self.toolchain
 
@@ -410,19 +420,17 @@ class Runner:
     def _cleanup(self, job: Job, workdir: Path, ladder: Ladder) -> list[str]:
         keep_dir = self.settings.keep_dir / slug(job.repo) / job.revision[:12]
         keep_dir.mkdir(parents=True, exist_ok=True)
-        names = [REPORT_FILE, LADDER_FILE, PLAN_FILE]
-        names += list(ladder.imatrix.paths) if ladder.imatrix else []
         kept = []
-        for n in names:
+        for kind, n in artifacts.kept_files(ladder, artifacts.JOB):  # the catalogue's kinds kept after cleanup
             p = workdir / n
             if p.is_file():
                 shutil.copy2(p, keep_dir / Path(n).name)
                 kept.append(str(keep_dir / Path(n).name))
-                self.store.add_artifact(job.id, "imatrix" if "imatrix" in n else Path(n).stem,
-                                        str(keep_dir / Path(n).name), now=self.clock(), size=p.stat().st_size)
-        for vdir in sorted((workdir / "variants").glob("*")) if (workdir / "variants").is_dir() else []:
-            vkeep = keep_dir / "variants" / vdir.name
-            for n in (REPORT_FILE, LADDER_FILE, VARIANT_FILE):
+                self.store.add_artifact(job.id, kind.name, str(keep_dir / Path(n).name), now=self.clock(),
+                                        size=p.stat().st_size)
+        for vdir in sorted((workdir / VARIANTS_DIR).glob("*")) if (workdir / VARIANTS_DIR).is_dir() else []:
+            vkeep = keep_dir / VARIANTS_DIR / vdir.name
+            for _kind, n in artifacts.kept_files(None, artifacts.VARIANT):
                 if (vdir / n).is_file():
                     vkeep.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(vdir / n, vkeep / n)

@@ -13,9 +13,12 @@ import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from bot.model import jobstate as J
+from bot.model.settings import Settings
+from bot.state.store import Job, StateStore
 from converters.core.errors import GgufbotError
 from converters.core.report import Report
 from converters.core.workdir import REPORT_FILE, WorkDir
@@ -24,7 +27,7 @@ STEP = re.compile(r"(\d+)\s*/\s*(\d+)\)?\s*$")  # "Q4_K_M 2/4", "kld Q8_0 3/7", 
 TIMING_EVENTS = 3000  # the newest stage events read for the timings of past stages
 
 
-def hub_state(store: Any) -> dict[str, Any]:
+def hub_state(store: StateStore) -> dict[str, Any]:
     """Whether the last poll reached the Hub: ``{"reachable": True}``, or ``{"reachable": False, "since",
     "reason", "endpoint", "checked_at", "next_poll_at", "message"}`` from the newest ``hub.unreachable`` event
     when no ``hub.reachable`` came after it."""
@@ -38,7 +41,7 @@ def hub_state(store: Any) -> dict[str, Any]:
             "message": e["message"]}
 
 
-def job_row(j: Any, now: float) -> dict[str, Any]:
+def job_row(j: Job, now: float) -> dict[str, Any]:
     """One job as ``status --json`` and ``/api/jobs`` show it."""
     return {"id": j.id, "repo": j.repo, "revision": j.revision, "status": j.status.value, "stage": j.stage,
             "progress": j.progress, "attempts": j.attempts, "max_attempts": j.max_attempts, "reason": j.reason,
@@ -49,14 +52,14 @@ def job_row(j: Any, now: float) -> dict[str, Any]:
             "variants": list((j.result or {}).get("variants") or []) if isinstance(j.result, dict) else []}
 
 
-def publish_note(settings: Any) -> str | None:
+def publish_note(settings: Settings) -> str | None:
     if settings.will_publish:
         return None
     return ("no Hub token (HF_TOKEN): jobs are converted but not published" if settings.target.publish
             else "publishing is turned off (target.publish = false)")
 
 
-def status_data(st: Any, settings: Any, now: float, limit: int = 10) -> dict[str, Any]:
+def status_data(st: StateStore, settings: Settings, now: float, limit: int = 10) -> dict[str, Any]:
     skipped = [m for m in st.models(limit=200) if m.decision in ("skipped", "unchanged")][:limit]
     return {
         "publishing": settings.will_publish,
@@ -77,7 +80,7 @@ def status_data(st: Any, settings: Any, now: float, limit: int = 10) -> dict[str
     }
 
 
-def workers_view(st: Any, now: float, stale_after: float = 300.0) -> list[dict[str, Any]]:
+def workers_view(st: StateStore, now: float, stale_after: float = 300.0) -> list[dict[str, Any]]:
     """Every box's workers (PostgreSQL: ``bot.queue.box``), live ones first, with the jobs each is running; empty on
     a single-box store."""
     rows = st.workers(now=now, stale_after=stale_after)
@@ -94,12 +97,23 @@ def workers_view(st: Any, now: float, stale_after: float = 300.0) -> list[dict[s
 
 
 def _stage_of_event(e: dict[str, Any]) -> str | None:
-    """The main stage a ``stage.end``/``stage.skip`` event is about (None for a variant's inner stages)."""
-    word = (e.get("message") or "").split(" ", 1)[0].rstrip(":")
-    return word if word in J.STAGES else None
+    """The main stage a ``stage.end``/``stage.skip`` event is about (None for a variant's inner stages, whose
+    messages start with ``<recipe>: ``)."""
+    word = (e.get("message") or "").split(" ", 1)[0]
+    return word if word and not word.endswith(":") else None
 
 
-def stage_timings(st: Any) -> tuple[dict[str, float], dict[int, float]]:
+def planned_stages(st: StateStore, job_id: int) -> tuple[str, ...] | None:
+    """The stages job ``job_id`` said it will run (its newest ``job.stages`` event, recorded when its stages
+    start: a full ladder, a metadata patch, a variant's...), None when it has not said yet."""
+    for e in st.events(job_id=job_id, kind="job.stages", limit=1):
+        names = e.get("data", {}).get("stages") if isinstance(e.get("data"), dict) else None
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return tuple(names)
+    return None
+
+
+def stage_timings(st: StateStore) -> tuple[dict[str, float], dict[int, float]]:
     """(median seconds per stage over past jobs, when the current stage of each job began).
 
     A stage's time is from the end of the job's previous stage (or its claim) to its ``stage.end`` event; skipped
@@ -127,7 +141,7 @@ def stage_timings(st: Any) -> tuple[dict[str, float], dict[int, float]]:
 @dataclasses.dataclass(frozen=True)
 class RunningView:
     job: dict[str, Any]
-    stage_index: int  # 1-based position of the current stage in J.STAGES (variants count as after publish)
+    stage_index: int  # 1-based position of the current stage in the job's own stage list (planned_stages)
     stage_count: int
     step: tuple[int, int] | None  # (i, m) inside the stage, from the progress text
     percent: float  # of the whole job
@@ -139,22 +153,16 @@ class RunningView:
         return dataclasses.asdict(self)
 
 
-def _index(stage: str | None) -> int:
-    if not stage:
-        return 0
-    if stage.startswith("variant:"):
-        return J.STAGES.index("publish") + 1
-    if stage == "tune":  # the optional per-tensor tuning (quantize.tune) counts as part of quantize
-        return J.STAGES.index("quantize")
-    return J.STAGES.index(stage) if stage in J.STAGES else 0
-
-
-def running_view(job: Any, timings: dict[str, float], began: dict[int, float], now: float) -> RunningView:
-    k = _index(job.stage)
+def running_view(job: Job, timings: dict[str, float], began: dict[int, float], now: float,
+                 stages: Sequence[str] | None = None) -> RunningView:
+    """Stage k of n and the ETA over ``stages``, the job's own list (:func:`planned_stages`); a job that has not
+    said yet counts as its current stage alone."""
+    names = tuple(stages) if stages else ((job.stage,) if job.stage else ())
+    k = names.index(job.stage) if job.stage in names else 0
     m = STEP.search(job.progress or "")
     step = (int(m.group(1)), int(m.group(2))) if m and int(m.group(2)) > 0 else None
     frac = min(1.0, step[0] / step[1]) if step else 0.0
-    n = len(J.STAGES)
+    n = max(1, len(names))
     start = began.get(job.id) or job.started_at or now
     in_stage = max(0.0, now - start)
     eta: float | None = None
@@ -163,18 +171,18 @@ def running_view(job: Any, timings: dict[str, float], began: dict[int, float], n
             left = in_stage * (1 - frac) / frac
         else:
             left = max(0.0, timings[job.stage] - in_stage)
-        eta = left + sum(timings.get(s, 0.0) for s in J.STAGES[k + 1:])
+        eta = left + sum(timings.get(s, 0.0) for s in names[k + 1:])
     return RunningView(job=job_row(job, now), stage_index=k + 1, stage_count=n, step=step,
                        percent=round(100 * (k + frac) / n, 1), elapsed_s=round(now - (job.started_at or now), 1),
                        stage_elapsed_s=round(in_stage, 1), eta_s=round(eta, 1) if eta is not None else None)
 
 
-def running_views(st: Any, now: float, limit: int = 50) -> list[RunningView]:
+def running_views(st: StateStore, now: float, limit: int = 50) -> list[RunningView]:
     jobs = st.jobs([J.Status.RUNNING], limit=limit)
     if not jobs:
         return []
     timings, began = stage_timings(st)
-    return [running_view(j, timings, began, now) for j in jobs]
+    return [running_view(j, timings, began, now, planned_stages(st, j.id)) for j in jobs]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,7 +190,7 @@ def running_views(st: Any, now: float, limit: int = 50) -> list[RunningView]:
 # --------------------------------------------------------------------------------------------------
 
 
-def report_of(st: Any, job: Any) -> Report | None:
+def report_of(st: StateStore, job: Job) -> Report | None:
     """The job's report: the kept copy of a published job, else the one in its work directory; None when
     this machine has neither (another worker's job on a shared database) or it cannot be read."""
     dirs = [Path(a["path"]).parent for a in st.artifacts(job.id) if a["kind"] == Path(REPORT_FILE).stem]
@@ -209,7 +217,7 @@ def ladder_rows(report: Report) -> list[dict[str, Any]]:
     return rows
 
 
-def queue_sizes(st: Any, job_ids: set[int]) -> dict[int, int]:
+def queue_sizes(st: StateStore, job_ids: set[int]) -> dict[int, int]:
     """Bytes to fetch of queued jobs, as the watcher recorded them (``job.size`` events)."""
     out: dict[int, int] = {}
     for e in st.events(kind="job.size", limit=5000):

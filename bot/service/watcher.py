@@ -26,11 +26,11 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from bot.hub.revisions import compare_revisions, fingerprint
 from bot.model import jobstate as J
 from bot.model import metrics
 from bot.model.record import ModelRecord
 from converters.core.errors import HubUnreachable
+from bot.model.revisions import compare_revisions, fingerprint
 from bot.model.rules import Decision, decide, sibling_names
 from bot.model.settings import Settings, Source
 from bot.service.status import hub_state

@@ -236,7 +236,8 @@ class StatusSite:
                                "artifacts": self.store.artifacts(job.id)}
         if job.status == J.Status.RUNNING:
             timings, began = status.stage_timings(self.store)
-            out["running"] = status.running_view(job, timings, began, now).to_json()
+            out["running"] = status.running_view(job, timings, began, now,
+                                                 status.planned_stages(self.store, job.id)).to_json()
         report = status.report_of(self.store, job)
         out["ladder"] = status.ladder_rows(report) if report else None
         return JSONResponse(out)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from converters.core.errors import Cancelled
@@ -76,6 +76,9 @@ class Hooks:
 
     def alive(self) -> None:  # noqa: B027 - a no-op by design
         """A sign of life without an event (a running program printed a line), for stuck-job detection."""
+
+    def planned(self, stages: Sequence[str]) -> None:  # noqa: B027 - a no-op by design
+        """The stages the run will go through, in order, before the first starts (the job's own stage list)."""
 
     # conveniences built on the two methods above
     def emit(self, stage: str, kind: str, **kw: Any) -> None:

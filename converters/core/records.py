@@ -21,8 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from converters.core import names
+
 RECORD_SCHEMA = 1
-RECORDS_DIR = "records"
+RECORDS_DIR = names.RECORDS_DIR
 TMP_MARK = ".partial-"  # prefix of scratch folders; see tmp_dir_for
 
 
@@ -212,7 +214,7 @@ class StageRecord:
 
 
 def record_path(workdir: Path, stage: str) -> Path:
-    return workdir / RECORDS_DIR / f"{stage}.json"
+    return workdir / names.record(stage)
 
 
 def load(workdir: Path, stage: str) -> StageRecord | None:

@@ -19,19 +19,21 @@ from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, TypeVar
 
 from converters.core.errors import InputError
+from converters.core import names
 from converters.core import records
 from converters.core.records import write_json_atomic
 from converters.core.report import Report
 
 log = logging.getLogger(__name__)
 
-PLAN_FILE = "plan.json"
-LADDER_FILE = "ladder.json"
-REPORT_FILE = "report.json"
-CHART_FILE = "size-vs-kld.png"
-VARIANT_FILE = "variant.json"
-RECORDS_DIR = records.RECORDS_DIR  # the stage records (converters.core.records owns their format)
-VARIANTS_DIR = "variants"
+# the work dir's names are built in converters.core.names; these are the records this module reads and writes
+PLAN_FILE = names.PLAN
+LADDER_FILE = names.LADDER
+REPORT_FILE = names.REPORT
+CHART_FILE = names.CHART
+VARIANT_FILE = names.VARIANT
+RECORDS_DIR = names.RECORDS_DIR
+VARIANTS_DIR = names.VARIANTS_DIR
 
 LADDER_SCHEMA = 1
 VARIANT_SCHEMA = 1

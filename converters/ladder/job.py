@@ -1,29 +1,35 @@
-"""The stages of one job, as small objects, and the loop that runs them.
+"""The ladder's stages and the run state of a job.
 
-Where things live: the stage protocol (:class:`Stage`), the run state (:class:`JobContext`), the loop
-(:func:`run_stages`) and every stage that works on files only -- inspect, convert, calibrate, quantize,
-evaluate, and a variant's prune, distill and teacher-logits -- live here, in ``converters/``.
-``bot/jobs/job.py`` holds the frozen ``JobSpec``, ``run_job`` and the stages that need the Hub or compose jobs
-(fetch, publish, ``variant:<recipe>``); ``converters/`` never imports ``bot/``.
+Where things live: the stage protocol (``Stage``), typed stage state (``StateKey``), the one skip rule
+(``RecordedStage``: the stage record) and the bare loop are in :mod:`converters.core.stages`. Here: the run state
+(:class:`JobContext`), the loop with each stage's program limits (:func:`run_stages`) and the ladder's stages --
+inspect, convert, calibrate, quantize, tune, evaluate. A variant's stages (prune, distill, teacher logits) are in
+``converters/variants/recipes.py``, a metadata patch's in ``converters/patch/metapatch.py``; ``bot/jobs/job.py``
+holds the frozen ``JobSpec``, ``run_job`` and the stages that need the Hub or compose jobs (fetch, publish,
+``variant:<recipe>``); ``converters/`` never imports ``bot/``.
 
 A stage declares its ``name`` (what the jobs table and the progress lines show) and ``run(ctx)``. Stages
-whose record says they finished for the same inputs skip themselves: the file stages through their own
-functions (:mod:`converters.llama.convert`, ...), the others through :class:`RecordedStage` (``inputs(ctx)`` is
-what the record fingerprints). :func:`run_stages` asks the hooks to stop between stages and announces each
-stage with a ``start`` event (``data["quiet"]`` for stages the command line does not announce).
+whose record says they finished for the same inputs skip themselves: the llama.cpp steps through their own
+functions (:mod:`converters.llama.convert`, ...), the others through ``RecordedStage`` (``inputs(ctx)`` is
+what the record fingerprints). :func:`run_stages` announces the stage list, asks the hooks to stop between
+stages and announces each stage with a ``start`` event (``data["quiet"]`` for stages the command line does not
+announce).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import contextvars
 import dataclasses
+import json
 import logging
 import os
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from converters.llama import calibrate as calibrate_mod
 from converters.formats import chat
@@ -35,12 +41,16 @@ from converters.llama import verify
 from converters.formats import checkpoint as checkpoint_mod
 from converters.llama import convert as convert_mod
 from converters.llama import quantize as quantize_mod
-from converters.core.errors import UnsupportedModel
-from converters.core.hooks import END, SKIP, START, Event, Hooks
+from converters.core import names
+from converters.core import stages as core_stages
+from converters.core.errors import CheckFailed, InputError, UnsupportedModel
+from converters.core.hooks import END, SKIP, Hooks
 from converters.core.report import Report
+from converters.core.stages import Stage, StageOutcome, StageState, StateKey, finished
+from converters.ladder import evaluate, layout, tune
 from converters.core.proc import Watch, current_watch, watched
 from converters.llama.toolchain import Toolchain
-from converters.core.workdir import Ladder, WorkDir
+from converters.core.workdir import Ladder, LadderFile, WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +130,7 @@ DEFAULT_EVAL_CHUNKS = 64  # converters.ladder.evaluate's default when no chunk c
 
 
 @dataclasses.dataclass
-class JobContext:
+class JobContext(StageState):
     """The state of one run, filled in stage by stage (not frozen: it is the run's scratch pad)."""
 
     workdir: Path
@@ -137,8 +147,8 @@ class JobContext:
     ladder: Ladder | None = None
     report: Report | None = None
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
-    state: dict[str, Any] = dataclasses.field(default_factory=dict)  # what later stages need (stage -> value)
     limits: ToolLimits = ToolLimits()
+    # what later stages need: ``ctx.get(KEY)`` / ``ctx.put(KEY, value)`` with the StateKeys below (StageState)
 
     def tool_timeout(self) -> float | None:
         """The cap on any one program of the running stage (its :class:`~converters.core.proc.Watch`'s, set by
@@ -160,18 +170,13 @@ class JobContext:
         return self.plan
 
 
-class Stage(Protocol):
-    """A step of a job. A stage may also define ``program_seconds(ctx) -> float | None``: the limit of the
-    longest program it starts, from its work (:class:`ToolLimits`); without it a program gets
-    ``ToolLimits.timeout`` of the source's size."""
-
-    name: str
-    quiet: bool
-
-    def run(self, ctx: JobContext) -> None: ...
+# What the ladder's stages hand to later ones (converters.core.stages.StateKey), beside their writers
+PROJECTOR: StateKey[records.StageRecord] = StateKey("projector")  # ConvertStage -> QuantizeStage (ladder.json)
+EVAL_OVERRIDES: StateKey[dict[str, Any]] = StateKey("eval_overrides")  # a variant's teacher logits -> EvaluateStage
+TUNE: StateKey[dict[str, Any]] = StateKey("tune")  # TuneStage's summary (its record's extra)
 
 
-def stage_timeout(stage: Stage, ctx: JobContext) -> float | None:
+def stage_timeout(stage: Stage[JobContext], ctx: JobContext) -> float | None:
     """The cap on any one program ``stage`` starts: its ``program_seconds(ctx)`` when it has one (None: before the
     checkpoint is known, no cap but each program's own)."""
     sized = getattr(stage, "program_seconds", None)
@@ -186,66 +191,21 @@ def stage_timeout(stage: Stage, ctx: JobContext) -> float | None:
                ctx.limits.evaluate(DEFAULT_EVAL_CHUNKS * ctx_len, ctx.reference_bytes()))
 
 
-def run_stages(stages: Sequence[Stage], ctx: JobContext) -> JobContext:
-    """Run ``stages`` in order; stop (``hooks.check_cancel()`` raises) between any two of them, and inside a
-    running program (its process group is killed: :class:`converters.core.proc.Watch`)."""
-    for stage in stages:
-        ctx.hooks.check_cancel()
-        ctx.hooks.progress(Event(stage.name, START, data={"quiet": stage.quiet}))
-        ctx.hooks.check_cancel()
+def run_stages(stages: Sequence[Stage[JobContext]], ctx: JobContext) -> JobContext:
+    """Run ``stages`` in order (:func:`converters.core.stages.run_stages`: the stage list announced, a stop between
+    any two of them) and inside a running program (its process group is killed:
+    :class:`converters.core.proc.Watch`)."""
+
+    @contextlib.contextmanager
+    def limits(stage: Stage[JobContext]) -> Iterator[None]:
         # every program the stage starts: a limit sized from its work, killed on a stop request, and every line it
         # prints a sign of life (the stuck-job detection); generations sized per run (converters.llama.verify)
         with watched(Watch(timeout=stage_timeout(stage, ctx), check=ctx.hooks.check_abort, alive=ctx.hooks.alive)), \
                 verify.limited(ctx.limits.generation()):
-            stage.run(ctx)
+            yield
+
+    core_stages.run_stages(stages, ctx, guard=limits)
     return ctx
-
-
-def finished(hooks: Hooks, stage: str, outcome: Any) -> None:
-    """The ``end`` or ``skip`` event of a stage that returned a :class:`converters.core.stages.StageOutcome`."""
-    hooks.emit(stage, SKIP if outcome.skipped else END, data={"seconds": outcome.record.seconds})
-
-
-@dataclasses.dataclass(frozen=True)
-class Produced:
-    """What :meth:`RecordedStage.produce` wrote: the outputs, the record's extra, seconds (None: wall time)."""
-
-    outputs: list[Path]
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    seconds: float | None = None
-    tool_version: str | None = None
-
-
-class RecordedStage:
-    """A stage that skips itself when its record matches :meth:`inputs`; otherwise :meth:`produce` writes its
-    outputs and the record is saved. :meth:`use` then takes what later stages need from the record."""
-
-    name = "stage"
-    quiet = False
-
-    def inputs(self, ctx: JobContext) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def produce(self, ctx: JobContext) -> Produced:
-        raise NotImplementedError
-
-    def use(self, ctx: JobContext, rec: records.StageRecord) -> None:
-        pass
-
-    def run(self, ctx: JobContext) -> None:
-        inputs = self.inputs(ctx)
-        rec = records.complete(ctx.workdir, self.name, inputs)
-        if rec is not None:
-            log.info("%s: already done for these inputs; skipped", self.name)
-            ctx.hooks.emit(self.name, SKIP, data={"seconds": rec.seconds})
-        else:
-            t0 = time.monotonic()
-            out = self.produce(ctx)
-            rec = records.save(ctx.workdir, self.name, inputs, out.outputs,
-                               time.monotonic() - t0 if out.seconds is None else out.seconds, out.tool_version,
-                               extra=out.extra)
-            ctx.hooks.emit(self.name, END, data={"seconds": rec.seconds})
-        self.use(ctx, rec)
 
 
 # ------------------------------------------------------------------------------------------ the ladder
@@ -293,7 +253,7 @@ class _ToolStage:
         ctx.seconds[self.name] = round(time.monotonic() - t0, 3)
         self.keep(ctx, out.record)
 
-    def call(self, ctx: JobContext, p: pipeline.Plan) -> Any:
+    def call(self, ctx: JobContext, p: pipeline.Plan) -> StageOutcome:
         raise NotImplementedError
 
     def keep(self, ctx: JobContext, record: records.StageRecord) -> None:
@@ -309,7 +269,7 @@ class ConvertStage(_ToolStage):
     def program_seconds(self, ctx: JobContext) -> float | None:
         return ctx.limits.convert(ctx.checkpoint.weight_bytes) if ctx.checkpoint is not None else None
 
-    def call(self, ctx: JobContext, p: pipeline.Plan) -> Any:
+    def call(self, ctx: JobContext, p: pipeline.Plan) -> StageOutcome:
         out = convert_mod.convert(p.checkpoint, ctx.workdir, p.model_name, toolchain=ctx.toolchain,
                                   outtype=p.outtype, timeout=self.timeout, hooks=ctx.hooks)
         # what went into the file is what every later program loads: its templates through the sandbox first
@@ -317,7 +277,7 @@ class ConvertStage(_ToolStage):
         if p.checkpoint.vision:  # a vision-language model: its projector too, once (converters.llama.mmproj)
             proj = mmproj.convert_projector(p.checkpoint, ctx.workdir, p.model_name, toolchain=ctx.toolchain,
                                             timeout=self.timeout, hooks=ctx.hooks, stage=self.name)
-            ctx.state[mmproj.STAGE] = proj.record
+            ctx.put(PROJECTOR, proj.record)
             out = dataclasses.replace(out, skipped=out.skipped and proj.skipped)
         return out
 
@@ -339,7 +299,7 @@ class CalibrateStage(_ToolStage):
             tokens = p.calibration.bytes // 2 if p.calibration is not None else 0
         return ctx.limits.evaluate(tokens, ctx.reference_bytes())
 
-    def call(self, ctx: JobContext, p: pipeline.Plan) -> Any:
+    def call(self, ctx: JobContext, p: pipeline.Plan) -> StageOutcome:
         assert p.calibration is not None and ctx.reference is not None
         opts = calibrate_mod.CalibrateOptions(chunks=p.calibration_chunks, ctx=p.ctx, timeout=self.timeout)
         return calibrate_mod.calibrate(ctx.workdir / ctx.reference.outputs[0].path, ctx.workdir, p.model_name,
@@ -369,7 +329,7 @@ class QuantizeStage:
         ctx.hooks.emit(self.name, END)
         ctx.seconds[self.name] = round(time.monotonic() - t0, 3)
         ctx.ladder = pipeline.ladder_record(p, ctx.toolchain, ctx.reference, ctx.imatrix, done, ctx.seconds,
-                                            projector=ctx.state.get(mmproj.STAGE))
+                                            projector=ctx.get(PROJECTOR, None))
         WorkDir(ctx.workdir).write_ladder(ctx.ladder)
 
     def _all(self, ctx: JobContext, p: pipeline.Plan) -> dict[str, records.StageRecord]:
@@ -377,7 +337,7 @@ class QuantizeStage:
         imatrix = ctx.workdir / ctx.imatrix.outputs[0].path if ctx.imatrix is not None else None
         threads = max(1, (os.cpu_count() or 1) // p.jobs)
 
-        def one(q: quants.QuantType, est: int) -> Any:
+        def one(q: quants.QuantType, est: int) -> StageOutcome:
             opts = quantize_mod.QuantizeOptions(threads=threads, split_max_bytes=p.split_max_bytes,
                                                 estimated_bytes=est, timeout=self.timeout)
             return quantize_mod.quantize(reference, ctx.workdir, p.model_name, q, toolchain=ctx.toolchain,
@@ -412,8 +372,6 @@ def _eval_options(settings: EvalSettings, calibration: calibrate_mod.TextFile | 
 
 def evaluate_workdir(ctx: JobContext, options: dict[str, Any]) -> Report:
     """``converters.ladder.evaluate.run`` with these options, this run's toolchain and hooks."""
-    from converters.ladder import evaluate
-
     return evaluate.run(ctx.workdir, evaluate.EvalOptions(**options), toolchain=ctx.toolchain, hooks=ctx.hooks)
 
 
@@ -426,20 +384,145 @@ class EvaluateStage:
 
     def program_seconds(self, ctx: JobContext) -> float | None:
         """llama-perplexity over the evaluation chunks on the reference, the largest model it loads."""
-        opts = _eval_options(self.settings, self.calibration, **ctx.state.get("eval_overrides", {}))
+        opts = _eval_options(self.settings, self.calibration, **ctx.get(EVAL_OVERRIDES, {}))
         ctx_len = int(opts.get("ctx") or (ctx.plan.ctx if ctx.plan is not None else 512))
         chunks = int(opts.get("chunks") or self.settings.chunks or DEFAULT_EVAL_CHUNKS)
         return ctx.limits.evaluate(chunks * ctx_len, ctx.reference_bytes())
 
     def run(self, ctx: JobContext) -> None:
-        overrides = ctx.state.get("eval_overrides", {})
+        overrides = ctx.get(EVAL_OVERRIDES, {})
         ctx.report = evaluate_workdir(ctx, _eval_options(self.settings, self.calibration, **overrides))
         ctx.hooks.emit(self.name, END)
         if self.settings.require_publishable and not ctx.report.publishable:
-            from converters.core.errors import CheckFailed
-
             why = "; ".join(str(r) for r in ctx.report.reasons or []) or "the evaluation found it not publishable"
             raise CheckFailed("evaluate", f"not published: {why}")
+
+
+# ------------------------------------------------------------------------------------------ tuning (converters.ladder.tune)
+def _tuned_entry(q: quants.QuantType, rec_out: records.Output, lay: layout.Layout, parameters: int | None,
+                 seconds: float | None, layout_rel: str) -> LadderFile:
+    return LadderFile(
+        type=tune.tuned_name(q), bpw_nominal=q.bpw, needs_imatrix=q.needs_imatrix,
+        description=f"{q.name} size, types chosen per tensor from measured damage; published only where it "
+                    f"measures better than {q.name}.",
+        path=rec_out.path, parts=(rec_out.path,), size=rec_out.size, sha256=rec_out.sha256,
+        part_sha256=(rec_out.sha256,), bpw=round(rec_out.size * 8 / parameters, 3) if parameters else None,
+        seconds=seconds,
+        extra={"tuned": {"stock": q.name, "layout": layout_rel, "budget": lay.budget,
+                         "predicted_kld": lay.damage, "stock_predicted_kld": lay.stock_damage,
+                         "types": lay.type_counts()}})
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneStage:
+    """After quantize: one ``<TYPE>-tuned`` file per size point of ``options.size_points`` (see the module doc),
+    appended to ``ladder.json`` so that the evaluation measures it like every file."""
+
+    options: tune.TuneOptions
+    name: str = tune.STAGE
+    quiet: bool = False
+
+    def inputs(self, ctx: JobContext, points: Sequence[quants.QuantType]) -> dict[str, Any]:
+        p = ctx.need_plan()
+        o = self.options
+        return {
+            "reference": ctx.reference.outputs[0].sha256,
+            "imatrix": ctx.imatrix.outputs[0].sha256 if ctx.imatrix is not None else None,
+            "calibration": p.calibration.sha256 if p.calibration else None,
+            "stock": {q.name: ctx.ladder.file(q.name).sha256 for q in points},
+            "candidates": list(o.candidates), "probe_chunks": o.probe_chunks, "ctx": o.ctx,
+            "toolchain": ctx.toolchain.version, "method": 1,
+        }
+
+    def run(self, ctx: JobContext) -> None:
+        p = ctx.need_plan()
+        if ctx.ladder is None or ctx.reference is None:
+            raise RuntimeError("tune runs after quantize")
+        points = tune.check_points(self.options.size_points, ctx.ladder.types)
+        if not points:
+            return
+        if p.calibration is None:
+            raise InputError("tuning needs the calibration text (its probes are measured on it)")
+        inputs = self.inputs(ctx, points)
+        t0 = time.monotonic()
+        rec = records.complete(ctx.workdir, self.name, inputs)
+        if rec is not None:
+            log.info("tune: already done for these inputs; skipped")
+            ctx.hooks.emit(self.name, SKIP, data={"seconds": rec.seconds})
+        else:
+            rec = self._produce(ctx, p, points, inputs)
+            ctx.hooks.emit(self.name, END, data={"seconds": rec.seconds})
+        ctx.seconds[self.name] = round(time.monotonic() - t0, 3)
+        by_path = {o.path: o for o in rec.outputs}
+        added = []
+        for q in points:
+            info = rec.extra.get("points", {}).get(q.name, {})
+            if info.get("status") != "built" or info.get("file") not in by_path:
+                continue
+            lay = layout.Layout.from_json(json.loads((ctx.workdir / info["layout"]).read_text()))
+            added.append(_tuned_entry(q, by_path[info["file"]], lay, p.checkpoint.parameters, info.get("seconds"),
+                                      info["layout"]))
+        kept = tuple(f for f in ctx.ladder.files if not layout.is_tuned(f.type))
+        extra = {**ctx.ladder.extra, "tune": rec.extra}
+        ctx.ladder = dataclasses.replace(ctx.ladder, files=kept + tuple(added), extra=extra,
+                                         seconds={**ctx.ladder.seconds, self.name: ctx.seconds[self.name]})
+        WorkDir(ctx.workdir).write_ladder(ctx.ladder)
+        ctx.put(TUNE, rec.extra)
+
+    def _produce(self, ctx: JobContext, p: pipeline.Plan, points: Sequence[quants.QuantType], inputs: dict[str, Any]) -> records.StageRecord:
+        wd: Path = ctx.workdir
+        # the stock files' own types are always measured: the stock layout is then one of the solver's choices
+        stock_types = sorted({t for q in points if not ctx.ladder.file(q.name).split
+                              for t in tune.read_types(wd / ctx.ladder.file(q.name).path).values()
+                              if t in layout.QUANT_SIZES and t not in ("F32", *layout.UNQUANTIZED)})
+        candidates = tuple(self.options.candidates) + tuple(t for t in stock_types if t not in self.options.candidates)
+        o = dataclasses.replace(self.options, ctx=self.options.ctx or p.ctx, timeout=self.options.timeout
+                                or ctx.tool_timeout(), candidates=candidates)
+        clock = tune.Clock(o.time_budget)
+        reference = wd / ctx.reference.outputs[0].path
+        imatrix = wd / ctx.imatrix.outputs[0].path if ctx.imatrix is not None else None
+        summary: dict[str, Any] = {"points": {}, "seconds": {}}
+        outputs: list[Path] = []
+
+        def step(text: str, done: int, total: int) -> None:
+            ctx.hooks.step(self.name, done, total, text)
+
+        try:
+            m = tune.measure(reference, wd, toolchain=ctx.toolchain, imatrix=imatrix, calibration=p.calibration.path,
+                        options=o, clock=clock, step=step)
+            tune.save_measurements(wd, m)
+            summary["scales"] = m.scales
+            summary["probes"] = m.probes
+            summary["seconds"]["measure"] = round(clock.elapsed, 3)
+        except tune.TuneStopped as e:
+            summary["stopped"] = str(e)
+            for q in points:
+                summary["points"][q.name] = {"status": "stopped", "reason": str(e)}
+            m = None
+        finally:
+            shutil.rmtree(wd / names.TUNE_DIR / "scratch", ignore_errors=True)
+        for q in points if m is not None else ():
+            t1 = time.monotonic()
+            try:
+                clock.check(f"tuning {q.name}")
+                stock = ctx.ladder.file(q.name)
+                if stock.split:
+                    raise InputError(f"{q.name} is split into parts; tuning of split files is not supported")
+                lay = tune.plan_point(m, q, wd / stock.path)
+                rel = tune.save_layout(wd, q, lay).relative_to(wd).as_posix()
+                out = tune.build(lay, q, reference, wd, wd / tune.file_name(p.model_name, q), toolchain=ctx.toolchain,
+                            imatrix=imatrix, threads=o.threads, timeout=o.timeout)
+                outputs.append(out)
+                summary["points"][q.name] = {"status": "built", "file": out.relative_to(wd).as_posix(),
+                                             "layout": rel, "bytes": out.stat().st_size, "budget": lay.budget,
+                                             "predicted_kld": lay.damage, "stock_predicted_kld": lay.stock_damage,
+                                             "optimal": lay.optimal, "seconds": round(time.monotonic() - t1, 3)}
+                log.info("tune %s: %s", q.name, lay.describe().replace("\n", ";"))
+            except (tune.TuneStopped, InputError, CheckFailed, layout.Infeasible) as e:
+                summary["points"][q.name] = {"status": "not built", "reason": str(e)}
+                log.warning("tune %s: not built: %s", q.name, e)
+        summary["seconds"]["total"] = round(clock.elapsed, 3)
+        return records.save(wd, self.name, inputs, outputs, clock.elapsed, ctx.toolchain.version, extra=summary)
 
 
 TEMPLATES_RECORD = "templates"  # the record of a reference whose chat templates passed the sandbox
@@ -462,21 +545,19 @@ def sandbox_templates(workdir: Path, gguf: Path) -> None:
 
 
 def ladder_stages(options: pipeline.LadderOptions, evaluation: EvalSettings | None, *,
-                  rules: CheckpointRules = CheckpointRules()) -> tuple[Stage, ...]:
+                  rules: CheckpointRules = CheckpointRules()) -> tuple[Stage[JobContext], ...]:
     """inspect -> convert (and a vision-language model's projector) -> calibrate (with an imatrix) -> quantize ->
     tune (size points in ``options.tune``) -> evaluate (when asked)."""
-    stages: list[Stage] = [InspectStage(options, rules), ConvertStage(options.timeout)]
+    stages: list[Stage[JobContext]] = [InspectStage(options, rules), ConvertStage(options.timeout)]
     if options.imatrix:
         stages.append(CalibrateStage(options.timeout))
     stages.append(QuantizeStage(options.timeout))
     if options.tune:
-        from converters.ladder import tune
-
         topts = tune.TuneOptions(size_points=tuple(options.tune), ctx=options.ctx, time_budget=options.tune_seconds,
                                  timeout=options.timeout)
         if options.tune_candidates:
             topts = dataclasses.replace(topts, candidates=tuple(options.tune_candidates))
-        stages.append(tune.TuneStage(topts))
+        stages.append(TuneStage(topts))
     if evaluation is not None:
         stages.append(EvaluateStage(evaluation, options.calibration))
     return tuple(stages)

@@ -10,6 +10,7 @@ run resumes where it stopped. :func:`prepare` writes ``plan.json``; :func:`ladde
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 from pathlib import Path
@@ -25,6 +26,7 @@ from converters.formats.checkpoint import Checkpoint
 from converters.core.errors import InputError, NeedsImatrix
 from converters.core.stages import check_disk, free_bytes
 from converters.llama.toolchain import Toolchain
+from converters.ladder import layout, tune
 from converters.core.workdir import (LADDER_SCHEMA, CalibrationInfo, ImatrixInfo, Ladder, LadderFile, ReferenceFile,
                                 SourceInfo, ToolchainInfo, WorkDir)
 
@@ -115,11 +117,6 @@ class Plan:
 
 def _tuned_layout(out: Path, q: quants.QuantType) -> list[str]:
     """The plan of a tuned file when an earlier run in this work dir solved it (its layout.json), else nothing."""
-    import json
-
-    from converters.ladder import layout
-    from converters.ladder import tune
-
     p = tune.layout_path(out, q)
     if not p.is_file():
         return []
@@ -183,9 +180,7 @@ def plan(checkpoint: Checkpoint, out: Path, *, model_name: str, options: LadderO
     o = options
     types = quants.parse_ladder(o.ladder)
     _check_options(o, types)
-    from converters.ladder import tune as tune_mod
-
-    tuned = tuple(q.name for q in tune_mod.check_points(o.tune, [q.name for q in types]))
+    tuned = tuple(q.name for q in tune.check_points(o.tune, [q.name for q in types]))
     files = []
     for q in types:
         est = checkpoint.estimate_gguf_bytes(q.bpw)

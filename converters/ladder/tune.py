@@ -48,8 +48,9 @@ from typing import Any
 
 import numpy as np
 
+from converters.core import names
 from converters.ladder import layout
-from converters.core import records
+from converters.core import quants, records
 from converters.core.errors import CheckFailed, InputError
 from converters.ladder.layout import TensorInfo
 from converters.core.quants import QuantType
@@ -59,8 +60,7 @@ from converters.llama.toolchain import Toolchain
 log = logging.getLogger(__name__)
 
 STAGE = "tune"
-TUNE_DIR = "tune"
-MEASURE_FILE = "measurements.json"
+TUNE_DIR = names.TUNE_DIR
 DEFAULT_PROBE_CHUNKS = 8
 PROBE_BASE_TYPE = "Q8_0"
 
@@ -84,11 +84,11 @@ def group_of(kind: str) -> str:
 
 
 def tuned_name(q: QuantType) -> str:
-    return q.name + layout.TUNED_SUFFIX
+    return names.tuned_type(q.name)
 
 
 def file_name(model_name: str, q: QuantType) -> str:
-    return f"{model_name}-{tuned_name(q)}.gguf"
+    return names.tuned(model_name, q.name)
 
 
 class TuneStopped(Exception):
@@ -197,7 +197,7 @@ class Measurements:
                    dict(d.get("scales") or {}), dict(d.get("seconds") or {}))
 
 
-class _Clock:
+class Clock:
     def __init__(self, budget: float | None) -> None:
         self.started = time.monotonic()
         self.budget = budget
@@ -228,14 +228,14 @@ def _quantize(tc: Toolchain, reference: Path, out: Path, ftype: str, *, workdir:
 
 
 def measure(reference: Path, workdir: Path, *, toolchain: Toolchain, imatrix: Path | None, calibration: Path,
-            options: TuneOptions, clock: _Clock | None = None,
+            options: TuneOptions, clock: Clock | None = None,
             step: Callable[[str, int, int], None] | None = None) -> Measurements:
     """Errors per tensor and candidate type, then the per-group scales from single-group probes."""
     from gguf import GGUFReader
 
     from converters.ladder import evaluate
 
-    clock = clock or _Clock(options.time_budget)
+    clock = clock or Clock(options.time_budget)
     scratch = workdir / TUNE_DIR / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     importance = read_importance(imatrix)
@@ -285,7 +285,7 @@ def measure(reference: Path, workdir: Path, *, toolchain: Toolchain, imatrix: Pa
 
 
 def _probe(m: Measurements, reference: Path, workdir: Path, *, toolchain: Toolchain, imatrix: Path | None,
-           calibration: Path, options: TuneOptions, clock: _Clock, base_file: Path, evaluate: Any,
+           calibration: Path, options: TuneOptions, clock: Clock, base_file: Path, evaluate: Any,
            step: Callable[[str, int, int], None] | None) -> None:
     scratch = base_file.parent
     base_logits = scratch / "calibration.kld"
@@ -357,7 +357,7 @@ def build(layout_: layout.Layout, q: QuantType, reference: Path, workdir: Path, 
     """Quantize with the layout's ``--tensor-type-file``; check the file's types and size against the plan."""
     tdir = workdir / TUNE_DIR
     tdir.mkdir(parents=True, exist_ok=True)
-    tf = tdir / f"{tuned_name(q)}.tensor-types.txt"
+    tf = workdir / names.tensor_types(q.name)
     layout.write_tensor_type_file(tf, layout_.types)
     tmp = records.tmp_path_for(out)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -379,7 +379,7 @@ def build(layout_: layout.Layout, q: QuantType, reference: Path, workdir: Path, 
 
 
 def layout_path(workdir: Path, q: QuantType) -> Path:
-    return workdir / TUNE_DIR / f"{tuned_name(q)}.layout.json"
+    return workdir / names.layout(q.name)
 
 
 def save_layout(workdir: Path, q: QuantType, lay: layout.Layout) -> Path:
@@ -390,14 +390,14 @@ def save_layout(workdir: Path, q: QuantType, lay: layout.Layout) -> Path:
 
 
 def load_measurements(workdir: Path) -> Measurements | None:
-    p = workdir / TUNE_DIR / MEASURE_FILE
+    p = workdir / names.MEASUREMENTS
     if not p.exists():
         return None
     return Measurements.from_json(json.loads(p.read_text()))
 
 
 def save_measurements(workdir: Path, m: Measurements) -> Path:
-    p = workdir / TUNE_DIR / MEASURE_FILE
+    p = workdir / names.MEASUREMENTS
     p.parent.mkdir(parents=True, exist_ok=True)
     records.write_json_atomic(p, m.to_json())
     return p
@@ -405,8 +405,6 @@ def save_measurements(workdir: Path, m: Measurements) -> Path:
 
 def check_points(names: Sequence[str], ladder: Sequence[str]) -> tuple[QuantType, ...]:
     """The size points to tune: known types that are in the ladder (the stock file is the budget)."""
-    from converters.core import quants
-
     out = []
     for n in names:
         q = quants.get(n)
@@ -422,134 +420,3 @@ def check_points(names: Sequence[str], ladder: Sequence[str]) -> tuple[QuantType
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
-def _tuned_entry(q: QuantType, rec_out: records.Output, lay: layout.Layout, parameters: int | None,
-                 seconds: float | None, layout_rel: str) -> Any:
-    from converters.core.workdir import LadderFile
-
-    return LadderFile(
-        type=tuned_name(q), bpw_nominal=q.bpw, needs_imatrix=q.needs_imatrix,
-        description=f"{q.name} size, types chosen per tensor from measured damage; published only where it "
-                    f"measures better than {q.name}.",
-        path=rec_out.path, parts=(rec_out.path,), size=rec_out.size, sha256=rec_out.sha256,
-        part_sha256=(rec_out.sha256,), bpw=round(rec_out.size * 8 / parameters, 3) if parameters else None,
-        seconds=seconds,
-        extra={"tuned": {"stock": q.name, "layout": layout_rel, "budget": lay.budget,
-                         "predicted_kld": lay.damage, "stock_predicted_kld": lay.stock_damage,
-                         "types": lay.type_counts()}})
-
-
-@dataclasses.dataclass(frozen=True)
-class TuneStage:
-    """After quantize: one ``<TYPE>-tuned`` file per size point of ``options.size_points`` (see the module doc),
-    appended to ``ladder.json`` so that the evaluation measures it like every file."""
-
-    options: TuneOptions
-    name: str = STAGE
-    quiet: bool = False
-
-    def inputs(self, ctx: Any, points: Sequence[QuantType]) -> dict[str, Any]:
-        p = ctx.need_plan()
-        o = self.options
-        return {
-            "reference": ctx.reference.outputs[0].sha256,
-            "imatrix": ctx.imatrix.outputs[0].sha256 if ctx.imatrix is not None else None,
-            "calibration": p.calibration.sha256 if p.calibration else None,
-            "stock": {q.name: ctx.ladder.file(q.name).sha256 for q in points},
-            "candidates": list(o.candidates), "probe_chunks": o.probe_chunks, "ctx": o.ctx,
-            "toolchain": ctx.toolchain.version, "method": 1,
-        }
-
-    def run(self, ctx: Any) -> None:
-        from converters.core.hooks import END, SKIP
-        from converters.core.workdir import WorkDir
-
-        p = ctx.need_plan()
-        if ctx.ladder is None or ctx.reference is None:
-            raise RuntimeError("tune runs after quantize")
-        points = check_points(self.options.size_points, ctx.ladder.types)
-        if not points:
-            return
-        if p.calibration is None:
-            raise InputError("tuning needs the calibration text (its probes are measured on it)")
-        inputs = self.inputs(ctx, points)
-        t0 = time.monotonic()
-        rec = records.complete(ctx.workdir, self.name, inputs)
-        if rec is not None:
-            log.info("tune: already done for these inputs; skipped")
-            ctx.hooks.emit(self.name, SKIP, data={"seconds": rec.seconds})
-        else:
-            rec = self._produce(ctx, p, points, inputs)
-            ctx.hooks.emit(self.name, END, data={"seconds": rec.seconds})
-        ctx.seconds[self.name] = round(time.monotonic() - t0, 3)
-        by_path = {o.path: o for o in rec.outputs}
-        added = []
-        for q in points:
-            info = rec.extra.get("points", {}).get(q.name, {})
-            if info.get("status") != "built" or info.get("file") not in by_path:
-                continue
-            lay = layout.Layout.from_json(json.loads((ctx.workdir / info["layout"]).read_text()))
-            added.append(_tuned_entry(q, by_path[info["file"]], lay, p.checkpoint.parameters, info.get("seconds"),
-                                      info["layout"]))
-        kept = tuple(f for f in ctx.ladder.files if not layout.is_tuned(f.type))
-        extra = {**ctx.ladder.extra, "tune": rec.extra}
-        ctx.ladder = dataclasses.replace(ctx.ladder, files=kept + tuple(added), extra=extra,
-                                         seconds={**ctx.ladder.seconds, self.name: ctx.seconds[self.name]})
-        WorkDir(ctx.workdir).write_ladder(ctx.ladder)
-        ctx.state["tune"] = rec.extra
-
-    def _produce(self, ctx: Any, p: Any, points: Sequence[QuantType], inputs: dict[str, Any]) -> records.StageRecord:
-        wd: Path = ctx.workdir
-        # the stock files' own types are always measured: the stock layout is then one of the solver's choices
-        stock_types = sorted({t for q in points if not ctx.ladder.file(q.name).split
-                              for t in read_types(wd / ctx.ladder.file(q.name).path).values()
-                              if t in layout.QUANT_SIZES and t not in ("F32", *layout.UNQUANTIZED)})
-        candidates = tuple(self.options.candidates) + tuple(t for t in stock_types if t not in self.options.candidates)
-        o = dataclasses.replace(self.options, ctx=self.options.ctx or p.ctx, timeout=self.options.timeout
-                                or ctx.tool_timeout(), candidates=candidates)
-        clock = _Clock(o.time_budget)
-        reference = wd / ctx.reference.outputs[0].path
-        imatrix = wd / ctx.imatrix.outputs[0].path if ctx.imatrix is not None else None
-        summary: dict[str, Any] = {"points": {}, "seconds": {}}
-        outputs: list[Path] = []
-
-        def step(text: str, done: int, total: int) -> None:
-            ctx.hooks.step(self.name, done, total, text)
-
-        try:
-            m = measure(reference, wd, toolchain=ctx.toolchain, imatrix=imatrix, calibration=p.calibration.path,
-                        options=o, clock=clock, step=step)
-            save_measurements(wd, m)
-            summary["scales"] = m.scales
-            summary["probes"] = m.probes
-            summary["seconds"]["measure"] = round(clock.elapsed, 3)
-        except TuneStopped as e:
-            summary["stopped"] = str(e)
-            for q in points:
-                summary["points"][q.name] = {"status": "stopped", "reason": str(e)}
-            m = None
-        finally:
-            import shutil
-
-            shutil.rmtree(wd / TUNE_DIR / "scratch", ignore_errors=True)
-        for q in points if m is not None else ():
-            t1 = time.monotonic()
-            try:
-                clock.check(f"tuning {q.name}")
-                stock = ctx.ladder.file(q.name)
-                if stock.split:
-                    raise InputError(f"{q.name} is split into parts; tuning of split files is not supported")
-                lay = plan_point(m, q, wd / stock.path)
-                rel = save_layout(wd, q, lay).relative_to(wd).as_posix()
-                out = build(lay, q, reference, wd, wd / file_name(p.model_name, q), toolchain=ctx.toolchain,
-                            imatrix=imatrix, threads=o.threads, timeout=o.timeout)
-                outputs.append(out)
-                summary["points"][q.name] = {"status": "built", "file": out.relative_to(wd).as_posix(),
-                                             "layout": rel, "bytes": out.stat().st_size, "budget": lay.budget,
-                                             "predicted_kld": lay.damage, "stock_predicted_kld": lay.stock_damage,
-                                             "optimal": lay.optimal, "seconds": round(time.monotonic() - t1, 3)}
-                log.info("tune %s: %s", q.name, lay.describe().replace("\n", ";"))
-            except (TuneStopped, InputError, CheckFailed, layout.Infeasible) as e:
-                summary["points"][q.name] = {"status": "not built", "reason": str(e)}
-                log.warning("tune %s: not built: %s", q.name, e)
-        summary["seconds"]["total"] = round(clock.elapsed, 3)
-        return records.save(wd, self.name, inputs, outputs, clock.elapsed, ctx.toolchain.version, extra=summary)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from converters.core import names
 from converters.formats import gguf_meta
 from converters.core import records
 from converters.core.errors import InputError, ToolError
@@ -50,7 +51,7 @@ class TextFile:
 
 
 def imatrix_names(model_name: str) -> tuple[str, str]:
-    return f"{model_name}-imatrix.gguf", f"{model_name}-imatrix.dat"
+    return names.imatrix(model_name)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from converters.core import names
 from converters.core import records
 from converters.formats.checkpoint import Checkpoint
 from converters.core.errors import ToolError, UnsupportedModel
@@ -23,7 +24,7 @@ STAGE = "convert"
 
 
 def reference_name(model_name: str, outtype: str) -> str:
-    return f"{model_name}-{outtype.upper()}.gguf"
+    return names.reference(model_name, outtype)
 
 
 def convert(ckpt: Checkpoint, workdir: Path, model_name: str, *, toolchain: Toolchain, outtype: str = "bf16",

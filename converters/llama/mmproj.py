@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from converters.core import artifacts, names
 from converters.core import records
 from converters.formats.checkpoint import Checkpoint
 from converters.core.errors import ToolError, UnsupportedModel
@@ -40,7 +41,7 @@ from converters.core.workdir import ProjectorFile
 log = logging.getLogger(__name__)
 
 STAGE = "projector"  # the stage record's name (records/projector.json); the work runs in the convert stage
-CHECK = "projector"  # the report.json check
+CHECK = artifacts.PROJECTOR_CHECK  # the report.json check (the artifact catalogue gates publishing on it)
 TYPES = ("F16", "Q8_0")  # F16 always; Q8_0 where the converter writes it for this model
 CHECK_TIMEOUT = 900
 CHECK_PROMPT = "Describe this image."
@@ -49,7 +50,7 @@ IMAGE_SIZE = (96, 64)  # width, height of the test image: not square, so the ima
 
 
 def projector_name(model_name: str, qtype: str) -> str:
-    return f"mmproj-{model_name}-{qtype.upper()}.gguf"
+    return names.projector(model_name, qtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,10 +244,3 @@ def projector_check(tc: Toolchain, text_model: Path, projectors: Sequence[Path],
     ok = len(results) - len(failed)
     return Check.ok(f"{ok} projector file(s) load in llama-mtmd-cli with {text_model.name}; a {w}x{h} test image "
                     f"gives {first['n_tokens']} finite embeddings of {first['n_embd']}{diffs}{withheld}", **data)
-
-
-def passed_files(check: Check | None) -> set[str] | None:
-    """The projector files (names) that passed a ``projector`` check; None when the check lists no files."""
-    if check is None or not isinstance(check.data.get("files"), list):
-        return None
-    return {str(r.get("path")) for r in check.data["files"] if isinstance(r, dict) and r.get("status") == "passed"}

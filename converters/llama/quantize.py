@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+from converters.core import names
 from converters.core import records
 from converters.core.errors import NeedsImatrix
 from converters.core.hooks import NULL_HOOKS, Hooks
@@ -29,13 +30,12 @@ def stage_name(q: QuantType) -> str:
 
 
 def file_name(model_name: str, q: QuantType) -> str:
-    return f"{model_name}-{q.name}.gguf"
+    return names.quant(model_name, q.name)
 
 
 def split_names(model_name: str, q: QuantType, n: int) -> list[str]:
     """Relative paths of split parts: a folder per type, as llama.cpp and the Hub's -hf loader expect."""
-    stem = f"{model_name}-{q.name}"
-    return [f"{stem}/{stem}-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
+    return names.split_parts(model_name, q.name, n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +113,7 @@ def quantize(reference: Path, workdir: Path, model_name: str, q: QuantType, *, t
 def _split(src: Path, workdir: Path, model_name: str, q: QuantType, max_bytes: int, toolchain: Toolchain,
            timeout: float | None) -> list[Path]:
     """Split ``src`` with llama-gguf-split into ``<Model>-<TYPE>/...-0000i-of-0000N.gguf``."""
-    stem = f"{model_name}-{q.name}"
+    stem = names.split_dir(model_name, q.name)
     folder = workdir / stem
     scratch = records.tmp_dir_for(workdir) / stem  # the whole folder appears at once, by one rename
     if scratch.exists():
@@ -126,10 +126,10 @@ def _split(src: Path, workdir: Path, model_name: str, q: QuantType, max_bytes: i
     run([toolchain.program("llama-gguf-split"), "--split", "--split-max-size", f"{max_mb}M", src, scratch / stem],
         timeout=timeout)
     parts = sorted(scratch.glob(f"{stem}-*-of-*.gguf"))
-    names = split_names(model_name, q, len(parts))
-    if not parts or [f"{stem}/{p.name}" for p in parts] != names:
+    rels = split_names(model_name, q, len(parts))
+    if not parts or [f"{stem}/{p.name}" for p in parts] != rels:
         raise FileNotFoundError(f"llama-gguf-split wrote unexpected parts for {src.name}: {[p.name for p in parts]}")
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(scratch, folder)
-    return [workdir / rel for rel in names]
+    return [workdir / rel for rel in rels]

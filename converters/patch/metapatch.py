@@ -23,7 +23,7 @@ several architectures, so a revision that only adds an ``auto_map`` to ``tokeniz
 as it is for a full job.
 
 The stages (``inspect``, ``vocab``, ``patch``, ``recheck``) work on the published files and the earlier
-``ladder.json`` and ``report.json`` the bot put in ``<workdir>/published`` (``ctx.state["patch"]``, a
+``ladder.json`` and ``report.json`` the bot put in ``<workdir>/published`` (``ctx.get(PATCH_INPUT)``, a
 :class:`PatchInput`), and leave a work directory that publishes like any other: the patched files, ``ladder.json``
 and ``report.json`` (KLD figures kept, the cheap checks run again, a ``weights_unchanged`` check with the
 tensor-data hashes).
@@ -45,6 +45,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from converters.core import names
 from converters.formats import chat
 from converters.formats import gguf_meta
 from converters.core import records
@@ -55,14 +56,17 @@ from converters.core.hooks import END, SKIP
 from converters.core.report import FAILED, PASSED, Check, FileResult, Report
 from converters.core.proc import run
 from converters.llama.toolchain import Toolchain
+from converters.core.stages import Stage, StateKey
 from converters.core.workdir import Ladder, WorkDir
+from converters.ladder import evaluate
+from converters.ladder.job import JobContext
 
 log = logging.getLogger(__name__)
 
 TOKENIZER = gguf_meta.TOKENIZER_NAMESPACE
 TOKENS = gguf_meta.K.Tokenizer.LIST
-VOCAB_FILE = "vocab-only.gguf"
-BASE_DIR = "published"  # the earlier publication's files, ladder.json and report.json
+VOCAB_FILE = names.VOCAB
+BASE_DIR = names.PUBLISHED_DIR  # the earlier publication's files, ladder.json and report.json
 INSPECT_STAGE = "inspect"
 INSPECT_VIEW = "inspect-view"  # the new revision's files and a stand-in for the unchanged weights, while inspected
 WEIGHTS_STAND_IN = "weights-unchanged.safetensors"  # a valid safetensors file without tensors
@@ -82,6 +86,12 @@ class PatchInput:
     base_revision: str  # the revision the published files were made from
     changed_files: tuple[str, ...]
     what: tuple[str, ...]  # "chat template", "special tokens", ... (for the card's what's-new line)
+
+
+# What the patch stages hand to later ones (converters.core.stages.StateKey)
+PATCH_INPUT: StateKey[PatchInput] = StateKey("patch")  # the bot's patch fetch (bot.jobs.patch.PatchFetchStage)
+VOCAB: StateKey[Path] = StateKey("vocab")  # VocabStage: the vocab-only GGUF
+PATCHED: StateKey[dict[str, Any]] = StateKey("patched")  # PatchStage: its record's extra (parts, keys)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,12 +290,12 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Stages (converters.ladder.job's protocol: name, quiet, run(ctx))
+# Stages (converters.core.stages' protocol: name, quiet, run(ctx))
 # --------------------------------------------------------------------------------------------------
 
 
-def _input(ctx: Any) -> PatchInput:
-    info = ctx.state.get("patch")
+def _input(ctx: JobContext) -> PatchInput:
+    info = ctx.get(PATCH_INPUT, None)
     if not isinstance(info, PatchInput):
         raise RuntimeError("no patch input: the bot's patch fetch must run first")
     return info
@@ -299,7 +309,7 @@ class InspectStage:
     name: str = INSPECT_STAGE
     quiet: bool = True
 
-    def run(self, ctx: Any) -> None:
+    def run(self, ctx: JobContext) -> None:
         if ctx.checkpoint_dir is None:
             raise RuntimeError("no checkpoint folder: the patch fetch must run first")
         supported = projectors = None
@@ -316,14 +326,14 @@ class VocabStage:
     name: str = VOCAB_STAGE
     quiet: bool = False
 
-    def run(self, ctx: Any) -> None:
+    def run(self, ctx: JobContext) -> None:
         if ctx.checkpoint_dir is None:
             raise RuntimeError("no checkpoint folder: the patch fetch must run first")
         t0 = time.monotonic()
         path, skipped = vocab_only(ctx.checkpoint_dir, ctx.workdir, toolchain=ctx.toolchain,
                                    timeout=ctx.limits.convert(_folder_bytes(ctx.checkpoint_dir)),
                                    on_line=ctx.hooks.tool_lines(self.name))
-        ctx.state["vocab"] = path
+        ctx.put(VOCAB, path)
         ctx.hooks.emit(self.name, SKIP if skipped else END, data={"seconds": round(time.monotonic() - t0, 3)})
 
 
@@ -334,11 +344,11 @@ class PatchStage:
     name: str = PATCH_STAGE
     quiet: bool = False
 
-    def run(self, ctx: Any) -> None:
+    def run(self, ctx: JobContext) -> None:
         info = _input(ctx)
         base = WorkDir(info.base_dir)
         old = base.ladder()
-        vocab = Path(ctx.state["vocab"])
+        vocab = Path(ctx.get(VOCAB))
         present = [lf for lf in old.files if all((base.path / p).is_file() for p in lf.all_parts)]
         if not present:
             raise PatchRefused("none of the earlier ladder's files is in the published repo")
@@ -377,7 +387,7 @@ class PatchStage:
             safe = rel and not Path(rel).is_absolute() and ".." not in Path(rel).parts
             if safe and (base.path / rel).is_file() and not (ctx.workdir / rel).is_file():
                 _link_or_copy(base.path / rel, ctx.workdir / rel)
-        ctx.state["patched"] = rec.extra
+        ctx.put(PATCHED, rec.extra)
         ctx.ladder = _new_ladder(old, present, ctx.workdir, info, ctx.checkpoint_dir)
         WorkDir(ctx.workdir).write_ladder(ctx.ladder)
 
@@ -407,13 +417,13 @@ class RecheckStage:
     name: str = CHECK_STAGE
     quiet: bool = False
 
-    def run(self, ctx: Any) -> None:
+    def run(self, ctx: JobContext) -> None:
         info = _input(ctx)
         assert ctx.ladder is not None and ctx.checkpoint_dir is not None
         t0 = time.monotonic()
         old = WorkDir(info.base_dir).report()
         report = recheck(WorkDir(ctx.workdir), ctx.ladder, old, ctx.checkpoint_dir, toolchain=ctx.toolchain,
-                         patched=ctx.state.get("patched") or {}, info=info)
+                         patched=ctx.get(PATCHED, None) or {}, info=info)
         report.seconds["recheck"] = time.monotonic() - t0
         WorkDir(ctx.workdir).write_report(report)
         ctx.report = report
@@ -426,8 +436,6 @@ class RecheckStage:
 def recheck(wd: WorkDir, ladder: Ladder, old: Report, source_dir: Path, *, toolchain: Toolchain,
             patched: Mapping[str, Any], info: PatchInput) -> Report:
     """The earlier report with the cheap checks run again on the patched files and its hashes updated."""
-    from converters.ladder import evaluate
-
     present = [f for f in old.files if (wd.path / f.path).is_file()]
     if not present:
         raise InputError("no patched file to check")
@@ -504,10 +512,11 @@ def recheck(wd: WorkDir, ladder: Ladder, old: Report, source_dir: Path, *, toolc
                                file_hashes=hashes, notes=list(verdict.notes), seconds=dict(old.seconds))
 
 
-def patch_stages(*, require_publishable: bool = True, check_architecture: bool = False) -> tuple[Any, ...]:
+def patch_stages(*, require_publishable: bool = True, check_architecture: bool = False
+                 ) -> tuple[Stage[JobContext], ...]:
     """inspect -> vocab -> patch -> recheck (after the bot's patch fetch; before its publish)."""
     return (InspectStage(check_architecture), VocabStage(), PatchStage(), RecheckStage(require_publishable))
 
 
 __all__ = ["PatchInput", "PatchedPart", "InspectStage", "inspect_files", "vocab_only", "refusal", "changed_keys",
-           "tensor_data_sha256", "rewrite", "recheck", "patch_stages", "BASE_DIR"]
+           "tensor_data_sha256", "rewrite", "recheck", "patch_stages", "BASE_DIR", "PATCH_INPUT"]

@@ -14,15 +14,31 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from converters.variants.distill import DistillConfig
-from converters.core.errors import ConfigError, UnknownName
+from converters.core import names as file_names
+from converters.core import records
+from converters.core.errors import ConfigError, InputError, UnknownName
 from converters.core.hooks import NULL_HOOKS, Hooks
-from converters.ladder.job import EvalSettings, EvaluateStage, JobContext, Produced, RecordedStage, ladder_stages, run_stages
-from converters.variants.prune import PruneSpec
+from converters.core.records import StageRecord, fingerprint_file
+from converters.core.stages import Produced, RecordedStage, Stage, StateKey
 from converters.core.workdir import VARIANT_SCHEMA, Ladder, VariantInfo, WorkDir
+from converters.formats import checkpoint as ckpt_mod
+from converters.ladder import evaluate
+from converters.ladder.job import (EVAL_OVERRIDES, EvalSettings, EvaluateStage, JobContext, ladder_stages,
+                                   run_stages)
+from converters.ladder.pipeline import LadderOptions
+from converters.llama import convert as convert_mod
+from converters.llama.toolchain import Toolchain
+from converters.variants import distill as distill_mod
+from converters.variants import prune as prune_mod
+from converters.variants.distill import DistillConfig
+from converters.variants.prune import PruneSpec
 
 log = logging.getLogger(__name__)
 
+# What the variant's stages hand to later ones (converters.core.stages.StateKey)
+PRUNE: StateKey[dict[str, Any]] = StateKey("prune")  # PruneStage's result (its record)
+DISTILL: StateKey[dict[str, Any]] = StateKey("distill")  # DistillStage's result (its record)
+TEACHER_EVAL: StateKey[dict[str, Any]] = StateKey("teacher_eval")  # reference, teacher report, chunks, ctx, stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +131,7 @@ def parse_list(spec: str | Iterable[str] | None) -> tuple[Recipe, ...]:
 # --------------------------------------------------------------------------------------------------
 # Building a variant: prune -> heal -> the same ladder -> evaluation against the teacher
 # --------------------------------------------------------------------------------------------------
-TEACHER_LOGITS = "teacher-base-logits.kld"
+TEACHER_LOGITS = file_names.TEACHER_LOGITS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,15 +142,15 @@ class VariantPaths:
 
     @property
     def pruned(self) -> Path:
-        return self.out / "checkpoint-pruned"
+        return self.out / file_names.PRUNED_DIR
 
     @property
     def healed(self) -> Path:
-        return self.out / "checkpoint-healed"
+        return self.out / file_names.HEALED_DIR
 
     @property
     def teacher_dir(self) -> Path:
-        return self.out / "teacher"
+        return self.out / file_names.TEACHER_DIR
 
     @property
     def teacher_logits(self) -> Path:
@@ -150,10 +166,7 @@ def model_name(teacher_model: str, recipe: Recipe) -> str:
 
 
 def _checkpoint_inputs(path: Path) -> dict[str, Any]:
-    from converters.core.records import fingerprint_file
-    from converters.variants.prune import weight_files
-
-    files = sorted(weight_files(path)) + [path / "config.json"]
+    files = sorted(prune_mod.weight_files(path)) + [path / "config.json"]
     return {"files": [fingerprint_file(p) for p in files]}
 
 
@@ -169,12 +182,9 @@ class VariantOf:
     source_repo: str | None = None
 
 
-def _info(ctx: Any, v: VariantOf) -> dict[str, Any]:
+def _info(ctx: JobContext, v: VariantOf) -> dict[str, Any]:
     """variant.json from the prune (and distill) results of this run."""
-    from converters.variants import prune as prune_mod
-    from converters.core.records import fingerprint_file
-
-    pruned, final = ctx.state["prune"], Path(ctx.checkpoint_dir)
+    pruned, final = ctx.get(PRUNE), Path(ctx.checkpoint_dir)
     cal_in = fingerprint_file(Path(v.calibration))
     return {
         "schema_version": VARIANT_SCHEMA,
@@ -188,7 +198,7 @@ def _info(ctx: Any, v: VariantOf) -> dict[str, Any]:
                     "bytes": prune_mod.weights_bytes(final), "layers": pruned["layers_after"],
                     "intermediate_size": pruned["intermediate_after"]},
         "prune": pruned,
-        "distill": ctx.state.get("distill"),
+        "distill": ctx.get(DISTILL, None),
         "calibration": {"name": Path(v.calibration).name, **{k: x for k, x in cal_in.items() if k != "name"}},
     }
 
@@ -197,7 +207,7 @@ def write_info(workdir: Path, info: dict[str, Any]) -> None:
     WorkDir(workdir).write_variant(VariantInfo.from_json(info))
 
 
-class PruneStage(RecordedStage):
+class PruneStage(RecordedStage[JobContext]):
     """Prune the teacher into ``checkpoint-pruned`` (resumable through its record); writes variant.json."""
 
     name = "prune"
@@ -205,14 +215,12 @@ class PruneStage(RecordedStage):
     def __init__(self, variant: VariantOf, last: bool) -> None:
         self.v, self.last = variant, last
 
-    def inputs(self, ctx: Any) -> dict[str, Any]:
-        from converters.core.records import fingerprint_file
+    def inputs(self, ctx: JobContext) -> dict[str, Any]:
 
         return {"source": _checkpoint_inputs(self.v.teacher), "spec": self.v.recipe.prune.to_json(),
                 "calibration": fingerprint_file(Path(self.v.calibration))}
 
-    def produce(self, ctx: Any) -> Produced:
-        from converters.variants import prune as prune_mod
+    def produce(self, ctx: JobContext) -> Produced:
 
         pruned = VariantPaths(ctx.workdir).pruned
         shutil.rmtree(pruned, ignore_errors=True)
@@ -220,14 +228,14 @@ class PruneStage(RecordedStage):
                                  hooks=ctx.hooks)
         return Produced(prune_mod.weight_files(pruned), {"result": result.to_json()}, result.seconds)
 
-    def use(self, ctx: Any, rec: Any) -> None:
-        ctx.state["prune"] = rec.extra["result"]
+    def use(self, ctx: JobContext, rec: StageRecord) -> None:
+        ctx.put(PRUNE, rec.extra["result"])
         ctx.checkpoint_dir = VariantPaths(ctx.workdir).pruned
         if self.last:
             write_info(ctx.workdir, _info(ctx, self.v))
 
 
-class DistillStage(RecordedStage):
+class DistillStage(RecordedStage[JobContext]):
     """Heal the pruned model by distillation from the teacher into ``checkpoint-healed``."""
 
     name = "distill"
@@ -235,8 +243,7 @@ class DistillStage(RecordedStage):
     def __init__(self, variant: VariantOf) -> None:
         self.v = variant
 
-    def inputs(self, ctx: Any) -> dict[str, Any]:
-        from converters.core.records import fingerprint_file
+    def inputs(self, ctx: JobContext) -> dict[str, Any]:
 
         d = self.v.recipe.distill
         assert d is not None
@@ -245,20 +252,17 @@ class DistillStage(RecordedStage):
                 "config": {k: x for k, x in d.to_json().items() if k not in ("cache_dir", "log_every")},
                 "calibration": fingerprint_file(Path(self.v.calibration))}
 
-    def produce(self, ctx: Any) -> Produced:
-        from converters.variants import distill as distill_mod
-        from converters.variants import prune as prune_mod
-
+    def produce(self, ctx: JobContext) -> Produced:
         paths = VariantPaths(ctx.workdir)
         shutil.rmtree(paths.healed, ignore_errors=True)
         assert self.v.recipe.distill is not None
         res = distill_mod.distill(Path(self.v.teacher), paths.pruned, paths.healed, Path(self.v.calibration),
-                                  self.v.recipe.distill, first_changed_layer=ctx.state["prune"].get("first_changed_layer"),
+                                  self.v.recipe.distill, first_changed_layer=ctx.get(PRUNE).get("first_changed_layer"),
                                   hooks=ctx.hooks)
         return Produced(prune_mod.weight_files(paths.healed), {"result": res.to_json()}, res.seconds)
 
-    def use(self, ctx: Any, rec: Any) -> None:
-        ctx.state["distill"] = rec.extra["result"]
+    def use(self, ctx: JobContext, rec: StageRecord) -> None:
+        ctx.put(DISTILL, rec.extra["result"])
         ctx.checkpoint_dir = VariantPaths(ctx.workdir).healed
         write_info(ctx.workdir, _info(ctx, self.v))
 
@@ -268,13 +272,9 @@ def load_info(workdir: Path) -> dict[str, Any] | None:
     return info.to_json() if info is not None else None
 
 
-def teacher_reference(teacher: Path, out: Path, teacher_model: str, *, toolchain: Any,
+def teacher_reference(teacher: Path, out: Path, teacher_model: str, *, toolchain: Toolchain | None,
                       teacher_workdir: Path | None = None) -> Path:
     """The teacher's BF16 GGUF: from its finished work dir when given, else converted into ``out/teacher``."""
-    from converters.formats import checkpoint as ckpt_mod
-    from converters.llama import convert as convert_mod
-    from converters.core.errors import InputError
-
     if teacher_workdir is not None:
         ladder = WorkDir(teacher_workdir).ladder()
         ref = Path(teacher_workdir) / ladder.reference.path
@@ -290,7 +290,6 @@ def teacher_reference(teacher: Path, out: Path, teacher_model: str, *, toolchain
 def ceilings_for(ladder: Ladder, pruning_kld: float) -> dict[str, float]:
     """Quality gate of a variant's quants measured against the teacher: the usual ceiling for the type plus
     the loss the variant's own BF16 already has against the teacher (pruning + healing)."""
-    from converters.ladder import evaluate
 
     out = {}
     for f in ladder.files:
@@ -299,7 +298,7 @@ def ceilings_for(ladder: Ladder, pruning_kld: float) -> dict[str, float]:
     return out
 
 
-class TeacherLogitsStage(RecordedStage):
+class TeacherLogitsStage(RecordedStage[JobContext]):
     """The teacher's base logits over the evaluation text (on the tokens the teacher's quants were scored on,
     when its report used the same text), then the variant's own BF16 against them: the gate's ceilings."""
 
@@ -308,14 +307,10 @@ class TeacherLogitsStage(RecordedStage):
     def __init__(self, variant: VariantOf, eval_text: Path, eval_chunks: int | None, eval_ctx: int = 512) -> None:
         self.v, self.text, self.chunks, self.ctx = variant, Path(eval_text), eval_chunks, eval_ctx
 
-    def _tokens(self, ctx: Any) -> dict[str, Any]:
+    def _tokens(self, ctx: JobContext) -> dict[str, Any]:
         """Reference, text identity and (chunks, ctx) to score on; computed once per run."""
-        from converters.ladder import evaluate
-        from converters.core import records
-        from converters.core.errors import InputError
-
-        if "teacher_eval" in ctx.state:
-            return ctx.state["teacher_eval"]
+        if ctx.has(TEACHER_EVAL):
+            return ctx.get(TEACHER_EVAL)
         twd = Path(self.v.teacher_workdir) if self.v.teacher_workdir is not None else None
         teacher_report = None
         if twd is not None and WorkDir(twd).has_report():  # its figures are copied as written (variant.json)
@@ -332,36 +327,31 @@ class TeacherLogitsStage(RecordedStage):
             if available < 1:
                 raise InputError(f"the evaluation text {self.text.name} is shorter than one chunk of {ectx}")
             chunks = min(self.chunks or evaluate.DEFAULT_CHUNKS, available)
-        ctx.state["teacher_eval"] = {"reference": reference, "report": teacher_report if same else None,
-                                     "chunks": chunks, "ctx": ectx}
-        return ctx.state["teacher_eval"]
+        ctx.put(TEACHER_EVAL, {"reference": reference, "report": teacher_report if same else None,
+                               "chunks": chunks, "ctx": ectx})
+        return ctx.get(TEACHER_EVAL)
 
-    def inputs(self, ctx: Any) -> dict[str, Any]:
-        from converters.core.records import fingerprint_file
+    def inputs(self, ctx: JobContext) -> dict[str, Any]:
 
         t = self._tokens(ctx)
         return {"reference": fingerprint_file(t["reference"]), "text": fingerprint_file(self.text), "ctx": t["ctx"],
                 "chunks": t["chunks"], "toolchain": ctx.toolchain.version}
 
-    def produce(self, ctx: Any) -> Produced:
-        from converters.ladder import evaluate
-        from converters.core import records
-
+    def produce(self, ctx: JobContext) -> Produced:
         t, final = self._tokens(ctx), VariantPaths(ctx.workdir).teacher_logits
         with records.atomic_output(final) as tmp:
             _, _, secs = evaluate.run_base(ctx.toolchain, t["reference"], self.text, tmp, ctx=t["ctx"],
                                            chunks=t["chunks"])
         return Produced([final], {}, secs, ctx.toolchain.version)
 
-    def use(self, ctx: Any, rec: Any) -> None:
-        from converters.ladder import evaluate
+    def use(self, ctx: JobContext, rec: StageRecord) -> None:
 
         t, logits = self._tokens(ctx), VariantPaths(ctx.workdir).teacher_logits
         own = ctx.workdir / ctx.ladder.reference.path
         stats, _ = evaluate.run_kld(ctx.toolchain, own, logits, ctx=t["ctx"])
         t["stats"] = stats
-        ctx.state["eval_overrides"] = {"ctx": t["ctx"], "chunks": None, "reference_logits": logits,
-                                       "ceilings": ceilings_for(ctx.ladder, stats.kld_mean)}
+        ctx.put(EVAL_OVERRIDES, {"ctx": t["ctx"], "chunks": None, "reference_logits": logits,
+                                 "ceilings": ceilings_for(ctx.ladder, stats.kld_mean)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,9 +360,9 @@ class VariantEvaluateStage(EvaluateStage):
 
     variant: VariantOf | None = None
 
-    def run(self, ctx: Any) -> None:
+    def run(self, ctx: JobContext) -> None:
         super().run(ctx)
-        t, report = ctx.state["teacher_eval"], ctx.report
+        t, report = ctx.get(TEACHER_EVAL), ctx.report
         stats = t["stats"]
         teacher_files = {}
         if t["report"] is not None:
@@ -394,18 +384,19 @@ class VariantEvaluateStage(EvaluateStage):
         write_info(ctx.workdir, info)
 
 
-def checkpoint_stages(variant: VariantOf) -> tuple[Any, ...]:
+def checkpoint_stages(variant: VariantOf) -> tuple[Stage[JobContext], ...]:
     """prune -> distill (recipes that heal): the variant's checkpoint."""
-    first: list[Any] = [PruneStage(variant, last=not variant.recipe.heals)]
+    first: list[Stage[JobContext]] = [PruneStage(variant, last=not variant.recipe.heals)]
     if variant.recipe.heals:
         first.append(DistillStage(variant))
     return tuple(first)
 
 
-def stages(variant: VariantOf, options: Any, evaluation: EvalSettings | None) -> tuple[Any, ...]:
+def stages(variant: VariantOf, options: LadderOptions, evaluation: EvalSettings | None
+           ) -> tuple[Stage[JobContext], ...]:
     """The variant's checkpoint -> the ladder -> teacher logits and evaluation against them."""
     first = checkpoint_stages(variant)
-    tail: tuple[Any, ...] = ()
+    tail: tuple[Stage[JobContext], ...] = ()
     if evaluation is not None:
         tail = (TeacherLogitsStage(variant, evaluation.text.path, evaluation.chunks),
                 VariantEvaluateStage(evaluation, options.calibration, variant=variant))

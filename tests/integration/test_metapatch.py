@@ -27,7 +27,7 @@ from bot.hub.client import Hub
 from bot.service.runner import Runner
 from bot.model.settings import from_mapping
 from bot.state.store import Store
-from bot.hub.revisions import fingerprint
+from bot.model.revisions import fingerprint
 from converters.formats import gguf_meta
 from converters.patch import metapatch
 from tests.bot_fixtures import checkpoint_files, scripted_model
@@ -164,10 +164,10 @@ def _added_tokens(tok: dict, first_id: int, n: int) -> list[str]:
 def full_runs_stopped(monkeypatch):
     """The full job's stages are not run again here (the full path is every other test's): a full spec reaching
     ``run_job`` is recorded and stopped (the job goes back to the queue); a patch spec runs for real."""
-    from bot.jobs import job as job_mod
+    from bot.jobs import run as run_mod
     from converters.core.errors import Cancelled
 
-    real, seen = job_mod.run_job, []
+    real, seen = run_mod.run_job, []
 
     def spy(spec, *a, **kw):
         seen.append("patch" if spec.patch is not None else "full")
@@ -175,7 +175,7 @@ def full_runs_stopped(monkeypatch):
             raise Cancelled("stopped before the full job's stages (test)")
         return real(spec, *a, **kw)
 
-    monkeypatch.setattr(job_mod, "run_job", spy)
+    monkeypatch.setattr(run_mod, "run_job", spy)
     return seen
 
 

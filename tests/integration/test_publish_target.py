@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bot.hub.client import Hub
-from bot.jobs.job import PublishStage, PublishTarget
+from bot.jobs.job import PUBLISHED, PublishStage, PublishTarget
 from bot.publish.commit import PublishOptions, publish
 from bot.publish.target import TargetPolicy, note_created
 from bot.jobs.variants import publish_variant
@@ -39,7 +39,7 @@ def _bot_publish(wd: Path, source: str, policy: TargetPolicy = TargetPolicy()) -
     target = PublishTarget(namespace=TEST_ORG, template="{model}-GGUF", policy=policy)
     ctx = JobContext(wd, None, NULL_HOOKS, MODEL, source_repo=source)
     PublishStage(target, Hub()).run(ctx)
-    return ctx.state["published"].repo_id
+    return ctx.get(PUBLISHED).repo_id
 
 
 def _writes(server: HubServer) -> list[tuple[str, str]]:

@@ -74,6 +74,8 @@ def populate(st: Store, tmp: Path) -> dict[str, int]:
                   error_type="UnsupportedModel", error_message="model.safetensors is corrupt: bad header")
     ids["running"] = st.enqueue("acme/Run-1B", "r" * 40, reason="new release", now=T0 + 1000)
     start(st, ids["running"], "w2", now=time.time() - 400)
+    st.event("job.stages", "stages", now=time.time() - 400, job_id=ids["running"],  # what its runner records
+             data={"stages": ["fetch", "inspect", "convert", "calibrate", "quantize", "evaluate", "publish", "cleanup"]})
     st.event("stage.end", "calibrate done", now=time.time() - 100, job_id=ids["running"])
     st.update_running(ids["running"], "w2", now=time.time(), stage="quantize", progress="Q4_K_M 2/4")
     ids["queued"] = st.enqueue("acme/Queued-1B", "q" * 40, reason="new release", now=T0 + 1100)

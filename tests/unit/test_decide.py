@@ -11,7 +11,7 @@ import pytest
 from bot.model.record import ModelRecord
 from bot.model.rules import convert_refusal, decide, fetch_refusal, quantized_reason, rule, rule_names, unsafe_name
 from bot.model.settings import Source, from_mapping
-from bot.hub.revisions import changed_files, diff_fingerprints, fingerprint
+from bot.model.revisions import changed_files, diff_fingerprints, fingerprint
 from bot.service.watcher import iso
 from tests.bot_fixtures import GB, GOOD_FILES, model_record
 

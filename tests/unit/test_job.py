@@ -12,10 +12,13 @@ from bot.commands import CliHooks
 from bot.jobs.job import JobSpec, PublishTarget, Source, stages_for
 from converters.core.errors import Cancelled
 from converters.core.hooks import END, PROGRESS, SKIP, START, Event, Recorder, StopFlag
-from converters.ladder.job import JobContext, Produced, RecordedStage, run_stages
+from converters.core.stages import Produced, RecordedStage, StateKey
+from converters.ladder.job import JobContext, run_stages
 from converters.ladder.pipeline import LadderOptions
 
 TOOLCHAIN = SimpleNamespace(version="llama.cpp test")
+RAN: StateKey[list[str]] = StateKey("ran")
+WRITTEN: StateKey[str] = StateKey("w")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,10 +27,10 @@ class Note:
     quiet: bool = False
 
     def run(self, ctx: JobContext) -> None:
-        ctx.state.setdefault("ran", []).append(self.name)
+        ctx.put(RAN, [*ctx.get(RAN, []), self.name])
 
 
-class Write(RecordedStage):
+class Write(RecordedStage[JobContext]):
     """Writes one file whose content is its input; counts how often it really ran."""
 
     def __init__(self, name: str, value: str) -> None:
@@ -43,7 +46,7 @@ class Write(RecordedStage):
         return Produced([out], {"value": self.value})
 
     def use(self, ctx: JobContext, rec) -> None:
-        ctx.state[self.name] = rec.extra["value"]
+        ctx.put(WRITTEN, rec.extra["value"])
 
 
 def context(tmp_path: Path, hooks) -> JobContext:
@@ -53,7 +56,7 @@ def context(tmp_path: Path, hooks) -> JobContext:
 def test_stages_run_in_order_and_announce_themselves(tmp_path):
     rec = Recorder()
     ctx = run_stages([Note("a"), Note("b", quiet=True), Note("c")], context(tmp_path, rec))
-    assert ctx.state["ran"] == ["a", "b", "c"]
+    assert ctx.get(RAN) == ["a", "b", "c"]
     assert [(e.stage, e.kind, e.data.get("quiet")) for e in rec.events] == [
         ("a", START, False), ("b", START, True), ("c", START, False)]
 
@@ -67,7 +70,7 @@ def test_recorded_stage_skips_on_a_matching_record(tmp_path, first, second, runs
     a, b = Write("w", first), Write("w", second)
     run_stages([a], context(tmp_path, rec))
     ctx = run_stages([b], context(tmp_path, rec))
-    assert a.runs + b.runs == runs and ctx.state["w"] == second
+    assert a.runs + b.runs == runs and ctx.get(WRITTEN) == second
     assert [e.kind for e in rec.events] == kinds
 
 
@@ -90,7 +93,7 @@ def test_cancel_between_stages(tmp_path):
     ctx = context(tmp_path, StopFlag(lambda: stop[0]))
     with pytest.raises(Cancelled):
         run_stages([Note("a"), StopAfter("b"), Note("c")], ctx)
-    assert ctx.state["ran"] == ["a", "b"]
+    assert ctx.get(RAN) == ["a", "b"]
 
 
 @pytest.mark.parametrize("event,line", [

@@ -16,6 +16,7 @@ from bot.publish import card, source_card
 from bot.publish import commit as publish
 from converters.formats import checkpoint as ck
 from converters.llama import mmproj
+from converters.core import artifacts
 from converters.core.errors import UnsupportedModel
 from converters.core.report import Check
 from converters.core.workdir import Ladder, ProjectorFile, WorkDir
@@ -153,7 +154,7 @@ def test_a_q8_0_projector_that_failed_is_withheld_and_the_f16_one_published(tmp_
              {"path": "mmproj-Tiny-Instruct-Q8_0.gguf", "status": "failed", "detail": "cannot load"}]
     wd = _vlm_workdir(tmp_path, Check.ok("1 projector file(s) load; withheld: ...", files=files))
     ladder, report = wd.ladder(), wd.report()
-    assert [p.type for p in card.published_projectors(ladder, report)] == ["F16"]
+    assert [p.type for p in artifacts.published_projectors(ladder, report)] == ["F16"]
     uploaded = publish.collect_files(wd, ladder, report)
     assert "mmproj-Tiny-Instruct-F16.gguf" in uploaded and "mmproj-Tiny-Instruct-Q8_0.gguf" not in uploaded
 

@@ -86,7 +86,7 @@ def _published_job(tmp_path: Path, hub, repo: str, sha: str, toolchain: str = "t
     from types import SimpleNamespace
 
     from bot.model import jobstate as J
-    from bot.hub.revisions import fingerprint
+    from bot.model.revisions import fingerprint
     from converters.core.workdir import Ladder, ReferenceFile, ToolchainInfo, WorkDir
 
     keep = tmp_path / "keep"

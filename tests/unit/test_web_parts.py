@@ -62,16 +62,21 @@ def job(stage: str, progress: str | None, started: float) -> SimpleNamespace:
                            target_repo=None, created_at=started, started_at=started, finished_at=None, result=None)
 
 
+# the stages a full ladder job records when it starts (bot.service.runner.JobHooks.planned)
+FULL_LADDER = ("fetch", "inspect", "convert", "calibrate", "quantize", "evaluate", "publish", "cleanup")
+
+
 def test_running_view_eta() -> None:
     timings = {"convert": 50.0, "calibrate": 100.0, "quantize": 200.0, "evaluate": 400.0}
     # 60 s into quantize at 1 of 4: 180 s left, then evaluate's 400 s
-    v = running_view(job("quantize", "Q8_0 1/4", 0.0), timings, {1: 940.0}, now=1000.0)
+    v = running_view(job("quantize", "Q8_0 1/4", 0.0), timings, {1: 940.0}, now=1000.0, stages=FULL_LADDER)
     assert (v.stage_index, v.stage_count, v.step, v.eta_s) == (5, 8, (1, 4), 580.0)
     assert v.percent == pytest.approx(100 * 4.25 / 8, abs=0.1)
     # no step yet: what is left of the stage's usual time
-    v = running_view(job("calibrate", None, 0.0), timings, {1: 970.0}, now=1000.0)
+    v = running_view(job("calibrate", None, 0.0), timings, {1: 970.0}, now=1000.0, stages=FULL_LADDER)
     assert v.eta_s == 70.0 + 200.0 + 400.0
-    assert running_view(job("convert", None, 0.0), {}, {}, now=10.0).eta_s is None  # nothing to go by
+    # nothing to go by
+    assert running_view(job("convert", None, 0.0), {}, {}, now=10.0, stages=FULL_LADDER).eta_s is None
 
 
 def test_progress_bars_on_a_terminal_and_lines_otherwise(capsys) -> None:

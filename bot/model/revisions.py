@@ -1,28 +1,45 @@
-"""Revisions of a Hub model compared by their result-changing files (weights, config, tokenizer, chat template):
-:func:`fingerprint` of a full record (sha256 for LFS files, size for small git files; no request) and
-:func:`compare_revisions` (small files of the same size read at both revisions). The watcher uses them to re-queue
-a new revision only when a file that changes the result changed; a job uses them to choose a metadata patch."""
+"""Revisions of a Hub repo: the fingerprint of its result-changing files and what changed between two of them.
+
+The watcher uses them to decide whether a new revision is a new job, the metadata-patch decision
+(``bot.jobs.patch.choose``) to classify what changed; both sit above this module.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
-from bot.model.record import ModelRecord
 from converters.core.errors import HubNotFound
 from converters.formats.checkpoint import is_result_file
 
-if TYPE_CHECKING:
-    from bot.hub.client import Hub
-
 log = logging.getLogger(__name__)
 
-__all__ = ["fingerprint", "changed_files", "compare_revisions", "RevisionDiff", "diff_fingerprints"]
+
+class Sibling(Protocol):
+    rfilename: str
+    size: int | None
 
 
-def fingerprint(rec: ModelRecord) -> dict[str, str]:
+class RevisionRecord(Protocol):
+    """What a fingerprint reads of a model record (``bot.hub.client.ModelRecord``)."""
+
+    siblings: Sequence[Sibling]
+
+
+class TextReader(Protocol):
+    """The one Hub read the comparison needs (``bot.hub.client.Hub.read_text``)."""
+
+    def read_text(self, repo_id: str, filename: str, revision: str | None = None) -> str | None: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprints of the result-changing files
+# --------------------------------------------------------------------------------------------------
+
+
+def fingerprint(rec: RevisionRecord) -> dict[str, str]:
     """path -> content identity of every result-changing file of ``rec`` (a full record with file metadata).
 
     LFS files (weights, large tokenizers) carry their sha256 in the record; small git files only their size, so
@@ -46,7 +63,7 @@ class RevisionDiff:
     note: str | None = None
 
 
-def compare_revisions(old_fp: Mapping[str, str] | None, new_fp: Mapping[str, str], *, hub: Hub | None = None,
+def compare_revisions(old_fp: Mapping[str, str] | None, new_fp: Mapping[str, str], *, hub: TextReader | None = None,
                       repo: str = "", old_rev: str | None = None, new_rev: str | None = None) -> RevisionDiff:
     """Files known only by their size (small git files) with the same size in both fingerprints are read at both
     revisions and compared (a few small downloads). A revision that is gone counts its unread files as changed."""
@@ -72,7 +89,7 @@ def compare_revisions(old_fp: Mapping[str, str] | None, new_fp: Mapping[str, str
     return RevisionDiff(tuple(out), note)
 
 
-def changed_files(old_fp: Mapping[str, str] | None, new_fp: Mapping[str, str], *, hub: Hub | None = None,
+def changed_files(old_fp: Mapping[str, str] | None, new_fp: Mapping[str, str], *, hub: TextReader | None = None,
                   repo: str = "", old_rev: str | None = None, new_rev: str | None = None) -> list[str]:
     """Result-changing files that differ between two revisions (:func:`compare_revisions` without its note)."""
     return list(compare_revisions(old_fp, new_fp, hub=hub, repo=repo, old_rev=old_rev, new_rev=new_rev).changed)
