@@ -91,7 +91,8 @@ def curve_points(files: Sequence[FileResult]) -> list[curve.Point]:
 def judge(files: Sequence[FileResult], ceilings: Mapping[str, float] | None = None, *,
           job_checks: Mapping[str, Check] | None = None, rules: curve.CurveRules = curve.DEFAULT_RULES) -> Verdict:
     """Pure: reads the figures and checks only. A file fails on its own figures and checks, or when it is far
-    above the ladder's own curve (:mod:`converters.ladder.curve`); an order inversion is a note, not a failure."""
+    above the ladder's own curve (:mod:`converters.ladder.evaluate.curve`); an order inversion is a note, not a
+    failure."""
     out = {f.type: _file_reasons(f, ceilings, job_checks or {}) for f in files}
     for key, why in tuned_reasons(files).items():
         out[key].append(why)
