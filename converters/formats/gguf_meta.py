@@ -1,13 +1,15 @@
-"""The one boundary to the GGUF format: metadata read with gguf-py's ``GGUFReader``, keys from ``gguf.Keys``.
+"""The one boundary to the GGUF format (the only importer of gguf-py): metadata read with its ``GGUFReader``, keys
+from ``gguf.Keys``, tensors, block sizes and dequantization, and the ``GGUFWriter`` copy of a file with other metadata.
 
 No other module names a GGUF key as a string, repeats a ``general.file_type`` number or parses a GGUF
 header: they call :func:`read` (a :class:`GgufMeta` of plain Python values), :func:`data_offset` or
-:func:`file_type`.
+:func:`file_type`; the per-tensor tuner reads tensors with :func:`tensors` and :func:`dequantize`, the layout
+sizes them with :func:`quant_sizes`, a metadata patch writes with :func:`write_copy`.
 
 Values are decoded as llama.cpp writes them: scalars as Python numbers/bools, strings as UTF-8 (invalid
 bytes kept as surrogates, so a broken vocabulary entry is reported rather than crashing the check), arrays as
-lists. Only the header is read; tensor data is memory-mapped and touched only by :func:`non_finite_tensors`, a
-scan that runs when a program has already failed on a file.
+lists. :func:`read` reads only the header; tensor data is memory-mapped and touched only by the tuner
+(:func:`tensors`) and :func:`non_finite_tensors`, a scan that runs when a program has already failed on a file.
 
 Speed: stock ``GGUFReader`` builds a ``numpy.memmap`` view per array element, so a 256k-token vocabulary
 takes tens of seconds to open. :class:`_HeaderReader` is ``GGUFReader`` with plain-ndarray views and one
@@ -18,8 +20,9 @@ test compares it with the stock reader.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -211,3 +214,93 @@ def non_finite_tensors(path: Path, *, chunk_bytes: int = 1 << 26) -> list[tuple[
 def data_offset(path: Path) -> int:
     """Bytes before the tensor data: the header (metadata and tensor infos) plus alignment padding."""
     return int(_open(Path(path)).data_offset)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensors and block sizes (the per-tensor tuner, the layout's exact sizes)
+# --------------------------------------------------------------------------------------------------
+
+
+def tensors(path: Path) -> list[Any]:
+    """Every tensor of ``path`` as gguf-py's stock ``GGUFReader`` reads it: ``name``, ``tensor_type`` (its ``.name``
+    is the ggml type name), ``shape`` (ggml order), ``n_bytes`` and ``data`` (memory-mapped)."""
+    return list(gguf.GGUFReader(path).tensors)
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    """Tensor name -> ggml type name."""
+    return {t.name: t.tensor_type.name for t in tensors(path)}
+
+
+def dequantize(tensor: Any) -> np.ndarray:
+    """A tensor's values (of :func:`tensors`), dequantized by gguf-py."""
+    from gguf.quants import dequantize as _dequantize
+
+    return _dequantize(tensor.data, tensor.tensor_type)
+
+
+def quant_sizes() -> dict[str, tuple[int, int]]:
+    """ggml type name -> (elements per block, bytes per block), from gguf-py's ``GGML_QUANT_SIZES``."""
+    return {t.name: gguf.GGML_QUANT_SIZES[t] for t in gguf.GGMLQuantizationType if t in gguf.GGML_QUANT_SIZES}
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing a copy with other metadata (a metadata patch)
+# --------------------------------------------------------------------------------------------------
+_NOT_BYTES = np.dtype(np.float32)  # any dtype but uint8: add_tensor_info then takes the shape as given
+
+
+class Unwritable(InputError):
+    """A metadata value gguf-py's writer cannot write (a nested or an empty array)."""
+
+
+def _field_value(field: Any) -> tuple[Any, Any, Any]:
+    """(value, type, array item type) of a reader field, as ``GGUFWriter.add_key_value`` takes them; strings as
+    their raw bytes (a token that is not valid UTF-8 is copied as it is)."""
+    main = field.types[0]
+    if main == _T.STRING:
+        return bytes(field.parts[-1]), main, None
+    if main == _T.ARRAY:
+        sub = field.types[-1]
+        if len(field.types) > 2 or sub == _T.ARRAY:
+            raise Unwritable(f"metadata key {field.name} is a nested array, which gguf-py cannot write")
+        if not len(field.data):
+            raise Unwritable(f"metadata key {field.name} is an empty array, which gguf-py cannot write")
+        if sub == _T.STRING:
+            return [bytes(field.parts[i]) for i in field.data], main, sub
+        return list(field.contents()), main, sub
+    return field.contents(), main, None
+
+
+def tensor_layout(r: gguf.GGUFReader) -> list[tuple[str, int, tuple[int, ...], int, int]]:
+    """(name, raw type, shape, offset in the data section, bytes) of every tensor a reader holds."""
+    return [(t.name, int(t.tensor_type), tuple(int(x) for x in t.shape), int(t.data_offset) - int(r.data_offset),
+             int(t.n_bytes)) for t in r.tensors]
+
+
+def write_copy(dst: Path, r: gguf.GGUFReader, fields: Sequence[tuple[str, Any]], data_from: Path) -> str:
+    """Write ``dst`` with ``r``'s architecture, byte order and alignment, the reader fields ``fields`` (name, field)
+    in that order, every tensor info of ``r`` with its raw type (no conversion), then the tensor data of
+    ``data_from`` (the file ``r`` reads) copied byte for byte; return the sha256 of the copied data.
+    :class:`Unwritable` when a field cannot be written."""
+    arch = r.get_field(ARCHITECTURE).contents()
+    h = hashlib.sha256()
+    w = gguf.GGUFWriter(dst, arch=arch, endianess=r.endianess)
+    w.data_alignment = int(r.alignment)
+    for name, field in fields:
+        w.add_key_value(name, *_field_value(field))
+    for t in r.tensors:  # numpy order (the writer reverses it back to ggml's), the raw type: no conversion
+        w.add_tensor_info(t.name, [int(x) for x in reversed(t.shape)], _NOT_BYTES, int(t.n_bytes),
+                          raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    fout = w.fout[0]
+    w.write_padding(fout, fout.tell())
+    with open(data_from, "rb") as f:
+        f.seek(int(r.data_offset))
+        while chunk := f.read(1 << 22):
+            fout.write(chunk)
+            h.update(chunk)
+    w.close()
+    return h.hexdigest()

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from converters.core.errors import InputError
+from converters.formats import gguf_meta
 
 LAYOUT_SCHEMA = 1
 ALIGNMENT = 32  # GGUF's default general.alignment: every tensor's data starts on it
@@ -43,13 +44,7 @@ DEFAULT_CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "Q4_0", 
 _BLK = re.compile(r"^blk\.(\d+)\.(.+?)(?:\.weight)?$")
 
 
-def _sizes() -> Mapping[str, tuple[int, int]]:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    return {t.name: GGML_QUANT_SIZES[t] for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
-
-
-QUANT_SIZES: Mapping[str, tuple[int, int]] = _sizes()  # name -> (elements per block, bytes per block)
+QUANT_SIZES: Mapping[str, tuple[int, int]] = gguf_meta.quant_sizes()  # name -> (elements per block, bytes per block)
 
 
 def block_size(ggml_type: str) -> int:

@@ -49,6 +49,8 @@ from typing import Any
 import numpy as np
 
 from converters.core import names
+from converters.formats import gguf_meta
+from converters.ladder import evaluate
 from converters.ladder import layout
 from converters.core import quants, records
 from converters.core.errors import CheckFailed, InputError
@@ -111,20 +113,16 @@ class TuneOptions:
 # --------------------------------------------------------------------------------------------------
 def read_types(path: Path) -> dict[str, str]:
     """Tensor name -> ggml type name, read back with gguf-py."""
-    from gguf import GGUFReader
-
-    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    return gguf_meta.tensor_types(path)
 
 
 def read_importance(imatrix: Path | None) -> dict[str, np.ndarray]:
     """The imatrix GGUF's mean squared activation per input column: ``in_sum2 / counts`` per tensor."""
     if imatrix is None:
         return {}
-    from gguf import GGUFReader
-
-    r = GGUFReader(imatrix)
-    sums = {t.name[:-len(".in_sum2")]: t for t in r.tensors if t.name.endswith(".in_sum2")}
-    counts = {t.name[:-len(".counts")]: t for t in r.tensors if t.name.endswith(".counts")}
+    ts = gguf_meta.tensors(imatrix)
+    sums = {t.name[:-len(".in_sum2")]: t for t in ts if t.name.endswith(".in_sum2")}
+    counts = {t.name[:-len(".counts")]: t for t in ts if t.name.endswith(".counts")}
     out: dict[str, np.ndarray] = {}
     for name, s in sums.items():
         c = counts.get(name)
@@ -138,9 +136,7 @@ def read_importance(imatrix: Path | None) -> dict[str, np.ndarray]:
 
 
 def _f32(t: Any) -> np.ndarray:
-    from gguf.quants import dequantize
-
-    return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(-1, int(t.shape[0]))
+    return np.asarray(gguf_meta.dequantize(t), dtype=np.float32).reshape(-1, int(t.shape[0]))
 
 
 def weighted_error(ref: np.ndarray, q: np.ndarray, imp: np.ndarray | None) -> float:
@@ -154,11 +150,9 @@ def weighted_error(ref: np.ndarray, q: np.ndarray, imp: np.ndarray | None) -> fl
 
 def catalogue(reference: Path, quantized: Path) -> list[TensorInfo]:
     """The tensors llama-quantize quantizes (those a Q8_0 file holds in another type than the reference)."""
-    from gguf import GGUFReader
-
-    ref = {t.name: t for t in GGUFReader(reference).tensors}
+    ref = {t.name: t for t in gguf_meta.tensors(reference)}
     out = []
-    for t in GGUFReader(quantized).tensors:
+    for t in gguf_meta.tensors(quantized):
         r = ref.get(t.name)
         if r is not None and t.tensor_type != r.tensor_type and len(t.shape) >= 2:
             out.append(TensorInfo(t.name, tuple(int(s) for s in t.shape)))
@@ -231,17 +225,13 @@ def measure(reference: Path, workdir: Path, *, toolchain: Toolchain, imatrix: Pa
             options: TuneOptions, clock: Clock | None = None,
             step: Callable[[str, int, int], None] | None = None) -> Measurements:
     """Errors per tensor and candidate type, then the per-group scales from single-group probes."""
-    from gguf import GGUFReader
-
-    from converters.ladder import evaluate
-
     clock = clock or Clock(options.time_budget)
     scratch = workdir / TUNE_DIR / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     importance = read_importance(imatrix)
-    ref_reader = GGUFReader(reference)
-    ref = {t.name: t for t in ref_reader.tensors}
-    ref_type = {t.name: t.tensor_type.name for t in ref_reader.tensors}
+    ref_tensors = gguf_meta.tensors(reference)
+    ref = {t.name: t for t in ref_tensors}
+    ref_type = {t.name: t.tensor_type.name for t in ref_tensors}
     seconds: dict[str, float] = {}
     types = [q for q in options.candidates if q not in layout.UNQUANTIZED]
     if PROBE_BASE_TYPE not in types:
@@ -270,7 +260,7 @@ def measure(reference: Path, workdir: Path, *, toolchain: Toolchain, imatrix: Pa
                     errors[t.name]["F16"] = weighted_error(w, w.astype(np.float16).astype(np.float32),
                                                            importance.get(t.name))
         names = {t.name for t in tensors}
-        for t in GGUFReader(out).tensors:
+        for t in gguf_meta.tensors(out):
             if t.name in names and t.tensor_type.name == q:
                 errors[t.name][q] = weighted_error(_f32(ref[t.name]), _f32(t), importance.get(t.name))
         if q != PROBE_BASE_TYPE:
@@ -280,12 +270,12 @@ def measure(reference: Path, workdir: Path, *, toolchain: Toolchain, imatrix: Pa
             step(f"measured {q}", i + 1, total)
     m = Measurements(tensors, errors, seconds=seconds)
     _probe(m, reference, workdir, toolchain=toolchain, imatrix=imatrix, calibration=calibration, options=options,
-           clock=clock, base_file=scratch / f"all-{PROBE_BASE_TYPE}.gguf", evaluate=evaluate, step=step)
+           clock=clock, base_file=scratch / f"all-{PROBE_BASE_TYPE}.gguf", step=step)
     return m
 
 
 def _probe(m: Measurements, reference: Path, workdir: Path, *, toolchain: Toolchain, imatrix: Path | None,
-           calibration: Path, options: TuneOptions, clock: Clock, base_file: Path, evaluate: Any,
+           calibration: Path, options: TuneOptions, clock: Clock, base_file: Path,
            step: Callable[[str, int, int], None] | None) -> None:
     scratch = base_file.parent
     base_logits = scratch / "calibration.kld"

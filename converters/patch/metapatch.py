@@ -42,12 +42,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import gguf
-import numpy as np
-
 from converters.core import names
 from converters.formats import chat
 from converters.formats import gguf_meta
+from converters.ladder import evaluate
 from converters.core import records
 from converters.llama import verify
 from converters.formats import checkpoint as checkpoint_mod
@@ -58,7 +56,6 @@ from converters.core.proc import run
 from converters.llama.toolchain import Toolchain
 from converters.core.stages import Stage, StateKey
 from converters.core.workdir import Ladder, WorkDir
-from converters.ladder import evaluate
 from converters.ladder.job import JobContext
 
 log = logging.getLogger(__name__)
@@ -73,8 +70,6 @@ WEIGHTS_STAND_IN = "weights-unchanged.safetensors"  # a valid safetensors file w
 VOCAB_STAGE = "vocab"
 PATCH_STAGE = "patch"
 CHECK_STAGE = "recheck"
-_T = gguf.GGUFValueType
-_NOT_BYTES = np.dtype(np.float32)  # any dtype but uint8: add_tensor_info then takes the shape as given
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,29 +171,6 @@ def tensor_data_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _field_value(field: Any) -> tuple[Any, Any, Any]:
-    """(value, type, array item type) of a reader field, as ``GGUFWriter.add_key_value`` takes them; strings as
-    their raw bytes (a token that is not valid UTF-8 is copied as it is)."""
-    main = field.types[0]
-    if main == _T.STRING:
-        return bytes(field.parts[-1]), main, None
-    if main == _T.ARRAY:
-        sub = field.types[-1]
-        if len(field.types) > 2 or sub == _T.ARRAY:
-            raise PatchRefused(f"metadata key {field.name} is a nested array, which gguf-py cannot write")
-        if not len(field.data):
-            raise PatchRefused(f"metadata key {field.name} is an empty array, which gguf-py cannot write")
-        if sub == _T.STRING:
-            return [bytes(field.parts[i]) for i in field.data], main, sub
-        return list(field.contents()), main, sub
-    return field.contents(), main, None
-
-
-def _tensor_layout(r: gguf.GGUFReader) -> list[tuple[str, int, tuple[int, ...], int, int]]:
-    return [(t.name, int(t.tensor_type), tuple(int(x) for x in t.shape), int(t.data_offset) - int(r.data_offset),
-             int(t.n_bytes)) for t in r.tensors]
-
-
 @dataclasses.dataclass(frozen=True)
 class PatchedPart:
     path: Path
@@ -219,45 +191,31 @@ def rewrite(src: Path, dst: Path, vocab: Path) -> PatchedPart:
         return PatchedPart(dst, False, sha, tensor_data_sha256(src))
     v = gguf_meta.reader(vocab)
     new_tok = [(n, f) for n, f in v.fields.items() if n.startswith(TOKENIZER)]
-    arch = r.get_field(gguf_meta.ARCHITECTURE).contents()
-    layout = _tensor_layout(r)
-    h = hashlib.sha256()
+    fields: list[tuple[str, Any]] = []
+    placed = False
+    for name, field in r.fields.items():
+        if name.startswith("GGUF.") or name == gguf_meta.ARCHITECTURE:
+            continue
+        if name.startswith(TOKENIZER):
+            if not placed:  # the new tokenizer block where the old one was
+                fields += new_tok
+                placed = True
+            continue
+        fields.append((name, field))
+    layout = gguf_meta.tensor_layout(r)
     with records.atomic_output(dst) as tmp:
-        w = gguf.GGUFWriter(tmp, arch=arch, endianess=r.endianess)
-        w.data_alignment = int(r.alignment)
-        placed = False
-        for name, field in r.fields.items():
-            if name.startswith("GGUF.") or name == gguf_meta.ARCHITECTURE:
-                continue
-            if name.startswith(TOKENIZER):
-                if not placed:  # the new tokenizer block where the old one was
-                    for n, f in new_tok:
-                        w.add_key_value(n, *_field_value(f))
-                    placed = True
-                continue
-            w.add_key_value(name, *_field_value(field))
-        for t in r.tensors:  # numpy order (the writer reverses it back to ggml's), the raw type: no conversion
-            w.add_tensor_info(t.name, [int(x) for x in reversed(t.shape)], _NOT_BYTES, int(t.n_bytes),
-                              raw_dtype=t.tensor_type)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        fout = w.fout[0]
-        w.write_padding(fout, fout.tell())
-        with open(src, "rb") as f:
-            f.seek(int(r.data_offset))
-            while chunk := f.read(1 << 22):
-                fout.write(chunk)
-                h.update(chunk)
-        w.close()
+        try:
+            copied = gguf_meta.write_copy(tmp, r, fields, src)
+        except gguf_meta.Unwritable as e:
+            raise PatchRefused(str(e)) from e
         written = gguf_meta.reader(tmp)
-        if _tensor_layout(written) != layout:
+        if gguf_meta.tensor_layout(written) != layout:
             raise InputError(f"{dst.name}: the tensor layout changed while writing the patched file")
         del written
     out = tensor_data_sha256(dst)
-    if out != h.hexdigest():
+    if out != copied:
         raise InputError(f"{dst.name}: the tensor data changed while writing the patched file")
-    return PatchedPart(dst, True, out, h.hexdigest())
+    return PatchedPart(dst, True, out, copied)
 
 
 

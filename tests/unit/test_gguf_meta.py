@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
@@ -170,3 +172,51 @@ def test_non_finite_tensors_are_counted_in_every_float_type_and_in_quants(tmp_pa
     assert found["e.weight"] >= 1  # a NaN makes its Q8_0 block's scale NaN: the block's values are all lost
     clean = _write_tensors(tmp_path / "clean.gguf", {"a.weight": (rows, None), "d.weight": (rows, T.BF16)})
     assert gguf_meta.non_finite_tensors(clean) == []
+
+
+def test_tensors_types_and_dequantized_values(tmp_path: Path) -> None:
+    T = gguf.GGMLQuantizationType
+    rows = np.linspace(-1, 1, 4 * 64, dtype=np.float32).reshape(4, 64)
+    path = _write_tensors(tmp_path / "m.gguf", {"a.weight": (rows, None), "e.weight": (rows, T.Q8_0)})
+    assert gguf_meta.tensor_types(path) == {"a.weight": "F32", "e.weight": "Q8_0"}
+    by_name = {t.name: t for t in gguf_meta.tensors(path)}
+    assert [int(x) for x in by_name["e.weight"].shape] == [64, 4]  # ggml order
+    assert np.array_equal(np.asarray(gguf_meta.dequantize(by_name["a.weight"])).reshape(4, 64), rows)
+    q8 = np.asarray(gguf_meta.dequantize(by_name["e.weight"])).reshape(4, 64)
+    assert np.allclose(q8, rows, atol=0.01)
+
+
+def test_quant_sizes_are_gguf_py_block_sizes() -> None:
+    sizes = gguf_meta.quant_sizes()
+    assert sizes["Q4_K"] == (256, 144) and sizes["Q8_0"] == (32, 34) and sizes["F16"] == (1, 2)
+
+
+def test_write_copy_changes_only_the_given_metadata(small: Path, tmp_path: Path) -> None:
+    """Every field but one copied, one added, the tensor infos and data as they were: the layout and data bytes are
+    the source's, the metadata is what was asked for."""
+    r = gguf_meta.reader(small)
+    extra = gguf_meta.reader(_write(tmp_path / "other.gguf", template="{{ other }}"))
+    fields = [(n, f) for n, f in r.fields.items()
+              if not n.startswith("GGUF.") and n not in (gguf_meta.ARCHITECTURE, gguf_meta.CHAT_TEMPLATE)]
+    fields.append((gguf_meta.CHAT_TEMPLATE, extra.fields[gguf_meta.CHAT_TEMPLATE]))
+    out = tmp_path / "copy.gguf"
+    digest = gguf_meta.write_copy(out, r, fields, small)
+    written = gguf_meta.reader(out)
+    assert gguf_meta.tensor_layout(written) == gguf_meta.tensor_layout(r)
+    src_data = small.read_bytes()[int(r.data_offset):]
+    assert out.read_bytes()[int(written.data_offset):] == src_data
+    assert digest == hashlib.sha256(src_data).hexdigest()
+    old, new = gguf_meta.read(small).values, gguf_meta.read(out).values
+    assert new[gguf_meta.CHAT_TEMPLATE] == "{{ other }}"
+    assert {k: v for k, v in new.items() if k != gguf_meta.CHAT_TEMPLATE} == \
+        {k: v for k, v in old.items() if k != gguf_meta.CHAT_TEMPLATE}
+
+
+@pytest.mark.parametrize("types, why", [
+    ([gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING], "empty array"),
+    ([gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32], "nested array"),
+])
+def test_write_copy_refuses_what_gguf_py_cannot_write(small: Path, tmp_path: Path, types: list, why: str) -> None:
+    field = SimpleNamespace(name="tokenizer.ggml.merges", types=types, data=[], parts=[])
+    with pytest.raises(gguf_meta.Unwritable, match=f"metadata key tokenizer.ggml.merges is an? {why}"):
+        gguf_meta.write_copy(tmp_path / "out.gguf", gguf_meta.reader(small), [(field.name, field)], small)

@@ -16,6 +16,7 @@ import pytest
 
 from converters.core import proc
 from converters.ladder import evaluate
+from converters.ladder.evaluate import source as eval_source
 from converters.formats import hfchild
 from converters.formats import hfmodel
 from converters.llama import verify
@@ -162,7 +163,7 @@ def test_the_comparison_in_its_child_gives_the_figures_of_the_in_process_run(tin
     check = evaluate.compare_with_source(tiny, base, spec)
     torch.set_num_threads(1)
     model = hfmodel.load_causal_lm(tiny, dtype=torch.float32).eval()
-    kld, agree, total, n = evaluate._source_log_probs(model, base, spec)
+    kld, agree, total, n = eval_source._source_log_probs(model, base, spec)
     assert check.data["tokens"] == total == evaluate.scored_per_chunk(CTX) and check.data["chunks"] == n == 1
     assert check.data["top1_agreement"] == agree / total
     assert check.data["kld_mean"] == float(kld.mean()) and check.data["kld_max"] == float(kld.max())
@@ -174,7 +175,7 @@ def test_the_comparison_in_its_child_gives_the_figures_of_the_in_process_run(tin
 def test_a_source_model_over_its_memory_budget_is_not_checked(tiny: Path, tmp_path: Path, monkeypatch) -> None:
     """The memory limit holds the whole run: a budget the model, torch and one chunk's logits cannot fit in stops
     the child, and the comparison says why instead of the bot's process growing."""
-    monkeypatch.setattr(evaluate, "COMPARE_HEADROOM", 0, raising=False)  # (absent before the child)
+    monkeypatch.setattr(eval_source, "COMPARE_HEADROOM", 0, raising=False)  # (absent before the child)
     base = _base_logits(tmp_path / "base.kld", 49152)
     spec = evaluate.CompareSpec(chunks=1, add_bos=True, bos_id=1, parameters=13_500_000, threads=1,
                                 max_memory=32 << 20, offload_dir=tmp_path / "offload")

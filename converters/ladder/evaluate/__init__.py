@@ -1,0 +1,30 @@
+"""Measure every quant of a ladder against its reference, check it, gate it, and write report.json.
+
+The modules, from the bottom up:
+
+- :mod:`.perplexity` -- llama-perplexity's argv, runs and output parsers, and the base-logits file format
+  (``run_base``, ``run_kld``, ``BaseLogits``, ``count_tokens``);
+- :mod:`.source` -- the BF16 reference against the source checkpoint in transformers (``compare_with_source``
+  in the parent, ``compare_here`` in the child) and the tokenizer / template checks against the source folder;
+- :mod:`.curve` -- the ladder's own KLD curve: outliers and order inversions (pure);
+- :mod:`.verdict` -- the gate (pure): ceilings, ``judge``, ``gate``, ``publishable``;
+- :mod:`.evaluation` -- ``EvalOptions`` and ``run``: the whole evaluation and its report.
+
+This package's public API, the names other packages use, is re-exported here (``from converters.ladder import
+evaluate`` then ``evaluate.run(...)``); code that needs anything else imports the submodule that defines it.
+"""
+
+from converters.ladder.evaluate.evaluation import N_PREDICT, STAGE, EvalOptions, run
+from converters.ladder.evaluate.perplexity import (KLD_TIMEOUT, LOGITS_MAGIC, BaseLogits, base_logits_bytes,
+                                                   count_tokens, parse_base_output, parse_kld_output, run_base,
+                                                   run_kld, scored_per_chunk)
+from converters.ladder.evaluate.source import CompareSpec, compare_here, compare_with_source, source_checks
+from converters.ladder.evaluate.verdict import (Verdict, ceiling_for, curve_points, default_ceiling, expected_klds,
+                                                gate, judge, publishable, tuned_reasons)
+
+__all__ = ["N_PREDICT", "STAGE", "EvalOptions", "run",
+           "KLD_TIMEOUT", "LOGITS_MAGIC", "BaseLogits", "base_logits_bytes", "count_tokens", "parse_base_output",
+           "parse_kld_output", "run_base", "run_kld", "scored_per_chunk",
+           "CompareSpec", "compare_here", "compare_with_source", "source_checks",
+           "Verdict", "ceiling_for", "curve_points", "default_ceiling", "expected_klds", "gate", "judge",
+           "publishable", "tuned_reasons"]
