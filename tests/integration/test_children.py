@@ -194,6 +194,10 @@ def test_the_ggufbot_command_leaves_no_orphan_on_its_way_out(tmp_path):
         supervisor = next(p for p in _children(bot.pid))
         os.kill(supervisor, signal.SIGKILL)  # the program dies with it (PDEATHSIG); its children come to ggufbot
         assert gone(supervisor)
+        # the program gets its death signal when the supervisor dies: until it is gone, its children are still its own
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_ppid(pid) not in (bot.pid, None) for pid in pids):
+            time.sleep(0.05)
         for pid in pids:
             assert _ppid(pid) in (bot.pid, None), f"grandchild {pid} was not re-parented to ggufbot"
         out, err = bot.communicate(timeout=60)
