@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bot.model.toolchain_settings import ToolchainSettings
 from converters.core.errors import ConfigError
 
 ENV_PREFIX = "GGUFBOT_"
@@ -187,6 +188,7 @@ SECTIONS: dict[str, type] = {
     "requeue": Requeue,
     "web": Web,
     "worker": WorkerSettings,
+    "toolchain": ToolchainSettings,
 }
 TOP_LEVEL = ("data_dir", "database_url", "sources")
 
@@ -205,6 +207,7 @@ class Settings:
     requeue: Requeue = Requeue()
     web: Web = Web()
     worker: WorkerSettings = WorkerSettings()
+    toolchain: ToolchainSettings = ToolchainSettings()
     token: str | None = dataclasses.field(default=None, repr=False, compare=False)
     config_path: Path | None = None
     max_model_bytes: int = 0  # resolved: the explicit limit, or the share of the free disk

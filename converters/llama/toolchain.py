@@ -742,7 +742,7 @@ def install(*, jobs: int | None = None, sdist: Path | None = None, on_line: Call
     lock_path = final.parent / f"{final.name}.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second installer waits here, then finds the build done
-        existing = find(required=False)
+        existing = find(required=False) if active_build_name() is None else None  # another build in use: not it
         if existing is not None and not existing.missing():
             return existing
         staging = Path(tempfile.mkdtemp(prefix=f"{final.name}.build-", dir=final.parent))
