@@ -218,3 +218,29 @@ def switch_bot(bot: Any, toolchain: Any) -> None:
     bot.watcher.toolchain_version = toolchain.version
     for runner in bot.runners:
         runner.toolchain = toolchain
+
+
+def toolchain_view(settings: Settings) -> dict[str, Any]:
+    """What ``status`` and the web page show of the engine: the build in use, the newest tag seen, the last canary."""
+    st = read_state(settings)
+    canary = st.get("canary")
+    return {"in_use": st.get("in_use"), "following": st.get("following"), "newest_tag": st.get("newest_tag"),
+            "checked_at": st.get("checked_at"), "action": st.get("action"), "error": st.get("error"),
+            "canary": {k: canary.get(k) for k in ("tag", "build", "against", "passed", "reasons", "at")}
+            if canary else None,
+            "line": toolchain_line(st)}
+
+
+def toolchain_line(st: dict[str, Any]) -> str:
+    """One line: ``llama.cpp b2 (1a2b3c4) in use; following releases, newest tag b3; canary of b3 failed: ...``."""
+    b = st.get("in_use")
+    out = f"{b['version']} in use" if b else "llama.cpp: no build in use (LLAMA_CPP_DIR, or not installed)"
+    if st.get("following"):
+        out += f"; following releases, newest tag {st.get('newest_tag') or 'not seen yet'}"
+    c = st.get("canary")
+    if c:
+        verdict = "passed" if c.get("passed") else "failed: " + "; ".join(c.get("reasons") or [])
+        out += f"; canary of {c.get('tag')} {verdict}"
+    if st.get("error"):
+        out += f"; last check failed: {st['error']}"
+    return out

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.model import jobstate as J
+from bot.service import follow
 from converters.core.errors import GgufbotError
 from converters.core.report import Report
 from converters.core.workdir import REPORT_FILE, WorkDir
@@ -74,6 +75,7 @@ def status_data(st: Any, settings: Any, now: float, limit: int = 10) -> dict[str
                      "polls": r.polls, "failures": r.failures, "last_error": r.last_error} for r in st.sources()],
         "workers": workers_view(st, now, settings.schedule.stale_after_seconds),
         "hub": hub_state(st),
+        "toolchain": follow.toolchain_view(settings),
     }
 
 

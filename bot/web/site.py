@@ -39,6 +39,7 @@ from starlette.routing import Route
 
 from bot.model import jobstate as J
 from bot.model import metrics
+from bot.service import follow
 from bot.service import status
 from bot.web import webhooks
 from bot.publish.card import TEMPLATES_DIR
@@ -155,6 +156,7 @@ class StatusSite:
         ctx.setdefault("pages", PAGES)
         ctx.setdefault("now", time.time())
         ctx.setdefault("publish_note", status.publish_note(self.settings))
+        ctx.setdefault("toolchain_line", follow.toolchain_line(follow.read_state(self.settings)))
         return HTMLResponse(self.env.get_template(name).render(**ctx), status_code=code)
 
     def _page_route(self, page: str) -> Callable[[Request], Response]:
