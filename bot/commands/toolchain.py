@@ -3,14 +3,16 @@ checkout (converters/llama/builds.py), and the one in use.
 
 ``bot/commands/core.py`` registers ``toolchain install|info`` for the pinned build; this module (discovered after it)
 extends those parsers with ``--source git --url U --ref R`` / ``--source dir --path P`` and adds ``list`` and ``use``.
-Without ``--source``, ``install`` builds what the settings' ``[toolchain]`` section names (``--config``), the
-pinned build by default, exactly as before.
+Without ``--source``, ``install`` builds what the settings' ``[toolchain]`` section names (``--config`` or
+``$GGUFBOT_CONFIG``), the pinned build by default, exactly as before; a build named by the settings becomes the one
+in use only while the pinned one is (a release the bot followed to stays in use across restarts).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -55,7 +57,7 @@ def _source(args: argparse.Namespace) -> Source:
         raise ConfigError("--url, --ref and --path need --source git or --source dir")
     if args.source is not None:
         return Source(args.source, url=args.url, ref=args.ref, path=args.path)
-    if args.config is None:
+    if args.config is None and not os.environ.get("GGUFBOT_CONFIG"):
         return Source("pinned")
     from bot.model import settings as settings_mod
 
@@ -79,9 +81,12 @@ def cmd_install(args: argparse.Namespace) -> int:
     b = builds.install(source, jobs=args.jobs, on_line=on_line)
     how = f"programs of {b.reused_from}" if b.reused_from else "compiled"
     print(f"{b.version} ready ({'CUDA' if b.cuda else 'CPU'}, {how}) as {b.name} in {b.path}")
-    if not args.no_use and (source.kind != "pinned" or builds.active() is not None and args.source == "pinned"):
+    # asked for on the command line: it is the one in use now; from the settings: only when the pinned build was (a
+    # release the bot followed to since then stays in use when the service restarts and installs its settings again)
+    explicit = args.source is not None
+    if not args.no_use and (explicit or builds.active() is None) and (in_use := builds.in_use()) != b:
         builds.use(b)
-        print(f"in use: {b.name}")
+        print(f"in use: {b.name}" + (f" (was {in_use.name})" if in_use else ""))
     return 0
 
 

@@ -41,7 +41,7 @@ from converters.llama.sources import Checkout, Source
 log = logging.getLogger(__name__)
 
 META = "toolchain.json"
-DIGEST_FILE = "native_digest"  # the native digest of a build whose toolchain.json does not hold it (the pinned one)
+DIGEST_FILE = "native_digest"  # the cached native digest of a build whose toolchain.json does not hold it (the pinned one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,7 @@ def load(path: Path) -> Build | None:
     digest = info.get("native_digest")
     if digest is None:
         with contextlib.suppress(OSError):
-            digest = (path / DIGEST_FILE).read_text().strip() or None
+            digest = _digest_file(path.name).read_text().strip() or None
     flags_key = info.get("flags_key") or path.name.rsplit("-", 1)[-1]
     return Build(name=path.name, path=path, source=source, version=info.get("version") or path.name,
                  commit=info.get("commit"), tag=info.get("tag"), flags_key=flags_key, cuda=bool(info.get("cuda")),
@@ -154,8 +154,14 @@ def digest_of(b: Build) -> str:
         return b.native_digest
     digest = sources.native_digest(b.path / "src")
     with contextlib.suppress(OSError):
-        (b.path / DIGEST_FILE).write_text(digest + "\n")
+        _digest_file(b.name).write_text(digest + "\n")
     return digest
+
+
+def _digest_file(name: str) -> Path:
+    """Where the native digest of a build that does not record it is kept: beside the builds, never inside one (the
+    pinned build may be read-only, or shared)."""
+    return tc.builds_root() / f".{name}.{DIGEST_FILE}"
 
 
 def donor_for(digest: str, flags_key: str, *, exclude: str | None = None) -> Build | None:
@@ -182,6 +188,9 @@ def install(source: Source, *, jobs: int | None = None, on_line: Callable[[str],
     """The build of ``source``: the cached one when it exists, else a new one (reusing the programs of a build with
     the same native digest and flags, else compiling; ``low_priority``: under ``nice``/``ionice``)."""
     if source.kind == "pinned":
+        b = load(tc.pinned_dir())
+        if b is not None and not b.toolchain().missing():
+            return b  # built already (whichever build is in use)
         tc.install(jobs=jobs, on_line=on_line, timeout=timeout)
         b = load(tc.pinned_dir())
         assert b is not None
