@@ -417,6 +417,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         nxt = f"; next poll at {_when(hub['next_poll_at'])}" if hub.get("next_poll_at") else ""
         out.append(f"Hub unreachable since {_when(hub['since'])}: {hub.get('reason') or 'no connection'} "
                    f"({hub.get('endpoint') or 'the Hub'}){nxt}")
+    out.append(f"toolchain: {data['toolchain']['line']}")
     counts = ", ".join(f"{k} {v}" for k, v in sorted(data["counts"].items())) or "no jobs"
     out.append(f"jobs: {counts}")
     if data["publish_note"]:

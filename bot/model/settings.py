@@ -32,6 +32,7 @@ from typing import Any
 
 from bot.model.repo_names import repo_name
 from converters.core import quants
+from bot.model.toolchain_settings import ToolchainSettings
 from converters.core.errors import ConfigError
 from converters.ladder import tune as tune_mod
 from converters.variants import recipes as variants_mod
@@ -191,6 +192,7 @@ SECTIONS: dict[str, type] = {
     "requeue": Requeue,
     "web": Web,
     "worker": WorkerSettings,
+    "toolchain": ToolchainSettings,
 }
 TOP_LEVEL = ("data_dir", "database_url", "sources")
 
@@ -209,6 +211,7 @@ class Settings:
     requeue: Requeue = Requeue()
     web: Web = Web()
     worker: WorkerSettings = WorkerSettings()
+    toolchain: ToolchainSettings = ToolchainSettings()
     token: str | None = dataclasses.field(default=None, repr=False, compare=False)
     config_path: Path | None = None
     max_model_bytes: int = 0  # resolved: the explicit limit, or the share of the free disk

@@ -20,6 +20,7 @@ from typing import Any
 
 from bot.hub.client import Hub
 from bot.model import jobstate as J
+from bot.service import follow as follow_mod
 from bot.service.runner import Outcome, Runner, new_worker_id, on_stop_signal
 from bot.model.settings import Settings
 from bot.state.base import StateStore
@@ -64,6 +65,7 @@ class Bot:
         self.runners = [Runner(settings, self.store, hub, worker_id=base if n == 1 else f"{base}-{i}",
                                toolchain=toolchain, namespace=self.namespace, stop=self.stop) for i in range(n)]
         self._free = list(self.runners)
+        self.follow = follow_mod.Follower(settings, self.store, hub, switch=lambda tc: follow_mod.switch_bot(self, tc))
         self._lock = threading.Lock()
         self.polls = 0
         self.scheduler: Any = None  # the running APScheduler while serve() runs (the web page's /healthz)
@@ -113,7 +115,8 @@ class Bot:
         recovered = self.runners[0].recover(now=now)
         requeued = self.watcher.requeue_for_toolchain(now)
         pruned = self.store.prune_events(before=now - EVENT_RETENTION_DAYS * 86400)
-        return {"recovered": recovered, "requeued": requeued, "pruned_events": pruned}
+        followed = self.follow.tick(now)  # [toolchain] follow: starts a background check when due, never waits
+        return {"recovered": recovered, "requeued": requeued, "pruned_events": pruned, "follow": followed}
 
     def busy(self) -> bool:
         with self._lock:

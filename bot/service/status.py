@@ -19,6 +19,7 @@ from typing import Any
 from bot.model import jobstate as J
 from bot.model.settings import Settings
 from bot.state.store import Job, StateStore
+from bot.service import follow
 from converters.core.errors import GgufbotError
 from converters.core.report import Report
 from converters.core.workdir import REPORT_FILE, WorkDir
@@ -77,6 +78,7 @@ def status_data(st: StateStore, settings: Settings, now: float, limit: int = 10)
                      "polls": r.polls, "failures": r.failures, "last_error": r.last_error} for r in st.sources()],
         "workers": workers_view(st, now, settings.schedule.stale_after_seconds),
         "hub": hub_state(st),
+        "toolchain": follow.toolchain_view(settings),
     }
 
 

@@ -39,6 +39,7 @@ from starlette.routing import Route
 
 from bot.model import jobstate as J
 from bot.model import metrics
+from bot.service import follow
 from bot.service import status
 from bot.service.watcher import Watcher
 from bot.web import gauges, webhooks
@@ -160,6 +161,7 @@ class StatusSite:
         context.setdefault("pages", PAGES)
         context.setdefault("now", time.time())
         context.setdefault("publish_note", status.publish_note(self.settings))
+        context.setdefault("toolchain_line", follow.toolchain_line(follow.read_state(self.settings)))
         return HTMLResponse(self.env.get_template(name).render(**context), status_code=code)
 
     def _page_route(self, page: str) -> Callable[[Request], Response]:

@@ -159,6 +159,7 @@ class ToolchainInfo(Record):
     version: str | None = field()
     commit: str | None = field()
     cuda: bool | None = field()
+    tag: str | None = field(omit_none=True)  # the llama.cpp release tag (a git or dir build), when known
     extra: dict[str, Any] = _extra()
 
 

@@ -239,6 +239,7 @@ def ladder_record(p: Plan, toolchain: Toolchain, conv_rec: records.StageRecord,
         source=SourceInfo(repo=p.source_repo, revision=p.source_revision, path=str(ck.path),
                           architecture=ck.architecture, parameters=ck.parameters,
                           has_chat_template=ck.has_chat_template, license=ck.license),
-        toolchain=ToolchainInfo(version=toolchain.version, commit=toolchain.commit, cuda=toolchain.cuda),
+        toolchain=ToolchainInfo(version=toolchain.version, commit=toolchain.commit, cuda=toolchain.cuda,
+                                tag=getattr(toolchain, "tag", None)),
         reference=ReferenceFile(type=p.outtype.upper(), path=ref_out.path, size=ref_out.size, sha256=ref_out.sha256),
         imatrix=imatrix, files=tuple(files), seconds=seconds, projectors=mmproj.projector_files(projector))

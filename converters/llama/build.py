@@ -24,7 +24,7 @@ from pathlib import Path
 from converters.core.errors import ToolchainError
 from converters.core.proc import run
 from converters.llama.toolchain import (PINNED_PACKAGE, PINNED_SHA256, PINNED_VERSION, PROGRAMS, BuildFlags,
-                                        Toolchain, build_flags, cache_root, find, pinned_dir)
+                                        Toolchain, active_build_name, build_flags, cache_root, find, pinned_dir)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def install(*, jobs: int | None = None, sdist: Path | None = None, on_line: Call
     lock_path = final.parent / f"{final.name}.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second installer waits here, then finds the build done
-        existing = find(required=False)
+        existing = find(required=False) if active_build_name() is None else None  # another build in use: not it
         if existing is not None and not existing.missing():
             return existing
         staging = Path(tempfile.mkdtemp(prefix=f"{final.name}.build-", dir=final.parent))
@@ -147,14 +147,29 @@ def _build_into(staging: Path, flags: BuildFlags, *, jobs: int | None, sdist: Pa
     src.mkdir()
     commit = _extract_llama_cpp(sdist, src)
     shutil.rmtree(staging / "download", ignore_errors=True)
+    compile_programs(src, staging, flags, jobs=jobs, on_line=on_line, timeout=timeout)
+    version = f"{PINNED_PACKAGE} {PINNED_VERSION} (llama.cpp {commit[:7] if commit else 'unknown'})"
+    meta = {"version": version, "package": PINNED_PACKAGE, "package_version": PINNED_VERSION, "commit": commit,
+            "cuda": flags.cuda, "cmake_args": flags.cmake_args(), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "build_seconds": round(time.monotonic() - started, 1)}
+    (staging / "toolchain.json").write_text(json.dumps(meta, indent=2))
+
+
+def compile_programs(src: Path, staging: Path, flags: BuildFlags, *, jobs: int | None,
+                     on_line: Callable[[str], None] | None, timeout: float, low_priority: bool = False) -> None:
+    """Configure and build the programs of the llama.cpp tree ``src`` into ``staging/bin`` (CMake's build folder
+    removed after); ``low_priority``: under ``ionice -c 3`` and ``nice -n 19`` (a background build)."""
+    if shutil.which("cmake") is None:
+        raise ToolchainError("cmake is not installed (needed to build llama.cpp)")
+    nice = lowered() if low_priority else []
     build = staging / "build"
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     log.info("toolchain: configuring llama.cpp (%s)", "CUDA" if flags.cuda else "CPU")
-    run(["cmake", "-S", str(src), "-B", str(build), *gen, *flags.cmake_args()], timeout=1800, on_line=on_line,
-        inherit=BUILD_ENV)
+    run([*nice, "cmake", "-S", str(src), "-B", str(build), *gen, *flags.cmake_args()], timeout=1800,
+        on_line=on_line, inherit=BUILD_ENV)
     n = jobs or os.cpu_count() or 2
-    log.info("toolchain: building %s with %d jobs", ", ".join(PROGRAMS), n)
-    run(["cmake", "--build", str(build), "--config", "Release", "-j", str(n), "--target", *PROGRAMS],
+    log.info("toolchain: building %s with %d jobs%s", ", ".join(PROGRAMS), n, " at low priority" if nice else "")
+    run([*nice, "cmake", "--build", str(build), "--config", "Release", "-j", str(n), "--target", *PROGRAMS],
         timeout=timeout, on_line=on_line, inherit=BUILD_ENV)
     bin_dir = staging / "bin"
     bin_dir.mkdir()
@@ -164,8 +179,13 @@ def _build_into(staging: Path, flags: BuildFlags, *, jobs: int | None, sdist: Pa
             raise ToolchainError(f"build finished but {p} is missing")
         shutil.copy2(built, bin_dir / p)
     shutil.rmtree(build)
-    version = f"{PINNED_PACKAGE} {PINNED_VERSION} (llama.cpp {commit[:7] if commit else 'unknown'})"
-    meta = {"version": version, "package": PINNED_PACKAGE, "package_version": PINNED_VERSION, "commit": commit,
-            "cuda": flags.cuda, "cmake_args": flags.cmake_args(), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "build_seconds": round(time.monotonic() - started, 1)}
-    (staging / "toolchain.json").write_text(json.dumps(meta, indent=2))
+
+
+def lowered() -> list[str]:
+    """The prefix that runs a program at the lowest CPU and I/O priority (what a background build uses)."""
+    out = []
+    if shutil.which("ionice"):
+        out += ["ionice", "-c", "3"]
+    if shutil.which("nice"):
+        out += ["nice", "-n", "19"]
+    return out

@@ -14,7 +14,7 @@ and no Hub variable reaches it, and a URL is passed as one argument after ``--``
 
 :func:`native_digest` hashes the parts of a tree that the programs are compiled from. Two trees with the same
 native digest (a release that only changed ``convert_hf_to_gguf.py``, say) build the same programs, so a build of one
-is reused for the other (toolchain.py) instead of compiling for 12 minutes again.
+is reused for the other (builds.py) instead of compiling for 12 minutes again.
 """
 
 from __future__ import annotations

@@ -192,7 +192,8 @@ class Toolchain:
     version: str  # e.g. "llama-cpp-python 0.3.36 (llama.cpp 0c1e570)"
     commit: str | None
     cuda: bool
-    origin: str  # "pinned" or "LLAMA_CPP_DIR"
+    origin: str  # "pinned", "git", "dir" (converters/llama/builds.py) or "LLAMA_CPP_DIR"
+    tag: str | None = None  # the llama.cpp release tag of a git or dir build, when its commit carries one
 
     def program(self, name: str) -> Path:
         path = self.bin_dir / name
@@ -221,7 +222,7 @@ class Toolchain:
         return out
 
     def describe(self) -> dict:
-        return {"version": self.version, "commit": self.commit, "cuda": self.cuda, "origin": self.origin,
+        return {"version": self.version, "commit": self.commit, "tag": self.tag, "cuda": self.cuda, "origin": self.origin,
                 "root": str(self.root), "bin_dir": str(self.bin_dir), "missing": self.missing()}
 
 
@@ -238,14 +239,32 @@ def pinned_dir(flags: BuildFlags | None = None) -> Path:
     return builds_root() / f"{PINNED_VERSION}-{flags.key()}"
 
 
+ACTIVE_FILE = "active.json"  # beside the builds: the build in use when it is not the pinned one (builds.use)
+
+
+def active_build_name() -> str | None:
+    """The build ``active.json`` names (converters/llama/builds.py); None: the pinned build."""
+    try:
+        name = json.loads((builds_root() / ACTIVE_FILE).read_text()).get("build")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name and "/" not in name and not name.startswith(".") else None
+
+
 def find(required: bool = True) -> Toolchain | None:
-    """The toolchain to use: LLAMA_CPP_DIR if set, else the pinned build in the cache."""
+    """The toolchain to use: LLAMA_CPP_DIR if set, else the build ``active.json`` names, else the pinned build."""
     user_dir = os.environ.get("LLAMA_CPP_DIR")
     if user_dir:
         tc = _from_user_dir(Path(user_dir).expanduser())
         if required and tc.missing():
             raise ToolchainError(f"LLAMA_CPP_DIR={user_dir} lacks: {', '.join(tc.missing())}")
         return tc
+    name = active_build_name()
+    if name is not None and (builds_root() / name / "toolchain.json").exists():
+        d = builds_root() / name
+        info = json.loads((d / "toolchain.json").read_text())
+        return Toolchain(root=d / "src", bin_dir=d / "bin", version=info["version"], commit=info.get("commit"),
+                         cuda=bool(info.get("cuda")), origin=info.get("source") or "git", tag=info.get("tag"))
     d = pinned_dir()
     meta = d / "toolchain.json"
     if meta.exists():
