@@ -1,4 +1,4 @@
-"""``ggufbot convert``, ``ggufbot toolchain install|info`` and ``ggufbot doctor``."""
+"""``ggufbot convert`` and ``ggufbot doctor`` (``ggufbot toolchain ...``: bot/commands/toolchain.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bot.commands import deprecated_alias, figures, stderr
+from bot.commands import deprecated_alias, figures
 from converters.formats import checkpoint as ckpt_mod
 from converters.ladder import pipeline
 from converters.core import quants
-from converters.llama import build, toolchain
+from converters.llama import toolchain
 from converters.core.errors import ConfigError, InputError, ToolError, UnsupportedModel
 from converters.core.report import PASSED
 from converters.core.stages import free_bytes
@@ -62,15 +62,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan (files, types, sizes, disk) and stop")
     p.add_argument("--json", action="store_true", help="print ladder.json (or the plan) as JSON")
     p.set_defaults(func=cmd_convert)
-
-    t = sub.add_parser("toolchain", help="install or describe the pinned llama.cpp build")
-    tsub = t.add_subparsers(dest="action", metavar="ACTION")
-    tsub.required = True
-    ti = tsub.add_parser("install", help="fetch and build the pinned llama.cpp (cached; a no-op when built)")
-    ti.add_argument("--jobs", type=int, default=None, help="build jobs (default: all cores)")
-    ti.set_defaults(func=cmd_toolchain_install)
-    tf = tsub.add_parser("info", help="print the toolchain in use as JSON")
-    tf.set_defaults(func=cmd_toolchain_info)
 
     d = sub.add_parser("doctor", help="print what is installed and what is missing")
     d.set_defaults(func=cmd_doctor)
@@ -227,32 +218,6 @@ def _print_ladder(ladder: Ladder, out: Path, seconds: float) -> None:
         check = wd.report().checks.get("projector") if wd.has_report() else None
         print(f"projector  {', '.join(p.path for p in ladder.projectors)}"
               + (f"  ({check.status}: {check.detail})" if check else ""))
-
-
-def cmd_toolchain_install(args: argparse.Namespace) -> int:
-    existing = toolchain.find(required=False)
-    if existing is not None and not existing.missing():
-        print(f"{existing.version} ready ({'CUDA' if existing.cuda else 'CPU'}) in {existing.bin_dir.parent}")
-        return 0
-    stderr("building llama.cpp: this takes several minutes (about 6 on 2 cores)")
-    last = [0.0]
-
-    def on_line(line: str) -> None:
-        now = time.monotonic()
-        if line.startswith("[") and now - last[0] > 5:
-            last[0] = now
-            stderr(line[:160])
-
-    tc = build.install(jobs=args.jobs, on_line=on_line)
-    print(f"{tc.version} ready ({'CUDA' if tc.cuda else 'CPU'}) in {tc.bin_dir.parent}")
-    return 0
-
-
-def cmd_toolchain_info(args: argparse.Namespace) -> int:
-    tc = toolchain.find(required=True)
-    assert tc is not None
-    print(json.dumps(tc.describe(), indent=2))
-    return 0
 
 
 def _version(pkg: str) -> str | None:

@@ -24,16 +24,12 @@ from converters.llama.sources import KINDS, Source
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    t = sub.choices.get("toolchain") or sub.add_parser("toolchain", help="install, list and choose llama.cpp builds")
+    t = sub.add_parser("toolchain", help="install, list and choose llama.cpp builds")
     t.description = "llama.cpp builds: the pinned one, git commits and local trees; the one in use"
-    actions = next((a for a in t._actions if isinstance(a, argparse._SubParsersAction)), None)
-    if actions is None:
-        actions = t.add_subparsers(dest="action", metavar="ACTION")
-        actions.required = True
-    ti = actions.choices.get("install") or actions.add_parser("install")
-    known = {o for a in ti._actions for o in a.option_strings}
-    if "--jobs" not in known:
-        ti.add_argument("--jobs", type=int, default=None, help="build jobs (default: all cores)")
+    actions = t.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    ti = actions.add_parser("install", help="fetch and build llama.cpp (cached; a no-op when built)")
+    ti.add_argument("--jobs", type=int, default=None, help="build jobs (default: all cores)")
     ti.add_argument("--source", choices=KINDS, default=None,
                     help="pinned (default), git (--url, --ref) or dir (--path); default: the settings' [toolchain]")
     ti.add_argument("--url", help="git: the llama.cpp repository (file:///..., https://...)")
@@ -42,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ti.add_argument("--config", type=Path, default=None, help="settings file whose [toolchain] section to install")
     ti.add_argument("--no-use", action="store_true", help="build it, but keep the build in use")
     ti.set_defaults(func=cmd_install)
-    tf = actions.choices.get("info") or actions.add_parser("info")
+    tf = actions.add_parser("info", help="print the build in use as JSON")
     tf.set_defaults(func=cmd_info)
     tl = actions.add_parser("list", help="the builds in the cache and which one is in use")
     tl.add_argument("--json", action="store_true", help="print them as JSON")
