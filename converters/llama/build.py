@@ -58,15 +58,20 @@ def install(*, jobs: int | None = None, sdist: Path | None = None, on_line: Call
         staging.chmod(0o755)  # mkdtemp makes it 0700: the finished build must be readable by other users (an image)
         try:
             _build_into(staging, flags, jobs=jobs, sdist=sdist, on_line=on_line, timeout=timeout)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(staging, final)  # the build appears whole or not at all
+            move_into_place(staging, final)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
     tc = find(required=True)
     assert tc is not None
     return tc
+
+
+def move_into_place(staging: Path, final: Path) -> None:
+    """A finished build folder takes the place of ``final`` (one rename: the build appears whole or not at all)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(staging, final)
 
 
 def _fetch_sdist(dest: Path, on_line: Callable[[str], None] | None) -> Path:

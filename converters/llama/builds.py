@@ -231,9 +231,7 @@ def install(source: Source, *, jobs: int | None = None, on_line: Callable[[str],
             if source.kind == "dir":
                 meta["url"] = None  # a machine path is no business of a report
             (staging / META).write_text(json.dumps(meta, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(staging, final)  # the build appears whole or not at all
+            build_mod.move_into_place(staging, final)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
