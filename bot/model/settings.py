@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bot.model.repo_names import repo_name
+from bot.model.repo_names import REPO_ID, repo_name
 from converters.core import quants
 from bot.model.toolchain_settings import ToolchainSettings
 from converters.core.errors import ConfigError
@@ -398,7 +398,7 @@ def _check(s: Settings) -> None:
     if s.target.on_collision not in ("rename", "fail"):
         bad("target.on_collision", f"expected \"rename\" or \"fail\", got {s.target.on_collision!r}")
     for rid in s.target.adopt:
-        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]{1,96}", str(rid)):
+        if not REPO_ID.fullmatch(str(rid)):
             bad("target.adopt", f"not a repo id ORG/NAME: {rid!r}")
     if s.target.namespace is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", s.target.namespace):
         bad("target.namespace", f"not a valid Hub namespace: {s.target.namespace!r}")

@@ -18,9 +18,9 @@ canary_tolerance = 3.0     # a KLD may differ from the build in use by this many
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
+from bot.model.repo_names import REPO_ID
 from converters.core.errors import ConfigError
 from converters.llama.sources import KINDS, Source
 
@@ -59,7 +59,7 @@ class ToolchainSettings:
                 bad("url", "follow = \"releases\" needs the llama.cpp repository's URL")
             if not self.canary_repo:
                 bad("canary_repo", "follow = \"releases\" needs a small reference model (ORG/NAME) for the canary")
-        if self.canary_repo and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]{1,96}", self.canary_repo):
+        if self.canary_repo and not REPO_ID.fullmatch(self.canary_repo):
             bad("canary_repo", f"not a repo id ORG/NAME: {self.canary_repo!r}")
         self.as_source()  # source = "git" without url, a bad ref...: the Source's own error
 
