@@ -42,6 +42,7 @@ PROGRAMS = (
     "llama-mtmd-cli",  # loads a vision projector (mmproj) with its text model
     "llama-tokenize",
     "llama-completion",
+    "llama-bench",  # prompt and generation speed of each published file (the card's tokens/s)
 )
 
 
