@@ -19,6 +19,7 @@ message that leaves this module).
 
 from __future__ import annotations
 
+import copy
 import glob
 import logging
 import re
@@ -262,9 +263,27 @@ class Hub:
         self._call(f"update_repo_settings {repo_id}",
                    lambda: self._api.update_repo_settings(repo_id, gated=gated))  # type: ignore[arg-type]
 
+    def preupload(self, repo_id: str, additions: Mapping[str, Path], expected_sha256: Mapping[str, str]) -> dict[
+            str, "Preuploaded"]:
+        """Upload the content of ``additions`` (path in repo -> local file) before the commit that will add them
+        (``preupload_lfs_files``: Xet when the client and the Hub support it, else LFS); nothing becomes visible. What
+        the Hub already holds (uploaded by an interrupted run) is not sent again: the client asks the server first
+        (LFS batch API; Xet deduplicates by chunk). :meth:`commit`'s hash rule holds (CheckFailed otherwise); the
+        handles returned go to :meth:`commit` (``preuploaded``), which commits them without reading the file again."""
+        for p in additions:
+            if not safe_relative_path(p):
+                raise HubError(f"refusing to upload the unsafe path {p!r}", status=400)
+        adds, guards = _upload_operations(additions, expected_sha256)
+        self._call(f"upload {repo_id}", lambda: self._api.preupload_lfs_files(repo_id, additions=adds))
+        _check_uploaded(adds, guards, expected_sha256)
+        metrics.published(sum(op.upload_info.size for op in adds))
+        return {op.path_in_repo: Preuploaded(op.path_in_repo, op.upload_info.sha256.hex(), op.upload_info.size, op,
+                                             guards.get(op.path_in_repo)) for op in adds}
+
     def commit(self, repo_id: str, *, additions: dict[str, Path], deletions: list[str], message: str,
                description: str = "", parent_commit: str | None = None,
-               expected_sha256: Mapping[str, str] | None = None) -> str | None:
+               expected_sha256: Mapping[str, str] | None = None,
+               preuploaded: Mapping[str, "Preuploaded"] | None = None) -> str | None:
         """One atomic commit of ``additions`` (path in repo -> local file) and ``deletions``; its sha.
 
         With ``parent_commit`` the Hub refuses the commit (412) if the branch moved meanwhile, so a
@@ -276,19 +295,26 @@ class Hub:
         the file's stat key (size, mtime, ctime, inode) from before that hash to after the upload. ``expected_sha256``
         (path in repo -> sha256, what publishing verified) must be what is sent. Otherwise CheckFailed, and no
         commit is made.
+
+        ``preuploaded`` (:meth:`preupload`'s): committed from that upload when its sha256 is the expected one and its
+        file's stat key unchanged since (else CheckFailed).
         """
         for p in list(additions) + list(deletions):
             if not safe_relative_path(p):
                 raise HubError(f"refusing to commit the unsafe path {p!r}", status=400)
         if not additions and not deletions:
             return None
-        adds, guards = _upload_operations(additions, expected_sha256)
+        done = {rel: up for rel, up in (preuploaded or {}).items() if rel in additions}
+        _check_preuploaded(done, additions, expected_sha256)
+        adds, guards = _upload_operations({k: v for k, v in additions.items() if k not in done}, expected_sha256)
         if "README.md" in additions:  # the card's metadata is checked before any upload (create_commit checks first too)
             card = Path(additions["README.md"]).read_text(encoding="utf-8")
             self._call(f"validate README.md of {repo_id}", lambda: self._api._validate_yaml(card))
         self._call(f"upload {repo_id}", lambda: self._api.preupload_lfs_files(repo_id, additions=adds))
         _check_uploaded(adds, guards, expected_sha256)
-        ops: list[Any] = [*adds, *(CommitOperationDelete(path_in_repo=p) for p in deletions)]
+        _check_preuploaded(done, additions, expected_sha256)  # still untouched after the other uploads
+        ops: list[Any] = [*adds, *(up.operation() for up in done.values()),
+                          *(CommitOperationDelete(path_in_repo=p) for p in deletions)]
 
         def attempt() -> str:
             info = self._api.create_commit(repo_id, operations=ops, commit_message=message,
@@ -534,6 +560,45 @@ def _check_uploaded(ops: list[CommitOperationAdd], guards: Mapping[str, tuple[Pa
         raise CheckFailed("publish", f"refusing to commit files that may not be the ones verified ({why})")
     if expected is not None:
         _compare(ops, expected, only=lambda rel: rel in guards)
+
+
+class Preuploaded:
+    """A file whose content :meth:`Hub.preupload` has sent: what the client read (sha256, size) and, for a file sent
+    from its path, the path and its stat key before that read. Opaque outside this module."""
+
+    def __init__(self, path_in_repo: str, sha256: str, size: int, op: CommitOperationAdd,
+                 guard: tuple[Path, list[int]] | None) -> None:
+        self.path_in_repo, self.sha256, self.size = path_in_repo, sha256, size
+        self._op, self._guard = op, guard
+
+    def untouched(self) -> bool:
+        """Whether the local file is still the one uploaded (its stat key unchanged since before it was read)."""
+        if self._guard is None:
+            return True  # sent from memory: the bytes hashed are the bytes sent
+        f, key = self._guard
+        return f.is_file() and records.stat_key(f) == key
+
+    def operation(self) -> CommitOperationAdd:
+        """A fresh add operation for one more commit: already uploaded, never read again (the client refuses to
+        commit one operation object twice)."""
+        op = copy.copy(self._op)
+        op._is_committed = False
+        return op
+
+
+
+def _check_preuploaded(done: Mapping[str, Preuploaded], additions: Mapping[str, Path],
+                       expected: Mapping[str, str] | None) -> None:
+    """The rule of :func:`_check_uploaded` for files uploaded before this commit: still the same file, the upload's
+    sha256 still the one expected."""
+    moved = sorted(rel for rel, up in done.items() if not up.untouched()
+                   or (up._guard is not None and Path(additions[rel]).absolute() != up._guard[0].absolute()))
+    wrong = sorted(rel for rel, up in done.items() if expected is not None and expected.get(rel) != up.sha256)
+    if moved or wrong:
+        why = "; ".join(x for x in (
+            f"changed since it was uploaded: {', '.join(moved)}" if moved else "",
+            f"uploaded bytes are not the ones verified: {', '.join(wrong)}" if wrong else "") if x)
+        raise CheckFailed("publish", f"refusing to commit files that may not be the ones verified ({why})")
 
 
 def _compare(ops: list[CommitOperationAdd], expected: Mapping[str, str], only: Callable[[str], bool]) -> None:

@@ -116,6 +116,29 @@ class Target:
 
 
 @dataclasses.dataclass(frozen=True)
+class Publish:
+    """How a job's ladder reaches the Hub (``[publish]``).
+
+    ``early`` (default true): each file is uploaded (pre-uploaded: not yet visible) as soon as it has passed the
+    gate, while the others are still being made, and the ladder is published in commits along ``order``: the
+    first commit holds the first ``groups[0]`` types of the publish order with the card, the imatrix and the
+    report so far, the next one the next ``groups[1]`` types, ...; the last commit the rest of the ladder. Each
+    commit is atomic, and its card and report.json describe exactly the files in the repo then (and name the
+    ones still coming). ``early = false``: today's single commit of the finished ladder.
+
+    ``order``: the publish order, most downloaded first; types of the ladder not listed follow in ladder order
+    (the pipeline also makes and measures the files in this order). ``groups``: how many types of that order
+    each early commit adds. The default ``[1, 3]`` makes three commits: Q4_K_M alone (the file most people
+    download, out as early as possible), then Q8_0, Q6_K and Q5_K_M together, then the long tail with the chart.
+    Fewer, larger commits keep the repo's history and its watchers' notifications short and each commit carries
+    the card and report once; ``[1, 1, 1, 1]`` gives each popular file its own commit."""
+
+    early: bool = True
+    order: tuple[str, ...] = ("Q4_K_M", "Q8_0", "Q6_K", "Q5_K_M")
+    groups: tuple[int, ...] = (1, 3)
+
+
+@dataclasses.dataclass(frozen=True)
 class Quantize:
     ladder: str = "default"
     outtype: str = "bf16"
@@ -187,6 +210,7 @@ SECTIONS: dict[str, type] = {
     "filters": Filters,
     "target": Target,
     "quantize": Quantize,
+    "publish": Publish,
     "limits": Limits,
     "schedule": Schedule,
     "requeue": Requeue,
@@ -206,6 +230,7 @@ class Settings:
     filters: Filters = Filters()
     target: Target = Target()
     quantize: Quantize = Quantize()
+    publish: Publish = Publish()
     limits: Limits = Limits()
     schedule: Schedule = Schedule()
     requeue: Requeue = Requeue()
@@ -429,6 +454,15 @@ def _check(s: Settings) -> None:
         bad("quantize.tune", str(e))
     if s.quantize.tune_seconds <= 0:
         bad("quantize.tune_seconds", "must be positive")
+    for name in s.publish.order:
+        try:
+            quants.get(name)
+        except Exception as e:  # UnknownName: name the key
+            bad("publish.order", str(e))
+    if len(set(s.publish.order)) != len(s.publish.order):
+        bad("publish.order", "names a type twice")
+    if any(n < 1 for n in s.publish.groups):
+        bad("publish.groups", "each group must hold at least one type")
 
 
 def _size_limit(s: Settings, free_disk: int | None) -> int:
@@ -487,8 +521,10 @@ def _typed(key: str, v: Any, tp: Any) -> Any:
             return v
         raise ConfigError(f"{key}: expected a string, got {v!r}", key=key)
     if origin is tuple:
-        if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
-            raise ConfigError(f"{key}: expected a list of strings, got {v!r}", key=key)
+        item = typing.get_args(tp)[0]
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, item) and not isinstance(x, bool) for x in v):
+            raise ConfigError(f"{key}: expected a list of {'integers' if item is int else 'strings'}, got {v!r}",
+                              key=key)
         return tuple(v)
     raise ConfigError(f"{key}: unsupported setting type {tp}", key=key)  # pragma: no cover
 
@@ -520,7 +556,10 @@ def _from_env_text(key: str, text: str, tp: Any) -> Any:
         except ValueError:
             raise ConfigError(f"{key}: expected a number, got {text!r}", key=key) from None
     if origin is tuple:
-        return [p.strip() for p in t.split(",") if p.strip()]
+        items = [p.strip() for p in t.split(",") if p.strip()]
+        if typing.get_args(tp)[0] is int:
+            return [_from_env_text(key, p, int) for p in items]
+        return items
     return text
 
 
