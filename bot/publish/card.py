@@ -174,13 +174,14 @@ def _projectors(ladder: Ladder, report: Report, files: Sequence[Mapping[str, Any
     }
 
 
-def withheld_files(ladder: Ladder, report: Report) -> list[dict[str, str]]:
-    """Ladder files that are not published, each with the gate's reasons (as inert Markdown)."""
+def withheld_files(ladder: Ladder, report: Report, coming: Sequence[str] = ()) -> list[dict[str, str]]:
+    """Ladder files that are not published, each with the gate's reasons (as inert Markdown); the ones ``coming``
+    (an early publication's files not measured or not uploaded yet) are not withheld."""
     by_type = {r.type: r for r in report.files}
     out = []
     for f in ladder.files:
         r = by_type.get(f.type)
-        if r is not None and r.status == PASSED:
+        if (r is not None and r.status == PASSED) or (f.type in coming and (r is None or r.status == PASSED)):
             continue
         why = "; ".join(r.reasons) if r is not None and r.reasons else "not measured" if r is None else r.status
         out.append({"type": f.type, "file": f.path, "reason": markdown.cell(why)})  # type and name: the bot's own
@@ -411,13 +412,14 @@ def _source_links(ladder: Ladder, source: SourceFacts, hub: str) -> dict[str, An
 @dataclasses.dataclass(frozen=True)
 class CardExtras:
     """What a card shows beyond the work dir's records: the update note, the date, the chart, the files' sizes
-    on disk (type -> bytes of all parts) and, for a variant, its ``variant.json``."""
+    on disk (type -> bytes of all parts), for a variant its ``variant.json``, and the types still coming."""
 
     whats_new: Sequence[str] = ()
     date: dt.date | None = None
     chart: str | None = None
     sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
     variant: VariantInfo | None = None
+    coming: Sequence[str] = ()  # an early publication's types still to come (none: the ladder is complete)
 
 
 def build_context(ladder: Ladder, report: Report, source: SourceFacts, settings: CardSettings,
@@ -453,7 +455,8 @@ def build_context(ladder: Ladder, report: Report, source: SourceFacts, settings:
         "chart": extras.chart,
         "checks": _checks(report),
         "evaluation": _evaluation(report),
-        "withheld": withheld_files(ladder, report),
+        "withheld": withheld_files(ladder, report, extras.coming),
+        "coming": list(extras.coming),
         "tuned": _tuned_rows(ladder, report),
         "source_unchecked": source_unchecked(report),
         "notes": [markdown.cell(n) for n in report.notes],

@@ -42,11 +42,11 @@ from bot.publish.target import Identity, RemoteRepo, TargetPolicy
 from converters.core.errors import CheckFailed, GgufbotError, HubError, HubNotFound, InputError
 from converters.core import artifacts, records
 from converters.core.records import TMP_MARK, content_sha256
-from converters.core.report import Report
+from converters.core.report import PASSED, Report
 from converters.core.workdir import CHART_FILE, REPORT_FILE, Ladder, VariantInfo, WorkDir
 
 if TYPE_CHECKING:
-    from bot.hub.client import Hub
+    from bot.hub.client import Hub, Preuploaded
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,32 @@ class PublishResult:
     action: str
     commit: str | None
     url: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Early:
+    """One commit of an early publication (:mod:`bot.publish.early`): the quant types it publishes (with those of
+    the earlier commits; None: every passed one), the types still coming (empty: the full publication, the same
+    plan as a single commit's), and the repo's publication before the job's first commit (what's new compares
+    with it, not with the job's own earlier commits)."""
+
+    types: frozenset[str] | None = None
+    coming: tuple[str, ...] = ()
+    base: Mapping[str, Any] | None = None
+
+
+def early_view(report: Report, early: Early) -> Report:
+    """``report`` as an early commit publishes it: the results of the types it does not publish yet are left out
+    (failed ones stay: the card names them withheld), ``pending`` names the types still coming, and no chart (it
+    plots files not in the repo yet; the last commit adds it)."""
+    if early.types is None and not early.coming:
+        return report
+    keep = [f for f in report.files if f.status != PASSED or early.types is None or f.type in early.types]
+    gone = {p for f in report.files if f not in keep for p in [f.path, *(str(x.get("path")) for x in f.parts)]}
+    view = dataclasses.replace(report, files=keep, chart=None if early.coming else report.chart,
+                               file_hashes={k: v for k, v in report.file_hashes.items() if k not in gone},
+                               extra={**report.extra, "pending": list(early.coming)})
+    return view
 
 
 def _safe_local(workdir: WorkDir, rel: str) -> Path:
@@ -177,6 +203,11 @@ def _same(pub: Mapping[str, Any] | None, new: Mapping[str, Any], remote_lfs: Map
         if sha is not None and sha != meta["sha256"]:
             return False
     return True
+
+
+def _already_there(files: Mapping[str, Path], hashes: Mapping[str, str], remote_lfs: Mapping[str, str | None]) -> bool:
+    """Whether every quant and imatrix file of ``files`` is in the repo already with the same content."""
+    return all(remote_lfs.get(p) == hashes[p] for p in files if p.endswith((".gguf", ".dat")))
 
 
 def _source_facts(hub: Hub, ladder: Ladder, gguf_files: list[Path] = ()) -> SourceFacts:
@@ -270,7 +301,8 @@ def _card_text(hub: Hub, ladder: Ladder, report: Report, files: Mapping[str, Pat
     sizes = {f.type: sum(files[p].stat().st_size for p in f.all_parts if p in files) for f in ladder.files}
     chart = chart_name(report)
     extras = card_mod.CardExtras(whats_new=spec.whats_new, date=spec.now.date(),
-                                 chart=chart if chart in files else None, sizes=sizes, variant=spec.variant)
+                                 chart=chart if chart in files else None, sizes=sizes, variant=spec.variant,
+                                 coming=spec.coming)
     ctx = card_mod.build_context(ladder, report, facts, settings, extras)
     return card_mod.render(ctx), facts
 
@@ -282,14 +314,19 @@ class _CardSpec:
     whats_new: tuple[str, ...]
     now: dt.datetime
     variant: VariantInfo | None
+    coming: tuple[str, ...] = ()
 
 
 def plan_publish(workdir: Path | WorkDir, hub: Hub, options: PublishOptions, *, staging: Path,
-                 now: dt.datetime | None = None, variant: VariantInfo | None = None) -> PublishPlan:
+                 now: dt.datetime | None = None, variant: VariantInfo | None = None,
+                 early: Early | None = None) -> PublishPlan:
     """Decide what to publish; writes README.md and report.json into ``staging``; no Hub writes.
-    ``variant`` (a variant's variant.json) makes the card describe a pruned/healed variant of the source."""
+    ``variant`` (a variant's variant.json) makes the card describe a pruned/healed variant of the source.
+    ``early``: one commit of an early publication (its files, the ones coming, the publication it updates)."""
     wd = WorkDir(workdir)
     ladder, report = wd.ladder(), wd.report()
+    if early is not None:
+        report = early_view(report, early)
     files = _publishable_files(wd, ladder, report)
     hashes = verified_hashes(wd, report, files)
 
@@ -301,19 +338,24 @@ def plan_publish(workdir: Path | WorkDir, hub: Hub, options: PublishOptions, *, 
     remote_files = remote.files
 
     pub = publication_block(ladder, files, hashes)
-    if exists and _same(old_pub, pub, remote.lfs):
+    coming = early.coming if early is not None else ()
+    if coming:
+        pub["pending"] = list(coming)
+    if exists and (_same(old_pub, pub, remote.lfs) or (coming and _already_there(files, hashes, remote.lfs))):
+        # an early commit whose quants the repo has already (a re-run, a resumed job) adds nothing
         return PublishPlan(repo_id, "none", True, options.private, False, {}, (), "", "", head, pub, (),
                            workdir=wd.path)
 
-    news = (tuple(options.whats_new) or tuple(whats_new(old_pub, pub))) if exists else ()
+    since = early.base if early is not None else old_pub
+    news = (tuple(options.whats_new) or tuple(whats_new(since, pub))) if exists and since else ()
     now = now or dt.datetime.now(dt.timezone.utc)
     card_text, facts = _card_text(hub, ladder, report, files,
-                                  _CardSpec(repo_id, options.quantized_by or org, news, now, variant))
+                                  _CardSpec(repo_id, options.quantized_by or org, news, now, variant, coming))
     additions = {**files, **_write_staging(staging, card_text, report, pub, now)}
     old_files = set((old_pub or {}).get("files") or {})
     deletions = tuple(sorted(p for p in remote_files if p not in additions and (
         p in old_files or artifacts.stale_in_repo(p))))
-    message, description = _commit_text(model, ladder, report, pub, news, update=exists and bool(old_pub))
+    message, description = _commit_text(model, ladder, report, pub, news, update=exists and bool(since))
     gated = facts.gated if options.gate_like_source and facts.gated else False
     made = {p: records.sha256_file(f) for p, f in additions.items() if p not in hashes}  # the card, report.json
     return PublishPlan(repo_id, "update" if exists else "create", exists, options.private, gated, additions,
@@ -326,6 +368,28 @@ def with_made_file(plan: PublishPlan, path_in_repo: str, local: Path) -> Publish
     additions = {**plan.additions, path_in_repo: local}
     return dataclasses.replace(plan, additions=additions, sizes={k: p.stat().st_size for k, p in additions.items()},
                                hashes={**plan.hashes, path_in_repo: records.sha256_file(local)})
+
+
+def prepare_repo(workdir: Path | WorkDir, hub: Hub, options: PublishOptions) -> tuple[RemoteRepo, bool]:
+    """The target repo as it is now (:func:`_target`: never another model's), created empty (private and gated as
+    a first commit would make it) when it does not exist yet, so that files can be pre-uploaded into it before its
+    first commit; True when created now (noted in the work dir, like :func:`execute` does)."""
+    wd = WorkDir(workdir)
+    ladder = wd.ladder()
+    org = options.namespace or hub.whoami()
+    remote = _target(hub, wd, options, ladder, org, None)
+    if remote.exists:
+        return remote, False
+    hub.create_repo(remote.repo_id, private=options.private, exist_ok=False)  # 409: someone else's, never noted
+    target_mod.note_created(wd.path, remote.repo_id)
+    try:
+        gated = _source_facts(hub, ladder).gated if options.gate_like_source else False
+        if gated:
+            hub.set_gated(remote.repo_id, gated if isinstance(gated, str) else "auto")
+        return target_mod.read_remote(hub, remote.repo_id), True
+    except GgufbotError:
+        remove_new_repo(hub, remote.repo_id)
+        raise
 
 
 def _target(hub: Hub, wd: WorkDir, options: PublishOptions, ladder: Ladder, org: str,
@@ -351,13 +415,19 @@ def _commit_text(model: str, ladder: Ladder, report: Report, pub: Mapping[str, A
     published = {pf.file.type for pf in card_mod.published_files(ladder, report)}
     types = ", ".join(t for t in pub["ladder"] if t in published)
     rev = (ladder.source.revision or "")[:12]
+    coming = pub.get("pending") or []
     message = f"Update {model} GGUF: " + "; ".join(news) if update else f"Add {model} GGUF ({types})"
+    if coming:
+        message = f"{message} ({len(coming)} more coming)" if update else \
+            f"Add {model} GGUF ({types}; {', '.join(coming)} coming)"
     description = (f"Source: {ladder.source.repo or model}" + (f"@{rev}" if rev else "")
                    + f"; llama.cpp {pub['toolchain']}.")
     return message, description
 
 
-def execute(plan: PublishPlan, hub: Hub) -> PublishResult:
+def execute(plan: PublishPlan, hub: Hub, preuploaded: Mapping[str, Preuploaded] | None = None) -> PublishResult:
+    """Carry ``plan`` out: create the repo if needed, then one commit with ``parent_commit``; ``preuploaded``: files
+    :meth:`bot.hub.client.Hub.preupload` has sent already (committed without reading them again)."""
     url = f"{hub.endpoint}/{plan.repo_id}"
     if plan.action == "none":
         log.info("publish %s: already up to date, no commit", plan.repo_id)
@@ -374,14 +444,14 @@ def execute(plan: PublishPlan, hub: Hub) -> PublishResult:
                 hub.set_gated(plan.repo_id, plan.gated if isinstance(plan.gated, str) else "auto")
             parent = hub.model_info(plan.repo_id).sha
         except GgufbotError:
-            _remove_new_repo(hub, plan.repo_id)
+            remove_new_repo(hub, plan.repo_id)
             raise
     log.info("publish %s: %s, %d files up, %d deleted", plan.repo_id, plan.action, len(plan.additions),
              len(plan.deletions))
     try:
         sha = hub.commit(plan.repo_id, additions=plan.additions, deletions=list(plan.deletions),
                          message=plan.message, description=plan.description, parent_commit=parent,
-                         expected_sha256=plan.hashes)
+                         expected_sha256=plan.hashes, preuploaded=preuploaded)
     except GgufbotError as e:
         if isinstance(e, HubError) and e.status == 412:
             # the branch moved: maybe our own commit landed and only its answer was lost
@@ -391,7 +461,7 @@ def execute(plan: PublishPlan, hub: Hub) -> PublishResult:
                          (now.head or "")[:12])
                 return PublishResult(plan.repo_id, plan.action, now.head, url)
         if created:
-            _remove_new_repo(hub, plan.repo_id)
+            remove_new_repo(hub, plan.repo_id)
         if isinstance(e, HubError):
             raise type(e)(f"publishing {plan.repo_id} failed, the repo is unchanged: {e}", status=e.status,
                           request_id=e.request_id, retry_after=e.retry_after) from None
@@ -400,7 +470,7 @@ def execute(plan: PublishPlan, hub: Hub) -> PublishResult:
     return PublishResult(plan.repo_id, plan.action, sha, url)
 
 
-def _remove_new_repo(hub: Hub, repo_id: str) -> None:
+def remove_new_repo(hub: Hub, repo_id: str) -> None:
     """A repo created by this run whose first commit failed is removed: no empty half-published repo."""
     try:
         hub.delete_repo(repo_id, missing_ok=True)
