@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +174,21 @@ class JobContext(StageState):
 PROJECTOR: StateKey[records.StageRecord] = StateKey("projector")  # ConvertStage -> QuantizeStage (ladder.json)
 EVAL_OVERRIDES: StateKey[dict[str, Any]] = StateKey("eval_overrides")  # a variant's teacher logits -> EvaluateStage
 TUNE: StateKey[dict[str, Any]] = StateKey("tune")  # TuneStage's summary (its record's extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileReady:
+    """One file of the ladder measured and judged: what the pipeline stage hands to ``FILE_READY`` (the early
+    publisher, ``bot/publish/early.py``) right after the file's verdict, once report.json lists it."""
+
+    type: str  # quant type name ("Q4_K_M"; a tuned file "Q4_K_M-tuned")
+    paths: tuple[str, ...]  # work-dir-relative paths (the parts, when split)
+    sha256: tuple[str, ...]  # per part, as the evaluation measured them
+    passed: bool  # False: withheld by the gate (the publisher never uploads it, but may close its group)
+
+
+# a callback a stage before the ladder's puts in ctx; called once per measured file (again on resume: idempotent)
+FILE_READY: StateKey[Callable[[FileReady], None]] = StateKey("file_ready")
 
 
 def stage_timeout(stage: Stage[JobContext], ctx: JobContext) -> float | None:

@@ -155,6 +155,7 @@ class LadderOptions:
     tune: tuple[str, ...] = ()  # size points that also get a per-tensor tuned file (converters.ladder.tune)
     tune_seconds: float | None = None  # time budget of the tune stage
     tune_candidates: tuple[str, ...] | None = None  # ggml types measured per tensor (None: layout.DEFAULT_CANDIDATES)
+    order: tuple[str, ...] = ()  # publish order: these types are made and measured first, the rest in ladder order
 
 
 def _check_options(o: LadderOptions, types: tuple[quants.QuantType, ...]) -> None:
