@@ -156,6 +156,8 @@ class LadderOptions:
     tune_seconds: float | None = None  # time budget of the tune stage
     tune_candidates: tuple[str, ...] | None = None  # ggml types measured per tensor (None: layout.DEFAULT_CANDIDATES)
     order: tuple[str, ...] = ()  # publish order: these types are made and measured first, the rest in ladder order
+    pipeline: bool = True  # an evaluated ladder is made and measured as tasks (converters.ladder.flow); off: in a row
+    cpu_units: int | None = None  # CPU-heavy programs at once in the pipeline (None: flow.CPU_UNITS, measured)
 
 
 def _check_options(o: LadderOptions, types: tuple[quants.QuantType, ...]) -> None:
