@@ -28,6 +28,10 @@ the test when the request arrives, before it is answered: e.g. change a local fi
 its upload). ``n=None`` means forever. ``verify_lfs_sha256 = False`` makes the LFS upload store whatever bytes it
 receives under the announced oid, as a storage that takes the client's word for it (a presigned PUT) would. Nothing here reads the environment; pointing the client at
 ``hub.url`` (``HF_ENDPOINT``) is the caller's business (see ``tests/hub_fixtures.py``).
+
+An uplink: ``hub.upload_bytes_per_second = N`` reads the body of every LFS upload at most that fast, all uploads
+sharing the one link (two at once get half each), as a home connection would; ``hub.upload_spans`` keeps when each
+upload ran (monotonic seconds), for a benchmark's network busy time. None (the default): as fast as it comes.
 """
 
 from __future__ import annotations
@@ -243,6 +247,10 @@ class HubServer:
         self.errors: list[str] = []  # tracebacks of server bugs (answered 500)
         self.echo_token = True  # error bodies repeat the request's token (redaction must catch it)
         self.verify_lfs_sha256 = True  # an LFS upload whose bytes do not hash to its oid is refused
+        self.upload_bytes_per_second: float | None = None  # the uplink of LFS uploads (None: unthrottled)
+        self.upload_spans: list[tuple[float, float, int]] = []  # (start, end, bytes) of each LFS upload's body
+        self._link_free_at = 0.0
+        self._link_lock = threading.Lock()
         self._faults: list[_Fault] = []
         self.webhooks: dict[str, dict[str, Any]] = {}  # id -> {"owner", "url", "watched", "domains", "secret", ...}
         self.deliveries: list[tuple[str, str, int | None, str]] = []
@@ -285,6 +293,8 @@ class HubServer:
             self.webhooks.clear()
             self.deliveries.clear()
             self.verify_lfs_sha256 = True
+            self.upload_bytes_per_second = None
+            self.upload_spans.clear()
             if valid_tokens is not None:
                 self.valid_tokens = dict(valid_tokens)
 
@@ -602,7 +612,9 @@ class HubServer:
         user: str | None = None
         status: int | None = None
         body = b""
-        if "Content-Length" in h.headers:
+        if "Content-Length" in h.headers and self.upload_bytes_per_second and path.startswith("/_lfs/upload/"):
+            body = self._read_throttled(h.rfile, int(h.headers["Content-Length"]))
+        elif "Content-Length" in h.headers:
             body = h.rfile.read(int(h.headers["Content-Length"]))
         elif "chunked" in (h.headers.get("Transfer-Encoding") or "").lower():
             body = _read_chunked(h.rfile)
@@ -658,6 +670,26 @@ class HubServer:
         h.end_headers()
         if method != "HEAD":
             h.wfile.write(payload)
+
+    def _read_throttled(self, f: Any, size: int, piece: int = 64 * 1024) -> bytes:
+        """``size`` bytes of a request body, no faster than the shared uplink allows."""
+        out = bytearray()
+        started = time.monotonic()
+        while len(out) < size:
+            data = f.read(min(piece, size - len(out)))
+            if not data:
+                break
+            out += data
+            rate = self.upload_bytes_per_second or 0
+            if rate > 0:
+                with self._link_lock:  # the link's next free moment: concurrent uploads queue on it
+                    start = max(time.monotonic(), self._link_free_at)
+                    self._link_free_at = start + len(data) / rate
+                    until = self._link_free_at
+                time.sleep(max(0.0, until - time.monotonic()))
+        with self._lock:
+            self.upload_spans.append((started, time.monotonic(), len(out)))
+        return bytes(out)
 
     def _echo(self, message: str, headers: Any) -> str:
         """An error message that, like some misbehaving servers and proxies, repeats the request's token (when

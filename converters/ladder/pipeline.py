@@ -155,6 +155,9 @@ class LadderOptions:
     tune: tuple[str, ...] = ()  # size points that also get a per-tensor tuned file (converters.ladder.tune)
     tune_seconds: float | None = None  # time budget of the tune stage
     tune_candidates: tuple[str, ...] | None = None  # ggml types measured per tensor (None: layout.DEFAULT_CANDIDATES)
+    order: tuple[str, ...] = ()  # publish order: these types are made and measured first, the rest in ladder order
+    pipeline: bool = True  # an evaluated ladder is made and measured as tasks (converters.ladder.flow); off: in a row
+    cpu_units: int | None = None  # CPU-heavy programs at once in the pipeline (None: flow.CPU_UNITS, measured)
 
 
 def _check_options(o: LadderOptions, types: tuple[quants.QuantType, ...]) -> None:
@@ -211,21 +214,31 @@ def prepare(p: Plan) -> None:
     check_disk(out, remaining)
 
 
+def ladder_file(p: Plan, q: quants.QuantType, rec: records.StageRecord) -> LadderFile:
+    """ladder.json's entry of one quantized type, from its quantize record."""
+    total = sum(o.size for o in rec.outputs)
+    return LadderFile(
+        type=q.name, bpw_nominal=q.bpw, needs_imatrix=q.needs_imatrix, description=q.description,
+        path=rec.outputs[0].path, parts=tuple(o.path for o in rec.outputs), size=total,
+        sha256=rec.outputs[0].sha256, part_sha256=tuple(o.sha256 for o in rec.outputs),
+        bpw=round(total * 8 / p.checkpoint.parameters, 3) if p.checkpoint.parameters else None,
+        seconds=rec.seconds)
+
+
+def publish_order(p: Plan, order: tuple[str, ...]) -> tuple[quants.QuantType, ...]:
+    """The ladder's types in the order they are made and measured: those named in ``order`` first (in that order;
+    names not in the ladder ignored), then the rest in ladder order."""
+    first = [q for name in order for q in p.ladder if q.name == name]
+    return tuple(dict.fromkeys([*first, *p.ladder]))
+
+
 def ladder_record(p: Plan, toolchain: Toolchain, conv_rec: records.StageRecord,
                   cal_rec: records.StageRecord | None, quantized: dict[str, records.StageRecord],
                   seconds: dict[str, float], *, projector: records.StageRecord | None = None) -> Ladder:
-    """The ladder.json record of a finished run, from the stage records (``projector``: a vision-language model's
-    projector conversion, :mod:`converters.llama.mmproj`)."""
-    files = []
-    for q in p.ladder:
-        rec = quantized[q.name]
-        total = sum(o.size for o in rec.outputs)
-        files.append(LadderFile(
-            type=q.name, bpw_nominal=q.bpw, needs_imatrix=q.needs_imatrix, description=q.description,
-            path=rec.outputs[0].path, parts=tuple(o.path for o in rec.outputs), size=total,
-            sha256=rec.outputs[0].sha256, part_sha256=tuple(o.sha256 for o in rec.outputs),
-            bpw=round(total * 8 / p.checkpoint.parameters, 3) if p.checkpoint.parameters else None,
-            seconds=rec.seconds))
+    """The ladder.json record from the stage records (``projector``: a vision-language model's projector
+    conversion, :mod:`converters.llama.mmproj`). ``quantized`` may hold only some types (the pipeline writes the
+    files made so far): ``files`` lists those, in ladder order."""
+    files = [ladder_file(p, q, quantized[q.name]) for q in p.ladder if q.name in quantized]
     ref_out = conv_rec.outputs[0]
     ck = p.checkpoint
     imatrix = None

@@ -21,6 +21,7 @@ from converters.core.errors import InputError, ToolError
 from converters.core.hooks import NULL_HOOKS, PROGRESS, Event, Hooks
 from converters.core.stages import StageOutcome
 from converters.core.proc import run
+from converters.llama import gpu
 from converters.llama.toolchain import Toolchain
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,8 @@ def calibrate(reference: Path, workdir: Path, model_name: str, text: TextFile, *
         # run from the text's folder with its bare name: llama-imatrix records the name as the dataset, and
         # published files must say "groups_merged.txt", not a path of this machine
         argv = [toolchain.program("llama-imatrix"), "-m", reference.resolve(), "-f", text.path.name, "-o", tmp.resolve(),
-                "--output-format", "gguf", "-c", str(ctx), "-t", str(threads), "-ofreq", "1000000", *extra_args]
+                "--output-format", "gguf", "-c", str(ctx), "-t", str(threads), "-ofreq", "1000000", *extra_args,
+                *gpu.offload_args(toolchain, reference)]  # a CUDA toolchain: the layers that fit on the GPU
         if ctx > LLAMA_BATCH:  # its perplexity would keep every logit of a chunk: keep the memory, lose the counter
             argv.append("--no-ppl")
         if chunks is not None:

@@ -1,0 +1,369 @@
+"""The ladder's pipeline stage: make and measure the files as tasks on resources, not as two stages in a row.
+
+:class:`PipelineStage` replaces ``QuantizeStage`` -> (``TuneStage``) -> ``EvaluateStage`` when the job evaluates its
+ladder (docs/PIPELINE.md has the schedule and what it gives). Its tasks (:mod:`converters.core.schedule`):
+
+- ``open`` (the evaluation's reference work: base logits, the comparison with the source) on the evaluation's
+  resource;
+- per type, in publish order (``LadderOptions.order`` first, then ladder order): ``make T`` (llama-quantize, CPU),
+  then ``measure T`` (llama-perplexity, after ``make T`` and ``open``) on the evaluation's resource: the GPU on a CUDA
+  toolchain, else the CPU;
+- with ``--tune``: ``tune`` after every ``make`` (converters.ladder.tune, CPU), then ``measure T-tuned``.
+
+Ranks put a file's measurement before the next file is made (``(k, 0)`` make, ``(k, 1)`` measure): on one CPU unit
+the first file of the publish order is made and measured before anything else, so it can be published first; with a
+GPU, ``make k+1`` runs on the CPU while ``measure k`` runs on the GPU. On a CPU-only box :data:`CPU_UNITS` CPU-heavy
+programs run at once, each with ``cores / units`` threads (the benchmark's measurement chose it; see the docs).
+
+What stays as the sequential stages had it: each make skips itself when its record matches (quantize-<TYPE>.json),
+the evaluation skips every file it measured already (its per-file records), a stop request is asked between tasks and
+while programs run, and ``ladder.json`` / ``report.json`` at the end are the sequential path's. While the stage runs,
+``ladder.json`` lists the files made so far (valid at every moment: an incomplete ladder is a smaller ladder), and
+each file is measured from its :class:`~converters.core.workdir.LadderFile` handed to the evaluation directly.
+After each verdict ``FILE_READY`` hears of the file (converters.ladder.job.FileReady): measured files only, never
+one whose measurement is not in report.json.
+
+Progress: ``hooks.step("ladder", done, total, text, type=T, state=S, files={T: S...})`` as each task starts and ends
+(``done`` of ``total`` steps: a make and a measure per file); states ``waiting``, ``making``, ``made``,
+``measuring``, ``passed``, ``failed``. The text names what runs now: ``making Q6_K, measuring Q4_K_M``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from converters.core import names, quants, records
+from converters.core.errors import CheckFailed, InputError
+from converters.core.hooks import END, SKIP
+from converters.core.report import PASSED, FileResult
+from converters.core.schedule import CPU, GPU, Schedule, Task, run_tasks
+from converters.core.workdir import Ladder, LadderFile, WorkDir
+from converters.ladder import evaluate, layout, pipeline, tune
+from converters.ladder.context import (DEFAULT_EVAL_CHUNKS, FILE_READY, PROJECTOR, TUNE, EvalSettings, FileReady,
+                                       JobContext, eval_options)
+from converters.llama import calibrate as calibrate_mod
+from converters.llama import quantize as quantize_mod
+from converters.llama import toolchain as tc_mod
+
+log = logging.getLogger(__name__)
+
+STAGE = "ladder"
+# CPU-heavy programs at once on a box without a GPU, each with cores/units threads: measured on SmolLM2 on 2 cores
+# (docs/PIPELINE.md, "one program or two"): one program with every core was faster than two with half each
+CPU_UNITS = 1
+
+WAITING, MAKING, MADE, MEASURING, FAILED = "waiting", "making", "made", "measuring", "failed"
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Per-file states and the step count, reported through ``hooks.step`` from the scheduler's thread."""
+
+    total: int
+    states: dict[str, str]
+    done: int = 0
+    running: dict[str, str] = dataclasses.field(default_factory=dict)  # task name -> "making Q6_K"
+
+    def text(self) -> str:
+        return ", ".join(self.running.values()) or "waiting"
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineStage:
+    """Quantize, (tune) and evaluate the ladder as one schedule of tasks (see the module doc)."""
+
+    settings: EvalSettings
+    calibration: calibrate_mod.TextFile | None = None
+    order: tuple[str, ...] = ()
+    tune: tune.TuneOptions | None = None
+    cpu_units: int | None = None  # None: CPU_UNITS
+    timeout: float | None = None
+    name: str = STAGE
+    quiet: bool = False
+    on_schedule: Callable[[Schedule], None] | None = None  # the benchmark's view of what ran when
+
+    def program_seconds(self, ctx: JobContext) -> float | None:
+        """The longest of llama-quantize's limit (one program at a time per unit) and llama-perplexity's."""
+        if ctx.checkpoint is None:
+            return None
+        ctx_len = ctx.plan.ctx if ctx.plan is not None else 512
+        chunks = self.settings.chunks or DEFAULT_EVAL_CHUNKS
+        return max(ctx.limits.convert(ctx.reference_bytes()) * max(1, self.units(ctx)),
+                   ctx.limits.evaluate(chunks * ctx_len, ctx.reference_bytes()))
+
+    def units(self, ctx: JobContext) -> int:
+        return max(1, self.cpu_units or CPU_UNITS)
+
+    def on_gpu(self, ctx: JobContext) -> bool:
+        return bool(ctx.toolchain is not None and ctx.toolchain.cuda and tc_mod.gpu_visible())
+
+    def run(self, ctx: JobContext) -> None:
+        p = ctx.need_plan()
+        assert ctx.reference is not None and ctx.toolchain is not None
+        t0 = time.monotonic()
+        gpu = self.on_gpu(ctx)
+        units = self.units(ctx)
+        threads = max(1, (os.cpu_count() or 1) // units)
+        measure_on = GPU if gpu else CPU
+        types = pipeline.publish_order(p, self.order)
+        points = tune.check_points(self.tune.size_points, [q.name for q in p.ladder]) if self.tune else []
+        tuned = [tune.tuned_name(q) for q in points]
+        progress = _Progress(total=2 * (len(types) + len(tuned)) + (1 if points else 0),
+                             states={**{q.name: WAITING for q in types}, **{t: WAITING for t in tuned}})
+        made: dict[str, records.StageRecord] = {}
+        lock = threading.Lock()
+        wd = WorkDir(ctx.workdir)
+        reference = ctx.workdir / ctx.reference.outputs[0].path
+        imatrix = ctx.workdir / ctx.imatrix.outputs[0].path if ctx.imatrix is not None else None
+        seconds: dict[str, float] = {}
+
+        def ladder_so_far() -> Ladder:
+            return pipeline.ladder_record(p, ctx.toolchain, ctx.reference, ctx.imatrix, dict(made),
+                                          {**ctx.seconds, "quantize": round(sum(r.seconds for r in made.values()), 3)},
+                                          projector=ctx.get(PROJECTOR, None))
+
+        wd.write_ladder(ladder_so_far())  # files made so far (those a killed run made are listed once re-checked)
+        opts = eval_options(self.settings, self.calibration, threads=threads)
+        evaluation: list[Any] = []
+
+        def open_eval() -> None:
+            evaluation.append(evaluate.LadderEvaluation.open(ctx.workdir, evaluate.EvalOptions(**opts),
+                                                             toolchain=ctx.toolchain, hooks=ctx.hooks))
+
+        def make(q: quants.QuantType, est: int) -> records.StageRecord:
+            o = quantize_mod.QuantizeOptions(threads=threads, split_max_bytes=p.split_max_bytes, estimated_bytes=est,
+                                             timeout=self.timeout)
+            out = quantize_mod.quantize(reference, ctx.workdir, p.model_name, q, toolchain=ctx.toolchain,
+                                        imatrix=imatrix, options=o, hooks=ctx.hooks)
+            with lock:
+                made[q.name] = out.record
+                wd.write_ladder(ladder_so_far())
+            return out.record
+
+        def measure(name: str) -> FileResult | None:
+            lf = _find(ctx.ladder if ctx.ladder is not None else None, name) or _find(ladder_so_far(), name)
+            if lf is None:  # a size point tuning did not build
+                return None
+            return evaluation[0].measure(lf)
+
+        def tune_all() -> None:
+            ctx.ladder = ladder_so_far()
+            assert self.tune is not None
+            TuneStage(self.tune).run(ctx)
+
+        estimates = {f.type: f.estimated_bytes for f in p.files}
+        tasks = [Task("open", open_eval, measure_on, rank=(-1,))]
+        for k, q in enumerate(types):
+            tasks.append(Task(f"make {q.name}", lambda q=q: make(q, estimates[q.name]), CPU, rank=(k, 0)))
+            tasks.append(Task(f"measure {q.name}", lambda n=q.name: measure(n), measure_on,
+                              after=("open", f"make {q.name}"), rank=(k, 1)))
+        if points:
+            tasks.append(Task("tune", tune_all, CPU, after=tuple(f"make {q.name}" for q in types), rank=(len(types), 0)))
+            tasks += [Task(f"measure {t}", lambda n=t: measure(n), measure_on, after=("open", "tune"),
+                           rank=(len(types), 1)) for t in tuned]
+
+        def started(task: Task) -> None:
+            verb, _, what = task.name.partition(" ")
+            if verb in ("make", "measure"):
+                progress.states[what] = MAKING if verb == "make" else MEASURING
+                progress.running[task.name] = f"{'making' if verb == 'make' else 'measuring'} {what}"
+            elif task.name == "tune":
+                progress.running[task.name] = "tuning"
+            else:
+                progress.running[task.name] = "measuring the reference"
+            self._step(ctx, progress, what or task.name)
+
+        def ended(task: Task, result: Any) -> None:
+            progress.running.pop(task.name, None)
+            verb, _, what = task.name.partition(" ")
+            if verb == "make":
+                progress.done += 1
+                progress.states[what] = MADE
+            elif verb == "measure":
+                progress.done += 1
+                if result is None:
+                    progress.states.pop(what, None)
+                else:
+                    progress.states[what] = PASSED if result.status == PASSED else FAILED
+                    self._announce(ctx, result)
+            elif task.name == "tune":
+                progress.done += 1
+            self._step(ctx, progress, what or task.name)
+
+        sched = run_tasks(tasks, {CPU: units, **({GPU: 1} if gpu else {})}, check=ctx.hooks.check_cancel,
+                          on_start=started, on_end=ended)
+        if self.on_schedule is not None:
+            self.on_schedule(sched)
+        seconds["quantize"] = round(sum(r.seconds for r in made.values()), 3)
+        ctx.seconds.update(seconds)
+        final = ladder_so_far()
+        if ctx.ladder is not None and any(layout.is_tuned(f.type) for f in ctx.ladder.files):
+            final = dataclasses.replace(final, files=final.files + tuple(f for f in ctx.ladder.files
+                                                                         if layout.is_tuned(f.type)),
+                                        extra={**final.extra, **{k: v for k, v in ctx.ladder.extra.items()
+                                                                 if k == "tune"}},
+                                        seconds={**final.seconds, **{k: v for k, v in ctx.ladder.seconds.items()
+                                                                     if k == tune.STAGE}})
+        ctx.ladder = final
+        wd.write_ladder(final)
+        ctx.report = evaluation[0].finish()
+        ctx.seconds[self.name] = round(time.monotonic() - t0, 3)
+        ctx.hooks.emit(self.name, END, data={"seconds": ctx.seconds[self.name]})
+        if self.settings.require_publishable and not ctx.report.publishable:
+            why = "; ".join(str(r) for r in ctx.report.reasons or []) or "the evaluation found it not publishable"
+            raise CheckFailed("evaluate", f"not published: {why}")
+
+    def _step(self, ctx: JobContext, progress: _Progress, what: str) -> None:
+        ctx.hooks.step(self.name, progress.done, progress.total, progress.text(), type=what,
+                       state=progress.states.get(what, ""), files=dict(progress.states))
+
+    def _announce(self, ctx: JobContext, result: FileResult) -> None:
+        """FILE_READY of one measured file (the parts and hashes the evaluation measured)."""
+        ready = ctx.get(FILE_READY, None)
+        if ready is None:
+            return
+        parts = [part for part in result.parts if part.get("path")]
+        ready(FileReady(type=result.type, paths=tuple(part["path"] for part in parts),
+                        sha256=tuple(part["sha256"] for part in parts), passed=result.status == PASSED))
+
+
+def _find(ladder: Ladder | None, name: str) -> LadderFile | None:
+    if ladder is None:
+        return None
+    return next((f for f in ladder.files if f.type == name), None)
+
+
+# ------------------------------------------------------------------------------------------ tuning (converters.ladder.tune)
+def _tuned_entry(q: quants.QuantType, rec_out: records.Output, lay: layout.Layout, parameters: int | None,
+                 seconds: float | None, layout_rel: str) -> LadderFile:
+    return LadderFile(
+        type=tune.tuned_name(q), bpw_nominal=q.bpw, needs_imatrix=q.needs_imatrix,
+        description=f"{q.name} size, types chosen per tensor from measured damage; published only where it "
+                    f"measures better than {q.name}.",
+        path=rec_out.path, parts=(rec_out.path,), size=rec_out.size, sha256=rec_out.sha256,
+        part_sha256=(rec_out.sha256,), bpw=round(rec_out.size * 8 / parameters, 3) if parameters else None,
+        seconds=seconds,
+        extra={"tuned": {"stock": q.name, "layout": layout_rel, "budget": lay.budget,
+                         "predicted_kld": lay.damage, "stock_predicted_kld": lay.stock_damage,
+                         "types": lay.type_counts()}})
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneStage:
+    """After quantize: one ``<TYPE>-tuned`` file per size point of ``options.size_points`` (see the module doc),
+    appended to ``ladder.json`` so that the evaluation measures it like every file."""
+
+    options: tune.TuneOptions
+    name: str = tune.STAGE
+    quiet: bool = False
+
+    def inputs(self, ctx: JobContext, points: Sequence[quants.QuantType]) -> dict[str, Any]:
+        p = ctx.need_plan()
+        o = self.options
+        return {
+            "reference": ctx.reference.outputs[0].sha256,
+            "imatrix": ctx.imatrix.outputs[0].sha256 if ctx.imatrix is not None else None,
+            "calibration": p.calibration.sha256 if p.calibration else None,
+            "stock": {q.name: ctx.ladder.file(q.name).sha256 for q in points},
+            "candidates": list(o.candidates), "probe_chunks": o.probe_chunks, "ctx": o.ctx,
+            "toolchain": ctx.toolchain.version, "method": 1,
+        }
+
+    def run(self, ctx: JobContext) -> None:
+        p = ctx.need_plan()
+        if ctx.ladder is None or ctx.reference is None:
+            raise RuntimeError("tune runs after quantize")
+        points = tune.check_points(self.options.size_points, ctx.ladder.types)
+        if not points:
+            return
+        if p.calibration is None:
+            raise InputError("tuning needs the calibration text (its probes are measured on it)")
+        inputs = self.inputs(ctx, points)
+        t0 = time.monotonic()
+        rec = records.complete(ctx.workdir, self.name, inputs)
+        if rec is not None:
+            log.info("tune: already done for these inputs; skipped")
+            ctx.hooks.emit(self.name, SKIP, data={"seconds": rec.seconds})
+        else:
+            rec = self._produce(ctx, p, points, inputs)
+            ctx.hooks.emit(self.name, END, data={"seconds": rec.seconds})
+        ctx.seconds[self.name] = round(time.monotonic() - t0, 3)
+        by_path = {o.path: o for o in rec.outputs}
+        added = []
+        for q in points:
+            info = rec.extra.get("points", {}).get(q.name, {})
+            if info.get("status") != "built" or info.get("file") not in by_path:
+                continue
+            lay = layout.Layout.from_json(json.loads((ctx.workdir / info["layout"]).read_text()))
+            added.append(_tuned_entry(q, by_path[info["file"]], lay, p.checkpoint.parameters, info.get("seconds"),
+                                      info["layout"]))
+        kept = tuple(f for f in ctx.ladder.files if not layout.is_tuned(f.type))
+        extra = {**ctx.ladder.extra, "tune": rec.extra}
+        ctx.ladder = dataclasses.replace(ctx.ladder, files=kept + tuple(added), extra=extra,
+                                         seconds={**ctx.ladder.seconds, self.name: ctx.seconds[self.name]})
+        WorkDir(ctx.workdir).write_ladder(ctx.ladder)
+        ctx.put(TUNE, rec.extra)
+
+    def _produce(self, ctx: JobContext, p: pipeline.Plan, points: Sequence[quants.QuantType], inputs: dict[str, Any]) -> records.StageRecord:
+        wd: Path = ctx.workdir
+        # the stock files' own types are always measured: the stock layout is then one of the solver's choices
+        stock_types = sorted({t for q in points if not ctx.ladder.file(q.name).split
+                              for t in tune.read_types(wd / ctx.ladder.file(q.name).path).values()
+                              if t in layout.QUANT_SIZES and t not in ("F32", *layout.UNQUANTIZED)})
+        candidates = tuple(self.options.candidates) + tuple(t for t in stock_types if t not in self.options.candidates)
+        o = dataclasses.replace(self.options, ctx=self.options.ctx or p.ctx, timeout=self.options.timeout
+                                or ctx.tool_timeout(), candidates=candidates)
+        clock = tune.Clock(o.time_budget)
+        reference = wd / ctx.reference.outputs[0].path
+        imatrix = wd / ctx.imatrix.outputs[0].path if ctx.imatrix is not None else None
+        summary: dict[str, Any] = {"points": {}, "seconds": {}}
+        outputs: list[Path] = []
+
+        def step(text: str, done: int, total: int) -> None:
+            ctx.hooks.step(self.name, done, total, text)
+
+        try:
+            m = tune.measure(reference, wd, toolchain=ctx.toolchain, imatrix=imatrix, calibration=p.calibration.path,
+                        options=o, clock=clock, step=step)
+            tune.save_measurements(wd, m)
+            summary["scales"] = m.scales
+            summary["probes"] = m.probes
+            summary["seconds"]["measure"] = round(clock.elapsed, 3)
+        except tune.TuneStopped as e:
+            summary["stopped"] = str(e)
+            for q in points:
+                summary["points"][q.name] = {"status": "stopped", "reason": str(e)}
+            m = None
+        finally:
+            shutil.rmtree(wd / names.TUNE_DIR / "scratch", ignore_errors=True)
+        for q in points if m is not None else ():
+            t1 = time.monotonic()
+            try:
+                clock.check(f"tuning {q.name}")
+                stock = ctx.ladder.file(q.name)
+                if stock.split:
+                    raise InputError(f"{q.name} is split into parts; tuning of split files is not supported")
+                lay = tune.plan_point(m, q, wd / stock.path)
+                rel = tune.save_layout(wd, q, lay).relative_to(wd).as_posix()
+                out = tune.build(lay, q, reference, wd, wd / tune.file_name(p.model_name, q), toolchain=ctx.toolchain,
+                            imatrix=imatrix, threads=o.threads, timeout=o.timeout)
+                outputs.append(out)
+                summary["points"][q.name] = {"status": "built", "file": out.relative_to(wd).as_posix(),
+                                             "layout": rel, "bytes": out.stat().st_size, "budget": lay.budget,
+                                             "predicted_kld": lay.damage, "stock_predicted_kld": lay.stock_damage,
+                                             "optimal": lay.optimal, "seconds": round(time.monotonic() - t1, 3)}
+                log.info("tune %s: %s", q.name, lay.describe().replace("\n", ";"))
+            except (tune.TuneStopped, InputError, CheckFailed, layout.Infeasible) as e:
+                summary["points"][q.name] = {"status": "not built", "reason": str(e)}
+                log.warning("tune %s: not built: %s", q.name, e)
+        summary["seconds"]["total"] = round(clock.elapsed, 3)
+        return records.save(wd, self.name, inputs, outputs, clock.elapsed, ctx.toolchain.version, extra=summary)
