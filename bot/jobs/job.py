@@ -30,16 +30,19 @@ from bot.model import jobstate as J
 from bot.model.rules import fetch_refusal, weight_bytes
 from bot.model.settings import Settings
 from bot.publish import commit as publish
+from bot.publish.early import EarlyOptions, EarlyPublisher
 from bot.publish.target import TargetPolicy
 from converters.formats import checkpoint as ckpt_mod
-from converters.core import names, records
+from converters.core import names, quants, records
 from converters.core.records import StageRecord
 from converters.variants import recipes as variants_mod
 from converters.llama.calibrate import TextFile
 from converters.llama.toolchain import Toolchain
 from converters.core.errors import Cancelled, CheckFailed, DiskSpaceError, UnsupportedModel
 from converters.core.hooks import LINE, Event, Hooks
-from converters.ladder.job import CheckpointRules, EvalSettings, JobContext, ToolLimits, ladder_stages, run_stages
+from converters.ladder.job import (FILE_READY, CheckpointRules, EvalSettings, JobContext, ToolLimits, ladder_stages,
+                                  run_stages)
+from converters.ladder.tune import tuned_name
 from converters.ladder.pipeline import LadderOptions, model_name_for
 from converters.core.report import Report
 from converters.core.stages import DISK_MARGIN, Produced, RecordedStage, Stage, StateKey, free_bytes
@@ -94,6 +97,7 @@ class PublishTarget:
     template: str | None = None  # the main repo: ``{model}-GGUF``; a variant: ``{org}/{model}-{variant}-GGUF``
     private: bool = False
     policy: TargetPolicy = TargetPolicy()  # another model's repo at that name: rename or fail; adopted repos
+    early: EarlyOptions | None = None  # publish each group as soon as it passed (bot.publish.early); None: one commit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,18 +134,19 @@ class JobSpec:
 
         publishing = s.target.publish and bool(s.token)
         policy = TargetPolicy(on_collision=s.target.on_collision, adopt=tuple(s.target.adopt))
+        early = EarlyOptions(order=s.publish.order, groups=s.publish.groups) if s.publish.early else None
         ns = namespace if isinstance(namespace, str) else None
         return cls(
             source=Source(repo=repo, revision=revision), model_name=model_name_for(repo),
             ladder=LadderOptions(ladder=q.ladder, outtype=q.outtype, calibration=calibration,
                                  calibration_chunks=q.calibration_chunks, ctx=q.ctx,
                                  split_max_bytes=int(q.split_max_gb * 1e9), jobs=q.jobs,
-                                 tune=tuple(q.tune), tune_seconds=q.tune_seconds),
+                                 tune=tuple(q.tune), tune_seconds=q.tune_seconds, order=s.publish.order),
             evaluation=EvalSettings(evaluation, chunks=q.evaluation_chunks, name_text=True, require_publishable=True,
                                     require_source_check=q.require_source_check),
             variants=variants_mod.parse_list(q.variants),
             publish=PublishTarget(namespace=ns, template=s.target.repo_template, private=s.target.private,
-                                  policy=policy) if publishing else None,
+                                  policy=policy, early=early) if publishing else None,
             variant_publish=PublishTarget(namespace=ns, template=s.target.variant_repo_template,
                                           private=s.target.private, policy=policy) if publishing else None,
             fetch=FetchPolicy(patterns=ckpt_mod.RESULT_PATTERNS, need_bytes=need, check=check,
@@ -196,6 +201,7 @@ class JobResult:
 
 # What the bot's stages hand to run_job's result (converters.core.stages.StateKey)
 PUBLISHED: StateKey[Published] = StateKey("published")  # PublishStage
+EARLY: StateKey[EarlyPublisher] = StateKey("early_publisher")  # EarlyPublishStage -> PublishStage, run_job
 VARIANTS: StateKey[list[VariantOutcome]] = StateKey("variants")  # each VariantStage, in order
 
 
@@ -293,6 +299,35 @@ def cli_disk_need(info: ModelRecord) -> int:
     return int(2 * wanted * DISK_MARGIN)
 
 
+def publish_options(target: PublishTarget, whats_new: tuple[str, ...] = ()) -> publish.PublishOptions:
+    return publish.PublishOptions(repo_id=target.repo_id, repo_template=target.template, namespace=target.namespace,
+                                  private=target.private, policy=target.policy, whats_new=whats_new)
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyPublishStage:
+    """Before the ladder's stages: an :class:`~bot.publish.early.EarlyPublisher` whose ``ready`` is the pipeline's
+    ``FILE_READY`` callback (each passed file uploaded at once, groups committed in publish order); the publish
+    stage waits for it and makes the last commit."""
+
+    target: PublishTarget
+    hub: Hub
+    name: str = "early-publish"
+    quiet: bool = True
+
+    def run(self, ctx: JobContext) -> None:
+        assert self.target.early is not None
+
+        def types() -> list[str]:
+            p = ctx.need_plan()
+            return [q.name for q in p.ladder] + [tuned_name(quants.get(t)) for t in p.tune]
+
+        publisher = EarlyPublisher(ctx.workdir, self.hub, publish_options(self.target), self.target.early,
+                                   types=types)
+        ctx.put(EARLY, publisher)
+        ctx.put(FILE_READY, publisher.ready)
+
+
 @dataclasses.dataclass(frozen=True)
 class PublishStage:
     target: PublishTarget
@@ -303,10 +338,11 @@ class PublishStage:
     whats_new: tuple[str, ...] = ()  # the card's what's-new lines instead of the computed ones
 
     def run(self, ctx: JobContext) -> None:
-        opts = publish.PublishOptions(repo_id=self.target.repo_id, repo_template=self.target.template,
-                                      namespace=self.target.namespace, private=self.target.private,
-                                      policy=self.target.policy, whats_new=self.whats_new)
-        if self.variant is not None:
+        opts = publish_options(self.target, self.whats_new)
+        publisher = ctx.get(EARLY, None)
+        if publisher is not None and self.variant is None:
+            res = publisher.finish()
+        elif self.variant is not None:
             if ctx.report is not None:
                 variant_gate(ctx.report, self.variant.recipe.name)
             res = bot_variants.publish_variant(ctx.workdir, self.hub, opts)
@@ -407,6 +443,9 @@ def stages_for(spec: JobSpec, hub: Hub | None = None) -> tuple[Stage[JobContext]
     else:
         if spec.source.path is None:
             out.append(FetchStage(spec.source, spec.fetch, hub))
+        if spec.publish is not None and spec.publish.early is not None and spec.evaluation is not None:
+            assert hub is not None
+            out.append(EarlyPublishStage(spec.publish, hub))
         out += ladder_stages(spec.ladder, spec.evaluation, rules=spec.rules)
     if spec.publish is not None:
         out.append(PublishStage(spec.publish, hub, spec.variant_of, whats_new=spec.whats_new))
@@ -421,7 +460,12 @@ def run_job(spec: JobSpec, workdir: Path | WorkDir, hooks: Hooks, *, toolchain: 
     wd = Path(WorkDir(workdir).path)
     ctx = JobContext(wd, toolchain, hooks, spec.model_name, source_repo=spec.source.repo,
                      source_revision=spec.source.revision, checkpoint_dir=spec.source.path, limits=spec.limits)
-    run_stages(stages_for(spec, hub), ctx)
+    try:
+        run_stages(stages_for(spec, hub), ctx)
+    except BaseException:
+        if ctx.has(EARLY):  # uploads stop; a repo this run created and left empty is removed
+            ctx.get(EARLY).abort()
+        raise
     assert ctx.ladder is not None
     return JobResult(ladder=ctx.ladder, report=ctx.report, published=ctx.get(PUBLISHED, None),
                      variants=tuple(ctx.get(VARIANTS, ())), checkpoint_dir=ctx.checkpoint_dir)

@@ -127,8 +127,8 @@ class Publish:
     ones still coming). ``early = false``: today's single commit of the finished ladder.
 
     ``order``: the publish order, most downloaded first; types of the ladder not listed follow in ladder order
-    (the pipeline also makes and measures the files in this order). ``groups``: how many types of that order
-    each early commit adds. The default ``[1, 3]`` makes three commits: Q4_K_M alone (the file most people
+    (the pipeline also makes and measures the files in this order). ``groups``: how many entries of ``order``
+    each early commit adds (the ones the ladder has; the types after them go with the last commit). The default ``[1, 3]`` makes three commits: Q4_K_M alone (the file most people
     download, out as early as possible), then Q8_0, Q6_K and Q5_K_M together, then the long tail with the chart.
     Fewer, larger commits keep the repo's history and its watchers' notifications short and each commit carries
     the card and report once; ``[1, 1, 1, 1]`` gives each popular file its own commit."""

@@ -81,17 +81,17 @@ def publish_order(types: Sequence[str], order: Sequence[str]) -> list[str]:
 
 
 def publish_groups(types: Sequence[str], order: Sequence[str], groups: Sequence[int]) -> list[tuple[str, ...]]:
-    """The commits of an early publication: ``groups[i]`` types each along :func:`publish_order`, then one group
-    with the rest of the ladder (empty groups left out)."""
-    seq = publish_order(types, order)
+    """The commits of an early publication: ``groups[i]`` entries of ``order`` each (those in the ladder), then one
+    group with the rest of the ladder in :func:`publish_order` (empty groups left out)."""
     out, at = [], 0
     for n in groups:
-        if at < len(seq):
-            out.append(tuple(seq[at:at + n]))
+        group = tuple(t for t in order[at:at + n] if t in types)
         at += n
-    if at < len(seq):
-        out.append(tuple(seq[at:]))
-    return out
+        if group:
+            out.append(group)
+    used = {t for g in out for t in g}
+    rest = tuple(t for t in publish_order(types, order) if t not in used)
+    return out + ([rest] if rest else [])
 
 
 def read_state(workdir: Path | WorkDir) -> dict[str, Any]:
