@@ -428,6 +428,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         out.append(f"  #{j['id']} {j['repo']}@{j['revision'][:12]} stage {j['stage'] or '-'}"
                    f"{' (' + j['progress'] + ')' if j['progress'] else ''}, attempt {j['attempts']}/{j['max_attempts']}"
                    f"{hb}")
+        if j.get("files"):  # the ladder's files on their way: made, measured, uploaded, published
+            out.append("    files: " + ", ".join(f"{f['type']} {f['state']}" for f in j["files"]))
     out.append("queue:")
     for j in data["queue"]:
         wait = f", retry after {_when(j['not_before'])}: {j['error_message']}" if j["status"] == "retrying" else ""

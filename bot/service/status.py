@@ -18,10 +18,12 @@ from typing import Any
 
 from bot.model import jobstate as J
 from bot.model.settings import Settings
+from bot.publish import early
 from bot.state.store import Job, StateStore
 from bot.service import follow
+from converters.core import records
 from converters.core.errors import GgufbotError
-from converters.core.report import Report
+from converters.core.report import PASSED, Report
 from converters.core.workdir import REPORT_FILE, WorkDir
 
 STEP = re.compile(r"(\d+)\s*/\s*(\d+)\)?\s*$")  # "Q4_K_M 2/4", "kld Q8_0 3/7", "(2/4)"
@@ -67,7 +69,7 @@ def status_data(st: StateStore, settings: Settings, now: float, limit: int = 10)
         "publish_note": publish_note(settings),
         "counts": st.counts(),
         "queue": [job_row(j, now) for j in st.jobs([J.Status.QUEUED, J.Status.RETRYING], limit=limit)],
-        "running": [job_row(j, now) for j in st.jobs([J.Status.RUNNING], limit=limit)],
+        "running": [{**job_row(j, now), "files": pipeline_files(j)} for j in st.jobs([J.Status.RUNNING], limit=limit)],
         "published": [job_row(j, now) for j in st.jobs([J.Status.PUBLISHED, J.Status.CONVERTED], limit=limit,
                                                        newest_first=True)],
         "failed": [job_row(j, now) for j in st.jobs([J.Status.FAILED, J.Status.CANCELLED], limit=limit,
@@ -150,6 +152,7 @@ class RunningView:
     elapsed_s: float
     stage_elapsed_s: float
     eta_s: float | None  # None: no past timings to go by
+    files: list[dict[str, str]] = dataclasses.field(default_factory=list)  # pipeline_files: each file's state
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -184,7 +187,47 @@ def running_views(st: StateStore, now: float, limit: int = 50) -> list[RunningVi
     if not jobs:
         return []
     timings, began = stage_timings(st)
-    return [running_view(j, timings, began, now, planned_stages(st, j.id)) for j in jobs]
+    return [dataclasses.replace(running_view(j, timings, began, now, planned_stages(st, j.id)), files=pipeline_files(j))
+            for j in jobs]
+
+
+# --------------------------------------------------------------------------------------------------
+# Running jobs: each file of the ladder on its way (made, measured, uploaded, published)
+# --------------------------------------------------------------------------------------------------
+
+FILE_STATES = ("waiting", "making", "made", "measuring", "failed", "passed", early.UPLOADING, early.UPLOADED,
+               early.PUBLISHED)  # in the order a file goes through them
+
+
+def pipeline_files(job: Job) -> list[dict[str, str]]:
+    """The ladder's files of a running job in its work directory, each with where it is: waiting, making (being
+    made), made, measuring, passed / failed (the gate's verdict in report.json), uploading / uploaded (pre-uploaded,
+    not visible yet), published (in a commit). Read from plan.json, ladder.json, report.json, the early publisher's
+    record and the job's progress line ("making Q6_K, measuring Q4_K_M"); empty when this machine does not have the
+    work directory."""
+    if not job.workdir:
+        return []
+    try:
+        return file_states(WorkDir(job.workdir), job.progress or "")
+    except (GgufbotError, OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def file_states(wd: WorkDir, progress: str = "") -> list[dict[str, str]]:
+    if not wd.plan_path.is_file():
+        return []
+    plan = records.read_json_object(wd.plan_path)
+    types = [str(f["type"]) for f in plan.get("files") or [] if isinstance(f, dict) and f.get("type")]
+    state = dict.fromkeys(types, "waiting")
+    if wd.has_ladder():
+        state.update(dict.fromkeys(wd.ladder().types, "made"))
+    for verb, t in re.findall(r"\b(making|measuring) ([\w.+-]+)", progress):
+        if t in state:
+            state[t] = verb
+    if wd.has_report():
+        state.update({f.type: PASSED if f.status == PASSED else "failed" for f in wd.report().files})
+    state.update(early.file_states(wd))
+    return [{"type": t, "state": v} for t, v in state.items()]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -240,6 +240,7 @@ class StatusSite:
             timings, began = status.stage_timings(self.store)
             out["running"] = status.running_view(job, timings, began, now,
                                                  status.planned_stages(self.store, job.id)).to_json()
+            out["running"]["files"] = status.pipeline_files(job)
         report = status.report_of(self.store, job)
         out["ladder"] = status.ladder_rows(report) if report else None
         return JSONResponse(out)
