@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "another tool); a repo of another source is still refused")
     p.add_argument("--config", type=Path, help="settings file (token file, endpoint, target namespace/template)")
     p.add_argument("--dry-run", action="store_true", help="print the plan as JSON and upload nothing")
+    p.add_argument("--early", action="store_true",
+                   help="publish in groups along [publish] order and groups (default: Q4_K_M first, then Q8_0, Q6_K, "
+                        "Q5_K_M, then the rest): each group is committed as soon as its files are uploaded, the card "
+                        "naming the files still coming; a killed run resumes without uploading again")
     p.set_defaults(func=cmd_publish)
 
 
@@ -35,8 +39,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
     from bot.publish.target import TargetPolicy
 
+    from bot.publish.early import EarlyOptions, EarlyPublisher
+
     token = endpoint = None
     namespace, template, private = args.namespace, args.repo_template, args.private
+    early = EarlyOptions()
     policy = TargetPolicy()
     if args.config is not None:
         from bot.model import settings as settings_mod
@@ -47,6 +54,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
         template = template or s.target.repo_template
         private = private or s.target.private
         policy = TargetPolicy(on_collision=s.target.on_collision, adopt=tuple(s.target.adopt))
+        early = EarlyOptions(order=s.publish.order, groups=s.publish.groups)
+    if args.early and args.dry_run:
+        raise InputError("--early uploads as it goes: it has no dry run")
     if args.adopt:
         if not args.repo:
             raise InputError("--adopt needs --repo: name the repo to adopt")
@@ -61,10 +71,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
         tty = isinstance(hooks, TtyHooks)
         if tty:
             hooks.progress(Event("publish", START))
-        plan, result = publish(args.workdir, hub, options, dry_run=args.dry_run)
+        if args.early:
+            plan, result = None, EarlyPublisher(args.workdir, hub, options, early).finish()
+        else:
+            plan, result = publish(args.workdir, hub, options, dry_run=args.dry_run)
         if tty:
             hooks.progress(Event("publish", END))
     if result is None:
+        assert plan is not None
         print(json.dumps(plan.describe(), indent=2))
         return 0
     if result.action == "none":
