@@ -81,8 +81,9 @@ def world(hub_server_session, tmp_path_factory, smollm2, calibration_text, eval_
 
 
 def target_commits(world: World) -> int:
-    """Commits made by publishing (the repo's creation commit, which has no parent, is not one)."""
-    return sum(1 for c in world.hub.commits(TARGET) if c.parent is not None)
+    """Publications: commits made by publishing that complete one (the repo's creation commit, which has no parent,
+    is not one; nor an early publication's commits before its last, whose message names the files still coming)."""
+    return sum(1 for c in world.hub.commits(TARGET) if c.parent is not None and "coming" not in c.summary)
 
 
 def test_watch_once_accepts_only_the_release(world: World) -> None:
