@@ -28,7 +28,7 @@ from converters.core import proc
 from converters.llama import toolchain as tc_mod
 
 
-def build_smol_ladder(out: Path, tc: tc_mod.Toolchain, calibration: Path) -> Path:
+def build_smol_ladder(out: Path, tc: tc_mod.Toolchain, calibration: Path, ladder: str = "default") -> Path:
     from converters.formats import checkpoint as ck_mod
     from converters.ladder import pipeline
     from converters.llama.calibrate import TextFile
@@ -40,7 +40,7 @@ def build_smol_ladder(out: Path, tc: tc_mod.Toolchain, calibration: Path) -> Pat
     from converters.core.hooks import NULL_HOOKS
 
     spec = JobSpec(source=Source(repo="HuggingFaceTB/SmolLM2-135M-Instruct", path=ck.path), model_name=ckpt.name,
-                   ladder=pipeline.LadderOptions(ladder="Q8_0,Q4_K_M,Q2_K", calibration=TextFile.of(calibration),
+                   ladder=pipeline.LadderOptions(ladder=ladder, calibration=TextFile.of(calibration),
                                                  calibration_chunks=8, ctx=256, jobs=1))
     run_job(spec, out, NULL_HOOKS, toolchain=tc)
     return out

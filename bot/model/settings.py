@@ -156,6 +156,16 @@ class Quantize:
 
 
 @dataclasses.dataclass(frozen=True)
+class Evaluate:
+    """The sequential evaluation (``converters.ladder.evaluate.sequential``): each file's chunks are scored until its
+    mean KLD's standard error (from chunk means) is at most ``precision`` of the mean, or the gate's verdict on it
+    cannot change any more; at least ``min_chunks``, at most ``quantize.evaluation_chunks`` (default 64)."""
+
+    precision: float = 0.05  # 0: every file on evaluation_chunks chunks (fixed, as before)
+    min_chunks: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
 class Limits:
     max_model_gb: float | None = None  # default: AUTO_SIZE_FRACTION of the free disk under data_dir
     min_free_disk_gb: float = 5.0  # a job does not start with less free than this plus its estimate
@@ -211,6 +221,7 @@ SECTIONS: dict[str, type] = {
     "target": Target,
     "quantize": Quantize,
     "publish": Publish,
+    "evaluate": Evaluate,
     "limits": Limits,
     "schedule": Schedule,
     "requeue": Requeue,
@@ -231,6 +242,7 @@ class Settings:
     target: Target = Target()
     quantize: Quantize = Quantize()
     publish: Publish = Publish()
+    evaluate: Evaluate = Evaluate()
     limits: Limits = Limits()
     schedule: Schedule = Schedule()
     requeue: Requeue = Requeue()
@@ -463,6 +475,10 @@ def _check(s: Settings) -> None:
         bad("publish.order", "names a type twice")
     if any(n < 1 for n in s.publish.groups):
         bad("publish.groups", "each group must hold at least one type")
+    if not 0 <= s.evaluate.precision < 1:
+        bad("evaluate.precision", "must be at least 0 (off) and below 1")
+    if s.evaluate.min_chunks < 2:
+        bad("evaluate.min_chunks", "must be at least 2 (a standard error needs two chunk means)")
 
 
 def _size_limit(s: Settings, free_disk: int | None) -> int:

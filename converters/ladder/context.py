@@ -21,7 +21,7 @@ from converters.core.report import Report
 from converters.core.stages import StageState, StateKey
 from converters.core.workdir import Ladder
 from converters.formats import checkpoint as checkpoint_mod
-from converters.ladder import pipeline
+from converters.ladder import evaluate, pipeline
 from converters.llama import calibrate as calibrate_mod
 from converters.llama import verify
 from converters.llama.toolchain import Toolchain
@@ -32,7 +32,9 @@ class EvalSettings:
     """How a job evaluates its ladder (what builds ``converters.ladder.evaluate.EvalOptions``)."""
 
     text: calibrate_mod.TextFile
-    chunks: int | None = None
+    chunks: int | None = None  # the most chunks a file is scored on (None: evaluate.DEFAULT_CHUNKS)
+    precision: float = evaluate.PRECISION  # sequential evaluation's target (0: every file on ``chunks`` chunks)
+    min_chunks: int = evaluate.MIN_CHUNKS
     name_text: bool = False  # the report names the text and its origin (the bot does; ``convert`` never did)
     require_publishable: bool = False  # a report that is not publishable fails the job (the bot's main ladder)
     require_source_check: bool = True  # a skipped BF16-vs-source comparison makes the report not publishable
@@ -160,7 +162,8 @@ def eval_options(settings: EvalSettings, calibration: calibrate_mod.TextFile | N
                   **overrides: Any) -> dict[str, Any]:
     opts: dict[str, Any] = {"eval_text": settings.text.path,
                             "calibration_text": calibration.path if calibration is not None else None,
-                            "chunks": settings.chunks, "require_source_check": settings.require_source_check}
+                            "chunks": settings.chunks, "require_source_check": settings.require_source_check,
+                            "precision": settings.precision, "min_chunks": settings.min_chunks}
     if settings.name_text:
         opts.update(eval_text_name=settings.text.name, eval_text_source=settings.text.source)
     opts.update(overrides)
