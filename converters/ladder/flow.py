@@ -132,7 +132,12 @@ class PipelineStage:
                                           {**ctx.seconds, "quantize": round(sum(r.seconds for r in made.values()), 3)},
                                           projector=ctx.get(PROJECTOR, None))
 
-        wd.write_ladder(ladder_so_far())  # files made so far (those a killed run made are listed once re-checked)
+        for q in types:  # made by an earlier run for the same inputs: listed (and measurable) from the start
+            rec = quantize_mod.finished(reference, ctx.workdir, q, toolchain=ctx.toolchain, imatrix=imatrix,
+                                        split_max_bytes=p.split_max_bytes)
+            if rec is not None:
+                made[q.name] = rec
+        wd.write_ladder(ladder_so_far())  # the files made so far: a valid, smaller ladder
         opts = eval_options(self.settings, self.calibration, threads=threads)
         evaluation: list[Any] = []
 
