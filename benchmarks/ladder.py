@@ -8,6 +8,12 @@ and prints JSON: wall seconds per stage, peak RSS of the programs, peak disk of 
 temporary files, and the ratios bot/plain. Targets: serial/plain <= 1.05; parallel/plain < 1 with cores.
 
 usage: python benchmarks/ladder.py [--ladder Q8_0,Q4_K_M,IQ4_XS,Q2_K] [--chunks 16] [--ctx 512]
+
+--pipeline (issue 20; benchmarks/ladder_pipeline.py): the bot's job with the pipeline stage and early publishing
+against the serial plain-llama.cpp job (convert, imatrix, every quant, every evaluation at --eval-chunks, one upload),
+both publishing to a local Hub server with a throttled uplink, on the default 12-type ladder:
+
+  python benchmarks/ladder.py --pipeline [--upload-mbps N] [--eval-chunks 64] [--chunks 16] [--cpu-units 1]
 """
 
 from __future__ import annotations
@@ -133,7 +139,7 @@ def run_bot(tc, ck, out: Path, cal: Path, ladder: str, chunks: int, ctx: int, jo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ladder", default="Q8_0,Q4_K_M,IQ4_XS,Q2_K")
+    ap.add_argument("--ladder", default=None, help="default: Q8_0,Q4_K_M,IQ4_XS,Q2_K; with --pipeline: default")
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--calibration", type=Path, default=ROOT.parent / "shared" / "data" / "groups_merged.txt")
@@ -141,7 +147,22 @@ def main() -> None:
                     help="rounds of (plain, serial, parallel), interleaved so machine load hits all alike; "
                          "the median wall time of each is reported")
     ap.add_argument("--keep", action="store_true", help="keep the work directories")
+    ap.add_argument("--pipeline", action="store_true", help="the pipeline comparison (see the module doc)")
+    ap.add_argument("--pipeline-only", action="store_true", help="with --pipeline: no serial baseline")
+    ap.add_argument("--upload-mbps", type=float, default=None,
+                    help="the test Hub's uplink in Mbit/s (default: an 8 B ladder's upload-to-compute ratio on a "
+                         "50 Mbit/s home uplink, benchmarks/ladder_pipeline.py)")
+    ap.add_argument("--eval-chunks", type=int, default=64, help="today's fixed evaluation chunks (the cap)")
+    ap.add_argument("--eval-text", type=Path, default=ROOT.parent / "shared" / "data" / "wiki.test.raw")
+    ap.add_argument("--cpu-units", type=int, default=None, help="CPU-heavy programs at once in the pipeline")
     args = ap.parse_args()
+    if args.pipeline:
+        from benchmarks import ladder_pipeline
+
+        args.ladder = args.ladder or "default"
+        print(json.dumps(ladder_pipeline.main(args), indent=2))
+        return
+    args.ladder = args.ladder or "Q8_0,Q4_K_M,IQ4_XS,Q2_K"
 
     tc = toolchain.find(required=True)
     ck_dir = smollm2_checkpoint()

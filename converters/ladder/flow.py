@@ -23,9 +23,10 @@ each file is measured from its :class:`~converters.core.workdir.LadderFile` hand
 After each verdict ``FILE_READY`` hears of the file (converters.ladder.job.FileReady): measured files only, never
 one whose measurement is not in report.json.
 
-Progress: ``hooks.step("ladder", done, total, text, type=T, state=S, files={T: S...})`` as each task starts and ends
-(``done`` of ``total`` steps: a make and a measure per file); states ``waiting``, ``making``, ``made``,
-``measuring``, ``passed``, ``failed``. The text names what runs now: ``making Q6_K, measuring Q4_K_M``.
+Progress: ``hooks.step("ladder", done, total, text, file=T, state=S, files={T: S...}, task=..., resource=...,
+phase="start"|"end")`` as each task starts and ends (``done`` of ``total`` steps: a make and a measure per file, and
+the tuning); states ``waiting``, ``making``, ``made``, ``measuring``, ``passed``, ``failed``. The text names what
+runs now: ``making Q6_K, measuring Q4_K_M``.
 """
 
 from __future__ import annotations
@@ -131,13 +132,22 @@ class PipelineStage:
                                           {**ctx.seconds, "quantize": round(sum(r.seconds for r in made.values()), 3)},
                                           projector=ctx.get(PROJECTOR, None))
 
-        wd.write_ladder(ladder_so_far())  # files made so far (those a killed run made are listed once re-checked)
+        for q in types:  # made by an earlier run for the same inputs: listed (and measurable) from the start
+            rec = quantize_mod.finished(reference, ctx.workdir, q, toolchain=ctx.toolchain, imatrix=imatrix,
+                                        split_max_bytes=p.split_max_bytes)
+            if rec is not None:
+                made[q.name] = rec
+        wd.write_ladder(ladder_so_far())  # the files made so far: a valid, smaller ladder
         opts = eval_options(self.settings, self.calibration, threads=threads)
         evaluation: list[Any] = []
 
         def open_eval() -> None:
+            # the types ladder.json does not list yet are reported as pending until they are measured
+            listed = {f.type for f in ladder_so_far().files}
+            expected = [q.name for q in types if q.name not in listed] + tuned
             evaluation.append(evaluate.LadderEvaluation.open(ctx.workdir, evaluate.EvalOptions(**opts),
-                                                             toolchain=ctx.toolchain, hooks=ctx.hooks))
+                                                             toolchain=ctx.toolchain, hooks=ctx.hooks,
+                                                             expected=expected))
 
         def make(q: quants.QuantType, est: int) -> records.StageRecord:
             o = quantize_mod.QuantizeOptions(threads=threads, split_max_bytes=p.split_max_bytes, estimated_bytes=est,
@@ -180,7 +190,7 @@ class PipelineStage:
                 progress.running[task.name] = "tuning"
             else:
                 progress.running[task.name] = "measuring the reference"
-            self._step(ctx, progress, what or task.name)
+            self._step(ctx, progress, what or task.name, task=task.name, resource=task.resource, phase="start")
 
         def ended(task: Task, result: Any) -> None:
             progress.running.pop(task.name, None)
@@ -197,10 +207,15 @@ class PipelineStage:
                     self._announce(ctx, result)
             elif task.name == "tune":
                 progress.done += 1
-            self._step(ctx, progress, what or task.name)
+            self._step(ctx, progress, what or task.name, task=task.name, resource=task.resource, phase="end")
 
-        sched = run_tasks(tasks, {CPU: units, **({GPU: 1} if gpu else {})}, check=ctx.hooks.check_cancel,
-                          on_start=started, on_end=ended)
+        try:
+            sched = run_tasks(tasks, {CPU: units, **({GPU: 1} if gpu else {})}, check=ctx.hooks.check_cancel,
+                              on_start=started, on_end=ended)
+        except BaseException:
+            if evaluation:  # a stopped job: the base logits go (its measured files are kept in their records)
+                evaluation[0].close()
+            raise
         if self.on_schedule is not None:
             self.on_schedule(sched)
         seconds["quantize"] = round(sum(r.seconds for r in made.values()), 3)
@@ -222,9 +237,9 @@ class PipelineStage:
             why = "; ".join(str(r) for r in ctx.report.reasons or []) or "the evaluation found it not publishable"
             raise CheckFailed("evaluate", f"not published: {why}")
 
-    def _step(self, ctx: JobContext, progress: _Progress, what: str) -> None:
-        ctx.hooks.step(self.name, progress.done, progress.total, progress.text(), type=what,
-                       state=progress.states.get(what, ""), files=dict(progress.states))
+    def _step(self, ctx: JobContext, progress: _Progress, what: str, **data: Any) -> None:
+        ctx.hooks.step(self.name, progress.done, progress.total, progress.text(), file=what,
+                       state=progress.states.get(what, ""), files=dict(progress.states), **data)
 
     def _announce(self, ctx: JobContext, result: FileResult) -> None:
         """FILE_READY of one measured file (the parts and hashes the evaluation measured)."""

@@ -155,7 +155,7 @@ class LadderOptions:
     tune: tuple[str, ...] = ()  # size points that also get a per-tensor tuned file (converters.ladder.tune)
     tune_seconds: float | None = None  # time budget of the tune stage
     tune_candidates: tuple[str, ...] | None = None  # ggml types measured per tensor (None: layout.DEFAULT_CANDIDATES)
-    order: tuple[str, ...] = ()  # publish order: these types are made and measured first, the rest in ladder order
+    order: tuple[str, ...] = ("Q4_K_M", "Q8_0", "Q6_K", "Q5_K_M")  # publish order: made and measured first
     pipeline: bool = True  # an evaluated ladder is made and measured as tasks (converters.ladder.flow); off: in a row
     cpu_units: int | None = None  # CPU-heavy programs at once in the pipeline (None: flow.CPU_UNITS, measured)
 

@@ -49,6 +49,23 @@ class QuantizeOptions:
     timeout: float | None = None
 
 
+def _inputs(reference: Path, workdir: Path, q: QuantType, toolchain: Toolchain, imatrix: Path | None,
+            split_max_bytes: int) -> dict[str, object]:
+    return {
+        "reference": records.content_sha256(reference, workdir),
+        "imatrix": records.content_sha256(imatrix, workdir) if imatrix else None,
+        "type": q.name,
+        "split_max_bytes": split_max_bytes,
+        "toolchain": toolchain.version,
+    }
+
+
+def finished(reference: Path, workdir: Path, q: QuantType, *, toolchain: Toolchain, imatrix: Path | None = None,
+             split_max_bytes: int = DEFAULT_SPLIT_MAX_BYTES) -> records.StageRecord | None:
+    """The record of ``q`` when it was made already for these inputs (what :func:`quantize` would skip)."""
+    return records.complete(workdir, stage_name(q), _inputs(reference, workdir, q, toolchain, imatrix, split_max_bytes))
+
+
 def quantize(reference: Path, workdir: Path, model_name: str, q: QuantType, *, toolchain: Toolchain,
              imatrix: Path | None = None, options: QuantizeOptions = QuantizeOptions(),
              hooks: Hooks = NULL_HOOKS) -> StageOutcome:
@@ -59,13 +76,7 @@ def quantize(reference: Path, workdir: Path, model_name: str, q: QuantType, *, t
         raise NeedsImatrix(q.name)
     hooks.check_cancel()
     stage = stage_name(q)
-    inputs = {
-        "reference": records.content_sha256(reference, workdir),
-        "imatrix": records.content_sha256(imatrix, workdir) if imatrix else None,
-        "type": q.name,
-        "split_max_bytes": split_max_bytes,
-        "toolchain": toolchain.version,
-    }
+    inputs = _inputs(reference, workdir, q, toolchain, imatrix, split_max_bytes)
     done = records.complete(workdir, stage, inputs)
     if done is not None:
         log.info("quantize %s: already done, skipped", q.name)

@@ -106,13 +106,13 @@ def test_killed_run_resumes_and_publishes_once(world: World) -> None:
     [job] = world.store.jobs()
     p1 = world.start_run("--no-poll")
     try:
-        wait_for(lambda: (j := world.store.job(job.id)) and j.stage == "quantize",
-                 400, "the quantize stage", world.log_tail, every=0.1)
+        wait_for(lambda: (j := world.store.job(job.id)) and j.stage == "ladder",
+                 400, "the ladder stage (quantize + evaluate)", world.log_tail, every=0.1)
     finally:
         os.killpg(p1.pid, signal.SIGKILL)
         p1.wait(30)
     killed = world.store.job(job.id)
-    assert killed.status == J.Status.RUNNING and killed.stage == "quantize" and killed.attempts == 1
+    assert killed.status == J.Status.RUNNING and killed.stage == "ladder" and killed.attempts == 1
     assert target_commits(world) == 0
 
     # two processes on the same database: the dead worker's job is recovered and run by exactly one of them

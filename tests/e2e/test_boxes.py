@@ -198,8 +198,8 @@ def test_kill_and_outage_every_release_published_once(world: World) -> None:
 
     # kill -9 a worker while it quantizes
     def quantizing():
-        return next((j for j in world.store.jobs([J.Status.RUNNING]) if j.stage == "quantize"), None)
-    victim = wait_for(quantizing, 600, "a job in quantize", world.log_tail)
+        return next((j for j in world.store.jobs([J.Status.RUNNING]) if j.stage == "ladder"), None)
+    victim = wait_for(quantizing, 600, "a job in the ladder stage", world.log_tail)
     pid = int(victim.worker_id.split(":")[1])
     box = next(n for n, p in world.procs.items() if p.pid == pid)
     os.killpg(pid, signal.SIGKILL)

@@ -124,13 +124,13 @@ def test_commit_webhook_job_publish_with_pages(bot) -> None:
     assert job.revision == sha
 
     # the running job, as a person sees it
-    wait_for(lambda: (j := store.job(job.id)) and j.stage in ("calibrate", "quantize", "evaluate") and j.progress,
+    wait_for(lambda: (j := store.job(job.id)) and j.stage in ("calibrate", "ladder") and j.progress,
              600, "a running stage with progress", log)
     browser.open(url + "/running")
     text = browser.text()
     browser.screenshot(bot["shots"] / "running.png")
     assert f"{SOURCE}@{sha[:12]}" in text and "of 8" in text and "ETA" in text, text
-    assert any(f"stage {s} (" in text for s in ("calibrate", "quantize", "evaluate", "publish")), text
+    assert any(f"stage {s} (" in text for s in ("calibrate", "ladder", "publish")), text
     assert browser.js("parseFloat(document.querySelector('.bar > div').style.width)") > 0
 
     # a second push: a repo whose weights are corrupt fails with its reason
@@ -170,7 +170,7 @@ def test_commit_webhook_job_publish_with_pages(bot) -> None:
     after = scrape(url)
     moved = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     assert moved[("ggufbot_stage_duration_seconds_count", (("stage", "convert"),))] >= 1
-    assert moved[("ggufbot_stage_duration_seconds_count", (("stage", "quantize"),))] >= 1
+    assert moved[("ggufbot_stage_duration_seconds_count", (("stage", "ladder"),))] >= 1
     assert moved[("ggufbot_fetched_bytes_total", ())] > 100_000_000  # the SmolLM2 weights
     assert moved[("ggufbot_published_bytes_total", ())] > 100_000_000
     assert moved[("ggufbot_webhooks_total", (("outcome", "queued"),))] == 2
