@@ -33,8 +33,9 @@ from converters.core.workdir import LadderFile, WorkDir
 from converters.ladder.evaluate import checks as checks_mod
 from converters.ladder.evaluate import reporting
 from converters.ladder.evaluate import sequential
-from converters.ladder.evaluate.inputs import (N_PREDICT, STAGE, EvalJob, EvalOptions, Scoring, file_inputs,
-                                               file_record, prepare, record_inputs, remove_scratch, scoring)
+from converters.ladder.evaluate.inputs import (N_PREDICT, STAGE, EvalJob, EvalOptions, Scoring, common_inputs,
+                                               file_inputs, file_record, prepare, record_inputs, remove_scratch,
+                                               scoring)
 from converters.ladder.evaluate.perplexity import BaseLogits, base_logits_bytes, count_tokens, run_base, run_kld
 from converters.ladder.evaluate.verdict import judge_file, ladder_notes, thresholds
 from converters.llama import mmproj
@@ -52,13 +53,13 @@ class LadderEvaluation:
     """One job's evaluation, file by file (see the module's docstring). Use :meth:`open`; close it (or use it as
     a context manager) when a job stops before :meth:`finish`, so its base logits are removed."""
 
-    def __init__(self, job: EvalJob, inputs: dict[str, Any], started: float, expected: Sequence[str] = ()) -> None:
+    def __init__(self, job: EvalJob, started: float, expected: Sequence[str] = ()) -> None:
         self.job = job
+        self._common = common_inputs(job)  # hashes the source's files once
         self.files: list[FileResult] = []
         self.checks: dict[str, Check] = {}
         self.ref_block: dict[str, Any] = {}
         self.seconds: dict[str, float] = {}
-        self._inputs = inputs
         self._started = started
         self._expected = list(expected)
         self._done: Report | None = None
@@ -77,8 +78,8 @@ class LadderEvaluation:
         exactly these inputs is not evaluated again: :meth:`measure` and :meth:`finish` answer from its report."""
         started = time.monotonic()
         job = prepare(WorkDir(workdir), options, toolchain, hooks)
-        ev = cls(job, record_inputs(job), started, expected)
-        if records.complete(job.wd.path, STAGE, ev._inputs) is not None and job.wd.has_report():
+        ev = cls(job, started, expected)
+        if records.complete(job.wd.path, STAGE, record_inputs(job, ev._common)) is not None and job.wd.has_report():
             log.info("evaluate: %s already evaluated for these inputs; skipped", job.model_name)
             ev._done = job.wd.report()
             return ev
@@ -167,7 +168,7 @@ class LadderEvaluation:
                        "sha256": records.content_sha256(job.wd.path / p, job.wd.path)}
                    for p in lf.all_parts if (job.wd.path / p).is_file()}
         earlier = [{"type": f.type, "sha256": f.sha256, "parts": f.parts} for f in self.files]
-        key = file_inputs(job, lf, content, earlier)
+        key = file_inputs(job, lf, content, earlier, self._common)
         name = file_record(lf.type)
         fr = None
         rec = records.complete(job.wd.path, name, key)
@@ -255,7 +256,7 @@ class LadderEvaluation:
         assert self._scoring is not None
         report = reporting.build(job, self._scoring, self.files, self.checks, self.ref_block, self.seconds)
         report.notes = ladder_notes(self.files)
-        reporting.write(job, report, record_inputs(job), self._started)
+        reporting.write(job, report, record_inputs(job, self._common), self._started)
         job.hooks.emit(STAGE, PROGRESS, done=total, total=total, text="done")
         log.info("evaluate: %s: %d/%d files passed on %d chunks in all, publishable=%s (%.0f s)", report.model_name,
                  sum(f.status == PASSED for f in self.files), len(self.files),

@@ -160,7 +160,8 @@ def prepare(wd: WorkDir, opts: EvalOptions, toolchain: tc_mod.Toolchain | None, 
                    src_path=src_path, reference=reference, tc=tc, hooks=hooks, content=wd.content(ladder))
 
 
-def _common_inputs(job: EvalJob) -> dict[str, Any]:
+def common_inputs(job: EvalJob) -> dict[str, Any]:
+    """What every record of the evaluation is keyed on besides the files: the source's files and the options."""
     o = job.opts
     source = checkpoint_mod.files_fingerprint(job.src_path, job.wd.path) if job.src_path else None
     return {"source": source, "eval_text": job.eval_sha, "chunks": o.chunks, "ctx": o.ctx,
@@ -171,10 +172,10 @@ def _common_inputs(job: EvalJob) -> dict[str, Any]:
             "source_dir": str(job.src_path) if job.src_path else None, "toolchain": job.tc.version}
 
 
-def record_inputs(job: EvalJob) -> dict[str, Any]:
+def record_inputs(job: EvalJob, common: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole stage's record key: every file's full content (a quant changed in place, same size, is measured
-    again), the source's files and the options."""
-    return {"ladder": _ladder_identity(job.ladder), "files": job.content, **_common_inputs(job)}
+    again), the source's files and the options (``common``: :func:`common_inputs`, when already computed)."""
+    return {"ladder": _ladder_identity(job.ladder), "files": job.content, **(common or common_inputs(job))}
 
 
 def file_record(qtype: str) -> str:
@@ -183,13 +184,12 @@ def file_record(qtype: str) -> str:
 
 
 def file_inputs(job: EvalJob, lf: LadderFile, content: dict[str, dict[str, Any]],
-                earlier: list[dict[str, Any]]) -> dict[str, Any]:
+                earlier: list[dict[str, Any]], common: dict[str, Any]) -> dict[str, Any]:
     """One measured file's record key: its parts' content, the reference's, the options, and what it was judged
     against (the files measured before it: type and content)."""
     ref = job.ladder.reference.path
     return {"type": lf.type, "bpw_nominal": lf.bpw_nominal, "parts": content, "reference": job.content.get(ref),
-            "calibration": job.calibration.sha256 if job.calibration else None, "earlier": earlier,
-            **_common_inputs(job)}
+            "calibration": job.calibration.sha256 if job.calibration else None, "earlier": earlier, **common}
 
 
 def scoring(job: EvalJob, n_vocab: int, text_tokens: int, ref_block: dict[str, Any]) -> Scoring:
