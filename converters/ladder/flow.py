@@ -59,8 +59,8 @@ log = logging.getLogger(__name__)
 
 STAGE = "ladder"
 # CPU-heavy programs at once on a box without a GPU, each with cores/units threads: measured on SmolLM2 on 2 cores
-# (docs/PIPELINE.md, "one program or two"): one program with every core was faster than two with half each
-CPU_UNITS = 1
+# (docs/PIPELINE.md, "one program or two"): two programs with one thread each beat one with both cores
+CPU_UNITS = 2
 
 WAITING, MAKING, MADE, MEASURING, FAILED = "waiting", "making", "made", "measuring", "failed"
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.core import proc
+from converters.llama import gpu
 from converters.llama import toolchain as tc_mod
 from converters.core.errors import InputError, ParseError
 from converters.core.report import KldStats
@@ -243,7 +244,7 @@ def _perplexity_argv(tc: tc_mod.Toolchain, model: Path, threads: int | None) -> 
     argv: list[Any] = [tc.program("llama-perplexity"), "-m", model]
     if threads:
         argv += ["-t", str(threads)]
-    return argv
+    return argv + gpu.offload_args(tc, model)  # a CUDA toolchain: the layers that fit on the GPU (docs/PIPELINE.md)
 
 
 def _run_parsed(argv: list[Any], parse: Callable[[str], Any]) -> tuple[Any, float]:
