@@ -153,6 +153,8 @@ def main() -> None:
                     help="the test Hub's uplink in Mbit/s (default: an 8 B ladder's upload-to-compute ratio on a "
                          "50 Mbit/s home uplink, benchmarks/ladder_pipeline.py)")
     ap.add_argument("--eval-chunks", type=int, default=64, help="today's fixed evaluation chunks (the cap)")
+    ap.add_argument("--eval-min-chunks", type=int, default=None, help="the sequential evaluation's floor (default: "
+                    "the product's)")
     ap.add_argument("--eval-text", type=Path, default=ROOT.parent / "shared" / "data" / "wiki.test.raw")
     ap.add_argument("--cpu-units", type=int, default=None, help="CPU-heavy programs at once in the pipeline")
     args = ap.parse_args()

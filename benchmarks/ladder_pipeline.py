@@ -146,6 +146,7 @@ def run_pipeline(tc: Any, ck_dir: Path, out: Path, cal: Path, ev: Path, args: An
     """The bot's job (fetch-less: a local checkpoint named after its Hub repo) with the pipeline stage, publishing."""
     from bot.hub.client import Hub
     from bot.jobs.job import JobSpec, PublishTarget, Source, run_job
+    from bot.publish.early import EarlyOptions
     from converters.core.hooks import PROGRESS, Event, Hooks
     from converters.ladder.job import CheckpointRules, EvalSettings
     from converters.ladder.pipeline import LadderOptions
@@ -161,8 +162,10 @@ def run_pipeline(tc: Any, ck_dir: Path, out: Path, cal: Path, ev: Path, args: An
     spec = JobSpec(source=Source(repo=SOURCE, path=ck_dir), model_name=ck_dir.name,
                    ladder=LadderOptions(ladder=ladder, calibration=TextFile.of(cal), calibration_chunks=args.chunks,
                                         ctx=args.ctx, cpu_units=args.cpu_units),
-                   evaluation=EvalSettings(TextFile.of(ev), chunks=args.eval_chunks, name_text=True),
-                   publish=PublishTarget(repo_id=repo), rules=CheckpointRules(check_architecture=True))
+                   evaluation=EvalSettings(TextFile.of(ev), chunks=args.eval_chunks, name_text=True,
+                                           **({"min_chunks": args.eval_min_chunks} if args.eval_min_chunks else {})),
+                   publish=PublishTarget(repo_id=repo, early=EarlyOptions()),
+                   rules=CheckpointRules(check_architecture=True))
     with Watcher(hub, repo, t0) as seen:
         result = run_job(spec, out, Timer(), toolchain=tc, hub=Hub())
     total = time.monotonic() - t0
@@ -238,14 +241,24 @@ def main(args: Any) -> dict[str, Any]:
             out = base / name
             out.mkdir()
             hub.upload_spans.clear()
-            if name == "serial":
-                result["serial"] = run_serial(tc, ck_dir, out, args.calibration, args.eval_text, types, args, hub,
-                                              f"{ORG}/serial-GGUF")
-            else:
-                result["pipeline"] = run_pipeline(tc, ck_dir, out, args.calibration, args.eval_text, args, hub,
-                                                  f"{ORG}/pipeline-GGUF", args.ladder)
+            try:
+                if name == "serial":
+                    result["serial"] = run_serial(tc, ck_dir, out, args.calibration, args.eval_text, types, args,
+                                                  hub, f"{ORG}/serial-GGUF")
+                else:
+                    result["pipeline"] = run_pipeline(tc, ck_dir, out, args.calibration, args.eval_text, args, hub,
+                                                      f"{ORG}/pipeline-GGUF", args.ladder)
+            except Exception as e:  # noqa: BLE001 - the other run's figures are still printed
+                import traceback
+
+                traceback.print_exc()
+                result[name] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            print(json.dumps({name: result[name]}), file=sys.stderr, flush=True)
             result[name]["uploaded_mb"] = round(sum(b for _, _, b in hub.upload_spans) / 1e6, 1)
     pl = result["pipeline"]
+    if "error" in pl or "error" in result.get("serial", {}):
+        return result
     first = pl["files"].get("Q4_K_M", {}).get("published_at_seconds")
     result["first_published"] = {"type": "Q4_K_M", "seconds": first}
     if "serial" in result:
