@@ -6,8 +6,9 @@ ladder (docs/PIPELINE.md has the schedule and what it gives). Its tasks (:mod:`c
 - ``open`` (the evaluation's reference work: base logits, the comparison with the source) on the evaluation's
   resource;
 - per type, in publish order (``LadderOptions.order`` first, then ladder order): ``make T`` (llama-quantize, CPU),
-  then ``measure T`` (llama-perplexity, after ``make T`` and ``open``) on the evaluation's resource: the GPU on a CUDA
-  toolchain, else the CPU;
+  then ``measure T`` (llama-perplexity, after ``make T`` and the previous file's measurement: the measurements are
+  one chain in publish order, so each verdict is the same in every run) on the evaluation's resource: the GPU on a
+  CUDA toolchain, else the CPU;
 - with ``--tune``: ``tune`` after every ``make`` (converters.ladder.tune, CPU), then ``measure T-tuned``.
 
 Ranks put a file's measurement before the next file is made (``(k, 0)`` make, ``(k, 1)`` measure): on one CPU unit
@@ -171,15 +172,21 @@ class PipelineStage:
             TuneStage(self.tune).run(ctx)
 
         estimates = {f.type: f.estimated_bytes for f in p.files}
+        # the measurements form one chain in publish order: the evaluation is used by one task at a time, and each
+        # file's verdict (judged against the files measured before it) is the same in every run, resumed or not
         tasks = [Task("open", open_eval, measure_on, rank=(-1,))]
+        previous = "open"
         for k, q in enumerate(types):
             tasks.append(Task(f"make {q.name}", lambda q=q: make(q, estimates[q.name]), CPU, rank=(k, 0)))
             tasks.append(Task(f"measure {q.name}", lambda n=q.name: measure(n), measure_on,
-                              after=("open", f"make {q.name}"), rank=(k, 1)))
+                              after=(previous, f"make {q.name}"), rank=(k, 1)))
+            previous = f"measure {q.name}"
         if points:
             tasks.append(Task("tune", tune_all, CPU, after=tuple(f"make {q.name}" for q in types), rank=(len(types), 0)))
-            tasks += [Task(f"measure {t}", lambda n=t: measure(n), measure_on, after=("open", "tune"),
-                           rank=(len(types), 1)) for t in tuned]
+            for t in tuned:
+                tasks.append(Task(f"measure {t}", lambda n=t: measure(n), measure_on, after=(previous, "tune"),
+                                  rank=(len(types), 1)))
+                previous = f"measure {t}"
 
         def started(task: Task) -> None:
             verb, _, what = task.name.partition(" ")
