@@ -217,8 +217,9 @@ def main(args: Any) -> dict[str, Any]:
     ck_dir = smollm2_checkpoint()
     ck = ck_mod.inspect(ck_dir)
     types = list(quants.parse_ladder(args.ladder))
+    # the uplink is the link's speed, not the ladder's: from the default 12-type ladder, whatever ladder runs
     p = pipeline.plan(ck, home / "plan", model_name=ck_dir.name,
-                      options=pipeline.LadderOptions(ladder=args.ladder, imatrix=False))
+                      options=pipeline.LadderOptions(ladder="default", imatrix=False))
     ladder_bytes = sum(f.estimated_bytes for f in p.files)
     mbps = args.upload_mbps or scaled_uplink_mbps(ladder_bytes, ck.parameters)
     result: dict[str, Any] = {
@@ -227,8 +228,8 @@ def main(args: Any) -> dict[str, Any]:
         "uplink": {"mbps": round(mbps, 2), "default_rule": None if args.upload_mbps else
                    f"{LADDER_8B_BYTES / 1e9:.0f} GB 8B ladder at {HOME_UPLINK_MBPS:.0f} Mbit/s = "
                    f"{LADDER_8B_BYTES * 8 / HOME_UPLINK_MBPS / 1e6:.0f} s, x {ck.parameters / 1e6:.1f}M / "
-                   f"{PARAMS_8B / 1e9:.2f}B = {upload_seconds_8b_equivalent(ck.parameters):.0f} s for "
-                   f"{ladder_bytes / 1e9:.2f} GB (estimated)"},
+                   f"{PARAMS_8B / 1e9:.2f}B = {upload_seconds_8b_equivalent(ck.parameters):.0f} s for the default "
+                   f"ladder's {ladder_bytes / 1e9:.2f} GB (estimated)"},
     }
     base = Path(tempfile.mkdtemp(prefix="ggufbot-bench-pipeline-"))
     with HubServer(valid_tokens={TOKEN: USER}, user_orgs={USER: [ORG]}, port=port) as hub:
