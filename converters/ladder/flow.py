@@ -237,6 +237,9 @@ class PipelineStage:
                                                                      if k == tune.STAGE}})
         ctx.ladder = final
         wd.write_ladder(final)
+        # report.json lists the files in ladder order, as the sequential evaluation does (measured in publish order)
+        place = {f.type: i for i, f in enumerate(final.files)}
+        evaluation[0].files.sort(key=lambda f: place.get(f.type, len(place)))
         ctx.report = evaluation[0].finish()
         ctx.seconds[self.name] = round(time.monotonic() - t0, 3)
         ctx.hooks.emit(self.name, END, data={"seconds": ctx.seconds[self.name]})
