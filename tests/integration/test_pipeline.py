@@ -160,7 +160,7 @@ def test_sigkill_during_the_sequential_evaluation_then_resume_ends_as_the_uninte
     got = WorkDir(wd)
     assert [(f.type, f.sha256, f.part_sha256) for f in got.ladder().files] == \
            [(f.type, f.sha256, f.part_sha256) for f in want.ladder().files]
-    assert [(f.type, f.status, f.reasons, f.stats.chunks) for f in got.report().files] == \
-           [(f.type, f.status, f.reasons, f.stats.chunks) for f in want.report().files]
+    assert [(f.type, f.sha256, f.status, f.reasons, f.stats.chunks) for f in got.report().files] == \
+           [(f.type, f.sha256, f.status, f.reasons, f.stats.chunks) for f in want.report().files]
     assert got.report().publishable == want.report().publishable
     assert not list(wd.rglob(".partial-*"))
