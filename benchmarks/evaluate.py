@@ -3,6 +3,7 @@
     python -m benchmarks.evaluate --workdir DIR [--eval-text FILE] [--chunks N] [--ctx N] [--threads N]
                                   [--precision F] [--min-chunks N]
     python -m benchmarks.evaluate                  # builds the SmolLM2 default ladder (12 types) first
+    python -m benchmarks.evaluate --reports FIXED_DIR SEQUENTIAL_DIR   # two work dirs evaluated already
 
 Evaluates the ladder twice, in one run: fixed (every file on ``--chunks`` chunks, ``precision = 0``: the
 evaluation as it was) and sequential (``--precision``, ``--min-chunks``, at most ``--chunks``). Prints JSON: per
@@ -29,6 +30,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from converters.core.report import Report, mean_err
+from converters.core.workdir import WorkDir
 from converters.ladder import evaluate
 from converters.core import proc
 from converters.llama import toolchain as tc_mod
@@ -81,6 +83,45 @@ def _rel_err(f) -> float | None:
     return round(me[1] / me[0], 4) if me is not None and me[0] > 0 else None
 
 
+def compare(fixed: Report, seq: Report, precision: float) -> dict:
+    """The two evaluations of one ladder side by side (see the module's docstring)."""
+    files = {}
+    for f in fixed.files:
+        g = seq.file(f.type)
+        files[f.type] = {
+            "fixed": {"chunks": f.chunks, "kld_mean": f.stats.kld_mean if f.stats else None, "rel_err": _rel_err(f),
+                      "rel_err_per_token": round(f.stats.kld_mean_err_token / f.stats.kld_mean, 4)
+                      if f.stats and f.stats.kld_mean_err_token and f.stats.kld_mean else None,
+                      "kld_seconds": round(f.seconds.get("kld", 0.0), 2), "status": f.status},
+            "sequential": {"chunks": g.chunks, "stop": g.stop, "batches": g.extra.get("kld_batches"),
+                           "kld_mean": g.stats.kld_mean if g.stats else None, "rel_err": _rel_err(g),
+                           "kld_seconds": round(g.seconds.get("kld", 0.0), 2), "status": g.status},
+        }
+    total_fixed = sum(f.chunks or 0 for f in fixed.files)
+    total_seq = sum(f.chunks or 0 for f in seq.files)
+    rel = {k: [v[k]["rel_err"] for v in files.values() if v[k]["rel_err"] is not None] for k in ("fixed", "sequential")}
+    kld_f, kld_s = (sum(f.seconds.get("kld", 0.0) for f in r.files) for r in (fixed, seq))
+    sq = seq.settings.get("sequential", {})
+    return {
+        "model": seq.model_name, "ladder": [f.type for f in seq.files],
+        "ctx": seq.settings.get("ctx"), "chunks_cap": fixed.settings.get("chunks"), "precision": precision,
+        "min_chunks": sq.get("min_chunks"), "z": sq.get("z"),
+        "files": files,
+        "total_chunks": {"fixed": total_fixed, "sequential": total_seq,
+                         "ratio": round(total_seq / total_fixed, 3) if total_fixed else None},
+        "kld_seconds": {"fixed": round(kld_f, 1), "sequential": round(kld_s, 1),
+                        "ratio": round(kld_s / kld_f, 3) if kld_f else None},
+        "rel_err": {k: {"max": max(v) if v else None, "median": statistics.median(v) if v else None}
+                    for k, v in rel.items()},
+        "files_at_or_below_target": {k: sum(x <= precision for x in v) for k, v in rel.items()},
+        "stops": dict(collections.Counter(f.stop for f in seq.files)),
+        "verdicts": {f.type: [f.status, seq.file(f.type).status] for f in fixed.files},
+        "verdicts_identical": all(f.status == seq.file(f.type).status and f.reasons == seq.file(f.type).reasons
+                                  for f in fixed.files),
+        "publishable": [fixed.publishable, seq.publishable],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, help="a finished work dir (default: build the SmolLM2 default ladder)")
@@ -92,7 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--precision", type=float, default=evaluate.PRECISION)
     ap.add_argument("--min-chunks", type=int, default=evaluate.MIN_CHUNKS)
+    ap.add_argument("--reports", type=Path, nargs=2, metavar=("FIXED_DIR", "SEQUENTIAL_DIR"),
+                    help="compare two work dirs already evaluated (fixed, sequential) instead of evaluating")
     args = ap.parse_args(argv)
+    if args.reports:
+        fixed_r, seq_r = (WorkDir(d).report() for d in args.reports)
+        print(json.dumps(compare(fixed_r, seq_r, float(seq_r.settings["sequential"]["precision"])), indent=2))
+        return 0
 
     tc = tc_mod.find(required=True)
     assert tc is not None
@@ -112,42 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, collections.Counter[str]] = {"fixed": collections.Counter(), "sequential": collections.Counter()}
     fixed, fixed_s = _evaluate(wd, args, tc, 0.0, runs["fixed"])
     seq, seq_s = _evaluate(wd, args, tc, args.precision, runs["sequential"])
-    files = {}
-    for f in fixed.files:
-        g = seq.file(f.type)
-        files[f.type] = {
-            "fixed": {"chunks": f.chunks, "kld_mean": f.stats.kld_mean if f.stats else None, "rel_err": _rel_err(f),
-                      "rel_err_per_token": round(f.stats.kld_mean_err_token / f.stats.kld_mean, 4)
-                      if f.stats and f.stats.kld_mean_err_token and f.stats.kld_mean else None,
-                      "kld_seconds": round(f.seconds.get("kld", 0.0), 2), "status": f.status},
-            "sequential": {"chunks": g.chunks, "stop": g.stop, "batches": g.extra.get("kld_batches"),
-                           "kld_mean": g.stats.kld_mean if g.stats else None, "rel_err": _rel_err(g),
-                           "kld_seconds": round(g.seconds.get("kld", 0.0), 2), "status": g.status},
-        }
-    total_fixed = sum(f.chunks or 0 for f in fixed.files)
-    total_seq = sum(f.chunks or 0 for f in seq.files)
-    rel = {k: [v[k]["rel_err"] for v in files.values() if v[k]["rel_err"] is not None] for k in ("fixed", "sequential")}
-    out = {
-        "model": seq.model_name, "ladder": [f.type for f in seq.files],
-        "ctx": args.ctx, "chunks_cap": args.chunks, "precision": args.precision, "min_chunks": args.min_chunks,
-        "z": evaluate.Z_VERDICT, "threads": args.threads,
-        "files": files,
-        "total_chunks": {"fixed": total_fixed, "sequential": total_seq,
-                         "ratio": round(total_seq / total_fixed, 3) if total_fixed else None},
-        "kld_seconds": {"fixed": round(fixed.seconds.get("kld", 0.0), 1), "sequential": round(seq.seconds.get("kld", 0.0), 1),
-                        "ratio": round(seq.seconds.get("kld", 0.0) / fixed.seconds["kld"], 3)
-                        if fixed.seconds.get("kld") else None},
-        "evaluation_seconds": {"fixed": round(fixed_s, 1), "sequential": round(seq_s, 1)},
-        "rel_err": {k: {"max": max(v) if v else None, "median": statistics.median(v) if v else None}
-                    for k, v in rel.items()},
-        "files_at_or_below_target": {k: sum(x <= args.precision for x in v) for k, v in rel.items()},
-        "verdicts": {f.type: [f.status, seq.file(f.type).status] for f in fixed.files},
-        "verdicts_identical": all(f.status == seq.file(f.type).status and f.reasons == seq.file(f.type).reasons
-                                  for f in fixed.files),
-        "base_logits_runs": {k: v.get(f"llama-perplexity {reference.name}", 0) for k, v in runs.items()},
-        "plain_perplexity_seconds": round(plain, 2),
-        "publishable": [fixed.publishable, seq.publishable],
-    }
+    out = compare(fixed, seq, args.precision)
+    out.update({"evaluation_seconds": {"fixed": round(fixed_s, 1), "sequential": round(seq_s, 1)},
+                "base_logits_runs": {k: v.get(f"llama-perplexity {reference.name}", 0) for k, v in runs.items()},
+                "plain_perplexity_seconds": round(plain, 2), "threads": args.threads})
     print(json.dumps(out, indent=2))
     if tmp is not None:
         tmp.cleanup()
