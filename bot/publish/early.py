@@ -187,6 +187,8 @@ class EarlyPublisher:
         self._raise()
         result = self._commit(final=True)
         assert result is not None
+        if result.action == "update" and not self._state.get("base"):
+            result = dataclasses.replace(result, action="create")  # the repo was new, made empty for the uploads
         self._save(done=True)
         return result
 
