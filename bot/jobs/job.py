@@ -324,7 +324,7 @@ class EarlyPublishStage:
             return [q.name for q in p.ladder] + [tuned_name(quants.get(t)) for t in p.tune]
 
         publisher = EarlyPublisher(ctx.workdir, self.hub, publish_options(self.target), self.target.early,
-                                   types=types)
+                                   types=types, hooks=ctx.hooks)
         ctx.put(EARLY, publisher)
         ctx.put(FILE_READY, publisher.ready)
 

@@ -48,6 +48,7 @@ from bot.publish import commit as commit_mod
 from bot.publish.commit import Early, PublishOptions, PublishResult
 from converters.core import records
 from converters.core.errors import CheckFailed, InputError
+from converters.core.hooks import NULL_HOOKS, Hooks
 from converters.core.report import PASSED, Report
 from converters.core.workdir import WorkDir
 from converters.ladder.job import FileReady
@@ -61,6 +62,7 @@ RECORD = "publish-early.json"  # in the work dir's records/
 DEFAULT_ORDER = ("Q4_K_M", "Q8_0", "Q6_K", "Q5_K_M")
 DEFAULT_GROUPS = (1, 3)
 UPLOADING, UPLOADED, PUBLISHED = "uploading", "uploaded", "published"
+STAGE = "publish"  # the stage whose progress shows the uploads left (finish)
 _FINISH = object()
 
 
@@ -135,9 +137,9 @@ class EarlyPublisher:
     read when the first file is announced); ``now()``: the clock of the card's date."""
 
     def __init__(self, workdir: Path | WorkDir, hub: Hub, options: PublishOptions, early: EarlyOptions = EarlyOptions(),
-                 *, types: Callable[[], Sequence[str]] | None = None,
+                 *, types: Callable[[], Sequence[str]] | None = None, hooks: Hooks = NULL_HOOKS,
                  now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)) -> None:
-        self.wd, self.hub, self.options, self.early = WorkDir(workdir), hub, options, early
+        self.wd, self.hub, self.options, self.early, self.hooks = WorkDir(workdir), hub, options, early, hooks
         self._types, self._now = types, now
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=early.queue_size)
         self._lock = threading.Lock()
@@ -145,7 +147,7 @@ class EarlyPublisher:
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._ready: dict[str, FileReady] = {}  # network thread only
-        self._seen: set[str] = set()  # types announced (under _lock)
+        self._items: dict[str, FileReady] = {}  # the announcements (under _lock)
         self._handles: dict[str, Preuploaded] = {}
         self._groups: list[tuple[str, ...]] | None = None
         self._committed = 0  # groups committed so far
@@ -162,6 +164,7 @@ class EarlyPublisher:
         if self._groups is None:
             self._groups = publish_groups(self._ladder_types(), self.early.order, self.early.groups)
         with self._lock:
+            self._items[item.type] = item
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="ggufbot-publish", daemon=True)
                 self._thread.start()
@@ -175,10 +178,17 @@ class EarlyPublisher:
                 self.ready(item)
         if self._thread is not None:
             self._queue.put(_FINISH)
-            self._thread.join()
+            while self._thread.is_alive():  # the uploads left: signs of life for the stuck-job detection, a stop
+                self._thread.join(timeout=1.0)
+                states = file_states(self.wd)
+                done = sum(v in (UPLOADED, PUBLISHED) for v in states.values())
+                self.hooks.step(STAGE, done, max(done, sum(r.passed for r in self._announced_items())),
+                                "uploading", **{"files": dict(states)})
         self._raise()
         result = self._commit(final=True)
         assert result is not None
+        if result.action == "update" and not self._state.get("base"):
+            result = dataclasses.replace(result, action="create")  # the repo was new, made empty for the uploads
         self._save(done=True)
         return result
 
@@ -199,7 +209,11 @@ class EarlyPublisher:
 
     def _announced(self) -> set[str]:
         with self._lock:
-            return set(self._seen)
+            return set(self._items)
+
+    def _announced_items(self) -> list[FileReady]:
+        with self._lock:
+            return list(self._items.values())
 
     def _ladder_types(self) -> list[str]:
         types: list[str] = []
@@ -237,8 +251,6 @@ class EarlyPublisher:
             if item is _FINISH:
                 finishing = True
                 continue
-            with self._lock:
-                self._seen.add(item.type)
             self._ready[item.type] = item
 
     def _work_left(self) -> bool:
