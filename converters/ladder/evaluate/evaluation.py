@@ -26,7 +26,7 @@ from converters.core.report import FAILED, PASSED, Check, FileResult, Report, Te
 from converters.core.workdir import CalibrationInfo, Ladder, LadderFile, WorkDir
 from converters.formats import chart
 from converters.formats import checkpoint as checkpoint_mod
-from converters.ladder.evaluate import curve
+from converters.ladder.evaluate import curve, overlap
 from converters.ladder.evaluate.perplexity import (BaseLogits, base_logits_bytes, count_tokens, run_base, run_kld,
                                                    scored_per_chunk)
 from converters.ladder.evaluate.source import (COMPARE_MAX_KLD, COMPARE_MIN_TOP1, CompareSpec, compare_with_source,
@@ -196,6 +196,10 @@ def _prepare(wd: WorkDir, opts: EvalOptions, toolchain: tc_mod.Toolchain | None,
             raise InputError("the evaluation text is the calibration text: a quant must not be judged on the text "
                              "it was calibrated on")
         cal_sha = _sha256_text(Path(opts.calibration_text))
+        if eval_sha != cal_sha:  # equal content is refused below with its own message
+            shared = overlap.check(eval_text, Path(opts.calibration_text))  # InputError above overlap.MAX_FRACTION
+            log.info("evaluate: evaluation and calibration texts share %.3f%% of their %d-word runs (%.2f s)",
+                     100 * shared.fraction, shared.n, shared.seconds)
     cal = ladder.imatrix.calibration if ladder.imatrix is not None else None
     if eval_sha in {cal_sha, cal.sha256 if cal is not None else None}:
         raise InputError(f"the evaluation text {eval_text.name} has the same content as the calibration text: a quant "
