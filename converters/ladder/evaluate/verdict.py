@@ -15,7 +15,7 @@ from converters.core import quants
 from converters.core.errors import UnknownName
 from converters.core.report import FAILED, SKIPPED, Check, FileResult
 from converters.ladder import layout
-from converters.ladder.evaluate import curve
+from converters.ladder.evaluate import curve, paired
 from converters.llama import mmproj
 
 
@@ -89,36 +89,48 @@ def curve_points(files: Sequence[FileResult]) -> list[curve.Point]:
 
 
 def judge(files: Sequence[FileResult], ceilings: Mapping[str, float] | None = None, *,
-          job_checks: Mapping[str, Check] | None = None, rules: curve.CurveRules = curve.DEFAULT_RULES) -> Verdict:
-    """Pure: reads the figures and checks only. A file fails on its own figures and checks, or when it is far
-    above the ladder's own curve (:mod:`converters.ladder.evaluate.curve`); an order inversion is a note, not a
-    failure."""
+          job_checks: Mapping[str, Check] | None = None, rules: curve.CurveRules = curve.DEFAULT_RULES,
+          speed_required: bool = False) -> Verdict:
+    """Pure (but for each tuned file's ``extra["versus"]``, the comparison it records): reads the figures and
+    checks only. A file fails on its own figures and checks, or when it is far above the ladder's own curve
+    (:mod:`converters.ladder.evaluate.curve`); an order inversion is a note, not a failure. A tuned file is judged
+    against its stock file (:func:`tuned_comparisons`); ``speed_required``: the speed measurement was on, so a
+    tuned file without it is withheld."""
     out = {f.type: _file_reasons(f, ceilings, job_checks or {}) for f in files}
-    for key, why in tuned_reasons(files).items():
-        out[key].append(why)
+    notes = []
+    for key, (why, figures) in tuned_comparisons(files, speed_required=speed_required).items():
+        if why is not None:
+            out[key].append(why)
+        else:
+            notes.append(f"{figures}: published")
     points = curve_points(files)
     far = curve.outliers(points, rules)
     for key, outlier in far.items():
         out[key].append(outlier.reason())
-    return Verdict(out, curve.inversions(points, rules, skip=set(far)))
+    return Verdict(out, notes + curve.inversions(points, rules, skip=set(far)))
 
 
-def tuned_reasons(files: Sequence[FileResult]) -> dict[str, str]:
-    """A per-tensor tuned file (``<TYPE>-tuned``) is published only when it beats its stock file's mean KLD by
-    more than the measurement error at no more bytes (:func:`converters.ladder.layout.tuned_verdict`)."""
+def tuned_reasons(files: Sequence[FileResult], *, speed_required: bool = False) -> dict[str, str]:
+    """A per-tensor tuned file (``<TYPE>-tuned``) is published only when it beats its stock file in the paired
+    per-chunk test, at no more bytes, without a p99 / same-top / speed regression (:func:`paired.compare`)."""
+    return {key: why for key, (why, _note) in tuned_comparisons(files, speed_required=speed_required).items()
+            if why is not None}
+
+
+def tuned_comparisons(files: Sequence[FileResult], *,
+                      speed_required: bool = False) -> dict[str, tuple[str | None, str]]:
+    """Per tuned file: (the reason it is withheld or None, the comparison's figures). Each file's
+    ``extra["versus"]`` records the comparison (report.json)."""
     by_type = {f.type: f for f in files}
-    out = {}
+    out: dict[str, tuple[str | None, str]] = {}
     for f in files:
         if not layout.is_tuned(f.type):
             continue
-        s = by_type.get(layout.stock_of(f.type))
-        ok = s is not None and s.stats is not None and not s.stats.non_finite()
-        why = layout.tuned_verdict(s.stats.kld_mean if ok else None, s.stats.kld_mean_err if ok else None,
-                                   s.size if ok else None,
-                                   f.stats.kld_mean if f.stats is not None else None,
-                                   f.stats.kld_mean_err if f.stats is not None else None, f.size)
-        if why is not None:
-            out[f.type] = f"not better than {layout.stock_of(f.type)}: {why}"
+        stock = layout.stock_of(f.type)
+        c = paired.compare(f, by_type.get(stock), same_size=True, speed_required=speed_required, baseline_name=stock)
+        f.extra["versus"] = c.to_json()
+        why = f"not better than {c.baseline}: " + "; ".join(c.reasons) if c.reasons else None
+        out[f.type] = (why, c.describe())
     return out
 
 
