@@ -41,6 +41,7 @@ from converters.core.errors import Cancelled, CheckFailed, DiskSpaceError, Unsup
 from converters.core.hooks import LINE, Event, Hooks
 from converters.ladder.job import CheckpointRules, EvalSettings, JobContext, ToolLimits, ladder_stages, run_stages
 from converters.ladder.pipeline import LadderOptions, model_name_for
+from converters.ladder.speed import SpeedOptions
 from converters.core.report import Report
 from converters.core.stages import DISK_MARGIN, Produced, RecordedStage, Stage, StateKey, free_bytes
 from converters.core.workdir import Ladder, WorkDir
@@ -96,6 +97,13 @@ class PublishTarget:
     policy: TargetPolicy = TargetPolicy()  # another model's repo at that name: rename or fail; adopted repos
 
 
+def speed_options(s: Settings) -> SpeedOptions:
+    """``[evaluate] speed*`` as the speed stage's options."""
+    e = s.evaluate
+    return SpeedOptions(scope=e.speed, prompt=e.speed_prompt, generate=e.speed_generate,
+                        repetitions=e.speed_repetitions, rounds=e.speed_rounds)
+
+
 @dataclasses.dataclass(frozen=True)
 class JobSpec:
     source: Source
@@ -138,7 +146,7 @@ class JobSpec:
                                  split_max_bytes=int(q.split_max_gb * 1e9), jobs=q.jobs,
                                  tune=tuple(q.tune), tune_seconds=q.tune_seconds),
             evaluation=EvalSettings(evaluation, chunks=q.evaluation_chunks, name_text=True, require_publishable=True,
-                                    require_source_check=q.require_source_check),
+                                    require_source_check=q.require_source_check, speed=speed_options(s)),
             variants=variants_mod.parse_list(q.variants),
             publish=PublishTarget(namespace=ns, template=s.target.repo_template, private=s.target.private,
                                   policy=policy) if publishing else None,

@@ -133,6 +133,19 @@ class Quantize:
 
 
 @dataclasses.dataclass(frozen=True)
+class Evaluate:
+    """Speed measurement (``converters.ladder.speed``): llama-bench tokens/s on this box's backend, shown on the card
+    per file with the device; a tuned or memory-budget file more than 5 % slower than its baseline (beyond the
+    error) is withheld."""
+
+    speed: str = "tuned"  # "all": every file; "tuned": tuned/fit files and their baselines only; "off"
+    speed_prompt: int = 512  # tokens of the prompt-processing test (llama-bench -p)
+    speed_generate: int = 128  # tokens of the generation test (llama-bench -n)
+    speed_repetitions: int = 3  # runs of each test per llama-bench process (-r)
+    speed_rounds: int = 2  # interleaved llama-bench processes per file of a compared pair (ABAB)
+
+
+@dataclasses.dataclass(frozen=True)
 class Limits:
     max_model_gb: float | None = None  # default: AUTO_SIZE_FRACTION of the free disk under data_dir
     min_free_disk_gb: float = 5.0  # a job does not start with less free than this plus its estimate
@@ -187,6 +200,7 @@ SECTIONS: dict[str, type] = {
     "filters": Filters,
     "target": Target,
     "quantize": Quantize,
+    "evaluate": Evaluate,
     "limits": Limits,
     "schedule": Schedule,
     "requeue": Requeue,
@@ -206,6 +220,7 @@ class Settings:
     filters: Filters = Filters()
     target: Target = Target()
     quantize: Quantize = Quantize()
+    evaluate: Evaluate = Evaluate()
     limits: Limits = Limits()
     schedule: Schedule = Schedule()
     requeue: Requeue = Requeue()
@@ -429,6 +444,11 @@ def _check(s: Settings) -> None:
         bad("quantize.tune", str(e))
     if s.quantize.tune_seconds <= 0:
         bad("quantize.tune_seconds", "must be positive")
+    if s.evaluate.speed not in ("all", "tuned", "off"):
+        bad("evaluate.speed", f"expected \"all\", \"tuned\" or \"off\", got {s.evaluate.speed!r}")
+    for key in ("speed_prompt", "speed_generate", "speed_repetitions", "speed_rounds"):
+        if getattr(s.evaluate, key) < 1:
+            bad(f"evaluate.{key}", "must be at least 1")
 
 
 def _size_limit(s: Settings, free_disk: int | None) -> int:

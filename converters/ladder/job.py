@@ -48,6 +48,7 @@ from converters.core.hooks import END, SKIP, Hooks
 from converters.core.report import Report
 from converters.core.stages import Stage, StageOutcome, StageState, StateKey, finished
 from converters.ladder import evaluate, layout, tune
+from converters.ladder import speed as speed_mod
 from converters.core.proc import Watch, current_watch, watched
 from converters.llama.toolchain import Toolchain
 from converters.core.workdir import Ladder, LadderFile, WorkDir
@@ -64,6 +65,7 @@ class EvalSettings:
     name_text: bool = False  # the report names the text and its origin (the bot does; ``convert`` never did)
     require_publishable: bool = False  # a report that is not publishable fails the job (the bot's main ladder)
     require_source_check: bool = True  # a skipped BF16-vs-source comparison makes the report not publishable
+    speed: speed_mod.SpeedOptions | None = None  # llama-bench before the evaluation (converters.ladder.speed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -558,6 +560,8 @@ def ladder_stages(options: pipeline.LadderOptions, evaluation: EvalSettings | No
         if options.tune_candidates:
             topts = dataclasses.replace(topts, candidates=tuple(options.tune_candidates))
         stages.append(TuneStage(topts))
+    if evaluation is not None and evaluation.speed is not None:  # "off" removes an earlier speed.json
+        stages.append(speed_mod.SpeedStage(evaluation.speed))
     if evaluation is not None:
         stages.append(EvaluateStage(evaluation, options.calibration))
     return tuple(stages)

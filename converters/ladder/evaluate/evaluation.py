@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from converters.core import quants
-from converters.core import records
+from converters.core import names, records
 from converters.core.errors import DiskSpaceError, InputError, ParseError, ToolError
 from converters.core.hooks import NULL_HOOKS, PROGRESS, Hooks
 from converters.core.report import FAILED, PASSED, Check, FileResult, Report, TextInfo
 from converters.core.workdir import CalibrationInfo, Ladder, LadderFile, WorkDir
 from converters.formats import chart
 from converters.formats import checkpoint as checkpoint_mod
+from converters.ladder import speed
 from converters.ladder.evaluate import curve, overlap
 from converters.ladder.evaluate.perplexity import (BaseLogits, base_logits_bytes, count_tokens, run_base, run_kld,
                                                    scored_per_chunk)
@@ -227,6 +228,7 @@ def _record_inputs(job: _Job) -> dict[str, Any]:
     return {"ladder": _ladder_identity(job.ladder), "files": job.content, "source": source,
             "eval_text": job.eval_sha, "chunks": o.chunks, "ctx": o.ctx,
             "reference_logits": _fingerprint(o.reference_logits, job.wd.path), "ceilings": o.ceilings or {},
+            "speed": _fingerprint(job.wd.path / names.SPEED, job.wd.path),  # the gate reads it
             "hf_compare_max_memory": o.hf_compare_max_memory, "hf_compare_chunks": o.hf_compare_chunks,
             "require_source_check": o.require_source_check,
             "source_dir": str(job.src_path) if job.src_path else None, "toolchain": job.tc.version}
@@ -342,7 +344,8 @@ def _check(job: _Job, ref_facts: verify.GgufFacts, files: Sequence[FileResult],
     for f in files:
         f.checks.update(file_checks.get(f.type, {}))
     per_job = {k: v for k, v in checks.items() if k in ("chat_template", "special_tokens", "end_of_reply")}
-    verdict = judge(files, job.opts.ceilings, job_checks=per_job)
+    speed_required = speed.attach(job.wd.path, files)  # llama-bench's figures (the speed stage), same content only
+    verdict = judge(files, job.opts.ceilings, job_checks=per_job, speed_required=speed_required)
     for f in files:
         f.reasons = verdict.reasons[f.type]
         f.status = FAILED if f.reasons else PASSED

@@ -42,11 +42,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from converters.core.report import FileResult, KldStats, paired_difference
+from converters.ladder.speed import SPEED_KEY
 
 Z = 2.0  # standard errors a difference must exceed
 P99_DENSITY = 0.01 * math.log(10)  # density at p99 times (p99.9 - p99) for an exponential tail
 SPEED_TOLERANCE = 0.05  # a candidate may be this much slower than its baseline (beyond the error) and still pass
-SPEED_KEY = "speed"  # FileResult.extra key of a file's measured speed (converters.ladder.speed)
 
 
 @dataclasses.dataclass(frozen=True)
