@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from converters.core import names, records
-from converters.core.errors import InputError, ParseError, ToolError
+from converters.core.errors import InputError, ParseError, ToolchainError, ToolError
 from converters.core.hooks import END, SKIP, Hooks
 from converters.core.report import FileResult
 from converters.core.workdir import Ladder, LadderFile, WorkDir
@@ -140,7 +140,7 @@ def measure(workdir: Path, ladder: Ladder, options: SpeedOptions, *, toolchain: 
         try:
             res = bench.run(toolchain, workdir / by_type[qtype].path, prompt=options.prompt, generate=options.generate,
                             repetitions=options.repetitions, n_threads=options.threads, timeout=timeout)
-        except (ToolError, ParseError) as e:
+        except (ToolError, ParseError, ToolchainError) as e:  # a build without llama-bench: no figures either
             errors[qtype] = e.short() if isinstance(e, ToolError) else str(e)
             log.warning("speed: %s: %s", qtype, errors[qtype])
             continue
