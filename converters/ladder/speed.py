@@ -68,12 +68,20 @@ class SpeedOptions:
         return dataclasses.asdict(self)
 
 
+def baseline_name(type_name: str, extra: Mapping[str, Any]) -> tuple[str, bool] | None:
+    """The type a file is judged against and whether it must not be larger: a tuned file's stock type (no larger);
+    a memory-budget file's baseline, the largest stock file that fits its budget (``extra["fit"]["baseline"]``),
+    or what ``extra["baseline"]`` names (either may be larger: the budget bounds it). None: a stock file."""
+    if layout.is_tuned(type_name):
+        return layout.stock_of(type_name), True
+    fit = extra.get("fit")
+    b = (fit.get("baseline") if isinstance(fit, Mapping) else None) or extra.get(BASELINE_KEY)
+    return (str(b), False) if b else None
+
+
 def baseline_of(f: LadderFile) -> str | None:
-    """The type a file is judged against: a tuned file's stock type, or what its ``extra["baseline"]`` names."""
-    if layout.is_tuned(f.type):
-        return layout.stock_of(f.type)
-    b = f.extra.get(BASELINE_KEY)
-    return str(b) if b else None
+    b = baseline_name(f.type, f.extra)
+    return b[0] if b is not None else None
 
 
 def plan(ladder: Ladder, scope: str) -> tuple[dict[str, str], list[str]]:

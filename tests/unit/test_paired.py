@@ -122,3 +122,16 @@ def test_the_gate_says_the_figures_and_records_the_comparison():
     assert v.reasons["Q4_K_M-tuned"] == [] and v.reasons["Q2_K-tuned"][0].startswith("not better than Q2_K: ")
     assert any(n.startswith("Q4_K_M-tuned vs Q4_K_M: mean KLD -0.00") and n.endswith(": published") for n in v.notes)
     assert files[1].extra["versus"]["passed"] is True and files[1].extra["versus"]["chunks"] == 64
+
+
+def test_a_memory_budget_file_is_judged_by_the_same_rule_and_may_be_larger():
+    stock = hard_chunks()
+    fit = {"fit": {"baseline": "Q4_K_M", "budget": "8GB@8k"}}
+    files = [f("Q4_K_M", stats(stock)), f("Q3_K_M", stats([x * 2 for x in stock]), size=800),
+             f("fit-8GB-8k", stats([x * 0.9 for x in stock]), size=1100, **fit),
+             f("fit-6GB-8k", stats(stock), size=900, fit={"baseline": "Q3_K_M"})]
+    v = evaluate.judge(files)
+    assert v.reasons["fit-8GB-8k"] == [] and files[2].extra["versus"]["baseline"] == "Q4_K_M"
+    assert v.reasons["fit-6GB-8k"] == []  # much better than Q3_K_M
+    files[3].extra["fit"]["baseline"] = "Q4_K_M"
+    assert "not below zero" in evaluate.judge(files).reasons["fit-6GB-8k"][0]  # a coin flip against Q4_K_M

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from converters.core import quants
 from converters.core.errors import UnknownName
 from converters.core.report import FAILED, SKIPPED, Check, FileResult
-from converters.ladder import layout
+from converters.ladder import layout, speed
 from converters.ladder.evaluate import curve, paired
 from converters.llama import mmproj
 
@@ -119,15 +119,19 @@ def tuned_reasons(files: Sequence[FileResult], *, speed_required: bool = False) 
 
 def tuned_comparisons(files: Sequence[FileResult], *,
                       speed_required: bool = False) -> dict[str, tuple[str | None, str]]:
-    """Per tuned file: (the reason it is withheld or None, the comparison's figures). Each file's
-    ``extra["versus"]`` records the comparison (report.json)."""
+    """Per file judged against a baseline (a tuned file against its stock file; a memory-budget file against the
+    largest stock file that fits its budget, :func:`converters.ladder.speed.baseline_name`): (the reason it is
+    withheld or None, the comparison's figures), by :func:`paired.compare`. Each such file's ``extra["versus"]``
+    records the comparison (report.json)."""
     by_type = {f.type: f for f in files}
     out: dict[str, tuple[str | None, str]] = {}
     for f in files:
-        if not layout.is_tuned(f.type):
+        judged = speed.baseline_name(f.type, f.extra)
+        if judged is None:
             continue
-        stock = layout.stock_of(f.type)
-        c = paired.compare(f, by_type.get(stock), same_size=True, speed_required=speed_required, baseline_name=stock)
+        name, same_size = judged
+        c = paired.compare(f, by_type.get(name), same_size=same_size, speed_required=speed_required,
+                           baseline_name=name)
         f.extra["versus"] = c.to_json()
         why = f"not better than {c.baseline}: " + "; ".join(c.reasons) if c.reasons else None
         out[f.type] = (why, c.describe())
