@@ -135,3 +135,23 @@ def test_a_memory_budget_file_is_judged_by_the_same_rule_and_may_be_larger():
     assert v.reasons["fit-6GB-8k"] == []  # much better than Q3_K_M
     files[3].extra["fit"]["baseline"] = "Q4_K_M"
     assert "not below zero" in evaluate.judge(files).reasons["fit-6GB-8k"][0]  # a coin flip against Q4_K_M
+
+
+@pytest.mark.parametrize("draw", ["exponential", "lognormal"])
+def test_the_p99_error_estimate_against_simulation(draw):
+    """The estimated p99 error (exponential tail through p99 and p99.9) against the spread of p99 over repeated
+    samples of independent tokens: about right for an exponential tail, overstated (never much understated) for a
+    heavier one."""
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(7)
+    n = 16_000
+    p99s, estimates = [], []
+    for _ in range(200):
+        x = rng.exponential(0.01, n) if draw == "exponential" else rng.lognormal(-5, 1.5, n)
+        q99, q999 = np.quantile(x, [0.99, 0.999])
+        p99s.append(q99)
+        s = stats([0.01, 0.02], p99=float(q99), p999=float(q999))
+        s = KldStats(**{**s.__dict__, "kld_mean_err_token": s.kld_mean_err})  # independent tokens: no design effect
+        estimates.append(paired.p99_error(s, n))
+    ratio = float(np.mean(estimates) / np.std(p99s))
+    assert (0.8 < ratio < 1.25) if draw == "exponential" else (1.0 < ratio < 2.2)
