@@ -51,7 +51,7 @@ def test_blocks_do_not_cut_words_or_runs(tmp_path, monkeypatch):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text(text)
     b.write_text(text)
-    whole = overlap.shingles(a, {})
+    whole = overlap.shingles(a)
     monkeypatch.setattr(overlap, "BLOCK_BYTES", 997)  # blocks end inside words and inside runs
-    assert overlap.shingles(a, {}).tolist() == whole.tolist()
+    assert overlap.shingles(a).tolist() == whole.tolist()
     assert overlap.measure(a, b).fraction == 1.0

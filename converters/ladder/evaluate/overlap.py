@@ -6,8 +6,8 @@ Wikipedia article, a copied paragraph), however the files differ around them.
 
 The method: both texts are read in blocks (:data:`BLOCK_BYTES`, so a large text is never held whole), cut into words
 (lower-cased runs of letters and digits: punctuation, spacing and WikiText's `` @-@ `` escapes do not hide a copy),
-and every run of :data:`N_WORDS` consecutive words is hashed to 64 bits (each word's id mixed with splitmix64, then
-a polynomial over the run, vectorised with numpy). The overlap is the share of a text's distinct shingles that the
+and every run of :data:`N_WORDS` consecutive words is hashed to 64 bits (each word's hash mixed with splitmix64,
+then a polynomial over the run, vectorised with numpy). The overlap is the share of a text's distinct shingles that the
 other text has too, taken both ways (a short calibration text copied whole into a long evaluation text is 100 % of
 the calibration side); :func:`check` refuses above :data:`MAX_FRACTION`.
 
@@ -76,6 +76,12 @@ def _splitmix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+def _distinct(x: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (a sort and a mask: faster here than ``np.unique``'s hash table)."""
+    x = np.sort(x)
+    return x[np.concatenate(([True], x[1:] != x[:-1]))] if len(x) else x
+
+
 def _blocks(path: Path) -> Iterator[str]:
     """The text in blocks that end on a word boundary (the word cut by a block's end is carried to the next)."""
     carry = ""
@@ -94,30 +100,33 @@ def _blocks(path: Path) -> Iterator[str]:
         yield carry
 
 
-def shingles(path: Path, vocab: dict[str, int], n: int = N_WORDS) -> np.ndarray:
-    """The distinct 64-bit hashes of every run of ``n`` words of the text at ``path`` (sorted). ``vocab`` maps words
-    to ids and is shared by the texts compared (it grows as words are met)."""
-    powers = np.array([pow(0x100000001B3, n - 1 - k, 1 << 64) for k in range(n)], dtype=np.uint64)
+def shingles(path: Path, n: int = N_WORDS) -> np.ndarray:
+    """The distinct 64-bit hashes of every run of ``n`` words of the text at ``path`` (sorted). A word's hash is
+    Python's string hash (salted per process: hashes of texts compared in one process agree, which is all the check
+    needs) mixed with splitmix64; a run's is a polynomial over its words' (one vector pass per word position)."""
+    powers = [np.uint64(pow(0x100000001B3, n - 1 - k, 1 << 64)) for k in range(n)]
     tail = np.zeros(0, dtype=np.uint64)
     parts = []
     with np.errstate(over="ignore"):
         for block in _blocks(path):
-            ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in _WORD.findall(block.lower())),
-                              dtype=np.uint64)
+            words = _WORD.findall(block.lower())
+            ids = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
             seq = np.concatenate([tail, _splitmix(ids)])
-            if len(seq) >= n:
-                windows = np.lib.stride_tricks.sliding_window_view(seq, n)
-                parts.append(np.unique((windows * powers).sum(axis=1, dtype=np.uint64)))
-            tail = seq[-(n - 1):] if n > 1 else seq[:0]
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
+            runs = len(seq) - n + 1
+            if runs > 0:
+                acc = seq[:runs] * powers[0]
+                for k in range(1, n):
+                    acc += seq[k:k + runs] * powers[k]
+                parts.append(_distinct(acc))
+            tail = seq[len(seq) - (n - 1):] if n > 1 else seq[:0]
+    return _distinct(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
 
 
 def measure(eval_text: Path, calibration_text: Path, n: int = N_WORDS) -> Overlap:
     """The shingle overlap of the two texts (see the module doc)."""
     t0 = time.monotonic()
-    vocab: dict[str, int] = {}
-    ev = shingles(eval_text, vocab, n)
-    cal = shingles(calibration_text, vocab, n)
+    ev = shingles(eval_text, n)
+    cal = shingles(calibration_text, n)
     shared = int(np.isin(ev, cal, assume_unique=True).sum()) if len(ev) and len(cal) else 0
     return Overlap(n, len(ev), len(cal), shared, time.monotonic() - t0)
 
