@@ -23,6 +23,7 @@ them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -176,6 +177,24 @@ def measure(workdir: Path, ladder: Ladder, options: SpeedOptions, *, toolchain: 
     return out
 
 
+def save(workdir: Path, options: SpeedOptions, figures: Mapping[str, Mapping[str, Any]], seconds: float) -> Path:
+    """Write ``speed.json`` with ``figures``, keeping the entries of an earlier call with the same options (a pipeline
+    that measures pair by pair, as each candidate is made, calls :func:`measure` on a ladder of the pair and this
+    after each; the figures of the same content are replaced)."""
+    path = workdir / names.SPEED
+    files: dict[str, Any] = {}
+    before = 0.0
+    if path.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            data = json.loads(path.read_text())
+            if data.get("options") == options.to_json():
+                files, before = dict(data.get("files") or {}), float(data.get("seconds") or 0.0)
+    files.update({k: dict(v) for k, v in figures.items()})
+    records.write_json_atomic(path, {"options": options.to_json(), "seconds": round(before + seconds, 3),
+                                     "files": files})
+    return path
+
+
 def attach(workdir: Path, files: Sequence[FileResult]) -> bool:
     """Copy ``speed.json``'s figures into the results of the same content (``extra["speed"]``); True when the speed
     of judged files was asked for (the gate then withholds a candidate without it)."""
@@ -231,8 +250,8 @@ class SpeedStage:
         figures = measure(wd.path, ladder, self.options, toolchain=ctx.toolchain, timeout=ctx.tool_timeout(),
                           step=lambda text, done, total: ctx.hooks.step(self.name, done, total, text))
         seconds = time.monotonic() - t0
-        records.write_json_atomic(out, {"options": self.options.to_json(), "seconds": round(seconds, 3),
-                                        "files": figures})
+        out.unlink(missing_ok=True)  # the whole ladder: nothing of an earlier run is kept
+        save(wd.path, self.options, figures, seconds)
         rec = records.save(wd.path, STAGE, inputs, [out], seconds, ctx.toolchain.version,
                            extra={"measured": sorted(figures)})
         ctx.hooks.emit(self.name, END, data={"seconds": rec.seconds})

@@ -158,3 +158,13 @@ def test_settings():
         S.from_mapping({"evaluate": {"speed": "some"}}, env={}, free_disk=10**12)
     with pytest.raises(ConfigError, match="evaluate.speed_repetitions"):
         S.from_mapping({"evaluate": {"speed_repetitions": 0}}, env={}, free_disk=10**12)
+
+
+def test_save_merges_pair_by_pair(tmp_path):
+    opts = speed.SpeedOptions()
+    speed.save(tmp_path, opts, {"Q4_K_M": {"sha256": "a"}, "Q4_K_M-tuned": {"sha256": "b"}}, 10.0)
+    speed.save(tmp_path, opts, {"Q2_K": {"sha256": "c"}, "Q2_K-tuned": {"sha256": "d"}}, 5.0)
+    data = json.loads((tmp_path / names.SPEED).read_text())
+    assert sorted(data["files"]) == ["Q2_K", "Q2_K-tuned", "Q4_K_M", "Q4_K_M-tuned"] and data["seconds"] == 15.0
+    speed.save(tmp_path, dataclasses.replace(opts, rounds=4), {"Q2_K": {"sha256": "c"}}, 1.0)  # other settings
+    assert sorted(json.loads((tmp_path / names.SPEED).read_text())["files"]) == ["Q2_K"]
