@@ -168,3 +168,26 @@ def test_save_merges_pair_by_pair(tmp_path):
     assert sorted(data["files"]) == ["Q2_K", "Q2_K-tuned", "Q4_K_M", "Q4_K_M-tuned"] and data["seconds"] == 15.0
     speed.save(tmp_path, dataclasses.replace(opts, rounds=4), {"Q2_K": {"sha256": "c"}}, 1.0)  # other settings
     assert sorted(json.loads((tmp_path / names.SPEED).read_text())["files"]) == ["Q2_K"]
+
+
+def test_the_card_shows_tokens_per_second_with_the_device(tmp_path, monkeypatch):
+    from bot.publish import card, source_card
+
+    wd, tc = _workdir(tmp_path)
+    monkeypatch.setattr(bench, "run", FakeBench({"Q8_0": 100.0, "Q4_K_M": 200.0, "Q4_K_M-tuned": 199.0,
+                                                 "Q2_K": 300.0}))
+    speed.SpeedStage(speed.SpeedOptions(scope="all", rounds=2, repetitions=3)).run(Ctx(wd.path, tc, wd.ladder()))
+    ladder, report = wd.ladder(), wd.report()
+    for f in report.files:
+        f.sha256 = ladder.file(f.type).sha256
+    speed.attach(wd.path, report.files)
+    facts = source_card.SourceFacts.from_checkpoint(Path(ladder.source.path), repo=ladder.source.repo,
+                                                    revision=ladder.source.revision)
+    text = card.render(card.build_context(ladder, report, facts, card.CardSettings(
+        repo_id="team/Tiny-Instruct-GGUF", quantized_by="team", hub_url="http://hub.test")))
+    assert r"Speed on Test CPU \(CPU\) (2 threads, llama.cpp's `llama-bench`)" in text
+    assert "512-token prompt and generating 128 tokens" in text
+    row = next(line for line in text.splitlines() if line.startswith("| Tiny-Instruct-Q4_K_M-tuned.gguf |"))
+    assert row.startswith("| Tiny-Instruct-Q4_K_M-tuned.gguf | Q4_K_M-tuned | 19") and "vs Q4_K_M: pp " in row
+    for t in ("Q8_0", "Q4_K_M", "Q2_K"):  # scope "all": every published file has its row
+        assert any(line.startswith(f"| Tiny-Instruct-{t}.gguf | {t} | ") for line in text.splitlines())
