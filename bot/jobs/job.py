@@ -101,7 +101,7 @@ def speed_options(s: Settings) -> SpeedOptions:
     """``[evaluate] speed*`` as the speed stage's options."""
     e = s.evaluate
     return SpeedOptions(scope=e.speed, prompt=e.speed_prompt, generate=e.speed_generate,
-                        repetitions=e.speed_repetitions, rounds=e.speed_rounds)
+                        repetitions=e.speed_repetitions, rounds=e.speed_rounds, threads=e.speed_threads or None)
 
 
 @dataclasses.dataclass(frozen=True)

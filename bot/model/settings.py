@@ -143,6 +143,7 @@ class Evaluate:
     speed_generate: int = 128  # tokens of the generation test (llama-bench -n)
     speed_repetitions: int = 3  # runs of each test per llama-bench process (-r)
     speed_rounds: int = 2  # interleaved llama-bench processes per file of a compared pair (ABAB)
+    speed_threads: int = 0  # llama-bench -t; 0: every thread the process may use (a busy shared box: fewer, see README)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,6 +450,8 @@ def _check(s: Settings) -> None:
     for key in ("speed_prompt", "speed_generate", "speed_repetitions", "speed_rounds"):
         if getattr(s.evaluate, key) < 1:
             bad(f"evaluate.{key}", "must be at least 1")
+    if s.evaluate.speed_threads < 0:
+        bad("evaluate.speed_threads", "must be 0 (every thread) or more")
 
 
 def _size_limit(s: Settings, free_disk: int | None) -> int:

@@ -147,12 +147,11 @@ def test_a_file_llama_bench_cannot_run_has_no_figures_and_its_candidate_none(tmp
 
 
 def test_settings():
-    from bot.jobs.job import JobSpec
-
     s = S.from_mapping({"evaluate": {"speed": "all", "speed_rounds": 3}}, env={}, free_disk=10**12)
-    opts = JobSpec.from_settings(s, "acme/M", "main", calibration=None, evaluation=None).ladder  # noqa: F841
     from bot.jobs.job import speed_options
     assert speed_options(s) == speed.SpeedOptions(scope="all", prompt=512, generate=128, repetitions=3, rounds=3)
+    s = S.from_mapping({"evaluate": {"speed_threads": 1}}, env={}, free_disk=10**12)
+    assert speed_options(s).threads == 1 and speed_options(s).scope == "tuned"
     assert S.from_mapping({}, env={}, free_disk=10**12).evaluate.speed == "tuned"
     with pytest.raises(ConfigError, match="evaluate.speed"):
         S.from_mapping({"evaluate": {"speed": "some"}}, env={}, free_disk=10**12)
@@ -191,3 +190,14 @@ def test_the_card_shows_tokens_per_second_with_the_device(tmp_path, monkeypatch)
     assert row.startswith("| Tiny-Instruct-Q4_K_M-tuned.gguf | Q4_K_M-tuned | 19") and "vs Q4_K_M: pp " in row
     for t in ("Q8_0", "Q4_K_M", "Q2_K"):  # scope "all": every published file has its row
         assert any(line.startswith(f"| Tiny-Instruct-{t}.gguf | {t} | ") for line in text.splitlines())
+
+
+def test_the_speed_stage_runs_before_the_evaluation_when_asked():
+    from converters.ladder import job, pipeline
+    from converters.llama.calibrate import TextFile
+
+    text = TextFile(Path("e.txt"), "e", "t", "0" * 64, 0)
+    opts = pipeline.LadderOptions(ladder="small", imatrix=False)
+    stages = [s.name for s in job.ladder_stages(opts, job.EvalSettings(text, speed=speed.SpeedOptions()))]
+    assert stages[-2:] == ["speed", "evaluate"]
+    assert "speed" not in [s.name for s in job.ladder_stages(opts, job.EvalSettings(text))]
