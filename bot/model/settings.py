@@ -134,10 +134,16 @@ class Quantize:
 
 @dataclasses.dataclass(frozen=True)
 class Evaluate:
-    """Speed measurement (``converters.ladder.speed``): llama-bench tokens/s on this box's backend, shown on the card
-    per file with the device; a tuned or memory-budget file more than 5 % slower than its baseline (beyond the
-    error) is withheld."""
+    """The sequential evaluation (``converters.ladder.evaluate.sequential``): each file's chunks are scored until its
+    mean KLD's standard error (from chunk means) is at most ``precision`` of the mean, or the gate's verdict on it
+    cannot change any more; at least ``min_chunks``, at most ``quantize.evaluation_chunks`` (default 64).
 
+    Speed (``converters.ladder.speed``): llama-bench tokens/s on this box's backend, shown on the card per file with
+    the device; a tuned or memory-budget file more than 5 % slower than its baseline (beyond the error) is
+    withheld."""
+
+    precision: float = 0.05  # 0: every file on evaluation_chunks chunks (fixed, as before)
+    min_chunks: int = 8
     speed: str = "tuned"  # "all": every file; "tuned": tuned/fit files and their baselines only; "off"
     speed_prompt: int = 512  # tokens of the prompt-processing test (llama-bench -p)
     speed_generate: int = 128  # tokens of the generation test (llama-bench -n)
@@ -445,6 +451,10 @@ def _check(s: Settings) -> None:
         bad("quantize.tune", str(e))
     if s.quantize.tune_seconds <= 0:
         bad("quantize.tune_seconds", "must be positive")
+    if not 0 <= s.evaluate.precision < 1:
+        bad("evaluate.precision", "must be at least 0 (off) and below 1")
+    if s.evaluate.min_chunks < 2:
+        bad("evaluate.min_chunks", "must be at least 2 (a standard error needs two chunk means)")
     if s.evaluate.speed not in ("all", "tuned", "off"):
         bad("evaluate.speed", f"expected \"all\", \"tuned\" or \"off\", got {s.evaluate.speed!r}")
     for key in ("speed_prompt", "speed_generate", "speed_repetitions", "speed_rounds"):

@@ -169,6 +169,14 @@ class FileResult:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     sha256: str | None = None  # content measured: of the single file or of part 1 (as ladder.json)
     parts: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # every part: {"path", "size", "sha256"}
+    # why the evaluation stopped scoring chunks (converters.ladder.evaluate.sequential: "precision", "verdict",
+    # "cap" or "fixed"); the chunks scored are ``stats.chunks``
+    stop: str | None = None
+
+    @property
+    def chunks(self) -> int | None:
+        """Chunks of the evaluation text this file was scored on."""
+        return self.stats.chunks if self.stats is not None else None
 
     def figures(self) -> dict[str, Any]:
         """The figures as report.json holds them: None when not measured, a non-finite one as a string."""
@@ -186,6 +194,7 @@ class FileResult:
         d["checks"] = {k: c.to_json() for k, c in self.checks.items()}
         d["seconds"] = {k: round(v, 3) for k, v in self.seconds.items()}
         d["error"] = self.error
+        d["stop"] = self.stop
         return d
 
     @classmethod
@@ -197,14 +206,14 @@ class FileResult:
             values = {n: _denum(d[n]) for n in names if n in d and n != "chunk_kld"}
             stats = KldStats(**values, chunk_kld=tuple(float(x) for x in d.get("chunk_kld") or ()))
         known = {"type", "path", "size", "sha256", "parts", "bpw", "bpw_nominal", "status", "reasons", "checks",
-                 "seconds", "error", *names}
+                 "seconds", "error", "stop", *names}
         return cls(type=d["type"], path=d.get("path", ""), size=int(d.get("size") or 0), bpw=d.get("bpw"),
                    bpw_nominal=d.get("bpw_nominal"), stats=stats,
                    checks={k: Check.from_json(v) for k, v in (d.get("checks") or {}).items()},
                    status=d.get("status", FAILED), reasons=list(d.get("reasons") or []),
                    seconds=dict(d.get("seconds") or {}), error=d.get("error"),
                    extra={k: v for k, v in d.items() if k not in known}, sha256=d.get("sha256"),
-                   parts=[dict(p) for p in d.get("parts") or [] if isinstance(p, Mapping)])
+                   parts=[dict(p) for p in d.get("parts") or [] if isinstance(p, Mapping)], stop=d.get("stop"))
 
 
 @dataclasses.dataclass
@@ -243,6 +252,8 @@ class Report:
     notes: list[str] = dataclasses.field(default_factory=list)  # remarks that fail nothing (the ladder's curve)
     # {relative path: {"size", "sha256"}} of every file the evaluation read: reference, quant parts, imatrix
     file_hashes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # quant types not measured yet while the ladder is being evaluated file by file (empty once finished)
+    pending: list[str] = dataclasses.field(default_factory=list)
 
     def file(self, qtype: str) -> FileResult:
         for f in self.files:
@@ -285,6 +296,7 @@ class Report:
             "chart": self.chart,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "file_hashes": {k: dict(v) for k, v in sorted(self.file_hashes.items())},
+            "pending": list(self.pending),
         })
         return d
 
@@ -295,7 +307,8 @@ class Report:
             raise InputError(f"report.json schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
         known = {"schema_version", "model_name", "created_at", "source", "toolchain", "tools", "texts", "settings",
                  "notes",
-                 "reference", "evaluation", "checks", "files", "publishable", "reasons", "chart", "seconds", "file_hashes"}
+                 "reference", "evaluation", "checks", "files", "publishable", "reasons", "chart", "seconds", "file_hashes",
+                 "pending"}
         texts = {k: (TextInfo(**v) if v else None) for k, v in (d.get("texts") or {}).items()}
         return cls(model_name=d.get("model_name", ""), source=dict(d.get("source") or {}),
                    toolchain=dict(d.get("toolchain") or {}), tools=dict(d.get("tools") or {}), texts=texts,
@@ -308,7 +321,8 @@ class Report:
                    notes=[str(n) for n in d.get("notes") or []],
                    extra={k: v for k, v in d.items() if k not in known},
                    file_hashes={str(k): dict(v) for k, v in (d.get("file_hashes") or {}).items()
-                                if isinstance(v, Mapping)})
+                                if isinstance(v, Mapping)},
+                   pending=[str(t) for t in d.get("pending") or []])
 
 
 def wire_number(v: Any) -> Any:

@@ -195,6 +195,17 @@ def save(workdir: Path, options: SpeedOptions, figures: Mapping[str, Mapping[str
     return path
 
 
+def entry(workdir: Path, type_name: str) -> dict[str, Any] | None:
+    """``speed.json``'s entry of one file (None: none), what a file's evaluation record is keyed on."""
+    path = workdir / names.SPEED
+    if not path.is_file():
+        return None
+    with contextlib.suppress(ValueError, OSError):
+        e = (json.loads(path.read_text()).get("files") or {}).get(type_name)
+        return dict(e) if isinstance(e, Mapping) else None
+    return None
+
+
 def attach(workdir: Path, files: Sequence[FileResult]) -> bool:
     """Copy ``speed.json``'s figures into the results of the same content (``extra["speed"]``); True when the speed
     of judged files was asked for (the gate then withholds a candidate without it)."""

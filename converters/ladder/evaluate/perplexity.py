@@ -110,6 +110,23 @@ def chunk_klds(text: str, final_mean: float) -> tuple[float, ...]:
     return tuple(x + shift for x in out)
 
 
+_QUANTILE_LINES = ((0.0, r"Minimum KLD"), (0.001, r"0\.1%\s+KLD"), (0.01, r"1\.0%\s+KLD"),
+                   (0.05, r"5\.0%\s+KLD"), (0.1, r"10\.0%\s+KLD"), (0.5, r"Median\s+KLD"),
+                   (0.9, r"90\.0%\s+KLD"), (0.95, r"95\.0%\s+KLD"), (0.99, r"99\.0%\s+KLD"),
+                   (0.999, r"99\.9%\s+KLD"), (1.0, r"Maximum KLD"))
+
+
+def parse_kld_quantiles(text: str) -> dict[float, float]:
+    """The per-token KLD percentiles llama-perplexity prints ({fraction: value}, 0 the minimum, 1 the maximum)."""
+    out = {}
+    for level, label in _QUANTILE_LINES:
+        m = re.search(r"^\s*" + label + r":\s*" + _NUM, text, re.M | re.I)
+        if not m:
+            raise ParseError(f"llama-perplexity output has no {label.replace(chr(92), '')!r} line")
+        out[level] = _float(m.group(1))
+    return out
+
+
 def parse_base_output(text: str) -> tuple[float, float]:
     """PPL ± error of the reference from ``llama-perplexity --kl-divergence-base`` (its final estimate)."""
     m = re.search(r"Final estimate: PPL = " + _NUM + r" \+/- " + _NUM, text, re.I)
@@ -265,6 +282,14 @@ def run_kld(tc: tc_mod.Toolchain, model: Path, base: Path, *, ctx: int,
     stats, seconds = _run_parsed(argv, parse_kld_output)
     return stats, seconds
 
+
+
+def run_kld_batch(tc: tc_mod.Toolchain, model: Path, base: Path, *, ctx: int,
+                  threads: int | None = None) -> tuple[KldStats, dict[float, float], float]:
+    """:func:`run_kld` that also returns the KLD percentiles (what batches are combined with)."""
+    argv = _perplexity_argv(tc, model, threads) + ["-c", str(ctx), "--kl-divergence-base", base, "--kl-divergence"]
+    (stats, quantiles), seconds = _run_parsed(argv, lambda t: (parse_kld_output(t), parse_kld_quantiles(t)))
+    return stats, quantiles, seconds
 
 
 def count_tokens(tc: tc_mod.Toolchain, gguf: Path, text: Path) -> int:
