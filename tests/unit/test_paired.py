@@ -155,3 +155,16 @@ def test_the_p99_error_estimate_against_simulation(draw):
         estimates.append(paired.p99_error(s, n))
     ratio = float(np.mean(estimates) / np.std(p99s))
     assert (0.8 < ratio < 1.25) if draw == "exponential" else (1.0 < ratio < 2.2)
+
+
+def test_judge_file_applies_the_paired_rule_against_the_files_measured_before():
+    from converters.ladder.evaluate import verdict
+
+    stock = hard_chunks()
+    s = f("Q4_K_M", stats(stock))
+    t = f("Q4_K_M-tuned", stats([x * 0.9 for x in stock]), size=990)
+    assert verdict.judge_file(t, [s]) == []
+    assert verdict.judge_file(t, [s], speed_required=True) == [
+        "not better than Q4_K_M: its speed was not measured against Q4_K_M"]
+    assert verdict.judge_file(t, []) == ["not better than Q4_K_M: Q4_K_M was not measured"]
+    assert verdict.thresholds(t, [s], 0.001) == []  # scored to the target precision, not to a threshold
