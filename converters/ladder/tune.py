@@ -27,8 +27,8 @@ The design, and why:
    the size point's own type; the file's tensor types are read back and must equal the plan.
 4. **Verified like every file.** The tuned file joins ``ladder.json`` as type ``<TYPE>-tuned`` (file
    ``<Model>-<TYPE>-tuned.gguf``), the evaluation measures it on the evaluation text (disjoint from the
-   calibration text the scales were fitted on) and the gate publishes it only when it beats the stock file in a
-   paired per-chunk test, at no more bytes (:func:`converters.ladder.evaluate.paired.compare`).
+   calibration text the scales were fitted on) and the gate publishes it only when its mean KLD beats the stock
+   file's by more than the two measurement errors combined, at no more bytes (:func:`converters.ladder.layout.tuned_verdict`).
 
 Tuning stops at ``time_budget`` seconds (the size points not reached get no tuned file and the record says
 so). The probes score ``probe_chunks`` chunks of the calibration text.
