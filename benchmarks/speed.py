@@ -67,12 +67,14 @@ def main() -> None:
         t0 = time.monotonic()
         figures = speed.measure(wd.path, ladder, opts, toolchain=tc)
         out[scope] = {"seconds": round(time.monotonic() - t0, 1), "files": figures}
-    secs = dict(ladder.seconds)
     report = wd.report() if wd.has_report() else None
-    stock = secs.get("quantize", 0.0) + (report.seconds.get("total", 0.0) if report is not None else 0.0)
-    out["stock_quantize_evaluate_seconds"] = round(stock, 1) if stock else None
+    quantize = float(ladder.seconds.get("quantize") or 0.0)
+    evaluate = report.seconds.get("total") if report is not None else None  # None: the ladder was not evaluated
+    out["stock_seconds"] = {"quantize": round(quantize, 1), "evaluate": round(evaluate, 1) if evaluate else None}
+    stock = quantize + (evaluate or 0.0)
     for scope in ("tuned", "all"):
         out[f"{scope}_cost_ratio"] = round(out[scope]["seconds"] / stock, 3) if stock else None
+    out["cost_ratio_of"] = "quantize + evaluate" if evaluate else "quantize only (no report.json)"
     out["files"] = {f.type: f.size for f in ladder.files}
     print(json.dumps(out, indent=1))
 
