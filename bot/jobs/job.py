@@ -44,6 +44,7 @@ from converters.ladder.job import (FILE_READY, CheckpointRules, EvalSettings, Jo
                                   run_stages)
 from converters.ladder.tune import tuned_name
 from converters.ladder.pipeline import LadderOptions, model_name_for
+from converters.ladder.speed import SpeedOptions
 from converters.core.report import Report
 from converters.core.stages import DISK_MARGIN, Produced, RecordedStage, Stage, StateKey, free_bytes
 from converters.core.workdir import Ladder, WorkDir
@@ -100,6 +101,13 @@ class PublishTarget:
     early: EarlyOptions | None = None  # publish each group as soon as it passed (bot.publish.early); None: one commit
 
 
+def speed_options(s: Settings) -> SpeedOptions:
+    """``[evaluate] speed*`` as the speed stage's options."""
+    e = s.evaluate
+    return SpeedOptions(scope=e.speed, prompt=e.speed_prompt, generate=e.speed_generate,
+                        repetitions=e.speed_repetitions, rounds=e.speed_rounds, threads=e.speed_threads or None)
+
+
 @dataclasses.dataclass(frozen=True)
 class JobSpec:
     source: Source
@@ -144,7 +152,7 @@ class JobSpec:
                                  tune=tuple(q.tune), tune_seconds=q.tune_seconds, order=s.publish.order),
             evaluation=EvalSettings(evaluation, chunks=q.evaluation_chunks, precision=s.evaluate.precision,
                                     min_chunks=s.evaluate.min_chunks, name_text=True, require_publishable=True,
-                                    require_source_check=q.require_source_check),
+                                    require_source_check=q.require_source_check, speed=speed_options(s)),
             variants=variants_mod.parse_list(q.variants),
             publish=PublishTarget(namespace=ns, template=s.target.repo_template, private=s.target.private,
                                   policy=policy, early=early) if publishing else None,

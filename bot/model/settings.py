@@ -159,10 +159,20 @@ class Quantize:
 class Evaluate:
     """The sequential evaluation (``converters.ladder.evaluate.sequential``): each file's chunks are scored until its
     mean KLD's standard error (from chunk means) is at most ``precision`` of the mean, or the gate's verdict on it
-    cannot change any more; at least ``min_chunks``, at most ``quantize.evaluation_chunks`` (default 64)."""
+    cannot change any more; at least ``min_chunks``, at most ``quantize.evaluation_chunks`` (default 64).
+
+    Speed (``converters.ladder.speed``): llama-bench tokens/s on this box's backend, shown on the card per file with
+    the device; a tuned or memory-budget file more than 5 % slower than its baseline (beyond the error) is
+    withheld."""
 
     precision: float = 0.05  # 0: every file on evaluation_chunks chunks (fixed, as before)
     min_chunks: int = 8
+    speed: str = "tuned"  # "all": every file; "tuned": tuned/fit files and their baselines only; "off"
+    speed_prompt: int = 512  # tokens of the prompt-processing test (llama-bench -p)
+    speed_generate: int = 128  # tokens of the generation test (llama-bench -n)
+    speed_repetitions: int = 3  # runs of each test per llama-bench process (-r)
+    speed_rounds: int = 2  # interleaved llama-bench processes per file of a compared pair (ABAB)
+    speed_threads: int = 0  # llama-bench -t; 0: every thread the process may use (a busy shared box: fewer, see README)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,6 +489,13 @@ def _check(s: Settings) -> None:
         bad("evaluate.precision", "must be at least 0 (off) and below 1")
     if s.evaluate.min_chunks < 2:
         bad("evaluate.min_chunks", "must be at least 2 (a standard error needs two chunk means)")
+    if s.evaluate.speed not in ("all", "tuned", "off"):
+        bad("evaluate.speed", f"expected \"all\", \"tuned\" or \"off\", got {s.evaluate.speed!r}")
+    for key in ("speed_prompt", "speed_generate", "speed_repetitions", "speed_rounds"):
+        if getattr(s.evaluate, key) < 1:
+            bad(f"evaluate.{key}", "must be at least 1")
+    if s.evaluate.speed_threads < 0:
+        bad("evaluate.speed_threads", "must be 0 (every thread) or more")
 
 
 def _size_limit(s: Settings, free_disk: int | None) -> int:

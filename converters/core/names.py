@@ -20,6 +20,7 @@ VARIANTS_DIR = "variants"  # variants/<recipe>/: a variant's own work dir
 SOURCE_DIR = "source"  # the fetched checkpoint
 PUBLISHED_DIR = "published"  # a metadata patch's copy of the earlier publication
 TUNE_DIR = "tune"  # per-tensor tuning: plans and measurements
+SPEED = "speed.json"  # llama-bench tokens/s of the ladder's files (converters.ladder.speed)
 PRUNED_DIR = "checkpoint-pruned"  # a variant's pruned checkpoint
 HEALED_DIR = "checkpoint-healed"  # ... healed by distillation
 TEACHER_DIR = "teacher"  # a variant's teacher reference when the teacher has no finished work dir

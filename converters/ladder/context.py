@@ -22,6 +22,7 @@ from converters.core.stages import StageState, StateKey
 from converters.core.workdir import Ladder
 from converters.formats import checkpoint as checkpoint_mod
 from converters.ladder import evaluate, pipeline
+from converters.ladder import speed as speed_mod
 from converters.llama import calibrate as calibrate_mod
 from converters.llama import verify
 from converters.llama.toolchain import Toolchain
@@ -38,6 +39,7 @@ class EvalSettings:
     name_text: bool = False  # the report names the text and its origin (the bot does; ``convert`` never did)
     require_publishable: bool = False  # a report that is not publishable fails the job (the bot's main ladder)
     require_source_check: bool = True  # a skipped BF16-vs-source comparison makes the report not publishable
+    speed: speed_mod.SpeedOptions | None = None  # llama-bench before the evaluation (converters.ladder.speed)
 
 
 @dataclasses.dataclass(frozen=True)

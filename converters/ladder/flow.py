@@ -50,6 +50,7 @@ from converters.core.report import PASSED, FileResult
 from converters.core.schedule import CPU, GPU, Schedule, Task, run_tasks
 from converters.core.workdir import Ladder, LadderFile, WorkDir
 from converters.ladder import evaluate, layout, pipeline, tune
+from converters.ladder import speed as speed_mod
 from converters.ladder.context import (DEFAULT_EVAL_CHUNKS, FILE_READY, PROJECTOR, TUNE, EvalSettings, FileReady,
                                        JobContext, eval_options)
 from converters.llama import calibrate as calibrate_mod
@@ -119,7 +120,8 @@ class PipelineStage:
         types = pipeline.publish_order(p, self.order)
         points = tune.check_points(self.tune.size_points, [q.name for q in p.ladder]) if self.tune else []
         tuned = [tune.tuned_name(q) for q in points]
-        progress = _Progress(total=2 * (len(types) + len(tuned)) + (1 if points else 0),
+        progress = _Progress(total=2 * (len(types) + len(tuned)) + (1 if points else 0)
+                             + (1 if self.settings.speed is not None else 0),
                              states={**{q.name: WAITING for q in types}, **{t: WAITING for t in tuned}})
         made: dict[str, records.StageRecord] = {}
         lock = threading.Lock()
@@ -171,6 +173,23 @@ class PipelineStage:
             assert self.tune is not None
             TuneStage(self.tune).run(ctx)
 
+        def with_tuned(base: Ladder) -> Ladder:
+            # the tuned files TuneStage added to ctx.ladder, after the stock files made here
+            if ctx.ladder is None or not any(layout.is_tuned(f.type) for f in ctx.ladder.files):
+                return base
+            return dataclasses.replace(base, files=base.files + tuple(f for f in ctx.ladder.files
+                                                                      if layout.is_tuned(f.type)),
+                                       extra={**base.extra, **{k: v for k, v in ctx.ladder.extra.items()
+                                                               if k == "tune"}},
+                                       seconds={**base.seconds, **{k: v for k, v in ctx.ladder.seconds.items()
+                                                                   if k == tune.STAGE}})
+
+        def speed_all() -> None:
+            # llama-bench of the files of the speed scope, with nothing else running (see the tasks below)
+            assert self.settings.speed is not None
+            ctx.ladder = with_tuned(ladder_so_far())
+            speed_mod.SpeedStage(self.settings.speed).run(ctx)
+
         estimates = {f.type: f.estimated_bytes for f in p.files}
         # the measurements form one chain in publish order: the evaluation is used by one task at a time, and each
         # file's verdict (judged against the files measured before it) is the same in every run, resumed or not
@@ -183,10 +202,16 @@ class PipelineStage:
             previous = f"measure {q.name}"
         if points:
             tasks.append(Task("tune", tune_all, CPU, after=tuple(f"make {q.name}" for q in types), rank=(len(types), 0)))
-            for t in tuned:
-                tasks.append(Task(f"measure {t}", lambda n=t: measure(n), measure_on, after=(previous, "tune"),
-                                  rank=(len(types), 1)))
-                previous = f"measure {t}"
+        if self.settings.speed is not None:
+            # after every make, the tuning and the stock files' measurements: nothing else competes for the cores
+            # while llama-bench runs; the tuned files' measurements wait for it (their gate reads the speed ratios)
+            tasks.append(Task("speed", speed_all, CPU, rank=(len(types), 0),
+                              after=(*(f"make {q.name}" for q in types), *(["tune"] if points else []), previous)))
+        for t in tuned:
+            tasks.append(Task(f"measure {t}", lambda n=t: measure(n), measure_on,
+                              after=(previous, "tune", *(["speed"] if self.settings.speed is not None else [])),
+                              rank=(len(types), 1)))
+            previous = f"measure {t}"
 
         def started(task: Task) -> None:
             verb, _, what = task.name.partition(" ")
@@ -195,6 +220,8 @@ class PipelineStage:
                 progress.running[task.name] = f"{'making' if verb == 'make' else 'measuring'} {what}"
             elif task.name == "tune":
                 progress.running[task.name] = "tuning"
+            elif task.name == "speed":
+                progress.running[task.name] = "measuring speed"
             else:
                 progress.running[task.name] = "measuring the reference"
             self._step(ctx, progress, what or task.name, task=task.name, resource=task.resource, phase="start")
@@ -212,7 +239,7 @@ class PipelineStage:
                 else:
                     progress.states[what] = PASSED if result.status == PASSED else FAILED
                     self._announce(ctx, result)
-            elif task.name == "tune":
+            elif task.name in ("tune", "speed"):
                 progress.done += 1
             self._step(ctx, progress, what or task.name, task=task.name, resource=task.resource, phase="end")
 
@@ -227,14 +254,7 @@ class PipelineStage:
             self.on_schedule(sched)
         seconds["quantize"] = round(sum(r.seconds for r in made.values()), 3)
         ctx.seconds.update(seconds)
-        final = ladder_so_far()
-        if ctx.ladder is not None and any(layout.is_tuned(f.type) for f in ctx.ladder.files):
-            final = dataclasses.replace(final, files=final.files + tuple(f for f in ctx.ladder.files
-                                                                         if layout.is_tuned(f.type)),
-                                        extra={**final.extra, **{k: v for k, v in ctx.ladder.extra.items()
-                                                                 if k == "tune"}},
-                                        seconds={**final.seconds, **{k: v for k, v in ctx.ladder.seconds.items()
-                                                                     if k == tune.STAGE}})
+        final = with_tuned(ladder_so_far())
         ctx.ladder = final
         wd.write_ladder(final)
         # report.json lists the files in ladder order, as the sequential evaluation does (measured in publish order)

@@ -45,6 +45,7 @@ from converters.ladder import evaluate, pipeline, tune
 from converters.ladder.context import (DEFAULT_EVAL_CHUNKS, EVAL_OVERRIDES, FILE_READY, PROJECTOR, TUNE,
                                        EvalSettings, FileReady, JobContext, ToolLimits, eval_options)
 from converters.ladder.flow import PipelineStage, TuneStage
+from converters.ladder import speed as speed_mod
 from converters.llama import calibrate as calibrate_mod
 from converters.llama import convert as convert_mod
 from converters.llama import mmproj
@@ -318,6 +319,8 @@ def ladder_stages(options: pipeline.LadderOptions, evaluation: EvalSettings | No
     stages.append(QuantizeStage(options.timeout))
     if topts is not None:
         stages.append(TuneStage(topts))
+    if evaluation is not None and evaluation.speed is not None:  # "off" removes an earlier speed.json
+        stages.append(speed_mod.SpeedStage(evaluation.speed))
     if evaluation is not None:
         stages.append(EvaluateStage(evaluation, options.calibration))
     return tuple(stages)

@@ -421,20 +421,3 @@ def is_tuned(type_name: str) -> bool:
 def stock_of(type_name: str) -> str:
     """``Q4_K_M-tuned`` -> ``Q4_K_M`` (a stock name is returned unchanged)."""
     return type_name[:-len(TUNED_SUFFIX)] if is_tuned(type_name) else type_name
-
-
-def tuned_verdict(stock_kld: float | None, stock_err: float | None, stock_bytes: int | None,
-                  tuned_kld: float | None, tuned_err: float | None, tuned_bytes: int) -> str | None:
-    """None when a tuned file may be published: its mean KLD is below the stock file's by more than the two
-    measurement errors combined (root of the sum of squares), at no more bytes; else the reason it is not."""
-    if stock_kld is None or stock_bytes is None:
-        return "its stock file was not measured"
-    if tuned_kld is None:
-        return "not measured"
-    if tuned_bytes > stock_bytes:
-        return f"{tuned_bytes:,} bytes, more than the stock file's {stock_bytes:,}"
-    err = math.hypot(stock_err or 0.0, tuned_err or 0.0)
-    if not stock_kld - tuned_kld > err:
-        return (f"mean KLD {tuned_kld:.5f} does not beat the stock file's {stock_kld:.5f} by more than the "
-                f"measurement error ({err:.5f})")
-    return None

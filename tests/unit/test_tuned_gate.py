@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from converters.ladder import evaluate
@@ -10,9 +12,12 @@ from converters.core.report import FileResult, KldStats
 
 
 def stats(kld: float, err: float) -> KldStats:
-    d = {f: 0.1 for f in KldStats.__dataclass_fields__ if f != "chunk_kld"}
+    """Four chunks around ``kld`` whose chunk-to-chunk spread gives the standard error ``err``; the hard chunks are
+    the same for every file (what the paired test relies on)."""
+    d = {f: 0.1 for f in KldStats.__dataclass_fields__ if f not in ("chunk_kld", "kld_mean_err_token")}
     d.update(chunks=4, kld_mean=kld, kld_mean_err=err)
-    return KldStats(**d)
+    step = err * 2 / math.sqrt(5 / 3)  # offsets -1.5, -0.5, 0.5, 1.5 steps: sd = step * sqrt(5/3), err = sd / 2
+    return KldStats(**d, chunk_kld=tuple(kld + k * step for k in (-1.5, -0.5, 0.5, 1.5)))
 
 
 BITS = {"Q8_0": 8.5, "Q4_K_M": 4.89, "Q2_K": 2.96}
@@ -24,10 +29,10 @@ def f(qtype: str, kld: float, err: float, size: int) -> FileResult:
 
 
 @pytest.mark.parametrize("stock,tuned,fragment", [
-    ((0.040, 0.002, 1000), (0.030, 0.002, 1000), None),  # 0.010 better, error 0.0028: published
-    ((0.040, 0.002, 1000), (0.038, 0.002, 990), "does not beat"),  # within the error
-    ((0.040, 0.002, 1000), (0.045, 0.002, 990), "does not beat"),  # worse
-    ((0.040, 0.002, 1000), (0.020, 0.002, 1001), "more than the stock file's"),  # bigger
+    ((0.040, 0.002, 1000), (0.030, 0.002, 1000), None),  # 0.010 better on every chunk: published
+    ((0.040, 0.010, 1000), (0.039, 0.002, 990), "not below zero by more than 2 standard errors"),  # within the error
+    ((0.040, 0.002, 1000), (0.045, 0.002, 990), "not below zero"),  # worse
+    ((0.040, 0.002, 1000), (0.020, 0.002, 1001), "more than Q4_K_M's 1,000"),  # bigger
 ])
 def test_tuned_file_is_gated_against_its_stock_file(stock, tuned, fragment):
     files = [f("Q8_0", 0.004, 0.0002, 2000), f("Q4_K_M", *stock), f("Q4_K_M-tuned", *tuned), f("Q2_K", 0.3, 0.01, 500)]
@@ -42,7 +47,7 @@ def test_tuned_file_is_gated_against_its_stock_file(stock, tuned, fragment):
 
 def test_tuned_file_without_its_stock_file_is_withheld():
     files = [f("Q8_0", 0.004, 0.0002, 2000), f("Q2_K-tuned", 0.1, 0.01, 500)]
-    assert "stock file was not measured" in evaluate.gate(files)["Q2_K-tuned"][0]
+    assert evaluate.gate(files)["Q2_K-tuned"] == ["not better than Q2_K: Q2_K was not measured"]
 
 
 def test_tuned_files_stay_off_the_ladder_curve():

@@ -9,6 +9,9 @@ The modules, from the bottom up:
 - :mod:`.source` -- the BF16 reference against the source checkpoint in transformers (``compare_with_source``
   in the parent, ``compare_here`` in the child) and the tokenizer / template checks against the source folder;
 - :mod:`.curve` -- the ladder's own KLD curve: outliers and order inversions (pure);
+- :mod:`.paired` -- the paired per-chunk test of a file against its baseline (a tuned file against its stock
+  file, a memory-budget file against the largest stock file that fits): ``compare`` (pure);
+- :mod:`.overlap` -- the evaluation text against the calibration text: shared 13-word runs (``check``);
 - :mod:`.verdict` -- the gate (pure): ceilings, ``judge_file`` (one file against those measured before it),
   ``judge``, ``gate``, ``publishable``;
 - :mod:`.inputs` -- ``EvalOptions``, the validated inputs and the record keys; :mod:`.checks` -- the reference's and

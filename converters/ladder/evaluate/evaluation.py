@@ -30,6 +30,7 @@ from converters.core.errors import InputError, ParseError, ToolError
 from converters.core.hooks import NULL_HOOKS, PROGRESS, Hooks
 from converters.core.report import FAILED, PASSED, Check, FileResult, Report
 from converters.core.workdir import LadderFile, WorkDir
+from converters.ladder import speed
 from converters.ladder.evaluate import checks as checks_mod
 from converters.ladder.evaluate import reporting
 from converters.ladder.evaluate import sequential
@@ -220,7 +221,8 @@ class LadderEvaluation:
         fr.checks.update(checks_mod.file_checks(job, path, self._ref_facts, self._prompt))
         fr.seconds["checks"] = time.monotonic() - t0
         per_job = {k: v for k, v in self.checks.items() if k in JOB_CHECKS}
-        fr.reasons = judge_file(fr, earlier, o.ceilings, job_checks=per_job)
+        speed_required = speed.attach(job.wd.path, [*earlier, fr])  # llama-bench's figures (the speed stage)
+        fr.reasons = judge_file(fr, earlier, o.ceilings, job_checks=per_job, speed_required=speed_required)
         fr.status = FAILED if fr.reasons else PASSED
         return fr
 

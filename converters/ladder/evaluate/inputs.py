@@ -10,20 +10,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
 from converters.core import quants
-from converters.core import records
+from converters.core import names, records
 from converters.core.errors import DiskSpaceError, InputError
 from converters.core.hooks import Hooks
 from converters.core.workdir import CalibrationInfo, Ladder, LadderFile, WorkDir
 from converters.formats import checkpoint as checkpoint_mod
+from converters.ladder import speed
+from converters.ladder.evaluate import overlap
 from converters.ladder.evaluate.perplexity import BaseLogits, base_logits_bytes, scored_per_chunk
 from converters.ladder.evaluate.sequential import MIN_CHUNKS, PRECISION, StopRule
 from converters.llama import toolchain as tc_mod
 from converters.llama import verify
+
+log = logging.getLogger(__package__)  # the package's name (log lines name it)
 
 STAGE = "evaluate"
 DEFAULT_CHUNKS = 64  # chunks of ``ctx`` tokens when not given: about 16k scored tokens at ctx 512 (the cap)
@@ -137,6 +142,10 @@ def prepare(wd: WorkDir, opts: EvalOptions, toolchain: tc_mod.Toolchain | None, 
             raise InputError("the evaluation text is the calibration text: a quant must not be judged on the text "
                              "it was calibrated on")
         cal_sha = records.sha256_file(Path(opts.calibration_text))
+        if eval_sha != cal_sha:  # equal content is refused below with its own message
+            shared = overlap.check(eval_text, Path(opts.calibration_text))  # InputError above overlap.MAX_FRACTION
+            log.info("evaluate: evaluation and calibration texts share %.3f%% of their %d-word runs (%.2f s)",
+                     100 * shared.fraction, shared.n, shared.seconds)
     cal = ladder.imatrix.calibration if ladder.imatrix is not None else None
     if eval_sha in {cal_sha, cal.sha256 if cal is not None else None}:
         raise InputError(f"the evaluation text {eval_text.name} has the same content as the calibration text: a quant "
@@ -175,7 +184,8 @@ def common_inputs(job: EvalJob) -> dict[str, Any]:
 def record_inputs(job: EvalJob, common: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole stage's record key: every file's full content (a quant changed in place, same size, is measured
     again), the source's files and the options (``common``: :func:`common_inputs`, when already computed)."""
-    return {"ladder": _ladder_identity(job.ladder), "files": job.content, **(common or common_inputs(job))}
+    return {"ladder": _ladder_identity(job.ladder), "files": job.content, **(common or common_inputs(job)),
+            "speed": _fingerprint(job.wd.path / names.SPEED, job.wd.path)}  # the gate reads it
 
 
 def file_record(qtype: str) -> str:
@@ -189,7 +199,8 @@ def file_inputs(job: EvalJob, lf: LadderFile, content: dict[str, dict[str, Any]]
     against (the files measured before it: type and content)."""
     ref = job.ladder.reference.path
     return {"type": lf.type, "bpw_nominal": lf.bpw_nominal, "parts": content, "reference": job.content.get(ref),
-            "calibration": job.calibration.sha256 if job.calibration else None, "earlier": earlier, **common}
+            "calibration": job.calibration.sha256 if job.calibration else None, "earlier": earlier,
+            "speed": speed.entry(job.wd.path, lf.type), **common}
 
 
 def scoring(job: EvalJob, n_vocab: int, text_tokens: int, ref_block: dict[str, Any]) -> Scoring:

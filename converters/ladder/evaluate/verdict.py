@@ -25,8 +25,8 @@ from collections.abc import Mapping, Sequence
 from converters.core import quants
 from converters.core.errors import UnknownName
 from converters.core.report import FAILED, SKIPPED, Check, FileResult
-from converters.ladder import layout
-from converters.ladder.evaluate import curve
+from converters.ladder import layout, speed
+from converters.ladder.evaluate import curve, paired
 from converters.llama import mmproj
 
 
@@ -92,7 +92,7 @@ def curve_points(files: Sequence[FileResult]) -> list[curve.Point]:
     out = []
     for f in files:
         bits = nominal_bits(f)
-        if layout.is_tuned(f.type):  # judged against its stock file instead (tuned_reasons)
+        if speed.baseline_name(f.type, f.extra) is not None:  # judged against its baseline instead (tuned_reasons)
             continue
         if f.stats is not None and not f.stats.non_finite() and bits is not None:
             out.append(curve.Point(f.type, float(bits), f.stats.kld_mean, f.stats.kld_mean_err))
@@ -100,28 +100,35 @@ def curve_points(files: Sequence[FileResult]) -> list[curve.Point]:
 
 
 def judge(files: Sequence[FileResult], ceilings: Mapping[str, float] | None = None, *,
-          job_checks: Mapping[str, Check] | None = None, rules: curve.CurveRules = curve.DEFAULT_RULES) -> Verdict:
-    """Pure: reads the figures and checks only. A file fails on its own figures and checks, or when it is far
-    above the ladder's own curve (:mod:`converters.ladder.evaluate.curve`); an order inversion is a note, not a
-    failure."""
+          job_checks: Mapping[str, Check] | None = None, rules: curve.CurveRules = curve.DEFAULT_RULES,
+          speed_required: bool = False) -> Verdict:
+    """Pure (but for each tuned file's ``extra["versus"]``, the comparison it records): reads the figures and
+    checks only. A file fails on its own figures and checks, or when it is far above the ladder's own curve
+    (:mod:`converters.ladder.evaluate.curve`); an order inversion is a note, not a failure. A tuned file is judged
+    against its stock file (:func:`tuned_comparisons`); ``speed_required``: the speed measurement was on, so a
+    tuned file without it is withheld."""
     out = {f.type: _file_reasons(f, ceilings, job_checks or {}) for f in files}
-    for key, why in tuned_reasons(files).items():
-        out[key].append(why)
+    notes = []
+    for key, (why, figures) in tuned_comparisons(files, speed_required=speed_required).items():
+        if why is not None:
+            out[key].append(why)
+        else:
+            notes.append(f"{figures}: published")
     points = curve_points(files)
     far = curve.outliers(points, rules)
     for key, outlier in far.items():
         out[key].append(outlier.reason())
-    return Verdict(out, curve.inversions(points, rules, skip=set(far)))
+    return Verdict(out, notes + curve.inversions(points, rules, skip=set(far)))
 
 
 def judge_file(f: FileResult, earlier: Sequence[FileResult], ceilings: Mapping[str, float] | None = None, *,
                job_checks: Mapping[str, Check] | None = None,
-               rules: curve.CurveRules = curve.DEFAULT_RULES) -> list[str]:
+               rules: curve.CurveRules = curve.DEFAULT_RULES, speed_required: bool = False) -> list[str]:
     """Pure: the reasons ``f`` fails (empty: it passes), judged against the files measured before it only (see the
     module's docstring): its own figures and checks, its stock file when it is tuned, and the curve of the earlier
     files that are not themselves far above it."""
     why = _file_reasons(f, ceilings, job_checks or {})
-    tuned = tuned_reasons([*earlier, f]).get(f.type)
+    tuned = tuned_reasons([*earlier, f], speed_required=speed_required).get(f.type)
     if tuned is not None:
         why.append(tuned)
     mine = curve_points([f])
@@ -155,9 +162,9 @@ def thresholds(f: FileResult, earlier: Sequence[FileResult], err: float,
                ceilings: Mapping[str, float] | None = None,
                rules: curve.CurveRules = curve.DEFAULT_RULES) -> list[float]:
     """The mean KLDs at which :func:`judge_file`'s verdict on ``f`` changes, for a standard error ``err``: its
-    ceiling, and the outlier limit of the earlier files' curve at its bits per weight. Empty for a tuned file
-    (judged against its stock file's figures, not a fixed threshold): it is scored to the target precision."""
-    if layout.is_tuned(f.type):
+    ceiling, and the outlier limit of the earlier files' curve at its bits per weight. Empty for a tuned or fit file
+    (judged against its baseline's figures, not a fixed threshold): it is scored to the target precision."""
+    if speed.baseline_name(f.type, f.extra) is not None:
         return []
     out = []
     c = ceiling_for(f, ceilings)
@@ -171,22 +178,31 @@ def thresholds(f: FileResult, earlier: Sequence[FileResult], err: float,
     return out
 
 
-def tuned_reasons(files: Sequence[FileResult]) -> dict[str, str]:
-    """A per-tensor tuned file (``<TYPE>-tuned``) is published only when it beats its stock file's mean KLD by
-    more than the measurement error at no more bytes (:func:`converters.ladder.layout.tuned_verdict`)."""
+def tuned_reasons(files: Sequence[FileResult], *, speed_required: bool = False) -> dict[str, str]:
+    """A per-tensor tuned file (``<TYPE>-tuned``) is published only when it beats its stock file in the paired
+    per-chunk test, at no more bytes, without a p99 / same-top / speed regression (:func:`paired.compare`)."""
+    return {key: why for key, (why, _note) in tuned_comparisons(files, speed_required=speed_required).items()
+            if why is not None}
+
+
+def tuned_comparisons(files: Sequence[FileResult], *,
+                      speed_required: bool = False) -> dict[str, tuple[str | None, str]]:
+    """Per file judged against a baseline (a tuned file against its stock file; a memory-budget file against the
+    largest stock file that fits its budget, :func:`converters.ladder.speed.baseline_name`): (the reason it is
+    withheld or None, the comparison's figures), by :func:`paired.compare`. Each such file's ``extra["versus"]``
+    records the comparison (report.json)."""
     by_type = {f.type: f for f in files}
-    out = {}
+    out: dict[str, tuple[str | None, str]] = {}
     for f in files:
-        if not layout.is_tuned(f.type):
+        judged = speed.baseline_name(f.type, f.extra)
+        if judged is None:
             continue
-        s = by_type.get(layout.stock_of(f.type))
-        ok = s is not None and s.stats is not None and not s.stats.non_finite()
-        why = layout.tuned_verdict(s.stats.kld_mean if ok else None, s.stats.kld_mean_err if ok else None,
-                                   s.size if ok else None,
-                                   f.stats.kld_mean if f.stats is not None else None,
-                                   f.stats.kld_mean_err if f.stats is not None else None, f.size)
-        if why is not None:
-            out[f.type] = f"not better than {layout.stock_of(f.type)}: {why}"
+        name, same_size = judged
+        c = paired.compare(f, by_type.get(name), same_size=same_size, speed_required=speed_required,
+                           baseline_name=name)
+        f.extra["versus"] = c.to_json()
+        why = f"not better than {c.baseline}: " + "; ".join(c.reasons) if c.reasons else None
+        out[f.type] = (why, c.describe())
     return out
 
 
