@@ -155,6 +155,7 @@ class LadderOptions:
     tune: tuple[str, ...] = ()  # size points that also get a per-tensor tuned file (converters.ladder.tune)
     tune_seconds: float | None = None  # time budget of the tune stage
     tune_candidates: tuple[str, ...] | None = None  # ggml types measured per tensor (None: layout.DEFAULT_CANDIDATES)
+    tune_exclude: tuple[str, ...] = ()  # ggml types never chosen as a change from stock (benchmarks/layout.py)
 
 
 def _check_options(o: LadderOptions, types: tuple[quants.QuantType, ...]) -> None:
