@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -155,8 +154,13 @@ def main() -> int:
     ap.add_argument("--calibration-chunks", type=int, default=32)
     ap.add_argument("--eval-chunks", type=int, default=32)
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--grid", default="auto", help="types excluded in the second run: auto (found from the measured "
-                                                   "errors), none, or a list such as Q4_1,Q5_1")
+    ap.add_argument("--grid", default="auto", help="types excluded in the second run: auto (found from the first "
+                                                   "run's measured errors), none, or a list such as Q4_1,Q5_1")
+    ap.add_argument("--run", choices=("both", "with", "without"), default="both",
+                    help="one run only (two processes can then run side by side; 'without' needs --grid as a list)")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="a finished ladder work dir of the same settings: its reference, imatrix and stock files are "
+                         "hard-linked, so only tune and evaluate run (the stock quantize seconds are its own)")
     ap.add_argument("--out", type=Path, default=None, help="work dirs (default: a temporary folder, removed)")
     args = ap.parse_args()
     points = tuple(p.strip() for p in args.points.split(",") if p.strip())
@@ -168,29 +172,40 @@ def main() -> int:
         tmp = tempfile.TemporaryDirectory(prefix="bench-layout-")
         root = Path(tmp.name)
     first, second = root / "with-grid", root / "without-grid"
-    t0 = time.monotonic()
-    run_job(_job(ck, points, args, ()), first, NULL_HOOKS, toolchain=tc)
-    with_grid = _summarise(first, points, time.monotonic() - t0)
-    excluded = (grid_types(first) if args.grid == "auto" else
-                [] if args.grid == "none" else [g.strip() for g in args.grid.split(",") if g.strip()])
-    shutil.rmtree(second, ignore_errors=True)
-    _second_workdir(first, second)
-    t1 = time.monotonic()
-    run_job(_job(ck, points, args, tuple(excluded)), second, NULL_HOOKS, toolchain=tc)
-    without_grid = _summarise(second, points, time.monotonic() - t1)
+    runs: dict[str, Any] = {}
+    excluded: list[str] = ([] if args.grid in ("none", "auto") else
+                           [g.strip() for g in args.grid.split(",") if g.strip()])
+    if args.run in ("both", "with"):
+        if args.reuse is not None and not first.exists():
+            _second_workdir(args.reuse, first)
+        t0 = time.monotonic()
+        run_job(_job(ck, points, args, ()), first, NULL_HOOKS, toolchain=tc)
+        runs["with_grid_types"] = _summarise(first, points, time.monotonic() - t0)
+        runs["with_grid_types"]["grid_types_found"] = grid_types(first)
+        if args.grid == "auto":
+            excluded = runs["with_grid_types"]["grid_types_found"]
+    if args.run in ("both", "without"):
+        if args.run == "without" and args.grid == "auto":
+            raise SystemExit("--run without needs --grid as a list of types")
+        if not second.exists():
+            _second_workdir(args.reuse if args.run == "without" and args.reuse else first, second)
+        t1 = time.monotonic()
+        run_job(_job(ck, points, args, tuple(excluded)), second, NULL_HOOKS, toolchain=tc)
+        runs["without_grid_types"] = _summarise(second, points, time.monotonic() - t1)
+        runs["without_grid_types"]["grid_types_found"] = grid_types(second)
+    acceptance: dict[str, Any] = {
+        "cost_at_most_1x": all(r["cost_at_most_1x"] for r in runs.values()),
+        "no_point_worse_than_stock": not any(r["points_worse_than_stock"] for r in runs.values()),
+        "quoted_from": "without_grid_types"}
+    if "without_grid_types" in runs:
+        acceptance["a_point_better_by_2_paired_se_without_grid_types"] = bool(
+            runs["without_grid_types"]["points_better_by_2_paired_se"])
     print(json.dumps({
         "model": ck.name, "calibration": "groups_merged.txt", "evaluation": "wiki.test.raw",
         "calibration_chunks": args.calibration_chunks, "eval_chunks": args.eval_chunks, "ctx": args.ctx,
         "probe_chunks": tune.DEFAULT_PROBE_CHUNKS, "grid_types_excluded": excluded,
         "speed": "pp/tg tokens/s: slot for tunegate's speed module (not merged: null)",
-        "runs": {"with_grid_types": with_grid, "without_grid_types": without_grid},
-        "acceptance": {
-            "cost_at_most_1x": with_grid["cost_at_most_1x"] and without_grid["cost_at_most_1x"],
-            "no_point_worse_than_stock": not with_grid["points_worse_than_stock"]
-            and not without_grid["points_worse_than_stock"],
-            "a_point_better_by_2_paired_se_without_grid_types": bool(without_grid["points_better_by_2_paired_se"]),
-            "quoted_from": "without_grid_types"},
-    }, indent=2))
+        "runs": runs, "acceptance": acceptance}, indent=2))
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -9,7 +9,8 @@ the same tensor at the same type is byte-identical in two ladder files and in a 
    (:func:`errors_from_files`).
 2. **The missing pairs, packed.** What no file holds is quantized by ``llama-quantize --pure`` with a
    ``--tensor-type-file`` that gives every tensor one of its missing types (tensors with nothing missing are
-   copied in the reference's own type, the cheapest "quantization"); a tensor with ``k`` missing types needs ``k``
+   copied in the reference's own type, the cheapest "quantization"; the file type is Q8_0, as an unquantized
+   file type makes llama-quantize copy every tensor and ignore the overrides); a tensor with ``k`` missing types needs ``k``
    such runs, so the number of runs is the largest ``k``, not the number of types (:func:`quantize_missing`).
    A pair llama.cpp does not honour (a fallback for a row length) is recorded as unavailable.
 3. **Cached** (:class:`ErrorCache`) by (reference, imatrix, calibration text, toolchain, tensor, type, seed): size
@@ -38,18 +39,20 @@ from typing import Any
 
 import numpy as np
 
-from converters.core import records
+from converters.core import names, records
 from converters.core.errors import ParseError
 from converters.core.proc import run
 from converters.formats import gguf_meta
 from converters.ladder import layout
-from converters.ladder.layout import TensorInfo
 from converters.llama.toolchain import Toolchain
 
 log = logging.getLogger(__name__)
 
 METHOD = 2  # bump when the error definition changes: old cache entries are then ignored
 TOKEN_EMBD = "token_embd.weight"
+# the packed runs' file type: llama-quantize applies --tensor-type overrides only when quantizing (an unquantized
+# file type copies every tensor); tensors with nothing to measure are overridden back to the reference's type
+PACK_FTYPE = "Q8_0"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,7 +153,7 @@ class ErrorCache:
 
     def __init__(self, directory: Path, key: CacheKey) -> None:
         self.key = key
-        self.path = Path(directory) / f"errors-{key.digest()}.json"
+        self.path = Path(directory) / names.error_cache(key.digest())
         self.errors: dict[str, dict[str, float | None]] = {}
         self.hits = 0
         if self.path.is_file():
@@ -236,11 +239,11 @@ def quantize_missing(tc: Toolchain, reference: Path, workdir: Path, scratch: Pat
     missing = cache.missing(wanted)
     rounds = packing_rounds(missing)
     ref_types = gguf_meta.tensor_types(reference)
-    copy_type = next((q for q in set(ref_types.values()) if q in layout.UNQUANTIZED), "Q8_0")
+    copy = {n: q if q in ("F32", *layout.UNQUANTIZED) else PACK_FTYPE for n, q in ref_types.items()}
     pairs = 0
     scratch.mkdir(parents=True, exist_ok=True)
     for i, plan in enumerate(rounds):
-        types = {name: plan.get(name, copy_type) for name in wanted}
+        types = {name: plan.get(name, copy[name]) for name in wanted}
         tf = scratch / f"pack-{i}.txt"
         layout.write_tensor_type_file(tf, types)
         out = scratch / f"pack-{i}.gguf"
@@ -248,7 +251,7 @@ def quantize_missing(tc: Toolchain, reference: Path, workdir: Path, scratch: Pat
         if imatrix is not None:
             argv += ["--imatrix", os.path.relpath(imatrix, workdir)]
         argv += ["--pure", "--tensor-type-file", os.path.abspath(tf), os.path.abspath(reference),
-                 os.path.abspath(out), copy_type, str(threads or os.cpu_count() or 1)]
+                 os.path.abspath(out), PACK_FTYPE, str(threads or os.cpu_count() or 1)]
         try:
             run(argv, timeout=timeout, cwd=workdir)
             got = {t.name: t for t in gguf_meta.tensors(out)}

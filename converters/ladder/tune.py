@@ -30,9 +30,7 @@ Tuning stops at ``time_budget`` seconds (the size points not reached get no tune
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
 import shutil
 import time
