@@ -432,6 +432,7 @@ class TuneStage:
             "stock": {q.name: ctx.ladder.file(q.name).sha256 for q in points},
             "candidates": list(o.candidates), "probe_chunks": o.probe_chunks, "ctx": o.ctx,
             "toolchain": ctx.toolchain.version, "method": tune.METHOD, "exclude": list(o.exclude), "steps": o.steps,
+            "confirm": o.confirm,
         }
 
     def run(self, ctx: JobContext) -> None:
@@ -516,8 +517,8 @@ def ladder_stages(options: pipeline.LadderOptions, evaluation: EvalSettings | No
                                  timeout=options.timeout)
         if options.tune_candidates:
             topts = dataclasses.replace(topts, candidates=tuple(options.tune_candidates))
-        if options.tune_exclude:
-            topts = dataclasses.replace(topts, exclude=tuple(options.tune_exclude))
+        if options.tune_exclude or not options.tune_confirm:
+            topts = dataclasses.replace(topts, exclude=tuple(options.tune_exclude), confirm=options.tune_confirm)
         stages.append(TuneStage(topts))
     if evaluation is not None:
         stages.append(EvaluateStage(evaluation, options.calibration))

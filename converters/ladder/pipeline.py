@@ -156,6 +156,7 @@ class LadderOptions:
     tune_seconds: float | None = None  # time budget of the tune stage
     tune_candidates: tuple[str, ...] | None = None  # ggml types measured per tensor (None: layout.DEFAULT_CANDIDATES)
     tune_exclude: tuple[str, ...] = ()  # ggml types never chosen as a change from stock (benchmarks/layout.py)
+    tune_confirm: bool = True  # keep a tuned file only when it beats the stock file on the calibration text
 
 
 def _check_options(o: LadderOptions, types: tuple[quants.QuantType, ...]) -> None:

@@ -154,6 +154,7 @@ class Measurer:
     threads: int | None = None
     timeout: float | None = None
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # reading the files, the packed runs
 
     @classmethod
     def open(cls, toolchain: Toolchain, workdir: Path, reference: Path, imatrix: Path | None, calibration: Path,
@@ -184,13 +185,17 @@ class Measurer:
                     self.cache.put(name, q, self.weights.error(name, w, w.astype(np.float16).astype(np.float32)))
                 elif q in layout.UNQUANTIZED:
                     self.cache.put(name, q, None)
+        t0 = time.monotonic()
         from_files = tensorerr.errors_from_files(self.reference, self.files, wanted, self.weights, self.cache)
         self.cache.save()
+        t1 = time.monotonic()
         runs, packed = tensorerr.quantize_missing(self.toolchain, self.reference, self.workdir,
                                                   self.workdir / TUNE_DIR / "scratch", wanted, self.weights,
                                                   self.cache, imatrix=self.imatrix, threads=self.threads,
                                                   timeout=self.timeout)
         self.cache.save()
+        self.seconds["from_files"] = round(self.seconds.get("from_files", 0.0) + t1 - t0, 3)
+        self.seconds["packed"] = round(self.seconds.get("packed", 0.0) + time.monotonic() - t1, 3)
         for k, v in (("cached", hits), ("from_files", from_files), ("quantize_runs", runs), ("quantized", packed)):
             self.counts[k] = self.counts.get(k, 0) + v
         return self.cache.table(wanted)
@@ -405,7 +410,8 @@ def _measure(r: _Run, points: Sequence[QuantType], summary: dict[str, Any]
                                                 inp.calibration, list(inp.stock_files.values()),
                                                 cache_dir=o.cache_dir, threads=o.threads, timeout=o.timeout))
     r.errors = r.timed("errors", lambda: m.errors(wanted))
-    summary["counts"] = {"tensors": len(r.tensors), "pairs": sum(len(v) for v in wanted.values()), **m.counts}
+    summary["counts"] = {"tensors": len(r.tensors), "pairs": sum(len(v) for v in wanted.values()), **m.counts,
+                         "seconds": m.seconds}
     if r.step:
         r.step("measured errors", 0, len(points))
     r.clock.check("the calibration runs")
@@ -437,7 +443,7 @@ def _point(r: _Run, q: QuantType, stock: Mapping[str, str], cands: Mapping[str, 
     penalty = 0.0
     last: dict[str, str] | None = None
     for rnd in (1, 2):
-        lay = r.timed("solve", lambda: solve_budget(q.name, r.tensors, errors, fit, size - 1024, fixed,
+        lay = r.timed("solve", lambda: solve_budget(q.name, r.tensors, errors, fit, size, fixed,
                                                      stock_types=stock_types, change_penalty=penalty,
                                                      extra={"stock_bytes": size, "stock_file": stock_file.name}))
         changed = sum(1 for t in r.tensors if lay.types[t.name] != stock_types[t.name])
