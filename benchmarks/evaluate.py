@@ -1,12 +1,16 @@
-"""Benchmark the evaluation of a ladder: seconds per file and for the whole ladder, against one plain run.
+"""Benchmark the evaluation of a ladder: the sequential evaluation against today's fixed chunk count.
 
     python -m benchmarks.evaluate --workdir DIR [--eval-text FILE] [--chunks N] [--ctx N] [--threads N]
-    python -m benchmarks.evaluate                  # builds the SmolLM2 test ladder (Q8_0,Q4_K_M,Q2_K) first
+                                  [--precision F] [--min-chunks N]
+    python -m benchmarks.evaluate                  # builds the SmolLM2 default ladder (12 types) first
 
-Prints JSON: the seconds of one plain ``llama-perplexity`` run over the same text and chunks (the cost of
-reading one model once), the base-logits run, each file's KL-divergence run and checks, the whole
-evaluation, and their ratios to the plain run; plus how many times each file was opened by a llama.cpp
-program (the target: the base logits computed once, each file measured in one run).
+Evaluates the ladder twice, in one run: fixed (every file on ``--chunks`` chunks, ``precision = 0``: the
+evaluation as it was) and sequential (``--precision``, ``--min-chunks``, at most ``--chunks``). Prints JSON: per
+file, the chunks each run scored, why the sequential one stopped, the mean KLD and its chunk-based relative
+error (standard error from chunk means / mean) in both runs, and both verdicts; the ladder's total chunks and
+KL-divergence seconds in both runs and their ratios; whether every verdict is the same; how many times each
+model file was opened by a llama.cpp program (the base logits once per run); and, for scale, one plain
+``llama-perplexity`` run of the reference over the same chunks.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -23,12 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from converters.core.report import Report, mean_err
 from converters.ladder import evaluate
 from converters.core import proc
 from converters.llama import toolchain as tc_mod
 
 
-def build_smol_ladder(out: Path, tc: tc_mod.Toolchain, calibration: Path) -> Path:
+def build_smol_ladder(out: Path, tc: tc_mod.Toolchain, calibration: Path, ladder: str = "default") -> Path:
     from converters.formats import checkpoint as ck_mod
     from converters.ladder import pipeline
     from converters.llama.calibrate import TextFile
@@ -40,21 +46,52 @@ def build_smol_ladder(out: Path, tc: tc_mod.Toolchain, calibration: Path) -> Pat
     from converters.core.hooks import NULL_HOOKS
 
     spec = JobSpec(source=Source(repo="HuggingFaceTB/SmolLM2-135M-Instruct", path=ck.path), model_name=ckpt.name,
-                   ladder=pipeline.LadderOptions(ladder="Q8_0,Q4_K_M,Q2_K", calibration=TextFile.of(calibration),
+                   ladder=pipeline.LadderOptions(ladder=ladder, calibration=TextFile.of(calibration),
                                                  calibration_chunks=8, ctx=256, jobs=1))
     run_job(spec, out, NULL_HOOKS, toolchain=tc)
     return out
 
 
+def _evaluate(wd: Path, args: argparse.Namespace, tc: tc_mod.Toolchain, precision: float,
+              opened: collections.Counter[str]) -> tuple[Report, float]:
+    """One whole evaluation (no record reused), counting the llama.cpp runs per model file."""
+    for rec in (wd / "records").glob("evaluate*.json"):
+        rec.unlink()  # measure a real run, not a skip
+    real_run = proc.run
+
+    def counting_run(argv, **kw):
+        a = [str(x) for x in argv]
+        if "-m" in a:
+            opened[f"{Path(a[0]).name} {Path(a[a.index('-m') + 1]).name}"] += 1
+        return real_run(argv, **kw)
+
+    proc.run = counting_run  # type: ignore[assignment]
+    started = time.monotonic()
+    try:
+        report = evaluate.run(wd, evaluate.EvalOptions(
+            eval_text=args.eval_text, calibration_text=args.calibration_text, chunks=args.chunks, ctx=args.ctx,
+            threads=args.threads, precision=precision, min_chunks=args.min_chunks), toolchain=tc)
+    finally:
+        proc.run = real_run  # type: ignore[assignment]
+    return report, time.monotonic() - started
+
+
+def _rel_err(f) -> float | None:
+    me = mean_err(f.stats.chunk_kld) if f.stats is not None else None
+    return round(me[1] / me[0], 4) if me is not None and me[0] > 0 else None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, help="a finished work dir (default: build the SmolLM2 test ladder)")
+    ap.add_argument("--workdir", type=Path, help="a finished work dir (default: build the SmolLM2 default ladder)")
     data = REPO.parent / "shared" / "data"
     ap.add_argument("--eval-text", type=Path, default=data / "wiki.test.raw")
     ap.add_argument("--calibration-text", type=Path, default=data / "groups_merged.txt")
-    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--chunks", type=int, default=evaluate.DEFAULT_CHUNKS, help="the fixed count, and the cap")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--precision", type=float, default=evaluate.PRECISION)
+    ap.add_argument("--min-chunks", type=int, default=evaluate.MIN_CHUNKS)
     args = ap.parse_args(argv)
 
     tc = tc_mod.find(required=True)
@@ -72,53 +109,44 @@ def main(argv: list[str] | None = None) -> int:
                   "--chunks", str(args.chunks)] + (["-t", str(args.threads)] if args.threads else [])
     plain = proc.run(argv_plain, timeout=evaluate.KLD_TIMEOUT).seconds
 
-    # count how often each model file is opened by a llama.cpp program during the evaluation
-    opened: collections.Counter[str] = collections.Counter()
-    runs: collections.Counter[str] = collections.Counter()
-    real_run = proc.run
-
-    def counting_run(argv, **kw):
-        a = [str(x) for x in argv]
-        if "-m" in a:
-            model = Path(a[a.index("-m") + 1]).name
-            opened[model] += 1
-            runs[f"{Path(a[0]).name} {model}"] += 1
-        return real_run(argv, **kw)
-
-    proc.run = counting_run  # type: ignore[assignment]
-    started = time.monotonic()
-    try:
-        (wd / "records" / "evaluate.json").unlink(missing_ok=True)  # measure a real run, not a skip
-        report = evaluate.run(wd, evaluate.EvalOptions(eval_text=args.eval_text, calibration_text=args.calibration_text,
-                                                       chunks=args.chunks, ctx=args.ctx, threads=args.threads),
-                              toolchain=tc)
-    finally:
-        proc.run = real_run  # type: ignore[assignment]
-    total = time.monotonic() - started
-    s = report.seconds
+    runs: dict[str, collections.Counter[str]] = {"fixed": collections.Counter(), "sequential": collections.Counter()}
+    fixed, fixed_s = _evaluate(wd, args, tc, 0.0, runs["fixed"])
+    seq, seq_s = _evaluate(wd, args, tc, args.precision, runs["sequential"])
     files = {}
-    for f in report.files:
-        kld = f.seconds.get("kld")
-        files[f.type] = {"kld_seconds": round(kld, 2) if kld else None,
-                         "kld_ratio_to_plain": round(kld / plain, 3) if kld else None,
-                         "perplexity_runs": runs.get(f"llama-perplexity {Path(f.path).name}", 0),
-                         "llama_cpp_runs": opened.get(Path(f.path).name, 0),
-                         "kld_mean": f.stats.kld_mean if f.stats else None}
+    for f in fixed.files:
+        g = seq.file(f.type)
+        files[f.type] = {
+            "fixed": {"chunks": f.chunks, "kld_mean": f.stats.kld_mean if f.stats else None, "rel_err": _rel_err(f),
+                      "rel_err_per_token": round(f.stats.kld_mean_err_token / f.stats.kld_mean, 4)
+                      if f.stats and f.stats.kld_mean_err_token and f.stats.kld_mean else None,
+                      "kld_seconds": round(f.seconds.get("kld", 0.0), 2), "status": f.status},
+            "sequential": {"chunks": g.chunks, "stop": g.stop, "batches": g.extra.get("kld_batches"),
+                           "kld_mean": g.stats.kld_mean if g.stats else None, "rel_err": _rel_err(g),
+                           "kld_seconds": round(g.seconds.get("kld", 0.0), 2), "status": g.status},
+        }
+    total_fixed = sum(f.chunks or 0 for f in fixed.files)
+    total_seq = sum(f.chunks or 0 for f in seq.files)
+    rel = {k: [v[k]["rel_err"] for v in files.values() if v[k]["rel_err"] is not None] for k in ("fixed", "sequential")}
     out = {
-        "model": report.model_name,
-        "chunks": args.chunks, "ctx": args.ctx, "threads": args.threads,
-        "tokens_scored": report.texts["eval"].tokens_scored if report.texts.get("eval") else None,
-        "plain_perplexity_seconds": round(plain, 2),
-        "base_logits_seconds": round(s.get("base_logits", 0.0), 2),
-        "base_logits_runs": runs.get(f"llama-perplexity {reference.name}", 0),
-        "source_comparison_seconds": round(s.get("source_comparison", 0.0), 2),
-        "checks_seconds": round(s.get("checks", 0.0), 2),
+        "model": seq.model_name, "ladder": [f.type for f in seq.files],
+        "ctx": args.ctx, "chunks_cap": args.chunks, "precision": args.precision, "min_chunks": args.min_chunks,
+        "z": evaluate.Z_VERDICT, "threads": args.threads,
         "files": files,
-        "ladder_seconds": round(total, 2),
-        "ladder_ratio_to_plain": round(total / plain, 2),
-        "kld_seconds_all_files": round(s.get("kld", 0.0), 2),
-        "kld_ratio_to_plain_per_file": round(s.get("kld", 0.0) / plain / max(1, len(report.files)), 3),
-        "publishable": report.publishable,
+        "total_chunks": {"fixed": total_fixed, "sequential": total_seq,
+                         "ratio": round(total_seq / total_fixed, 3) if total_fixed else None},
+        "kld_seconds": {"fixed": round(fixed.seconds.get("kld", 0.0), 1), "sequential": round(seq.seconds.get("kld", 0.0), 1),
+                        "ratio": round(seq.seconds.get("kld", 0.0) / fixed.seconds["kld"], 3)
+                        if fixed.seconds.get("kld") else None},
+        "evaluation_seconds": {"fixed": round(fixed_s, 1), "sequential": round(seq_s, 1)},
+        "rel_err": {k: {"max": max(v) if v else None, "median": statistics.median(v) if v else None}
+                    for k, v in rel.items()},
+        "files_at_or_below_target": {k: sum(x <= args.precision for x in v) for k, v in rel.items()},
+        "verdicts": {f.type: [f.status, seq.file(f.type).status] for f in fixed.files},
+        "verdicts_identical": all(f.status == seq.file(f.type).status and f.reasons == seq.file(f.type).reasons
+                                  for f in fixed.files),
+        "base_logits_runs": {k: v.get(f"llama-perplexity {reference.name}", 0) for k, v in runs.items()},
+        "plain_perplexity_seconds": round(plain, 2),
+        "publishable": [fixed.publishable, seq.publishable],
     }
     print(json.dumps(out, indent=2))
     if tmp is not None:

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from converters.core.hooks import END, LINE, PROGRESS, SKIP, START, Event, Hooks
+from converters.ladder.evaluate import sequential
 
 
 def stderr(msg: str) -> None:
@@ -37,6 +38,16 @@ def figures(stats: Any) -> tuple[str, str, str]:
         return "-", "-", "-"
     return (f"{stats.kld_mean:.5f} ± {stats.kld_mean_err:.5f}",
             f"{100 * stats.same_top_p:.2f} ± {100 * stats.same_top_p_err:.2f} %", f"{stats.ppl_ratio:.4f}")
+
+
+def add_sequential_flags(p: argparse.ArgumentParser) -> None:
+    """``--eval-precision`` and ``--eval-min-chunks``: the sequential evaluation (settings ``[evaluate]``)."""
+    p.add_argument("--eval-precision", type=float, default=sequential.PRECISION, metavar="F",
+                   help="score each file until the standard error of its mean KLD (from chunk means) is at most F "
+                        f"of the mean, or its verdict is settled (default {sequential.PRECISION}; 0: every file on "
+                        "--eval-chunks chunks)")
+    p.add_argument("--eval-min-chunks", type=int, default=sequential.MIN_CHUNKS, metavar="N",
+                   help=f"fewest chunks a file is scored on (default {sequential.MIN_CHUNKS})")
 
 
 def deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, **kw: Any) -> None:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bot.commands import deprecated_alias, figures
+from bot.commands import add_sequential_flags, deprecated_alias, figures
 from converters.formats import checkpoint as ckpt_mod
 from converters.ladder import pipeline
 from converters.core import quants
@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip evaluation and checks")
     p.add_argument("--eval-text", help="evaluation text: FILE, URL or hf://... (never the calibration text)")
     p.add_argument("--eval-chunks", type=int, default=None, metavar="N",
-                   help="chunks of the evaluation text to score (default 64)")
+                   help="most chunks of the evaluation text a file is scored on (default 64)")
+    add_sequential_flags(p)
     p.add_argument("--publish", action="store_true",
                    help="publish the result to the Hub (the quants that passed the gate, one commit)")
     p.add_argument("--repo", help="with --publish: target repo ORG/NAME (default: {namespace}/{model}-GGUF)")
@@ -140,7 +141,8 @@ def convert_spec(args: argparse.Namespace, source: Any, model_name: str) -> Any:
                                       split_max_bytes=parse_size(args.split_max_size), jobs=args.jobs,
                                       tune=tuple(t.strip() for t in args.tune.split(",") if t.strip()),
                                       tune_seconds=args.tune_seconds),
-        evaluation=EvalSettings(eval_text, chunks=args.eval_chunks) if eval_text is not None else None,
+        evaluation=EvalSettings(eval_text, chunks=args.eval_chunks, precision=args.eval_precision,
+                                min_chunks=args.eval_min_chunks) if eval_text is not None else None,
         publish=PublishTarget(repo_id=args.repo, private=args.private) if args.publish else None,
         fetch=FetchPolicy(patterns=ckpt_mod.FETCH_PATTERNS, need_bytes=cli_disk_need),
         rules=CheckpointRules(check_architecture=True))

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from bot.commands import deprecated_alias, figures
+from bot.commands import add_sequential_flags, deprecated_alias, figures
 from converters.core.errors import InputError
 from converters.core.hooks import PROGRESS, Event, Hooks
 from converters.core.workdir import LADDER_FILE, WorkDir
@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-text", help="evaluation text: FILE, URL or hf://... (default: WikiText-2 test split; "
                    "never the calibration text)")
     p.add_argument("--eval-chunks", type=int, default=None, metavar="N",
-                   help="chunks of the evaluation text to score (default 64)")
+                   help="most chunks of the evaluation text a file is scored on (default 64)")
     deprecated_alias(p, "--chunks", "--eval-chunks", type=int)
+    add_sequential_flags(p)
     p.add_argument("--ctx", type=int, default=512, metavar="N", help="tokens per evaluation chunk (default 512)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all)")
     p.add_argument("--source", type=Path, default=None,
@@ -77,7 +78,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ctx=args.ctx, threads=args.threads, source_dir=args.source, reference_logits=args.reference_logits,
         hf_compare_max_memory=int(args.hf_compare_max_memory_gb * 1e9) if args.hf_compare_max_memory_gb else None,
         hf_compare_chunks=args.hf_compare_chunks, require_source_check=not args.allow_unchecked_source,
-        ceilings=parse_ceilings(args.ceiling) or None)
+        ceilings=parse_ceilings(args.ceiling) or None, precision=args.eval_precision,
+        min_chunks=args.eval_min_chunks)
     from bot.commands import TtyHooks, cli_hooks
 
     with cli_hooks() as hooks:  # bars on a terminal, else one line per step
@@ -90,10 +92,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  {r}")
     for name, c in report.checks.items():
         print(f"  check {name:<15} {c.status:<8} {c.detail}")
-    print(f"{'type':<10} {'status':<7} {'KLD':>18} {'same top p':>16} {'PPL ratio':>10}")
+    print(f"{'type':<10} {'status':<7} {'KLD':>18} {'same top p':>16} {'PPL ratio':>10} {'chunks':>7}")
     for f in report.files:
         kld, top, ratio = figures(f.stats)
-        print(f"{f.type:<10} {f.status:<7} {kld:>18} {top:>16} {ratio:>10}")
+        print(f"{f.type:<10} {f.status:<7} {kld:>18} {top:>16} {ratio:>10} {f.chunks or '-':>7}")
         for r in f.reasons:
             print(f"    - {r}")
     return 0 if report.publishable else 2

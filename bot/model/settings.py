@@ -133,6 +133,16 @@ class Quantize:
 
 
 @dataclasses.dataclass(frozen=True)
+class Evaluate:
+    """The sequential evaluation (``converters.ladder.evaluate.sequential``): each file's chunks are scored until its
+    mean KLD's standard error (from chunk means) is at most ``precision`` of the mean, or the gate's verdict on it
+    cannot change any more; at least ``min_chunks``, at most ``quantize.evaluation_chunks`` (default 64)."""
+
+    precision: float = 0.05  # 0: every file on evaluation_chunks chunks (fixed, as before)
+    min_chunks: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
 class Limits:
     max_model_gb: float | None = None  # default: AUTO_SIZE_FRACTION of the free disk under data_dir
     min_free_disk_gb: float = 5.0  # a job does not start with less free than this plus its estimate
@@ -187,6 +197,7 @@ SECTIONS: dict[str, type] = {
     "filters": Filters,
     "target": Target,
     "quantize": Quantize,
+    "evaluate": Evaluate,
     "limits": Limits,
     "schedule": Schedule,
     "requeue": Requeue,
@@ -206,6 +217,7 @@ class Settings:
     filters: Filters = Filters()
     target: Target = Target()
     quantize: Quantize = Quantize()
+    evaluate: Evaluate = Evaluate()
     limits: Limits = Limits()
     schedule: Schedule = Schedule()
     requeue: Requeue = Requeue()
@@ -429,6 +441,10 @@ def _check(s: Settings) -> None:
         bad("quantize.tune", str(e))
     if s.quantize.tune_seconds <= 0:
         bad("quantize.tune_seconds", "must be positive")
+    if not 0 <= s.evaluate.precision < 1:
+        bad("evaluate.precision", "must be at least 0 (off) and below 1")
+    if s.evaluate.min_chunks < 2:
+        bad("evaluate.min_chunks", "must be at least 2 (a standard error needs two chunk means)")
 
 
 def _size_limit(s: Settings, free_disk: int | None) -> int:

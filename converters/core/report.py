@@ -6,7 +6,8 @@ The schema is documented field by field in ``docs/REPORT.md``. Publishing reads 
 ``same_top_p_err``, ``ppl``, ``ppl_ratio``), the ``checks`` block and ``publishable``.
 
 Conventions: every measured figure ``x`` that has an uncertainty carries it as ``x_err`` (one standard
-error, as llama.cpp computes it); probabilities and shares are fractions in [0, 1], never percentages;
+error, as llama.cpp computes it, except ``kld_mean_err``: computed from the per-chunk means ``chunk_kld``, since
+tokens within a chunk are correlated; llama.cpp's per-token figure is ``kld_mean_err_token``); probabilities and shares are fractions in [0, 1], never percentages;
 a figure that was not measured is ``null``, never 0. Unknown fields found when loading a report are kept
 (``extra``) and written back unchanged.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from converters.core.errors import InputError
@@ -61,12 +62,59 @@ class KldStats:
     same_top_p: float  # fraction of tokens where both models have the same most likely token
     same_top_p_err: float
     chunks: int  # chunks scored (from the per-chunk table)
+    # the mean KLD of each chunk, in chunk order (chunk_kld[i] is chunk i of the text): what the chunk-based error
+    # is computed from (tokens within a chunk are correlated; chunks are close to independent)
+    chunk_kld: tuple[float, ...] = ()
+    kld_mean_err_token: float | None = None  # llama.cpp's per-token standard error (too small: tokens correlate)
 
     def figures(self) -> dict[str, float | None]:
-        return dataclasses.asdict(self)
+        """The scalar figures (the per-chunk series is :attr:`chunk_kld`, serialized on its own)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "chunk_kld"}
 
     def non_finite(self) -> list[str]:
         return [k for k, v in self.figures().items() if isinstance(v, float) and not math.isfinite(v)]
+
+    def chunk_mean_err(self) -> tuple[float, float] | None:
+        """Mean KLD and its standard error from the per-chunk means (None without two chunk means)."""
+        return mean_err(self.chunk_kld)
+
+    def paired_difference(self, other: "KldStats") -> tuple[float, float, int] | None:
+        """``self - other`` over their common chunks (both scored on the same text and base logits): mean
+        difference of the chunk means, its standard error, and the number of chunks it is computed from."""
+        return paired_difference(self.chunk_kld, other.chunk_kld)
+
+    def with_chunk_error(self) -> "KldStats":
+        """The figures with ``kld_mean_err`` computed from the chunk means (llama.cpp's per-token figure kept as
+        ``kld_mean_err_token``); unchanged without two chunk means."""
+        me = self.chunk_mean_err()
+        if me is None:
+            return self
+        token = self.kld_mean_err_token if self.kld_mean_err_token is not None else self.kld_mean_err
+        return dataclasses.replace(self, kld_mean_err=me[1], kld_mean_err_token=token)
+
+
+def mean_err(series: Sequence[float]) -> tuple[float, float] | None:
+    """Mean of per-chunk means and its standard error (sample standard deviation / sqrt(n)); None below 2."""
+    n = len(series)
+    if n < 2:
+        return None
+    m = math.fsum(series) / n
+    var = math.fsum((x - m) ** 2 for x in series) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, int] | None:
+    """Mean of ``a[i] - b[i]`` over the common chunks (the shorter series' length), its standard error from the
+    per-chunk differences (the pairing removes what the chunks share: a hard chunk is hard for both files),
+    and how many chunks; None below 2 common chunks."""
+    n = min(len(a), len(b))
+    me = mean_err([x - y for x, y in zip(a[:n], b[:n])])
+    return (me[0], me[1], n) if me is not None else None
+
+
+def chunk_series_json(series: Sequence[float]) -> list[float]:
+    """The per-chunk series as report.json holds it: 6 significant digits (llama.cpp prints 5-6 decimals)."""
+    return [float(f"{x:.6g}") for x in series]
 
 
 @dataclasses.dataclass
@@ -121,10 +169,19 @@ class FileResult:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     sha256: str | None = None  # content measured: of the single file or of part 1 (as ladder.json)
     parts: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # every part: {"path", "size", "sha256"}
+    # why the evaluation stopped scoring chunks (converters.ladder.evaluate.sequential: "precision", "verdict",
+    # "cap" or "fixed"); the chunks scored are ``stats.chunks``
+    stop: str | None = None
+
+    @property
+    def chunks(self) -> int | None:
+        """Chunks of the evaluation text this file was scored on."""
+        return self.stats.chunks if self.stats is not None else None
 
     def figures(self) -> dict[str, Any]:
         """The figures as report.json holds them: None when not measured, a non-finite one as a string."""
-        figures = self.stats.figures() if self.stats else {f.name: None for f in dataclasses.fields(KldStats)}
+        figures = self.stats.figures() if self.stats else {f.name: None for f in dataclasses.fields(KldStats)
+                                                           if f.name != "chunk_kld"}
         return {k: wire_number(v) for k, v in figures.items()}
 
     def to_json(self) -> dict[str, Any]:
@@ -133,26 +190,30 @@ class FileResult:
                   "parts": [dict(p) for p in self.parts], "bpw": self.bpw,
                   "bpw_nominal": self.bpw_nominal, "status": self.status, "reasons": list(self.reasons)})
         d.update(self.figures())
+        d["chunk_kld"] = chunk_series_json(self.stats.chunk_kld) if self.stats else None
         d["checks"] = {k: c.to_json() for k, c in self.checks.items()}
         d["seconds"] = {k: round(v, 3) for k, v in self.seconds.items()}
         d["error"] = self.error
+        d["stop"] = self.stop
         return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "FileResult":
         names = [f.name for f in dataclasses.fields(KldStats)]
+        optional = {"chunk_kld", "kld_mean_err_token"}  # absent from reports written before the per-chunk series
         stats = None
-        if d.get("kld_mean") is not None and all(n in d for n in names):
-            stats = KldStats(**{n: _denum(d[n]) for n in names})
+        if d.get("kld_mean") is not None and all(n in d for n in names if n not in optional):
+            values = {n: _denum(d[n]) for n in names if n in d and n != "chunk_kld"}
+            stats = KldStats(**values, chunk_kld=tuple(float(x) for x in d.get("chunk_kld") or ()))
         known = {"type", "path", "size", "sha256", "parts", "bpw", "bpw_nominal", "status", "reasons", "checks",
-                 "seconds", "error", *names}
+                 "seconds", "error", "stop", *names}
         return cls(type=d["type"], path=d.get("path", ""), size=int(d.get("size") or 0), bpw=d.get("bpw"),
                    bpw_nominal=d.get("bpw_nominal"), stats=stats,
                    checks={k: Check.from_json(v) for k, v in (d.get("checks") or {}).items()},
                    status=d.get("status", FAILED), reasons=list(d.get("reasons") or []),
                    seconds=dict(d.get("seconds") or {}), error=d.get("error"),
                    extra={k: v for k, v in d.items() if k not in known}, sha256=d.get("sha256"),
-                   parts=[dict(p) for p in d.get("parts") or [] if isinstance(p, Mapping)])
+                   parts=[dict(p) for p in d.get("parts") or [] if isinstance(p, Mapping)], stop=d.get("stop"))
 
 
 @dataclasses.dataclass
@@ -191,6 +252,8 @@ class Report:
     notes: list[str] = dataclasses.field(default_factory=list)  # remarks that fail nothing (the ladder's curve)
     # {relative path: {"size", "sha256"}} of every file the evaluation read: reference, quant parts, imatrix
     file_hashes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # quant types not measured yet while the ladder is being evaluated file by file (empty once finished)
+    pending: list[str] = dataclasses.field(default_factory=list)
 
     def file(self, qtype: str) -> FileResult:
         for f in self.files:
@@ -233,6 +296,7 @@ class Report:
             "chart": self.chart,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "file_hashes": {k: dict(v) for k, v in sorted(self.file_hashes.items())},
+            "pending": list(self.pending),
         })
         return d
 
@@ -243,7 +307,8 @@ class Report:
             raise InputError(f"report.json schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
         known = {"schema_version", "model_name", "created_at", "source", "toolchain", "tools", "texts", "settings",
                  "notes",
-                 "reference", "evaluation", "checks", "files", "publishable", "reasons", "chart", "seconds", "file_hashes"}
+                 "reference", "evaluation", "checks", "files", "publishable", "reasons", "chart", "seconds", "file_hashes",
+                 "pending"}
         texts = {k: (TextInfo(**v) if v else None) for k, v in (d.get("texts") or {}).items()}
         return cls(model_name=d.get("model_name", ""), source=dict(d.get("source") or {}),
                    toolchain=dict(d.get("toolchain") or {}), tools=dict(d.get("tools") or {}), texts=texts,
@@ -256,7 +321,8 @@ class Report:
                    notes=[str(n) for n in d.get("notes") or []],
                    extra={k: v for k, v in d.items() if k not in known},
                    file_hashes={str(k): dict(v) for k, v in (d.get("file_hashes") or {}).items()
-                                if isinstance(v, Mapping)})
+                                if isinstance(v, Mapping)},
+                   pending=[str(t) for t in d.get("pending") or []])
 
 
 def wire_number(v: Any) -> Any:

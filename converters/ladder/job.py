@@ -60,7 +60,9 @@ class EvalSettings:
     """How a job evaluates its ladder (what builds ``converters.ladder.evaluate.EvalOptions``)."""
 
     text: calibrate_mod.TextFile
-    chunks: int | None = None
+    chunks: int | None = None  # the most chunks a file is scored on (None: evaluate.DEFAULT_CHUNKS)
+    precision: float = evaluate.PRECISION  # sequential evaluation's target (0: every file on ``chunks`` chunks)
+    min_chunks: int = evaluate.MIN_CHUNKS
     name_text: bool = False  # the report names the text and its origin (the bot does; ``convert`` never did)
     require_publishable: bool = False  # a report that is not publishable fails the job (the bot's main ladder)
     require_source_check: bool = True  # a skipped BF16-vs-source comparison makes the report not publishable
@@ -363,7 +365,8 @@ def _eval_options(settings: EvalSettings, calibration: calibrate_mod.TextFile | 
                   **overrides: Any) -> dict[str, Any]:
     opts: dict[str, Any] = {"eval_text": settings.text.path,
                             "calibration_text": calibration.path if calibration is not None else None,
-                            "chunks": settings.chunks, "require_source_check": settings.require_source_check}
+                            "chunks": settings.chunks, "require_source_check": settings.require_source_check,
+                            "precision": settings.precision, "min_chunks": settings.min_chunks}
     if settings.name_text:
         opts.update(eval_text_name=settings.text.name, eval_text_source=settings.text.source)
     opts.update(overrides)

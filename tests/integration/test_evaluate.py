@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from converters.ladder import evaluate
-from converters.ladder.evaluate import evaluation
+from converters.ladder.evaluate import inputs
 from converters.llama import verify
 from converters.core import report as rep
 from converters.core.errors import DiskSpaceError, InputError
@@ -194,7 +194,7 @@ def test_refuses_the_calibration_text(ladder_dir: Path, calibration_text: Path, 
 def test_base_logits_are_sized_against_free_disk_before_running(ladder_dir: Path, eval_text: Path, toolchain,
                                                                 monkeypatch):
     usage = shutil.disk_usage(ladder_dir)
-    monkeypatch.setattr(evaluation.shutil, "disk_usage", lambda p: usage._replace(free=50 << 20))
+    monkeypatch.setattr(inputs.shutil, "disk_usage", lambda p: usage._replace(free=50 << 20))
     with pytest.raises(DiskSpaceError) as e:
         evaluate.run(ladder_dir, evaluate.EvalOptions(eval_text=eval_text, chunks=CHUNKS + 1, ctx=CTX),
                      toolchain=toolchain)

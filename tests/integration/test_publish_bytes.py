@@ -159,12 +159,12 @@ def test_a_work_dir_evaluated_before_the_chart_had_its_hash_uses_the_stage_recor
 
 
 def test_the_evaluation_records_the_hash_of_the_chart_it_drew(tmp_path: Path) -> None:
-    from converters.ladder.evaluate import evaluation
+    from converters.ladder.evaluate import reporting
 
     wd = WorkDir(make_workdir(tmp_path, chart=False))
     report = wd.report()
     job = types.SimpleNamespace(wd=wd, tc=types.SimpleNamespace(version="llama.cpp b9999 (test)"))
-    evaluation._write(job, report, {"x": 1}, 0.0)  # draws the chart (matplotlib), writes report.json and the record
+    reporting.write(job, report, {"x": 1}, 0.0)  # draws the chart (matplotlib), writes report.json and the record
     png = wd.path / "size-vs-kld.png"
     assert png.is_file()
     entry = json.loads((wd.path / "report.json").read_text())["file_hashes"]["size-vs-kld.png"]

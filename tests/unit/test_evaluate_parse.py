@@ -31,15 +31,19 @@ def test_parse_kld_output_reads_every_figure_of_the_final_block():
         "ppl": 22.183070, "ppl_err": 2.217088, "ppl_base": 22.058413, "ppl_base_err": 2.202824,
         "ln_ppl_ratio": 0.005635, "ln_ppl_ratio_err": 0.004135, "ppl_ratio": 1.005651, "ppl_ratio_err": 0.004158,
         "ppl_diff": 0.124657, "ppl_diff_err": 0.092554, "ppl_correlation": 0.9991,
-        "kld_mean": 0.004345, "kld_mean_err": 0.000242, "kld_max": 0.201449, "kld_p999": 0.061329,
+        "kld_mean": 0.004345, "kld_mean_err_token": 0.000242, "kld_max": 0.201449, "kld_p999": 0.061329,
         "kld_p99": 0.020238, "kld_median": 0.003076, "dp_mean": -0.00114, "dp_mean_err": 0.00047,
         "rms_dp": 0.01494, "rms_dp_err": 0.00099, "same_top_p": 0.96373, "same_top_p_err": 0.00586, "chunks": 4,
     }
     got = s.figures()
-    assert set(got) == set(expected)
+    assert set(got) == set(expected) | {"kld_mean_err"}
     for k, v in expected.items():
         assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
     assert s.non_finite() == []
+    # the per-chunk means, differenced from the running means of the table, shifted onto the 6-decimal mean
+    chunks = [0.00376, 2 * 0.00439 - 0.00376, 3 * 0.00458 - 2 * 0.00439, 4 * 0.00434 - 3 * 0.00458]
+    assert s.chunk_kld == pytest.approx([c + 0.000005 for c in chunks], abs=1e-12)
+    assert s.kld_mean_err == pytest.approx(np.std(chunks, ddof=1) / 2, rel=1e-9)  # from chunk means, not tokens
 
 
 def test_ratio_is_exp_of_ln_ratio_as_llama_cpp_computes_it():
@@ -66,7 +70,7 @@ def test_nan_figures_are_parsed_as_nan_not_zero():
     text = text.replace("Maximum KLD:   0.201449", "Maximum KLD:        inf")
     s = evaluate.parse_kld_output(text)
     assert math.isnan(s.kld_mean) and math.isinf(s.kld_max)
-    assert set(s.non_finite()) == {"kld_mean", "kld_mean_err", "kld_max"}
+    assert set(s.non_finite()) == {"kld_mean", "kld_mean_err", "kld_mean_err_token", "kld_max"}
 
 
 def test_parse_base_output():
@@ -175,7 +179,7 @@ def test_degenerate(text, bad):
 
 
 def _stats(**kw) -> KldStats:
-    base = {f: 0.0 for f in KldStats.__dataclass_fields__}
+    base = {f: 0.0 for f in KldStats.__dataclass_fields__ if f != "chunk_kld"}
     base.update(chunks=4, ppl=10.0, ppl_base=10.0, ppl_ratio=1.0)
     base.update(kw)
     return KldStats(**base)

@@ -11,7 +11,7 @@ NAN = float("nan")
 
 
 def stats(kld: float, err: float, **kw) -> KldStats:
-    d = {f: 0.1 for f in KldStats.__dataclass_fields__}
+    d = {f: 0.1 for f in KldStats.__dataclass_fields__ if f != "chunk_kld"}
     d.update(chunks=4, kld_mean=kld, kld_mean_err=err)
     d.update(kw)
     return KldStats(**d)

@@ -2,29 +2,38 @@
 
 The modules, from the bottom up:
 
-- :mod:`.perplexity` -- llama-perplexity's argv, runs and output parsers, and the base-logits file format
-  (``run_base``, ``run_kld``, ``BaseLogits``, ``count_tokens``);
+- :mod:`.perplexity` -- llama-perplexity's argv, runs and output parsers (the per-chunk KLD series included), and
+  the base-logits file format (``run_base``, ``run_kld``, ``BaseLogits`` and its views, ``count_tokens``);
+- :mod:`.sequential` -- scoring a file's chunks in batches until its mean KLD is known well enough (the stopping
+  rule is pure: ``stop_reason``);
 - :mod:`.source` -- the BF16 reference against the source checkpoint in transformers (``compare_with_source``
   in the parent, ``compare_here`` in the child) and the tokenizer / template checks against the source folder;
 - :mod:`.curve` -- the ladder's own KLD curve: outliers and order inversions (pure);
-- :mod:`.verdict` -- the gate (pure): ceilings, ``judge``, ``gate``, ``publishable``;
-- :mod:`.evaluation` -- ``EvalOptions`` and ``run``: the whole evaluation and its report.
+- :mod:`.verdict` -- the gate (pure): ceilings, ``judge_file`` (one file against those measured before it),
+  ``judge``, ``gate``, ``publishable``;
+- :mod:`.inputs` -- ``EvalOptions``, the validated inputs and the record keys; :mod:`.checks` -- the reference's and
+  each quant's checks; :mod:`.reporting` -- report.json's blocks, the chart and the stage record;
+- :mod:`.evaluation` -- ``LadderEvaluation`` (open once per job, ``measure`` each file as soon as it exists,
+  ``finish``) and ``run`` (all of it for a finished ladder).
 
 This package's public API, the names other packages use, is re-exported here (``from converters.ladder import
 evaluate`` then ``evaluate.run(...)``); code that needs anything else imports the submodule that defines it.
 """
 
-from converters.ladder.evaluate.evaluation import N_PREDICT, STAGE, EvalOptions, run
+from converters.ladder.evaluate.evaluation import LadderEvaluation, run
+from converters.ladder.evaluate.inputs import DEFAULT_CHUNKS, N_PREDICT, STAGE, EvalOptions
 from converters.ladder.evaluate.perplexity import (KLD_TIMEOUT, LOGITS_MAGIC, BaseLogits, base_logits_bytes,
-                                                   count_tokens, parse_base_output, parse_kld_output, run_base,
-                                                   run_kld, scored_per_chunk)
+                                                   chunk_klds, count_tokens, parse_base_output, parse_kld_output,
+                                                   run_base, run_kld, scored_per_chunk)
+from converters.ladder.evaluate.sequential import MIN_CHUNKS, PRECISION, Z_VERDICT, StopRule, stop_reason
 from converters.ladder.evaluate.source import CompareSpec, compare_here, compare_with_source, source_checks
 from converters.ladder.evaluate.verdict import (Verdict, ceiling_for, curve_points, default_ceiling, expected_klds,
-                                                gate, judge, publishable, tuned_reasons)
+                                                gate, judge, judge_file, publishable, tuned_reasons)
 
-__all__ = ["N_PREDICT", "STAGE", "EvalOptions", "run",
-           "KLD_TIMEOUT", "LOGITS_MAGIC", "BaseLogits", "base_logits_bytes", "count_tokens", "parse_base_output",
-           "parse_kld_output", "run_base", "run_kld", "scored_per_chunk",
+__all__ = ["DEFAULT_CHUNKS", "N_PREDICT", "STAGE", "EvalOptions", "LadderEvaluation", "run",
+           "KLD_TIMEOUT", "LOGITS_MAGIC", "BaseLogits", "base_logits_bytes", "chunk_klds", "count_tokens",
+           "parse_base_output", "parse_kld_output", "run_base", "run_kld", "scored_per_chunk",
+           "MIN_CHUNKS", "PRECISION", "Z_VERDICT", "StopRule", "stop_reason",
            "CompareSpec", "compare_here", "compare_with_source", "source_checks",
            "Verdict", "ceiling_for", "curve_points", "default_ceiling", "expected_klds", "gate", "judge",
-           "publishable", "tuned_reasons"]
+           "judge_file", "publishable", "tuned_reasons"]

@@ -135,7 +135,8 @@ def expected(p: Point, others: Sequence[Point], rules: CurveRules = DEFAULT_RULE
     return Expected(math.exp(value), tuple(q.key for q in below + above))
 
 
-def _is_outlier(p: Point, e: Expected, rules: CurveRules) -> bool:
+def is_outlier(p: Point, e: Expected, rules: CurveRules = DEFAULT_RULES) -> bool:
+    """``p`` measures more than ``factor`` times the prediction plus ``sigmas`` of its own standard errors."""
     return p.kld > rules.factor * e.kld + rules.sigmas * p.err
 
 
@@ -147,7 +148,7 @@ def outliers(points: Sequence[Point], rules: CurveRules = DEFAULT_RULES) -> dict
         worst: tuple[float, Outlier] | None = None
         for p in kept:
             e = expected(p, kept, rules)
-            if e is not None and _is_outlier(p, e, rules):
+            if e is not None and is_outlier(p, e, rules):
                 excess = p.y - math.log(max(e.kld, TINY))
                 if worst is None or excess > worst[0]:
                     worst = (excess, Outlier(p, e, rules))

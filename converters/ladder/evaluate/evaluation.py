@@ -1,142 +1,282 @@
-"""The whole evaluation of a ladder: measure every quant against its reference, check it, gate it, write report.json.
+"""The evaluation of a ladder, file by file: measure each quant against its reference, check it, gate it.
 
-:func:`run` reads ``ladder.json``, refuses bad inputs before any long run, stores the reference's
-log-probabilities (:mod:`.perplexity`), compares the reference with the source (:mod:`.source`), scores every
-quant, runs the checks, asks the gate (:mod:`.verdict`) and writes report.json, the chart and the stage record.
+:class:`LadderEvaluation` is opened once per job: it refuses bad inputs before any long run (:mod:`.inputs`),
+stores the reference's log-probabilities over the most chunks a file may need (:mod:`.perplexity`; once per
+job, shared by every file, tuned files included), compares the reference with the source and runs the checks
+that do not depend on a quant (:mod:`.checks`). Then :meth:`~LadderEvaluation.measure` takes one quant as soon
+as it exists: its chunks are scored until its mean KLD is known well enough (:mod:`.sequential`), its own checks
+run, and the gate gives its verdict against the files measured before it (:func:`.verdict.judge_file`): final,
+since the file may be published before the rest of the ladder exists. Each measured file is recorded
+(``records/evaluate.<TYPE>.json``, keyed by its content, the evaluation's inputs and the files it was judged
+against), so a killed job resumes without measuring it again; report.json is rewritten after each file with the
+files measured so far and those still to come (``pending``). :meth:`~LadderEvaluation.finish` adds what needs
+the whole ladder (the projector check, the curve's notes, the chart), writes the stage record and removes the
+base logits. :func:`run` is open, measure every file of ladder.json in its order, finish.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.metadata
 import logging
-import re
 import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from converters.core import quants
 from converters.core import records
-from converters.core.errors import DiskSpaceError, InputError, ParseError, ToolError
+from converters.core.errors import InputError, ParseError, ToolError
 from converters.core.hooks import NULL_HOOKS, PROGRESS, Hooks
-from converters.core.report import FAILED, PASSED, Check, FileResult, Report, TextInfo
-from converters.core.workdir import CalibrationInfo, Ladder, LadderFile, WorkDir
-from converters.formats import chart
-from converters.formats import checkpoint as checkpoint_mod
-from converters.ladder.evaluate import curve
-from converters.ladder.evaluate.perplexity import (BaseLogits, base_logits_bytes, count_tokens, run_base, run_kld,
-                                                   scored_per_chunk)
-from converters.ladder.evaluate.source import (COMPARE_MAX_KLD, COMPARE_MIN_TOP1, CompareSpec, compare_with_source,
-                                               source_checks)
-from converters.ladder.evaluate.verdict import ceiling_for, expected_klds, judge, publishable
+from converters.core.report import FAILED, PASSED, Check, FileResult, Report
+from converters.core.workdir import LadderFile, WorkDir
+from converters.ladder.evaluate import checks as checks_mod
+from converters.ladder.evaluate import reporting
+from converters.ladder.evaluate import sequential
+from converters.ladder.evaluate.inputs import (N_PREDICT, STAGE, EvalJob, EvalOptions, Scoring, common_inputs,
+                                               file_inputs, file_record, prepare, record_inputs, remove_scratch,
+                                               scoring)
+from converters.ladder.evaluate.perplexity import BaseLogits, base_logits_bytes, count_tokens, run_base, run_kld
+from converters.ladder.evaluate.verdict import judge_file, ladder_notes, thresholds
 from converters.llama import mmproj
 from converters.llama import toolchain as tc_mod
 from converters.llama import verify
 
+__all__ = ["N_PREDICT", "STAGE", "EvalOptions", "LadderEvaluation", "run"]
+
 log = logging.getLogger(__package__)  # the package's name, as before the split (log lines name it)
 
-STAGE = "evaluate"
-DEFAULT_CHUNKS = 64  # chunks of ``ctx`` tokens when not given: about 16k scored tokens at ctx 512
-DISK_MARGIN = 256 << 20
-N_PREDICT = 96  # bound on the smoke-test generation (and on the length of the reference's chat reply)
+JOB_CHECKS = ("chat_template", "special_tokens", "end_of_reply")  # the reference's checks that fail every file
 
 
-# --------------------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------------------
+class LadderEvaluation:
+    """One job's evaluation, file by file (see the module's docstring). Use :meth:`open`; close it (or use it as
+    a context manager) when a job stops before :meth:`finish`, so its base logits are removed."""
 
+    def __init__(self, job: EvalJob, started: float, expected: Sequence[str] = ()) -> None:
+        self.job = job
+        self._common = common_inputs(job)  # hashes the source's files once
+        self.files: list[FileResult] = []
+        self.checks: dict[str, Check] = {}
+        self.ref_block: dict[str, Any] = {}
+        self.seconds: dict[str, float] = {}
+        self._started = started
+        self._expected = list(expected)
+        self._done: Report | None = None
+        self._scoring: Scoring | None = None
+        self._base: BaseLogits | None = None
+        self._ref_facts: verify.GgufFacts | None = None
+        self._prompt = ""
 
-def _sha256_text(path: Path) -> str:
-    return records.sha256_file(path)
-
-
-def _tool_versions(tc: tc_mod.Toolchain) -> dict[str, str | None]:
-    out: dict[str, str | None] = {"llama.cpp": tc.version, "llama.cpp_commit": tc.commit}
-    for dist in ("ggufbot", "transformers", "torch", "gguf", "jinja2", "numpy"):
+    # ---- opening
+    @classmethod
+    def open(cls, workdir: Path | WorkDir, options: EvalOptions, *, toolchain: tc_mod.Toolchain | None = None,
+             hooks: Hooks = NULL_HOOKS, expected: Sequence[str] = ()) -> "LadderEvaluation":
+        """Validate the inputs, store (or take) the base logits, compare the reference with the source, run the
+        reference's checks, and write report.json with no file measured yet. ``expected``: quant types still to
+        come that ladder.json does not list yet (reported as ``pending``). A ladder already evaluated for
+        exactly these inputs is not evaluated again: :meth:`measure` and :meth:`finish` answer from its report."""
+        started = time.monotonic()
+        job = prepare(WorkDir(workdir), options, toolchain, hooks)
+        ev = cls(job, started, expected)
+        if records.complete(job.wd.path, STAGE, record_inputs(job, ev._common)) is not None and job.wd.has_report():
+            log.info("evaluate: %s already evaluated for these inputs; skipped", job.model_name)
+            ev._done = job.wd.report()
+            return ev
         try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
+            ev._start()
+        except BaseException:
+            ev.close()
+            raise
+        return ev
 
+    def _start(self) -> None:
+        job = self.job
+        ref_facts = self._ref_facts = verify.GgufFacts.read(job.reference)
+        for stale in [*job.wd.path.glob(f"{records.TMP_MARK}*/base-logits*.kld"),  # left by a killed evaluation
+                      *job.wd.path.glob(f"{records.TMP_MARK}*/view-*.kld")]:
+            remove_scratch(stale)
+        t0 = time.monotonic()
+        text_tokens = count_tokens(job.tc, job.reference, job.eval_text)
+        self.seconds["tokenize"] = time.monotonic() - t0
+        self.ref_block.update({"type": job.ladder.reference.type, "path": job.ladder.reference.path,
+                               "size": job.reference.stat().st_size,
+                               "sha256": job.content.get(job.ladder.reference.path, {}).get("sha256")})
+        self._scoring = scoring(job, len(ref_facts.tokens), text_tokens, self.ref_block)
+        self._reference_runs()
+        self._base = BaseLogits.open(self._scoring.base_path)
+        t0 = time.monotonic()
+        ref_checks, self._prompt = checks_mod.reference_checks(job, ref_facts)
+        self.checks.update(ref_checks)
+        self.seconds["reference_checks"] = time.monotonic() - t0
+        self._write_partial()
 
-def _ladder_identity(ladder: Ladder) -> dict[str, Any]:
-    """ladder.json without its timings (rewritten by every run of the quantize stage, finished or skipped)."""
-    d = ladder.to_json()
-    d.pop("seconds", None)
-    d["files"] = [{k: v for k, v in f.items() if k != "seconds"} for f in d.get("files", [])]
-    return d
+    def _reference_runs(self) -> None:
+        """Store the reference's log-probabilities, compare it with the source, measure it against given logits."""
+        job, sc, o = self.job, self._scoring, self.job.opts
+        assert sc is not None and self._ref_facts is not None
+        total = self._total()
+        if sc.own_base is not None:
+            job.step("base logits", 0, total)
+            log.info("evaluate: base logits of %s over %d chunks of %d tokens (%.2f GB)", job.reference.name,
+                     sc.n_chunks, sc.ctx, base_logits_bytes(len(self._ref_facts.tokens), sc.ctx, sc.n_chunks) / 1e9)
+            ppl, ppl_err, secs = run_base(job.tc, job.reference, job.eval_text, sc.own_base, ctx=sc.ctx,
+                                          chunks=sc.n_chunks, threads=o.threads)
+            self.ref_block.update(ppl=ppl, ppl_err=ppl_err)
+            self.seconds["base_logits"] = secs
+        job.step("bf16 vs source", 1, total)
+        t0 = time.monotonic()
+        self.checks["bf16_vs_source"] = checks_mod.compare(job, self._ref_facts, sc)
+        self.seconds["source_comparison"] = time.monotonic() - t0
+        if o.reference_logits is not None:  # the variant's own reference, measured against the teacher
+            try:
+                stats, secs = run_kld(job.tc, job.reference, sc.base_path, ctx=sc.ctx, threads=o.threads)
+                self.ref_block.update(dict(stats.figures().items()))
+                self.ref_block.update(ppl=stats.ppl, ppl_err=stats.ppl_err)
+                self.seconds["reference_kld"] = secs
+            except (ToolError, ParseError) as e:
+                self.ref_block["error"] = e.short()
 
+    # ---- measuring
+    def ladder_files(self) -> list[LadderFile]:
+        """The quants of ladder.json as it is now (the quantize stage may still be adding some)."""
+        try:
+            return list(self.job.wd.ladder().files)
+        except InputError:  # being rewritten, or gone: what it listed when the evaluation opened
+            return list(self.job.ladder.files)
 
-def _fingerprint(path: Path | None, cache_dir: Path) -> dict[str, Any] | None:
-    return records.fingerprint_file(path, cache_dir) if path is not None and path.exists() else None
+    def pending(self) -> list[str]:
+        measured = {f.type for f in self.files}
+        types = [lf.type for lf in self.ladder_files()] + self._expected
+        return [t for t in dict.fromkeys(types) if t not in measured]
 
+    def _total(self) -> int:
+        return len(self.files) + len(self.pending()) + 3
 
-# --------------------------------------------------------------------------------------------------
-# The whole evaluation
-# --------------------------------------------------------------------------------------------------
+    def measure(self, lf: LadderFile) -> FileResult:
+        """One quant as soon as it exists: its figures (sequential), its checks, and the gate's final verdict
+        against the files measured before it. A file measured before for the same inputs (a resumed job) is
+        taken from its record, not measured again."""
+        if self._done is not None:
+            return self._done.file(lf.type)
+        for f in self.files:
+            if f.type == lf.type:
+                return f
+        job = self.job
+        job.step(f"kld {lf.type}", len(self.files) + 2, self._total())
+        content = {p: {"size": (job.wd.path / p).stat().st_size,
+                       "sha256": records.content_sha256(job.wd.path / p, job.wd.path)}
+                   for p in lf.all_parts if (job.wd.path / p).is_file()}
+        earlier = [{"type": f.type, "sha256": f.sha256, "parts": f.parts} for f in self.files]
+        key = file_inputs(job, lf, content, earlier, self._common)
+        name = file_record(lf.type)
+        fr = None
+        rec = records.complete(job.wd.path, name, key)
+        if rec is not None and isinstance(rec.extra.get("result"), dict):
+            fr = FileResult.from_json(rec.extra["result"])
+            log.info("evaluate: %s already measured for these inputs (%s)", lf.type, fr.status)
+        if fr is None:
+            t0 = time.monotonic()
+            fr = self._measure_new(lf, content)
+            records.save(job.wd.path, name, key, [], time.monotonic() - t0, job.tc.version,
+                         extra={"result": fr.to_json()})
+        self.files.append(fr)
+        job.content.update(content)
+        if "ppl" not in self.ref_block and fr.stats is not None:  # given logits: the reference's PPL from a run
+            self.ref_block.update(ppl=fr.stats.ppl_base, ppl_err=fr.stats.ppl_base_err)
+        self._write_partial()
+        return fr
 
+    def _measure_new(self, lf: LadderFile, content: dict[str, dict[str, Any]]) -> FileResult:
+        job, o = self.job, self.job.opts
+        assert self._scoring is not None and self._base is not None and self._ref_facts is not None
+        fr = FileResult(type=lf.type, path=lf.path, size=int(lf.size or 0), bpw=lf.bpw, bpw_nominal=lf.bpw_nominal,
+                        parts=[{"path": p, **content[p]} for p in lf.all_parts if p in content])
+        fr.sha256 = fr.parts[0]["sha256"] if fr.parts and fr.parts[0]["path"] == lf.path else None
+        path = job.wd.path / lf.path
+        earlier = list(self.files)
+        if not path.exists():
+            fr.error = f"{lf.path} is missing"
+        else:
+            scratch = records.tmp_dir_for(job.wd.path)
+            scratch.mkdir(parents=True, exist_ok=True)
+            try:
+                scored = sequential.score(job.tc, path, self._base, scratch, self._scoring.rule(o),
+                                          lambda err: thresholds(fr, earlier, err, o.ceilings), threads=o.threads)
+                fr.stats, fr.stop = scored.stats, scored.reason
+                fr.seconds["kld"] = scored.seconds
+                fr.extra["kld_batches"] = scored.batches
+            except ToolError as e:
+                fr.error = verify.tool_error_reason(e)
+            except ParseError as e:
+                fr.error = str(e)
+            finally:
+                with contextlib.suppress(OSError):  # the folder, when empty (it may hold the base logits)
+                    scratch.rmdir()
+        log.info("evaluate: %s %s", lf.type,
+                 f"KLD {fr.stats.kld_mean:.5f} ± {fr.stats.kld_mean_err:.5f} on {fr.stats.chunks} chunks ({fr.stop})"
+                 if fr.stats else f"failed: {fr.error}")
+        t0 = time.monotonic()
+        fr.checks.update(checks_mod.file_checks(job, path, self._ref_facts, self._prompt))
+        fr.seconds["checks"] = time.monotonic() - t0
+        per_job = {k: v for k, v in self.checks.items() if k in JOB_CHECKS}
+        fr.reasons = judge_file(fr, earlier, o.ceilings, job_checks=per_job)
+        fr.status = FAILED if fr.reasons else PASSED
+        return fr
 
-@dataclasses.dataclass(frozen=True)
-class EvalOptions:
-    """What to evaluate with. ``reference_logits``: a base-logits file to measure against instead of the work
-    dir's own reference (for pruned or distilled variants: the teacher's BF16); it is read, never deleted.
-    ``eval_text_name`` / ``eval_text_source``: how the report names the text (a URL or hf:// address is
-    recorded; a local path never is). ``keep_base_logits``: move the base-logits file there instead of
-    deleting it (benchmarks, tests)."""
+    def _write_partial(self) -> None:
+        """report.json with the files measured so far and those still to come (no chart, no stage record)."""
+        assert self._scoring is not None
+        seconds = {**self.seconds, "kld": sum(f.seconds.get("kld", 0.0) for f in self.files)}
+        report = reporting.build(self.job, self._scoring, self.files, self.checks, self.ref_block, seconds,
+                                 pending=self.pending())
+        report.notes = ladder_notes(self.files)
+        self.job.wd.write_report(report)
 
-    eval_text: Path
-    calibration_text: Path | None = None
-    chunks: int | None = None
-    ctx: int = 512
-    threads: int | None = None
-    source_dir: Path | None = None
-    reference_logits: Path | None = None
-    hf_compare_max_memory: int | None = None  # bytes of RAM for the source model (None: 3/4 of what is available)
-    require_source_check: bool = True  # a skipped BF16-vs-source comparison makes the ladder not publishable
-    hf_compare_chunks: int = 2
-    ceilings: dict[str, float] | None = None
-    eval_text_name: str | None = None
-    eval_text_source: str | None = None
-    keep_base_logits: Path | None = None
+    # ---- finishing
+    def finish(self) -> Report:
+        """Measure what ladder.json lists and was not measured yet, then the ladder-wide checks and notes, the
+        chart, report.json and the stage record; removes the base logits."""
+        if self._done is not None:
+            return self._done
+        for lf in self.ladder_files():
+            self.measure(lf)
+        wd = self.job.wd
+        ladder = wd.ladder()
+        job = self.job = dataclasses.replace(self.job, ladder=ladder, content=wd.content(ladder))
+        total = self._total()
+        job.step("checks", total - 1, total)
+        t0 = time.monotonic()
+        projector = checks_mod.projector_check(job)
+        if projector is not None:
+            self.checks[mmproj.CHECK] = projector
+        self.seconds["checks"] = time.monotonic() - t0 + self.seconds.pop("reference_checks", 0.0)
+        self.seconds["kld"] = sum(f.seconds.get("kld", 0.0) for f in self.files)
+        self.close()
+        assert self._scoring is not None
+        report = reporting.build(job, self._scoring, self.files, self.checks, self.ref_block, self.seconds)
+        report.notes = ladder_notes(self.files)
+        reporting.write(job, report, record_inputs(job, self._common), self._started)
+        job.hooks.emit(STAGE, PROGRESS, done=total, total=total, text="done")
+        log.info("evaluate: %s: %d/%d files passed on %d chunks in all, publishable=%s (%.0f s)", report.model_name,
+                 sum(f.status == PASSED for f in self.files), len(self.files),
+                 sum(f.chunks or 0 for f in self.files), report.publishable, report.seconds["total"])
+        self._done = report
+        return report
 
+    def close(self) -> None:
+        """Remove (or keep, ``keep_base_logits``) this evaluation's own base logits; safe to call again."""
+        own = self._scoring.own_base if self._scoring is not None else None
+        if own is not None and own.exists():
+            if self.job.opts.keep_base_logits is not None:
+                shutil.move(own, self.job.opts.keep_base_logits)
+            remove_scratch(own)
 
-@dataclasses.dataclass(frozen=True)
-class _Job:
-    """The validated inputs of one evaluation."""
+    def __enter__(self) -> "LadderEvaluation":
+        return self
 
-    wd: WorkDir
-    ladder: Ladder
-    opts: EvalOptions
-    eval_text: Path
-    eval_sha: str
-    cal_sha: str | None
-    src_path: Path | None
-    reference: Path
-    tc: tc_mod.Toolchain
-    hooks: Hooks
-    content: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # WorkDir.content: what is measured
-
-    @property
-    def calibration(self) -> CalibrationInfo | None:
-        return self.ladder.imatrix.calibration if self.ladder.imatrix is not None else None
-
-    def step(self, text: str, done: int, total: int) -> None:
-        self.hooks.step(STAGE, done, total, text)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Scoring:
-    """The tokens every file is scored on: the base-logits file and its shape."""
-
-    ctx: int
-    n_chunks: int
-    text_tokens: int
-    base_path: Path
-    own_base: Path | None  # written by this run (removed at the end), None when given
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def run(workdir: Path | WorkDir, options: EvalOptions, *, toolchain: tc_mod.Toolchain | None = None,
@@ -145,363 +285,7 @@ def run(workdir: Path | WorkDir, options: EvalOptions, *, toolchain: tc_mod.Tool
 
     Progress goes to ``hooks.step("evaluate", done, total, what)``, which may stop the run between steps.
     """
-    started = time.monotonic()
-    job = _prepare(WorkDir(workdir), options, toolchain, hooks)
-    inputs = _record_inputs(job)
-    done = records.complete(job.wd.path, STAGE, inputs)
-    if done is not None and job.wd.has_report():
-        log.info("evaluate: %s already evaluated for these inputs; skipped", _model_name(job))
-        return job.wd.report()
-    seconds: dict[str, float] = {}
-    ref_facts = verify.GgufFacts.read(job.reference)
-    for stale in job.wd.path.glob(f"{records.TMP_MARK}*/base-logits*.kld"):  # left by a killed evaluation
-        _remove_scratch(stale)
-    t0 = time.monotonic()
-    text_tokens = count_tokens(job.tc, job.reference, job.eval_text)
-    seconds["tokenize"] = time.monotonic() - t0
-    ref_block: dict[str, Any] = {"type": job.ladder.reference.type, "path": job.ladder.reference.path,
-                                 "size": job.reference.stat().st_size,
-                                 "sha256": job.content.get(job.ladder.reference.path, {}).get("sha256")}
-    scoring = _scoring(job, len(ref_facts.tokens), text_tokens, ref_block)
-    checks: dict[str, Check] = {}
-    files = _measure(job, scoring, ref_facts, ref_block, checks, seconds)
-    total_steps = len(job.ladder.files) + 3
-    job.step("checks", total_steps - 1, total_steps)
-    t0 = time.monotonic()
-    notes = _check(job, ref_facts, files, checks)
-    seconds["checks"] = time.monotonic() - t0
-    report = _report(job, scoring, files, checks, ref_block, seconds)
-    report.notes = notes
-    _write(job, report, inputs, started)
-    hooks.emit(STAGE, PROGRESS, done=total_steps, total=total_steps, text="done")
-    log.info("evaluate: %s: %d/%d files passed, publishable=%s (%.0f s)", report.model_name,
-             sum(f.status == PASSED for f in files), len(files), report.publishable, seconds["total"])
-    return report
-
-
-def _model_name(job: _Job) -> str:
-    return job.ladder.model_name or job.wd.name
-
-
-def _prepare(wd: WorkDir, opts: EvalOptions, toolchain: tc_mod.Toolchain | None, hooks: Hooks) -> _Job:
-    """Read the ladder and refuse bad inputs before any long run."""
-    eval_text = Path(opts.eval_text)
-    ladder = wd.ladder()
-    if not eval_text.is_file():
-        raise InputError(f"evaluation text not found: {eval_text}")
-    eval_sha = _sha256_text(eval_text)
-    cal_sha = None
-    if opts.calibration_text is not None:
-        if Path(opts.calibration_text).resolve() == eval_text.resolve():
-            raise InputError("the evaluation text is the calibration text: a quant must not be judged on the text "
-                             "it was calibrated on")
-        cal_sha = _sha256_text(Path(opts.calibration_text))
-    cal = ladder.imatrix.calibration if ladder.imatrix is not None else None
-    if eval_sha in {cal_sha, cal.sha256 if cal is not None else None}:
-        raise InputError(f"the evaluation text {eval_text.name} has the same content as the calibration text: a quant "
-                         "must not be judged on the text it was calibrated on")
-    if opts.chunks is not None and opts.chunks < 1:
-        raise InputError(f"chunks must be at least 1, not {opts.chunks}")
-    for k in opts.ceilings or {}:
-        if k != "default":
-            quants.get(k)  # UnknownName for a typo
-    src_path = opts.source_dir or (Path(ladder.source.path) if ladder.source.path else None)
-    tc = toolchain or tc_mod.find(required=True)
-    assert tc is not None
-    reference = wd.path / ladder.reference.path
-    if not reference.exists():
-        raise InputError(f"the reference GGUF {ladder.reference.path} is missing from {wd.path}")
-    verify.require_sandboxed_templates(reference)  # a work dir from elsewhere: its templates pass before any program
-    return _Job(wd=wd, ladder=ladder, opts=opts, eval_text=eval_text, eval_sha=eval_sha, cal_sha=cal_sha,
-                src_path=src_path, reference=reference, tc=tc, hooks=hooks, content=wd.content(ladder))
-
-
-def _record_inputs(job: _Job) -> dict[str, Any]:
-    o = job.opts
-    # every file's full content (a quant changed in place, same size, is measured again) and the source's files
-    source = checkpoint_mod.files_fingerprint(job.src_path, job.wd.path) if job.src_path else None
-    return {"ladder": _ladder_identity(job.ladder), "files": job.content, "source": source,
-            "eval_text": job.eval_sha, "chunks": o.chunks, "ctx": o.ctx,
-            "reference_logits": _fingerprint(o.reference_logits, job.wd.path), "ceilings": o.ceilings or {},
-            "hf_compare_max_memory": o.hf_compare_max_memory, "hf_compare_chunks": o.hf_compare_chunks,
-            "require_source_check": o.require_source_check,
-            "source_dir": str(job.src_path) if job.src_path else None, "toolchain": job.tc.version}
-
-
-def _scoring(job: _Job, n_vocab: int, text_tokens: int, ref_block: dict[str, Any]) -> _Scoring:
-    """Given base logits (their shape decides), or the chunks this run stores the reference's logits for."""
-    o = job.opts
-    if o.reference_logits is not None:
-        base = BaseLogits.open(Path(o.reference_logits))
-        if base.n_vocab != n_vocab:
-            raise InputError(f"reference logits have {base.n_vocab} vocabulary entries, the model {n_vocab}")
-        ref_block["logits"] = {"name": Path(o.reference_logits).name, "chunks": base.n_chunk, "ctx": base.n_ctx,
-                               "given": True}
-        return _Scoring(base.n_ctx, base.n_chunk, text_tokens, Path(o.reference_logits), None)
-    ctx = o.ctx
-    available = text_tokens // ctx
-    if available < 2:
-        raise InputError(f"the evaluation text {job.eval_text.name} has {text_tokens} tokens: at least {2 * ctx} are "
-                         f"needed for a context of {ctx}")
-    n_chunks = min(o.chunks or DEFAULT_CHUNKS, available)
-    if n_chunks * scored_per_chunk(ctx) < 100:
-        n_chunks = min(available, -(-100 // scored_per_chunk(ctx)))  # llama.cpp reports nothing below 100 tokens
-    need = base_logits_bytes(n_vocab, ctx, n_chunks)
-    free = shutil.disk_usage(job.wd.path).free
-    if free < need + DISK_MARGIN:
-        raise DiskSpaceError(str(job.wd.path), need + DISK_MARGIN, free)
-    own = records.tmp_path_for(job.wd.path / "base-logits.kld")
-    own.parent.mkdir(parents=True, exist_ok=True)
-    return _Scoring(ctx, n_chunks, text_tokens, own, own)
-
-
-def _measure(job: _Job, scoring: _Scoring, ref_facts: verify.GgufFacts, ref_block: dict[str, Any],
-             checks: dict[str, Check], seconds: dict[str, float]) -> list[FileResult]:
-    """The reference runs, then every quant against the reference; the base logits removed (or kept) after."""
-    try:
-        _reference_runs(job, scoring, ref_facts, ref_block, checks, seconds)
-        files = [_measure_file(job, scoring, lf, i + 2, len(job.ladder.files) + 3)
-                 for i, lf in enumerate(job.ladder.files)]
-        if "ppl" not in ref_block:
-            first = next((f.stats for f in files if f.stats), None)
-            if first is not None:
-                ref_block.update(ppl=first.ppl_base, ppl_err=first.ppl_base_err)
-    finally:
-        own = scoring.own_base
-        if own is not None:
-            if job.opts.keep_base_logits is not None and own.exists():
-                shutil.move(own, job.opts.keep_base_logits)
-            _remove_scratch(own)
-    seconds["kld"] = sum(f.seconds.get("kld", 0.0) for f in files)
-    return files
-
-
-def _reference_runs(job: _Job, scoring: _Scoring, ref_facts: verify.GgufFacts, ref_block: dict[str, Any],
-                    checks: dict[str, Check], seconds: dict[str, float]) -> None:
-    """Store the reference's log-probabilities, compare it with the source, measure it against given logits."""
-    total = len(job.ladder.files) + 3
-    o = job.opts
-    if scoring.own_base is not None:
-        job.step("base logits", 0, total)
-        log.info("evaluate: base logits of %s over %d chunks of %d tokens (%.2f GB)", job.reference.name,
-                 scoring.n_chunks, scoring.ctx,
-                 base_logits_bytes(len(ref_facts.tokens), scoring.ctx, scoring.n_chunks) / 1e9)
-        ppl, ppl_err, secs = run_base(job.tc, job.reference, job.eval_text, scoring.own_base, ctx=scoring.ctx,
-                                      chunks=scoring.n_chunks, threads=o.threads)
-        ref_block.update(ppl=ppl, ppl_err=ppl_err)
-        seconds["base_logits"] = secs
-    job.step("bf16 vs source", 1, total)
-    t0 = time.monotonic()
-    if job.src_path is None or not job.src_path.is_dir():
-        checks["bf16_vs_source"] = Check.fail("the source checkpoint is not available, so the conversion cannot "
-                                              "be compared with it")
-    else:
-        checks["bf16_vs_source"] = _compare(job, ref_facts, scoring)
-    seconds["source_comparison"] = time.monotonic() - t0
-    if o.reference_logits is not None:  # the variant's own reference, measured against the teacher
-        try:
-            stats, secs = run_kld(job.tc, job.reference, scoring.base_path, ctx=scoring.ctx, threads=o.threads)
-            ref_block.update(dict(stats.figures().items()))
-            ref_block.update(ppl=stats.ppl, ppl_err=stats.ppl_err)
-            seconds["reference_kld"] = secs
-        except (ToolError, ParseError) as e:
-            ref_block["error"] = e.short()
-
-
-def _measure_file(job: _Job, scoring: _Scoring, lf: LadderFile, step: int, total: int) -> FileResult:
-    """One quant's figures against the reference (a failed run is recorded in the result, not raised)."""
-    job.step(f"kld {lf.type}", step, total)
-    fr = FileResult(type=lf.type, path=lf.path, size=int(lf.size or 0), bpw=lf.bpw, bpw_nominal=lf.bpw_nominal,
-                    parts=[{"path": p, **job.content[p]} for p in lf.all_parts if p in job.content])
-    fr.sha256 = fr.parts[0]["sha256"] if fr.parts and fr.parts[0]["path"] == lf.path else None
-    path = job.wd.path / lf.path
-    if not path.exists():
-        fr.error = f"{lf.path} is missing"
-    else:
-        try:
-            fr.stats, fr.seconds["kld"] = run_kld(job.tc, path, scoring.base_path, ctx=scoring.ctx,
-                                                  threads=job.opts.threads)
-        except ToolError as e:
-            fr.error = verify.tool_error_reason(e)
-        except ParseError as e:
-            fr.error = str(e)
-    log.info("evaluate: %s %s", lf.type, f"KLD {fr.stats.kld_mean:.5f} ± {fr.stats.kld_mean_err:.5f}"
-             if fr.stats else f"failed: {fr.error}")
-    return fr
-
-
-def _check(job: _Job, ref_facts: verify.GgufFacts, files: Sequence[FileResult],
-           checks: dict[str, Check]) -> list[str]:
-    """The checks (into ``checks`` and each file's), then the gate's verdict on every file; returns its notes."""
-    job_checks, file_checks = _run_checks(job, ref_facts, files)
-    checks.update(job_checks)
-    for f in files:
-        f.checks.update(file_checks.get(f.type, {}))
-    per_job = {k: v for k, v in checks.items() if k in ("chat_template", "special_tokens", "end_of_reply")}
-    verdict = judge(files, job.opts.ceilings, job_checks=per_job)
-    for f in files:
-        f.reasons = verdict.reasons[f.type]
-        f.status = FAILED if f.reasons else PASSED
-    return verdict.notes
-
-
-def _settings(job: _Job, scoring: _Scoring, files: Sequence[FileResult]) -> dict[str, Any]:
-    o = job.opts
-    return {"chunks": scoring.n_chunks, "chunks_asked": o.chunks, "ctx": scoring.ctx, "threads": o.threads,
-            "ceilings": {f.type: ceiling_for(f, o.ceilings) for f in files},
-            "curve": curve.DEFAULT_RULES.to_json(),
-            "expected_kld": expected_klds(files),
-            "require_source_check": o.require_source_check,
-            "hf_compare": {"max_memory": o.hf_compare_max_memory, "chunks": o.hf_compare_chunks,
-                           "min_top1": COMPARE_MIN_TOP1, "max_kld": COMPARE_MAX_KLD},
-            "n_predict": N_PREDICT, "reference_logits": o.reference_logits is not None}
-
-
-def _texts(job: _Job, scoring: _Scoring) -> dict[str, TextInfo | None]:
-    o, cal = job.opts, job.calibration
-    ev = TextInfo(name=o.eval_text_name or job.eval_text.name, source=_public_source(o.eval_text_source),
-                  sha256=job.eval_sha, bytes=job.eval_text.stat().st_size, tokens=scoring.text_tokens,
-                  tokens_scored=scoring.n_chunks * scored_per_chunk(scoring.ctx), chunks=scoring.n_chunks,
-                  ctx=scoring.ctx)
-    if cal is None and not o.calibration_text:
-        return {"eval": ev, "calibration": None}
-    c = cal or CalibrationInfo()
-    return {"eval": ev, "calibration": TextInfo(
-        name=c.name or (Path(o.calibration_text).name if o.calibration_text else ""),
-        sha256=c.sha256 or job.cal_sha or "", bytes=int(c.bytes or 0), chunks=c.chunks, ctx=c.ctx,
-        source=_public_source(c.source))}
-
-
-def _report(job: _Job, scoring: _Scoring, files: list[FileResult], checks: dict[str, Check],
-            ref_block: dict[str, Any], seconds: dict[str, float]) -> Report:
-    ok, why = publishable(checks, require_source_check=job.opts.require_source_check)
-    src = job.ladder.source
-    source = {k: getattr(src, k) for k in ("repo", "revision", "architecture", "parameters", "has_chat_template",
-                                          "license")}
-    return Report(model_name=_model_name(job), source=source, toolchain=job.ladder.toolchain.to_json(),
-                  tools=_tool_versions(job.tc), texts=_texts(job, scoring), settings=_settings(job, scoring, files),
-                  reference=ref_block, checks=checks, files=files, publishable=ok, reasons=why, seconds=seconds,
-                  file_hashes=dict(job.content))
-
-
-def _write(job: _Job, report: Report, inputs: dict[str, Any], started: float) -> None:
-    """The chart (decoration: its failure is logged), report.json and the stage record."""
-    t0 = time.monotonic()
-    try:
-        report.chart = chart.render(report, job.wd.chart_path).name
-        png = job.wd.chart_path  # published with the quants, so checked like them (bot.publish.commit.verified_hashes)
-        report.file_hashes[report.chart] = {"size": png.stat().st_size,
-                                            "sha256": records.content_sha256(png, job.wd.path)}
-    except Exception as e:  # noqa: BLE001 - a chart is decoration; its failure must not lose the measurements
-        log.warning("evaluate: chart failed: %s", e)
-        report.chart = None
-    report.seconds["chart"] = time.monotonic() - t0
-    report.seconds["total"] = time.monotonic() - started
-    out = job.wd.write_report(report)
-    outputs = [out] + ([job.wd.path / report.chart] if report.chart else [])
-    records.save(job.wd.path, STAGE, inputs, outputs, report.seconds["total"], job.tc.version,
-                 extra={"publishable": report.publishable,
-                        "failed": [f.type for f in report.files if f.status == FAILED]})
-
-
-def _remove_scratch(path: Path) -> None:
-    """Delete a base-logits file (they are large) and its scratch folder when that is left empty."""
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    with contextlib.suppress(OSError):
-        path.parent.rmdir()
-
-
-def _public_source(source: str | None) -> str | None:
-    """A URL or hf:// address may be published; a local path never is."""
-    if source and re.match(r"^(https?|hf)://", source):
-        return source
-    return None
-
-
-def _compare(job: _Job, facts: verify.GgufFacts, scoring: _Scoring) -> Check:
-    """The reference against the source in transformers, on the stored logits (or a short run of its own)."""
-    o = job.opts
-    assert job.src_path is not None
-    spec = CompareSpec(chunks=o.hf_compare_chunks, add_bos=facts.add_bos, bos_id=facts.bos_id,
-                       parameters=job.ladder.source.parameters, max_memory=o.hf_compare_max_memory,
-                       offload_dir=records.tmp_path_for(job.wd.path / "offload"), threads=o.threads)
-    tmp = None
-    try:
-        if scoring.own_base is None:  # measured against someone else's logits: a short run of our own reference
-            tmp = records.tmp_path_for(job.wd.path / "base-logits-compare.kld")
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            run_base(job.tc, job.reference, job.eval_text, tmp, ctx=scoring.ctx, chunks=o.hf_compare_chunks,
-                     threads=o.threads)
-            base = BaseLogits.open(tmp)
-        else:
-            base = BaseLogits.open(scoring.own_base)
-        return compare_with_source(job.src_path, base, spec)
-    except (ToolError, ParseError) as e:
-        return Check.fail(f"the reference could not be run for the comparison: {e.short()}")
-    finally:
-        if tmp is not None:
-            _remove_scratch(tmp)
-
-
-def _source_checks(job: _Job, ref_facts: verify.GgufFacts) -> tuple[dict[str, Check], Any]:
-    """Tokenizer, chat template and special tokens against the source (and its tokenizer, when it loads)."""
-    src = job.src_path
-    if src is None or not src.is_dir():
-        missing = Check.fail("the source checkpoint is not available")
-        return {"tokenizer": missing, "chat_template": missing, "special_tokens": missing}, None
-    return source_checks(job.tc, job.reference, ref_facts, src)
-
-
-
-def _file_checks(job: _Job, path: Path, ref_facts: verify.GgufFacts, prompt: str) -> dict[str, Check]:
-    """A quant's metadata against the reference's, and a short generation."""
-    checks: dict[str, Check] = {}
-    if not path.exists():
-        return checks
-    try:
-        checks["metadata"] = verify.metadata_check(verify.GgufFacts.read(path), ref_facts)
-    except InputError as e:
-        checks["metadata"] = Check.fail(str(e))
-    try:
-        checks["generation"] = verify.generation_check(
-            verify.generate(job.tc, path, prompt, n_predict=N_PREDICT, threads=job.opts.threads))
-    except ToolError as e:
-        checks["generation"] = Check.fail(f"llama.cpp cannot generate with it: {verify.tool_error_reason(e)}")
-    return checks
-
-
-def _run_checks(job: _Job, ref_facts: verify.GgufFacts,
-                files: Sequence[FileResult]) -> tuple[dict[str, Check], dict[str, dict[str, Check]]]:
-    checks, tok = _source_checks(job, ref_facts)
-    prompt, is_chat = verify.prompt_for(ref_facts, tok)
-    try:
-        gen = verify.generate(job.tc, job.reference, prompt, n_predict=N_PREDICT, threads=job.opts.threads)
-        checks["end_of_reply"] = verify.end_of_reply_check(gen, is_chat, N_PREDICT)
-        checks["generation"] = verify.generation_check(gen)
-    except ToolError as e:
-        checks["generation"] = Check.fail(f"the reference does not generate: {verify.tool_error_reason(e)}")
-    per_file = {f.type: _file_checks(job, job.wd.path / f.path, ref_facts, prompt) for f in files}
-    projector = _projector_check(job)
-    if projector is not None:
-        checks[mmproj.CHECK] = projector
-    return checks, per_file
-
-
-def _projector_check(job: _Job) -> Check | None:
-    """A vision-language model's projector files, each loaded in ``llama-mtmd-cli`` with the ladder's largest text
-    model (the reference when no quant is there) on a generated test image: finite embeddings or failed."""
-    projectors = [job.wd.path / p.path for p in job.ladder.projectors]
-    if not projectors:
-        return None
-    missing = [p.name for p in projectors if not p.is_file()]
-    if missing:
-        return Check.fail(f"projector file(s) missing from the work directory: {', '.join(missing)}")
-    by_bits = sorted(job.ladder.files, key=lambda f: -(f.bpw_nominal or 0.0))
-    text_model = next((job.wd.path / f.path for f in by_bits if (job.wd.path / f.path).is_file()), job.reference)
-    scratch = records.tmp_dir_for(job.wd.path)
-    try:
-        return mmproj.projector_check(job.tc, text_model, projectors, scratch, threads=job.opts.threads)
-    finally:
-        with contextlib.suppress(OSError):
-            scratch.rmdir()
+    with LadderEvaluation.open(workdir, options, toolchain=toolchain, hooks=hooks) as ev:
+        for lf in ev.job.ladder.files:
+            ev.measure(lf)
+        return ev.finish()

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import re
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,51 @@ def parse_kld_output(text: str) -> KldStats:
     if not chunk_rows:
         raise ParseError("llama-perplexity output has no per-chunk table")
     values["chunks"] = int(chunk_rows[-1][0])
-    return KldStats(**values)
+    values["kld_mean_err_token"] = values["kld_mean_err"]
+    series = chunk_klds(text, values["kld_mean"])
+    if series and len(series) != values["chunks"]:
+        raise ParseError(f"llama-perplexity's per-chunk table has {len(series)} KLD rows for {values['chunks']} "
+                         "chunks")
+    return KldStats(**values, chunk_kld=series).with_chunk_error()
+
+
+_CHUNK_ROW = re.compile(r"^\s*(\d+)\s+" + _PM + r"\s+" + _PM + r"\s+" + _PM, re.M | re.I)
+
+
+def chunk_klds(text: str, final_mean: float) -> tuple[float, ...]:
+    """The mean KLD of each chunk, from the per-chunk table's running means (``%10.5lf``): chunk i (1-based) is
+    ``i*m_i - (i-1)*m_(i-1)``, then every value is shifted by the same amount so that their mean is the final
+    ``Mean KLD`` (printed to 6 decimals). Each printed running mean is rounded by up to 5e-6, so chunk i carries
+    an error of up to about ``i * 1e-5``: exact enough over a batch of a few chunks (how the sequential
+    evaluation runs it, :mod:`.sequential`), not over hundreds of chunks at a KLD of 1e-3."""
+    running = [(int(m[0]), _float(m[5])) for m in _CHUNK_ROW.findall(text)]
+    if not running:
+        return ()
+    if [i for i, _ in running] != list(range(1, len(running) + 1)):
+        raise ParseError("llama-perplexity's per-chunk table is not in chunk order")
+    out, prev = [], 0.0
+    for i, m in running:
+        out.append(i * m - (i - 1) * prev)
+        prev = m
+    shift = final_mean - running[-1][1]  # the series' mean is exactly the last running mean
+    return tuple(x + shift for x in out)
+
+
+_QUANTILE_LINES = ((0.0, r"Minimum KLD"), (0.001, r"0\.1%\s+KLD"), (0.01, r"1\.0%\s+KLD"),
+                   (0.05, r"5\.0%\s+KLD"), (0.1, r"10\.0%\s+KLD"), (0.5, r"Median\s+KLD"),
+                   (0.9, r"90\.0%\s+KLD"), (0.95, r"95\.0%\s+KLD"), (0.99, r"99\.0%\s+KLD"),
+                   (0.999, r"99\.9%\s+KLD"), (1.0, r"Maximum KLD"))
+
+
+def parse_kld_quantiles(text: str) -> dict[float, float]:
+    """The per-token KLD percentiles llama-perplexity prints ({fraction: value}, 0 the minimum, 1 the maximum)."""
+    out = {}
+    for level, label in _QUANTILE_LINES:
+        m = re.search(r"^\s*" + label + r":\s*" + _NUM, text, re.M | re.I)
+        if not m:
+            raise ParseError(f"llama-perplexity output has no {label.replace(chr(92), '')!r} line")
+        out[level] = _float(m.group(1))
+    return out
 
 
 def parse_base_output(text: str) -> tuple[float, float]:
@@ -157,6 +202,36 @@ class BaseLogits:
         head = np.ascontiguousarray(q[:, :4]).view("<f4").reshape(rows, 2).astype(np.float64)
         return head[:, :1] * q[:, 4:4 + self.n_vocab].astype(np.float64) + head[:, 1:2]
 
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes of one chunk's stored log-probabilities."""
+        return scored_per_chunk(self.n_ctx) * self.nv * 2
+
+    def write_view(self, out: Path, start: int, stop: int) -> "BaseLogits":
+        """A base-logits file holding chunks ``[start, stop)`` of this one (llama-perplexity then scores exactly
+        those chunks), copied in blocks: neither file is ever held in memory."""
+        if not 0 <= start < stop <= self.n_chunk:
+            raise InputError(f"chunks [{start}, {stop}) are not within the {self.n_chunk} chunks of {self.path.name}")
+        n = stop - start
+        with open(self.path, "rb") as src, open(out, "wb") as dst:
+            dst.write(LOGITS_MAGIC + struct.pack("<Iii", self.n_ctx, self.n_vocab, n))
+            _copy_range(src, dst, 20 + 4 * self.n_ctx * start, 4 * self.n_ctx * n)
+            _copy_range(src, dst, self.header_bytes + start * self.chunk_bytes, n * self.chunk_bytes)
+        return BaseLogits.open(out)
+
+
+_COPY_BLOCK = 16 << 20
+
+
+def _copy_range(src: Any, dst: Any, offset: int, length: int) -> None:
+    src.seek(offset)
+    while length > 0:
+        block = src.read(min(_COPY_BLOCK, length))
+        if not block:
+            raise InputError(f"{Path(src.name).name} ends before byte {offset + length}")
+        dst.write(block)
+        length -= len(block)
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,6 +282,14 @@ def run_kld(tc: tc_mod.Toolchain, model: Path, base: Path, *, ctx: int,
     stats, seconds = _run_parsed(argv, parse_kld_output)
     return stats, seconds
 
+
+
+def run_kld_batch(tc: tc_mod.Toolchain, model: Path, base: Path, *, ctx: int,
+                  threads: int | None = None) -> tuple[KldStats, dict[float, float], float]:
+    """:func:`run_kld` that also returns the KLD percentiles (what batches are combined with)."""
+    argv = _perplexity_argv(tc, model, threads) + ["-c", str(ctx), "--kl-divergence-base", base, "--kl-divergence"]
+    (stats, quantiles), seconds = _run_parsed(argv, lambda t: (parse_kld_output(t), parse_kld_quantiles(t)))
+    return stats, quantiles, seconds
 
 
 def count_tokens(tc: tc_mod.Toolchain, gguf: Path, text: Path) -> int:

@@ -1,9 +1,20 @@
 """The gate (pure): ceilings, the verdict on every file, and whether a ladder may be published at all.
 
-:func:`judge` marks a file failed when its figures are not finite, when it is far above the ladder's own curve
+A file fails when its figures are not finite, when it is far above the ladder's own curve
 (:mod:`converters.ladder.evaluate.curve`), when its mean KLD is above the ceiling for its type, or when one of
 its checks failed; an order inversion is a note. When the BF16-vs-source comparison or the tokenizer check
 fails, or the comparison could not run (unless ``require_source_check`` is off), :func:`publishable` says no.
+
+Two ways to apply it:
+
+- :func:`judge_file`, what the evaluation uses: one file as soon as it is measured, against the files measured
+  *before* it. Its verdict is final (the file may be published before the rest of the ladder exists), so the
+  curve it is judged on is the one of the earlier files, without those of them found far above it; a later
+  outlier fails only itself, never an earlier file. A file measured first has no curve yet (its ceiling and
+  checks still apply). Measured in the same order, a ladder gets the same verdicts however it is evaluated
+  (``run`` measures in ladder.json's order). :func:`thresholds` gives the mean KLDs at which that verdict
+  changes, for the sequential evaluation's "the verdict cannot change any more" stop.
+- :func:`judge`: every file against all the others at once (re-judging a finished ladder's figures).
 """
 
 from __future__ import annotations
@@ -101,6 +112,63 @@ def judge(files: Sequence[FileResult], ceilings: Mapping[str, float] | None = No
     for key, outlier in far.items():
         out[key].append(outlier.reason())
     return Verdict(out, curve.inversions(points, rules, skip=set(far)))
+
+
+def judge_file(f: FileResult, earlier: Sequence[FileResult], ceilings: Mapping[str, float] | None = None, *,
+               job_checks: Mapping[str, Check] | None = None,
+               rules: curve.CurveRules = curve.DEFAULT_RULES) -> list[str]:
+    """Pure: the reasons ``f`` fails (empty: it passes), judged against the files measured before it only (see the
+    module's docstring): its own figures and checks, its stock file when it is tuned, and the curve of the earlier
+    files that are not themselves far above it."""
+    why = _file_reasons(f, ceilings, job_checks or {})
+    tuned = tuned_reasons([*earlier, f]).get(f.type)
+    if tuned is not None:
+        why.append(tuned)
+    mine = curve_points([f])
+    if mine:
+        e = _earlier_curve(mine[0], earlier, rules)
+        if e is not None and curve.is_outlier(mine[0], e, rules):
+            why.append(curve.Outlier(mine[0], e, rules).reason())
+    return why
+
+
+def _earlier_curve(p: curve.Point, earlier: Sequence[FileResult], rules: curve.CurveRules) -> curve.Expected | None:
+    points = [q for q in curve_points(earlier) if q.key != p.key]
+    far = curve.outliers(points, rules)
+    return curve.expected(p, [q for q in points if q.key not in far], rules)
+
+
+def ladder_notes(files: Sequence[FileResult], rules: curve.CurveRules = curve.DEFAULT_RULES) -> list[str]:
+    """The order inversions among ``files`` (in measuring order), leaving out those found far above the curve of
+    the files measured before them."""
+    points = curve_points(files)
+    far = set()
+    for i, f in enumerate(files):
+        mine = curve_points([f])
+        e = _earlier_curve(mine[0], files[:i], rules) if mine else None
+        if e is not None and curve.is_outlier(mine[0], e, rules):
+            far.add(f.type)
+    return curve.inversions(points, rules, skip=far)
+
+
+def thresholds(f: FileResult, earlier: Sequence[FileResult], err: float,
+               ceilings: Mapping[str, float] | None = None,
+               rules: curve.CurveRules = curve.DEFAULT_RULES) -> list[float]:
+    """The mean KLDs at which :func:`judge_file`'s verdict on ``f`` changes, for a standard error ``err``: its
+    ceiling, and the outlier limit of the earlier files' curve at its bits per weight. Empty for a tuned file
+    (judged against its stock file's figures, not a fixed threshold): it is scored to the target precision."""
+    if layout.is_tuned(f.type):
+        return []
+    out = []
+    c = ceiling_for(f, ceilings)
+    if c is not None:
+        out.append(c)
+    bits = nominal_bits(f)
+    if bits is not None:
+        e = _earlier_curve(curve.Point(f.type, float(bits), 0.0, err), earlier, rules)
+        if e is not None:
+            out.append(rules.factor * e.kld + rules.sigmas * err)
+    return out
 
 
 def tuned_reasons(files: Sequence[FileResult]) -> dict[str, str]:

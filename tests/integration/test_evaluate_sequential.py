@@ -1,0 +1,101 @@
+"""The file-by-file, sequential evaluation on the shared SmolLM2 work dir (ctx 256, at most 12 chunks).
+
+One evaluation measures Q8_0 and is dropped (a killed job); a second one resumes: Q8_0 comes from its record,
+not scored again, with the same verdict, and the rest are measured. The batches' views agree with one run over
+the same chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from converters.core.report import PASSED, mean_err
+from converters.core.workdir import WorkDir
+from converters.ladder import evaluate
+from converters.ladder.evaluate import checks as checks_mod
+from converters.ladder.evaluate import evaluation
+from converters.ladder.evaluate import sequential as seq
+
+pytestmark = [pytest.mark.slow, pytest.mark.llama]
+
+TYPES = ("Q8_0", "Q4_K_M", "Q2_K")
+CTX = 256
+CAP = 12
+MIN = 4
+
+
+@pytest.fixture(scope="module")
+def seq_dir(tmp_path_factory, smol_workdir: Path) -> Path:
+    """The shared SmolLM2 work dir cut to Q8_0 / Q4_K_M / Q2_K (files hard-linked)."""
+    wd = tmp_path_factory.mktemp("eval-seq")
+    ladder = json.loads((smol_workdir / "ladder.json").read_text())
+    ladder["files"] = [f for f in ladder["files"] if f["type"] in TYPES]
+    for rel in [ladder["reference"]["path"]] + [p for f in ladder["files"] for p in f["parts"]]:
+        try:
+            os.link(smol_workdir / rel, wd / rel)
+        except OSError:
+            shutil.copy2(smol_workdir / rel, wd / rel)
+    (wd / "ladder.json").write_text(json.dumps(ladder, indent=2))
+    return wd
+
+
+def test_file_by_file_evaluation_resumes_from_its_records(seq_dir: Path, eval_text: Path, calibration_text: Path,
+                                                          toolchain, monkeypatch, tmp_path: Path):
+    keep = tmp_path / "base.kld"
+    opts = evaluate.EvalOptions(eval_text=eval_text, calibration_text=calibration_text, chunks=CAP, ctx=CTX,
+                                threads=2, hf_compare_chunks=1, precision=0.05, min_chunks=MIN,
+                                keep_base_logits=keep)
+    ladder = WorkDir(seq_dir).ladder()
+    ev = evaluate.LadderEvaluation.open(seq_dir, opts, toolchain=toolchain)
+    first = ev.measure(ladder.files[0])
+    s = first.stats
+    assert s is not None and first.status == PASSED, (first.error, first.reasons)
+    assert MIN <= s.chunks <= CAP and len(s.chunk_kld) == s.chunks
+    assert first.stop in (seq.PRECISION_REACHED, seq.VERDICT_SETTLED, seq.CAP)
+    m, e = mean_err(s.chunk_kld)
+    assert s.kld_mean == pytest.approx(m, abs=2e-6) and s.kld_mean_err == pytest.approx(e)
+    if first.stop == seq.PRECISION_REACHED:
+        assert e <= 0.05 * m
+    partial = json.loads((seq_dir / "report.json").read_text())
+    assert [f["type"] for f in partial["files"]] == ["Q8_0"] and partial["pending"] == ["Q4_K_M", "Q2_K"]
+    assert partial["files"][0]["chunks"] == s.chunks and partial["files"][0]["stop"] == first.stop
+    assert (seq_dir / "records" / "evaluate.Q8_0.json").is_file()
+    ev.close()  # the job is killed here: its base logits go
+    assert not list(seq_dir.rglob("*.kld"))
+
+    # the resumed job: the reference's checks answer as before (what they cost is not what is tested here)
+    monkeypatch.setattr(checks_mod, "compare", lambda *a: ev.checks["bf16_vs_source"])
+    monkeypatch.setattr(checks_mod, "reference_checks",
+                        lambda *a: ({k: v for k, v in ev.checks.items() if k != "bf16_vs_source"}, ev._prompt))
+    scored: list[str] = []
+    real = seq.score
+
+    def counting(tc, model, *a, **kw):
+        scored.append(model.name)
+        return real(tc, model, *a, **kw)
+
+    monkeypatch.setattr(evaluation.sequential, "score", counting)
+    report = evaluate.run(seq_dir, opts, toolchain=toolchain)
+    assert scored == [Path(f.path).name for f in ladder.files[1:]]  # Q8_0 was not scored again
+    again = report.file("Q8_0")
+    assert again.to_json() == first.to_json()
+    assert report.pending == [] and [f.type for f in report.files] == list(TYPES)
+    for f in report.files:
+        assert f.status == PASSED, (f.type, f.reasons)
+        assert f.stats is not None and MIN <= f.stats.chunks <= CAP and f.stop is not None
+    assert report.settings["sequential"]["on"] and report.settings["chunks"] == CAP
+
+    # the batches' views give what one run over the same chunks gives
+    q2 = report.file("Q2_K")
+    base = evaluate.BaseLogits.open(keep)
+    view = base.write_view(tmp_path / "view.kld", 0, q2.stats.chunks)
+    whole, _ = evaluate.run_kld(toolchain, seq_dir / q2.path, view.path, ctx=CTX, threads=2)
+    assert whole.kld_mean == pytest.approx(q2.stats.kld_mean, abs=2e-6)
+    assert whole.chunk_kld == pytest.approx(q2.stats.chunk_kld, abs=q2.stats.chunks * 1e-5)
+    assert whole.same_top_p == pytest.approx(q2.stats.same_top_p, abs=1e-4)
+    assert whole.kld_max == pytest.approx(q2.stats.kld_max, abs=1e-6)
