@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from bot.jobs.job import JobSpec, Source, run_job  # noqa: E402
 from converters.core import records  # noqa: E402
 from converters.core.hooks import NULL_HOOKS  # noqa: E402
+from converters.core.report import paired_difference  # noqa: E402
 from converters.ladder import layout, tensorerr, tune  # noqa: E402
 from converters.ladder.job import EvalSettings  # noqa: E402
 from converters.ladder.pipeline import LadderOptions  # noqa: E402
@@ -79,14 +80,11 @@ def _second_workdir(first: Path, second: Path) -> None:
 
 
 def _paired(s: dict[str, Any], t: dict[str, Any]) -> dict[str, Any]:
-    sc, tc = s.get("chunk_kld") or [], t.get("chunk_kld") or []
-    if len(sc) >= 2 and len(sc) == len(tc):
-        d = [a - b for a, b in zip(sc, tc)]
-        m = sum(d) / len(d)
-        sd = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1))
-        return {"gain": m, "err": sd / math.sqrt(len(d)), "paired": True}
+    d = paired_difference(s.get("chunk_kld") or [], t.get("chunk_kld") or [])
+    if d is not None:
+        return {"gain": d[0], "err": d[1], "chunks": d[2], "paired": True}
     return {"gain": s["kld_mean"] - t["kld_mean"], "err": math.hypot(s["kld_mean_err"], t["kld_mean_err"]),
-            "paired": False, "why": "no per-chunk KLD in report.json (evalseq's KldStats.chunk_kld not merged)"}
+            "paired": False, "why": "no per-chunk KLD in report.json"}
 
 
 def _figures(f: dict[str, Any] | None) -> dict[str, Any]:

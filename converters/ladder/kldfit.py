@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from converters.core.report import paired_difference
 from converters.ladder import layout
 
 PRIOR = 1.0  # weight of the prior x_g = 0, in observations at one standard error
@@ -194,9 +195,9 @@ class Paired:
 
 def paired(stock_chunks: Sequence[float], plan_chunks: Sequence[float], stock: tuple[float, float],
            plan: tuple[float, float]) -> Paired:
-    """Per-chunk paired difference when both series cover the same chunks (two or more); otherwise the means'
-    difference with the root of the summed squared errors (``stock``/``plan``: mean, error)."""
-    if len(stock_chunks) >= 2 and len(stock_chunks) == len(plan_chunks):
-        d = np.asarray(stock_chunks, dtype=np.float64) - np.asarray(plan_chunks, dtype=np.float64)
-        return Paired(float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))), True)
+    """Per-chunk paired difference over the chunks both series cover (two or more: ``report.paired_difference``);
+    otherwise the means' difference with the root of the summed squared errors (``stock``/``plan``: mean, error)."""
+    d = paired_difference(stock_chunks, plan_chunks)
+    if d is not None:
+        return Paired(d[0], d[1], True)
     return Paired(stock[0] - plan[0], math.hypot(stock[1], plan[1]), False)

@@ -215,11 +215,6 @@ def solve_budget(name: str, tensors: Sequence[TensorInfo], errors: Mapping[str, 
 # --------------------------------------------------------------------------------------------------
 # Calibration runs
 # --------------------------------------------------------------------------------------------------
-def chunk_klds(stats: KldStats) -> tuple[float, ...]:
-    """The per-chunk mean KLDs when the evaluation's figures carry them (else empty)."""
-    return tuple(getattr(stats, "chunk_kld", ()) or ())
-
-
 @dataclasses.dataclass
 class Scored:
     kld: float
@@ -228,7 +223,7 @@ class Scored:
 
     @classmethod
     def of(cls, s: KldStats) -> "Scored":
-        return cls(s.kld_mean, s.kld_mean_err, chunk_klds(s))
+        return cls(s.kld_mean, s.kld_mean_err, tuple(s.chunk_kld))
 
     def to_json(self) -> dict[str, Any]:
         return {"kld": self.kld, "kld_err": self.err, "chunk_kld": list(self.chunks)}
