@@ -45,7 +45,6 @@ from converters.core.errors import CheckFailed, InputError
 from converters.core.proc import run
 from converters.core.quants import QuantType
 from converters.core.report import KldStats
-from converters.formats import gguf_meta
 from converters.ladder import evaluate, kldfit, layout, tensorerr
 from converters.ladder.kldfit import Fit, Observation
 from converters.ladder.layout import TensorInfo
@@ -91,7 +90,7 @@ class TuneOptions:
 
 def read_types(path: Path) -> dict[str, str]:
     """Tensor name -> ggml type name, read back with gguf-py."""
-    return gguf_meta.tensor_types(path)
+    return tensorerr.tensor_types(path)
 
 
 class Clock:
@@ -121,7 +120,7 @@ def catalogue(reference: Path, quantized: Sequence[Path]) -> list[TensorInfo]:
     """The tensors llama-quantize quantizes: those at least one of ``quantized`` holds in another type than the
     reference (two or more dimensions), in the reference's order."""
     held: set[str] = set()
-    ref = gguf_meta.tensors(reference)
+    ref = tensorerr.tensors(reference)
     ref_type = {t.name: t.tensor_type.name for t in ref}
     for f in quantized:
         held |= {n for n, q in read_types(f).items() if n in ref_type and q != ref_type[n]}
@@ -165,7 +164,7 @@ class Measurer:
         cache = tensorerr.ErrorCache(cache_dir or workdir / TUNE_DIR, key)
         importance = tensorerr.read_importance(imatrix)
         rows = None
-        embd = next((t for t in gguf_meta.tensors(reference) if t.name == tensorerr.TOKEN_EMBD), None)
+        embd = next((t for t in tensorerr.tensors(reference) if t.name == tensorerr.TOKEN_EMBD), None)
         if embd is not None and tensorerr.TOKEN_EMBD not in importance:
             rows = tensorerr.token_frequencies(toolchain, reference, calibration, int(embd.shape[1]), timeout=timeout)
         return cls(toolchain, workdir, reference, imatrix, files, cache, tensorerr.Weights(importance, rows),
@@ -173,7 +172,7 @@ class Measurer:
 
     def errors(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, dict[str, float]]:
         """The error of every wanted pair llama.cpp can produce (pairs it cannot are left out)."""
-        ref = {t.name: t for t in gguf_meta.tensors(self.reference)}
+        ref = {t.name: t for t in tensorerr.tensors(self.reference)}
         hits = sum(len(qs) for qs in wanted.values()) - sum(len(qs) for qs in self.cache.missing(wanted).values())
         for name, qs in self.cache.missing(wanted).items():  # unquantized types: no program needed
             for q in qs:
