@@ -29,7 +29,7 @@ def cheap_dir(smol_workdir, tmp_path_factory) -> Path:
 
 
 def _data(path: Path) -> dict[str, tuple[str, bytes]]:
-    return {t.name: (t.tensor_type.name, bytes(t.data)) for t in gguf_meta.tensors(path)}
+    return {t.name: (t.tensor_type.name, bytes(t.data)) for t in gguf_meta.reader(path).tensors}
 
 
 def test_same_tensor_same_type_same_bytes(cheap_dir, toolchain):
@@ -47,8 +47,9 @@ def test_same_tensor_same_type_same_bytes(cheap_dir, toolchain):
     tf = cheap_dir / "pure-types.txt"
     layout.write_tensor_type_file(tf, picked)
     out = cheap_dir / "pure.gguf"
+    # (a quantized file type: with an unquantized one llama-quantize copies every tensor and ignores the overrides)
     proc.run([toolchain.program("llama-quantize"), "--imatrix", f"{MODEL}-imatrix.gguf", "--pure",
-              "--tensor-type-file", tf, cheap_dir / f"{MODEL}-BF16.gguf", out, "BF16", "2"], timeout=600, cwd=cheap_dir)
+              "--tensor-type-file", tf, cheap_dir / f"{MODEL}-BF16.gguf", out, "Q8_0", "2"], timeout=600, cwd=cheap_dir)
     pure = _data(out)
     out.unlink()
     assert len(picked) >= 3
