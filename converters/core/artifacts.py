@@ -93,7 +93,8 @@ CATALOGUE: tuple[OutputKind, ...] = (
                lambda ladder, report: [p.path for p in published_projectors(ladder, report)],
                owned_in_repo=("*.gguf",)),
     OutputKind("chart", (names.CHART,), "drawn (and hashed) by this evaluation", _chart, required=False),
-    OutputKind("layout", (names.layout("*"), names.tensor_types("*"), names.MEASUREMENTS), "never published"),
+    OutputKind("layout", (names.layout("*"), names.tensor_types("*"), names.MEASUREMENTS,
+                          f"{names.TUNE_DIR}/{names.error_cache('*')}"), "never published"),
     OutputKind("record", (names.record("*"),), "never published"),
 )
 

@@ -75,6 +75,12 @@ def tensor_types(qtype: str) -> str:
     return f"{TUNE_DIR}/{tuned_type(qtype)}.tensor-types.txt"
 
 
+def error_cache(digest: str) -> str:
+    """The tuner's cache of measured errors for one key (the file name inside the cache folder, ``tune/`` by
+    default): ``errors-<digest>.json``."""
+    return f"errors-{digest}.json"
+
+
 def projector(model_name: str, qtype: str) -> str:
     """A vision-language model's multimodal projector: ``mmproj-<Model>-F16.gguf``."""
     return f"mmproj-{model_name}-{qtype.upper()}.gguf"

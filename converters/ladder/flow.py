@@ -36,14 +36,13 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from converters.core import names, quants, records
+from converters.core import quants, records
 from converters.core.errors import CheckFailed, InputError
 from converters.core.hooks import END, SKIP
 from converters.core.report import PASSED, FileResult
@@ -320,7 +319,8 @@ class TuneStage:
             "calibration": p.calibration.sha256 if p.calibration else None,
             "stock": {q.name: ctx.ladder.file(q.name).sha256 for q in points},
             "candidates": list(o.candidates), "probe_chunks": o.probe_chunks, "ctx": o.ctx,
-            "toolchain": ctx.toolchain.version, "method": 1,
+            "toolchain": ctx.toolchain.version, "method": tune.METHOD, "exclude": list(o.exclude), "steps": o.steps,
+            "confirm": o.confirm,
         }
 
     def run(self, ctx: JobContext) -> None:
@@ -360,55 +360,14 @@ class TuneStage:
 
     def _produce(self, ctx: JobContext, p: pipeline.Plan, points: Sequence[quants.QuantType], inputs: dict[str, Any]) -> records.StageRecord:
         wd: Path = ctx.workdir
-        # the stock files' own types are always measured: the stock layout is then one of the solver's choices
-        stock_types = sorted({t for q in points if not ctx.ladder.file(q.name).split
-                              for t in tune.read_types(wd / ctx.ladder.file(q.name).path).values()
-                              if t in layout.QUANT_SIZES and t not in ("F32", *layout.UNQUANTIZED)})
-        candidates = tuple(self.options.candidates) + tuple(t for t in stock_types if t not in self.options.candidates)
-        o = dataclasses.replace(self.options, ctx=self.options.ctx or p.ctx, timeout=self.options.timeout
-                                or ctx.tool_timeout(), candidates=candidates)
-        clock = tune.Clock(o.time_budget)
-        reference = wd / ctx.reference.outputs[0].path
-        imatrix = wd / ctx.imatrix.outputs[0].path if ctx.imatrix is not None else None
-        summary: dict[str, Any] = {"points": {}, "seconds": {}}
-        outputs: list[Path] = []
-
-        def step(text: str, done: int, total: int) -> None:
-            ctx.hooks.step(self.name, done, total, text)
-
-        try:
-            m = tune.measure(reference, wd, toolchain=ctx.toolchain, imatrix=imatrix, calibration=p.calibration.path,
-                        options=o, clock=clock, step=step)
-            tune.save_measurements(wd, m)
-            summary["scales"] = m.scales
-            summary["probes"] = m.probes
-            summary["seconds"]["measure"] = round(clock.elapsed, 3)
-        except tune.TuneStopped as e:
-            summary["stopped"] = str(e)
-            for q in points:
-                summary["points"][q.name] = {"status": "stopped", "reason": str(e)}
-            m = None
-        finally:
-            shutil.rmtree(wd / names.TUNE_DIR / "scratch", ignore_errors=True)
-        for q in points if m is not None else ():
-            t1 = time.monotonic()
-            try:
-                clock.check(f"tuning {q.name}")
-                stock = ctx.ladder.file(q.name)
-                if stock.split:
-                    raise InputError(f"{q.name} is split into parts; tuning of split files is not supported")
-                lay = tune.plan_point(m, q, wd / stock.path)
-                rel = tune.save_layout(wd, q, lay).relative_to(wd).as_posix()
-                out = tune.build(lay, q, reference, wd, wd / tune.file_name(p.model_name, q), toolchain=ctx.toolchain,
-                            imatrix=imatrix, threads=o.threads, timeout=o.timeout)
-                outputs.append(out)
-                summary["points"][q.name] = {"status": "built", "file": out.relative_to(wd).as_posix(),
-                                             "layout": rel, "bytes": out.stat().st_size, "budget": lay.budget,
-                                             "predicted_kld": lay.damage, "stock_predicted_kld": lay.stock_damage,
-                                             "optimal": lay.optimal, "seconds": round(time.monotonic() - t1, 3)}
-                log.info("tune %s: %s", q.name, lay.describe().replace("\n", ";"))
-            except (tune.TuneStopped, InputError, CheckFailed, layout.Infeasible) as e:
-                summary["points"][q.name] = {"status": "not built", "reason": str(e)}
-                log.warning("tune %s: not built: %s", q.name, e)
-        summary["seconds"]["total"] = round(clock.elapsed, 3)
-        return records.save(wd, self.name, inputs, outputs, clock.elapsed, ctx.toolchain.version, extra=summary)
+        o = dataclasses.replace(self.options, ctx=self.options.ctx or p.ctx,
+                                timeout=self.options.timeout or ctx.tool_timeout())
+        t0 = time.monotonic()
+        inp = tune.Inputs(wd, wd / ctx.reference.outputs[0].path,
+                          wd / ctx.imatrix.outputs[0].path if ctx.imatrix is not None else None, p.calibration.path,
+                          p.model_name, {f.type: wd / f.path for f in ctx.ladder.files
+                                         if not f.split and not layout.is_tuned(f.type)}, ctx.toolchain)
+        outputs, summary = tune.run_points(inp, points, o, step=lambda text, done, total: ctx.hooks.step(
+            self.name, done, total, text))
+        return records.save(wd, self.name, inputs, outputs, time.monotonic() - t0, ctx.toolchain.version,
+                            extra=summary)

@@ -312,6 +312,8 @@ def ladder_stages(options: pipeline.LadderOptions, evaluation: EvalSettings | No
                                  timeout=options.timeout)
         if options.tune_candidates:
             topts = dataclasses.replace(topts, candidates=tuple(options.tune_candidates))
+        if options.tune_exclude or not options.tune_confirm:
+            topts = dataclasses.replace(topts, exclude=tuple(options.tune_exclude), confirm=options.tune_confirm)
     if evaluation is not None and options.pipeline:
         stages.append(PipelineStage(evaluation, options.calibration, order=tuple(options.order), tune=topts,
                                     cpu_units=options.cpu_units, timeout=options.timeout))

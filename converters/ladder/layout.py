@@ -106,6 +106,43 @@ def candidates(t: TensorInfo, types: Iterable[str] = DEFAULT_CANDIDATES, *, imat
     return tuple(q for q in types if valid(q, t.row_length) and (imatrix or q not in NEEDS_IMATRIX))
 
 
+def bits_per_weight(ggml_type: str) -> float:
+    """Bits per weight of a ggml type (block bytes x 8 / block elements)."""
+    blk, size = QUANT_SIZES[ggml_type]
+    return size * 8 / blk
+
+
+def neighbours(t: TensorInfo, stock_type: str, types: Iterable[str] = DEFAULT_CANDIDATES, *, steps: int = 1,
+               imatrix: bool = True, always: Iterable[str] = ()) -> tuple[str, ...]:
+    """The candidate types of ``t`` around its stock type: the valid types of ``types`` whose bits per weight are
+    within ``steps`` distinct levels of the stock type's, plus the stock type itself and ``always`` (where valid).
+
+    Levels are the distinct bits-per-weight values of the valid types (``Q4_0`` and ``IQ4_NL`` share 4.5), so one
+    step up from ``Q4_0`` on a 32-block row is the next size that exists for that row, whatever its name."""
+    valid_types = [q for q in dict.fromkeys(types) if q in QUANT_SIZES and q in candidates(t, (q,), imatrix=imatrix)]
+    levels = sorted({bits_per_weight(q) for q in valid_types} | {bits_per_weight(stock_type)})
+    i = levels.index(bits_per_weight(stock_type))
+    lo, hi = levels[max(0, i - steps)], levels[min(len(levels) - 1, i + steps)]
+    out = [q for q in valid_types if lo <= bits_per_weight(q) <= hi]
+    extra = [stock_type] + [q for q in always if q in QUANT_SIZES and valid(q, t.row_length)]
+    return tuple(dict.fromkeys(out + extra))
+
+
+def prune_dominated(opts: Sequence["Option"]) -> list["Option"]:
+    """Options that no other option beats on both bytes and damage (ties: the first in type order is kept).
+
+    A dominated type can never be part of an optimal plan (swapping it for its dominator saves bytes or damage and
+    loses neither), so pruning before solving changes no answer and shrinks the exact program."""
+    ordered = sorted(opts, key=lambda o: (o.bytes, o.damage, o.type))
+    kept: list[Option] = []
+    best = math.inf
+    for o in ordered:
+        if o.damage < best:
+            kept.append(o)
+            best = o.damage
+    return kept
+
+
 # --------------------------------------------------------------------------------------------------
 # The solver
 # --------------------------------------------------------------------------------------------------
@@ -366,22 +403,32 @@ class Layout:
 def plan_layout(size_point: str, tensors: Sequence[TensorInfo], damage: Mapping[str, Mapping[str, float]],
                 budget: int, fixed_bytes: int, *, stock_types: Mapping[str, str] | None = None,
                 scales: Mapping[str, float] | None = None, exact_states: int = 200_000,
-                extra: Mapping[str, Any] | None = None) -> Layout:
+                extra: Mapping[str, Any] | None = None, change_penalty: float = 0.0) -> Layout:
     """Solve one size point. ``damage[tensor][type]`` is the predicted expected KLD of that tensor in that type
     (only measured pairs are candidates; a pair whose type is not valid for the row length is never one).
-    ``budget`` is the whole file's byte limit, ``fixed_bytes`` what lies outside the planned tensors."""
+    ``budget`` is the whole file's byte limit, ``fixed_bytes`` what lies outside the planned tensors.
+
+    Dominated options are pruned before solving (:func:`prune_dominated`). ``change_penalty`` (expected KLD) is
+    added to every type other than a tensor's stock type while solving: a larger penalty keeps the plan closer to
+    the stock layout (the shrink step of :mod:`converters.ladder.tune`); the plan's damages stay the predicted
+    ones, without the penalty."""
+    stock = dict(stock_types or {})
     items: list[list[Option]] = []
     for t in tensors:
-        opts = [Option(q, tensor_bytes(t, q), float(d)) for q, d in damage.get(t.name, {}).items()
+        opts = [Option(q, tensor_bytes(t, q), float(d) + (change_penalty if stock and q != stock.get(t.name) else 0.0))
+                for q, d in damage.get(t.name, {}).items()
                 if q in QUANT_SIZES and valid(q, t.row_length) and math.isfinite(d)]
-        opts.sort(key=lambda o: (o.bytes, o.damage, o.type))
         if not opts:
             raise InputError(f"{t.name}: no measured candidate type")
-        items.append(opts)
+        items.append(prune_dominated(opts))
     sol = solve(items, budget - fixed_bytes, exact_states=exact_states)
-    stock = dict(stock_types or {})
-    plans = tuple(TensorPlan(t.name, t.kind, tuple(t.shape), items[i][j].type, items[i][j].bytes, items[i][j].damage,
-                             stock.get(t.name), tuple(items[i]))
+
+    def real(t: TensorInfo, o: Option) -> Option:
+        return Option(o.type, o.bytes, float(damage[t.name][o.type]))
+
+    plans = tuple(TensorPlan(t.name, t.kind, tuple(t.shape), items[i][j].type, items[i][j].bytes,
+                             float(damage[t.name][items[i][j].type]), stock.get(t.name),
+                             tuple(real(t, o) for o in items[i]))
                   for i, (t, j) in enumerate(zip(tensors, sol.choice)))
     stock_damage = None
     if stock:

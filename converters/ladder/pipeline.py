@@ -158,6 +158,8 @@ class LadderOptions:
     order: tuple[str, ...] = ("Q4_K_M", "Q8_0", "Q6_K", "Q5_K_M")  # publish order: made and measured first
     pipeline: bool = True  # an evaluated ladder is made and measured as tasks (converters.ladder.flow); off: in a row
     cpu_units: int | None = None  # CPU-heavy programs at once in the pipeline (None: flow.CPU_UNITS, measured)
+    tune_exclude: tuple[str, ...] = ()  # ggml types never chosen as a change from stock (benchmarks/layout.py)
+    tune_confirm: bool = True  # keep a tuned file only when it beats the stock file on the calibration text
 
 
 def _check_options(o: LadderOptions, types: tuple[quants.QuantType, ...]) -> None:

@@ -1,46 +1,38 @@
 """Stage tune: per-tensor layouts measured on the model itself, one tuned file per size point.
 
-The design, and why:
+The design, and why (issue 21; issue 12's first version quantized the whole model once per candidate type and
+probed each tensor group alone: 8.2x the stock files' cost, and one scale per kind missed Q3_K_M by 6x):
 
-1. **Error per tensor and type, measured.** The BF16 reference is quantized once per candidate type with
-   ``llama-quantize --pure --imatrix`` and one ``--tensor-type`` rule that sends every tensor to that type (the
-   same quantizer, importance matrix and fallbacks the published files get). Each tensor is read back with
-   gguf-py's reader and dequantizer and compared with the reference: the error is the importance-weighted squared
-   error ``sum_col imp[col] * sum_row (w - q)^2`` with ``imp = in_sum2 / counts`` from the imatrix (the mean
-   square of each input column on the calibration text), i.e. the expected squared change of the tensor's output
-   on that text. Tensors without an imatrix entry (a token embedding is a lookup) weigh every column alike. A
-   pair is only kept when the file really holds the tensor in that type (llama.cpp falls back for rows that do
-   not divide into the type's blocks), so only valid pairs become candidates. The reference type itself costs 0
-   and F16 is measured by rounding, without a program.
-2. **Error to expected KLD, measured.** Errors of different tensor kinds do not hurt alike (a key projection
-   and a down projection with the same squared error move the logits differently), so each kind group gets a
-   scale fitted on a single-group probe: that group at its smallest measured type, every other tensor at Q8_0,
-   mean KLD against the BF16 reference on the calibration text (``llama-perplexity --kl-divergence``, as
-   :mod:`converters.ladder.evaluate` does on the evaluation text). With ``K0`` the all-Q8_0 file's KLD,
-   ``scale = (K_probe - K0) / (E_group(probe) - E_group(Q8_0))``. The predicted damage of a tensor in a type is
-   ``scale(kind) * error``; for small errors KLD is close to a quadratic form of the logit change, so damages
-   of independent tensors add.
-3. **Solve and build.** :mod:`converters.ladder.layout` picks the type per tensor that minimises the summed damage
-   under the stock file's byte size (the stock file's own types are always measured, so the stock layout is one
-   of the candidates and the prediction never loses);
-   the plan is ``tune/<TYPE>-tuned.layout.json`` plus the ``--tensor-type-file`` given to llama-quantize with
-   the size point's own type; the file's tensor types are read back and must equal the plan.
-4. **Verified like every file.** The tuned file joins ``ladder.json`` as type ``<TYPE>-tuned`` (file
-   ``<Model>-<TYPE>-tuned.gguf``), the evaluation measures it on the evaluation text (disjoint from the
-   calibration text the scales were fitted on) and the gate publishes it only when its mean KLD beats the stock
-   file's by more than the two measurement errors combined, at no more bytes (:func:`converters.ladder.layout.tuned_verdict`).
+1. **Candidates around the stock layout.** For each size point, each tensor may take the valid types within one
+   bits-per-weight step of its stock type (:func:`converters.ladder.layout.neighbours`), its stock type, and for
+   ``token_embd``/``output`` also Q8_0 (the ``_L`` layout). Types in ``exclude`` are never a new choice (the
+   benchmark excludes the types that match the source's own grid).
+2. **Errors per tensor and type, measured cheaply** (:mod:`converters.ladder.tensorerr`): read from the ladder's
+   own files first, the rest quantized in packed ``llama-quantize --pure`` runs, all cached by (reference,
+   imatrix, calibration text, toolchain, tensor, type, seed).
+3. **Errors to expected KLD, fitted around the stock layout** (:mod:`converters.ladder.kldfit`): each size
+   point's stock file is scored on ``probe_chunks`` chunks of the calibration text against the reference's
+   logits; scales per tensor kind and depth band are fitted on those runs, and a plan's KLD is predicted as the
+   stock file's measured KLD plus the scaled difference of the errors.
+4. **Solve, build, confirm.** :mod:`converters.ladder.layout` picks the type per tensor that minimises the summed
+   damage within the stock file's bytes (dominated types pruned first). The plan is built (its tensor types read
+   back and checked) and scored on the same calibration chunks as the stock file; it is kept only when it beats
+   the stock file by more than two paired standard errors (per-chunk differences when the KLD figures carry them).
+   Otherwise the plan's run is added to the observations, the scales are refitted, and the plan is solved once more
+   with a penalty on every change from the stock layout (shrunk toward stock); a second miss leaves the size point
+   with its stock file only.
+5. **Verified like every file.** The tuned file joins ``ladder.json`` as type ``<TYPE>-tuned`` and the evaluation
+   measures it on the evaluation text, disjoint from the calibration text, before the gate may publish it.
 
-Tuning stops at ``time_budget`` seconds (the size points not reached get no tuned file and the record says
-so). The probes score ``probe_chunks`` chunks of the calibration text.
+Tuning stops at ``time_budget`` seconds (the size points not reached get no tuned file and the record says so).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -48,15 +40,15 @@ from typing import Any
 
 import numpy as np
 
-from converters.core import names
-from converters.formats import gguf_meta
-from converters.ladder import evaluate
-from converters.ladder import layout
-from converters.core import quants, records
+from converters.core import names, quants, records
 from converters.core.errors import CheckFailed, InputError
-from converters.ladder.layout import TensorInfo
-from converters.core.quants import QuantType
 from converters.core.proc import run
+from converters.core.quants import QuantType
+from converters.core.report import KldStats
+from converters.ladder import evaluate, kldfit, layout, tensorerr
+from converters.ladder.kldfit import Fit, Observation
+from converters.ladder.layout import TensorInfo
+from converters.ladder.tensorerr import read_importance, weighted_error  # noqa: F401  (the tuner's public API)
 from converters.llama.toolchain import Toolchain
 
 log = logging.getLogger(__name__)
@@ -64,25 +56,9 @@ log = logging.getLogger(__name__)
 STAGE = "tune"
 TUNE_DIR = names.TUNE_DIR
 DEFAULT_PROBE_CHUNKS = 8
-PROBE_BASE_TYPE = "Q8_0"
-
-# single-group probes: tensor kinds measured together (a kind not listed is its own group)
-GROUPS: dict[str, tuple[str, ...]] = {
-    "attn_qk": ("attn_q", "attn_k"),
-    "attn_v": ("attn_v",),
-    "attn_output": ("attn_output",),
-    "ffn_gate_up": ("ffn_gate", "ffn_up"),
-    "ffn_down": ("ffn_down",),
-    "token_embd": ("token_embd",),
-    "output": ("output",),
-}
-
-
-def group_of(kind: str) -> str:
-    for g, kinds in GROUPS.items():
-        if kind in kinds:
-            return g
-    return kind
+METHOD = 2  # the stage's record: bump when the method changes
+L_TYPE = "Q8_0"  # the _L layouts' type of the token embedding and the output
+L_KINDS = ("token_embd", "output")
 
 
 def tuned_name(q: QuantType) -> str:
@@ -101,100 +77,29 @@ class TuneStopped(Exception):
 class TuneOptions:
     size_points: tuple[str, ...]
     candidates: tuple[str, ...] = layout.DEFAULT_CANDIDATES
-    probe_chunks: int = DEFAULT_PROBE_CHUNKS
+    exclude: tuple[str, ...] = ()  # never a new choice (the stock file's own types stay candidates)
+    steps: int = 1  # bits-per-weight steps around each tensor's stock type
+    probe_chunks: int = DEFAULT_PROBE_CHUNKS  # calibration chunks the stock files and plans are scored on
     ctx: int = 512
+    confirm: bool = True  # score each plan on the calibration text; shrink toward stock when it does not confirm
     threads: int | None = None
-    time_budget: float | None = None  # seconds for all measurements, probes and solves
+    time_budget: float | None = None  # seconds for all measurements, calibration runs, solves and builds
     timeout: float | None = None  # per program
+    cache_dir: Path | None = None  # where measured errors are kept (default: the work dir's tune/)
 
 
-# --------------------------------------------------------------------------------------------------
-# Reading GGUF files
-# --------------------------------------------------------------------------------------------------
 def read_types(path: Path) -> dict[str, str]:
     """Tensor name -> ggml type name, read back with gguf-py."""
-    return gguf_meta.tensor_types(path)
-
-
-def read_importance(imatrix: Path | None) -> dict[str, np.ndarray]:
-    """The imatrix GGUF's mean squared activation per input column: ``in_sum2 / counts`` per tensor."""
-    if imatrix is None:
-        return {}
-    ts = gguf_meta.tensors(imatrix)
-    sums = {t.name[:-len(".in_sum2")]: t for t in ts if t.name.endswith(".in_sum2")}
-    counts = {t.name[:-len(".counts")]: t for t in ts if t.name.endswith(".counts")}
-    out: dict[str, np.ndarray] = {}
-    for name, s in sums.items():
-        c = counts.get(name)
-        if c is None:
-            continue
-        v = np.asarray(s.data, dtype=np.float64).reshape(-1, int(s.shape[0]))  # (matrices, columns)
-        n = np.asarray(c.data, dtype=np.float64).reshape(-1)
-        n = np.where(n > 0, n, 1.0)[: v.shape[0]]
-        out[name] = (v / n[:, None]).mean(axis=0)
-    return out
-
-
-def _f32(t: Any) -> np.ndarray:
-    return np.asarray(gguf_meta.dequantize(t), dtype=np.float32).reshape(-1, int(t.shape[0]))
-
-
-def weighted_error(ref: np.ndarray, q: np.ndarray, imp: np.ndarray | None) -> float:
-    """``sum_col imp[col] * sum_row (ref - q)^2`` (imp = 1 without an imatrix entry)."""
-    col = np.zeros(ref.shape[1], dtype=np.float64)
-    for i in range(0, ref.shape[0], 2048):  # in slices: a large embedding must not be copied whole in float64
-        d = ref[i:i + 2048].astype(np.float64) - q[i:i + 2048]
-        col += np.einsum("ij,ij->j", d, d)
-    return float(col.sum() if imp is None or imp.shape[0] != col.shape[0] else (col * imp).sum())
-
-
-def catalogue(reference: Path, quantized: Path) -> list[TensorInfo]:
-    """The tensors llama-quantize quantizes (those a Q8_0 file holds in another type than the reference)."""
-    ref = {t.name: t for t in gguf_meta.tensors(reference)}
-    out = []
-    for t in gguf_meta.tensors(quantized):
-        r = ref.get(t.name)
-        if r is not None and t.tensor_type != r.tensor_type and len(t.shape) >= 2:
-            out.append(TensorInfo(t.name, tuple(int(s) for s in t.shape)))
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Measurements
-# --------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Measurements:
-    """What tuning measured: the tensors, error per tensor and type, the probes and the fitted scales."""
-
-    tensors: list[TensorInfo]
-    errors: dict[str, dict[str, float]]  # tensor -> type -> weighted squared error
-    probes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # group -> {kld, err, ...}
-    scales: dict[str, float] = dataclasses.field(default_factory=dict)  # group -> KLD per unit of error
-    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    def damage(self) -> dict[str, dict[str, float]]:
-        """Predicted expected KLD per tensor and type."""
-        out = {}
-        for t in self.tensors:
-            s = self.scales.get(group_of(t.kind), 0.0)
-            out[t.name] = {q: s * e for q, e in self.errors.get(t.name, {}).items()}
-        return out
-
-    def to_json(self) -> dict[str, Any]:
-        return {"tensors": [{"name": t.name, "shape": list(t.shape)} for t in self.tensors], "errors": self.errors,
-                "probes": self.probes, "scales": self.scales, "seconds": self.seconds}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "Measurements":
-        return cls([TensorInfo(t["name"], tuple(t["shape"])) for t in d["tensors"]],
-                   {k: dict(v) for k, v in d["errors"].items()}, dict(d.get("probes") or {}),
-                   dict(d.get("scales") or {}), dict(d.get("seconds") or {}))
+    return tensorerr.tensor_types(path)
 
 
 class Clock:
+    """The time budget, and the seconds spent per kind of work (errors, calibration, solve, builds)."""
+
     def __init__(self, budget: float | None) -> None:
         self.started = time.monotonic()
         self.budget = budget
+        self.spent: dict[str, float] = {}
 
     @property
     def elapsed(self) -> float:
@@ -204,156 +109,151 @@ class Clock:
         if self.budget is not None and self.elapsed > self.budget:
             raise TuneStopped(f"time budget of {self.budget:g} s spent before {what}")
 
-
-def _quantize(tc: Toolchain, reference: Path, out: Path, ftype: str, *, workdir: Path, imatrix: Path | None,
-              rules: Sequence[str] = (), type_file: Path | None = None, pure: bool = False,
-              threads: int | None = None, timeout: float | None = None) -> float:
-    argv: list[Any] = [tc.program("llama-quantize")]
-    if imatrix is not None:
-        argv += ["--imatrix", os.path.relpath(imatrix, workdir)]
-    if pure:
-        argv.append("--pure")
-    for r in rules:
-        argv += ["--tensor-type", r]
-    if type_file is not None:
-        argv += ["--tensor-type-file", os.path.abspath(type_file)]
-    argv += [os.path.abspath(reference), os.path.abspath(out), ftype, str(threads or os.cpu_count() or 1)]
-    return run(argv, timeout=timeout, cwd=workdir).seconds
-
-
-def measure(reference: Path, workdir: Path, *, toolchain: Toolchain, imatrix: Path | None, calibration: Path,
-            options: TuneOptions, clock: Clock | None = None,
-            step: Callable[[str, int, int], None] | None = None) -> Measurements:
-    """Errors per tensor and candidate type, then the per-group scales from single-group probes."""
-    clock = clock or Clock(options.time_budget)
-    scratch = workdir / TUNE_DIR / "scratch"
-    scratch.mkdir(parents=True, exist_ok=True)
-    importance = read_importance(imatrix)
-    ref_tensors = gguf_meta.tensors(reference)
-    ref = {t.name: t for t in ref_tensors}
-    ref_type = {t.name: t.tensor_type.name for t in ref_tensors}
-    seconds: dict[str, float] = {}
-    types = [q for q in options.candidates if q not in layout.UNQUANTIZED]
-    if PROBE_BASE_TYPE not in types:
-        types.append(PROBE_BASE_TYPE)
-    types.sort(key=lambda q: q != PROBE_BASE_TYPE)  # Q8_0 first: it names the tensors and is the probes' base
-    if imatrix is None:
-        types = [q for q in types if q not in layout.NEEDS_IMATRIX]
-    tensors: list[TensorInfo] = []
-    errors: dict[str, dict[str, float]] = {}
-    total = len(types)
-    for i, q in enumerate(types):
-        clock.check(f"measuring {q}")
-        out = scratch / f"all-{q}.gguf"
-        t0 = time.monotonic()
-        _quantize(toolchain, reference, out, PROBE_BASE_TYPE, workdir=workdir, imatrix=imatrix, rules=[f".={q}"],
-                  pure=True, threads=options.threads, timeout=options.timeout)
-        if not tensors:
-            tensors = catalogue(reference, out)
-            for t in tensors:
-                errors[t.name] = {}
-                rt = ref_type[t.name]
-                if rt in layout.UNQUANTIZED:
-                    errors[t.name][rt] = 0.0
-                if "F16" in options.candidates and rt != "F16":
-                    w = _f32(ref[t.name])
-                    errors[t.name]["F16"] = weighted_error(w, w.astype(np.float16).astype(np.float32),
-                                                           importance.get(t.name))
-        names = {t.name for t in tensors}
-        for t in gguf_meta.tensors(out):
-            if t.name in names and t.tensor_type.name == q:
-                errors[t.name][q] = weighted_error(_f32(ref[t.name]), _f32(t), importance.get(t.name))
-        if q != PROBE_BASE_TYPE:
-            out.unlink()
-        seconds[f"measure {q}"] = round(time.monotonic() - t0, 3)
-        if step:
-            step(f"measured {q}", i + 1, total)
-    m = Measurements(tensors, errors, seconds=seconds)
-    _probe(m, reference, workdir, toolchain=toolchain, imatrix=imatrix, calibration=calibration, options=options,
-           clock=clock, base_file=scratch / f"all-{PROBE_BASE_TYPE}.gguf", step=step)
-    return m
-
-
-def _probe(m: Measurements, reference: Path, workdir: Path, *, toolchain: Toolchain, imatrix: Path | None,
-           calibration: Path, options: TuneOptions, clock: Clock, base_file: Path,
-           step: Callable[[str, int, int], None] | None) -> None:
-    scratch = base_file.parent
-    base_logits = scratch / "calibration.kld"
-    t0 = time.monotonic()
-    evaluate.run_base(toolchain, reference, calibration, base_logits, ctx=options.ctx, chunks=options.probe_chunks,
-                      threads=options.threads)
-    m.seconds["probe base"] = round(time.monotonic() - t0, 3)
-    k0, s = evaluate.run_kld(toolchain, base_file, base_logits, ctx=options.ctx, threads=options.threads)
-    m.seconds["probe Q8_0"] = round(s, 3)
-    m.probes["all-Q8_0"] = {"kld_mean": k0.kld_mean, "kld_mean_err": k0.kld_mean_err}
-    groups: dict[str, list[TensorInfo]] = {}
-    for t in m.tensors:
-        groups.setdefault(group_of(t.kind), []).append(t)
-    total = len(groups)
-    for i, (g, ts) in enumerate(groups.items()):
-        clock.check(f"probing {g}")
-        t0 = time.monotonic()
-        probe_types = {}
-        for t in ts:  # the smallest measured type: the clearest signal
-            cands = [q for q in m.errors[t.name] if q not in layout.UNQUANTIZED]
-            probe_types[t.name] = min(cands, key=lambda q: (layout.tensor_bytes(t, q), q)) if cands else PROBE_BASE_TYPE
-        e_probe = math.fsum(m.errors[t.name].get(probe_types[t.name], 0.0) for t in ts)
-        e_base = math.fsum(m.errors[t.name].get(PROBE_BASE_TYPE, 0.0) for t in ts)
-        types = {t.name: probe_types.get(t.name, PROBE_BASE_TYPE) for t in m.tensors}
-        types.update({t.name: PROBE_BASE_TYPE for t in m.tensors if t.name not in probe_types})
-        tf = scratch / f"probe-{g}.txt"
-        layout.write_tensor_type_file(tf, types)
-        out = scratch / f"probe-{g}.gguf"
-        _quantize(toolchain, reference, out, PROBE_BASE_TYPE, workdir=workdir, imatrix=imatrix, type_file=tf,
-                  pure=True, threads=options.threads, timeout=options.timeout)
-        k, _ = evaluate.run_kld(toolchain, out, base_logits, ctx=options.ctx, threads=options.threads)
-        out.unlink()
-        tf.unlink()
-        delta = k.kld_mean - k0.kld_mean
-        m.probes[g] = {"kld_mean": k.kld_mean, "kld_mean_err": k.kld_mean_err, "error": e_probe,
-                       "error_q8_0": e_base, "types": sorted(set(probe_types.values()))}
-        m.scales[g] = max(delta, 0.0) / (e_probe - e_base) if e_probe > e_base else 0.0
-        m.seconds[f"probe {g}"] = round(time.monotonic() - t0, 3)
-        if step:
-            step(f"probed {g}", i + 1, total)
-    # a probe lost in the noise (no measurable KLD) still must not make its group free: the smallest positive scale
-    positive = [s for s in m.scales.values() if s > 0]
-    floor = min(positive) if positive else 1.0
-    for g in m.scales:
-        if m.scales[g] <= 0:
-            m.scales[g] = floor
-            m.probes[g]["scale_floored"] = True
-    base_logits.unlink(missing_ok=True)
-    base_file.unlink(missing_ok=True)
+    def add(self, kind: str, seconds: float) -> None:
+        self.spent[kind] = round(self.spent.get(kind, 0.0) + seconds, 3)
 
 
 # --------------------------------------------------------------------------------------------------
-# Planning and building one size point
+# The model's tensors, their candidates, their errors (the API the memory-budget files share)
 # --------------------------------------------------------------------------------------------------
-def plan_point(m: Measurements, q: QuantType, stock_file: Path, *, margin: int = 1024) -> layout.Layout:
-    """The layout for size point ``q``: the budget is the stock file's size (``margin`` bytes kept for metadata)."""
-    stock = read_types(stock_file)
-    size = stock_file.stat().st_size
-    planned = [t for t in m.tensors if t.name in stock]
-    fixed = size - sum(layout.tensor_bytes(t, stock[t.name]) for t in planned)
-    damage = m.damage()
-    return layout.plan_layout(q.name, planned, damage, size - margin, fixed,
-                              stock_types={t.name: stock[t.name] for t in planned}, scales=m.scales,
-                              extra={"stock_bytes": size, "stock_file": stock_file.name})
+def catalogue(reference: Path, quantized: Sequence[Path]) -> list[TensorInfo]:
+    """The tensors llama-quantize quantizes: those at least one of ``quantized`` holds in another type than the
+    reference (two or more dimensions), in the reference's order."""
+    held: set[str] = set()
+    ref = tensorerr.tensors(reference)
+    ref_type = {t.name: t.tensor_type.name for t in ref}
+    for f in quantized:
+        held |= {n for n, q in read_types(f).items() if n in ref_type and q != ref_type[n]}
+    return [TensorInfo(t.name, tuple(int(s) for s in t.shape)) for t in ref if t.name in held and len(t.shape) >= 2]
+
+
+def candidates(tensors: Sequence[TensorInfo], stock: Mapping[str, str], options: TuneOptions, *,
+               imatrix: bool) -> dict[str, tuple[str, ...]]:
+    """Per tensor, the types the solver may choose at one size point (see the module doc, point 1)."""
+    allowed = [q for q in options.candidates if q not in options.exclude]
+    out = {}
+    for t in tensors:
+        st = stock[t.name]
+        always = (L_TYPE,) if t.kind in L_KINDS and L_TYPE not in options.exclude else ()
+        out[t.name] = layout.neighbours(t, st, allowed, steps=options.steps, imatrix=imatrix, always=always)
+    return out
+
+
+@dataclasses.dataclass
+class Measurer:
+    """Errors per (tensor, type) on demand: cache, then the ladder's files, then packed quantize runs."""
+
+    toolchain: Toolchain
+    workdir: Path
+    reference: Path
+    imatrix: Path | None
+    files: Sequence[Path]  # the ladder's stock files (not split) to read pairs from
+    cache: tensorerr.ErrorCache
+    weights: tensorerr.Weights
+    threads: int | None = None
+    timeout: float | None = None
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # reading the files, the packed runs
+
+    @classmethod
+    def open(cls, toolchain: Toolchain, workdir: Path, reference: Path, imatrix: Path | None, calibration: Path,
+             files: Sequence[Path], *, cache_dir: Path | None = None, threads: int | None = None,
+             timeout: float | None = None) -> "Measurer":
+        key = tensorerr.CacheKey(records.content_sha256(reference), records.content_sha256(imatrix) if imatrix else None,
+                                 records.sha256_file(calibration), toolchain.version)
+        cache = tensorerr.ErrorCache(cache_dir or workdir / TUNE_DIR, key)
+        importance = tensorerr.read_importance(imatrix)
+        rows = None
+        embd = next((t for t in tensorerr.tensors(reference) if t.name == tensorerr.TOKEN_EMBD), None)
+        if embd is not None and tensorerr.TOKEN_EMBD not in importance:
+            rows = tensorerr.token_frequencies(toolchain, reference, calibration, int(embd.shape[1]), timeout=timeout)
+        return cls(toolchain, workdir, reference, imatrix, files, cache, tensorerr.Weights(importance, rows),
+                   threads, timeout)
+
+    def errors(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, dict[str, float]]:
+        """The error of every wanted pair llama.cpp can produce (pairs it cannot are left out)."""
+        ref = {t.name: t for t in tensorerr.tensors(self.reference)}
+        hits = sum(len(qs) for qs in wanted.values()) - sum(len(qs) for qs in self.cache.missing(wanted).values())
+        for name, qs in self.cache.missing(wanted).items():  # unquantized types: no program needed
+            for q in qs:
+                rt = ref[name].tensor_type.name
+                if q == rt:
+                    self.cache.put(name, q, 0.0)
+                elif q == "F16":  # rounding, no program
+                    w = tensorerr.f32(ref[name])
+                    self.cache.put(name, q, self.weights.error(name, w, w.astype(np.float16).astype(np.float32)))
+                elif q in layout.UNQUANTIZED:
+                    self.cache.put(name, q, None)
+        t0 = time.monotonic()
+        from_files = tensorerr.errors_from_files(self.reference, self.files, wanted, self.weights, self.cache)
+        self.cache.save()
+        t1 = time.monotonic()
+        runs, packed = tensorerr.quantize_missing(self.toolchain, self.reference, self.workdir,
+                                                  self.workdir / TUNE_DIR / "scratch", wanted, self.weights,
+                                                  self.cache, imatrix=self.imatrix, threads=self.threads,
+                                                  timeout=self.timeout)
+        self.cache.save()
+        self.seconds["from_files"] = round(self.seconds.get("from_files", 0.0) + t1 - t0, 3)
+        self.seconds["packed"] = round(self.seconds.get("packed", 0.0) + time.monotonic() - t1, 3)
+        for k, v in (("cached", hits), ("from_files", from_files), ("quantize_runs", runs), ("quantized", packed)):
+            self.counts[k] = self.counts.get(k, 0) + v
+        return self.cache.table(wanted)
+
+
+def solve_budget(name: str, tensors: Sequence[TensorInfo], errors: Mapping[str, Mapping[str, float]],
+                 fit: Fit, budget: int, fixed_bytes: int, *, stock_types: Mapping[str, str] | None = None,
+                 change_penalty: float = 0.0, extra: Mapping[str, Any] | None = None) -> layout.Layout:
+    """The layout with the least predicted KLD within ``budget`` bytes (``fixed_bytes`` of them outside the
+    planned tensors), from measured errors and fitted scales."""
+    groups = {t.name: kldfit.group(t.name, kldfit.n_layers([x.name for x in tensors])) for t in tensors}
+    dmg = kldfit.damage({t.name: errors[t.name] for t in tensors}, groups, fit)
+    return layout.plan_layout(name, tensors, dmg, budget, fixed_bytes, stock_types=stock_types,
+                              scales=dict(fit.scales), extra=extra, change_penalty=change_penalty)
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration runs
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Scored:
+    kld: float
+    err: float
+    chunks: tuple[float, ...]
+
+    @classmethod
+    def of(cls, s: KldStats) -> "Scored":
+        return cls(s.kld_mean, s.kld_mean_err, tuple(s.chunk_kld))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kld": self.kld, "kld_err": self.err, "chunk_kld": list(self.chunks)}
+
+
+def compare(stock: Scored, plan: Scored) -> kldfit.Paired:
+    return kldfit.paired(stock.chunks, plan.chunks, (stock.kld, stock.err), (plan.kld, plan.err))
+
+
+# --------------------------------------------------------------------------------------------------
+# Building one plan
+# --------------------------------------------------------------------------------------------------
+def fixed_bytes(stock_file: Path, tensors: Sequence[TensorInfo], stock: Mapping[str, str]) -> int:
+    return stock_file.stat().st_size - sum(layout.tensor_bytes(t, stock[t.name]) for t in tensors)
 
 
 def build(layout_: layout.Layout, q: QuantType, reference: Path, workdir: Path, out: Path, *, toolchain: Toolchain,
           imatrix: Path | None, threads: int | None = None, timeout: float | None = None) -> Path:
     """Quantize with the layout's ``--tensor-type-file``; check the file's types and size against the plan."""
-    tdir = workdir / TUNE_DIR
-    tdir.mkdir(parents=True, exist_ok=True)
+    (workdir / TUNE_DIR).mkdir(parents=True, exist_ok=True)
     tf = workdir / names.tensor_types(q.name)
     layout.write_tensor_type_file(tf, layout_.types)
     tmp = records.tmp_path_for(out)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _quantize(toolchain, reference, tmp, q.base_name, workdir=workdir, imatrix=imatrix, type_file=tf,
-                  threads=threads, timeout=timeout)
+        argv: list[Any] = [toolchain.program("llama-quantize")]
+        if imatrix is not None:
+            argv += ["--imatrix", os.path.relpath(imatrix, workdir)]
+        argv += ["--tensor-type-file", os.path.abspath(tf), os.path.abspath(reference), os.path.abspath(tmp),
+                 q.base_name, str(threads or os.cpu_count() or 1)]
+        run(argv, timeout=timeout, cwd=workdir)
         got = read_types(tmp)
         wrong = {n: (t, got.get(n)) for n, t in layout_.types.items() if got.get(n) != t}
         if wrong:
@@ -379,24 +279,10 @@ def save_layout(workdir: Path, q: QuantType, lay: layout.Layout) -> Path:
     return p
 
 
-def load_measurements(workdir: Path) -> Measurements | None:
-    p = workdir / names.MEASUREMENTS
-    if not p.exists():
-        return None
-    return Measurements.from_json(json.loads(p.read_text()))
-
-
-def save_measurements(workdir: Path, m: Measurements) -> Path:
-    p = workdir / names.MEASUREMENTS
-    p.parent.mkdir(parents=True, exist_ok=True)
-    records.write_json_atomic(p, m.to_json())
-    return p
-
-
-def check_points(names: Sequence[str], ladder: Sequence[str]) -> tuple[QuantType, ...]:
+def check_points(names_: Sequence[str], ladder: Sequence[str]) -> tuple[QuantType, ...]:
     """The size points to tune: known types that are in the ladder (the stock file is the budget)."""
     out = []
-    for n in names:
+    for n in names_:
         q = quants.get(n)
         if q.name not in ladder:
             raise InputError(f"tune {q.name}: not in the ladder (the stock file of a size point sets its budget)")
@@ -408,5 +294,187 @@ def check_points(names: Sequence[str], ladder: Sequence[str]) -> tuple[QuantType
 
 
 # --------------------------------------------------------------------------------------------------
-# The stage
+# The size points
 # --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What the stage hands to :func:`run_points`: the work dir's files and the toolchain."""
+
+    workdir: Path
+    reference: Path
+    imatrix: Path | None
+    calibration: Path
+    model_name: str
+    stock_files: Mapping[str, Path]  # every stock file of the ladder that is not split, by type name
+    toolchain: Toolchain
+
+
+@dataclasses.dataclass
+class _Run:
+    inp: Inputs
+    options: TuneOptions
+    clock: Clock
+    step: Callable[[str, int, int], None] | None
+    tensors: list[TensorInfo] = dataclasses.field(default_factory=list)
+    groups: dict[str, str] = dataclasses.field(default_factory=dict)
+    errors: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    obs: list[Observation] = dataclasses.field(default_factory=list)
+    stock: dict[str, Scored] = dataclasses.field(default_factory=dict)  # each stock file on the calibration text
+    base: Path | None = None
+
+    def timed(self, kind: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.monotonic()
+        try:
+            return fn()
+        finally:
+            self.clock.add(kind, time.monotonic() - t0)
+
+    def score(self, model: Path) -> Scored:
+        assert self.base is not None
+        o = self.options
+        return Scored.of(self.timed("calibration", lambda: evaluate.run_kld(self.inp.toolchain, model, self.base,
+                                                                             ctx=o.ctx, threads=o.threads)[0]))
+
+    def group_errors(self, types: Mapping[str, str]) -> dict[str, float]:
+        return kldfit.group_errors({t.name: types[t.name] for t in self.tensors}, self.errors, self.groups)
+
+
+def run_points(inp: Inputs, points: Sequence[QuantType], options: TuneOptions, *,
+               step: Callable[[str, int, int], None] | None = None) -> tuple[list[Path], dict[str, Any]]:
+    """Tune every size point (see the module doc); returns the tuned files and the stage record's summary."""
+    r = _Run(inp, options, Clock(options.time_budget), step)
+    summary: dict[str, Any] = {"method": METHOD, "points": {}, "exclude": list(options.exclude)}
+    outputs: list[Path] = []
+    scratch = inp.workdir / TUNE_DIR / "scratch"
+    try:
+        stock, cands = _measure(r, points, summary)
+        fit = kldfit.fit(r.obs, sorted(set(r.groups.values())))
+        summary["fit"] = fit.to_json()
+        for i, q in enumerate(points):
+            if q.name not in stock:
+                continue
+            try:
+                r.clock.check(f"tuning {q.name}")
+                out, info, fit = _point(r, q, stock[q.name], cands[q.name], fit)
+                if out is not None:
+                    outputs.append(out)
+                summary["points"][q.name] = info
+            except (InputError, CheckFailed, layout.Infeasible) as e:
+                summary["points"][q.name] = {"status": "not built", "reason": str(e)}
+                log.warning("tune %s: not built: %s", q.name, e)
+            if step:
+                step(f"tuned {q.name}", i + 1, len(points))
+        summary["refit"] = fit.to_json()
+    except TuneStopped as e:
+        summary["stopped"] = str(e)
+        for q in points:
+            summary["points"].setdefault(q.name, {"status": "stopped", "reason": str(e)})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    records.write_json_atomic(inp.workdir / names.MEASUREMENTS, {
+        "tensors": [{"name": t.name, "shape": list(t.shape), "group": r.groups.get(t.name)} for t in r.tensors],
+        "errors": r.errors, "observations": [o.to_json() for o in r.obs], "fit": summary.get("refit"),
+        "counts": summary.get("counts")})
+    summary["seconds"] = {**r.clock.spent, "total": round(r.clock.elapsed, 3)}
+    return outputs, summary
+
+
+def _measure(r: _Run, points: Sequence[QuantType], summary: dict[str, Any]
+             ) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, tuple[str, ...]]]]:
+    """Errors of every candidate pair, the base logits and each stock file's calibration KLD."""
+    inp, o = r.inp, r.options
+    stock: dict[str, dict[str, str]] = {}
+    for q in points:
+        if q.name not in inp.stock_files:
+            summary["points"][q.name] = {"status": "not built", "reason": f"{q.name} is split into parts; tuning of "
+                                                                          "split files is not supported"}
+            continue
+        stock[q.name] = read_types(inp.stock_files[q.name])
+    r.tensors = catalogue(inp.reference, [inp.stock_files[n] for n in stock])
+    nl = kldfit.n_layers([t.name for t in r.tensors])
+    r.groups = {t.name: kldfit.group(t.name, nl) for t in r.tensors}
+    cands = {n: candidates(r.tensors, st, o, imatrix=inp.imatrix is not None) for n, st in stock.items()}
+    wanted: dict[str, list[str]] = {}
+    for c in cands.values():
+        for name, qs in c.items():
+            wanted.setdefault(name, [])
+            wanted[name] += [q for q in qs if q not in wanted[name]]
+    r.clock.check("measuring errors")
+    m = r.timed("errors", lambda: Measurer.open(inp.toolchain, inp.workdir, inp.reference, inp.imatrix,
+                                                inp.calibration, list(inp.stock_files.values()),
+                                                cache_dir=o.cache_dir, threads=o.threads, timeout=o.timeout))
+    r.errors = r.timed("errors", lambda: m.errors(wanted))
+    summary["counts"] = {"tensors": len(r.tensors), "pairs": sum(len(v) for v in wanted.values()), **m.counts,
+                         "seconds": m.seconds}
+    if r.step:
+        r.step("measured errors", 0, len(points))
+    r.clock.check("the calibration runs")
+    scratch = inp.workdir / TUNE_DIR / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    r.base = scratch / "calibration.kld"
+    r.timed("calibration", lambda: evaluate.run_base(inp.toolchain, inp.reference, inp.calibration, r.base,
+                                                      ctx=o.ctx, chunks=o.probe_chunks, threads=o.threads))
+    for n, st in stock.items():
+        s = r.stock[n] = r.score(inp.stock_files[n])
+        summary["points"][n] = {"stock_calibration": s.to_json()}
+        r.obs.append(Observation(n, s.kld, s.err, r.group_errors(st)))
+    return stock, cands
+
+
+def _point(r: _Run, q: QuantType, stock: Mapping[str, str], cands: Mapping[str, Sequence[str]], fit: Fit
+           ) -> tuple[Path | None, dict[str, Any], Fit]:
+    """Solve, build and confirm one size point (at most two rounds); the file when it is kept."""
+    inp, o = r.inp, r.options
+    stock_file = inp.stock_files[q.name]
+    stock_types = {t.name: stock[t.name] for t in r.tensors}
+    stock_obs = next(x for x in r.obs if x.name == q.name)
+    stock_scored = r.stock[q.name]
+    errors = {t.name: {c: r.errors[t.name][c] for c in cands[t.name] if c in r.errors[t.name]} for t in r.tensors}
+    size = stock_file.stat().st_size
+    fixed = fixed_bytes(stock_file, r.tensors, stock_types)
+    out = inp.workdir / file_name(inp.model_name, q)
+    info: dict[str, Any] = {"stock_calibration": stock_scored.to_json(), "rounds": []}
+    penalty = 0.0
+    last: dict[str, str] | None = None
+    for rnd in (1, 2):
+        lay = r.timed("solve", lambda: solve_budget(q.name, r.tensors, errors, fit, size, fixed,
+                                                     stock_types=stock_types, change_penalty=penalty,
+                                                     extra={"stock_bytes": size, "stock_file": stock_file.name}))
+        changed = sum(1 for t in r.tensors if lay.types[t.name] != stock_types[t.name])
+        predicted = kldfit.predict(stock_obs, r.group_errors(lay.types), fit)
+        row: dict[str, Any] = {"round": rnd, "changed": changed, "penalty": penalty, "predicted_kld": predicted,
+                               "bytes": lay.bytes, "types": lay.type_counts()}
+        info["rounds"].append(row)
+        if changed == 0 or lay.types == last:
+            row["result"] = "the stock layout" if changed == 0 else "the same plan again"
+            break
+        last = lay.types
+        r.clock.check(f"building {q.name}")
+        r.timed("builds", lambda: build(lay, q, inp.reference, inp.workdir, out, toolchain=inp.toolchain,
+                                        imatrix=inp.imatrix, threads=o.threads, timeout=o.timeout))
+        plan = r.score(out)
+        cmp = compare(stock_scored, plan)
+        row.update({"measured_kld": plan.kld, "measured_kld_err": plan.err, "paired": cmp.to_json()})
+        r.obs.append(Observation(f"{q.name}-tuned-{rnd}", plan.kld, plan.err, r.group_errors(lay.types)))
+        if cmp.confirmed or not o.confirm:
+            lay = dataclasses.replace(lay, extra={**dict(lay.extra), "calibration": {
+                "chunks": o.probe_chunks, "ctx": o.ctx, "stock_kld": stock_scored.kld, "predicted_kld": predicted,
+                "measured_kld": plan.kld, "measured_kld_err": plan.err, "paired": cmp.to_json(), "round": rnd}})
+            rel = save_layout(inp.workdir, q, lay).relative_to(inp.workdir).as_posix()
+            info.update({"status": "built", "file": out.relative_to(inp.workdir).as_posix(), "layout": rel,
+                         "bytes": out.stat().st_size, "budget": lay.budget, "predicted_kld": predicted,
+                         "measured_kld": plan.kld, "stock_kld": stock_scored.kld, "optimal": lay.optimal})
+            log.info("tune %s: %s", q.name, lay.describe().replace("\n", ";"))
+            return out, info, fit
+        out.unlink(missing_ok=True)
+        # not confirmed: refit on every run so far, and charge each change its share of the shortfall
+        shortfall = (stock_obs.kld - predicted) - cmp.gain
+        fit = kldfit.fit(r.obs, sorted(set(r.groups.values())))
+        if shortfall <= 0:
+            row["result"] = "gain as predicted but within the noise"
+            break
+        penalty = shortfall / changed
+    info.update({"status": "not built", "reason": "no plan beat the stock file on the calibration text by more "
+                                                  "than two standard errors"})
+    return None, info, fit
+

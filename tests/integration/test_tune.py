@@ -32,7 +32,8 @@ def tuned_workdir(tmp_path_factory, calibration_text, toolchain) -> Path:
     spec = JobSpec(source=Source(path=src), model_name="tiny-llama",
                    ladder=LadderOptions(ladder="Q4_K_M,Q2_K", calibration=TextFile.of(calibration_text),
                                         calibration_chunks=2, ctx=128, tune=("Q4_K_M", "Q2_K"), tune_seconds=600,
-                                        tune_candidates=("Q2_K", "Q4_K", "Q8_0")),  # + the stock files' types
+                                        tune_candidates=("Q2_K", "Q4_K", "Q8_0"),  # + the stock files' types
+                                        tune_confirm=False),  # a random model's plan need not beat stock
                    evaluation=None)  # evaluate and the gate of tuned files: tests/unit/test_tuned_gate.py, benchmarks/layout.py
     out = root / "work"
     run_job(spec, out, NULL_HOOKS, toolchain=toolchain)
@@ -65,7 +66,9 @@ def test_tuned_files_match_their_layout_and_budget(tuned_workdir):
     rec = records.load(tuned_workdir, "tune")
     assert rec is not None and rec.extra["points"]["Q4_K_M"]["status"] == "built"
     meas = json.loads((tuned_workdir / "tune" / "measurements.json").read_text())
-    assert meas["scales"] and all(s > 0 for s in meas["scales"].values())
+    assert meas["fit"]["scales"] and all(s > 0 for s in meas["fit"]["scales"].values())
+    # one calibration run per stock file and per plan, each with its errors per group
+    assert {o["name"] for o in meas["observations"]} >= {"Q4_K_M", "Q2_K", "Q4_K_M-tuned-1", "Q2_K-tuned-1"}
 
 
 def test_tuned_file_loads_with_finite_perplexity(tuned_workdir, eval_text, toolchain, tmp_path):

@@ -9,7 +9,7 @@ from gguf import GGUFWriter
 from gguf.quants import quantize
 
 from converters.ladder import layout
-from converters.ladder import tune
+from converters.ladder import kldfit, tune
 
 
 def _write(path, tensors: dict, arch: str = "llama") -> None:
@@ -43,31 +43,24 @@ def test_weighted_error_weighs_columns():
     assert tune.weighted_error(ref, q, np.array([10.0, 1.0, 0.0])) == 14.0
 
 
-def test_plan_point_keeps_within_the_stock_file(tmp_path):
+def test_solve_budget_keeps_within_the_stock_file(tmp_path):
     rng = np.random.default_rng(0)
     a = rng.standard_normal((64, 256)).astype(np.float32)
     b = rng.standard_normal((32, 256)).astype(np.float32)
     stock = tmp_path / "stock.gguf"
     _write(stock, {"blk.0.ffn_up.weight": (a, T.Q4_0), "blk.0.attn_q.weight": (b, T.Q8_0),
                    "blk.0.attn_norm.weight": (np.ones(256, dtype=np.float32), None)})
-    assert tune.read_types(stock) == {"blk.0.ffn_up.weight": "Q4_0", "blk.0.attn_q.weight": "Q8_0",
-                                      "blk.0.attn_norm.weight": "F32"}
+    types = tune.read_types(stock)
+    assert types == {"blk.0.ffn_up.weight": "Q4_0", "blk.0.attn_q.weight": "Q8_0", "blk.0.attn_norm.weight": "F32"}
     tensors = [layout.TensorInfo("blk.0.ffn_up.weight", (256, 64)), layout.TensorInfo("blk.0.attn_q.weight", (256, 32))]
     errors = {"blk.0.ffn_up.weight": {"Q4_0": 4.0, "Q8_0": 0.1, "Q5_0": 1.0},
               "blk.0.attn_q.weight": {"Q4_0": 9.0, "Q8_0": 0.2, "Q5_0": 2.0}}
-    m = tune.Measurements(tensors, errors, scales={"ffn_gate_up": 0.01, "attn_qk": 0.02})
-    from converters.core import quants
-
-    lay = tune.plan_point(m, quants.get("Q8_0"), stock, margin=0)
-    assert lay.budget == stock.stat().st_size
-    assert lay.bytes <= lay.budget
+    fit = kldfit.Fit({"ffn_gate_up@first": 0.01, "attn_qk@first": 0.02}, 0.01, 0.0, 2)
+    size = stock.stat().st_size
+    fixed = tune.fixed_bytes(stock, tensors, types)
+    lay = tune.solve_budget("Q8_0", tensors, errors, fit, size, fixed, stock_types=types)
+    assert lay.budget == size and lay.bytes <= lay.budget
     assert lay.stock_damage == pytest.approx(0.01 * 4.0 + 0.02 * 0.2)
     assert lay.damage <= lay.stock_damage
     # the fixed part is what lies outside the planned tensors: metadata and the norm
-    assert lay.fixed_bytes == stock.stat().st_size - sum(layout.tensor_bytes(t, s) for t, s in
-                                                         zip(tensors, ("Q4_0", "Q8_0")))
-
-
-def test_groups():
-    assert tune.group_of("attn_q") == tune.group_of("attn_k") == "attn_qk"
-    assert tune.group_of("ffn_up") == "ffn_gate_up" and tune.group_of("ssm_in") == "ssm_in"
+    assert fixed == size - sum(layout.tensor_bytes(t, s) for t, s in zip(tensors, ("Q4_0", "Q8_0")))
