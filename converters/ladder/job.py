@@ -47,7 +47,7 @@ from converters.core.errors import CheckFailed, InputError, UnsupportedModel
 from converters.core.hooks import END, SKIP, Hooks
 from converters.core.report import Report
 from converters.core.stages import Stage, StageOutcome, StageState, StateKey, finished
-from converters.ladder import evaluate, layout, tune
+from converters.ladder import evaluate, fit, layout, tune
 from converters.core.proc import Watch, current_watch, watched
 from converters.llama.toolchain import Toolchain
 from converters.core.workdir import Ladder, LadderFile, WorkDir
@@ -525,6 +525,34 @@ class TuneStage:
         return records.save(wd, self.name, inputs, outputs, clock.elapsed, ctx.toolchain.version, extra=summary)
 
 
+@dataclasses.dataclass(frozen=True)
+class FitStage:
+    """After quantize and tune: one memory-budget file per budget of ``options.budgets`` (converters.ladder.fit),
+    appended to ``ladder.json`` so that the evaluation measures and gates it like every file."""
+
+    options: fit.FitOptions
+    name: str = fit.STAGE
+    quiet: bool = False
+
+    def run(self, ctx: JobContext) -> None:
+        p = ctx.need_plan()
+        if ctx.ladder is None or ctx.reference is None:
+            raise RuntimeError("fit runs after quantize")
+        tuned = ctx.get(TUNE, None)  # the tune stage's measurements, when it measured in this job
+        t0 = time.monotonic()
+        inp = fit.FitInputs(ctx.workdir, ctx.ladder, ctx.workdir / ctx.reference.outputs[0].path,
+                            ctx.workdir / ctx.imatrix.outputs[0].path if ctx.imatrix is not None else None,
+                            p.calibration.path if p.calibration else None, ctx.toolchain,
+                            tune.load_measurements(ctx.workdir) if tuned and "scales" in tuned else None,
+                            lambda text, done, total: ctx.hooks.step(self.name, done, total, text))
+        opts = dataclasses.replace(self.options, ctx=self.options.ctx or p.ctx,
+                                   timeout=self.options.timeout or ctx.tool_timeout())
+        ctx.ladder, rec, skipped = fit.run(inp, opts)
+        ctx.hooks.emit(self.name, SKIP if skipped else END, data={"seconds": rec.seconds})
+        ctx.seconds[self.name] = round(time.monotonic() - t0, 3)
+        WorkDir(ctx.workdir).write_ladder(ctx.ladder)
+
+
 TEMPLATES_RECORD = "templates"  # the record of a reference whose chat templates passed the sandbox
 
 
@@ -558,6 +586,9 @@ def ladder_stages(options: pipeline.LadderOptions, evaluation: EvalSettings | No
         if options.tune_candidates:
             topts = dataclasses.replace(topts, candidates=tuple(options.tune_candidates))
         stages.append(TuneStage(topts))
+    if options.fit:
+        stages.append(FitStage(fit.FitOptions(budgets=tuple(options.fit), kv_type=options.fit_kv_type,
+                                              ctx=options.ctx, timeout=options.timeout)))
     if evaluation is not None:
         stages.append(EvaluateStage(evaluation, options.calibration))
     return tuple(stages)

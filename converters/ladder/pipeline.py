@@ -26,7 +26,7 @@ from converters.formats.checkpoint import Checkpoint
 from converters.core.errors import InputError, NeedsImatrix
 from converters.core.stages import check_disk, free_bytes
 from converters.llama.toolchain import Toolchain
-from converters.ladder import layout, tune
+from converters.ladder import budget, layout, tune
 from converters.core.workdir import (LADDER_SCHEMA, CalibrationInfo, ImatrixInfo, Ladder, LadderFile, ReferenceFile,
                                 SourceInfo, ToolchainInfo, WorkDir)
 
@@ -62,13 +62,15 @@ class Plan:
     source_repo: str | None = None
     source_revision: str | None = None
     tune: tuple[str, ...] = ()  # size points tuned per tensor (their files: ``<Model>-<TYPE>-tuned.gguf``)
+    fit: tuple[str, ...] = ()  # memory budgets (``<Model>-fit-16GB-32k.gguf``, converters.ladder.fit)
 
     @property
     def disk_needed(self) -> int:
         """Peak bytes the work dir will hold: reference + every quant (+ one split copy at a time)."""
         split_extra = max((f.estimated_bytes for f in self.files if f.split), default=0)
         tuned = sum(f.estimated_bytes for f in self.files if f.type in self.tune)
-        return self.reference_bytes + sum(f.estimated_bytes for f in self.files) + split_extra + tuned
+        fits = len(self.fit) * max((f.estimated_bytes for f in self.files), default=0)  # each at most the largest
+        return self.reference_bytes + sum(f.estimated_bytes for f in self.files) + split_extra + tuned + fits
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -80,6 +82,7 @@ class Plan:
                          "chunks": self.calibration_chunks, "ctx": self.ctx} if self.imatrix else None),
             "files": [dataclasses.asdict(f) for f in self.files],
             **({"tune": list(self.tune)} if self.tune else {}),
+            **({"fit": list(self.fit)} if self.fit else {}),
             "split_max_bytes": self.split_max_bytes,
             "jobs": self.jobs,
             "disk_needed": self.disk_needed,
@@ -107,6 +110,9 @@ class Plan:
                 lines.append(f"{f.type + '-tuned':<10} {'':>5} {'<=' + _gb(f.estimated_bytes):>10}  "
                              f"{f.path.replace('.gguf', '-tuned.gguf')}  (per-tensor layout, solved after measuring)")
                 lines += ["           " + line for line in _tuned_layout(self.out, q)]
+        for b in budget.parse_all(self.fit):
+            lines.append(f"{b.type:<10} {'':>5} {'':>10}  {self.model_name}-{b.type}.gguf  (best predicted KLD within "
+                         f"{_gb(b.bytes)} at {b.ctx:,} tokens, solved and loaded after the ladder)")
         if ck.vision:
             names = ", ".join(mmproj.projector_name(self.model_name, t) for t in mmproj.TYPES)
             lines.append(f"projector  {names}  (vision-language model; Q8_0 where the converter writes it)")
@@ -155,6 +161,8 @@ class LadderOptions:
     tune: tuple[str, ...] = ()  # size points that also get a per-tensor tuned file (converters.ladder.tune)
     tune_seconds: float | None = None  # time budget of the tune stage
     tune_candidates: tuple[str, ...] | None = None  # ggml types measured per tensor (None: layout.DEFAULT_CANDIDATES)
+    fit: tuple[str, ...] = ()  # memory budgets "16GB@32k": a fit file each (converters.ladder.fit)
+    fit_kv_type: str = "f16"  # the KV cache type a fit file's memory is measured with
 
 
 def _check_options(o: LadderOptions, types: tuple[quants.QuantType, ...]) -> None:
@@ -170,6 +178,7 @@ def _check_options(o: LadderOptions, types: tuple[quants.QuantType, ...]) -> Non
                          f"make one chunk of {o.ctx} tokens")
     if o.jobs < 1:
         raise InputError(f"jobs must be at least 1 (got {o.jobs})")
+    budget.parse_all(o.fit)
     if o.split_max_bytes < 1_000_000:
         raise InputError("split size must be at least 1 MB")
 
@@ -193,7 +202,7 @@ def plan(checkpoint: Checkpoint, out: Path, *, model_name: str, options: LadderO
                 reference_bytes=checkpoint.estimate_gguf_bytes(32 if o.outtype.lower() == "f32" else 16),
                 calibration=o.calibration if o.imatrix else None, calibration_chunks=o.calibration_chunks,
                 ctx=o.ctx, imatrix=o.imatrix, split_max_bytes=o.split_max_bytes, jobs=o.jobs, files=tuple(files),
-                source_repo=source_repo, source_revision=source_revision, tune=tuned)
+                source_repo=source_repo, source_revision=source_revision, tune=tuned, fit=tuple(o.fit))
 
 
 def prepare(p: Plan) -> None:

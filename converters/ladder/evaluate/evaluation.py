@@ -312,7 +312,8 @@ def _measure_file(job: _Job, scoring: _Scoring, lf: LadderFile, step: int, total
     """One quant's figures against the reference (a failed run is recorded in the result, not raised)."""
     job.step(f"kld {lf.type}", step, total)
     fr = FileResult(type=lf.type, path=lf.path, size=int(lf.size or 0), bpw=lf.bpw, bpw_nominal=lf.bpw_nominal,
-                    parts=[{"path": p, **job.content[p]} for p in lf.all_parts if p in job.content])
+                    parts=[{"path": p, **job.content[p]} for p in lf.all_parts if p in job.content],
+                    extra={"fit": lf.extra["fit"]} if "fit" in lf.extra else {})  # a fit file's facts: its gate
     fr.sha256 = fr.parts[0]["sha256"] if fr.parts and fr.parts[0]["path"] == lf.path else None
     path = job.wd.path / lf.path
     if not path.exists():

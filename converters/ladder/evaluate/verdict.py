@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from converters.core import quants
 from converters.core.errors import UnknownName
 from converters.core.report import FAILED, SKIPPED, Check, FileResult
-from converters.ladder import layout
+from converters.ladder import budget, layout
 from converters.ladder.evaluate import curve
 from converters.llama import mmproj
 
@@ -81,7 +81,7 @@ def curve_points(files: Sequence[FileResult]) -> list[curve.Point]:
     out = []
     for f in files:
         bits = nominal_bits(f)
-        if layout.is_tuned(f.type):  # judged against its stock file instead (tuned_reasons)
+        if layout.is_tuned(f.type) or budget.is_fit(f.type):  # judged against a stock file instead
             continue
         if f.stats is not None and not f.stats.non_finite() and bits is not None:
             out.append(curve.Point(f.type, float(bits), f.stats.kld_mean, f.stats.kld_mean_err))
@@ -94,7 +94,7 @@ def judge(files: Sequence[FileResult], ceilings: Mapping[str, float] | None = No
     above the ladder's own curve (:mod:`converters.ladder.evaluate.curve`); an order inversion is a note, not a
     failure."""
     out = {f.type: _file_reasons(f, ceilings, job_checks or {}) for f in files}
-    for key, why in tuned_reasons(files).items():
+    for key, why in {**tuned_reasons(files), **budget.fit_reasons(files)}.items():
         out[key].append(why)
     points = curve_points(files)
     far = curve.outliers(points, rules)
