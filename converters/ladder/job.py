@@ -575,7 +575,7 @@ def sandbox_templates(workdir: Path, gguf: Path) -> None:
 def ladder_stages(options: pipeline.LadderOptions, evaluation: EvalSettings | None, *,
                   rules: CheckpointRules = CheckpointRules()) -> tuple[Stage[JobContext], ...]:
     """inspect -> convert (and a vision-language model's projector) -> calibrate (with an imatrix) -> quantize ->
-    tune (size points in ``options.tune``) -> evaluate (when asked)."""
+    tune (size points in ``options.tune``) -> fit (memory budgets in ``options.fit``) -> evaluate (when asked)."""
     stages: list[Stage[JobContext]] = [InspectStage(options, rules), ConvertStage(options.timeout)]
     if options.imatrix:
         stages.append(CalibrateStage(options.timeout))
@@ -587,8 +587,11 @@ def ladder_stages(options: pipeline.LadderOptions, evaluation: EvalSettings | No
             topts = dataclasses.replace(topts, candidates=tuple(options.tune_candidates))
         stages.append(TuneStage(topts))
     if options.fit:
-        stages.append(FitStage(fit.FitOptions(budgets=tuple(options.fit), kv_type=options.fit_kv_type,
-                                              ctx=options.ctx, timeout=options.timeout)))
+        fopts = fit.FitOptions(budgets=tuple(options.fit), kv_type=options.fit_kv_type, ctx=options.ctx,
+                               timeout=options.timeout)
+        if options.tune_candidates:  # the same measured types as tuning
+            fopts = dataclasses.replace(fopts, candidates=tuple(options.tune_candidates))
+        stages.append(FitStage(fopts))
     if evaluation is not None:
         stages.append(EvaluateStage(evaluation, options.calibration))
     return tuple(stages)
