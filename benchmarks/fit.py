@@ -14,7 +14,7 @@ it is not worse than the baseline (mean KLD at most the baseline's plus the comb
 published it, the largest context that fits, and the seconds of the fit stage.
 
 usage: python benchmarks/fit.py [--points Q4_K_M,Q3_K_M] [--ctx 4096] [--ladder Q8_0,Q4_K_M,Q3_K_M,Q2_K]
-                                [--calibration-chunks 32] [--eval-chunks 32] [--include-grid] [--out DIR]
+                                [--calibration-chunks 32] [--calibration-ctx 512] [--eval-chunks 32] [--include-grid] [--out DIR]
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=4096, help="the budgets' context")
     ap.add_argument("--ladder", default="Q8_0,Q4_K_M,Q3_K_M,Q2_K")
     ap.add_argument("--calibration-chunks", type=int, default=32)
+    ap.add_argument("--calibration-ctx", type=int, default=512, help="tokens per calibration chunk (and probe)")
     ap.add_argument("--eval-chunks", type=int, default=32)
     ap.add_argument("--include-grid", action="store_true", help="keep Q4_1/Q5_1 among the candidates")
     ap.add_argument("--out", type=Path, default=None, help="work dir (default: a temporary one, removed)")
@@ -73,7 +74,8 @@ def main() -> int:
         out = Path(tmp.name) / "work"
     candidates = tuple(t for t in layout.DEFAULT_CANDIDATES if args.include_grid or t not in GRID_TYPES)
     base = LadderOptions(ladder=args.ladder, calibration=TextFile.of(DATA / "groups_merged.txt"),
-                         calibration_chunks=args.calibration_chunks, ctx=512, tune_candidates=candidates)
+                         calibration_chunks=args.calibration_chunks, ctx=args.calibration_ctx,
+                         tune_candidates=candidates)
     source = Source(repo="HuggingFaceTB/SmolLM2-135M-Instruct", path=ck)
     t0 = time.monotonic()
     run_job(JobSpec(source=source, model_name=ck.name, ladder=base), out, NULL_HOOKS, toolchain=tc)
@@ -121,7 +123,7 @@ def main() -> int:
         result[text] = row
     print(json.dumps({
         "model": ck.name, "ladder": args.ladder, "calibration": "groups_merged.txt", "evaluation": "wiki.test.raw",
-        "calibration_chunks": args.calibration_chunks, "eval_chunks": args.eval_chunks, "ctx": args.ctx,
+        "calibration_chunks": args.calibration_chunks, "calibration_ctx": args.calibration_ctx, "eval_chunks": args.eval_chunks, "ctx": args.ctx,
         "candidates": list(candidates), "grid_types_excluded": not args.include_grid,
         "margin": {"fraction": budget.MARGIN_FRACTION, "bytes": budget.MARGIN_BYTES},
         "budgets": result, "fit_stage_seconds": rec.seconds if rec else None,
