@@ -20,7 +20,7 @@ from converters.llama import calibrate as calibrate_mod
 from converters.llama import convert as convert_mod
 from converters.llama import quantize as quantize_mod
 from converters.llama import mmproj
-from converters.core import quants
+from converters.core import names, quants
 from converters.core import records
 from converters.formats.checkpoint import Checkpoint
 from converters.core.errors import InputError, NeedsImatrix
@@ -111,11 +111,11 @@ class Plan:
                              f"{f.path.replace('.gguf', '-tuned.gguf')}  (per-tensor layout, solved after measuring)")
                 lines += ["           " + line for line in _tuned_layout(self.out, q)]
         for b in budget.parse_all(self.fit):
-            lines.append(f"{b.type:<10} {'':>5} {'':>10}  {self.model_name}-{b.type}.gguf  (best predicted KLD within "
-                         f"{_gb(b.bytes)} at {b.ctx:,} tokens, solved and loaded after the ladder)")
+            lines.append(f"{b.type:<10} {'':>5} {'':>10}  {names.fit(self.model_name, b.label)}  (best predicted KLD "
+                         f"within {_gb(b.bytes)} at {b.ctx:,} tokens, solved and loaded after the ladder)")
         if ck.vision:
-            names = ", ".join(mmproj.projector_name(self.model_name, t) for t in mmproj.TYPES)
-            lines.append(f"projector  {names}  (vision-language model; Q8_0 where the converter writes it)")
+            projs = ", ".join(mmproj.projector_name(self.model_name, t) for t in mmproj.TYPES)
+            lines.append(f"projector  {projs}  (vision-language model; Q8_0 where the converter writes it)")
         lines.append(f"disk       ~{_gb(self.disk_needed)} needed, {_gb(free_bytes(self.out))} free")
         lines.append(f"jobs       {self.jobs} quantization(s) in parallel")
         return "\n".join(lines)
