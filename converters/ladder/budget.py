@@ -113,20 +113,29 @@ def max_context(budget_bytes: int, fixed_bytes: int, per_token_bytes: float, *, 
 # --------------------------------------------------------------------------------------------------
 # The publish rule (read by converters.ladder.evaluate.verdict)
 # --------------------------------------------------------------------------------------------------
-def fit_verdict(fit: Mapping[str, Any], f: FileResult, baseline: FileResult | None) -> str | None:
-    """None when a memory-budget file may be published: llama.cpp loaded it at the budget's context within the budget,
-    and its mean KLD beats the baseline's (the largest stock file that fits the same budget) by the same rule as a
-    tuned file against its stock file (:func:`converters.ladder.layout.tuned_verdict`; its bytes may exceed the
-    baseline's: the budget bounds them instead). Else the reason it is withheld."""
+def memory_reason(fit: Mapping[str, Any]) -> str | None:
+    """Why a memory-budget file cannot be published whatever its KLD (None: it may): its memory at the budget's
+    context was not measured or is over the budget, or no stock file fits the budget (nothing to compare it with)."""
     budget = fit.get("budget_bytes")
     measured = (fit.get("memory") or {}).get("total")
     if not isinstance(measured, int):
         return "its memory at the budget's context was not measured"
     if not isinstance(budget, int) or measured > budget:
         return f"llama.cpp needs {measured:,} bytes at {fit.get('ctx')} tokens, over the budget of {budget:,}"
-    name = fit.get("baseline")
-    if not name:
+    if not fit.get("baseline"):
         return "no stock file of the ladder fits this budget, so there is nothing to compare it with"
+    return None
+
+
+def fit_verdict(fit: Mapping[str, Any], f: FileResult, baseline: FileResult | None) -> str | None:
+    """None when a memory-budget file may be published: :func:`memory_reason` has nothing against it, and its mean
+    KLD beats the baseline's (the largest stock file that fits the same budget) by the same rule as a tuned file
+    against its stock file (:func:`converters.ladder.layout.tuned_verdict`; its bytes may exceed the baseline's: the
+    budget bounds them instead). Else the reason it is withheld."""
+    why = memory_reason(fit)
+    if why is not None:
+        return why
+    name = fit.get("baseline")
     ok = baseline is not None and baseline.stats is not None and not baseline.stats.non_finite()
     why = layout.tuned_verdict(baseline.stats.kld_mean if ok else None, baseline.stats.kld_mean_err if ok else None,
                                f.size if ok else None,
