@@ -34,6 +34,7 @@ from bot.model.repo_names import REPO_ID, repo_name
 from converters.core import quants
 from bot.model.toolchain_settings import ToolchainSettings
 from converters.core.errors import ConfigError
+from converters.ladder import budget as budget_mod
 from converters.ladder import tune as tune_mod
 from converters.variants import recipes as variants_mod
 
@@ -153,6 +154,11 @@ class Quantize:
     jobs: int = 1
     tune: tuple[str, ...] = ()  # size points to tune per tensor (converters.ladder.tune), e.g. ["Q4_K_M"]; empty: off
     tune_seconds: float = 3600.0  # time budget of all tuning measurements, probes and solves of one job
+    # memory budgets "SIZE@CONTEXT" (GB/MB decimal, GiB/MiB binary, k = 1024 tokens), e.g. ["8GB@8k", "16GB@32k"]:
+    # each gets <Model>-fit-16GB-32k.gguf, the best predicted file whose weights + KV cache + buffers fit
+    # (converters.ladder.fit); empty: off
+    fit: tuple[str, ...] = ()
+    fit_kv_type: str = "f16"  # KV cache type the fit files are sized and measured with: f16 (llama.cpp's default) or q8_0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -496,6 +502,12 @@ def _check(s: Settings) -> None:
             bad(f"evaluate.{key}", "must be at least 1")
     if s.evaluate.speed_threads < 0:
         bad("evaluate.speed_threads", "must be 0 (every thread) or more")
+    try:
+        budget_mod.parse_all(s.quantize.fit)
+    except Exception as e:  # InputError names the syntax
+        bad("quantize.fit", str(e))
+    if s.quantize.fit_kv_type not in ("f16", "q8_0"):
+        bad("quantize.fit_kv_type", f"expected f16 or q8_0, got {s.quantize.fit_kv_type!r}")
 
 
 def _size_limit(s: Settings, free_disk: int | None) -> int:

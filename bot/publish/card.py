@@ -23,7 +23,7 @@ from typing import Any
 import jinja2
 import yaml
 
-from bot.publish import markdown, speed_card
+from bot.publish import fit_card, markdown, speed_card
 from bot.publish.source_card import SourceFacts, gating_fields, license_link, render_chat_example, shown, source_text
 from bot.publish.target import MARKER_TAG
 from converters.core import artifacts
@@ -459,6 +459,7 @@ def build_context(ladder: Ladder, report: Report, source: SourceFacts, settings:
         "coming": list(extras.coming),
         "tuned": _tuned_rows(ladder, report),
         "speed": speed_card.speed_section(ladder, report),
+        "fit": fit_card.fit_rows(ladder, report),
         "source_unchecked": source_unchecked(report),
         "notes": [markdown.cell(n) for n in report.notes],
         "whats_new": list(extras.whats_new),

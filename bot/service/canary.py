@@ -119,7 +119,7 @@ class Canary:
     def spec(self, revision: str) -> JobSpec:
         s, t = self.settings, self.settings.toolchain
         assert t.canary_repo is not None
-        q = dataclasses.replace(s.quantize, ladder=t.canary_ladder, variants=(), tune=(), jobs=1,
+        q = dataclasses.replace(s.quantize, ladder=t.canary_ladder, variants=(), tune=(), fit=(), jobs=1,
                                 evaluation_chunks=t.canary_chunks,
                                 calibration_chunks=min(s.quantize.calibration_chunks or t.canary_chunks,
                                                        t.canary_chunks))

@@ -81,6 +81,29 @@ def error_cache(digest: str) -> str:
     return f"errors-{digest}.json"
 
 
+FIT_PREFIX = "fit-"  # a memory-budget file's ladder type: ``fit-16GB-32k`` (converters.ladder.budget)
+
+
+def fit_type(label: str) -> str:
+    """The ladder type of a memory-budget file: ``fit-16GB-32k``."""
+    return FIT_PREFIX + label
+
+
+def fit(model_name: str, label: str) -> str:
+    """A memory-budget file: ``<Model>-fit-16GB-32k.gguf``."""
+    return quant(model_name, fit_type(label))
+
+
+def fit_layout(model_name: str, label: str) -> str:
+    """Its plan, published beside it: ``<Model>-fit-16GB-32k.layout.json``."""
+    return f"{model_name}-{fit_type(label)}.layout.json"
+
+
+def fit_tensor_types(label: str) -> str:
+    """The ``--tensor-type-file`` given to llama-quantize for a memory-budget file."""
+    return f"{TUNE_DIR}/{fit_type(label)}.tensor-types.txt"
+
+
 def projector(model_name: str, qtype: str) -> str:
     """A vision-language model's multimodal projector: ``mmproj-<Model>-F16.gguf``."""
     return f"mmproj-{model_name}-{qtype.upper()}.gguf"

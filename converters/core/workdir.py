@@ -211,7 +211,13 @@ class LadderFile(Record):
     part_sha256: tuple[str, ...] = field(seq=True)
     bpw: float | None = field()
     seconds: float | None = field()
+    # files published beside this one when it is (a memory-budget file's layout.json); not written when None
+    companions: tuple[str, ...] | None = field(omit_none=True)
     extra: dict[str, Any] = _extra()
+
+    @property
+    def companion_paths(self) -> tuple[str, ...]:
+        return tuple(self.companions or ())
 
     @property
     def all_parts(self) -> tuple[str, ...]:
@@ -477,7 +483,7 @@ class WorkDir:
         of every quant, the imatrix files and the vision projectors (those present). Full content hashes, cached by
         size + mtime + inode in this work dir's records: what evaluation records as measured and publishing checks
         before upload."""
-        rels = [ladder.reference.path, *(p for f in ladder.files for p in f.all_parts),
+        rels = [ladder.reference.path, *(p for f in ladder.files for p in (*f.all_parts, *f.companion_paths)),
                 *(ladder.imatrix.paths if ladder.imatrix else ()), *(p.path for p in ladder.projectors)]
         out: dict[str, dict[str, Any]] = {}
         for rel in dict.fromkeys(r for r in rels if r):

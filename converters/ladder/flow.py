@@ -47,8 +47,9 @@ from converters.core.errors import CheckFailed, InputError
 from converters.core.hooks import END, SKIP
 from converters.core.report import PASSED, FileResult
 from converters.core.schedule import CPU, GPU, Schedule, Task, run_tasks
+from converters.core.stages import Stage
 from converters.core.workdir import Ladder, LadderFile, WorkDir
-from converters.ladder import evaluate, layout, pipeline, tune
+from converters.ladder import budget, evaluate, layout, pipeline, tune
 from converters.ladder import speed as speed_mod
 from converters.ladder.context import (DEFAULT_EVAL_CHUNKS, FILE_READY, PROJECTOR, TUNE, EvalSettings, FileReady,
                                        JobContext, eval_options)
@@ -87,6 +88,7 @@ class PipelineStage:
     calibration: calibrate_mod.TextFile | None = None
     order: tuple[str, ...] = ()
     tune: tune.TuneOptions | None = None
+    fit: Stage[JobContext] | None = None  # converters.ladder.job.FitStage: memory-budget files, after the tuning
     cpu_units: int | None = None  # None: CPU_UNITS
     timeout: float | None = None
     name: str = STAGE
@@ -119,9 +121,10 @@ class PipelineStage:
         types = pipeline.publish_order(p, self.order)
         points = tune.check_points(self.tune.size_points, [q.name for q in p.ladder]) if self.tune else []
         tuned = [tune.tuned_name(q) for q in points]
-        progress = _Progress(total=2 * (len(types) + len(tuned)) + (1 if points else 0)
+        fits = [b.type for b in budget.parse_all(p.fit)] if self.fit is not None else []
+        progress = _Progress(total=2 * (len(types) + len(tuned) + len(fits)) + (1 if points else 0) + (1 if fits else 0)
                              + (1 if self.settings.speed is not None else 0),
-                             states={**{q.name: WAITING for q in types}, **{t: WAITING for t in tuned}})
+                             states={**{q.name: WAITING for q in types}, **{t: WAITING for t in tuned + fits}})
         made: dict[str, records.StageRecord] = {}
         lock = threading.Lock()
         wd = WorkDir(ctx.workdir)
@@ -173,15 +176,21 @@ class PipelineStage:
             TuneStage(self.tune).run(ctx)
 
         def with_tuned(base: Ladder) -> Ladder:
-            # the tuned files TuneStage added to ctx.ladder, after the stock files made here
-            if ctx.ladder is None or not any(layout.is_tuned(f.type) for f in ctx.ladder.files):
+            # the tuned and memory-budget files TuneStage and FitStage added to ctx.ladder, after the stock files
+            def added(f: LadderFile) -> bool:
+                return layout.is_tuned(f.type) or budget.is_fit(f.type)
+            if ctx.ladder is None or not any(added(f) for f in ctx.ladder.files):
                 return base
-            return dataclasses.replace(base, files=base.files + tuple(f for f in ctx.ladder.files
-                                                                      if layout.is_tuned(f.type)),
+            return dataclasses.replace(base, files=base.files + tuple(f for f in ctx.ladder.files if added(f)),
                                        extra={**base.extra, **{k: v for k, v in ctx.ladder.extra.items()
-                                                               if k == "tune"}},
+                                                               if k in ("tune", "fit")}},
                                        seconds={**base.seconds, **{k: v for k, v in ctx.ladder.seconds.items()
                                                                    if k == tune.STAGE}})
+
+        def fit_all() -> None:
+            assert self.fit is not None
+            ctx.ladder = with_tuned(ladder_so_far())
+            self.fit.run(ctx)
 
         def speed_all() -> None:
             # llama-bench of the files of the speed scope, with nothing else running (see the tasks below)
@@ -201,14 +210,20 @@ class PipelineStage:
             previous = f"measure {q.name}"
         if points:
             tasks.append(Task("tune", tune_all, CPU, after=tuple(f"make {q.name}" for q in types), rank=(len(types), 0)))
+        if fits:  # after the tuning: it reuses the tuning's measurements when there are some
+            tasks.append(Task("fit", fit_all, CPU, rank=(len(types), 0),
+                              after=(*(f"make {q.name}" for q in types), *(["tune"] if points else []))))
         if self.settings.speed is not None:
-            # after every make, the tuning and the stock files' measurements: nothing else competes for the cores
-            # while llama-bench runs; the tuned files' measurements wait for it (their gate reads the speed ratios)
+            # after every make, the tuning, the fit files and the stock files' measurements: nothing else competes
+            # for the cores while llama-bench runs; the tuned and fit files' measurements wait for it (their gate
+            # reads the speed ratios)
             tasks.append(Task("speed", speed_all, CPU, rank=(len(types), 0),
-                              after=(*(f"make {q.name}" for q in types), *(["tune"] if points else []), previous)))
-        for t in tuned:
+                              after=(*(f"make {q.name}" for q in types), *(["tune"] if points else []),
+                                     *(["fit"] if fits else []), previous)))
+        for t in tuned + fits:
             tasks.append(Task(f"measure {t}", lambda n=t: measure(n), measure_on,
-                              after=(previous, "tune", *(["speed"] if self.settings.speed is not None else [])),
+                              after=(previous, *(["tune"] if points else []), *(["fit"] if fits else []),
+                                     *(["speed"] if self.settings.speed is not None else [])),
                               rank=(len(types), 1)))
             previous = f"measure {t}"
 
@@ -221,6 +236,8 @@ class PipelineStage:
                 progress.running[task.name] = "tuning"
             elif task.name == "speed":
                 progress.running[task.name] = "measuring speed"
+            elif task.name == "fit":
+                progress.running[task.name] = "making the memory-budget files"
             else:
                 progress.running[task.name] = "measuring the reference"
             self._step(ctx, progress, what or task.name, task=task.name, resource=task.resource, phase="start")
@@ -238,7 +255,7 @@ class PipelineStage:
                 else:
                     progress.states[what] = PASSED if result.status == PASSED else FAILED
                     self._announce(ctx, result)
-            elif task.name in ("tune", "speed"):
+            elif task.name in ("tune", "fit", "speed"):
                 progress.done += 1
             self._step(ctx, progress, what or task.name, task=task.name, resource=task.resource, phase="end")
 

@@ -34,14 +34,14 @@ from typing import Any
 from converters.core import quants, records
 from converters.core import stages as core_stages
 from converters.core.errors import CheckFailed, UnsupportedModel
-from converters.core.hooks import END
+from converters.core.hooks import END, SKIP
 from converters.core.proc import Watch, watched
 from converters.core.report import Report
 from converters.core.stages import Stage, StageOutcome, finished
 from converters.core.workdir import WorkDir
 from converters.formats import chat
 from converters.formats import checkpoint as checkpoint_mod
-from converters.ladder import evaluate, pipeline, tune
+from converters.ladder import evaluate, fit, pipeline, tune
 from converters.ladder.context import (DEFAULT_EVAL_CHUNKS, EVAL_OVERRIDES, FILE_READY, PROJECTOR, TUNE,
                                        EvalSettings, FileReady, JobContext, ToolLimits, eval_options)
 from converters.ladder.flow import PipelineStage, TuneStage
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 # the run state and the state keys live in converters.ladder.context; these names are this module's API too
 __all__ = ["DEFAULT_EVAL_CHUNKS", "EVAL_OVERRIDES", "FILE_READY", "PROJECTOR", "TUNE", "CheckpointRules",
-           "EvalSettings", "FileReady", "JobContext", "PipelineStage", "ToolLimits", "TuneStage", "eval_options",
+           "EvalSettings", "FileReady", "JobContext", "PipelineStage", "ToolLimits", "TuneStage", "FitStage", "eval_options",
            "ladder_stages", "run_stages", "stage_timeout"]
 
 
@@ -278,6 +278,34 @@ class EvaluateStage:
             raise CheckFailed("evaluate", f"not published: {why}")
 
 
+@dataclasses.dataclass(frozen=True)
+class FitStage:
+    """After quantize and tune: one memory-budget file per budget of ``options.budgets`` (converters.ladder.fit),
+    appended to ``ladder.json`` so that the evaluation measures and gates it like every file."""
+
+    options: fit.FitOptions
+    name: str = fit.STAGE
+    quiet: bool = False
+
+    def run(self, ctx: JobContext) -> None:
+        p = ctx.need_plan()
+        if ctx.ladder is None or ctx.reference is None:
+            raise RuntimeError("fit runs after quantize")
+        tuned = ctx.get(TUNE, None)  # the tune stage's measurements, when it measured in this job
+        t0 = time.monotonic()
+        inp = fit.FitInputs(ctx.workdir, ctx.ladder, ctx.workdir / ctx.reference.outputs[0].path,
+                            ctx.workdir / ctx.imatrix.outputs[0].path if ctx.imatrix is not None else None,
+                            p.calibration.path if p.calibration else None, ctx.toolchain,
+                            tune.load_measurements(ctx.workdir) if tuned and "scales" in tuned else None,
+                            lambda text, done, total: ctx.hooks.step(self.name, done, total, text))
+        opts = dataclasses.replace(self.options, ctx=self.options.ctx or p.ctx,
+                                   timeout=self.options.timeout or ctx.tool_timeout())
+        ctx.ladder, rec, skipped = fit.run(inp, opts)
+        ctx.hooks.emit(self.name, SKIP if skipped else END, data={"seconds": rec.seconds})
+        ctx.seconds[self.name] = round(time.monotonic() - t0, 3)
+        WorkDir(ctx.workdir).write_ladder(ctx.ladder)
+
+
 TEMPLATES_RECORD = "templates"  # the record of a reference whose chat templates passed the sandbox
 
 
@@ -302,7 +330,8 @@ def ladder_stages(options: pipeline.LadderOptions, evaluation: EvalSettings | No
     """inspect -> convert (and a vision-language model's projector) -> calibrate (with an imatrix) -> then either the
     pipeline stage ``ladder`` (an evaluated ladder: make, tune and measure the files as tasks,
     :mod:`converters.ladder.flow`) or, with ``options.pipeline`` off or no evaluation, the sequence quantize ->
-    tune (size points in ``options.tune``) -> evaluate (when asked)."""
+    tune (size points in ``options.tune``) -> fit (memory budgets in ``options.fit``) -> speed -> evaluate (when
+    asked)."""
     stages: list[Stage[JobContext]] = [InspectStage(options, rules), ConvertStage(options.timeout)]
     if options.imatrix:
         stages.append(CalibrateStage(options.timeout))
@@ -314,13 +343,22 @@ def ladder_stages(options: pipeline.LadderOptions, evaluation: EvalSettings | No
             topts = dataclasses.replace(topts, candidates=tuple(options.tune_candidates))
         if options.tune_exclude or not options.tune_confirm:
             topts = dataclasses.replace(topts, exclude=tuple(options.tune_exclude), confirm=options.tune_confirm)
+    fit_stage = None
+    if options.fit:
+        fopts = fit.FitOptions(budgets=tuple(options.fit), kv_type=options.fit_kv_type, ctx=options.ctx,
+                               timeout=options.timeout)
+        if options.tune_candidates:  # the same measured types as tuning
+            fopts = dataclasses.replace(fopts, candidates=tuple(options.tune_candidates))
+        fit_stage = FitStage(fopts)
     if evaluation is not None and options.pipeline:
         stages.append(PipelineStage(evaluation, options.calibration, order=tuple(options.order), tune=topts,
-                                    cpu_units=options.cpu_units, timeout=options.timeout))
+                                    fit=fit_stage, cpu_units=options.cpu_units, timeout=options.timeout))
         return tuple(stages)
     stages.append(QuantizeStage(options.timeout))
     if topts is not None:
         stages.append(TuneStage(topts))
+    if fit_stage is not None:
+        stages.append(fit_stage)
     if evaluation is not None and evaluation.speed is not None:  # "off" removes an earlier speed.json
         stages.append(speed_mod.SpeedStage(evaluation.speed))
     if evaluation is not None:

@@ -20,13 +20,13 @@ from converters.llama import calibrate as calibrate_mod
 from converters.llama import convert as convert_mod
 from converters.llama import quantize as quantize_mod
 from converters.llama import mmproj
-from converters.core import quants
+from converters.core import names, quants
 from converters.core import records
 from converters.formats.checkpoint import Checkpoint
 from converters.core.errors import InputError, NeedsImatrix
 from converters.core.stages import check_disk, free_bytes
 from converters.llama.toolchain import Toolchain
-from converters.ladder import layout, tune
+from converters.ladder import budget, layout, tune
 from converters.core.workdir import (LADDER_SCHEMA, CalibrationInfo, ImatrixInfo, Ladder, LadderFile, ReferenceFile,
                                 SourceInfo, ToolchainInfo, WorkDir)
 
@@ -62,13 +62,15 @@ class Plan:
     source_repo: str | None = None
     source_revision: str | None = None
     tune: tuple[str, ...] = ()  # size points tuned per tensor (their files: ``<Model>-<TYPE>-tuned.gguf``)
+    fit: tuple[str, ...] = ()  # memory budgets (``<Model>-fit-16GB-32k.gguf``, converters.ladder.fit)
 
     @property
     def disk_needed(self) -> int:
         """Peak bytes the work dir will hold: reference + every quant (+ one split copy at a time)."""
         split_extra = max((f.estimated_bytes for f in self.files if f.split), default=0)
         tuned = sum(f.estimated_bytes for f in self.files if f.type in self.tune)
-        return self.reference_bytes + sum(f.estimated_bytes for f in self.files) + split_extra + tuned
+        fits = len(self.fit) * max((f.estimated_bytes for f in self.files), default=0)  # each at most the largest
+        return self.reference_bytes + sum(f.estimated_bytes for f in self.files) + split_extra + tuned + fits
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -80,6 +82,7 @@ class Plan:
                          "chunks": self.calibration_chunks, "ctx": self.ctx} if self.imatrix else None),
             "files": [dataclasses.asdict(f) for f in self.files],
             **({"tune": list(self.tune)} if self.tune else {}),
+            **({"fit": list(self.fit)} if self.fit else {}),
             "split_max_bytes": self.split_max_bytes,
             "jobs": self.jobs,
             "disk_needed": self.disk_needed,
@@ -107,9 +110,12 @@ class Plan:
                 lines.append(f"{f.type + '-tuned':<10} {'':>5} {'<=' + _gb(f.estimated_bytes):>10}  "
                              f"{f.path.replace('.gguf', '-tuned.gguf')}  (per-tensor layout, solved after measuring)")
                 lines += ["           " + line for line in _tuned_layout(self.out, q)]
+        for b in budget.parse_all(self.fit):
+            lines.append(f"{b.type:<10} {'':>5} {'':>10}  {names.fit(self.model_name, b.label)}  (best predicted KLD "
+                         f"within {_gb(b.bytes)} at {b.ctx:,} tokens, solved and loaded after the ladder)")
         if ck.vision:
-            names = ", ".join(mmproj.projector_name(self.model_name, t) for t in mmproj.TYPES)
-            lines.append(f"projector  {names}  (vision-language model; Q8_0 where the converter writes it)")
+            projs = ", ".join(mmproj.projector_name(self.model_name, t) for t in mmproj.TYPES)
+            lines.append(f"projector  {projs}  (vision-language model; Q8_0 where the converter writes it)")
         lines.append(f"disk       ~{_gb(self.disk_needed)} needed, {_gb(free_bytes(self.out))} free")
         lines.append(f"jobs       {self.jobs} quantization(s) in parallel")
         return "\n".join(lines)
@@ -160,6 +166,8 @@ class LadderOptions:
     cpu_units: int | None = None  # CPU-heavy programs at once in the pipeline (None: flow.CPU_UNITS, measured)
     tune_exclude: tuple[str, ...] = ()  # ggml types never chosen as a change from stock (benchmarks/layout.py)
     tune_confirm: bool = True  # keep a tuned file only when it beats the stock file on the calibration text
+    fit: tuple[str, ...] = ()  # memory budgets "16GB@32k": a fit file each (converters.ladder.fit)
+    fit_kv_type: str = "f16"  # the KV cache type a fit file's memory is measured with
 
 
 def _check_options(o: LadderOptions, types: tuple[quants.QuantType, ...]) -> None:
@@ -175,6 +183,7 @@ def _check_options(o: LadderOptions, types: tuple[quants.QuantType, ...]) -> Non
                          f"make one chunk of {o.ctx} tokens")
     if o.jobs < 1:
         raise InputError(f"jobs must be at least 1 (got {o.jobs})")
+    budget.parse_all(o.fit)
     if o.split_max_bytes < 1_000_000:
         raise InputError("split size must be at least 1 MB")
 
@@ -198,7 +207,7 @@ def plan(checkpoint: Checkpoint, out: Path, *, model_name: str, options: LadderO
                 reference_bytes=checkpoint.estimate_gguf_bytes(32 if o.outtype.lower() == "f32" else 16),
                 calibration=o.calibration if o.imatrix else None, calibration_chunks=o.calibration_chunks,
                 ctx=o.ctx, imatrix=o.imatrix, split_max_bytes=o.split_max_bytes, jobs=o.jobs, files=tuple(files),
-                source_repo=source_repo, source_revision=source_revision, tune=tuned)
+                source_repo=source_repo, source_revision=source_revision, tune=tuned, fit=tuple(o.fit))
 
 
 def prepare(p: Plan) -> None:

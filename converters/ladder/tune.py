@@ -240,10 +240,13 @@ def fixed_bytes(stock_file: Path, tensors: Sequence[TensorInfo], stock: Mapping[
 
 
 def build(layout_: layout.Layout, q: QuantType, reference: Path, workdir: Path, out: Path, *, toolchain: Toolchain,
-          imatrix: Path | None, threads: int | None = None, timeout: float | None = None) -> Path:
-    """Quantize with the layout's ``--tensor-type-file``; check the file's types and size against the plan."""
-    (workdir / TUNE_DIR).mkdir(parents=True, exist_ok=True)
-    tf = workdir / names.tensor_types(q.name)
+          imatrix: Path | None, threads: int | None = None, timeout: float | None = None,
+          type_file: Path | None = None) -> Path:
+    """Quantize with the layout's ``--tensor-type-file`` (written to ``type_file``, default the size point's);
+    check the file's types and size against the plan."""
+    tdir = workdir / TUNE_DIR
+    tdir.mkdir(parents=True, exist_ok=True)
+    tf = type_file or workdir / names.tensor_types(q.name)
     layout.write_tensor_type_file(tf, layout_.types)
     tmp = records.tmp_path_for(out)
     tmp.parent.mkdir(parents=True, exist_ok=True)

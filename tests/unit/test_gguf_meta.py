@@ -184,6 +184,13 @@ def test_tensors_types_and_dequantized_values(tmp_path: Path) -> None:
     assert np.array_equal(np.asarray(gguf_meta.dequantize(by_name["a.weight"])).reshape(4, 64), rows)
     q8 = np.asarray(gguf_meta.dequantize(by_name["e.weight"])).reshape(4, 64)
     assert np.allclose(q8, rows, atol=0.01)
+    # the same tensors as the stock reader's (gguf_meta reads them with plain views, for speed)
+    stock = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    for name, t in by_name.items():
+        s = stock[name]
+        assert (t.tensor_type, list(t.shape), int(t.n_bytes), int(t.data_offset)) == \
+            (s.tensor_type, list(s.shape), int(s.n_bytes), int(s.data_offset))
+        assert np.array_equal(np.asarray(t.data), np.asarray(s.data))
 
 
 def test_quant_sizes_are_gguf_py_block_sizes() -> None:

@@ -192,7 +192,8 @@ class LadderEvaluation:
         job, o = self.job, self.job.opts
         assert self._scoring is not None and self._base is not None and self._ref_facts is not None
         fr = FileResult(type=lf.type, path=lf.path, size=int(lf.size or 0), bpw=lf.bpw, bpw_nominal=lf.bpw_nominal,
-                        parts=[{"path": p, **content[p]} for p in lf.all_parts if p in content])
+                        parts=[{"path": p, **content[p]} for p in lf.all_parts if p in content],
+                        extra={"fit": lf.extra["fit"]} if "fit" in lf.extra else {})  # a fit file's facts: its gate
         fr.sha256 = fr.parts[0]["sha256"] if fr.parts and fr.parts[0]["path"] == lf.path else None
         path = job.wd.path / lf.path
         earlier = list(self.files)

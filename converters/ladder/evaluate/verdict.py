@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from converters.core import quants
 from converters.core.errors import UnknownName
 from converters.core.report import FAILED, SKIPPED, Check, FileResult
-from converters.ladder import layout, speed
+from converters.ladder import budget, speed
 from converters.ladder.evaluate import curve, paired
 from converters.llama import mmproj
 
@@ -92,7 +92,7 @@ def curve_points(files: Sequence[FileResult]) -> list[curve.Point]:
     out = []
     for f in files:
         bits = nominal_bits(f)
-        if speed.baseline_name(f.type, f.extra) is not None:  # judged against its baseline instead (tuned_reasons)
+        if speed.baseline_name(f.type, f.extra) is not None or budget.is_fit(f.type):  # judged against a baseline
             continue
         if f.stats is not None and not f.stats.non_finite() and bits is not None:
             out.append(curve.Point(f.type, float(bits), f.stats.kld_mean, f.stats.kld_mean_err))
@@ -114,6 +114,8 @@ def judge(files: Sequence[FileResult], ceilings: Mapping[str, float] | None = No
             out[key].append(why)
         else:
             notes.append(f"{figures}: published")
+    for f in files:
+        out[f.type] += memory_reasons(f)
     points = curve_points(files)
     far = curve.outliers(points, rules)
     for key, outlier in far.items():
@@ -131,6 +133,7 @@ def judge_file(f: FileResult, earlier: Sequence[FileResult], ceilings: Mapping[s
     tuned = tuned_reasons([*earlier, f], speed_required=speed_required).get(f.type)
     if tuned is not None:
         why.append(tuned)
+    why += memory_reasons(f)
     mine = curve_points([f])
     if mine:
         e = _earlier_curve(mine[0], earlier, rules)
@@ -176,6 +179,18 @@ def thresholds(f: FileResult, earlier: Sequence[FileResult], err: float,
         if e is not None:
             out.append(rules.factor * e.kld + rules.sigmas * err)
     return out
+
+
+def memory_reasons(f: FileResult) -> list[str]:
+    """A memory-budget file's own rule, whatever its KLD (:func:`converters.ladder.budget.memory_reason`): its memory
+    at the budget's context measured within the budget, and a stock file that fits the budget to compare it with."""
+    if not budget.is_fit(f.type):
+        return []
+    fit = f.extra.get("fit")
+    if not isinstance(fit, Mapping):
+        return ["its memory budget facts are missing"]
+    why = budget.memory_reason(fit)
+    return [why] if why is not None else []
 
 
 def tuned_reasons(files: Sequence[FileResult], *, speed_required: bool = False) -> dict[str, str]:
