@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import functools
 import datetime as dt
+import functools
 import hashlib
 import itertools
 import json
