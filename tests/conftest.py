@@ -76,3 +76,15 @@ def smol_workdir(tmp_path_factory, smollm2, calibration_text, toolchain) -> Path
     out = tmp_path_factory.mktemp("smol-ladder")
     build_smol_ladder(out, smollm2, calibration_text, toolchain)
     return out
+
+
+@pytest.fixture
+def quick_render_limit(monkeypatch):
+    """A looping chat template is stopped by the sandbox's CPU-time limit (3 s in the product, far above what a real
+    template needs); in-process tests that render one on purpose lower it to 1 s (the renderer's start is ~0.15 s
+    of CPU): the same limit, kind and reason, two seconds sooner each time."""
+    import dataclasses
+
+    from converters.formats import chat
+
+    monkeypatch.setattr(chat, "RENDER_LIMITS", dataclasses.replace(chat.RENDER_LIMITS, cpu_seconds=1))

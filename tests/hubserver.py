@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import itertools
 import json
@@ -96,7 +97,9 @@ def point_client_here(port: int, home: str | Path, token: str) -> str:
 
 
 def git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    h = hashlib.sha1(b"blob %d\0" % len(data))
+    h.update(data)  # not header + data: that copies hundreds of MB
+    return h.hexdigest()
 
 
 def iso(t: dt.datetime) -> str:
@@ -119,14 +122,17 @@ def card_text(card_data: Mapping[str, Any], body: str = "") -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Blob:
+    """A file's bytes; its hashes are computed once (a SmolLM2 checkpoint or ladder is hundreds of MB, and every
+    commit, listing and download asks for them)."""
+
     data: bytes
     lfs: bool
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
-    @property
+    @functools.cached_property
     def oid(self) -> str:
         return git_blob_sha1(self.data)
 

@@ -18,6 +18,7 @@ LOOPS = "{% for a in range(100000) %}{% for b in range(100000) %}{% if a < 0 %}x
 HUGE = "{{ 'x' * 10**10 }}"
 DEEP = "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}"
 BUDGET = chat.RENDER_SECONDS + 5  # one rendering at most, never one per sample conversation
+pytestmark = pytest.mark.usefixtures("quick_render_limit")  # looping templates stop sooner
 
 
 def facts(template: str | None) -> verify.GgufFacts:

@@ -26,7 +26,7 @@ from converters.core.hooks import NULL_HOOKS
 from converters.ladder.job import CheckpointRules, TEMPLATES_RECORD
 from converters.ladder.pipeline import LadderOptions
 
-pytestmark = pytest.mark.llama
+pytestmark = [pytest.mark.llama, pytest.mark.usefixtures("quick_render_limit")]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOOPS = "{% for a in range(100000) %}{% for b in range(100000) %}{% if a < 0 %}x{% endif %}{% endfor %}{% endfor %}"

@@ -18,6 +18,7 @@ from converters.ladder.job import JobContext, run_stages
 from tests.models import tiny_random_checkpoint
 
 LOOPS = "{% for a in range(100000) %}{% for b in range(100000) %}{% if a < 0 %}x{% endif %}{% endfor %}{% endfor %}"
+pytestmark = pytest.mark.usefixtures("quick_render_limit")  # looping templates stop sooner
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ ESCAPES = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
 CFG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 2, "hidden_size": 8,
        "intermediate_size": [16, 16], "vocab_size": 16}
 BUDGET = 3 * chat.RENDER_SECONDS  # a refusal costs a few renderings, never one per probe and template at the limit
+pytestmark = pytest.mark.usefixtures("quick_render_limit")  # looping templates stop sooner
 
 
 @pytest.fixture(autouse=True)
