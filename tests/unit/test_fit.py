@@ -205,7 +205,7 @@ def test_the_verdict_withholds_a_fit_file_and_keeps_it_off_the_curve() -> None:
     files = [_result("Q8_0", 0.001, 0.0001, 140 * MB), _result("Q4_K_M", 0.05, 0.002, 100 * MB),
              _result("fit-300MB-4k", 0.04, 0.002, 104 * MB, fit)]
     reasons = verdict.gate(files)
-    assert reasons["Q4_K_M"] == [] and "over the budget" in reasons["fit-300MB-4k"][0]
+    assert reasons["Q4_K_M"] == [] and any("over the budget" in r for r in reasons["fit-300MB-4k"])
     assert [p.key for p in verdict.curve_points(files)] == ["Q8_0", "Q4_K_M"]
 
 

@@ -126,10 +126,11 @@ def test_the_gate_says_the_figures_and_records_the_comparison():
 
 def test_a_memory_budget_file_is_judged_by_the_same_rule_and_may_be_larger():
     stock = hard_chunks()
-    fit = {"fit": {"baseline": "Q4_K_M", "budget": "8GB@8k"}}
+    measured = {"budget_bytes": 8 * 10**9, "ctx": 8192, "memory": {"total": 7 * 10**9}}  # within the budget
+    fit = {"fit": {"baseline": "Q4_K_M", "budget": "8GB@8k", **measured}}
     files = [f("Q4_K_M", stats(stock)), f("Q3_K_M", stats([x * 2 for x in stock]), size=800),
              f("fit-8GB-8k", stats([x * 0.9 for x in stock]), size=1100, **fit),
-             f("fit-6GB-8k", stats(stock), size=900, fit={"baseline": "Q3_K_M"})]
+             f("fit-6GB-8k", stats(stock), size=900, fit={"baseline": "Q3_K_M", **measured})]
     v = evaluate.judge(files)
     assert v.reasons["fit-8GB-8k"] == [] and files[2].extra["versus"]["baseline"] == "Q4_K_M"
     assert v.reasons["fit-6GB-8k"] == []  # much better than Q3_K_M

@@ -197,7 +197,11 @@ def test_the_speed_stage_runs_before_the_evaluation_when_asked():
     from converters.llama.calibrate import TextFile
 
     text = TextFile(Path("e.txt"), "e", "t", "0" * 64, 0)
-    opts = pipeline.LadderOptions(ladder="small", imatrix=False)
+    opts = pipeline.LadderOptions(ladder="small", imatrix=False, pipeline=False)
     stages = [s.name for s in job.ladder_stages(opts, job.EvalSettings(text, speed=speed.SpeedOptions()))]
     assert stages[-2:] == ["speed", "evaluate"]
     assert "speed" not in [s.name for s in job.ladder_stages(opts, job.EvalSettings(text))]
+    # the pipeline stage runs it as one of its tasks (converters.ladder.flow: after the makes, before the tuned
+    # files' measurements)
+    piped = job.ladder_stages(dataclasses.replace(opts, pipeline=True), job.EvalSettings(text, speed=speed.SpeedOptions()))
+    assert piped[-1].name == "ladder" and piped[-1].settings.speed == speed.SpeedOptions()
