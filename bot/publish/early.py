@@ -276,7 +276,9 @@ class EarlyPublisher:
 
     def _group_ready(self) -> bool:
         groups = self._groups or []
-        if self._committed >= len(groups):
+        # the last group goes with the final commit (finish): the report and the chart are final only then, so the
+        # last group makes one commit, not an early one followed by a final one
+        if self._committed >= len(groups) - 1:
             return False
         for t in groups[self._committed]:
             r = self._ready.get(t)
