@@ -35,6 +35,7 @@ import pytest
 from bot.model import jobstate as J
 from bot.service.runner import slug
 from bot.state.store import Store
+from converters.llama import toolchain as tc_mod
 from tests.bot_fixtures import (
     FENCE_LINK,
     HOSTILE_LICENSE_LINK,
@@ -81,8 +82,7 @@ def spying_toolchain(real, dest: Path, dumps: Path) -> Path:
         "    json.dump({'env': dict(os.environ), 'argv': sys.argv}, f)\n")
     bin_dir = dest / "build" / "bin"
     bin_dir.mkdir(parents=True)
-    for prog in ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split", "llama-mtmd-cli",
-                 "llama-tokenize", "llama-completion"):
+    for prog in tc_mod.PROGRAMS:  # every program the product looks for, each recording how it was started
         leave = (f"setsid {' '.join(GRANDCHILD)} </dev/null >/dev/null 2>&1 &\n" if prog == "llama-perplexity" else "")
         script = bin_dir / prog
         script.write_text(f"#!/bin/sh\nenv > {dumps}/{prog}.$$.env\nprintf '%s\\n' \"$@\" > {dumps}/{prog}.$$.argv\n"
