@@ -38,7 +38,9 @@ def test_same_tensor_same_type_same_bytes(cheap_dir, toolchain):
     c = _data(cheap_dir / f"{MODEL}-IQ4_XS.gguf")
     shared = [n for n in a if n in b and a[n][0] == b[n][0] and a[n][0] not in ("F32", "BF16")]
     shared += [n for n in a if n in c and a[n][0] == c[n][0] and a[n][0] not in ("F32", "BF16")]
-    assert len(shared) >= 10
+    # SmolLM2's 576-wide rows make most k-quant tensors fall back, so the files share few (tensor, type) pairs:
+    # token_embd at least; the --pure run below checks more tensors
+    assert shared
     for n in shared:
         assert a[n][1] == (b[n][1] if b[n][0] == a[n][0] else c[n][1]), n
     # a --pure run that sends a few tensors to the types the Q4_K_M file holds them in: the same bytes
