@@ -72,13 +72,13 @@ def publish_options():
 
 
 class _Verdicts(Hooks):
-    """When the pipeline stage reported each file's verdict (its per-file progress: ``type``, ``state``)."""
+    """When the pipeline stage reported each file's verdict (its per-file progress: ``file``, ``state``)."""
 
     def __init__(self) -> None:
         self.seen: dict[str, float] = {}
 
     def progress(self, event: Event) -> None:
-        t, state = event.data.get("type"), event.data.get("state")
+        t, state = event.data.get("file"), event.data.get("state")
         if event.kind == PROGRESS and state in ("passed", "failed") and t not in self.seen:
             self.seen[str(t)] = time.time()
 
