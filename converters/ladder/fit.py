@@ -71,7 +71,7 @@ class FitInputs:
     imatrix: Path | None
     calibration: Path | None
     toolchain: Toolchain
-    measurements: tune.Measurements | None = None  # the tune stage's, when it ran in this job
+    measurements: Damage | None = None  # given (tests); else measured with the tuner's measurer (its cache)
     step: Callable[[str, int, int], None] | None = None
 
 
@@ -129,23 +129,43 @@ def _entry(b: budget_mod.FitBudget, out: records.Output, info: dict[str, Any], p
         companions=(info["layout"],) if info.get("layout") else (), extra={"fit": fit})
 
 
-def _measurements(inp: FitInputs, o: FitOptions, ladder: Ladder) -> tune.Measurements:
+@dataclasses.dataclass(frozen=True)
+class Damage:
+    """What a fit file's layout is solved from: the tensors and the error per tensor and type, each scaled by
+    ``scales`` (per tensor name; 1.0 when absent)."""
+
+    tensors: list[layout.TensorInfo]
+    errors: dict[str, dict[str, float]]  # tensor -> type -> imatrix-weighted squared error (converters.ladder.tensorerr)
+    scales: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def damage(self) -> dict[str, dict[str, float]]:
+        return {t.name: {q: self.scales.get(t.name, 1.0) * e for q, e in self.errors.get(t.name, {}).items()}
+                for t in self.tensors}
+
+
+def _measurements(inp: FitInputs, o: FitOptions, ladder: Ladder) -> Damage:
+    """The errors of every candidate type of every tensor, from the tuner's measurer (its cache, the ladder's own
+    files, packed quantize runs for the rest). One scale for every tensor: the fit files' layouts rank types by
+    imatrix-weighted error; the per-kind KLD scales the tune stage fits on its size points are not fitted for budgets
+    yet, and a fit file is published only when the paired gate measures it better than its baseline."""
     if inp.measurements is not None:
         return inp.measurements
     if inp.calibration is None:
-        raise InputError("memory-budget files need the calibration text (the tuner's probes are measured on it)")
+        raise InputError("memory-budget files need the calibration text (the error weights of token_embd come from it)")
     wd = inp.workdir
-    stock_types = sorted({t for f in stock_files(ladder) if not f.split for t in tune.read_types(wd / f.path).values()
+    stocks = [wd / f.path for f in stock_files(ladder) if not f.split]
+    tensors = tune.catalogue(inp.reference, stocks)
+    stock_types = sorted({t for f in stocks for t in tune.read_types(f).values()
                           if t in layout.QUANT_SIZES and t not in ("F32", *layout.UNQUANTIZED)})
     cands = tuple(o.candidates) + tuple(t for t in stock_types if t not in o.candidates)
-    topts = tune.TuneOptions(size_points=(), candidates=cands, probe_chunks=o.probe_chunks, ctx=o.ctx,
-                             threads=o.threads, timeout=o.timeout)
+    wanted = {t.name: [q for q in cands if layout.valid(q, t.row_length)] for t in tensors}
     try:
-        m = tune.measure(inp.reference, wd, toolchain=inp.toolchain, imatrix=inp.imatrix,
-                         calibration=inp.calibration, options=topts, step=inp.step)
+        m = tune.Measurer.open(inp.toolchain, wd, inp.reference, inp.imatrix, inp.calibration, stocks,
+                               threads=o.threads, timeout=o.timeout)
+        errors = m.errors(wanted)
     finally:
         shutil.rmtree(wd / names.TUNE_DIR / "scratch", ignore_errors=True)
-    return m
+    return Damage([t for t in tensors if errors.get(t.name)], {k: dict(v) for k, v in errors.items() if v})
 
 
 def _load(inp: FitInputs, o: FitOptions, path: Path, ctx: int) -> memory.Buffers:
@@ -170,7 +190,7 @@ def _baseline(inp: FitInputs, o: FitOptions, b: budget_mod.FitBudget, att: memor
     return None
 
 
-def plan_fit(m: tune.Measurements, b: budget_mod.FitBudget, baseline_file: Path, file_budget: int,
+def plan_fit(m: Damage, b: budget_mod.FitBudget, baseline_file: Path, file_budget: int,
              extra: dict[str, Any]) -> layout.Layout:
     """The layout of least predicted damage within ``file_budget`` bytes of file, the baseline's types as stock."""
     stock = tune.read_types(baseline_file)
@@ -215,7 +235,7 @@ def largest_context(inp: FitInputs, o: FitOptions, b: budget_mod.FitBudget, att:
 
 
 def _one(inp: FitInputs, o: FitOptions, b: budget_mod.FitBudget, att: memory.Attention,
-         measured: Callable[[], tune.Measurements]) -> tuple[dict[str, Any], list[Path]]:
+         measured: Callable[[], Damage]) -> tuple[dict[str, Any], list[Path]]:
     wd, lad = inp.workdir, inp.ladder
     t0 = time.monotonic()
     loads: list[dict[str, Any]] = []
@@ -260,9 +280,9 @@ def _produce(inp: FitInputs, o: FitOptions, budgets: Sequence[budget_mod.FitBudg
              ins: dict[str, Any]) -> records.StageRecord:
     t0 = time.monotonic()
     att = memory.Attention.read(inp.reference)
-    cache: list[tune.Measurements] = []
+    cache: list[Damage] = []
 
-    def measured() -> tune.Measurements:
+    def measured() -> Damage:
         if not cache:
             t1 = time.monotonic()
             cache.append(_measurements(inp, o, inp.ladder))

@@ -291,12 +291,11 @@ class FitStage:
         p = ctx.need_plan()
         if ctx.ladder is None or ctx.reference is None:
             raise RuntimeError("fit runs after quantize")
-        tuned = ctx.get(TUNE, None)  # the tune stage's measurements, when it measured in this job
         t0 = time.monotonic()
+        # the errors come from the tuner's measurer, so pairs the tune stage measured are read from its cache
         inp = fit.FitInputs(ctx.workdir, ctx.ladder, ctx.workdir / ctx.reference.outputs[0].path,
                             ctx.workdir / ctx.imatrix.outputs[0].path if ctx.imatrix is not None else None,
-                            p.calibration.path if p.calibration else None, ctx.toolchain,
-                            tune.load_measurements(ctx.workdir) if tuned and "scales" in tuned else None,
+                            p.calibration.path if p.calibration else None, ctx.toolchain, None,
                             lambda text, done, total: ctx.hooks.step(self.name, done, total, text))
         opts = dataclasses.replace(self.options, ctx=self.options.ctx or p.ctx,
                                    timeout=self.options.timeout or ctx.tool_timeout())

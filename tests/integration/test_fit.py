@@ -31,9 +31,9 @@ def _workdir(src: Path, dst: Path, keep: tuple[str, ...]) -> Ladder:
     return Ladder.from_json({**lad.to_json(), "files": [f.to_json() for f in files]})
 
 
-def stand_in_damage(reference: Path, stock: Path, extra: tuple[str, ...]) -> tune.Measurements:
+def stand_in_damage(reference: Path, stock: Path, extra: tuple[str, ...]) -> fit.Damage:
     """Damage ``elements x 4^-bits`` per tensor and type (the stock file's own types and ``extra``)."""
-    tensors = tune.catalogue(reference, stock)
+    tensors = tune.catalogue(reference, [stock])
     types = set(tune.read_types(stock).values()) | set(extra)
     errors = {}
     for t in tensors:
@@ -42,7 +42,7 @@ def stand_in_damage(reference: Path, stock: Path, extra: tuple[str, ...]) -> tun
             if q in layout.QUANT_SIZES and q != "F32" and layout.valid(q, t.row_length):
                 blk, size = layout.QUANT_SIZES[q]
                 errors[t.name][q] = t.elements * 4.0 ** (-8 * size / blk)
-    return tune.Measurements(tensors, errors, scales={tune.group_of(t.kind): 1.0 for t in tensors})
+    return fit.Damage(tensors, errors)
 
 
 def test_fit_file_loads_within_its_budget(smol_workdir: Path, calibration_text: Path, toolchain, tmp_path) -> None:
