@@ -175,7 +175,7 @@ class PipelineStage:
             assert self.tune is not None
             TuneStage(self.tune).run(ctx)
 
-        def with_tuned(base: Ladder) -> Ladder:
+        def with_added(base: Ladder) -> Ladder:
             # the tuned and memory-budget files TuneStage and FitStage added to ctx.ladder, after the stock files
             def added(f: LadderFile) -> bool:
                 return layout.is_tuned(f.type) or budget.is_fit(f.type)
@@ -189,13 +189,13 @@ class PipelineStage:
 
         def fit_all() -> None:
             assert self.fit is not None
-            ctx.ladder = with_tuned(ladder_so_far())
+            ctx.ladder = with_added(ladder_so_far())
             self.fit.run(ctx)
 
         def speed_all() -> None:
             # llama-bench of the files of the speed scope, with nothing else running (see the tasks below)
             assert self.settings.speed is not None
-            ctx.ladder = with_tuned(ladder_so_far())
+            ctx.ladder = with_added(ladder_so_far())
             speed_mod.SpeedStage(self.settings.speed).run(ctx)
 
         estimates = {f.type: f.estimated_bytes for f in p.files}
@@ -270,7 +270,7 @@ class PipelineStage:
             self.on_schedule(sched)
         seconds["quantize"] = round(sum(r.seconds for r in made.values()), 3)
         ctx.seconds.update(seconds)
-        final = with_tuned(ladder_so_far())
+        final = with_added(ladder_so_far())
         ctx.ladder = final
         wd.write_ladder(final)
         # report.json lists the files in ladder order, as the sequential evaluation does (measured in publish order)
