@@ -25,8 +25,10 @@ def series(n: int, mean: float, rel_sd: float, seed: int = 0) -> list[float]:
     ("below the floor nothing stops", series(7, 0.01, 0.01), [1.0], None),
     ("precise enough at the floor", series(8, 0.01, 0.05), [], seq.PRECISION_REACHED),
     ("noisy, no threshold: go on", series(8, 0.01, 0.6), [], None),
-    ("noisy but far below its ceiling: the verdict is settled", series(8, 0.01, 0.6), [0.05], seq.VERDICT_SETTLED),
-    ("noisy and far above its ceiling: settled too", series(8, 0.5, 0.6), [0.05], seq.VERDICT_SETTLED),
+    # a file that passes is published with its figures: scored on to the target precision
+    ("noisy but far below its ceiling: goes on to the precision", series(8, 0.01, 0.6), [0.05], None),
+    ("noisy and far above its ceiling: refused whatever follows", series(8, 0.5, 0.6), [0.05], seq.VERDICT_SETTLED),
+    ("above one threshold is enough to be refused", series(8, 0.5, 0.6), [5.0, 0.05], seq.VERDICT_SETTLED),
     ("noisy near its ceiling: go on", series(8, 0.045, 0.6), [0.05], None),
     ("one threshold near is enough to go on", series(8, 0.01, 0.6), [0.05, 0.012], None),
     ("the cap ends it", series(64, 0.045, 0.6), [0.05], seq.CAP),

@@ -14,9 +14,11 @@ After each batch, :func:`stop_reason` (pure) decides, from the per-chunk series:
 
 - ``precision``: the standard error of the mean, from the chunk means (tokens within a chunk are correlated, so
   never per token), is at most ``precision`` times the mean (default 5 %);
-- ``verdict``: the gate's verdict cannot change any more: the mean ± ``Z_VERDICT`` standard errors lies
-  entirely below or entirely above every threshold the gate compares this file's mean KLD with (its ceiling,
-  and the outlier limit of the ladder's curve as measured so far), or its figures are not finite;
+- ``verdict``: the file is refused whatever follows: the mean minus ``Z_VERDICT`` standard errors lies above a
+  threshold the gate compares this file's mean KLD with (its ceiling, or the outlier limit of the ladder's curve
+  as measured so far), or its figures are not finite. A file that will pass is scored on to the target
+  precision instead: its mean KLD ± error is published on the card, so it gets the precision every published
+  figure gets; a refused file's figures are only the reason it is withheld;
 - ``cap``: ``max_chunks`` are scored (today's fixed count);
 
 never before ``min_chunks`` (a standard error from a handful of chunks is itself too uncertain). ``precision =
@@ -43,7 +45,7 @@ from converters.llama import toolchain as tc_mod
 
 PRECISION = 0.05  # target relative standard error of a file's mean KLD (setting [evaluate] precision)
 MIN_CHUNKS = 8  # floor of chunks before any stop (setting [evaluate] min_chunks)
-# a verdict is settled when the mean is this many standard errors from every threshold: 3 (one-sided 0.13 % per
+# a file is refused whatever follows when its mean is this many standard errors above a threshold: 3 (one-sided 0.13 % per
 # look for a normal mean; the few looks of a file and the t-distribution of a small series keep it near 1 %)
 Z_VERDICT = 3.0
 
@@ -89,7 +91,7 @@ def stop_reason(series: Sequence[float], rule: StopRule, thresholds: Sequence[fl
     if e <= rule.precision * m or (m <= 0 and e == 0):
         return PRECISION_REACHED
     finite = [t for t in thresholds if t is not None and math.isfinite(t)]
-    if finite and all(abs(m - t) > rule.z * e for t in finite):
+    if any(m - rule.z * e > t for t in finite):  # refused whatever follows (a passing file goes on to precision)
         return VERDICT_SETTLED
     return None
 
