@@ -32,7 +32,8 @@ whose final verdict is not in report.json.
 Progress: ``hooks.step("ladder", done, total, text, file=T, state=S, files={T: S...}, task=..., resource=...,
 phase="start"|"end")`` as each task starts and ends (``done`` of ``total`` steps: a make and a measure per file, and
 the tuning); states ``waiting``, ``making``, ``made``, ``measuring``, ``measured`` (held: its verdict waits for its
-curve neighbours), ``passed``, ``failed``. The text names what
+curve neighbours), ``passed``, ``failed``; a held file's verdict, when a later measurement (or the end) settles it,
+comes in a step of its own, ``file=T, state=passed|failed, phase="settled"``. The text names what
 runs now: ``making Q6_K, measuring Q4_K_M``.
 """
 
@@ -57,9 +58,9 @@ from converters.core.stages import Stage
 from converters.core.workdir import Ladder, LadderFile, WorkDir
 from converters.ladder import budget, evaluate, layout, pipeline, tune
 from converters.ladder import speed as speed_mod
-from converters.ladder.evaluate import curve
 from converters.ladder.context import (DEFAULT_EVAL_CHUNKS, FILE_READY, PROJECTOR, TUNE, EvalSettings, FileReady,
                                        JobContext, eval_options)
+from converters.ladder.evaluate import curve
 from converters.llama import calibrate as calibrate_mod
 from converters.llama import quantize as quantize_mod
 from converters.llama import toolchain as tc_mod
@@ -280,7 +281,7 @@ class PipelineStage:
                     progress.states.pop(what, None)
                 else:
                     progress.states[what] = MEASURED  # until it is settled (now, or by a later measurement)
-                    self._announce_settled(ctx, progress, evaluation[0])
+                    self._announce_settled(ctx, progress, evaluation[0], current=what)
             elif task.name in ("tune", "fit", "speed"):
                 progress.done += 1
             self._step(ctx, progress, what or task.name, task=task.name, resource=task.resource, phase="end")
@@ -314,12 +315,17 @@ class PipelineStage:
         ctx.hooks.step(self.name, progress.done, progress.total, progress.text(), file=what,
                        state=progress.states.get(what, ""), files=dict(progress.states), **data)
 
-    def _announce_settled(self, ctx: JobContext, progress: _Progress, ev: evaluate.LadderEvaluation) -> None:
-        """FILE_READY of each file the evaluation settled since the last call (report.json has its final verdict)."""
+    def _announce_settled(self, ctx: JobContext, progress: _Progress, ev: evaluate.LadderEvaluation,
+                          current: str | None = None) -> None:
+        """FILE_READY of each file the evaluation settled since the last call (report.json has its final verdict);
+        a held file settled now (not ``current``, the file whose task is ending) gets a step of its own,
+        ``phase="settled"``."""
         for result in ev.settled():
             if result.type in progress.states:
                 progress.states[result.type] = PASSED if result.status == PASSED else FAILED
             self._announce(ctx, result)
+            if result.type != current:
+                self._step(ctx, progress, result.type, phase="settled")
 
     def _announce(self, ctx: JobContext, result: FileResult) -> None:
         """FILE_READY of one measured file (the parts and hashes the evaluation measured)."""

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from bot.commands import CliHooks
 from converters.core import quants
+from converters.core.hooks import PROGRESS, Event
 from converters.core.report import FAILED, PASSED, FileResult
 from converters.ladder import flow
 from converters.ladder.evaluate import settle, verdict
@@ -130,3 +132,13 @@ def test_the_measuring_order_moves_the_first_groups_curve_neighbours_up() -> Non
     top = [quants.get(t) for t in ("Q8_0", "Q4_K_M", "Q2_K", "Q6_K")]  # a first file at the end: one side only
     assert names(flow.measure_order(top)) == ["Q8_0", "Q4_K_M", "Q6_K", "Q2_K"]
     assert names(flow.measure_order(top[:1])) == ["Q8_0"] and names(flow.measure_order(top, first=0)) == names(top)
+
+
+def test_the_command_line_prints_a_held_files_verdict_when_it_is_settled(capsys) -> None:
+    hooks = CliHooks()
+    for data, done in (({"file": "Q4_K_M", "state": "measured", "task": "measure Q4_K_M", "phase": "end"}, 2),
+                       ({"file": "Q4_K_M", "state": "failed", "phase": "settled"}, 10),
+                       ({"file": "Q2_K", "state": "passed", "task": "measure Q2_K", "phase": "end"}, 10)):
+        hooks.progress(Event("ladder", PROGRESS, done=done, total=12, data=data))
+    assert capsys.readouterr().err.splitlines() == ["[ladder] Q4_K_M measured (2/12)", "[ladder] Q4_K_M failed (10/12)",
+                                                   "[ladder] Q2_K passed (10/12)"]
