@@ -83,7 +83,8 @@ class CliHooks(Hooks):
         if event.kind == START and not quiet:
             stderr(f"[{stage}] start")
         elif event.kind == PROGRESS and "file" in event.data and "state" in event.data:  # the pipeline stage
-            if event.data.get("phase") == "end":  # ``[ladder] Q4_K_M passed (2/6)``: each file made and measured
+            # ``[ladder] Q4_K_M passed (2/6)``: each file made and measured; a held one's verdict once settled
+            if event.data.get("phase") in ("end", "settled"):
                 stderr(f"[{stage}] {event.data['file']} {event.data['state']} ({event.done}/{event.total})")
         elif event.kind == PROGRESS and "type" in event.data:
             stderr(f"[{stage}] {event.data['type']} {'(already done)' if event.data.get('skipped') else 'done'} "

@@ -150,6 +150,7 @@ class JobSpec:
                                  calibration_chunks=q.calibration_chunks, ctx=q.ctx,
                                  split_max_bytes=int(q.split_max_gb * 1e9), jobs=q.jobs,
                                  tune=tuple(q.tune), tune_seconds=q.tune_seconds, order=s.publish.order,
+                                 first_group=s.publish.groups[0] if s.publish.groups else 1,
                                  fit=tuple(q.fit), fit_kv_type=q.fit_kv_type),
             evaluation=EvalSettings(evaluation, chunks=q.evaluation_chunks, precision=s.evaluate.precision,
                                     min_chunks=s.evaluate.min_chunks, name_text=True, require_publishable=True,

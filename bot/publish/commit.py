@@ -130,7 +130,7 @@ def early_view(report: Report, early: Early) -> Report:
     gone = {p for f in report.files if f not in keep for p in [f.path, *(str(x.get("path")) for x in f.parts)]}
     view = dataclasses.replace(report, files=keep, chart=None if early.coming else report.chart,
                                file_hashes={k: v for k, v in report.file_hashes.items() if k not in gone},
-                               pending=list(early.coming))
+                               pending=list(early.coming), held=[])
     return view
 
 

@@ -195,14 +195,15 @@ def running_views(st: StateStore, now: float, limit: int = 50) -> list[RunningVi
 # Running jobs: each file of the ladder on its way (made, measured, uploaded, published)
 # --------------------------------------------------------------------------------------------------
 
-FILE_STATES = ("waiting", "making", "made", "measuring", "failed", "passed", early.UPLOADING, early.UPLOADED,
-               early.PUBLISHED)  # in the order a file goes through them
+FILE_STATES = ("waiting", "making", "made", "measuring", "measured", "failed", "passed", early.UPLOADING,
+               early.UPLOADED, early.PUBLISHED)  # in the order a file goes through them
 
 
 def pipeline_files(job: Job) -> list[dict[str, str]]:
     """The ladder's files of a running job in its work directory, each with where it is: waiting, making (being
-    made), made, measuring, passed / failed (the gate's verdict in report.json), uploading / uploaded (pre-uploaded,
-    not visible yet), published (in a commit). Read from plan.json, ladder.json, report.json, the early publisher's
+    made), made, measuring, measured (held: its verdict waits for its neighbours on the ladder's curve), passed /
+    failed (the gate's final verdict in report.json), uploading / uploaded (pre-uploaded, not visible yet),
+    published (in a commit). Read from plan.json, ladder.json, report.json, the early publisher's
     record and the job's progress line ("making Q6_K, measuring Q4_K_M"); empty when this machine does not have the
     work directory."""
     if not job.workdir:
@@ -225,7 +226,9 @@ def file_states(wd: WorkDir, progress: str = "") -> list[dict[str, str]]:
         if t in state:
             state[t] = verb
     if wd.has_report():
-        state.update({f.type: PASSED if f.status == PASSED else "failed" for f in wd.report().files})
+        report = wd.report()
+        state.update({str(h.get("type")): "measured" for h in report.held if h.get("type") in state})
+        state.update({f.type: PASSED if f.status == PASSED else "failed" for f in report.files})
     state.update(early.file_states(wd))
     return [{"type": t, "state": v} for t, v in state.items()]
 

@@ -254,6 +254,9 @@ class Report:
     file_hashes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     # quant types not measured yet while the ladder is being evaluated file by file (empty once finished)
     pending: list[str] = dataclasses.field(default_factory=list)
+    # measured files among ``pending`` whose verdict is not final yet (held until the ladder's curve around them is
+    # measured, converters.ladder.evaluate.verdict.awaits_curve): their figures, no status (empty once finished)
+    held: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def file(self, qtype: str) -> FileResult:
         for f in self.files:
@@ -297,6 +300,7 @@ class Report:
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "file_hashes": {k: dict(v) for k, v in sorted(self.file_hashes.items())},
             "pending": list(self.pending),
+            "held": [dict(h) for h in self.held],
         })
         return d
 
@@ -308,7 +312,7 @@ class Report:
         known = {"schema_version", "model_name", "created_at", "source", "toolchain", "tools", "texts", "settings",
                  "notes",
                  "reference", "evaluation", "checks", "files", "publishable", "reasons", "chart", "seconds", "file_hashes",
-                 "pending"}
+                 "pending", "held"}
         texts = {k: (TextInfo(**v) if v else None) for k, v in (d.get("texts") or {}).items()}
         return cls(model_name=d.get("model_name", ""), source=dict(d.get("source") or {}),
                    toolchain=dict(d.get("toolchain") or {}), tools=dict(d.get("tools") or {}), texts=texts,
@@ -322,7 +326,8 @@ class Report:
                    extra={k: v for k, v in d.items() if k not in known},
                    file_hashes={str(k): dict(v) for k, v in (d.get("file_hashes") or {}).items()
                                 if isinstance(v, Mapping)},
-                   pending=[str(t) for t in d.get("pending") or []])
+                   pending=[str(t) for t in d.get("pending") or []],
+                   held=[dict(h) for h in d.get("held") or [] if isinstance(h, Mapping)])
 
 
 def wire_number(v: Any) -> Any:

@@ -5,14 +5,16 @@ ladder (docs/PIPELINE.md has the schedule and what it gives). Its tasks (:mod:`c
 
 - ``open`` (the evaluation's reference work: base logits, the comparison with the source) on the evaluation's
   resource;
-- per type, in publish order (``LadderOptions.order`` first, then ladder order): ``make T`` (llama-quantize, CPU),
-  then ``measure T`` (llama-perplexity, after ``make T`` and the previous file's measurement: the measurements are
-  one chain in publish order, so each verdict is the same in every run) on the evaluation's resource: the GPU on a
+- per type, in measuring order (:func:`measure_order`: the publish order, ``LadderOptions.order`` first then ladder
+  order, with the curve neighbours of the first publish group moved up right after it): ``make T`` (llama-quantize,
+  CPU), then ``measure T`` (llama-perplexity, after ``make T`` and the previous file's measurement: the
+  measurements are one chain, so each verdict is the same in every run) on the evaluation's resource: the GPU on a
   CUDA toolchain, else the CPU;
 - with ``--tune``: ``tune`` after every ``make`` (converters.ladder.tune, CPU), then ``measure T-tuned``.
 
-Ranks put a file's measurement before the next file is made (``(k, 0)`` make, ``(k, 1)`` measure): on one CPU unit
-the first file of the publish order is made and measured before anything else, so it can be published first; with a
+Ranks put a file's measurement before the next file is made (``(k, 0)`` make, ``(k, 1)`` measure, ``k`` its place
+in the measuring order): on one CPU unit the first file of the publish order is made and measured before anything
+else, then its neighbours on the ladder's curve, so it can be published first; with a
 GPU, ``make k+1`` runs on the CPU while ``measure k`` runs on the GPU. On a CPU-only box :data:`CPU_UNITS` CPU-heavy
 programs run at once, each with ``cores / units`` threads (the benchmark's measurement chose it; see the docs).
 
@@ -21,12 +23,17 @@ the evaluation skips every file it measured already (its per-file records), a st
 while programs run, and ``ladder.json`` / ``report.json`` at the end are the sequential path's. While the stage runs,
 ``ladder.json`` lists the files made so far (valid at every moment: an incomplete ladder is a smaller ladder), and
 each file is measured from its :class:`~converters.core.workdir.LadderFile` handed to the evaluation directly.
-After each verdict ``FILE_READY`` hears of the file (converters.ladder.job.FileReady): measured files only, never
-one whose measurement is not in report.json.
+``FILE_READY`` hears of each file (converters.ladder.job.FileReady) when its verdict is final: a file's verdict is
+judged against the files measured before it, and the first files of a ladder are held until the ladder's curve
+around them is measured (``LadderEvaluation.settled``, converters.ladder.evaluate.evaluation), so a file is
+announced after the measurement that settles it (its own, or a later one that brackets it), or at the end; never one
+whose final verdict is not in report.json.
 
 Progress: ``hooks.step("ladder", done, total, text, file=T, state=S, files={T: S...}, task=..., resource=...,
 phase="start"|"end")`` as each task starts and ends (``done`` of ``total`` steps: a make and a measure per file, and
-the tuning); states ``waiting``, ``making``, ``made``, ``measuring``, ``passed``, ``failed``. The text names what
+the tuning); states ``waiting``, ``making``, ``made``, ``measuring``, ``measured`` (held: its verdict waits for its
+curve neighbours), ``passed``, ``failed``; a held file's verdict, when a later measurement (or the end) settles it,
+comes in a step of its own, ``file=T, state=passed|failed, phase="settled"``. The text names what
 runs now: ``making Q6_K, measuring Q4_K_M``.
 """
 
@@ -53,6 +60,7 @@ from converters.ladder import budget, evaluate, layout, pipeline, tune
 from converters.ladder import speed as speed_mod
 from converters.ladder.context import (DEFAULT_EVAL_CHUNKS, FILE_READY, PROJECTOR, TUNE, EvalSettings, FileReady,
                                        JobContext, eval_options)
+from converters.ladder.evaluate import curve
 from converters.llama import calibrate as calibrate_mod
 from converters.llama import quantize as quantize_mod
 from converters.llama import toolchain as tc_mod
@@ -64,7 +72,24 @@ STAGE = "ladder"
 # (docs/PIPELINE.md, "one program or two"): two programs with one thread each beat one with both cores
 CPU_UNITS = 2
 
-WAITING, MAKING, MADE, MEASURING, FAILED = "waiting", "making", "made", "measuring", "failed"
+WAITING, MAKING, MADE, MEASURING, MEASURED, FAILED = "waiting", "making", "made", "measuring", "measured", "failed"
+
+
+def measure_order(types: Sequence[quants.QuantType], first: int = 1,
+                  neighbours: int = curve.DEFAULT_RULES.neighbours) -> tuple[quants.QuantType, ...]:
+    """The order the files are made and measured in (pure): ``types`` (the publish order) with, right after its
+    ``first`` types (the first publish group), the ``neighbours`` nearest types below and above each of them in
+    nominal bits per weight, those not placed before, in publish order. The first group's verdicts wait for the
+    ladder's curve around them (verdict.awaits_curve), which these measurements give; the publish order itself
+    (what is committed first) does not change."""
+    head = list(types[:max(0, first)])
+    moved: list[quants.QuantType] = []
+    for q in head:
+        below = sorted((t for t in types if t.bpw < q.bpw), key=lambda t: -t.bpw)[:neighbours]
+        above = sorted((t for t in types if t.bpw > q.bpw), key=lambda t: t.bpw)[:neighbours]
+        moved += [t for t in below + above if t not in head and t not in moved]
+    moved.sort(key=list(types).index)
+    return tuple(head + moved + [t for t in types if t not in head and t not in moved])
 
 
 @dataclasses.dataclass
@@ -87,6 +112,7 @@ class PipelineStage:
     settings: EvalSettings
     calibration: calibrate_mod.TextFile | None = None
     order: tuple[str, ...] = ()
+    first_group: int = 1  # types of the publish order in the first early commit: their curve neighbours go next
     tune: tune.TuneOptions | None = None
     fit: Stage[JobContext] | None = None  # converters.ladder.job.FitStage: memory-budget files, after the tuning
     cpu_units: int | None = None  # None: CPU_UNITS
@@ -118,7 +144,7 @@ class PipelineStage:
         units = self.units(ctx)
         threads = max(1, (os.cpu_count() or 1) // units)
         measure_on = GPU if gpu else CPU
-        types = pipeline.publish_order(p, self.order)
+        types = measure_order(pipeline.publish_order(p, self.order), self.first_group)
         points = tune.check_points(self.tune.size_points, [q.name for q in p.ladder]) if self.tune else []
         tuned = [tune.tuned_name(q) for q in points]
         fits = [b.type for b in budget.parse_all(p.fit)] if self.fit is not None else []
@@ -199,8 +225,9 @@ class PipelineStage:
             speed_mod.SpeedStage(self.settings.speed).run(ctx)
 
         estimates = {f.type: f.estimated_bytes for f in p.files}
-        # the measurements form one chain in publish order: the evaluation is used by one task at a time, and each
-        # file's verdict (judged against the files measured before it) is the same in every run, resumed or not
+        # the measurements form one chain in measuring order: the evaluation is used by one task at a time, and each
+        # file's verdict (judged against the files measured before it, or held until its curve is measured) is the
+        # same in every run, resumed or not
         tasks = [Task("open", open_eval, measure_on, rank=(-1,))]
         previous = "open"
         for k, q in enumerate(types):
@@ -253,8 +280,8 @@ class PipelineStage:
                 if result is None:
                     progress.states.pop(what, None)
                 else:
-                    progress.states[what] = PASSED if result.status == PASSED else FAILED
-                    self._announce(ctx, result)
+                    progress.states[what] = MEASURED  # until it is settled (now, or by a later measurement)
+                    self._announce_settled(ctx, progress, evaluation[0], current=what)
             elif task.name in ("tune", "fit", "speed"):
                 progress.done += 1
             self._step(ctx, progress, what or task.name, task=task.name, resource=task.resource, phase="end")
@@ -277,6 +304,7 @@ class PipelineStage:
         place = {f.type: i for i, f in enumerate(final.files)}
         evaluation[0].files.sort(key=lambda f: place.get(f.type, len(place)))
         ctx.report = evaluation[0].finish()
+        self._announce_settled(ctx, progress, evaluation[0])  # the files held until the end
         ctx.seconds[self.name] = round(time.monotonic() - t0, 3)
         ctx.hooks.emit(self.name, END, data={"seconds": ctx.seconds[self.name]})
         if self.settings.require_publishable and not ctx.report.publishable:
@@ -286,6 +314,18 @@ class PipelineStage:
     def _step(self, ctx: JobContext, progress: _Progress, what: str, **data: Any) -> None:
         ctx.hooks.step(self.name, progress.done, progress.total, progress.text(), file=what,
                        state=progress.states.get(what, ""), files=dict(progress.states), **data)
+
+    def _announce_settled(self, ctx: JobContext, progress: _Progress, ev: evaluate.LadderEvaluation,
+                          current: str | None = None) -> None:
+        """FILE_READY of each file the evaluation settled since the last call (report.json has its final verdict);
+        a held file settled now (not ``current``, the file whose task is ending) gets a step of its own,
+        ``phase="settled"``."""
+        for result in ev.settled():
+            if result.type in progress.states:
+                progress.states[result.type] = PASSED if result.status == PASSED else FAILED
+            self._announce(ctx, result)
+            if result.type != current:
+                self._step(ctx, progress, result.type, phase="settled")
 
     def _announce(self, ctx: JobContext, result: FileResult) -> None:
         """FILE_READY of one measured file (the parts and hashes the evaluation measured)."""

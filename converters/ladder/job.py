@@ -350,7 +350,8 @@ def ladder_stages(options: pipeline.LadderOptions, evaluation: EvalSettings | No
             fopts = dataclasses.replace(fopts, candidates=tuple(options.tune_candidates))
         fit_stage = FitStage(fopts)
     if evaluation is not None and options.pipeline:
-        stages.append(PipelineStage(evaluation, options.calibration, order=tuple(options.order), tune=topts,
+        stages.append(PipelineStage(evaluation, options.calibration, order=tuple(options.order),
+                                    first_group=options.first_group, tune=topts,
                                     fit=fit_stage, cpu_units=options.cpu_units, timeout=options.timeout))
         return tuple(stages)
     stages.append(QuantizeStage(options.timeout))

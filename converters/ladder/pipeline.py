@@ -162,6 +162,7 @@ class LadderOptions:
     tune_seconds: float | None = None  # time budget of the tune stage
     tune_candidates: tuple[str, ...] | None = None  # ggml types measured per tensor (None: layout.DEFAULT_CANDIDATES)
     order: tuple[str, ...] = ("Q4_K_M", "Q8_0", "Q6_K", "Q5_K_M")  # publish order: made and measured first
+    first_group: int = 1  # types of ``order`` in the first early commit: their curve neighbours are measured next
     pipeline: bool = True  # an evaluated ladder is made and measured as tasks (converters.ladder.flow); off: in a row
     cpu_units: int | None = None  # CPU-heavy programs at once in the pipeline (None: flow.CPU_UNITS, measured)
     tune_exclude: tuple[str, ...] = ()  # ggml types never chosen as a change from stock (benchmarks/layout.py)

@@ -23,6 +23,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.llama]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LADDER = "Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K"
+# Without an imatrix SmolLM2's Q5_K_M measures worse than its Q4_K_M (its weights come from a Q4_1 file): once the
+# damaged Q4_K_M is left out of the curve, Q5_K_M is about 3.3x the line from Q3_K_M to Q6_K with the small error of
+# two chunks, and the curve refuses it (verdict.judge on the whole ladder does too). The convert test leaves it out.
+LADDER_NO_IMATRIX = "Q8_0,Q6_K,Q4_K_M,Q3_K_M,Q2_K"
 # One mid-sized tensor each (576 x 1536 and 576 x 576; the largest is the 49152 x 576 token embedding).
 DAMAGE = {"Q4_K_M": "blk.1.ffn_up.weight", "Q2_K": "blk.0.attn_output.weight"}
 TARGET = f"{TEST_ORG}/SmolLM2-damaged-GGUF"
@@ -68,18 +72,20 @@ def test_damaged_quants_are_refused_and_withheld(hub_server, faulty_llama: Path,
     monkeypatch.setenv("LLAMA_CPP_DIR", str(faulty_llama))
     monkeypatch.setenv("GGUFBOT_TEST_DAMAGE", ",".join(f"{k}={v}" for k, v in DAMAGE.items()))
     out = tmp_path / "work"
-    code = main(["convert", str(smollm2), "--out", str(out), "--ladder", LADDER, "--no-imatrix", "--ctx", "256",
-                 "--eval-text", str(eval_text), "--eval-chunks", "2", "--jobs", "1"])
+    code = main(["convert", str(smollm2), "--out", str(out), "--ladder", LADDER_NO_IMATRIX, "--no-imatrix",
+                 "--ctx", "256", "--eval-text", str(eval_text), "--eval-chunks", "2", "--jobs", "1"])
     printed = capsys.readouterr()
     assert code == 0, printed.err[-3000:]
     report = WorkDir(out).report()
     status = {f.type: f.status for f in report.files}
-    assert status == {"Q8_0": PASSED, "Q6_K": PASSED, "Q5_K_M": PASSED, "Q4_K_M": FAILED, "Q3_K_M": PASSED,
-                      "Q2_K": FAILED}, {f.type: (f.stats and f.stats.kld_mean, f.reasons) for f in report.files}
-    # each file is judged against the files measured before it, in publish order: Q4_K_M is measured first, so it has
-    # no curve yet and is refused by its ceiling; Q2_K, measured last, is far above the curve of the others
-    assert any("far above the ladder's curve" in r for r in report.file("Q2_K").reasons), report.file("Q2_K").reasons
-    assert any("ceiling" in r for r in report.file("Q4_K_M").reasons), report.file("Q4_K_M").reasons
+    assert status == {"Q8_0": PASSED, "Q6_K": PASSED, "Q4_K_M": FAILED, "Q3_K_M": PASSED, "Q2_K": FAILED}, \
+        {f.type: (f.stats and f.stats.kld_mean, f.reasons) for f in report.files}
+    # Q4_K_M is measured first and has no curve yet: it is held until its neighbours on the ladder's curve (two on
+    # each side: Q8_0, Q6_K, Q3_K_M, Q2_K, measured next) are measured, then judged again and refused by the curve
+    # (its ceiling alone may pass it); Q2_K, the bottom of the ladder, is far above the curve of the files above it
+    for qtype in DAMAGE:
+        assert any("far above the ladder's curve" in r for r in report.file(qtype).reasons), report.file(qtype).reasons
+    assert report.pending == [] and report.held == []
     assert report.publishable, report.reasons
     on_disk = json.loads((out / "report.json").read_text())
     assert set(on_disk["settings"]["expected_kld"]) == set(status)
@@ -88,12 +94,12 @@ def test_damaged_quants_are_refused_and_withheld(hub_server, faulty_llama: Path,
     files = hub_server.files(TARGET)
     model = report.model_name
     published = {n for n in files if n.endswith(".gguf") and "imatrix" not in n}
-    assert published == {f"{model}-{t}.gguf" for t in ("Q8_0", "Q6_K", "Q5_K_M", "Q3_K_M")}
+    assert published == {f"{model}-{t}.gguf" for t in ("Q8_0", "Q6_K", "Q3_K_M")}
     readme = files["README.md"].decode()
     assert "Withheld: 2 files of the ladder were made but not published" in readme
     for qtype in DAMAGE:
         assert f"| {qtype} | {model}-{qtype}.gguf | " in readme
-    assert readme.count("far above the ladder") == 1 and "ceiling" in readme
+    assert readme.count("far above the ladder") == 2
     assert os.environ["LLAMA_CPP_DIR"] == str(faulty_llama)
 
 
@@ -138,4 +144,4 @@ def test_the_bot_withholds_damaged_quants_and_publishes_the_rest(hub_server, fau
     assert "Withheld: 2 files of the ladder were made but not published" in readme
     for qtype in DAMAGE:
         assert f"| {qtype} | {model}-{qtype}.gguf | " in readme
-    assert any("ceiling" in r for r in refused["Q4_K_M"]), refused  # measured first: no curve yet (see above)
+    assert any("far above the ladder's curve" in r for r in refused["Q4_K_M"]), refused  # once settled (above)

@@ -1,6 +1,8 @@
-"""A real job publishes early (issue 20): the pipeline stage announces each file's verdict (``FILE_READY``), the
-early publisher uploads it and commits Q4_K_M before the ladder's last file is measured; the publish stage makes the
-last commit, which is the publication a single commit would make.
+"""A real job publishes early (issue 20): the pipeline stage announces each file's final verdict (``FILE_READY``),
+the early publisher uploads it and commits Q4_K_M first, on its own, with the rest still coming; the publish stage
+makes the last commit, which is the publication a single commit would make. Q4_K_M's verdict is final only once the
+ladder's curve around it is measured (two files below it, the one above): on this four-type ladder, at the last
+measurement.
 
 The shared SmolLM2 ladder (``smol_workdir``: Q8_0, Q4_K_M, IQ4_XS, Q2_K) is copied, so its conversion, imatrix and
 quants are found done; the job measures the four files (2 chunks of 256 tokens) and publishes to the local Hub."""
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ SOURCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TARGET = f"{TEST_ORG}/SmolLM2-135M-Instruct-GGUF"
 
 
-def test_a_job_commits_q4_k_m_before_its_last_file_is_measured(hub_server: HubServer, smol_workdir: Path,
+def test_a_job_commits_q4_k_m_first_once_its_curve_is_measured(hub_server: HubServer, smol_workdir: Path,
                                                                  smollm2: Path, calibration_text: Path,
                                                                  eval_text: Path, toolchain, tmp_path: Path) -> None:
     wd = tmp_path / "job"
@@ -56,10 +57,12 @@ def test_a_job_commits_q4_k_m_before_its_last_file_is_measured(hub_server: HubSe
     first = hub_server.files(TARGET, revision=commits[0].sha)
     assert {p for p in first if p.endswith(".gguf") and "imatrix" not in p} == {"SmolLM2-135M-Instruct-Q4_K_M.gguf"}
     assert json.loads(first["report.json"])["pending"]
-    # Q4_K_M was measured first (the publish order) and committed before the last file's verdict
+    # measured in the order Q4_K_M (the publish order), Q8_0, IQ4_XS, Q2_K (its curve neighbours), each held
+    # ("measured") until two files below it (or all the ladder has there) and one above it are measured: Q8_0 is
+    # settled by IQ4_XS's measurement, Q4_K_M and IQ4_XS by Q2_K's
     verdicts = hooks.verdicts()
-    assert [t for _, t in verdicts][0] == "Q4_K_M" and len(verdicts) == 4, verdicts
-    assert commits[0].date.timestamp() < verdicts[-1][0], (commits[0].date, verdicts)
+    assert verdicts[0] == ("Q4_K_M", "measured"), verdicts
+    assert hooks.final() == ["Q8_0", "Q4_K_M", "IQ4_XS", "Q2_K"], verdicts
     _plan, again = publish(wd, hub, publish_options())
     assert again is not None and again.action == "none"  # the last commit is the whole ladder
     assert set(file_states(wd).values()) == {"published"}
@@ -72,15 +75,19 @@ def publish_options():
 
 
 class _Verdicts(Hooks):
-    """When the pipeline stage reported each file's verdict (its per-file progress: ``file``, ``state``)."""
+    """The pipeline stage's per-file verdicts in the order it reported them (its per-file progress: ``file``,
+    ``state``): ``measured`` for a held file, then ``passed`` / ``failed`` once final."""
 
     def __init__(self) -> None:
-        self.seen: dict[str, float] = {}
+        self.seen: list[tuple[str, str]] = []
 
     def progress(self, event: Event) -> None:
         t, state = event.data.get("file"), event.data.get("state")
-        if event.kind == PROGRESS and state in ("passed", "failed") and t not in self.seen:
-            self.seen[str(t)] = time.time()
+        if event.kind == PROGRESS and state in ("measured", "passed", "failed") and (str(t), state) not in self.seen:
+            self.seen.append((str(t), str(state)))
 
-    def verdicts(self) -> list[tuple[float, str]]:
-        return sorted((at, t) for t, at in self.seen.items())
+    def verdicts(self) -> list[tuple[str, str]]:
+        return list(self.seen)
+
+    def final(self) -> list[str]:
+        return [t for t, state in self.seen if state != "measured"]

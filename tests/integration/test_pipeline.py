@@ -3,8 +3,10 @@ on the session's converted work dir (its reference, imatrix and two of its quant
 records; Q3_K_S is made), then a ``ggufbot convert`` SIGKILLed during the sequential evaluation and resumed.
 
 One uninterrupted run (module scope, in-process) is what both tests compare with: the files announced through
-FILE_READY in publish order, each only once report.json lists it as measured, and the final ladder.json and
-report.json; the killed-and-resumed run ends with the same files, hashes and verdicts, and measures nothing twice.
+FILE_READY, each only once report.json lists it with its final verdict (on this three-type ladder every file waits
+for the ladder's curve around it, so all three are settled by the last measurement), and the final ladder.json and
+report.json; the killed-and-resumed run (killed while a file is held) ends with the same files, hashes and
+verdicts, and measures nothing twice.
 """
 
 from __future__ import annotations
@@ -81,7 +83,9 @@ def test_the_pipeline_stage_makes_and_measures_in_publish_order_and_announces_me
     run, wd = uninterrupted, uninterrupted.workdir
     planned = [e for e in run.hooks.events if e.kind == "start"]
     assert [e.stage for e in planned] == ["inspect", "convert", "calibrate", "ladder"]
-    # Q4_K_M first (the publish order), then the rest in ladder order; each announced once report.json has it
+    # measured Q4_K_M first (the publish order), then its curve neighbours Q8_0 and Q3_K_S; Q4_K_M and Q8_0 are held
+    # (no curve around them yet) until Q3_K_S is measured, then settled and announced in measuring order, each once
+    # report.json has its final verdict
     assert [f.type for f, _ in run.ready] == ["Q4_K_M", "Q8_0", "Q3_K_S"]
     ladder = WorkDir(wd).ladder()
     for f, report in run.ready:
@@ -89,12 +93,19 @@ def test_the_pipeline_stage_makes_and_measures_in_publish_order_and_announces_me
         assert f.type not in report["pending"] and f.passed == (entry["status"] == "passed")
         lf = ladder.file(f.type)
         assert f.paths == tuple(lf.all_parts) and f.sha256 == tuple(lf.part_sha256)
-    assert run.ready[0][1]["pending"] == ["Q8_0", "Q3_K_S"]
+    assert run.ready[0][1]["pending"] == [] and run.ready[0][1]["held"] == []
     # the session's quants were not made again; the new one was made before it was measured
-    steps = [e for e in run.hooks.events if e.stage == "ladder" and e.kind == PROGRESS and e.data.get("phase")]
+    steps = [e for e in run.hooks.events
+             if e.stage == "ladder" and e.kind == PROGRESS and e.data.get("phase") in ("start", "end")]
     order = [(e.data["task"], e.data["phase"]) for e in steps]
     assert order.index(("make Q3_K_S", "end")) < order.index(("measure Q3_K_S", "start"))
     assert order.index(("measure Q4_K_M", "start")) < order.index(("measure Q3_K_S", "start"))  # publish order
+    # Q4_K_M and Q8_0 are held when measured ("measured"), and their verdicts come in steps of their own
+    ends = {e.data["task"]: e.data["state"] for e in steps if e.data["phase"] == "end"}
+    assert ends["measure Q4_K_M"] == ends["measure Q8_0"] == "measured" and ends["measure Q3_K_S"] != "measured"
+    settled = [e for e in run.hooks.events if e.stage == "ladder" and e.data.get("phase") == "settled"]
+    assert [e.data["file"] for e in settled] == ["Q4_K_M", "Q8_0"]
+    assert all(e.data["state"] in ("passed", "failed") for e in settled)
     running, most = 0, 0  # never more CPU-heavy programs at once than the box's units
     for _, phase in order:
         running += 1 if phase == "start" else -1
@@ -130,7 +141,7 @@ def test_sigkill_during_the_sequential_evaluation_then_resume_ends_as_the_uninte
             r = json.loads(report.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return False
-        return len(r.get("files") or []) >= 1 and bool(r.get("pending"))
+        return len(r.get("files") or []) + len(r.get("held") or []) >= 1 and bool(r.get("pending"))
 
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     log = tmp_path / "killed.log"
@@ -150,8 +161,9 @@ def test_sigkill_during_the_sequential_evaluation_then_resume_ends_as_the_uninte
         p.wait(60)
     assert p.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     assert "[convert] already done" in log.read_text()  # the session's reference was reused, not made again
+    partial = json.loads(report.read_text())
     measured = {f["type"]: records.load(wd, rec).finished_at
-                for f in json.loads(report.read_text())["files"]
+                for f in partial["files"] + partial["held"]  # a held file too: its record has its first verdict
                 if (rec := f"evaluate.{f['type']}") and records.load(wd, rec) is not None}
     assert measured and records.load(wd, "evaluate") is None
 

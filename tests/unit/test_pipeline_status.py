@@ -20,11 +20,13 @@ from tests.workdirs import make_workdir
 def _running_job(tmp_path: Path) -> tuple[MemoryStore, int, Path]:
     wd = make_workdir(tmp_path, types=("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K"))
     w = WorkDir(wd)
-    # the plan has seven types; the ladder so far five made; the report three measured, one of them failed
+    # the plan has seven types; the ladder so far five made; the report three measured, one of them failed, and one
+    # measured but held (its verdict waits for its neighbours on the ladder's curve)
     (wd / "plan.json").write_text(json.dumps({"files": [{"type": t} for t in (
         "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ2_M")]}))
     report = w.report()
     report.files = [f for f in report.files if f.type in ("Q4_K_M", "Q8_0", "Q2_K")]
+    report.held = [{"type": "Q3_K_M", "kld_mean": 0.1, "kld_mean_err": 0.01, "chunks": 8}]
     next(f for f in report.files if f.type == "Q2_K").status = FAILED
     w.write_report(report)
     (w.records_path / RECORD).write_text(json.dumps({"repo_id": "o/M-GGUF", "files": {
@@ -40,7 +42,7 @@ def _running_job(tmp_path: Path) -> tuple[MemoryStore, int, Path]:
 
 EXPECTED = [{"type": "Q8_0", "state": "uploading"}, {"type": "Q6_K", "state": "measuring"},
             {"type": "Q5_K_M", "state": "making"}, {"type": "Q4_K_M", "state": "published"},
-            {"type": "Q3_K_M", "state": "made"}, {"type": "Q2_K", "state": "failed"},
+            {"type": "Q3_K_M", "state": "measured"}, {"type": "Q2_K", "state": "failed"},
             {"type": "IQ2_M", "state": "waiting"}]
 
 

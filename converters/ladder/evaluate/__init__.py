@@ -13,7 +13,9 @@ The modules, from the bottom up:
   file, a memory-budget file against the largest stock file that fits): ``compare`` (pure);
 - :mod:`.overlap` -- the evaluation text against the calibration text: shared 13-word runs (``check``);
 - :mod:`.verdict` -- the gate (pure): ceilings, ``judge_file`` (one file against those measured before it),
-  ``judge``, ``gate``, ``publishable``;
+  ``awaits_curve`` (a verdict not final until the ladder's curve around the file is measured), ``judge``, ``gate``,
+  ``publishable``; :mod:`.settle` -- the files held until then, settled when a later measurement brackets them
+  (pure);
 - :mod:`.inputs` -- ``EvalOptions``, the validated inputs and the record keys; :mod:`.checks` -- the reference's and
   each quant's checks; :mod:`.reporting` -- report.json's blocks, the chart and the stage record;
 - :mod:`.evaluation` -- ``LadderEvaluation`` (open once per job, ``measure`` each file as soon as it exists,

@@ -5,13 +5,25 @@ stores the reference's log-probabilities over the most chunks a file may need (:
 job, shared by every file, tuned files included), compares the reference with the source and runs the checks
 that do not depend on a quant (:mod:`.checks`). Then :meth:`~LadderEvaluation.measure` takes one quant as soon
 as it exists: its chunks are scored until its mean KLD is known well enough (:mod:`.sequential`), its own checks
-run, and the gate gives its verdict against the files measured before it (:func:`.verdict.judge_file`): final,
-since the file may be published before the rest of the ladder exists. Each measured file is recorded
-(``records/evaluate.<TYPE>.json``, keyed by its content, the evaluation's inputs and the files it was judged
-against), so a killed job resumes without measuring it again; report.json is rewritten after each file with the
-files measured so far and those still to come (``pending``). :meth:`~LadderEvaluation.finish` adds what needs
-the whole ladder (the projector check, the curve's notes, the chart), writes the stage record and removes the
-base logits. :func:`run` is open, measure every file of ladder.json in its order, finish.
+run, and the gate gives its verdict against the files measured before it (:func:`.verdict.judge_file`).
+
+A verdict is final (the file may be published before the rest of the ladder exists) only once the ladder's curve
+around the file is measured (:func:`.verdict.awaits_curve`: enough measured files on each side of it in bits per
+weight, where the ladder has types). A stock file measured before that (the first file of a ladder always) is
+*held*: when a later measurement brackets it, or at :meth:`~LadderEvaluation.finish`, it is judged again, purely,
+against every other file measured by then, and only then is it *settled*. Files bracketed when measured are settled
+at once. :meth:`~LadderEvaluation.settled` hands out the files settled since its last call, in order: the pipeline
+announces a file only then (``FILE_READY``).
+
+Each measured file is recorded (``records/evaluate.<TYPE>.json``, keyed by its content, the evaluation's inputs
+and the files measured before it: their hashes, not their verdicts), so a killed job resumes without measuring it
+again (:mod:`.settle` holds and settles the files). The record holds the file's first verdict; a resumed job takes the files from their records in the same
+order and holds and re-judges them as the first run did (pure), so the verdicts are the same and no other record
+is needed. report.json is rewritten after each file: ``files`` are the settled files, ``pending`` the types not
+settled yet, held ones included, whose figures are under ``held`` (no status: none is final).
+:meth:`~LadderEvaluation.finish` settles every held file and adds what needs the whole ladder (the projector
+check, the curve's notes, the chart), writes the stage record and removes the base logits. :func:`run` is open,
+measure every file of ladder.json in its order, finish.
 """
 
 from __future__ import annotations
@@ -33,7 +45,8 @@ from converters.core.workdir import LadderFile, WorkDir
 from converters.ladder import speed
 from converters.ladder.evaluate import checks as checks_mod
 from converters.ladder.evaluate import reporting
-from converters.ladder.evaluate import sequential
+from converters.ladder.evaluate import sequential, settle
+from converters.ladder.evaluate import verdict
 from converters.ladder.evaluate.inputs import (N_PREDICT, STAGE, EvalJob, EvalOptions, Scoring, common_inputs,
                                                file_inputs, file_record, prepare, record_inputs, remove_scratch,
                                                scoring)
@@ -68,6 +81,9 @@ class LadderEvaluation:
         self._base: BaseLogits | None = None
         self._ref_facts: verify.GgufFacts | None = None
         self._prompt = ""
+        self._settling = settle.Settling(lambda f, others: judge_file(f, others, self.job.opts.ceilings,
+                                                                      job_checks=self._job_checks()))
+        self._handed: set[str] = set()  # the types settled() has handed out (a finished evaluation's report)
 
     # ---- opening
     @classmethod
@@ -147,19 +163,48 @@ class LadderEvaluation:
             return list(self.job.ladder.files)
 
     def pending(self) -> list[str]:
-        measured = {f.type for f in self.files}
-        types = [lf.type for lf in self.ladder_files()] + self._expected
-        return [t for t in dict.fromkeys(types) if t not in measured]
+        """The types whose verdict is not final yet: not measured, or held (in ladder order, then the expected)."""
+        final = {f.type for f in self.files if not self._settling.is_held(f.type)}
+        types = [lf.type for lf in self.ladder_files()] + self._expected + self._settling.held
+        return [t for t in dict.fromkeys(types) if t not in final]
+
+    def held(self) -> list[FileResult]:
+        """The measured files whose verdict is not final yet, in measuring order."""
+        return [f for t in self._settling.held for f in self.files if f.type == t]
+
+    def settled(self) -> list[FileResult]:
+        """The files whose verdict became final since the last call, in the order they became final (within one
+        measurement: the held files it brackets in measuring order, then the measured file). Each file once."""
+        return self._settling.settled()
 
     def _total(self) -> int:
-        return len(self.files) + len(self.pending()) + 3
+        measured = {f.type for f in self.files}
+        return len(self.files) + sum(t not in measured for t in self.pending()) + 3
+
+    def _ladder_bits(self) -> list[float]:
+        """The nominal bits per weight of the ladder's stock types, measured or not (ladder.json's, and those still
+        expected)."""
+        nominal = {lf.type: (lf.extra, lf.bpw_nominal) for lf in self.ladder_files()}
+        for t in self._expected:
+            nominal.setdefault(t, ({}, None))
+        out = []
+        for t, (extra, bits) in nominal.items():
+            b = bits if bits is not None else verdict.type_bits(t)
+            if verdict.is_stock(t, extra) and b is not None:
+                out.append(float(b))
+        return out
 
     def measure(self, lf: LadderFile) -> FileResult:
-        """One quant as soon as it exists: its figures (sequential), its checks, and the gate's final verdict
-        against the files measured before it. A file measured before for the same inputs (a resumed job) is
-        taken from its record, not measured again."""
+        """One quant as soon as it exists: its figures (sequential), its checks, and the gate's verdict against
+        the files measured before it: final, or held until the curve around it is measured (the module's
+        docstring; :meth:`settled` says which files became final). A file measured before for the same inputs (a
+        resumed job) is taken from its record, not measured again."""
         if self._done is not None:
-            return self._done.file(lf.type)
+            done = self._done.file(lf.type)
+            if done.type not in self._handed:
+                self._handed.add(done.type)
+                self._settling.ready.append(done)
+            return done
         for f in self.files:
             if f.type == lf.type:
                 return f
@@ -182,6 +227,7 @@ class LadderEvaluation:
             records.save(job.wd.path, name, key, [], time.monotonic() - t0, job.tc.version,
                          extra={"result": fr.to_json()})
         self.files.append(fr)
+        self._settling.measured(fr, self.files, self._ladder_bits())
         job.content.update(content)
         if "ppl" not in self.ref_block and fr.stats is not None:  # given logits: the reference's PPL from a run
             self.ref_block.update(ppl=fr.stats.ppl_base, ppl_err=fr.stats.ppl_base_err)
@@ -197,6 +243,8 @@ class LadderEvaluation:
         fr.sha256 = fr.parts[0]["sha256"] if fr.parts and fr.parts[0]["path"] == lf.path else None
         path = job.wd.path / lf.path
         earlier = list(self.files)
+        # a file that will be held has no curve to stop on yet: only its ceiling (verdict.thresholds)
+        curve_earlier = [] if verdict.awaits_curve(fr, self._ladder_bits(), earlier) else earlier
         if not path.exists():
             fr.error = f"{lf.path} is missing"
         else:
@@ -204,7 +252,8 @@ class LadderEvaluation:
             scratch.mkdir(parents=True, exist_ok=True)
             try:
                 scored = sequential.score(job.tc, path, self._base, scratch, self._scoring.rule(o),
-                                          lambda err: thresholds(fr, earlier, err, o.ceilings), threads=o.threads)
+                                          lambda err: thresholds(fr, curve_earlier, err, o.ceilings),
+                                          threads=o.threads)
                 fr.stats, fr.stop = scored.stats, scored.reason
                 fr.seconds["kld"] = scored.seconds
                 fr.extra["kld_batches"] = scored.batches
@@ -221,29 +270,42 @@ class LadderEvaluation:
         t0 = time.monotonic()
         fr.checks.update(checks_mod.file_checks(job, path, self._ref_facts, self._prompt))
         fr.seconds["checks"] = time.monotonic() - t0
-        per_job = {k: v for k, v in self.checks.items() if k in JOB_CHECKS}
         speed_required = speed.attach(job.wd.path, [*earlier, fr])  # llama-bench's figures (the speed stage)
-        fr.reasons = judge_file(fr, earlier, o.ceilings, job_checks=per_job, speed_required=speed_required)
+        fr.reasons = judge_file(fr, earlier, o.ceilings, job_checks=self._job_checks(), speed_required=speed_required)
         fr.status = FAILED if fr.reasons else PASSED
         return fr
 
+    def _job_checks(self) -> dict[str, Check]:
+        return {k: v for k, v in self.checks.items() if k in JOB_CHECKS}
+
     def _write_partial(self) -> None:
-        """report.json with the files measured so far and those still to come (no chart, no stage record)."""
+        """report.json with the settled files and those still to come, held ones included (their figures under
+        ``held``, not their verdict: it is not final); no chart, no stage record."""
         assert self._scoring is not None
         seconds = {**self.seconds, "kld": sum(f.seconds.get("kld", 0.0) for f in self.files)}
-        report = reporting.build(self.job, self._scoring, self.files, self.checks, self.ref_block, seconds,
+        final = [f for f in self.files if not self._settling.is_held(f.type)]
+        report = reporting.build(self.job, self._scoring, final, self.checks, self.ref_block, seconds,
                                  pending=self.pending())
-        report.notes = ladder_notes(self.files)
+        report.held = [{"type": f.type, "kld_mean": f.stats.kld_mean if f.stats else None,
+                        "kld_mean_err": f.stats.kld_mean_err if f.stats else None, "chunks": f.chunks,
+                        "stop": f.stop, "awaiting": "the ladder's curve around it"} for f in self.held()]
+        report.notes = ladder_notes(final, against=self._settling.against)
         self.job.wd.write_report(report)
 
     # ---- finishing
     def finish(self) -> Report:
-        """Measure what ladder.json lists and was not measured yet, then the ladder-wide checks and notes, the
-        chart, report.json and the stage record; removes the base logits."""
+        """Measure what ladder.json lists and was not measured yet, settle every held file (judged against all the
+        others), then the ladder-wide checks and notes, the chart, report.json and the stage record; removes the
+        base logits."""
         if self._done is not None:
+            for f in self._done.files:
+                if f.type not in self._handed:
+                    self._handed.add(f.type)
+                    self._settling.ready.append(f)
             return self._done
         for lf in self.ladder_files():
             self.measure(lf)
+        self._settling.finish(self.files)  # the whole ladder is measured: no curve will get any closer
         wd = self.job.wd
         ladder = wd.ladder()
         job = self.job = dataclasses.replace(self.job, ladder=ladder, content=wd.content(ladder))
@@ -258,7 +320,7 @@ class LadderEvaluation:
         self.close()
         assert self._scoring is not None
         report = reporting.build(job, self._scoring, self.files, self.checks, self.ref_block, self.seconds)
-        report.notes = ladder_notes(self.files)
+        report.notes = ladder_notes(self.files, against=self._settling.against)
         reporting.write(job, report, record_inputs(job, self._common), self._started)
         job.hooks.emit(STAGE, PROGRESS, done=total, total=total, text="done")
         log.info("evaluate: %s: %d/%d files passed on %d chunks in all, publishable=%s (%.0f s)", report.model_name,
@@ -284,7 +346,8 @@ class LadderEvaluation:
 
 def run(workdir: Path | WorkDir, options: EvalOptions, *, toolchain: tc_mod.Toolchain | None = None,
         hooks: Hooks = NULL_HOOKS) -> Report:
-    """Evaluate and check every file of ``workdir/ladder.json``; write report.json and the chart; return the report.
+    """Evaluate and check every file of ``workdir/ladder.json`` (in its order; :meth:`LadderEvaluation.finish`
+    settles the files held until the end); write report.json and the chart; return the report.
 
     Progress goes to ``hooks.step("evaluate", done, total, what)``, which may stop the run between steps.
     """

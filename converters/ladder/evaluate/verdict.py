@@ -8,12 +8,17 @@ fails, or the comparison could not run (unless ``require_source_check`` is off),
 Two ways to apply it:
 
 - :func:`judge_file`, what the evaluation uses: one file as soon as it is measured, against the files measured
-  *before* it. Its verdict is final (the file may be published before the rest of the ladder exists), so the
-  curve it is judged on is the one of the earlier files, without those of them found far above it; a later
-  outlier fails only itself, never an earlier file. A file measured first has no curve yet (its ceiling and
-  checks still apply). Measured in the same order, a ladder gets the same verdicts however it is evaluated
-  (``run`` measures in ladder.json's order). :func:`thresholds` gives the mean KLDs at which that verdict
-  changes, for the sequential evaluation's "the verdict cannot change any more" stop.
+  *before* it, on the curve of the earlier files without those of them found far above it; a later outlier fails
+  only itself, never an earlier file. That verdict is final (the file may be published before the rest of the
+  ladder exists) only once the file's curve is *bracketed* (:func:`awaits_curve`): a stock file with types of the
+  ladder on a side of it in bits per weight needs ``CurveRules.neighbours`` measured files on that side (or all the
+  ladder has there). A file measured before that, the first one of a ladder always, is *held*: the evaluation
+  judges it again, against every other file measured by then, when a later measurement brackets it (or when the
+  ladder is finished), and only then is its verdict final. A file with no curve point (its measurement failed, its
+  figures are not finite) or judged against a baseline (tuned, memory-budget) is never held. Measured in the same
+  order, a ladder gets the same verdicts however it is evaluated (``run`` measures in ladder.json's order).
+  :func:`thresholds` gives the mean KLDs at which the verdict changes, for the sequential evaluation's "the verdict
+  cannot change any more" stop (only the ceiling for a file that will be held: its curve is not known yet).
 - :func:`judge`: every file against all the others at once (re-judging a finished ladder's figures).
 """
 
@@ -28,7 +33,6 @@ from converters.core.report import FAILED, SKIPPED, Check, FileResult
 from converters.ladder import budget, speed
 from converters.ladder.evaluate import curve, paired
 from converters.llama import mmproj
-
 
 
 def default_ceiling(bpw: float) -> float:
@@ -46,6 +50,14 @@ def nominal_bits(f: FileResult) -> float | None:
         return quants.get(f.type).bpw
     except UnknownName:
         return f.bpw
+
+
+def type_bits(type_name: str) -> float | None:
+    """The catalogue's nominal bits per weight of a type (None: not a catalogue type)."""
+    try:
+        return quants.get(type_name).bpw
+    except UnknownName:
+        return None
 
 
 def ceiling_for(f: FileResult, overrides: Mapping[str, float] | None = None) -> float | None:
@@ -92,7 +104,7 @@ def curve_points(files: Sequence[FileResult]) -> list[curve.Point]:
     out = []
     for f in files:
         bits = nominal_bits(f)
-        if speed.baseline_name(f.type, f.extra) is not None or budget.is_fit(f.type):  # judged against a baseline
+        if not is_stock(f.type, f.extra):  # judged against a baseline
             continue
         if f.stats is not None and not f.stats.non_finite() and bits is not None:
             out.append(curve.Point(f.type, float(bits), f.stats.kld_mean, f.stats.kld_mean_err))
@@ -128,7 +140,8 @@ def judge_file(f: FileResult, earlier: Sequence[FileResult], ceilings: Mapping[s
                rules: curve.CurveRules = curve.DEFAULT_RULES, speed_required: bool = False) -> list[str]:
     """Pure: the reasons ``f`` fails (empty: it passes), judged against the files measured before it only (see the
     module's docstring): its own figures and checks, its stock file when it is tuned, and the curve of the earlier
-    files that are not themselves far above it."""
+    files that are not themselves far above it. A held file is judged again with ``earlier`` = every other file
+    measured when its curve is bracketed."""
     why = _file_reasons(f, ceilings, job_checks or {})
     tuned = tuned_reasons([*earlier, f], speed_required=speed_required).get(f.type)
     if tuned is not None:
@@ -142,20 +155,55 @@ def judge_file(f: FileResult, earlier: Sequence[FileResult], ceilings: Mapping[s
     return why
 
 
+def is_stock(type_name: str, extra: Mapping[str, object]) -> bool:
+    """A stock type of the ladder: neither a tuned nor a memory-budget file (those are judged against a baseline)."""
+    return speed.baseline_name(type_name, extra) is None and not budget.is_fit(type_name)
+
+
+def bracketed(bits: float, ladder_bits: Sequence[float], others: Sequence[FileResult],
+              rules: curve.CurveRules = curve.DEFAULT_RULES) -> bool:
+    """Pure: the ladder's curve around ``bits`` is known: on each side (fewer bits, more bits), the files of
+    ``others`` that are points of the curve number at least ``rules.neighbours``, or as many as ``ladder_bits`` (the
+    nominal bits of the ladder's stock types, measured or not) has on that side."""
+    points = curve_points(others)
+    for side in (lambda b: b < bits, lambda b: b > bits):
+        need = min(rules.neighbours, sum(1 for b in ladder_bits if side(b)))
+        if sum(1 for q in points if side(q.bits)) < need:
+            return False
+    return True
+
+
+def awaits_curve(f: FileResult, ladder_bits: Sequence[float], others: Sequence[FileResult],
+                 rules: curve.CurveRules = curve.DEFAULT_RULES) -> bool:
+    """Pure: ``f``'s verdict is not final yet (the module's docstring): a stock file whose curve is not
+    :func:`bracketed` by ``others`` (the files measured so far but ``f``). ``f`` may not be measured yet (its bits
+    decide); a measured file with no point on the curve (an error, figures not finite) is final at once."""
+    bits = nominal_bits(f)
+    if bits is None or not is_stock(f.type, f.extra) or f.error:
+        return False
+    if f.stats is not None and not curve_points([f]):
+        return False
+    return not bracketed(float(bits), ladder_bits, [o for o in others if o.type != f.type], rules)
+
+
 def _earlier_curve(p: curve.Point, earlier: Sequence[FileResult], rules: curve.CurveRules) -> curve.Expected | None:
     points = [q for q in curve_points(earlier) if q.key != p.key]
     far = curve.outliers(points, rules)
     return curve.expected(p, [q for q in points if q.key not in far], rules)
 
 
-def ladder_notes(files: Sequence[FileResult], rules: curve.CurveRules = curve.DEFAULT_RULES) -> list[str]:
-    """The order inversions among ``files`` (in measuring order), leaving out those found far above the curve of
-    the files measured before them."""
+def ladder_notes(files: Sequence[FileResult], rules: curve.CurveRules = curve.DEFAULT_RULES,
+                 against: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+    """The order inversions among ``files`` (in measuring order), leaving out those found far above the curve they
+    were judged on: ``against[type]`` names those files (a held file's: every other file measured when it was
+    judged again); without it, the files measured before it."""
     points = curve_points(files)
     far = set()
     for i, f in enumerate(files):
         mine = curve_points([f])
-        e = _earlier_curve(mine[0], files[:i], rules) if mine else None
+        judged_on = files[:i] if against is None or f.type not in against else \
+            [g for g in files if g.type in set(against[f.type]) and g.type != f.type]
+        e = _earlier_curve(mine[0], judged_on, rules) if mine else None
         if e is not None and curve.is_outlier(mine[0], e, rules):
             far.add(f.type)
     return curve.inversions(points, rules, skip=far)
@@ -166,7 +214,10 @@ def thresholds(f: FileResult, earlier: Sequence[FileResult], err: float,
                rules: curve.CurveRules = curve.DEFAULT_RULES) -> list[float]:
     """The mean KLDs at which :func:`judge_file`'s verdict on ``f`` changes, for a standard error ``err``: its
     ceiling, and the outlier limit of the earlier files' curve at its bits per weight. Empty for a tuned or fit file
-    (judged against its baseline's figures, not a fixed threshold): it is scored to the target precision."""
+    (judged against its baseline's figures, not a fixed threshold): it is scored to the target precision. For a file
+    that will be held (:func:`awaits_curve`) the evaluation passes no earlier files: the curve that decides its
+    verdict is not measured yet, so only its ceiling can stop its scoring early (otherwise the target precision
+    does, or the cap)."""
     if speed.baseline_name(f.type, f.extra) is not None:
         return []
     out = []
