@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.shared import built_once
+
 pytest_plugins = ["tests.hub_fixtures"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,10 +74,10 @@ def build_smol_ladder(out: Path, checkpoint: Path, calibration: Path, toolchain,
 
 @pytest.fixture(scope="session")
 def smol_workdir(tmp_path_factory, smollm2, calibration_text, toolchain) -> Path:
-    """A finished work dir: SmolLM2 -> BF16 -> imatrix -> Q8_0, Q4_K_M, IQ4_XS, Q2_K (ladder.json inside)."""
-    out = tmp_path_factory.mktemp("smol-ladder")
-    build_smol_ladder(out, smollm2, calibration_text, toolchain)
-    return out
+    """A finished work dir: SmolLM2 -> BF16 -> imatrix -> Q8_0, Q4_K_M, IQ4_XS, Q2_K (ladder.json inside), built once
+    per test run (:func:`tests.shared.built_once`: once for all pytest-xdist workers too); read-only."""
+    return built_once(tmp_path_factory, "smol-ladder",
+                      lambda out: build_smol_ladder(out, smollm2, calibration_text, toolchain))
 
 
 @pytest.fixture
