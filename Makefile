@@ -7,6 +7,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 ARGS ?= run
+# the suite in two worker processes (pytest-xdist), each file's tests in one worker, each worker on its own cores
+PYTEST_WORKERS ?= -n 2 --dist loadfile
 
 .PHONY: setup toolchain run test bench clean
 
@@ -26,7 +28,7 @@ run: toolchain
 
 test: toolchain
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 bench: toolchain
 	$(BIN)/python benchmarks/ladder.py

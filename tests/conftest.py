@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.shared import built_once
+
 pytest_plugins = ["tests.hub_fixtures"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -15,6 +17,55 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 # keep the ggufbot cache (toolchain build, model fixtures) shared between test runs
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _own_cores() -> None:
+    """Under pytest-xdist, each worker (and every program it starts, which inherits it) runs on its own share of the
+    cores: the product gives its programs as many threads as it has cores (``converters.core.proc.cpus``, from the
+    CPU affinity), so two workers never run 2 x cores threads that spin in their barriers waiting for each other."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    if not worker or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= count:
+        os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) % count::count])
+
+
+_own_cores()
+
+
+# The longest test files, longest first (seconds measured alone on a quiet 2-core machine, rounded): they are
+# collected first, so pytest-xdist (``-n 2 --dist loadfile``: a file's tests stay in one worker, with its module
+# fixtures) starts them first and the short files fill the gaps at the end, instead of one long file running alone
+# at the end. A file missing here only runs later; refresh the list from ``--durations`` when it drifts.
+LONGEST_FIRST = (
+    "e2e/test_bot.py", "e2e/test_boxes.py", "integration/test_gate_damage.py", "e2e/test_follow_llama.py",
+    "integration/test_pipeline.py", "e2e/test_kill_resume.py", "integration/test_runner_variants.py",
+    "integration/test_distill.py", "e2e/test_hostile.py", "integration/test_metapatch.py",
+    "integration/test_evaluate.py", "integration/test_ladder.py", "integration/test_evaluate_identity.py",
+    "integration/test_evaluate_sequential.py", "integration/test_job_early_publish.py",
+    "integration/test_tune_cheap.py", "integration/test_bench.py", "integration/test_convert_cli.py",
+    "integration/test_resume.py", "integration/test_vlm.py", "integration/test_verify.py",
+    "unit/test_tool_limits.py", "integration/test_children.py", "unit/test_hfchild.py",
+    "integration/test_variant_publish.py", "integration/test_tune.py", "integration/test_web.py",
+    "integration/test_signals.py", "integration/test_hostile_template.py", "integration/test_prune.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest files first (:data:`LONGEST_FIRST`), each file's tests in their own order."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    tests_dir = Path(__file__).parent
+
+    def key(pair: tuple[int, pytest.Item]) -> tuple[int, int]:
+        i, item = pair
+        try:
+            rel = item.path.relative_to(tests_dir).as_posix()
+        except ValueError:
+            rel = ""
+        return rank.get(rel, len(rank)), i
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=key)]
 
 
 @pytest.fixture(scope="session")
@@ -72,10 +123,10 @@ def build_smol_ladder(out: Path, checkpoint: Path, calibration: Path, toolchain,
 
 @pytest.fixture(scope="session")
 def smol_workdir(tmp_path_factory, smollm2, calibration_text, toolchain) -> Path:
-    """A finished work dir: SmolLM2 -> BF16 -> imatrix -> Q8_0, Q4_K_M, IQ4_XS, Q2_K (ladder.json inside)."""
-    out = tmp_path_factory.mktemp("smol-ladder")
-    build_smol_ladder(out, smollm2, calibration_text, toolchain)
-    return out
+    """A finished work dir: SmolLM2 -> BF16 -> imatrix -> Q8_0, Q4_K_M, IQ4_XS, Q2_K (ladder.json inside), built once
+    per test run (:func:`tests.shared.built_once`: once for all pytest-xdist workers too); read-only."""
+    return built_once(tmp_path_factory, "smol-ladder",
+                      lambda out: build_smol_ladder(out, smollm2, calibration_text, toolchain))
 
 
 @pytest.fixture

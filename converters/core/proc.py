@@ -149,6 +149,16 @@ def _allowed(name: str, allow: Sequence[str]) -> bool:
     return any(name.startswith(a) if a.endswith("_") else name == a for a in allow)
 
 
+def cpus() -> int:
+    """The cores this process may run on: its CPU affinity (a container's cpuset, ``taskset``), which the programs it
+    starts inherit, not every core of the machine (``os.cpu_count()``): a program given more threads than it has
+    cores spins in its barriers waiting for threads that are not running."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def child_env(extra: Mapping[str, str] | None = None, inherit: Sequence[str] = ()) -> dict[str, str]:
     """A child's environment: the allow-listed part of this process's (:data:`CHILD_ENV` and ``inherit``: names, or
     prefixes ending in ``_``), then ``extra``; never a name like a secret (:data:`SECRET_ENV`); the Hub, transformers

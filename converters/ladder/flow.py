@@ -42,13 +42,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from converters.core import proc
 from converters.core import quants, records
 from converters.core.errors import CheckFailed, InputError
 from converters.core.hooks import END, SKIP
@@ -142,7 +142,7 @@ class PipelineStage:
         t0 = time.monotonic()
         gpu = self.on_gpu(ctx)
         units = self.units(ctx)
-        threads = max(1, (os.cpu_count() or 1) // units)
+        threads = max(1, proc.cpus() // units)
         measure_on = GPU if gpu else CPU
         types = measure_order(pipeline.publish_order(p, self.order), self.first_group)
         points = tune.check_points(self.tune.size_points, [q.name for q in p.ladder]) if self.tune else []

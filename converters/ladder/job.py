@@ -25,12 +25,12 @@ import contextlib
 import contextvars
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from converters.core import proc
 from converters.core import quants, records
 from converters.core import stages as core_stages
 from converters.core.errors import CheckFailed, UnsupportedModel
@@ -226,7 +226,7 @@ class QuantizeStage:
     def _all(self, ctx: JobContext, p: pipeline.Plan) -> dict[str, records.StageRecord]:
         reference = ctx.workdir / ctx.reference.outputs[0].path  # type: ignore[union-attr]
         imatrix = ctx.workdir / ctx.imatrix.outputs[0].path if ctx.imatrix is not None else None
-        threads = max(1, (os.cpu_count() or 1) // p.jobs)
+        threads = max(1, proc.cpus() // p.jobs)
 
         def one(q: quants.QuantType, est: int) -> StageOutcome:
             opts = quantize_mod.QuantizeOptions(threads=threads, split_max_bytes=p.split_max_bytes,

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from converters.core import proc
 from converters.core import names, records
 from converters.core.errors import ParseError
 from converters.core.proc import run
@@ -261,7 +262,7 @@ def quantize_missing(tc: Toolchain, reference: Path, workdir: Path, scratch: Pat
         if imatrix is not None:
             argv += ["--imatrix", os.path.relpath(imatrix, workdir)]
         argv += ["--pure", "--tensor-type-file", os.path.abspath(tf), os.path.abspath(reference),
-                 os.path.abspath(out), PACK_FTYPE, str(threads or os.cpu_count() or 1)]
+                 os.path.abspath(out), PACK_FTYPE, str(threads or proc.cpus())]
         try:
             run(argv, timeout=timeout, cwd=workdir)
             got = {t.name: t for t in tensors(out)}

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from converters.core import proc
 from converters.core import names, quants, records
 from converters.core.errors import CheckFailed, InputError
 from converters.core.proc import run
@@ -255,7 +256,7 @@ def build(layout_: layout.Layout, q: QuantType, reference: Path, workdir: Path, 
         if imatrix is not None:
             argv += ["--imatrix", os.path.relpath(imatrix, workdir)]
         argv += ["--tensor-type-file", os.path.abspath(tf), os.path.abspath(reference), os.path.abspath(tmp),
-                 q.base_name, str(threads or os.cpu_count() or 1)]
+                 q.base_name, str(threads or proc.cpus())]
         run(argv, timeout=timeout, cwd=workdir)
         got = read_types(tmp)
         wrong = {n: (t, got.get(n)) for n, t in layout_.types.items() if got.get(n) != t}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,10 +69,7 @@ class BenchRun:
 
 def threads() -> int:
     """The threads of this box this process may use (its CPU affinity)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    return proc.cpus()
 
 
 def argv(tc: Toolchain, model: Path, *, prompt: int, generate: int, repetitions: int,

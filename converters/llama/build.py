@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from converters.core import proc
 from converters.core.errors import ToolchainError
 from converters.core.proc import run
 from converters.llama.toolchain import (PINNED_PACKAGE, PINNED_SHA256, PINNED_VERSION, PROGRAMS, BuildFlags,
@@ -172,7 +173,7 @@ def compile_programs(src: Path, staging: Path, flags: BuildFlags, *, jobs: int |
     log.info("toolchain: configuring llama.cpp (%s)", "CUDA" if flags.cuda else "CPU")
     run([*nice, "cmake", "-S", str(src), "-B", str(build), *gen, *flags.cmake_args()], timeout=1800,
         on_line=on_line, inherit=BUILD_ENV)
-    n = jobs or os.cpu_count() or 2
+    n = jobs or proc.cpus()
     log.info("toolchain: building %s with %d jobs%s", ", ".join(PROGRAMS), n, " at low priority" if nice else "")
     run([*nice, "cmake", "--build", str(build), "--config", "Release", "-j", str(n), "--target", *PROGRAMS],
         timeout=timeout, on_line=on_line, inherit=BUILD_ENV)

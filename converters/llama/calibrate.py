@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from converters.core import proc
 from converters.core import names
 from converters.formats import gguf_meta
 from converters.core import records
@@ -87,7 +87,7 @@ def calibrate(reference: Path, workdir: Path, model_name: str, text: TextFile, *
     gguf_name, dat_name = imatrix_names(model_name)
     final_gguf, final_dat = workdir / gguf_name, workdir / dat_name
     started = time.monotonic()
-    threads = threads or os.cpu_count() or 1
+    threads = threads or proc.cpus()
     log.info("calibrate: llama-imatrix on %s (%s chunks of %d)", text.name, chunks or "all", ctx)
     with records.atomic_output(final_gguf) as tmp:
         # run from the text's folder with its bare name: llama-imatrix records the name as the dataset, and

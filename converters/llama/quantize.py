@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+from converters.core import proc
 from converters.core import names
 from converters.core import records
 from converters.core.errors import NeedsImatrix
@@ -96,7 +97,7 @@ def quantize(reference: Path, workdir: Path, model_name: str, q: QuantType, *, t
     tmp = records.tmp_path_for(single)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
-        argv += [reference, tmp, q.base_name, str(threads or os.cpu_count() or 1)]
+        argv += [reference, tmp, q.base_name, str(threads or proc.cpus())]
         run([os.path.abspath(a) if isinstance(a, Path) else a for a in argv], timeout=timeout, cwd=workdir)
         if tmp.stat().st_size > split_max_bytes:
             outputs = _split(tmp, workdir, model_name, q, split_max_bytes, toolchain, timeout)

@@ -16,27 +16,31 @@ from tests.integration.variant_fixtures import pruned_smollm2
 
 HELDOUT_CHUNKS = 6
 HELDOUT_TOKENS = 128
+# a short run that still heals measurably: held-out KLD 0.711 -> 0.619 with these settings (seed 0, CPU, float32)
+STEPS = 40
+SAMPLES = 20
 
 
 @pytest.mark.slow
 @pytest.mark.llama
-def test_100_steps_lower_the_kld_against_the_teacher(tmp_path_factory, smollm2, calibration_text, eval_text,
+def test_a_short_run_lowers_the_kld_against_the_teacher(tmp_path_factory, smollm2, calibration_text, eval_text,
                                                       toolchain, caplog):
     variant = pruned_smollm2(tmp_path_factory, smollm2, calibration_text, toolchain)
     student = variant.checkpoint
     healed = tmp_path_factory.mktemp("healed") / "ckpt"
     hooks = Recorder()
-    cfg = distill.DistillConfig(steps=100, seq_len=64, batch_size=1, lr=2e-4, samples=32, seed=0, log_every=25)
+    cfg = distill.DistillConfig(steps=STEPS, seq_len=64, batch_size=1, lr=2e-4, samples=SAMPLES, seed=0,
+                                log_every=10)
     with caplog.at_level(logging.INFO, logger="converters.variants.distill"):
         res = distill.distill(smollm2, student, healed, calibration_text, cfg,
                               first_changed_layer=variant.info["prune"]["first_changed_layer"],
                               hooks=hooks)
     steps = [(e.done, e.total, e.data["loss"]) for e in hooks.events if e.stage == "distill" and e.kind == PROGRESS]
     assert steps[0][2] == res.losses[0] and hooks.events[-1].text == f"loss {res.losses[-1]:.4f}"
-    assert [s[0] for s in steps] == list(range(1, 101)) and all(s[1] == 100 for s in steps)
-    assert sum("distill: step 100/100" in r.getMessage() for r in caplog.records) == 1  # progress in the log
-    assert res.steps == 100 and res.device == "cpu" and res.dtype == "float32"
-    assert res.teacher_passes == 32  # 32 distinct chunks, each teacher pass cached for its second use
+    assert [s[0] for s in steps] == list(range(1, STEPS + 1)) and all(s[1] == STEPS for s in steps)
+    assert sum(f"distill: step {STEPS}/{STEPS}" in r.getMessage() for r in caplog.records) == 1  # progress in the log
+    assert res.steps == STEPS and res.device == "cpu" and res.dtype == "float32"
+    assert res.teacher_passes == SAMPLES  # distinct chunks, each teacher pass cached for its later uses
     assert res.loss_last < res.loss_first
 
     # a normal checkpoint in the source dtype, same architecture and layer count, with the tokenizer

@@ -2,18 +2,21 @@
 
 A plain module (not a conftest): both test modules call :func:`pruned_smollm2`, which builds the
 ``prune-4-layers`` variant of the SmolLM2 fixture once (prune on calibration text, then the ladder with
-one quant type) and memoizes it for the session.
+one quant type) once per test run (:func:`tests.shared.built_once`: once for all pytest-xdist workers too) and
+memoizes it in the process.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from pathlib import Path
 
 import pytest
 
 from converters.ladder import pipeline
+from tests.shared import built_once
 
 _LOCK = threading.Lock()
 _CACHE: dict[str, "PrunedVariant"] = {}
@@ -44,15 +47,18 @@ def pruned_smollm2(tmp_path_factory: pytest.TempPathFactory, teacher: Path, cali
             base = variants.get("prune-4-layers")
             recipe = dataclasses.replace(base, prune=dataclasses.replace(
                 base.prune, calib_samples=CALIB_SAMPLES, calib_seq_len=CALIB_SEQ_LEN))
-            out = tmp_path_factory.mktemp("variant-prune4")
             from bot.jobs.job import JobSpec, Source, run_job
             from converters.core.hooks import NULL_HOOKS
 
-            v = variants.VariantOf(recipe, teacher, "SmolLM2-135M-Instruct", calibration)
-            spec = JobSpec(source=Source(), model_name=variants.model_name("SmolLM2-135M-Instruct", recipe),
-                           ladder=pipeline.LadderOptions(ladder="Q4_K_M", imatrix=False,
-                                                         calibration=calibrate.TextFile.of(calibration)),
-                           variant_of=v)
-            res = run_job(spec, out, NULL_HOOKS, toolchain=toolchain)
-            _CACHE["smollm2"] = PrunedVariant(teacher, out, variants.load_info(out), res.ladder.to_json())
+            def build(out: Path) -> None:
+                v = variants.VariantOf(recipe, teacher, "SmolLM2-135M-Instruct", calibration)
+                spec = JobSpec(source=Source(), model_name=variants.model_name("SmolLM2-135M-Instruct", recipe),
+                               ladder=pipeline.LadderOptions(ladder="Q4_K_M", imatrix=False,
+                                                             calibration=calibrate.TextFile.of(calibration)),
+                               variant_of=v)
+                run_job(spec, out, NULL_HOOKS, toolchain=toolchain)
+
+            out = built_once(tmp_path_factory, "variant-prune4", build)
+            _CACHE["smollm2"] = PrunedVariant(teacher, out, variants.load_info(out),
+                                              json.loads((out / "ladder.json").read_text()))
         return _CACHE["smollm2"]

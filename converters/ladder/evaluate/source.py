@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from converters.core import proc
 from converters.core import records
 from converters.core.errors import GgufbotError, InputError, UnsupportedModel
 from converters.core.report import Check
@@ -99,7 +99,7 @@ def compare_limits(spec: CompareSpec, base: BaseLogits, budget: int) -> tuple[An
     reach; see :mod:`converters.formats.hfchild`); time: scaled from the model's size; CPU time: that on every thread."""
     chunk = base.n_ctx * base.n_vocab * 8 * 6
     seconds = max(COMPARE_MIN_SECONDS, COMPARE_SECONDS_PER_GB * 2 * (spec.parameters or 0) / 1e9)
-    threads = spec.threads or os.cpu_count() or 1
+    threads = spec.threads or proc.cpus()
     return hfchild.ChildLimits(cpu_seconds=int(seconds * threads), data_bytes=budget + COMPARE_HEADROOM + chunk), \
         seconds
 
