@@ -17,6 +17,7 @@ model's (P parameters), so this model's ladder should take ``9600 s * P / 8.03e9
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -118,7 +119,10 @@ def run_serial(tc: Any, ck_dir: Path, out: Path, cal: Path, ev: Path, types: lis
         res = timed("evaluate", [_program(tc, "llama-perplexity"), "-m", out / f"model-{q.name}.gguf", "-c", "512",
                                  "--kl-divergence-base", base, "--kl-divergence", "-t", threads])
         st = evaluate.parse_kld_output(res.stdout + "\n" + res.stderr)
-        klds[q.name] = {"chunks": st.chunks, "kld_mean": st.kld_mean, "kld_mean_err": st.kld_mean_err}
+        cv = (statistics.stdev(st.chunk_kld) / st.kld_mean if st.chunk_kld and len(st.chunk_kld) > 1 and st.kld_mean
+              else None)  # the spread of its chunk means: the chunks a target precision needs, (cv / target)^2
+        klds[q.name] = {"chunks": st.chunks, "kld_mean": st.kld_mean, "kld_mean_err": st.kld_mean_err,
+                        "chunk_cv": round(cv, 4) if cv is not None else None}
     base.unlink()
     from huggingface_hub import HfApi
 
@@ -190,7 +194,7 @@ def run_pipeline(tc: Any, ck_dir: Path, out: Path, cal: Path, ev: Path, args: An
     files = {}
     for f in report.files if report is not None else []:
         st = f.stats
-        files[f.type] = {"status": f.status, "chunks": st.chunks if st else None,
+        files[f.type] = {"status": f.status, "chunks": st.chunks if st else None, "stop": f.stop,
                          "kld_mean": st.kld_mean if st else None, "kld_mean_err": st.kld_mean_err if st else None,
                          "published_at_seconds": next((v for k, v in seen.seen.items() if k.endswith(f"-{f.type}.gguf")
                                                        or f"-{f.type}/" in k), None)}
@@ -278,6 +282,26 @@ def main(args: Any) -> dict[str, Any]:
         rel_fixed = [v["kld_mean_err"] / v["kld_mean"] for v in result["serial"]["evaluation"].values() if v["kld_mean"]]
         result["precision"] = {"median_relative_kld_err_pipeline": round(statistics.median(rel), 4) if rel else None,
                                "median_relative_kld_err_fixed": round(statistics.median(rel_fixed), 4) if rel_fixed else None}
+        # Equal precision: today's evaluation scores every file on one chunk count; to give every file the target
+        # relative error (the sequential evaluation's precision, 5 %) it needs the count of the file whose chunk
+        # means spread most, (cv / target)^2 (cv measured on the fixed run's 64 chunks), between the floor and the
+        # cap. The sequential evaluation spends what each file needs, less for files refused whatever follows.
+        from converters.ladder import evaluate
+
+        target, floor = evaluate.PRECISION, args.eval_min_chunks or evaluate.MIN_CHUNKS
+        cvs = [v["chunk_cv"] for v in result["serial"]["evaluation"].values() if v.get("chunk_cv")]
+        if cvs:
+            per_file = min(args.eval_chunks, max(floor, math.ceil((max(cvs) / target) ** 2)))
+            fixed_equal = per_file * len(result["serial"]["evaluation"])
+            r["evaluation_chunks_to_fixed_at_equal_precision"] = round(chunks_now / fixed_equal, 3)
+            result["precision"].update(
+                target=target, fixed_chunks_per_file_for_target=per_file, fixed_chunks_for_target=fixed_equal,
+                pipeline_chunks=chunks_now,
+                pipeline_files_at_target={t: bool(v.get("kld_mean") and v["kld_mean_err"] <= target * v["kld_mean"])
+                                          for t, v in pl["files"].items()},
+                pipeline_stops={t: v.get("stop") for t, v in pl["files"].items()})
+            result["targets"]["evaluation_chunks_le_0.5_at_equal_precision"] = (
+                r["evaluation_chunks_to_fixed_at_equal_precision"] <= 0.5)
     if not args.keep:
         import shutil
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -130,7 +131,21 @@ def load_tokenizer_here(checkpoint: Path) -> Any:
             return auto_class("AutoTokenizer").from_pretrained(str(checkpoint), trust_remote_code=False,
                                                                local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any loader failure is a missing input
+        if _out_of_memory(e):  # the child's memory limit, met wherever the loader was (an import, a file, a table)
+            raise InputError(f"cannot load the source tokenizer from {checkpoint}: the tokenizer did not load within "
+                             f"its limits (out of memory: {e})") from e
         raise InputError(f"cannot load the source tokenizer from {checkpoint}: {e}") from e
+
+
+def _out_of_memory(e: BaseException | None) -> bool:
+    """``e`` or an exception it came from is a MemoryError or an allocation refused by the system (ENOMEM)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 # --------------------------------------------------------------------------------------------------

@@ -183,3 +183,24 @@ def test_a_source_model_over_its_memory_budget_is_not_checked(tiny: Path, tmp_pa
     assert check.status == SKIPPED
     assert check.detail.startswith("not checked: the source model could not be run within its limits"), check.detail
     assert not (tmp_path / "offload").exists()
+
+
+def test_an_allocation_refused_anywhere_in_the_loader_is_reported_as_the_limit(tmp_path: Path, monkeypatch) -> None:
+    """Under its memory limit the loader may fail in an import or a file read (OSError ENOMEM), not only with a
+    MemoryError: the reason is the limit either way."""
+    import errno
+
+    def refuse(*a, **kw):
+        try:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        except OSError as e:
+            raise RuntimeError("while importing a module") from e
+
+    monkeypatch.setattr(hfmodel, "auto_class", lambda name: type("T", (), {"from_pretrained": staticmethod(refuse)}))
+    with pytest.raises(InputError, match="cannot load the source tokenizer .* within its limits"):
+        hfmodel.load_tokenizer_here(tmp_path)
+    monkeypatch.setattr(hfmodel, "auto_class",
+                        lambda name: type("T", (), {"from_pretrained": staticmethod(lambda *a, **k: 1 / 0)}))
+    with pytest.raises(InputError) as e:
+        hfmodel.load_tokenizer_here(tmp_path)
+    assert "within its limits" not in str(e.value)
