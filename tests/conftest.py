@@ -34,10 +34,11 @@ def _own_cores() -> None:
 _own_cores()
 
 
-# The longest test files, longest first (seconds measured alone on a quiet 2-core machine, rounded): they are
-# collected first, so pytest-xdist (``-n 2 --dist loadfile``: a file's tests stay in one worker, with its module
-# fixtures) starts them first and the short files fill the gaps at the end, instead of one long file running alone
-# at the end. A file missing here only runs later; refresh the list from ``--durations`` when it drifts.
+# The longest test files, longest first (seconds measured alone on a quiet 2-core machine, rounded): collected first,
+# so a run in one process starts them first. pytest-xdist (``-n 2 --dist loadfile``: a file's tests stay in one worker,
+# with its module fixtures) re-sorts the files by their number of tests, keeping this order among equals; with
+# ``--no-loadscope-reorder`` it would keep this order and start the long files first (not measured yet). A file
+# missing here only runs later; refresh the list from ``--durations`` when it drifts.
 LONGEST_FIRST = (
     "e2e/test_bot.py", "e2e/test_boxes.py", "integration/test_gate_damage.py", "e2e/test_follow_llama.py",
     "integration/test_pipeline.py", "e2e/test_kill_resume.py", "integration/test_runner_variants.py",
