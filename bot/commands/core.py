@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from bot.commands import add_sequential_flags, deprecated_alias, figures
 from converters.formats import checkpoint as ckpt_mod
 from converters.ladder import pipeline
+from converters.ladder import speed as speed_mod
 from converters.core import quants
 from converters.llama import toolchain
 from converters.core.errors import ConfigError, InputError, ToolError, UnsupportedModel
@@ -55,6 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "file whose weights, KV cache and buffers fit it (GB/MB decimal, GiB/MiB binary, k = 1024)")
     p.add_argument("--fit-kv-type", default="f16", choices=["f16", "q8_0"],
                    help="KV cache type the --fit files are sized with (default f16)")
+    p.add_argument("--speed", default="tuned", choices=speed_mod.SCOPES,
+                   help="llama-bench tokens/s on this box (the card shows them): 'tuned' (default) for the --tune and "
+                        "--fit files and their stock baselines (one more than 5 %% slower is withheld), 'all' for every "
+                        "file, 'off'")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation and checks")
     p.add_argument("--eval-text", help="evaluation text: FILE, URL or hf://... (never the calibration text)")
@@ -131,6 +136,14 @@ def _texts(args: argparse.Namespace, imatrix: bool) -> tuple[Any, Any]:
     return cal, eval_text
 
 
+def _speed(args: argparse.Namespace) -> speed_mod.SpeedOptions | None:
+    """``--speed`` as the speed stage's options: none when nothing is in its scope (a ladder of stock files only,
+    scope 'tuned'), so a plain convert makes no speed run and no speed.json, as before."""
+    if args.speed == "all" or (args.speed == "tuned" and (args.tune.strip() or args.fit)):
+        return speed_mod.SpeedOptions(scope=args.speed)
+    return None
+
+
 def convert_spec(args: argparse.Namespace, source: Any, model_name: str) -> Any:
     """The job of ``ggufbot convert``, from its arguments."""
     from bot.jobs.job import FetchPolicy, JobSpec, PublishTarget, cli_disk_need
@@ -148,7 +161,7 @@ def convert_spec(args: argparse.Namespace, source: Any, model_name: str) -> Any:
                                       tune_seconds=args.tune_seconds, fit=tuple(args.fit),
                                       fit_kv_type=args.fit_kv_type),
         evaluation=EvalSettings(eval_text, chunks=args.eval_chunks, precision=args.eval_precision,
-                                min_chunks=args.eval_min_chunks) if eval_text is not None else None,
+                                min_chunks=args.eval_min_chunks, speed=_speed(args)) if eval_text is not None else None,
         publish=PublishTarget(repo_id=args.repo, private=args.private) if args.publish else None,
         fetch=FetchPolicy(patterns=ckpt_mod.FETCH_PATTERNS, need_bytes=cli_disk_need),
         rules=CheckpointRules(check_architecture=True))
