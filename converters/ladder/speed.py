@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from converters.core import names, records
+from converters.core import names, proc, records
 from converters.core.errors import InputError, ParseError, ToolchainError, ToolError
 from converters.core.hooks import END, SKIP, Hooks
 from converters.core.report import FileResult
@@ -252,7 +252,7 @@ class SpeedStage:
             out.unlink(missing_ok=True)
             return
         inputs = {"files": {f.type: f.sha256 for f in ladder.files}, "options": self.options.to_json(),
-                  "toolchain": ctx.toolchain.version, "threads": self.options.threads or bench.threads()}
+                  "toolchain": ctx.toolchain.version, "threads": self.options.threads or proc.cpus()}
         rec = records.complete(wd.path, STAGE, inputs)
         if rec is not None:
             ctx.hooks.emit(self.name, SKIP, data={"seconds": rec.seconds})

@@ -67,15 +67,10 @@ class BenchRun:
     seconds: float = 0.0
 
 
-def threads() -> int:
-    """The threads of this box this process may use (its CPU affinity)."""
-    return proc.cpus()
-
-
 def argv(tc: Toolchain, model: Path, *, prompt: int, generate: int, repetitions: int,
          n_threads: int | None = None) -> list[str]:
     return [str(tc.program(PROGRAM)), "-m", str(model), "-p", str(prompt), "-n", str(generate),
-            "-r", str(repetitions), "-t", str(n_threads or threads()), "-o", "json"]
+            "-r", str(repetitions), "-t", str(n_threads or proc.cpus()), "-o", "json"]
 
 
 def parse(text: str) -> BenchRun:
