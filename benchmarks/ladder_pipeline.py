@@ -293,9 +293,14 @@ def main(args: Any) -> dict[str, Any]:
         if cvs:
             per_file = min(args.eval_chunks, max(floor, math.ceil((max(cvs) / target) ** 2)))
             fixed_equal = per_file * len(result["serial"]["evaluation"])
+            # what a rule that knew each file's spread beforehand would spend: each file its own need, not the
+            # noisiest file's; no precision rule can do better at equal precision (it has to estimate the spread)
+            oracle = sum(min(args.eval_chunks, max(floor, math.ceil((cv / target) ** 2))) for cv in cvs)
+            r["evaluation_chunks_oracle_to_fixed_at_equal_precision"] = round(oracle / fixed_equal, 3)
             r["evaluation_chunks_to_fixed_at_equal_precision"] = round(chunks_now / fixed_equal, 3)
             result["precision"].update(
                 target=target, fixed_chunks_per_file_for_target=per_file, fixed_chunks_for_target=fixed_equal,
+                oracle_chunks_for_target=oracle,
                 pipeline_chunks=chunks_now,
                 pipeline_files_at_target={t: bool(v.get("kld_mean") and v["kld_mean_err"] <= target * v["kld_mean"])
                                           for t, v in pl["files"].items()},

@@ -24,6 +24,7 @@ Two ways to apply it:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Mapping, Sequence
 
@@ -164,11 +165,19 @@ def bracketed(bits: float, ladder_bits: Sequence[float], others: Sequence[FileRe
               rules: curve.CurveRules = curve.DEFAULT_RULES) -> bool:
     """Pure: the ladder's curve around ``bits`` is known: on each side (fewer bits, more bits), the files of
     ``others`` that are points of the curve number at least ``rules.neighbours``, or as many as ``ladder_bits`` (the
-    nominal bits of the ladder's stock types, measured or not) has on that side."""
+    nominal bits of the ladder's stock types, measured or not) has on that side, and no type of the ladder that is
+    not measured yet lies nearer than the farthest of those neighbours (the curve's prediction comes from the
+    nearest files: past the top of a ladder measured so far, a file three bits above the others would be judged by
+    an extrapolation its own neighbours, once measured, would correct)."""
     points = curve_points(others)
+    pending = collections.Counter(ladder_bits)
+    pending.subtract(b for o in others if is_stock(o.type, o.extra) and (b := nominal_bits(o)) is not None)
     for side in (lambda b: b < bits, lambda b: b > bits):
         need = min(rules.neighbours, sum(1 for b in ladder_bits if side(b)))
-        if sum(1 for q in points if side(q.bits)) < need:
+        near = sorted((abs(q.bits - bits) for q in points if side(q.bits)))[:need]
+        if len(near) < need:
+            return False
+        if near and any(n > 0 and side(b) and abs(b - bits) < near[-1] for b, n in pending.items()):
             return False
     return True
 
