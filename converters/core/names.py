@@ -24,6 +24,7 @@ SPEED = "speed.json"  # llama-bench tokens/s of the ladder's files (converters.l
 PRUNED_DIR = "checkpoint-pruned"  # a variant's pruned checkpoint
 HEALED_DIR = "checkpoint-healed"  # ... healed by distillation
 TEACHER_DIR = "teacher"  # a variant's teacher reference when the teacher has no finished work dir
+BASE_LOGITS = "base-logits.kld"  # the reference's log-probabilities on the evaluation text, until it finishes
 TEACHER_LOGITS = "teacher-base-logits.kld"  # the teacher's base logits a variant is evaluated against
 
 TUNED_SUFFIX = "-tuned"  # a size point's tuned file: ``<TYPE>-tuned``
@@ -68,6 +69,12 @@ def tuned(model_name: str, qtype: str) -> str:
 def layout(qtype: str) -> str:
     """A tuned file's plan: ``tune/<TYPE>-tuned.layout.json``."""
     return f"{TUNE_DIR}/{tuned_type(qtype)}.layout.json"
+
+
+def tuned_layout(model_name: str, qtype: str) -> str:
+    """A tuned file's plan as published beside it: ``<Model>-Q4_K_M-tuned.layout.json`` (a copy of
+    :func:`layout`)."""
+    return f"{model_name}-{tuned_type(qtype)}.layout.json"
 
 
 def tensor_types(qtype: str) -> str:

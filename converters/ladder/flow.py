@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.core import proc
-from converters.core import quants, records
+from converters.core import names, quants, records
 from converters.core.errors import CheckFailed, InputError
 from converters.core.hooks import END, SKIP
 from converters.core.report import PASSED, FileResult
@@ -345,14 +345,14 @@ def _find(ladder: Ladder | None, name: str) -> LadderFile | None:
 
 # ------------------------------------------------------------------------------------------ tuning (converters.ladder.tune)
 def _tuned_entry(q: quants.QuantType, rec_out: records.Output, lay: layout.Layout, parameters: int | None,
-                 seconds: float | None, layout_rel: str) -> LadderFile:
+                 seconds: float | None, layout_rel: str, published_layout: str) -> LadderFile:
     return LadderFile(
         type=tune.tuned_name(q), bpw_nominal=q.bpw, needs_imatrix=q.needs_imatrix,
         description=f"{q.name} size, types chosen per tensor from measured damage; published only where it "
                     f"measures better than {q.name}.",
         path=rec_out.path, parts=(rec_out.path,), size=rec_out.size, sha256=rec_out.sha256,
         part_sha256=(rec_out.sha256,), bpw=round(rec_out.size * 8 / parameters, 3) if parameters else None,
-        seconds=seconds,
+        seconds=seconds, companions=(published_layout,),
         extra={"tuned": {"stock": q.name, "layout": layout_rel, "budget": lay.budget,
                          "predicted_kld": lay.damage, "stock_predicted_kld": lay.stock_damage,
                          "types": lay.type_counts()}})
@@ -405,9 +405,14 @@ class TuneStage:
             info = rec.extra.get("points", {}).get(q.name, {})
             if info.get("status") != "built" or info.get("file") not in by_path:
                 continue
-            lay = layout.Layout.from_json(json.loads((ctx.workdir / info["layout"]).read_text()))
+            plan = (ctx.workdir / info["layout"]).read_text()
+            lay = layout.Layout.from_json(json.loads(plan))
+            beside = names.tuned_layout(p.model_name, q.name)  # published with the file when it passes
+            if not (ctx.workdir / beside).is_file() or (ctx.workdir / beside).read_text() != plan:
+                with records.atomic_output(ctx.workdir / beside) as tmp:
+                    tmp.write_text(plan)
             added.append(_tuned_entry(q, by_path[info["file"]], lay, p.checkpoint.parameters, info.get("seconds"),
-                                      info["layout"]))
+                                      info["layout"], beside))
         kept = tuple(f for f in ctx.ladder.files if not layout.is_tuned(f.type))
         extra = {**ctx.ladder.extra, "tune": rec.extra}
         ctx.ladder = dataclasses.replace(ctx.ladder, files=kept + tuple(added), extra=extra,

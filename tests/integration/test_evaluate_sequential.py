@@ -1,7 +1,7 @@
 """The file-by-file, sequential evaluation on the shared SmolLM2 work dir (ctx 256, at most 12 chunks).
 
-One evaluation measures Q8_0 and is dropped (a killed job); a second one resumes: Q8_0 comes from its record,
-not scored again, with the same verdict, and the rest are measured. The batches' views agree with one run over
+One evaluation measures Q8_0 and is dropped (a killed job); a second one resumes: the base logits and Q8_0 come
+from their records, neither computed again, Q8_0 with the same verdict, and the rest are measured. The batches' views agree with one run over
 the same chunks.
 """
 
@@ -67,8 +67,11 @@ def test_file_by_file_evaluation_resumes_from_its_records(seq_dir: Path, eval_te
     assert [h["type"] for h in partial["held"]] == ["Q8_0"] and ev.settled() == []
     assert partial["held"][0]["chunks"] == s.chunks and partial["held"][0]["stop"] == first.stop
     assert (seq_dir / "records" / "evaluate.Q8_0.json").is_file()
-    ev.close()  # the job is killed here: its base logits go
-    assert not list(seq_dir.rglob("*.kld"))
+    ev.close()  # the job is killed here: its base logits stay, with their record, for the resumed run
+    stored = seq_dir / "base-logits.kld"
+    assert [p.name for p in seq_dir.rglob("*.kld")] == [stored.name]
+    assert (seq_dir / "records" / f"{evaluate.BASE_STAGE}.json").is_file()
+    stored_stat = stored.stat()
 
     # the resumed job: the reference's checks answer as before (what they cost is not what is tested here)
     monkeypatch.setattr(checks_mod, "compare", lambda *a: ev.checks["bf16_vs_source"])
@@ -82,8 +85,13 @@ def test_file_by_file_evaluation_resumes_from_its_records(seq_dir: Path, eval_te
         return real(tc, model, *a, **kw)
 
     monkeypatch.setattr(evaluation.sequential, "score", counting)
+    monkeypatch.setattr(evaluation, "run_base", lambda *a, **kw: pytest.fail("the base logits were computed again"))
     report = evaluate.run(seq_dir, opts, toolchain=toolchain)
     assert scored == [Path(f.path).name for f in ladder.files[1:]]  # Q8_0 was not scored again
+    # the kept base logits were used (then moved to keep_base_logits: the evaluation finished) and the record went
+    assert keep.stat().st_ino == stored_stat.st_ino and keep.stat().st_mtime_ns == stored_stat.st_mtime_ns
+    assert not stored.exists() and not (seq_dir / "records" / f"{evaluate.BASE_STAGE}.json").exists()
+    assert report.reference["ppl"] == ev.ref_block["ppl"] and report.seconds["base_logits"] == 0.0
     again = report.file("Q8_0")
     assert again.to_json() == first.to_json()
     assert report.pending == [] and [f.type for f in report.files] == list(TYPES)

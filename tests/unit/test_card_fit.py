@@ -60,3 +60,22 @@ def test_no_budgets_no_table(tmp_path: Path) -> None:
     wd = make_workdir(tmp_path)
     *_, ctx, text = _card(wd)
     assert ctx["fit"] == [] and "Which file fits your GPU" not in text
+
+
+def test_a_tuned_files_plan_is_published_beside_it_only_when_it_passes(tmp_path: Path) -> None:
+    tuned = names.tuned_type("Q4_K_M")
+    for failed in ((), (tuned,)):
+        wd = make_workdir(tmp_path / f"failed-{len(failed)}", types=("Q8_0", "Q4_K_M", tuned), failed=failed)
+        lad = json.loads((wd / names.LADDER).read_text())
+        plan = names.tuned_layout("Tiny-Instruct", "Q4_K_M")
+        assert plan == "Tiny-Instruct-Q4_K_M-tuned.layout.json"
+        (wd / plan).write_text("{}")
+        for f in lad["files"]:
+            if f["type"] == tuned:
+                f["companions"] = [plan]
+        (wd / names.LADDER).write_text(json.dumps(lad))
+        ladder, report = WorkDir(wd).ladder(), WorkDir(wd).report()
+        published = [rel for _, rel in artifacts.published_files(ladder, report, lambda rel: True)]
+        assert (plan in published) == (not failed), published
+        assert plan in WorkDir(wd).content(ladder)  # hashed like every file of the ladder
+    assert artifacts.stale_in_repo("Old-Q3_K_M-tuned.layout.json")

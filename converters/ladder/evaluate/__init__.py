@@ -26,7 +26,7 @@ evaluate`` then ``evaluate.run(...)``); code that needs anything else imports th
 """
 
 from converters.ladder.evaluate.evaluation import LadderEvaluation, run
-from converters.ladder.evaluate.inputs import DEFAULT_CHUNKS, N_PREDICT, STAGE, EvalOptions
+from converters.ladder.evaluate.inputs import BASE_STAGE, DEFAULT_CHUNKS, N_PREDICT, STAGE, EvalOptions
 from converters.ladder.evaluate.perplexity import (KLD_TIMEOUT, LOGITS_MAGIC, BaseLogits, base_logits_bytes,
                                                    chunk_klds, count_tokens, parse_base_output, parse_kld_output,
                                                    run_base, run_kld, scored_per_chunk)
@@ -35,7 +35,7 @@ from converters.ladder.evaluate.source import CompareSpec, compare_here, compare
 from converters.ladder.evaluate.verdict import (Verdict, ceiling_for, curve_points, default_ceiling, expected_klds,
                                                 gate, judge, judge_file, publishable, tuned_reasons)
 
-__all__ = ["DEFAULT_CHUNKS", "N_PREDICT", "STAGE", "EvalOptions", "LadderEvaluation", "run",
+__all__ = ["BASE_STAGE", "DEFAULT_CHUNKS", "N_PREDICT", "STAGE", "EvalOptions", "LadderEvaluation", "run",
            "KLD_TIMEOUT", "LOGITS_MAGIC", "BaseLogits", "base_logits_bytes", "chunk_klds", "count_tokens",
            "parse_base_output", "parse_kld_output", "run_base", "run_kld", "scored_per_chunk",
            "MIN_CHUNKS", "PRECISION", "Z_VERDICT", "StopRule", "stop_reason",

@@ -47,9 +47,9 @@ from converters.ladder.evaluate import checks as checks_mod
 from converters.ladder.evaluate import reporting
 from converters.ladder.evaluate import sequential, settle
 from converters.ladder.evaluate import verdict
-from converters.ladder.evaluate.inputs import (N_PREDICT, STAGE, EvalJob, EvalOptions, Scoring, common_inputs,
-                                               file_inputs, file_record, prepare, record_inputs, remove_scratch,
-                                               scoring)
+from converters.ladder.evaluate.inputs import (BASE_STAGE, N_PREDICT, STAGE, EvalJob, EvalOptions, Scoring,
+                                               base_inputs, common_inputs, file_inputs, file_record, prepare,
+                                               record_inputs, remove_base, remove_scratch, scoring)
 from converters.ladder.evaluate.perplexity import BaseLogits, base_logits_bytes, count_tokens, run_base, run_kld
 from converters.ladder.evaluate.verdict import judge_file, ladder_notes, thresholds
 from converters.llama import mmproj
@@ -135,12 +135,25 @@ class LadderEvaluation:
         total = self._total()
         if sc.own_base is not None:
             job.step("base logits", 0, total)
-            log.info("evaluate: base logits of %s over %d chunks of %d tokens (%.2f GB)", job.reference.name,
-                     sc.n_chunks, sc.ctx, base_logits_bytes(len(self._ref_facts.tokens), sc.ctx, sc.n_chunks) / 1e9)
-            ppl, ppl_err, secs = run_base(job.tc, job.reference, job.eval_text, sc.own_base, ctx=sc.ctx,
-                                          chunks=sc.n_chunks, threads=o.threads)
-            self.ref_block.update(ppl=ppl, ppl_err=ppl_err)
-            self.seconds["base_logits"] = secs
+            key = base_inputs(job, sc)
+            kept = records.complete(job.wd.path, BASE_STAGE, key)
+            if kept is not None:  # stored by a run of this evaluation that was killed
+                log.info("evaluate: base logits of %s over %d chunks of %d tokens: kept from the interrupted run",
+                         job.reference.name, sc.n_chunks, sc.ctx)
+                self.ref_block.update(ppl=kept.extra["ppl"], ppl_err=kept.extra["ppl_err"])
+                self.seconds["base_logits"] = 0.0
+            else:
+                log.info("evaluate: base logits of %s over %d chunks of %d tokens (%.2f GB)", job.reference.name,
+                         sc.n_chunks, sc.ctx,
+                         base_logits_bytes(len(self._ref_facts.tokens), sc.ctx, sc.n_chunks) / 1e9)
+                remove_base(job.wd.path, sc.own_base)  # other inputs' (the disk check counted them as free)
+                with records.atomic_output(sc.own_base) as tmp:
+                    ppl, ppl_err, secs = run_base(job.tc, job.reference, job.eval_text, tmp, ctx=sc.ctx,
+                                                  chunks=sc.n_chunks, threads=o.threads)
+                records.save(job.wd.path, BASE_STAGE, key, [sc.own_base], secs, job.tc.version,
+                             extra={"ppl": ppl, "ppl_err": ppl_err})
+                self.ref_block.update(ppl=ppl, ppl_err=ppl_err)
+                self.seconds["base_logits"] = secs
         job.step("bf16 vs source", 1, total)
         t0 = time.monotonic()
         self.checks["bf16_vs_source"] = checks_mod.compare(job, self._ref_facts, sc)
@@ -317,7 +330,7 @@ class LadderEvaluation:
             self.checks[mmproj.CHECK] = projector
         self.seconds["checks"] = time.monotonic() - t0 + self.seconds.pop("reference_checks", 0.0)
         self.seconds["kld"] = sum(f.seconds.get("kld", 0.0) for f in self.files)
-        self.close()
+        self.close(finished=True)
         assert self._scoring is not None
         report = reporting.build(job, self._scoring, self.files, self.checks, self.ref_block, self.seconds)
         report.notes = ladder_notes(self.files, against=self._settling.against)
@@ -329,13 +342,16 @@ class LadderEvaluation:
         self._done = report
         return report
 
-    def close(self) -> None:
-        """Remove (or keep, ``keep_base_logits``) this evaluation's own base logits; safe to call again."""
+    def close(self, finished: bool = False) -> None:
+        """Once the evaluation is ``finished``, remove (or keep, ``keep_base_logits``) its own base logits; safe to
+        call again. Before that they stay, with their record, for the run that resumes this one (they are
+        recomputed when its inputs differ)."""
         own = self._scoring.own_base if self._scoring is not None else None
-        if own is not None and own.exists():
-            if self.job.opts.keep_base_logits is not None:
-                shutil.move(own, self.job.opts.keep_base_logits)
-            remove_scratch(own)
+        if not finished or own is None:
+            return
+        if own.exists() and self.job.opts.keep_base_logits is not None:
+            shutil.move(own, self.job.opts.keep_base_logits)
+        remove_base(self.job.wd.path, own)
 
     def __enter__(self) -> "LadderEvaluation":
         return self

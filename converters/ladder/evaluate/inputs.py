@@ -31,6 +31,7 @@ from converters.llama import verify
 log = logging.getLogger(__package__)  # the package's name (log lines name it)
 
 STAGE = "evaluate"
+BASE_STAGE = "evaluate.base-logits"  # the stored base logits' record: a killed evaluation resumes with them
 DEFAULT_CHUNKS = 64  # chunks of ``ctx`` tokens when not given: about 16k scored tokens at ctx 512 (the cap)
 DISK_MARGIN = 256 << 20
 N_PREDICT = 96  # bound on the smoke-test generation (and on the length of the reference's chat reply)
@@ -224,12 +225,28 @@ def scoring(job: EvalJob, n_vocab: int, text_tokens: int, ref_block: dict[str, A
     need = base_logits_bytes(n_vocab, ctx, n_chunks)
     if o.precision > 0 and o.min_chunks < n_chunks:  # the largest view of a batch (sequential.next_batch): the
         need += base_logits_bytes(n_vocab, ctx, max(o.min_chunks, n_chunks // 2))  # floor, then at most half
+    own = job.wd.path / names.BASE_LOGITS
+    if own.is_file():  # a killed evaluation's: reused, or removed before they are written again
+        need -= own.stat().st_size
     free = shutil.disk_usage(job.wd.path).free
     if free < need + DISK_MARGIN:
         raise DiskSpaceError(str(job.wd.path), need + DISK_MARGIN, free)
-    own = records.tmp_path_for(job.wd.path / "base-logits.kld")
-    own.parent.mkdir(parents=True, exist_ok=True)
     return Scoring(ctx, n_chunks, text_tokens, own, own)
+
+
+def base_inputs(job: EvalJob, sc: Scoring) -> dict[str, Any]:
+    """What the stored base logits depend on (their record's key, :data:`BASE_STAGE`): the reference's content,
+    the evaluation text, the chunks and their context, and the llama.cpp that wrote them."""
+    return {"reference": job.content.get(job.ladder.reference.path), "eval_text": job.eval_sha, "ctx": sc.ctx,
+            "chunks": sc.n_chunks, "toolchain": job.tc.version, "llama.cpp_commit": job.tc.commit}
+
+
+def remove_base(workdir: Path, path: Path) -> None:
+    """Delete stored base logits and their record (the record first: it never names a file that is gone)."""
+    with contextlib.suppress(FileNotFoundError):
+        records.record_path(workdir, BASE_STAGE).unlink()
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def remove_scratch(path: Path) -> None:
