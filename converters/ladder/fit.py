@@ -12,9 +12,13 @@ Per budget (:mod:`converters.ladder.budget` parses it and holds the margin and t
 2. **Solve.** The byte budget for the weights is the budget minus the KV, compute and output buffers llama.cpp
    reported for the baseline, minus the margin (never less than the baseline's weights); the per-tensor damage is
    the tuner's (:mod:`converters.ladder.tune`: the tune stage's measurements when it ran, else measured here, the
-   baseline's own types always among the candidates), solved by :func:`converters.ladder.layout.plan_layout`.
-3. **Build and verify.** Quantized with the plan (:func:`converters.ladder.tune.build`: the types read back must be
-   the plan's), loaded at the budget's context: the measured memory is recorded, and the largest context that fits
+   baseline's own types always among the candidates), each tensor's error scaled to expected KLD by the tuner's
+   scales per tensor kind and depth, fitted on the stock files scored on the calibration text (:func:`_kld_scales`),
+   solved by :func:`converters.ladder.layout.plan_layout`.
+3. **Build, confirm and verify.** Quantized with the plan (:func:`converters.ladder.tune.build`: the types read back
+   must be the plan's) and scored with its baseline on the calibration text: when it is not better by more than two
+   paired standard errors, the plan is shrunk toward the baseline once (each change charged its share of the gain
+   that was predicted and not measured), else no file is built (the tuner's rule). Loaded at the budget's context: the measured memory is recorded, and the largest context that fits
    the budget is computed from the measured KV bytes per token and confirmed by one load (stepped down when that
    load is over).
 4. **Judged** by the evaluation like every file, by the gate of :mod:`converters.ladder.evaluate.verdict`: withheld
@@ -37,7 +41,7 @@ from converters.core import names, quants, records
 from converters.core.errors import CheckFailed, InputError, ParseError, ToolError
 from converters.core.workdir import Ladder, LadderFile
 from converters.ladder import budget as budget_mod
-from converters.ladder import layout, tune
+from converters.ladder import evaluate, kldfit, layout, tune
 from converters.llama import memory
 from converters.llama.toolchain import Toolchain
 
@@ -47,7 +51,8 @@ STAGE = "fit"
 MAX_STOCK_LOADS = 3  # stock files loaded per budget while looking for the largest that fits
 MAX_CONFIRM_LOADS = 3  # loads to confirm the largest context
 PREDICT_SLACK = 1.10  # a stock file predicted up to 10 % over the budget is still loaded (the prediction is rough)
-METHOD = 1
+METHOD = 3  # 2: errors scaled per tensor kind and depth (kldfit); 3: a tied token embedding never below its stock
+# type, and a plan confirmed against its baseline on the calibration text (shrunk once toward it, else not built)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,8 @@ class FitOptions:
     candidates: tuple[str, ...] = layout.DEFAULT_CANDIDATES
     probe_chunks: int = tune.DEFAULT_PROBE_CHUNKS
     ctx: int = 512  # the probes' context (the budgets carry their own)
+    kld_scales: bool = True  # errors scaled per tensor kind and depth from the stock files' calibration KLD
+    confirm: bool = True  # a built plan must beat its baseline on the calibration text, else shrink once, else none
     threads: int | None = None
     timeout: float | None = None
 
@@ -91,7 +98,7 @@ def inputs(inp: FitInputs, o: FitOptions) -> dict[str, Any]:
             "calibration": records.content_sha256(inp.calibration, inp.workdir) if inp.calibration else None,
             "stock": {f.type: f.sha256 for f in stock_files(lad)}, "budgets": list(o.budgets), "kv_type": o.kv_type,
             "candidates": list(o.candidates), "probe_chunks": o.probe_chunks, "ctx": o.ctx,
-            "measurements": "tune" if inp.measurements is not None else "own",
+            "kld_scales": o.kld_scales, "confirm": o.confirm, "measurements": "tune" if inp.measurements is not None else "own",
             "toolchain": inp.toolchain.version, "method": METHOD}
 
 
@@ -143,7 +150,41 @@ class Damage:
                 for t in self.tensors}
 
 
-def _measurements(inp: FitInputs, o: FitOptions, ladder: Ladder) -> Damage:
+@dataclasses.dataclass
+class Calibration:
+    """Files scored on ``probe_chunks`` chunks of the calibration text against the reference (never the evaluation
+    text): the base logits made on first use in ``folder`` (removed by :meth:`close`), stock files scored once."""
+
+    inp: FitInputs
+    o: FitOptions
+    folder: Path
+    base: Path | None = None
+    stock: dict[str, tune.Scored] = dataclasses.field(default_factory=dict)
+
+    def score(self, f: Path, *, stock: bool = True) -> tune.Scored:
+        if stock and f.name in self.stock:
+            return self.stock[f.name]
+        assert self.inp.calibration is not None
+        if self.base is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.base = self.folder / "calibration.kld"
+            evaluate.run_base(self.inp.toolchain, self.inp.reference, self.inp.calibration, self.base,
+                              ctx=self.o.ctx, chunks=self.o.probe_chunks, threads=self.o.threads)
+        s = tune.Scored.of(evaluate.run_kld(self.inp.toolchain, f, self.base, ctx=self.o.ctx,
+                                            threads=self.o.threads)[0])
+        if stock:
+            self.stock[f.name] = s
+        return s
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def calibration_for(inp: FitInputs, o: FitOptions) -> Calibration | None:
+    return Calibration(inp, o, inp.workdir / names.TUNE_DIR / "fit-calibration") if inp.calibration else None
+
+
+def _measurements(inp: FitInputs, o: FitOptions, ladder: Ladder, cal: Calibration | None = None) -> Damage:
     """The errors of every candidate type of every tensor, from the tuner's measurer (its cache, the ladder's own
     files, packed quantize runs for the rest). One scale for every tensor: the fit files' layouts rank types by
     imatrix-weighted error; the per-kind KLD scales the tune stage fits on its size points are not fitted for budgets
@@ -159,13 +200,45 @@ def _measurements(inp: FitInputs, o: FitOptions, ladder: Ladder) -> Damage:
                           if t in layout.QUANT_SIZES and t not in ("F32", *layout.UNQUANTIZED)})
     cands = tuple(o.candidates) + tuple(t for t in stock_types if t not in o.candidates)
     wanted = {t.name: [q for q in cands if layout.valid(q, t.row_length)] for t in tensors}
+    scratch = wd / names.TUNE_DIR / "scratch"
+    own = cal is None
+    cal = cal or calibration_for(inp, o)
+    assert cal is not None
     try:
         m = tune.Measurer.open(inp.toolchain, wd, inp.reference, inp.imatrix, inp.calibration, stocks,
                                threads=o.threads, timeout=o.timeout)
         errors = m.errors(wanted)
+        measured = [t for t in tensors if errors.get(t.name)]
+        scales = _kld_scales(measured, errors, stocks, cal) if o.kld_scales else {}
     finally:
-        shutil.rmtree(wd / names.TUNE_DIR / "scratch", ignore_errors=True)
-    return Damage([t for t in tensors if errors.get(t.name)], {k: dict(v) for k, v in errors.items() if v})
+        shutil.rmtree(scratch, ignore_errors=True)
+        if own:
+            cal.close()
+    return Damage(measured, {k: dict(v) for k, v in errors.items() if v}, scales)
+
+
+def _kld_scales(tensors: Sequence[layout.TensorInfo], errors: dict[str, dict[str, float]], stocks: Sequence[Path],
+                cal: Calibration) -> dict[str, float]:
+    """Expected KLD per unit of error for each tensor: the tuner's scales per tensor kind and depth
+    (:mod:`converters.ladder.kldfit`), fitted on the ladder's stock files scored on the calibration text
+    (:class:`Calibration`). Without them, an imatrix-weighted error counts the same in every kind of tensor, and a
+    plan that trades one kind's bytes for another's can measure worse than its baseline."""
+    nl = kldfit.n_layers([t.name for t in tensors])
+    groups = {t.name: kldfit.group(t.name, nl) for t in tensors}
+    obs = []
+    for f in stocks:
+        types = tune.read_types(f)
+        mine = {t.name: types[t.name] for t in tensors if types.get(t.name) in errors[t.name]}
+        if len(mine) < len(tensors):  # a tensor of this file whose type was not measured: no observation
+            continue
+        s = cal.score(f)
+        obs.append(kldfit.Observation(f.name, s.kld, s.err, kldfit.group_errors(mine, errors, groups)))
+    if not obs:
+        return {}
+    fitted = kldfit.fit(obs, sorted(set(groups.values())))
+    log.info("fit: KLD scales from %d stock files on the calibration text: %s", len(obs),
+             ", ".join(f"{g} {v:.3g}" for g, v in sorted(fitted.scales.items())))
+    return {t.name: fitted.scale(groups[t.name]) for t in tensors}
 
 
 def _load(inp: FitInputs, o: FitOptions, path: Path, ctx: int) -> memory.Buffers:
@@ -191,14 +264,18 @@ def _baseline(inp: FitInputs, o: FitOptions, b: budget_mod.FitBudget, att: memor
 
 
 def plan_fit(m: Damage, b: budget_mod.FitBudget, baseline_file: Path, file_budget: int,
-             extra: dict[str, Any]) -> layout.Layout:
+             extra: dict[str, Any], change_penalty: float = 0.0) -> layout.Layout:
     """The layout of least predicted damage within ``file_budget`` bytes of file, the baseline's types as stock."""
     stock = tune.read_types(baseline_file)
     size = baseline_file.stat().st_size
     planned = [t for t in m.tensors if t.name in stock]
     fixed = size - sum(layout.tensor_bytes(t, stock[t.name]) for t in planned)
-    return layout.plan_layout(b.type, planned, m.damage(), file_budget, fixed,
-                              stock_types={t.name: stock[t.name] for t in planned}, scales=m.scales, extra=extra)
+    damage = m.damage()
+    allowed = layout.keep_tied_embedding(planned, stock, {n: tuple(row) for n, row in damage.items()})
+    damage = {n: {q: e for q, e in row.items() if q in allowed.get(n, row)} for n, row in damage.items()}
+    return layout.plan_layout(b.type, planned, damage, file_budget, fixed,
+                              stock_types={t.name: stock[t.name] for t in planned}, scales=m.scales, extra=extra,
+                              change_penalty=change_penalty)
 
 
 def largest_context(inp: FitInputs, o: FitOptions, b: budget_mod.FitBudget, att: memory.Attention, path: Path,
@@ -235,7 +312,7 @@ def largest_context(inp: FitInputs, o: FitOptions, b: budget_mod.FitBudget, att:
 
 
 def _one(inp: FitInputs, o: FitOptions, b: budget_mod.FitBudget, att: memory.Attention,
-         measured: Callable[[], Damage]) -> tuple[dict[str, Any], list[Path]]:
+         measured: Callable[[], Damage], cal: Calibration | None = None) -> tuple[dict[str, Any], list[Path]]:
     wd, lad = inp.workdir, inp.ladder
     t0 = time.monotonic()
     loads: list[dict[str, Any]] = []
@@ -255,14 +332,43 @@ def _one(inp: FitInputs, o: FitOptions, b: budget_mod.FitBudget, att: memory.Att
     weights = budget_mod.weight_budget(b.bytes, base_mem.overhead, base_mem.model)
     file_budget = max(weights + outside, int(base.size))
     info.update(weight_budget=weights, margin=budget_mod.margin(b.bytes))
-    lay = plan_fit(measured(), b, wd / base.path, file_budget,
-                   extra={"budget": b.text, "budget_bytes": b.bytes, "ctx": b.ctx, "kv_type": o.kv_type,
-                          "baseline": base.type, "baseline_bytes": int(base.size),
-                          "baseline_memory": base_mem.to_json()})
     rel_layout = names.fit_layout(lad.model_name, b.label)
     out = wd / names.fit(lad.model_name, b.label)
-    tune.build(lay, quants.get(base.type), inp.reference, wd, out, toolchain=inp.toolchain, imatrix=inp.imatrix,
-               threads=o.threads, timeout=o.timeout, type_file=wd / names.fit_tensor_types(b.label))
+    m = measured()
+    stock_types = tune.read_types(wd / base.path)
+    rounds: list[dict[str, Any]] = []
+    info["rounds"] = rounds
+    penalty = 0.0
+    for rnd in (1, 2):  # the tuner's confirm-and-shrink (converters.ladder.tune), against the baseline
+        lay = plan_fit(m, b, wd / base.path, file_budget, change_penalty=penalty,
+                       extra={"budget": b.text, "budget_bytes": b.bytes, "ctx": b.ctx, "kv_type": o.kv_type,
+                              "baseline": base.type, "baseline_bytes": int(base.size),
+                              "baseline_memory": base_mem.to_json()})
+        changed = sum(1 for t, q in lay.types.items() if q != stock_types.get(t))
+        row: dict[str, Any] = {"round": rnd, "penalty": penalty, "changed": changed, "predicted_kld": lay.damage,
+                               "baseline_predicted_kld": lay.stock_damage}
+        rounds.append(row)
+        if changed == 0:
+            info.update(status="not built", reason=f"within this budget no plan is predicted better than {base.type}")
+            return info, []
+        tune.build(lay, quants.get(base.type), inp.reference, wd, out, toolchain=inp.toolchain,
+                   imatrix=inp.imatrix, threads=o.threads, timeout=o.timeout,
+                   type_file=wd / names.fit_tensor_types(b.label))
+        if not o.confirm or cal is None:
+            break
+        s_base, s_plan = cal.score(wd / base.path), cal.score(out, stock=False)
+        cmp = tune.compare(s_base, s_plan)
+        row.update(measured_kld=s_plan.kld, measured_kld_err=s_plan.err, baseline_kld=s_base.kld,
+                   paired=cmp.to_json())
+        if cmp.confirmed:
+            break
+        out.unlink(missing_ok=True)
+        shortfall = (lay.stock_damage - lay.damage) - cmp.gain  # the gain predicted and not measured
+        if rnd == 2 or shortfall <= 0:
+            info.update(status="not built", reason=f"no plan beat {base.type} on the calibration text by more than two "
+                                                   "standard errors")
+            return info, []
+        penalty = shortfall / changed
     got = _load(inp, o, out, b.ctx)
     max_ctx, max_mem, tries = largest_context(inp, o, b, att, out, got)
     info.update(status="built", file=out.relative_to(wd).as_posix(), layout=rel_layout, bytes=out.stat().st_size,
@@ -281,28 +387,33 @@ def _produce(inp: FitInputs, o: FitOptions, budgets: Sequence[budget_mod.FitBudg
     t0 = time.monotonic()
     att = memory.Attention.read(inp.reference)
     cache: list[Damage] = []
+    cal = calibration_for(inp, o)
 
     def measured() -> Damage:
         if not cache:
             t1 = time.monotonic()
-            cache.append(_measurements(inp, o, inp.ladder))
+            cache.append(_measurements(inp, o, inp.ladder, cal))
             summary["seconds"]["measure"] = round(time.monotonic() - t1, 3)
         return cache[0]
 
     summary: dict[str, Any] = {"budgets": {}, "seconds": {}, "margin": {"fraction": budget_mod.MARGIN_FRACTION,
                                                                        "bytes": budget_mod.MARGIN_BYTES}}
     outputs: list[Path] = []
-    for i, b in enumerate(budgets):
-        try:
-            info, outs = _one(inp, o, b, att, measured)
-            outputs += outs
-        except (InputError, CheckFailed, ParseError, ToolError, layout.Infeasible, tune.TuneStopped) as e:
-            info = {"budget": b.text, "budget_bytes": b.bytes, "ctx": b.ctx, "status": "not built",
-                    "reason": (str(e).splitlines() or [type(e).__name__])[0]}
-            log.warning("fit %s: not built: %s", b.label, info["reason"])
-        summary["budgets"][b.label] = info
-        if inp.step:
-            inp.step(f"fit {b.label}: {info['status']}", i + 1, len(budgets))
+    try:
+        for i, b in enumerate(budgets):
+            try:
+                info, outs = _one(inp, o, b, att, measured, cal)
+                outputs += outs
+            except (InputError, CheckFailed, ParseError, ToolError, layout.Infeasible, tune.TuneStopped) as e:
+                info = {"budget": b.text, "budget_bytes": b.bytes, "ctx": b.ctx, "status": "not built",
+                        "reason": (str(e).splitlines() or [type(e).__name__])[0]}
+                log.warning("fit %s: not built: %s", b.label, info["reason"])
+            summary["budgets"][b.label] = info
+            if inp.step:
+                inp.step(f"fit {b.label}: {info['status']}", i + 1, len(budgets))
+    finally:
+        if cal is not None:
+            cal.close()
     summary["seconds"]["total"] = round(time.monotonic() - t0, 3)
     return records.save(inp.workdir, STAGE, ins, outputs, time.monotonic() - t0, inp.toolchain.version,
                         extra=summary)

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 STAGE = "tune"
 TUNE_DIR = names.TUNE_DIR
 DEFAULT_PROBE_CHUNKS = 8
-METHOD = 2  # the stage's record: bump when the method changes
+METHOD = 3  # the stage's record: bump when the method changes (3: a tied token embedding never below its stock type)
 L_TYPE = "Q8_0"  # the _L layouts' type of the token embedding and the output
 L_KINDS = ("token_embd", "output")
 
@@ -137,7 +137,7 @@ def candidates(tensors: Sequence[TensorInfo], stock: Mapping[str, str], options:
         st = stock[t.name]
         always = (L_TYPE,) if t.kind in L_KINDS and L_TYPE not in options.exclude else ()
         out[t.name] = layout.neighbours(t, st, allowed, steps=options.steps, imatrix=imatrix, always=always)
-    return out
+    return layout.keep_tied_embedding(tensors, stock, out)
 
 
 @dataclasses.dataclass

@@ -55,7 +55,7 @@ def test_fit_file_loads_within_its_budget(smol_workdir: Path, calibration_text: 
     reference = tmp_path / ladder.reference.path
     m = stand_in_damage(reference, tmp_path / q4.path, ("Q8_0", "Q5_0", "Q4_0"))
     inp = fit.FitInputs(tmp_path, ladder, reference, tmp_path / ladder.imatrix.gguf, calibration_text, toolchain, m)
-    opts = fit.FitOptions(budgets=(text,))
+    opts = fit.FitOptions(budgets=(text,), confirm=False)  # the stand-in damage is not the point here
     out, rec, skipped = fit.run(inp, opts)
     assert not skipped
     info = rec.extra["budgets"][b.label]
@@ -82,7 +82,8 @@ def test_fit_damage_is_measured_by_the_tuners_measurer_from_the_ladders_files(
         smol_workdir: Path, calibration_text: Path, toolchain, tmp_path, monkeypatch) -> None:
     """The production path of a fit file's damage (no stand-in): the tuner's measurer, here with Q8_0 as the only
     candidate besides the stock files' own types, so the pairs come from the ladder's two files and a few packed
-    runs; each tensor gets the errors of those types, Q8_0's below the 4-bit file's, cached for the next call."""
+    runs; each tensor gets the errors of those types, Q8_0's below the 4-bit file's, cached for the next call, and a
+    scale to expected KLD fitted on the stock files' calibration KLD."""
     from converters.ladder import tensorerr
 
     ladder = _workdir(smol_workdir, tmp_path, ("Q8_0", "Q4_K_M"))
@@ -113,6 +114,11 @@ def test_fit_damage_is_measured_by_the_tuners_measurer_from_the_ladders_files(
             assert errs[q8] < errs[q4], (t.name, q8, q4, errs)
             lower += 1
     assert lower >= len(m.tensors) // 2  # most tensors differ between the two files
+    # scaled to expected KLD per tensor kind and depth, fitted on the two files scored on the calibration text
+    assert set(m.scales) == names_ and all(v > 0 for v in m.scales.values())
+    assert m.damage()["token_embd.weight"] == {q: e * m.scales["token_embd.weight"]
+                                               for q, e in m.errors["token_embd.weight"].items()}
     # the errors were cached where the tuner keeps them: a second call quantizes and reads nothing new
-    again = fit._measurements(inp, fit.FitOptions(budgets=(), candidates=("Q8_0",)), ladder)
+    again = fit._measurements(inp, fit.FitOptions(budgets=(), candidates=("Q8_0",), kld_scales=False), ladder)
+    assert again.scales == {}
     assert again.errors == m.errors and runs[1:] == [0]

@@ -149,3 +149,17 @@ def test_kind_from_name():
     assert layout.kind_of("token_embd.weight") == "token_embd"
     assert layout.kind_of("output.weight") == "output"
     assert layout.layer_of("blk.12.attn_output.weight") == 12
+
+
+def test_a_tied_token_embedding_never_goes_below_its_stock_type():
+    embd = layout.TensorInfo("token_embd.weight", (576, 49152))
+    ffn = layout.TensorInfo("blk.0.ffn_down.weight", (1536, 576))
+    stock = {embd.name: "Q8_0", ffn.name: "Q4_K"}
+    cands = {embd.name: ("IQ4_NL", "Q5_0", "Q8_0", "F16"), ffn.name: ("Q3_K", "Q4_K", "Q5_K")}
+    tied = layout.keep_tied_embedding([embd, ffn], stock, cands)
+    assert layout.tied_embedding([embd, ffn])
+    assert tied[embd.name] == ("Q8_0", "F16") and tied[ffn.name] == cands[ffn.name]  # other tensors as they were
+    # with its own output head the embedding is only read: every candidate stays
+    out = layout.TensorInfo("output.weight", (576, 49152))
+    assert not layout.tied_embedding([embd, ffn, out])
+    assert layout.keep_tied_embedding([embd, ffn, out], stock, cands) == cands
