@@ -18,9 +18,9 @@ Per budget (:mod:`converters.ladder.budget` parses it and holds the margin and t
 3. **Build, confirm and verify.** Quantized with the plan (:func:`converters.ladder.tune.build`: the types read back
    must be the plan's) and scored with its baseline on the calibration text: when it is not better by more than two
    paired standard errors, the plan is shrunk toward the baseline once (each change charged its share of the gain
-   that was predicted and not measured), else no file is built (the tuner's rule). Loaded at the budget's context: the measured memory is recorded, and the largest context that fits
-   the budget is computed from the measured KV bytes per token and confirmed by one load (stepped down when that
-   load is over).
+   that was predicted and not measured), else no file is built (the tuner's rule). Loaded at the budget's context:
+   the measured memory is recorded, and the largest context that fits the budget is computed from the measured KV
+   bytes per token and confirmed by one load (stepped down when that load is over).
 4. **Judged** by the evaluation like every file, by the gate of :mod:`converters.ladder.evaluate.verdict`: withheld
    when its measured memory exceeds the budget (:func:`converters.ladder.budget.memory_reason`) or it does not beat
    its baseline in the paired comparison of the tuned files (:mod:`converters.ladder.evaluate.paired`).
@@ -98,7 +98,8 @@ def inputs(inp: FitInputs, o: FitOptions) -> dict[str, Any]:
             "calibration": records.content_sha256(inp.calibration, inp.workdir) if inp.calibration else None,
             "stock": {f.type: f.sha256 for f in stock_files(lad)}, "budgets": list(o.budgets), "kv_type": o.kv_type,
             "candidates": list(o.candidates), "probe_chunks": o.probe_chunks, "ctx": o.ctx,
-            "kld_scales": o.kld_scales, "confirm": o.confirm, "measurements": "tune" if inp.measurements is not None else "own",
+            "kld_scales": o.kld_scales, "confirm": o.confirm,
+            "measurements": "tune" if inp.measurements is not None else "own",
             "toolchain": inp.toolchain.version, "method": METHOD}
 
 
@@ -186,9 +187,9 @@ def calibration_for(inp: FitInputs, o: FitOptions) -> Calibration | None:
 
 def _measurements(inp: FitInputs, o: FitOptions, ladder: Ladder, cal: Calibration | None = None) -> Damage:
     """The errors of every candidate type of every tensor, from the tuner's measurer (its cache, the ladder's own
-    files, packed quantize runs for the rest). One scale for every tensor: the fit files' layouts rank types by
-    imatrix-weighted error; the per-kind KLD scales the tune stage fits on its size points are not fitted for budgets
-    yet, and a fit file is published only when the paired gate measures it better than its baseline."""
+    files, packed quantize runs for the rest), each scaled to expected KLD per tensor kind and depth
+    (:func:`_kld_scales`, when ``o.kld_scales``). ``cal``: the stage's calibration runs (made and removed here when
+    not given)."""
     if inp.measurements is not None:
         return inp.measurements
     if inp.calibration is None:
