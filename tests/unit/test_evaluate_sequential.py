@@ -133,3 +133,17 @@ def test_thresholds_are_the_ceiling_and_the_curve_limit():
     t = verdict.thresholds(new, [q8, q4], 0.001)
     assert t[0] == 0.10 and t[1] > 3 * 0.004  # factor x the line between Q8_0 and Q4_K_M, plus 3 errors
     assert verdict.thresholds(f("Q4_K_M-tuned", 0.0, 0.0, 4.89), [q8, q4], 0.001) == []
+
+
+def test_a_file_judged_against_a_baseline_is_scored_on_exactly_its_baselines_chunks():
+    rule = seq.StopRule(max_chunks=64, precision=0.05, min_chunks=8)
+    same = seq.like_baseline(rule, 11)
+    assert (same.min_chunks, same.max_chunks) == (11, 11) and not same.sequential
+    # one run over those chunks, then the fixed stop: no precision or verdict stop before them, none after
+    series = [0.1, 0.3] * 5 + [0.2]
+    assert seq.next_batch([], same) == 11
+    assert seq.stop_reason(series[:10], same) is None and seq.stop_reason(series, same) == seq.FIXED
+    assert seq.like_baseline(rule, 200).max_chunks == 64  # never past the cap
+    assert seq.like_baseline(rule, None) == rule  # no baseline measured (yet): the file's own rule
+    fixed = seq.StopRule(max_chunks=16, precision=0)
+    assert seq.like_baseline(fixed, 8) == fixed  # sequential evaluation off: every file on the cap already

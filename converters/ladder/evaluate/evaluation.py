@@ -264,7 +264,10 @@ class LadderEvaluation:
             scratch = records.tmp_dir_for(job.wd.path)
             scratch.mkdir(parents=True, exist_ok=True)
             try:
-                scored = sequential.score(job.tc, path, self._base, scratch, self._scoring.rule(o),
+                judged = speed.baseline_name(fr.type, fr.extra)  # a tuned or fit file: its baseline's chunks
+                base_f = next((f for f in earlier if judged and f.type == judged[0] and f.stats), None)
+                rule = sequential.like_baseline(self._scoring.rule(o), base_f.stats.chunks if base_f else None)
+                scored = sequential.score(job.tc, path, self._base, scratch, rule,
                                           lambda err: thresholds(fr, curve_earlier, err, o.ceilings),
                                           threads=o.threads)
                 fr.stats, fr.stop = scored.stats, scored.reason

@@ -72,6 +72,17 @@ class StopRule:
         return dataclasses.asdict(self)
 
 
+def like_baseline(rule: StopRule, baseline_chunks: int | None) -> StopRule:
+    """The rule for a file judged against a baseline (a tuned or memory-budget file) already measured on
+    ``baseline_chunks`` chunks: exactly those chunks, so that every figure the card and the gate compare (mean KLD,
+    p99, same top token, PPL) is over the same text as its baseline's; the paired gate only ever uses the chunks both
+    files have. None (no baseline measured): ``rule`` as it is."""
+    if baseline_chunks is None or baseline_chunks < 1 or not rule.sequential:
+        return rule
+    n = min(baseline_chunks, rule.max_chunks)
+    return dataclasses.replace(rule, min_chunks=n, max_chunks=n)
+
+
 def stop_reason(series: Sequence[float], rule: StopRule, thresholds: Sequence[float] = ()) -> str | None:
     """Why scoring stops after the chunks of ``series`` (their mean KLDs, in order), or None to go on (pure).
 
