@@ -50,7 +50,7 @@ from converters.llama.toolchain import Toolchain
 log = logging.getLogger(__name__)
 
 METHOD = 2  # bump when the error definition changes: old cache entries are then ignored
-TOKEN_EMBD = "token_embd.weight"
+TOKEN_EMBD = layout.TOKEN_EMBD  # no imatrix entry: its rows are weighted by token frequency
 # the packed runs' file type: llama-quantize applies --tensor-type overrides only when quantizing (an unquantized
 # file type copies every tensor); tensors with nothing to measure are overridden back to the reference's type
 PACK_FTYPE = "Q8_0"
