@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from converters.core.report import FAILED, PASSED, Check, FileResult, KldStats, Report, TextInfo
+from converters.core.report import FAILED, PASSED, Check, FileResult, SERIES, KldStats, Report, TextInfo
 from converters.core.workdir import Ladder, WorkDir
 
 CHATML = (
@@ -68,7 +68,7 @@ def make_workdir(root: Path, *, model: str = "Tiny-Instruct", source_repo: str |
                       "part_sha256": [hashlib.sha256((wd / p).read_bytes()).hexdigest() for p in parts],
                       "bpw": 4.5, "seconds": 0.1})
         ok = t not in failed
-        figures = {k: 0.1 for k in KldStats.__dataclass_fields__ if k != "chunk_kld"}
+        figures = {k: 0.1 for k in KldStats.__dataclass_fields__ if k not in SERIES}
         figures.update(chunks=4, kld_mean=0.01 * (i + 1), kld_mean_err=0.001, same_top_p=0.95 - 0.05 * i,
                        same_top_p_err=0.002, ppl=10.0 + i, ppl_ratio=1.0 + 0.02 * i)
         rfiles.append(FileResult(type=t, path=parts[0], size=len(payload), bpw=4.5, bpw_nominal=4.0,

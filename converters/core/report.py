@@ -66,10 +66,13 @@ class KldStats:
     # is computed from (tokens within a chunk are correlated; chunks are close to independent)
     chunk_kld: tuple[float, ...] = ()
     kld_mean_err_token: float | None = None  # llama.cpp's per-token standard error (too small: tokens correlate)
+    # the mean ln(p_base / p_Q) of the scored tokens of each chunk (its mean over chunks is ``ln_ppl_ratio``): what
+    # the paired perplexity test of two files is computed from
+    chunk_ln_ppl_ratio: tuple[float, ...] = ()
 
     def figures(self) -> dict[str, float | None]:
-        """The scalar figures (the per-chunk series is :attr:`chunk_kld`, serialized on its own)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "chunk_kld"}
+        """The scalar figures (the per-chunk series, :data:`SERIES`, are serialized on their own)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in SERIES}
 
     def non_finite(self) -> list[str]:
         return [k for k, v in self.figures().items() if isinstance(v, float) and not math.isfinite(v)]
@@ -91,6 +94,9 @@ class KldStats:
             return self
         token = self.kld_mean_err_token if self.kld_mean_err_token is not None else self.kld_mean_err
         return dataclasses.replace(self, kld_mean_err=me[1], kld_mean_err_token=token)
+
+
+SERIES = ("chunk_kld", "chunk_ln_ppl_ratio")  # KldStats' per-chunk series (not scalar figures)
 
 
 def mean_err(series: Sequence[float]) -> tuple[float, float] | None:
@@ -181,7 +187,7 @@ class FileResult:
     def figures(self) -> dict[str, Any]:
         """The figures as report.json holds them: None when not measured, a non-finite one as a string."""
         figures = self.stats.figures() if self.stats else {f.name: None for f in dataclasses.fields(KldStats)
-                                                           if f.name != "chunk_kld"}
+                                                           if f.name not in SERIES}
         return {k: wire_number(v) for k, v in figures.items()}
 
     def to_json(self) -> dict[str, Any]:
@@ -190,7 +196,8 @@ class FileResult:
                   "parts": [dict(p) for p in self.parts], "bpw": self.bpw,
                   "bpw_nominal": self.bpw_nominal, "status": self.status, "reasons": list(self.reasons)})
         d.update(self.figures())
-        d["chunk_kld"] = chunk_series_json(self.stats.chunk_kld) if self.stats else None
+        for series in SERIES:
+            d[series] = chunk_series_json(getattr(self.stats, series)) if self.stats else None
         d["checks"] = {k: c.to_json() for k, c in self.checks.items()}
         d["seconds"] = {k: round(v, 3) for k, v in self.seconds.items()}
         d["error"] = self.error
@@ -200,11 +207,11 @@ class FileResult:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "FileResult":
         names = [f.name for f in dataclasses.fields(KldStats)]
-        optional = {"chunk_kld", "kld_mean_err_token"}  # absent from reports written before the per-chunk series
+        optional = {*SERIES, "kld_mean_err_token"}  # absent from reports written before the per-chunk series
         stats = None
         if d.get("kld_mean") is not None and all(n in d for n in names if n not in optional):
-            values = {n: _denum(d[n]) for n in names if n in d and n != "chunk_kld"}
-            stats = KldStats(**values, chunk_kld=tuple(float(x) for x in d.get("chunk_kld") or ()))
+            values = {n: _denum(d[n]) for n in names if n in d and n not in SERIES}
+            stats = KldStats(**values, **{k: tuple(float(x) for x in d.get(k) or ()) for k in SERIES})
         known = {"type", "path", "size", "sha256", "parts", "bpw", "bpw_nominal", "status", "reasons", "checks",
                  "seconds", "error", "stop", *names}
         return cls(type=d["type"], path=d.get("path", ""), size=int(d.get("size") or 0), bpw=d.get("bpw"),

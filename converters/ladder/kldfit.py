@@ -178,26 +178,40 @@ def predict(stock: Observation, plan_errors: Mapping[str, float], f: Fit) -> flo
 @dataclasses.dataclass(frozen=True)
 class Paired:
     """The stock file's KLD minus the plan's on the same calibration chunks: the gain, its standard error, and
-    whether the error is paired (per-chunk) or the two files' errors combined."""
+    whether the error is paired (per-chunk) or the two files' errors combined; ``ln_ppl``: the plan's ln PPL minus
+    the stock file's, paired per chunk (mean, error), when both files carry the series."""
 
     gain: float
     err: float
     paired: bool
+    ln_ppl: tuple[float, float] | None = None
+
+    @property
+    def ppl_worse(self) -> bool:
+        """The plan's perplexity is higher than the stock file's by more than two standard errors (the gate's
+        perplexity rule, :mod:`converters.ladder.evaluate.paired`)."""
+        return self.ln_ppl is not None and self.ln_ppl[0] > 2 * self.ln_ppl[1]
 
     @property
     def confirmed(self) -> bool:
-        """The plan is better by more than two standard errors."""
-        return self.gain > 2 * self.err
+        """The plan is better by more than two standard errors, and its perplexity not worse beyond two."""
+        return self.gain > 2 * self.err and not self.ppl_worse
 
     def to_json(self) -> dict[str, Any]:
-        return {"gain": self.gain, "err": self.err, "paired": self.paired, "confirmed": self.confirmed}
+        return {"gain": self.gain, "err": self.err, "paired": self.paired,
+                "ln_ppl": list(self.ln_ppl) if self.ln_ppl else None, "ppl_worse": self.ppl_worse,
+                "confirmed": self.confirmed}
 
 
 def paired(stock_chunks: Sequence[float], plan_chunks: Sequence[float], stock: tuple[float, float],
-           plan: tuple[float, float]) -> Paired:
+           plan: tuple[float, float], *, stock_ln_ppl: Sequence[float] = (),
+           plan_ln_ppl: Sequence[float] = ()) -> Paired:
     """Per-chunk paired difference over the chunks both series cover (two or more: ``report.paired_difference``);
-    otherwise the means' difference with the root of the summed squared errors (``stock``/``plan``: mean, error)."""
+    otherwise the means' difference with the root of the summed squared errors (``stock``/``plan``: mean, error).
+    The per-chunk ln PPL series, when both are given, are paired the same way."""
+    lp = paired_difference(plan_ln_ppl, stock_ln_ppl)
+    ln = (lp[0], lp[1]) if lp is not None else None
     d = paired_difference(stock_chunks, plan_chunks)
     if d is not None:
-        return Paired(d[0], d[1], True)
-    return Paired(stock[0] - plan[0], math.hypot(stock[1], plan[1]), False)
+        return Paired(d[0], d[1], True, ln)
+    return Paired(stock[0] - plan[0], math.hypot(stock[1], plan[1]), False, ln)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from converters.core.errors import InputError
-from converters.core.report import FileResult, KldStats, chunk_series_json, mean_err, paired_difference
+from converters.core.report import FileResult, SERIES, KldStats, chunk_series_json, mean_err, paired_difference
 from converters.ladder import evaluate
 from tests.unit.test_evaluate_parse import KLD_TEXT, _write_base_file
 
 
 def _stats(series, **kw) -> KldStats:
-    d = {f: 0.1 for f in KldStats.__dataclass_fields__ if f != "chunk_kld"}
+    d = {f: 0.1 for f in KldStats.__dataclass_fields__ if f not in SERIES}
     d.update(chunks=len(series), kld_mean=float(np.mean(series)) if len(series) else 0.0, **kw)
     return KldStats(**d, chunk_kld=tuple(series))
 
@@ -59,7 +59,12 @@ def test_report_json_holds_the_series_compactly_and_reads_old_reports():
     back = FileResult.from_json(d)
     assert back.stats is not None and back.stats.chunk_kld == (0.0123457, 0.02, 1e-7)
     assert back.stats.kld_mean_err_token == s.kld_mean_err_token
-    old = {k: v for k, v in d.items() if k not in ("chunk_kld", "kld_mean_err_token")}  # before this field
+    ln = FileResult(type="Q8_0", path="m-Q8_0.gguf", size=1, bpw=8.5, bpw_nominal=8.5,
+                    stats=KldStats(**{**s.__dict__, "chunk_ln_ppl_ratio": (0.01, -0.0023456789)}))
+    assert ln.to_json()["chunk_ln_ppl_ratio"] == [0.01, -0.00234568]
+    assert FileResult.from_json(ln.to_json()).stats.chunk_ln_ppl_ratio == (0.01, -0.00234568)
+    assert back.stats.chunk_ln_ppl_ratio == () and d["chunk_ln_ppl_ratio"] == []
+    old = {k: v for k, v in d.items() if k not in (*SERIES, "kld_mean_err_token")}  # before these fields
     again = FileResult.from_json(old)
     assert again.stats is not None and again.stats.chunk_kld == () and again.stats.kld_mean_err_token is None
 

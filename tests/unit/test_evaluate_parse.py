@@ -17,7 +17,7 @@ import pytest
 from converters.ladder import evaluate
 from converters.llama import verify
 from converters.core.errors import InputError, ParseError
-from converters.core.report import Check, FileResult, KldStats, Report, TextInfo
+from converters.core.report import Check, FileResult, SERIES, KldStats, Report, TextInfo
 
 DATA = Path(__file__).parent / "data"
 KLD_TEXT = (DATA / "perplexity_kld_q8_0.txt").read_text()
@@ -44,6 +44,10 @@ def test_parse_kld_output_reads_every_figure_of_the_final_block():
     chunks = [0.00376, 2 * 0.00439 - 0.00376, 3 * 0.00458 - 2 * 0.00439, 4 * 0.00434 - 3 * 0.00458]
     assert s.chunk_kld == pytest.approx([c + 0.000005 for c in chunks], abs=1e-12)
     assert s.kld_mean_err == pytest.approx(np.std(chunks, ddof=1) / 2, rel=1e-9)  # from chunk means, not tokens
+    # the per-chunk ln(PPL(Q)/PPL(base)) the same way, from its running column, shifted onto the 6-decimal mean
+    ln = [-0.00137, 2 * 0.00544 + 0.00137, 3 * 0.00510 - 2 * 0.00544, 4 * 0.00564 - 3 * 0.00510]
+    assert s.chunk_ln_ppl_ratio == pytest.approx([c + 0.005635 - 0.00564 for c in ln], abs=1e-12)
+    assert sum(s.chunk_ln_ppl_ratio) / 4 == pytest.approx(s.ln_ppl_ratio, abs=1e-12)
 
 
 def test_ratio_is_exp_of_ln_ratio_as_llama_cpp_computes_it():
@@ -179,7 +183,7 @@ def test_degenerate(text, bad):
 
 
 def _stats(**kw) -> KldStats:
-    base = {f: 0.0 for f in KldStats.__dataclass_fields__ if f != "chunk_kld"}
+    base = {f: 0.0 for f in KldStats.__dataclass_fields__ if f not in SERIES}
     base.update(chunks=4, ppl=10.0, ppl_base=10.0, ppl_ratio=1.0)
     base.update(kw)
     return KldStats(**base)

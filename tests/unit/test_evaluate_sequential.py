@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from converters.core.report import FileResult, KldStats, mean_err
+from converters.core.report import FileResult, SERIES, KldStats, mean_err
 from converters.ladder.evaluate import sequential as seq
 from converters.ladder.evaluate import verdict
 
@@ -109,7 +109,7 @@ def test_mixture_quantile_of_equal_uniforms_is_exact():
 
 
 def f(qtype: str, kld: float, err: float, bits: float) -> FileResult:
-    d = {k: 0.1 for k in KldStats.__dataclass_fields__ if k != "chunk_kld"}
+    d = {k: 0.1 for k in KldStats.__dataclass_fields__ if k not in SERIES}
     d.update(chunks=8, kld_mean=kld, kld_mean_err=err)
     return FileResult(type=qtype, path=f"M-{qtype}.gguf", size=1, bpw=None, bpw_nominal=bits, stats=KldStats(**d))
 

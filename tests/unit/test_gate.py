@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from converters.ladder import evaluate
-from converters.core.report import Check, FileResult, KldStats
+from converters.core.report import Check, FileResult, SERIES, KldStats
 
 NAN = float("nan")
 
 
 def stats(kld: float, err: float, **kw) -> KldStats:
-    d = {f: 0.1 for f in KldStats.__dataclass_fields__ if f != "chunk_kld"}
+    d = {f: 0.1 for f in KldStats.__dataclass_fields__ if f not in SERIES}
     d.update(chunks=4, kld_mean=kld, kld_mean_err=err)
     d.update(kw)
     return KldStats(**d)

@@ -7,19 +7,22 @@ import random
 
 import pytest
 
-from converters.core.report import FileResult, KldStats, mean_err
+from converters.core.report import FileResult, SERIES, KldStats, mean_err
 from converters.ladder import evaluate
 from converters.ladder.evaluate import paired
 
 TOKENS = 64 * 255  # 64 chunks of ctx 512
 
 
-def stats(series: list[float], *, p99: float = 0.05, p999: float = 0.15, top: float = 0.92) -> KldStats:
+def stats(series: list[float], *, p99: float = 0.05, p999: float = 0.15, top: float = 0.92,
+          ln_ppl: list[float] | None = None) -> KldStats:
     m, err = mean_err(series)
-    d = {f: 0.1 for f in KldStats.__dataclass_fields__ if f not in ("chunk_kld", "kld_mean_err_token")}
+    d = {f: 0.1 for f in KldStats.__dataclass_fields__ if f not in (*SERIES, "kld_mean_err_token")}
     d.update(chunks=len(series), kld_mean=m, kld_mean_err=err, kld_mean_err_token=err / 3, kld_p99=p99,
              kld_p999=p999, same_top_p=top, same_top_p_err=math.sqrt(top * (1 - top) / (TOKENS - 1)))
-    return KldStats(**d, chunk_kld=tuple(series))
+    if ln_ppl:
+        d.update(ln_ppl_ratio=sum(ln_ppl) / len(ln_ppl), ppl_ratio=math.exp(sum(ln_ppl) / len(ln_ppl)))
+    return KldStats(**d, chunk_kld=tuple(series), chunk_ln_ppl_ratio=tuple(ln_ppl or ()))
 
 
 def f(qtype: str, s: KldStats, size: int = 1000, **extra) -> FileResult:
@@ -80,6 +83,30 @@ def test_a_same_top_regression_is_withheld():
     tuned = [x * 0.9 for x in stock]
     c = paired.compare(f("T", stats(tuned, top=0.88)), f("S", stats(stock, top=0.92)))
     assert [r.split(" %")[0] for r in c.reasons] == ["same top token 88.00"]
+
+
+def test_a_better_mean_kld_with_a_worse_perplexity_on_the_same_chunks_is_withheld():
+    # the tuned Q2_K of the layout benchmark: mean KLD -22 %, but PPL ratio 1.225 against 1.159 on the same chunks
+    stock = hard_chunks(n=8)
+    tuned = [x * 0.78 for x in stock]
+    rng = random.Random(5)
+    ln_stock = [0.148 + rng.gauss(0, 0.03) for _ in stock]
+    ln_tuned = [x + 0.055 + rng.gauss(0, 0.01) for x in ln_stock]  # ln(1.225 / 1.159) higher on every chunk
+    c = paired.compare(f("Q2_K-tuned", stats(tuned, ln_ppl=ln_tuned)), f("Q2_K", stats(stock, ln_ppl=ln_stock)))
+    assert c.kld.z < -paired.Z and c.ln_ppl.z > paired.Z
+    assert len(c.reasons) == 1 and c.reasons[0].startswith("perplexity 1.2")
+    assert "worse than Q2_K's 1.1" in c.reasons[0] and "over 8 chunks" in c.reasons[0]
+    assert c.to_json()["ln_ppl"]["diff"] == pytest.approx(c.ln_ppl.value, rel=1e-5)
+    # the same mean-KLD gain with a perplexity that moves by noise only passes
+    ln_noise = [x + rng.gauss(0, 0.01) for x in ln_stock]
+    ln_noise = [x - (sum(ln_noise) - sum(ln_stock)) / len(ln_stock) for x in ln_noise]
+    ok = paired.compare(f("T", stats(tuned, ln_ppl=ln_noise)), f("S", stats(stock, ln_ppl=ln_stock)))
+    assert ok.passed and abs(ok.ln_ppl.z) < 1e-6 and "ln PPL " in ok.describe()
+    # a better perplexity is no reason; reports without the series (written before it) are judged without it
+    assert paired.compare(f("T", stats(tuned, ln_ppl=[x - 0.05 for x in ln_stock])),
+                          f("S", stats(stock, ln_ppl=ln_stock))).passed
+    old = paired.compare(f("T", stats(tuned)), f("S", stats(stock)))
+    assert old.passed and old.ln_ppl is None
 
 
 def test_bigger_files_and_missing_series():

@@ -8,13 +8,13 @@ import pytest
 
 from converters.ladder import evaluate
 from converters.ladder import layout
-from converters.core.report import FileResult, KldStats
+from converters.core.report import FileResult, SERIES, KldStats
 
 
 def stats(kld: float, err: float) -> KldStats:
     """Four chunks around ``kld`` whose chunk-to-chunk spread gives the standard error ``err``; the hard chunks are
     the same for every file (what the paired test relies on)."""
-    d = {f: 0.1 for f in KldStats.__dataclass_fields__ if f not in ("chunk_kld", "kld_mean_err_token")}
+    d = {f: 0.1 for f in KldStats.__dataclass_fields__ if f not in (*SERIES, "kld_mean_err_token")}
     d.update(chunks=4, kld_mean=kld, kld_mean_err=err)
     step = err * 2 / math.sqrt(5 / 3)  # offsets -1.5, -0.5, 0.5, 1.5 steps: sd = step * sqrt(5/3), err = sd / 2
     return KldStats(**d, chunk_kld=tuple(kld + k * step for k in (-1.5, -0.5, 0.5, 1.5)))

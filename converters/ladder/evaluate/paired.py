@@ -10,6 +10,11 @@ paired, chunk by chunk:
   paired difference (``sd(differences) / sqrt(chunks)``). A hard chunk is hard for both files, so pairing removes
   most of the chunk-to-chunk spread that an unpaired comparison of two ``kld_mean ± err`` would carry: a coin flip
   (differences centred on zero) fails whatever the chunk count; a real gain passes with few chunks.
+- **Perplexity** (no regression of the model's own predictions hidden behind a better mean KLD): the per-chunk
+  ``ln(PPL(Q)/PPL(base))`` series (``KldStats.chunk_ln_ppl_ratio``) of the two files are differenced chunk by chunk
+  like the KLD; the candidate is withheld when its ln PPL is higher than the baseline's by more than :data:`Z`
+  standard errors of that paired difference. (A tuned Q2_K passed a gate without this check with a better mean KLD
+  and top-token rate but a PPL ratio of 1.225 against the stock file's 1.159 on the same chunks.)
 - **p99 KLD and same top token** (no regression hidden behind a better mean): not worse beyond 2 errors of their
   difference. llama-perplexity prints these over all tokens only (no per-chunk values), so their errors are
   estimated, and how is part of the verdict's meaning:
@@ -79,6 +84,7 @@ class Comparison:
     same_top: Delta | None
     speed: dict[str, Delta]
     reasons: tuple[str, ...]
+    ln_ppl: Delta | None = None  # paired per chunk, like ``kld``
 
     @property
     def passed(self) -> bool:
@@ -90,6 +96,8 @@ class Comparison:
         if self.kld is not None:
             parts.append(f"mean KLD {self.kld.value:+.5f} ± {self.kld.err:.5f} (paired over {self.chunks} chunks, "
                          f"{self.kld.z:+.1f} SE)")
+        if self.ln_ppl is not None:
+            parts.append(f"ln PPL {self.ln_ppl.value:+.5f} ± {self.ln_ppl.err:.5f} (paired)")
         if self.p99 is not None:
             parts.append(f"p99 KLD {self.p99.value:+.4f} ± {self.p99.err:.4f}")
         if self.same_top is not None:
@@ -101,6 +109,7 @@ class Comparison:
     def to_json(self) -> dict[str, Any]:
         return {"baseline": self.baseline, "chunks": self.chunks, "passed": self.passed,
                 "kld_mean": self.kld.to_json() if self.kld else None,
+                "ln_ppl": self.ln_ppl.to_json() if self.ln_ppl else None,
                 "kld_p99": self.p99.to_json() if self.p99 else None,
                 "same_top_p": self.same_top.to_json() if self.same_top else None,
                 "speed": {k: d.to_json() for k, d in self.speed.items()}, "z": Z, "reasons": list(self.reasons)}
@@ -177,6 +186,12 @@ def compare(candidate: FileResult, baseline: FileResult | None, *, same_size: bo
     elif not -kld.value > Z * kld.err:
         why.append(f"mean KLD {c.kld_mean:.5f} vs {b.kld_mean:.5f}: the paired difference {kld.value:+.5f} ± "
                    f"{kld.err:.5f} over {chunks} chunks is not below zero by more than {Z:g} standard errors")
+    lp = paired_difference(c.chunk_ln_ppl_ratio, b.chunk_ln_ppl_ratio)
+    ln_ppl = Delta(lp[0], lp[1]) if lp is not None else None
+    if ln_ppl is not None and ln_ppl.value > Z * ln_ppl.err:
+        why.append(f"perplexity {c.ppl_ratio:.4f} × the reference's, worse than {name}'s {b.ppl_ratio:.4f}: the paired "
+                   f"ln PPL difference {ln_ppl.value:+.5f} ± {ln_ppl.err:.5f} over {lp[2]} chunks is above zero by "
+                   f"more than {Z:g} standard errors")
     p99 = _unpaired(c.kld_p99, p99_error(c, tokens), b.kld_p99, p99_error(b, tokens))
     if p99 is None:
         p99 = Delta(c.kld_p99 - b.kld_p99, 0.0)  # no error estimate: any increase counts
@@ -197,4 +212,4 @@ def compare(candidate: FileResult, baseline: FileResult | None, *, same_size: bo
             label = "prompt processing" if what == "pp" else "generation"
             why.append(f"{label} is {-100 * d.value:.1f} ± {100 * d.err:.1f} % slower than {name}: more than "
                        f"{100 * SPEED_TOLERANCE:g} % beyond {Z:g} errors")
-    return Comparison(candidate.type, name, chunks, kld, p99, top, speed, tuple(why))
+    return Comparison(candidate.type, name, chunks, kld, p99, top, speed, tuple(why), ln_ppl)

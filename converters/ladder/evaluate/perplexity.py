@@ -108,7 +108,8 @@ def parse_kld_output(text: str) -> KldStats:
     if series and len(series) != values["chunks"]:
         raise ParseError(f"llama-perplexity's per-chunk table has {len(series)} KLD rows for {values['chunks']} "
                          "chunks")
-    return KldStats(**values, chunk_kld=series).with_chunk_error()
+    ln_ratio = chunk_means(text, values["ln_ppl_ratio"], column=3)
+    return KldStats(**values, chunk_kld=series, chunk_ln_ppl_ratio=ln_ratio).with_chunk_error()
 
 
 _CHUNK_ROW = re.compile(r"^\s*(\d+)\s+" + _PM + r"\s+" + _PM + r"\s+" + _PM, re.M | re.I)
@@ -120,7 +121,13 @@ def chunk_klds(text: str, final_mean: float) -> tuple[float, ...]:
     ``Mean KLD`` (printed to 6 decimals). Each printed running mean is rounded by up to 5e-6, so chunk i carries
     an error of up to about ``i * 1e-5``: exact enough over a batch of a few chunks (how the sequential
     evaluation runs it, :mod:`.sequential`), not over hundreds of chunks at a KLD of 1e-3."""
-    running = [(int(m[0]), _float(m[5])) for m in _CHUNK_ROW.findall(text)]
+    return chunk_means(text, final_mean, column=5)
+
+
+def chunk_means(text: str, final_mean: float, *, column: int) -> tuple[float, ...]:
+    """Each chunk's mean of a running mean the per-chunk table prints (``column`` of :data:`_CHUNK_ROW`'s groups:
+    3 ``ln(PPL(Q)/PPL(base))``, 5 KLD), differenced and shifted onto ``final_mean`` as :func:`chunk_klds` says."""
+    running = [(int(m[0]), _float(m[column])) for m in _CHUNK_ROW.findall(text)]
     if not running:
         return ()
     if [i for i, _ in running] != list(range(1, len(running) + 1)):

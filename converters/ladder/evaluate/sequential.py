@@ -259,5 +259,7 @@ def combine(batches: Sequence[Batch], tokens_per_chunk: int) -> KldStats:
         rms_dp=rms, rms_dp_err=0.5 / rms * mse_err if rms > 0 else 0.0,
         same_top_p=top, same_top_p_err=math.sqrt(top * (1 - top) / (n - 1)),
         chunks=sum(s.chunks for s in ss), chunk_kld=tuple(x for s in ss for x in s.chunk_kld),
+        chunk_ln_ppl_ratio=(tuple(x for s in ss for x in s.chunk_ln_ppl_ratio)
+                            if all(len(s.chunk_ln_ppl_ratio) == s.chunks for s in ss) else ()),
         kld_mean_err_token=kld_err_token)
     return out.with_chunk_error()
