@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from bot.commands import stderr
-from converters.core.errors import ConfigError
-from converters.llama import builds
+from converters.core.errors import ConfigError, ToolchainError, ToolError
+from converters.llama import builds, native
 from converters.llama import toolchain
 from converters.llama.sources import KINDS, Source
 
@@ -77,6 +77,12 @@ def cmd_install(args: argparse.Namespace) -> int:
     b = builds.install(source, jobs=args.jobs, on_line=on_line)
     how = f"programs of {b.reused_from}" if b.reused_from else "compiled"
     print(f"{b.version} ready ({'CUDA' if b.cuda else 'CPU'}, {how}) as {b.name} in {b.path}")
+    tc = toolchain.find(required=False)
+    if tc is not None:  # the tuner's measuring program, compiled against that tree's ggml (cached)
+        try:
+            print(f"{native.TENSORERR} ready in {native.tensorerr_program(tc).parent}")
+        except (ToolchainError, ToolError) as e:
+            stderr(f"{native.TENSORERR} not built ({e}): tuning will measure whole tensors with llama-quantize")
     # asked for on the command line: it is the one in use now; from the settings: only when the pinned build was (a
     # release the bot followed to since then stays in use when the service restarts and installs its settings again)
     explicit = args.source is not None

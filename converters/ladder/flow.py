@@ -377,7 +377,7 @@ class TuneStage:
             "stock": {q.name: ctx.ladder.file(q.name).sha256 for q in points},
             "candidates": list(o.candidates), "probe_chunks": o.probe_chunks, "ctx": o.ctx,
             "toolchain": ctx.toolchain.version, "method": tune.METHOD, "exclude": list(o.exclude), "steps": o.steps,
-            "confirm": o.confirm,
+            "confirm": o.confirm, "rows": o.rows,
         }
 
     def run(self, ctx: JobContext) -> None:

@@ -13,9 +13,17 @@ the same tensor at the same type is byte-identical in two ladder files and in a 
    file type makes llama-quantize copy every tensor and ignore the overrides); a tensor with ``k`` missing types needs ``k``
    such runs, so the number of runs is the largest ``k``, not the number of types (:func:`quantize_missing`).
    A pair llama.cpp does not honour (a fallback for a row length) is recorded as unavailable.
-3. **Cached** (:class:`ErrorCache`) by (reference, imatrix, calibration text, toolchain, tensor, type, seed): size
-   points, re-runs and the memory-budget files reuse every pair. Whole tensors are measured (``seed`` is 0; a
-   sampled-rows measurement would change it).
+3. **Cached** (:class:`ErrorCache`) by (reference, imatrix, calibration text, toolchain, tensor, type, rows, seed):
+   size points, re-runs and the memory-budget files reuse every pair.
+
+Where ggufbot's own measuring program builds (:mod:`converters.llama.native`: ggml's quantizer and dequantizer, the
+same code llama-quantize runs, compiled from the toolchain's tree), 1 and 2 are replaced by one run of it over every
+missing pair (:func:`quantize_native`): each reference tensor is read once, each wanted type quantized and
+dequantized in memory on **sampled rows** (:func:`sample_rows`: at most ``rows`` rows per tensor, drawn with
+``seed``, each weighed by the inverse of its chance to be drawn, so the sum estimates the whole tensor's error without
+bias; the token embedding's most frequent rows are always measured). A row is quantized on its own (llama-quantize
+quantizes row by row with the imatrix entry of the row's matrix), so a measured row's error is exactly its error in a
+llama-quantize file. No file is written and no dequantization runs in Python.
 
 The error is the importance-weighted squared error ``sum_col imp[col] * sum_row (w - q)^2`` with ``imp = in_sum2 /
 counts`` from the imatrix: the expected squared change of the tensor's output per token of the calibration text.
@@ -33,6 +41,7 @@ import json
 import logging
 import os
 import re
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,6 +84,25 @@ def read_importance(imatrix: Path | None) -> dict[str, np.ndarray]:
         n = np.asarray(c.data, dtype=np.float64).reshape(-1)
         n = np.where(n > 0, n, 1.0)[: v.shape[0]]
         out[name] = (v / n[:, None]).mean(axis=0)
+    return out
+
+
+def read_imatrix(imatrix: Path | None) -> dict[str, np.ndarray]:
+    """What llama-quantize quantizes with: per tensor, ``in_sum2 / counts`` of each matrix (an expert each in a 3-D
+    tensor), shape (matrices, columns), float32; a matrix never counted weighs every column 1 (llama.cpp's rule)."""
+    if imatrix is None:
+        return {}
+    ts = tensors(imatrix)
+    sums = {t.name[:-len(".in_sum2")]: t for t in ts if t.name.endswith(".in_sum2")}
+    counts = {t.name[:-len(".counts")]: t for t in ts if t.name.endswith(".counts")}
+    out: dict[str, np.ndarray] = {}
+    for name, s in sums.items():
+        c = counts.get(name)
+        if c is None:
+            continue
+        v = np.asarray(s.data, dtype=np.float32).reshape(-1, int(s.shape[0]))
+        n = np.asarray(c.data, dtype=np.float32).reshape(-1)[: v.shape[0]]
+        out[name] = np.where(n[:, None] > 0, v / np.where(n > 0, n, 1.0)[:, None], np.float32(1.0)).astype(np.float32)
     return out
 
 
@@ -150,7 +178,8 @@ class CacheKey:
     imatrix: str | None  # sha256 of the imatrix GGUF
     calibration: str | None  # sha256 of the calibration text (the token embedding's row weights)
     toolchain: str | None  # llama.cpp build (the quantizer)
-    seed: int = 0  # rows sampled with this seed; 0: whole tensors
+    seed: int = 0  # rows sampled with this seed
+    rows: int = 0  # at most this many rows measured per tensor (sampled); 0: whole tensors
 
     def digest(self) -> str:
         blob = json.dumps({**dataclasses.asdict(self), "method": METHOD}, sort_keys=True)
@@ -278,6 +307,102 @@ def quantize_missing(tc: Toolchain, reference: Path, workdir: Path, scratch: Pat
             out.unlink(missing_ok=True)
             tf.unlink(missing_ok=True)
     return len(rounds), pairs
+
+
+DEFAULT_ROWS = 1024  # rows measured per tensor by the native measurer (the target-bpw proposal samples 512-4096)
+
+
+def sample_rows(name: str, n_rows: int, max_rows: int, row_weights: np.ndarray | None, seed: int
+                ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The rows of a tensor to measure and the weight of each (the whole tensor's ``n_rows`` weights, zero where a
+    row is not measured), or ``(None, row_weights)`` for every row. ``max_rows`` 0: every row that weighs anything.
+    Rows are drawn without replacement and weighed by the inverse of their chance to be drawn (an unbiased estimate
+    of the whole tensor's error); with row weights (the token embedding's token frequencies) the heaviest half of
+    the rows is always measured and the rest drawn from the others, as they carry most of the error."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    if row_weights is None:
+        if max_rows <= 0 or n_rows <= max_rows:
+            return None, None
+        rows = np.sort(rng.choice(n_rows, size=max_rows, replace=False))
+        w = np.zeros(n_rows, dtype=np.float32)
+        w[rows] = n_rows / max_rows
+        return rows.astype(np.int64), w
+    base = np.asarray(row_weights, dtype=np.float64)
+    nz = np.flatnonzero(base > 0)
+    if max_rows <= 0 or len(nz) <= max_rows:
+        return nz.astype(np.int64), base.astype(np.float32)
+    order = nz[np.argsort(-base[nz], kind="stable")]
+    top, rest = order[: max_rows // 2], order[max_rows // 2:]
+    k = max_rows - len(top)
+    drawn = rng.choice(rest, size=k, replace=False)
+    w = np.zeros(n_rows, dtype=np.float64)
+    w[top] = base[top]
+    w[drawn] = base[drawn] * (len(rest) / k)
+    return np.sort(np.concatenate([top, drawn])).astype(np.int64), w.astype(np.float32)
+
+
+def quantize_native(program: Path, reference: Path, scratch: Path, wanted: Mapping[str, Iterable[str]],
+                    weights: Weights, imatrix: Mapping[str, np.ndarray], cache: ErrorCache, *,
+                    threads: int | None = None, timeout: float | None = None) -> tuple[int, int]:
+    """Measure every wanted pair the cache lacks with ``ggufbot-tensorerr`` (module doc), on the rows
+    :func:`sample_rows` picks with the cache key's ``rows`` and ``seed``; returns (tensors read, pairs measured).
+    A pair llama.cpp would not write (a row length off the type's block, an imatrix-only type without one) is
+    recorded as unavailable."""
+    missing = cache.missing(wanted)
+    if not missing:
+        return 0, 0
+    ref = {t.name: t for t in tensors(reference)}
+    scratch.mkdir(parents=True, exist_ok=True)
+    wfile, rfile, req = scratch / "weights.f32", scratch / "rows.i64", scratch / "request.txt"
+    floats, ints, lines = 0, 0, []
+    with open(wfile, "wb") as wf, open(rfile, "wb") as rf:
+        for name, qs in missing.items():
+            t = ref[name]
+            shape = [int(x) for x in t.shape]
+            n_rows = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            matrices = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+            imat_off = -1
+            im = imatrix.get(name)
+            if im is not None and im.size == shape[0] * matrices:
+                wf.write(np.ascontiguousarray(im, dtype="<f4").tobytes())
+                imat_off, floats = floats, floats + im.size
+            row_w = weights.token_rows if name == TOKEN_EMBD and name not in weights.importance else None
+            if row_w is not None and len(row_w) != n_rows:
+                row_w = None
+            rows, w = sample_rows(name, n_rows, cache.key.rows, row_w, cache.key.seed)
+            roww_off = -1
+            if w is not None:
+                wf.write(np.ascontiguousarray(w, dtype="<f4").tobytes())
+                roww_off, floats = floats, floats + len(w)
+            rows_off, n_sel = -1, n_rows
+            if rows is not None:
+                rf.write(np.ascontiguousarray(rows, dtype="<i8").tobytes())
+                rows_off, ints, n_sel = ints, ints + len(rows), len(rows)
+            lines.append(f"{name} {','.join(qs)} {imat_off} {roww_off} {rows_off} {n_sel}")
+    req.write_text("\n".join(lines) + "\n")
+    try:
+        res = run([program, reference, req, wfile, rfile, str(threads or proc.cpus())], timeout=timeout,
+                  keep_output=64_000_000)
+    finally:
+        for f in (wfile, rfile, req):
+            f.unlink(missing_ok=True)
+    pairs = 0
+    for line in res.stdout.splitlines():
+        parts = line.split()
+        if len(parts) != 3:
+            continue
+        name, q, value = parts
+        if value == "NA":
+            cache.put(name, q, None)
+        else:
+            cache.put(name, q, float(value))
+            pairs += 1
+    left = cache.missing({n: qs for n, qs in missing.items()})
+    if left:
+        n, qs = next(iter(left.items()))
+        raise ParseError(f"{program.name} printed no error for {sum(map(len, left.values()))} pair(s), e.g. {n} "
+                         f"{qs[0]}")
+    return len(missing), pairs
 
 
 def grid_types(errors: Mapping[str, Mapping[str, float]], *, share: float = 0.5) -> list[str]:

@@ -42,7 +42,7 @@ import numpy as np
 
 from converters.core import proc
 from converters.core import names, quants, records
-from converters.core.errors import CheckFailed, InputError
+from converters.core.errors import CheckFailed, InputError, ToolchainError, ToolError
 from converters.core.proc import run
 from converters.core.quants import QuantType
 from converters.core.report import KldStats
@@ -50,6 +50,7 @@ from converters.ladder import evaluate, kldfit, layout, tensorerr
 from converters.ladder.kldfit import Fit, Observation
 from converters.ladder.layout import TensorInfo
 from converters.ladder.tensorerr import read_importance, weighted_error  # noqa: F401  (the tuner's public API)
+from converters.llama import native as llama_native
 from converters.llama.toolchain import Toolchain
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,9 @@ log = logging.getLogger(__name__)
 STAGE = "tune"
 TUNE_DIR = names.TUNE_DIR
 DEFAULT_PROBE_CHUNKS = 8
-METHOD = 3  # the stage's record: bump when the method changes (3: a tied token embedding never below its stock type)
+# the stage's record: bump when the method changes (3: a tied token embedding never below its stock type; 4: errors
+# on sampled rows by ggufbot-tensorerr, a plan with a worse perplexity on the calibration text not confirmed)
+METHOD = 4
 L_TYPE = "Q8_0"  # the _L layouts' type of the token embedding and the output
 L_KINDS = ("token_embd", "output")
 
@@ -87,6 +90,7 @@ class TuneOptions:
     time_budget: float | None = None  # seconds for all measurements, calibration runs, solves and builds
     timeout: float | None = None  # per program
     cache_dir: Path | None = None  # where measured errors are kept (default: the work dir's tune/)
+    rows: int = tensorerr.DEFAULT_ROWS  # rows measured per tensor (sampled; 0: whole tensors)
 
 
 def read_types(path: Path) -> dict[str, str]:
@@ -142,7 +146,9 @@ def candidates(tensors: Sequence[TensorInfo], stock: Mapping[str, str], options:
 
 @dataclasses.dataclass
 class Measurer:
-    """Errors per (tensor, type) on demand: cache, then the ladder's files, then packed quantize runs."""
+    """Errors per (tensor, type) on demand: the cache, then ggufbot's measuring program on sampled rows
+    (:func:`converters.ladder.tensorerr.quantize_native`); where that program cannot be built, the ladder's files
+    and packed quantize runs on whole tensors."""
 
     toolchain: Toolchain
     workdir: Path
@@ -154,22 +160,34 @@ class Measurer:
     threads: int | None = None
     timeout: float | None = None
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
-    seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # reading the files, the packed runs
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # the native runs, or files + packed runs
+    program: Path | None = None  # ggufbot-tensorerr; None: the files and packed runs
 
     @classmethod
     def open(cls, toolchain: Toolchain, workdir: Path, reference: Path, imatrix: Path | None, calibration: Path,
              files: Sequence[Path], *, cache_dir: Path | None = None, threads: int | None = None,
-             timeout: float | None = None) -> "Measurer":
+             timeout: float | None = None, rows: int = tensorerr.DEFAULT_ROWS, native: bool = True) -> "Measurer":
+        """``rows``: at most this many rows measured per tensor (0: whole tensors); ``native``: use the measuring
+        program (else, or when it cannot be built, whole tensors from the files and packed runs)."""
+        program = None
+        if native:
+            try:
+                program = llama_native.tensorerr_program(toolchain)
+            except (ToolchainError, ToolError) as e:
+                log.warning("tune: %s cannot be built (%s); measuring whole tensors with llama-quantize",
+                            llama_native.TENSORERR, e)
         key = tensorerr.CacheKey(records.content_sha256(reference), records.content_sha256(imatrix) if imatrix else None,
-                                 records.sha256_file(calibration), toolchain.version)
+                                 records.sha256_file(calibration), toolchain.version,
+                                 rows=rows if program is not None else 0)
         cache = tensorerr.ErrorCache(cache_dir or workdir / TUNE_DIR, key)
         importance = tensorerr.read_importance(imatrix)
-        rows = None
+        token_rows = None
         embd = next((t for t in tensorerr.tensors(reference) if t.name == tensorerr.TOKEN_EMBD), None)
         if embd is not None and tensorerr.TOKEN_EMBD not in importance:
-            rows = tensorerr.token_frequencies(toolchain, reference, calibration, int(embd.shape[1]), timeout=timeout)
-        return cls(toolchain, workdir, reference, imatrix, files, cache, tensorerr.Weights(importance, rows),
-                   threads, timeout)
+            token_rows = tensorerr.token_frequencies(toolchain, reference, calibration, int(embd.shape[1]),
+                                                     timeout=timeout)
+        return cls(toolchain, workdir, reference, imatrix, files, cache, tensorerr.Weights(importance, token_rows),
+                   threads, timeout, program=program)
 
     def errors(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, dict[str, float]]:
         """The error of every wanted pair llama.cpp can produce (pairs it cannot are left out)."""
@@ -185,6 +203,17 @@ class Measurer:
                     self.cache.put(name, q, self.weights.error(name, w, w.astype(np.float16).astype(np.float32)))
                 elif q in layout.UNQUANTIZED:
                     self.cache.put(name, q, None)
+        if self.program is not None:
+            t0 = time.monotonic()
+            n_tensors, measured = tensorerr.quantize_native(
+                self.program, self.reference, self.workdir / TUNE_DIR / "scratch", wanted, self.weights,
+                tensorerr.read_imatrix(self.imatrix), self.cache, threads=self.threads, timeout=self.timeout)
+            self.cache.save()
+            self.seconds["native"] = round(self.seconds.get("native", 0.0) + time.monotonic() - t0, 3)
+            for k, v in (("cached", hits), ("native_tensors", n_tensors), ("native", measured)):
+                self.counts[k] = self.counts.get(k, 0) + v
+            self.counts["rows_per_tensor"] = self.cache.key.rows
+            return self.cache.table(wanted)
         t0 = time.monotonic()
         from_files = tensorerr.errors_from_files(self.reference, self.files, wanted, self.weights, self.cache)
         self.cache.save()
@@ -220,17 +249,20 @@ class Scored:
     kld: float
     err: float
     chunks: tuple[float, ...]
+    ln_ppl: tuple[float, ...] = ()  # per chunk, ln(PPL(file)/PPL(reference))
 
     @classmethod
     def of(cls, s: KldStats) -> "Scored":
-        return cls(s.kld_mean, s.kld_mean_err, tuple(s.chunk_kld))
+        return cls(s.kld_mean, s.kld_mean_err, tuple(s.chunk_kld), tuple(s.chunk_ln_ppl_ratio))
 
     def to_json(self) -> dict[str, Any]:
-        return {"kld": self.kld, "kld_err": self.err, "chunk_kld": list(self.chunks)}
+        return {"kld": self.kld, "kld_err": self.err, "chunk_kld": list(self.chunks),
+                "chunk_ln_ppl_ratio": list(self.ln_ppl)}
 
 
 def compare(stock: Scored, plan: Scored) -> kldfit.Paired:
-    return kldfit.paired(stock.chunks, plan.chunks, (stock.kld, stock.err), (plan.kld, plan.err))
+    return kldfit.paired(stock.chunks, plan.chunks, (stock.kld, stock.err), (plan.kld, plan.err),
+                         stock_ln_ppl=stock.ln_ppl, plan_ln_ppl=plan.ln_ppl)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -406,7 +438,8 @@ def _measure(r: _Run, points: Sequence[QuantType], summary: dict[str, Any]
     r.clock.check("measuring errors")
     m = r.timed("errors", lambda: Measurer.open(inp.toolchain, inp.workdir, inp.reference, inp.imatrix,
                                                 inp.calibration, list(inp.stock_files.values()),
-                                                cache_dir=o.cache_dir, threads=o.threads, timeout=o.timeout))
+                                                cache_dir=o.cache_dir, threads=o.threads, timeout=o.timeout,
+                                                rows=o.rows))
     r.errors = r.timed("errors", lambda: m.errors(wanted))
     summary["counts"] = {"tensors": len(r.tensors), "pairs": sum(len(v) for v in wanted.values()), **m.counts,
                          "seconds": m.seconds}
@@ -474,11 +507,13 @@ def _point(r: _Run, q: QuantType, stock: Mapping[str, str], cands: Mapping[str, 
         # not confirmed: refit on every run so far, and charge each change its share of the shortfall
         shortfall = (stock_obs.kld - predicted) - cmp.gain
         fit = kldfit.fit(r.obs, sorted(set(r.groups.values())))
+        if cmp.ppl_worse:  # better or not on KLD, a worse perplexity: pull the plan toward stock by its whole gain
+            shortfall = max(shortfall, stock_obs.kld - predicted)
         if shortfall <= 0:
             row["result"] = "gain as predicted but within the noise"
             break
         penalty = shortfall / changed
     info.update({"status": "not built", "reason": "no plan beat the stock file on the calibration text by more "
-                                                  "than two standard errors"})
+                                                  "than two standard errors without a worse perplexity"})
     return None, info, fit
 

@@ -1,17 +1,23 @@
 """Issue 21's cheap tuner on the shared SmolLM2 ladder: a tensor's quantized bytes depend only on its data, type and
-imatrix (what lets the tuner read errors from the ladder's own files), and one size point tuned end to end with
-errors from the files, packed quantize runs for the rest, a cache that a second pass hits completely."""
+imatrix (what lets the tuner read errors from the ladder's own files, and ggufbot-tensorerr quantize single rows),
+the measuring program's errors equal to those read from llama-quantize's files, and one size point tuned end to end
+(with the measuring program; and without it, from the files and packed quantize runs), a cache that a second pass
+hits completely."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from converters.core import proc, quants
 from converters.formats import gguf_meta
-from converters.ladder import layout, tune
+from converters.core.errors import ToolchainError
+from converters.ladder import layout, tensorerr, tune
+from converters.llama import native
 from converters.ladder.evaluate import perplexity
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
@@ -59,7 +65,50 @@ def test_same_tensor_same_type_same_bytes(cheap_dir, toolchain):
         assert pure[n] == a[n], n
 
 
-def test_one_size_point_from_the_ladders_own_files(cheap_dir, calibration_text, toolchain):
+def test_the_measuring_program_gives_llama_quantizes_errors(cheap_dir, calibration_text, toolchain, tmp_path):
+    """Whole tensors: the error of every (tensor, type) pair a ladder file holds, measured by ggufbot-tensorerr,
+    equals the error of the file's own bytes (dequantized in Python); sampled rows estimate it."""
+    reference, imatrix = cheap_dir / f"{MODEL}-BF16.gguf", cheap_dir / f"{MODEL}-imatrix.gguf"
+    files = [cheap_dir / f"{MODEL}-{t}.gguf" for t in ("Q4_K_M", "IQ4_XS", "Q2_K")]
+    importance = tensorerr.read_importance(imatrix)
+    weights = tensorerr.Weights(importance, tensorerr.token_frequencies(toolchain, reference, calibration_text,
+                                                                        49152))
+    held: dict[str, list[str]] = {}
+    for f in files:
+        for n, q in tune.read_types(f).items():
+            if q not in ("F32", "BF16") and q not in held.setdefault(n, []):
+                held[n].append(q)
+    wanted = {n: qs for n, qs in list(held.items())[:40] + [(tensorerr.TOKEN_EMBD, held[tensorerr.TOKEN_EMBD])]}
+    key = tensorerr.CacheKey("r", "i", "c", toolchain.version)
+    from_files = tensorerr.ErrorCache(tmp_path / "files", key)
+    assert tensorerr.errors_from_files(reference, files, wanted, weights, from_files) == sum(map(len, wanted.values()))
+    program = native.tensorerr_program(toolchain)
+    whole = tensorerr.ErrorCache(tmp_path / "native", key)
+    n_tensors, pairs = tensorerr.quantize_native(program, reference, tmp_path / "scratch", wanted, weights,
+                                                 tensorerr.read_imatrix(imatrix), whole, threads=2)
+    assert n_tensors == len(wanted) and pairs == sum(map(len, wanted.values()))
+    for n, qs in wanted.items():
+        for q in qs:
+            assert whole.get(n, q) == pytest.approx(from_files.get(n, q), rel=1e-6), (n, q)
+    # 128 sampled rows per tensor: an estimate of the same figure (576-1536-row tensors, 49152-row embedding)
+    sampled = tensorerr.ErrorCache(tmp_path / "sampled", dataclasses.replace(key, rows=128))
+    tensorerr.quantize_native(program, reference, tmp_path / "scratch", wanted, weights,
+                              tensorerr.read_imatrix(imatrix), sampled, threads=2)
+    ratios = [sampled.get(n, q) / whole.get(n, q) for n, qs in wanted.items() for q in qs if whole.get(n, q)]
+    assert 0.9 < float(np.median(ratios)) < 1.1 and max(abs(r - 1) for r in ratios) < 0.5
+    # a type whose block does not divide a 576-wide row is one llama.cpp would not write
+    narrow = next(n for n, qs in wanted.items() if n.endswith("attn_q.weight"))
+    none = tensorerr.ErrorCache(tmp_path / "na", key)
+    tensorerr.quantize_native(program, reference, tmp_path / "scratch", {narrow: ["Q4_K"]}, weights,
+                              tensorerr.read_imatrix(imatrix), none, threads=2)
+    assert none.has(narrow, "Q4_K") and none.get(narrow, "Q4_K") is None
+
+
+def test_one_size_point_from_the_ladders_own_files(cheap_dir, calibration_text, toolchain, monkeypatch):
+    # without the measuring program (no compiler): errors from the ladder's files and packed quantize runs
+    def no_compiler(tc):
+        raise ToolchainError("no C/C++ compiler found")
+    monkeypatch.setattr(native, "tensorerr_program", no_compiler)
     files = {t: cheap_dir / f"{MODEL}-{t}.gguf" for t in ("Q8_0", "Q4_K_M", "IQ4_XS", "Q2_K")}
     inp = tune.Inputs(cheap_dir, cheap_dir / f"{MODEL}-BF16.gguf", cheap_dir / f"{MODEL}-imatrix.gguf",
                       calibration_text, MODEL, files, toolchain)
@@ -93,3 +142,18 @@ def test_one_size_point_from_the_ladders_own_files(cheap_dir, calibration_text, 
     assert m.counts["quantize_runs"] == 0 and m.counts["from_files"] == 0
     assert all(stock_types[n] in errs[n] for n in errs)
     assert perplexity.LOGITS_MAGIC  # the calibration runs used the evaluation's own base-logits format
+
+
+def test_one_size_point_with_the_measuring_program(cheap_dir, calibration_text, toolchain, tmp_path):
+    files = {t: cheap_dir / f"{MODEL}-{t}.gguf" for t in ("Q8_0", "Q4_K_M", "IQ4_XS", "Q2_K")}
+    inp = tune.Inputs(cheap_dir, cheap_dir / f"{MODEL}-BF16.gguf", cheap_dir / f"{MODEL}-imatrix.gguf",
+                      calibration_text, MODEL, files, toolchain)
+    opts = tune.TuneOptions(size_points=("Q2_K",), probe_chunks=3, ctx=256, threads=2, cache_dir=tmp_path)
+    outs, summary = tune.run_points(inp, [quants.get("Q2_K")], opts)
+    counts = summary["counts"]
+    assert counts["native"] > 0 and counts["rows_per_tensor"] == tensorerr.DEFAULT_ROWS
+    assert "quantize_runs" not in counts and counts["seconds"]["native"] > 0
+    point = summary["points"]["Q2_K"]
+    assert point["rounds"] and point["rounds"][0]["bytes"] <= files["Q2_K"].stat().st_size
+    assert (point["status"] == "built") == bool(outs)
+    assert set(summary["seconds"]) >= {"errors", "calibration", "solve", "total"}

@@ -73,8 +73,9 @@ def test_cache_key_names_every_input_and_survives_a_reload(tmp_path):
               tensorerr.CacheKey("r" * 64, None, "c" * 64, "llama.cpp abc"),
               tensorerr.CacheKey("r" * 64, "i" * 64, "d" * 64, "llama.cpp abc"),
               tensorerr.CacheKey("r" * 64, "i" * 64, "c" * 64, "llama.cpp def"),
-              tensorerr.CacheKey("r" * 64, "i" * 64, "c" * 64, "llama.cpp abc", seed=7)]
-    assert len({key.digest()} | {k.digest() for k in others}) == 6
+              tensorerr.CacheKey("r" * 64, "i" * 64, "c" * 64, "llama.cpp abc", seed=7),
+              tensorerr.CacheKey("r" * 64, "i" * 64, "c" * 64, "llama.cpp abc", rows=1024)]
+    assert len({key.digest()} | {k.digest() for k in others}) == 7
     c = tensorerr.ErrorCache(tmp_path, key)
     c.put("blk.0.ffn_up.weight", "Q4_0", 1.5)
     c.put("blk.0.ffn_up.weight", "Q4_K", None)  # a fallback: not measured again, never a candidate
@@ -84,6 +85,61 @@ def test_cache_key_names_every_input_and_survives_a_reload(tmp_path):
     assert again.missing(wanted) == {"blk.0.ffn_up.weight": ["Q5_0"]}
     assert again.table(wanted) == {"blk.0.ffn_up.weight": {"Q4_0": 1.5}}
     assert tensorerr.ErrorCache(tmp_path, others[0]).missing(wanted) == wanted  # another reference: nothing reused
+
+
+def test_sampled_rows_estimate_the_whole_tensors_error_without_bias():
+    rng = np.random.default_rng(3)
+    per_row = rng.gamma(2.0, 1.0, size=5000)  # each row's error: rows differ a lot
+    rows, w = tensorerr.sample_rows("blk.3.ffn_up.weight", 5000, 500, None, seed=0)
+    assert len(rows) == 500 and len(set(rows.tolist())) == 500 and list(rows) == sorted(rows)
+    assert w[rows] == pytest.approx(np.full(500, 10.0)) and float(w.sum()) == pytest.approx(5000)
+    again, _ = tensorerr.sample_rows("blk.3.ffn_up.weight", 5000, 500, None, seed=0)
+    other, _ = tensorerr.sample_rows("blk.4.ffn_up.weight", 5000, 500, None, seed=0)
+    assert (again == rows).all() and not (other == rows).all()  # reproducible, and not the same rows everywhere
+    estimates = [float((w * per_row)[r].sum()) for r, w in
+                 (tensorerr.sample_rows("t", 5000, 500, None, seed=s) for s in range(200))]
+    assert np.mean(estimates) == pytest.approx(per_row.sum(), rel=0.01)  # unbiased
+    assert np.std(estimates) / per_row.sum() < 0.05
+    # small tensors, or rows=0: every row, unweighted
+    assert tensorerr.sample_rows("t", 400, 500, None, seed=0) == (None, None)
+    assert tensorerr.sample_rows("t", 5000, 0, None, seed=0) == (None, None)
+
+
+def test_token_embedding_rows_keep_the_frequent_tokens_and_weigh_the_drawn_ones():
+    rng = np.random.default_rng(4)
+    freq = np.zeros(20000)
+    seen = rng.choice(20000, size=3000, replace=False)
+    freq[seen] = rng.zipf(1.5, size=3000).astype(float)
+    freq /= freq.sum()
+    per_row = rng.gamma(2.0, 1.0, size=20000)
+    truth = float((freq * per_row).sum())
+    rows, w = tensorerr.sample_rows("token_embd.weight", 20000, 512, freq, seed=0)
+    assert len(rows) == 512 and set(rows.tolist()) <= set(seen.tolist())  # never a token the text lacks
+    top = np.argsort(-freq, kind="stable")[:256]
+    assert set(top.tolist()) <= set(rows.tolist()) and (w[top] == freq[top].astype(np.float32)).all()
+    estimates = [float((w * per_row)[r].sum()) for r, w in
+                 (tensorerr.sample_rows("token_embd.weight", 20000, 512, freq, seed=s) for s in range(200))]
+    assert np.mean(estimates) == pytest.approx(truth, rel=0.01)
+    # few enough tokens seen: every one of them, at its own weight (exact)
+    rows, w = tensorerr.sample_rows("token_embd.weight", 20000, 4000, freq, seed=0)
+    assert sorted(rows.tolist()) == sorted(seen.tolist()) and float((w * per_row)[rows].sum()) == pytest.approx(truth)
+
+
+def test_the_measuring_program_is_built_from_the_trees_own_list_of_base_sources(tmp_path):
+    from converters.core.errors import ToolchainError
+    from converters.llama import native
+
+    src = tmp_path / "ggml" / "src"
+    src.mkdir(parents=True)
+    (src / "CMakeLists.txt").write_text("add_library(ggml\n  ggml-backend-reg.cpp)\n"
+                                        "add_library(ggml-base\n  ../include/ggml.h\n  ggml.c\n  ggml-quants.c\n"
+                                        "  ggml-quants.h\n  gguf.cpp)\n")
+    for n in ("ggml.c", "ggml-quants.c", "gguf.cpp"):
+        (src / n).write_text("")
+    assert [p.name for p in native.base_sources(tmp_path / "ggml")] == ["ggml.c", "ggml-quants.c", "gguf.cpp"]
+    (src / "gguf.cpp").unlink()
+    with pytest.raises(ToolchainError, match="gguf.cpp"):
+        native.base_sources(tmp_path / "ggml")
 
 
 def test_packing_rounds_need_as_many_runs_as_the_most_missing_types():
@@ -163,6 +219,19 @@ def test_paired_difference_uses_chunks_when_both_have_them():
     assert p.err == pytest.approx(np.std([0.02, 0.03, 0.01], ddof=1) / math.sqrt(3))
     u = kldfit.paired([], [], (0.2, 0.05), (0.18, 0.05))
     assert not u.paired and not u.confirmed and u.err == pytest.approx(math.hypot(0.05, 0.05))
+    assert u.ln_ppl is None and not u.ppl_worse
+
+
+def test_a_plan_with_a_worse_perplexity_is_not_confirmed_however_much_better_its_kld():
+    stock, plan = [0.10, 0.20, 0.30, 0.25], [0.08, 0.17, 0.27, 0.22]  # KLD better on every chunk
+    ln_stock = [0.10, 0.16, 0.21, 0.18]
+    worse = kldfit.paired(stock, plan, (0.21, 0.04), (0.185, 0.04), stock_ln_ppl=ln_stock,
+                          plan_ln_ppl=[x + 0.03 + d for x, d in zip(ln_stock, (0.001, -0.002, 0.002, -0.001))])
+    assert worse.gain > 2 * worse.err and worse.ppl_worse and not worse.confirmed
+    assert worse.ln_ppl[0] == pytest.approx(0.03) and worse.to_json()["ppl_worse"] is True
+    noisy = kldfit.paired(stock, plan, (0.21, 0.04), (0.185, 0.04), stock_ln_ppl=ln_stock,
+                          plan_ln_ppl=[x + d for x, d in zip(ln_stock, (0.01, -0.02, 0.02, -0.01))])
+    assert not noisy.ppl_worse and noisy.confirmed
 
 
 def test_grid_types_are_the_ones_beating_larger_types():
