@@ -10,13 +10,14 @@ No gain is quoted from the run with them.
 
 Prints JSON: per run and size point, stock and tuned side by side: bytes, mean KLD ± error, the paired difference
 (per chunk when the evaluation's figures carry per-chunk KLD, else the two errors combined; ``paired`` says which),
-p99 KLD, same top token, PPL ratio, predicted vs measured KLD on the calibration text, pp/tg tokens/s (a slot for
-the speed module); tuning seconds split into errors / calibration runs / solve / builds against the stock files'
+p99 KLD, same top token, PPL ratio, predicted vs measured KLD on the calibration text (with ``--confirm on``), pp/tg
+tokens/s (llama-bench, the speed stage of the job); tuning seconds split into errors / calibration runs / solve / builds against the stock files'
 quantize + evaluate seconds; and the acceptance of issue 21: tuning <= 1x stock, no size point measured worse than
 stock, and (run without grid types) at least one size point better than stock by more than 2 paired standard errors.
 
 usage: python benchmarks/layout.py [--points Q4_K_M,Q3_K_M,Q2_K] [--calibration-chunks 32] [--eval-chunks 32]
-                                   [--ctx 512] [--grid auto|none|Q4_1,Q5_1] [--out DIR]
+                                   [--ctx 512] [--grid auto|none|Q4_1,Q5_1] [--confirm on|off] [--speed on|off]
+                                   [--out DIR]
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from converters.ladder import layout, tensorerr, tune  # noqa: E402
 from converters.ladder.job import EvalSettings  # noqa: E402
 from converters.ladder.pipeline import LadderOptions  # noqa: E402
 from converters.llama import toolchain  # noqa: E402
+from converters.ladder.speed import SpeedOptions  # noqa: E402
 from converters.llama.calibrate import TextFile  # noqa: E402
 from tests.models import smollm2_checkpoint  # noqa: E402
 
@@ -53,9 +55,11 @@ def _job(ck: Path, points: tuple[str, ...], args: argparse.Namespace, exclude: t
     return JobSpec(source=Source(repo="HuggingFaceTB/SmolLM2-135M-Instruct", path=ck), model_name=ck.name,
                    ladder=LadderOptions(ladder=",".join(points), calibration=TextFile.of(DATA / "groups_merged.txt"),
                                         calibration_chunks=args.calibration_chunks, ctx=args.ctx, tune=points,
-                                        tune_seconds=24 * 3600, tune_exclude=exclude),
+                                        tune_seconds=24 * 3600, tune_exclude=exclude,
+                                        tune_confirm=args.confirm == "on"),
                    evaluation=EvalSettings(TextFile.of(DATA / "wiki.test.raw"), chunks=args.eval_chunks,
-                                           require_source_check=False))
+                                           require_source_check=False,
+                                           speed=SpeedOptions(scope="tuned") if args.speed == "on" else None))
 
 
 def _second_workdir(first: Path, second: Path) -> None:
@@ -160,6 +164,11 @@ def main() -> int:
                     help="a finished ladder work dir of the same settings: its reference, imatrix and stock files are "
                          "hard-linked, so only tune and evaluate run (the stock quantize seconds are its own)")
     ap.add_argument("--out", type=Path, default=None, help="work dirs (default: a temporary folder, removed)")
+    ap.add_argument("--confirm", choices=("on", "off"), default="on",
+                    help="on: each plan confirmed on the calibration text (calibration runs); off: no calibration "
+                         "run, each plan built once and judged by the evaluation's gate alone")
+    ap.add_argument("--speed", choices=("on", "off"), default="on",
+                    help="llama-bench pp/tg of the tuned files and their stock files (the gate's speed rule)")
     args = ap.parse_args()
     points = tuple(p.strip() for p in args.points.split(",") if p.strip())
     tc = toolchain.find(required=True)
@@ -209,8 +218,10 @@ def main() -> int:
     print(json.dumps({
         "model": ck.name, "calibration": "groups_merged.txt", "evaluation": "wiki.test.raw",
         "calibration_chunks": args.calibration_chunks, "eval_chunks": args.eval_chunks, "ctx": args.ctx,
-        "probe_chunks": tune.DEFAULT_PROBE_CHUNKS, "grid_types_excluded": excluded,
-        "speed": "pp/tg tokens/s: slot for tunegate's speed module (not merged: null)",
+        "probe_chunks": tune.DEFAULT_PROBE_CHUNKS if args.confirm == "on" else None, "confirm": args.confirm,
+        "rows_per_tensor": tensorerr.DEFAULT_ROWS, "grid_types_excluded": excluded,
+        "speed": ("llama-bench pp/tg tokens/s of each tuned file and its stock file, interleaved (null: not measured)"
+                  if args.speed == "on" else "off"),
         "runs": runs, "acceptance": acceptance}, indent=2))
     if tmp is not None:
         tmp.cleanup()

@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="size points that also get a per-tensor tuned file <Model>-<TYPE>-tuned.gguf (e.g. Q4_K_M,Q2_K)")
     p.add_argument("--tune-seconds", type=float, default=3600.0, metavar="S",
                    help="time budget of tuning (measurements, probes, solves; default 3600)")
+    p.add_argument("--tune-no-confirm", action="store_true",
+                   help="no calibration run: each tuned plan is built once and judged by the evaluation's gate alone "
+                        "(cheaper; by default each plan must first beat its stock file on the calibration text)")
     p.add_argument("--fit", action="append", default=[], metavar="SIZE@CTX",
                    help="a memory budget (repeatable), e.g. 16GB@32k: also build <Model>-fit-16GB-32k.gguf, the best "
                         "file whose weights, KV cache and buffers fit it (GB/MB decimal, GiB/MiB binary, k = 1024)")
@@ -158,7 +161,8 @@ def convert_spec(args: argparse.Namespace, source: Any, model_name: str) -> Any:
                                       calibration=cal, calibration_chunks=args.calibration_chunks, ctx=args.ctx,
                                       split_max_bytes=parse_size(args.split_max_size), jobs=args.jobs,
                                       tune=tuple(t.strip() for t in args.tune.split(",") if t.strip()),
-                                      tune_seconds=args.tune_seconds, fit=tuple(args.fit),
+                                      tune_seconds=args.tune_seconds, tune_confirm=not args.tune_no_confirm,
+                                      fit=tuple(args.fit),
                                       fit_kv_type=args.fit_kv_type),
         evaluation=EvalSettings(eval_text, chunks=args.eval_chunks, precision=args.eval_precision,
                                 min_chunks=args.eval_min_chunks, speed=_speed(args)) if eval_text is not None else None,

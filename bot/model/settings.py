@@ -154,6 +154,9 @@ class Quantize:
     jobs: int = 1
     tune: tuple[str, ...] = ()  # size points to tune per tensor (converters.ladder.tune), e.g. ["Q4_K_M"]; empty: off
     tune_seconds: float = 3600.0  # time budget of all tuning measurements, probes and solves of one job
+    # true: each plan is confirmed on the calibration text before it is kept (shrunk toward stock once, else dropped);
+    # false: no calibration run, each plan is built once and judged by the evaluation's gate alone (cheaper)
+    tune_confirm: bool = True
     # memory budgets "SIZE@CONTEXT" (GB/MB decimal, GiB/MiB binary, k = 1024 tokens), e.g. ["8GB@8k", "16GB@32k"]:
     # each gets <Model>-fit-16GB-32k.gguf, the best predicted file whose weights + KV cache + buffers fit
     # (converters.ladder.fit); empty: off

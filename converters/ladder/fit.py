@@ -41,7 +41,7 @@ from converters.core import names, quants, records
 from converters.core.errors import CheckFailed, InputError, ParseError, ToolError
 from converters.core.workdir import Ladder, LadderFile
 from converters.ladder import budget as budget_mod
-from converters.ladder import evaluate, kldfit, layout, tune
+from converters.ladder import kldfit, layout, tune
 from converters.llama import memory
 from converters.llama.toolchain import Toolchain
 
@@ -151,45 +151,19 @@ class Damage:
                 for t in self.tensors}
 
 
-@dataclasses.dataclass
-class Calibration:
-    """Files scored on ``probe_chunks`` chunks of the calibration text against the reference (never the evaluation
-    text): the base logits made on first use in ``folder`` (removed by :meth:`close`), stock files scored once."""
-
-    inp: FitInputs
-    o: FitOptions
-    folder: Path
-    base: Path | None = None
-    stock: dict[str, tune.Scored] = dataclasses.field(default_factory=dict)
-
-    def score(self, f: Path, *, stock: bool = True) -> tune.Scored:
-        if stock and f.name in self.stock:
-            return self.stock[f.name]
-        assert self.inp.calibration is not None
-        if self.base is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self.base = self.folder / "calibration.kld"
-            evaluate.run_base(self.inp.toolchain, self.inp.reference, self.inp.calibration, self.base,
-                              ctx=self.o.ctx, chunks=self.o.probe_chunks, threads=self.o.threads)
-        s = tune.Scored.of(evaluate.run_kld(self.inp.toolchain, f, self.base, ctx=self.o.ctx,
-                                            threads=self.o.threads)[0])
-        if stock:
-            self.stock[f.name] = s
-        return s
-
-    def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+def calibration_for(inp: FitInputs, o: FitOptions) -> tune.Calibration | None:
+    """The tuner's calibration runs (:class:`converters.ladder.tune.Calibration`): the reference's logits and the
+    stock files' scores the tune stage made are read back, not made again."""
+    if inp.calibration is None:
+        return None
+    return tune.Calibration(inp.toolchain, inp.workdir, inp.reference, inp.calibration, ctx=o.ctx,
+                            chunks=o.probe_chunks, threads=o.threads)
 
 
-def calibration_for(inp: FitInputs, o: FitOptions) -> Calibration | None:
-    return Calibration(inp, o, inp.workdir / names.TUNE_DIR / "fit-calibration") if inp.calibration else None
-
-
-def _measurements(inp: FitInputs, o: FitOptions, ladder: Ladder, cal: Calibration | None = None) -> Damage:
+def _measurements(inp: FitInputs, o: FitOptions, ladder: Ladder, cal: tune.Calibration | None = None) -> Damage:
     """The errors of every candidate type of every tensor, from the tuner's measurer (its cache, the ladder's own
     files, packed quantize runs for the rest), each scaled to expected KLD per tensor kind and depth
-    (:func:`_kld_scales`, when ``o.kld_scales``). ``cal``: the stage's calibration runs (made and removed here when
-    not given)."""
+    (:func:`_kld_scales`, when ``o.kld_scales``). ``cal``: the stage's calibration runs (made here when not given)."""
     if inp.measurements is not None:
         return inp.measurements
     if inp.calibration is None:
@@ -202,7 +176,6 @@ def _measurements(inp: FitInputs, o: FitOptions, ladder: Ladder, cal: Calibratio
     cands = tuple(o.candidates) + tuple(t for t in stock_types if t not in o.candidates)
     wanted = {t.name: [q for q in cands if layout.valid(q, t.row_length)] for t in tensors}
     scratch = wd / names.TUNE_DIR / "scratch"
-    own = cal is None
     cal = cal or calibration_for(inp, o)
     assert cal is not None
     try:
@@ -213,17 +186,15 @@ def _measurements(inp: FitInputs, o: FitOptions, ladder: Ladder, cal: Calibratio
         scales = _kld_scales(measured, errors, stocks, cal) if o.kld_scales else {}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        if own:
-            cal.close()
     return Damage(measured, {k: dict(v) for k, v in errors.items() if v}, scales)
 
 
 def _kld_scales(tensors: Sequence[layout.TensorInfo], errors: dict[str, dict[str, float]], stocks: Sequence[Path],
-                cal: Calibration) -> dict[str, float]:
+                cal: tune.Calibration) -> dict[str, float]:
     """Expected KLD per unit of error for each tensor: the tuner's scales per tensor kind and depth
     (:mod:`converters.ladder.kldfit`), fitted on the ladder's stock files scored on the calibration text
-    (:class:`Calibration`). Without them, an imatrix-weighted error counts the same in every kind of tensor, and a
-    plan that trades one kind's bytes for another's can measure worse than its baseline."""
+    (:class:`converters.ladder.tune.Calibration`). Without them, an imatrix-weighted error counts the same in every
+    kind of tensor, and a plan that trades one kind's bytes for another's can measure worse than its baseline."""
     nl = kldfit.n_layers([t.name for t in tensors])
     groups = {t.name: kldfit.group(t.name, nl) for t in tensors}
     obs = []
@@ -313,7 +284,7 @@ def largest_context(inp: FitInputs, o: FitOptions, b: budget_mod.FitBudget, att:
 
 
 def _one(inp: FitInputs, o: FitOptions, b: budget_mod.FitBudget, att: memory.Attention,
-         measured: Callable[[], Damage], cal: Calibration | None = None) -> tuple[dict[str, Any], list[Path]]:
+         measured: Callable[[], Damage], cal: tune.Calibration | None = None) -> tuple[dict[str, Any], list[Path]]:
     wd, lad = inp.workdir, inp.ladder
     t0 = time.monotonic()
     loads: list[dict[str, Any]] = []
@@ -357,7 +328,7 @@ def _one(inp: FitInputs, o: FitOptions, b: budget_mod.FitBudget, att: memory.Att
                    type_file=wd / names.fit_tensor_types(b.label))
         if not o.confirm or cal is None:
             break
-        s_base, s_plan = cal.score(wd / base.path), cal.score(out, stock=False)
+        s_base, s_plan = cal.score(wd / base.path), cal.score(out, keep=False)
         cmp = tune.compare(s_base, s_plan)
         row.update(measured_kld=s_plan.kld, measured_kld_err=s_plan.err, baseline_kld=s_base.kld,
                    paired=cmp.to_json())
@@ -416,7 +387,7 @@ def _produce(inp: FitInputs, o: FitOptions, budgets: Sequence[budget_mod.FitBudg
                 inp.step(f"fit {b.label}: {info['status']}", i + 1, len(budgets))
     finally:
         if cal is not None:
-            cal.close()
+            cal.remove()  # the last stage that scores on the calibration text
     summary["seconds"]["total"] = round(time.monotonic() - t0, 3)
     return records.save(inp.workdir, STAGE, ins, outputs, time.monotonic() - t0, inp.toolchain.version,
                         extra=summary)

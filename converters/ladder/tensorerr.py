@@ -309,7 +309,7 @@ def quantize_missing(tc: Toolchain, reference: Path, workdir: Path, scratch: Pat
     return len(rounds), pairs
 
 
-DEFAULT_ROWS = 1024  # rows measured per tensor by the native measurer (the target-bpw proposal samples 512-4096)
+DEFAULT_ROWS = 256  # rows measured per tensor by the native measurer (see sample_rows; measured in benchmarks/layout.py)
 
 
 def sample_rows(name: str, n_rows: int, max_rows: int, row_weights: np.ndarray | None, seed: int

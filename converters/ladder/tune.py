@@ -7,20 +7,26 @@ probed each tensor group alone: 8.2x the stock files' cost, and one scale per ki
    bits-per-weight step of its stock type (:func:`converters.ladder.layout.neighbours`), its stock type, and for
    ``token_embd``/``output`` also Q8_0 (the ``_L`` layout). Types in ``exclude`` are never a new choice (the
    benchmark excludes the types that match the source's own grid).
-2. **Errors per tensor and type, measured cheaply** (:mod:`converters.ladder.tensorerr`): read from the ladder's
-   own files first, the rest quantized in packed ``llama-quantize --pure`` runs, all cached by (reference,
-   imatrix, calibration text, toolchain, tensor, type, seed).
+2. **Errors per tensor and type, measured cheaply** (:mod:`converters.ladder.tensorerr`): every missing pair in
+   one run of ``ggufbot-tensorerr`` (ggml's own quantizer, on :data:`~converters.ladder.tensorerr.DEFAULT_ROWS`
+   sampled rows per tensor); where that program cannot be built, read from the ladder's own files and the rest
+   quantized whole in packed ``llama-quantize --pure`` runs; all cached by (reference, imatrix, calibration text,
+   toolchain, tensor, type, rows, seed).
 3. **Errors to expected KLD, fitted around the stock layout** (:mod:`converters.ladder.kldfit`): each size
    point's stock file is scored on ``probe_chunks`` chunks of the calibration text against the reference's
    logits; scales per tensor kind and depth band are fitted on those runs, and a plan's KLD is predicted as the
-   stock file's measured KLD plus the scaled difference of the errors.
+   stock file's measured KLD plus the scaled difference of the errors. These runs (the reference's logits and each
+   stock file's score) are kept in the work dir (:class:`Calibration`) for the fit stage and a resumed run.
 4. **Solve, build, confirm.** :mod:`converters.ladder.layout` picks the type per tensor that minimises the summed
    damage within the stock file's bytes (dominated types pruned first). The plan is built (its tensor types read
    back and checked) and scored on the same calibration chunks as the stock file; it is kept only when it beats
-   the stock file by more than two paired standard errors (per-chunk differences when the KLD figures carry them).
+   the stock file by more than two paired standard errors (per-chunk differences when the KLD figures carry them)
+   and its per-chunk ln PPL is not above the stock file's by more than two (the gate's rules, on this text).
    Otherwise the plan's run is added to the observations, the scales are refitted, and the plan is solved once more
    with a penalty on every change from the stock layout (shrunk toward stock); a second miss leaves the size point
-   with its stock file only.
+   with its stock file only. With ``confirm`` off there is no calibration run at all (3 and 4's scoring): one scale
+   for every group, each plan built once and judged by the evaluation's gate alone (the cheap mode: tuning then
+   costs the error measurements, the solve and one build per size point).
 5. **Verified like every file.** The tuned file joins ``ladder.json`` as type ``<TYPE>-tuned`` and the evaluation
    measures it on the evaluation text, disjoint from the calibration text, before the gate may publish it.
 
@@ -30,6 +36,8 @@ Tuning stops at ``time_budget`` seconds (the size points not reached get no tune
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -260,6 +268,64 @@ class Scored:
                 "chunk_ln_ppl_ratio": list(self.ln_ppl)}
 
 
+class Calibration:
+    """Files scored on ``chunks`` chunks of the calibration text against the reference (never the evaluation text),
+    for the tune and fit stages alike. The reference's logits (``tune/calibration-<key>.kld``) are made on first use
+    and kept in the work dir with the score of every stock file by its content (``tune/calibration-<key>.json``),
+    the key naming the reference, the text, the context, the chunks and the toolchain: the fit stage after the
+    tuner, and a run resumed after a kill, score nothing twice. The work dir's cleanup removes them with it."""
+
+    def __init__(self, toolchain: Toolchain, workdir: Path, reference: Path, calibration: Path, *, ctx: int,
+                 chunks: int, threads: int | None = None, folder: Path | None = None) -> None:
+        self.toolchain, self.reference, self.calibration = toolchain, reference, calibration
+        self.ctx, self.chunks, self.threads = ctx, chunks, threads
+        ident = {"reference": records.content_sha256(reference), "calibration": records.sha256_file(calibration),
+                 "ctx": ctx, "chunks": chunks, "toolchain": toolchain.version}
+        digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+        folder = folder or workdir / TUNE_DIR
+        self.base_path = folder / f"calibration-{digest}.kld"
+        self.scores_path = folder / f"calibration-{digest}.json"
+        self.ident = ident
+        self.scores: dict[str, Scored] = {}
+        self.runs = 0  # llama-perplexity runs made (the base included); scores read back are not runs
+        if self.scores_path.is_file() and self.base_path.is_file():
+            try:
+                d = json.loads(self.scores_path.read_text())
+                if d.get("ident") == ident:
+                    self.scores = {k: Scored(v["kld"], v["kld_err"], tuple(v["chunk_kld"]),
+                                             tuple(v.get("chunk_ln_ppl_ratio") or ()))
+                                   for k, v in d.get("scores", {}).items()}
+            except (OSError, ValueError, KeyError, TypeError):
+                self.scores = {}
+
+    def base(self) -> Path:
+        """The reference's logits on the calibration text, made when missing (written whole, then moved in place)."""
+        if not self.base_path.is_file():
+            self.base_path.parent.mkdir(parents=True, exist_ok=True)
+            with records.atomic_output(self.base_path) as tmp:
+                evaluate.run_base(self.toolchain, self.reference, self.calibration, tmp, ctx=self.ctx,
+                                  chunks=self.chunks, threads=self.threads)
+            self.runs += 1
+        return self.base_path
+
+    def score(self, f: Path, *, keep: bool = True) -> Scored:
+        """``f`` scored against the reference; ``keep``: a stock file, read back by its content next time."""
+        sha = records.content_sha256(f) if keep else None
+        if sha is not None and sha in self.scores:
+            return self.scores[sha]
+        s = Scored.of(evaluate.run_kld(self.toolchain, f, self.base(), ctx=self.ctx, threads=self.threads)[0])
+        self.runs += 1
+        if sha is not None:
+            self.scores[sha] = s
+            records.write_json_atomic(self.scores_path, {"ident": self.ident,
+                                                         "scores": {k: v.to_json() for k, v in self.scores.items()}})
+        return s
+
+    def remove(self) -> None:
+        self.base_path.unlink(missing_ok=True)
+        self.scores_path.unlink(missing_ok=True)
+
+
 def compare(stock: Scored, plan: Scored) -> kldfit.Paired:
     return kldfit.paired(stock.chunks, plan.chunks, (stock.kld, stock.err), (plan.kld, plan.err),
                          stock_ln_ppl=stock.ln_ppl, plan_ln_ppl=plan.ln_ppl)
@@ -356,7 +422,7 @@ class _Run:
     errors: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     obs: list[Observation] = dataclasses.field(default_factory=list)
     stock: dict[str, Scored] = dataclasses.field(default_factory=dict)  # each stock file on the calibration text
-    base: Path | None = None
+    cal: Calibration | None = None
 
     def timed(self, kind: str, fn: Callable[[], Any]) -> Any:
         t0 = time.monotonic()
@@ -365,11 +431,10 @@ class _Run:
         finally:
             self.clock.add(kind, time.monotonic() - t0)
 
-    def score(self, model: Path) -> Scored:
-        assert self.base is not None
-        o = self.options
-        return Scored.of(self.timed("calibration", lambda: evaluate.run_kld(self.inp.toolchain, model, self.base,
-                                                                             ctx=o.ctx, threads=o.threads)[0]))
+    def score(self, model: Path, *, stock: bool = False) -> Scored:
+        assert self.cal is not None
+        cal = self.cal
+        return self.timed("calibration", lambda: cal.score(model, keep=stock))
 
     def group_errors(self, types: Mapping[str, str]) -> dict[str, float]:
         return kldfit.group_errors({t.name: types[t.name] for t in self.tensors}, self.errors, self.groups)
@@ -384,7 +449,7 @@ def run_points(inp: Inputs, points: Sequence[QuantType], options: TuneOptions, *
     scratch = inp.workdir / TUNE_DIR / "scratch"
     try:
         stock, cands = _measure(r, points, summary)
-        fit = kldfit.fit(r.obs, sorted(set(r.groups.values())))
+        fit = kldfit.fit(r.obs, sorted(set(r.groups.values()))) if r.obs else uniform(r.groups)
         summary["fit"] = fit.to_json()
         for i, q in enumerate(points):
             if q.name not in stock:
@@ -412,6 +477,7 @@ def run_points(inp: Inputs, points: Sequence[QuantType], options: TuneOptions, *
         "errors": r.errors, "observations": [o.to_json() for o in r.obs], "fit": summary.get("refit"),
         "counts": summary.get("counts")})
     summary["seconds"] = {**r.clock.spent, "total": round(r.clock.elapsed, 3)}
+    summary["calibration_runs"] = r.cal.runs if r.cal is not None else 0
     return outputs, summary
 
 
@@ -445,32 +511,38 @@ def _measure(r: _Run, points: Sequence[QuantType], summary: dict[str, Any]
                          "seconds": m.seconds}
     if r.step:
         r.step("measured errors", 0, len(points))
+    if not o.confirm:  # no calibration runs: one scale for every group; the evaluation's gate is the only check
+        return stock, cands
     r.clock.check("the calibration runs")
-    scratch = inp.workdir / TUNE_DIR / "scratch"
-    scratch.mkdir(parents=True, exist_ok=True)
-    r.base = scratch / "calibration.kld"
-    r.timed("calibration", lambda: evaluate.run_base(inp.toolchain, inp.reference, inp.calibration, r.base,
-                                                      ctx=o.ctx, chunks=o.probe_chunks, threads=o.threads))
+    r.cal = Calibration(inp.toolchain, inp.workdir, inp.reference, inp.calibration, ctx=o.ctx, chunks=o.probe_chunks,
+                        threads=o.threads)
     for n, st in stock.items():
-        s = r.stock[n] = r.score(inp.stock_files[n])
+        s = r.stock[n] = r.score(inp.stock_files[n], stock=True)
         summary["points"][n] = {"stock_calibration": s.to_json()}
         r.obs.append(Observation(n, s.kld, s.err, r.group_errors(st)))
     return stock, cands
 
 
+def uniform(groups: Mapping[str, str]) -> Fit:
+    """One scale for every group (no calibration run to fit them on): the solver then minimises the summed
+    importance-weighted error, which needs no scale."""
+    return Fit({g: 1.0 for g in sorted(set(groups.values()))}, 1.0, 0.0, 0)
+
+
 def _point(r: _Run, q: QuantType, stock: Mapping[str, str], cands: Mapping[str, Sequence[str]], fit: Fit
            ) -> tuple[Path | None, dict[str, Any], Fit]:
-    """Solve, build and confirm one size point (at most two rounds); the file when it is kept."""
+    """Solve, build and confirm one size point (at most two rounds); the file when it is kept. Without
+    ``confirm``: solved and built once, judged by the evaluation's gate alone."""
     inp, o = r.inp, r.options
     stock_file = inp.stock_files[q.name]
     stock_types = {t.name: stock[t.name] for t in r.tensors}
-    stock_obs = next(x for x in r.obs if x.name == q.name)
-    stock_scored = r.stock[q.name]
+    stock_obs = next((x for x in r.obs if x.name == q.name), None)
+    stock_scored = r.stock.get(q.name)
     errors = {t.name: {c: r.errors[t.name][c] for c in cands[t.name] if c in r.errors[t.name]} for t in r.tensors}
     size = stock_file.stat().st_size
     fixed = fixed_bytes(stock_file, r.tensors, stock_types)
     out = inp.workdir / file_name(inp.model_name, q)
-    info: dict[str, Any] = {"stock_calibration": stock_scored.to_json(), "rounds": []}
+    info: dict[str, Any] = {"stock_calibration": stock_scored.to_json() if stock_scored else None, "rounds": []}
     penalty = 0.0
     last: dict[str, str] | None = None
     for rnd in (1, 2):
@@ -478,7 +550,7 @@ def _point(r: _Run, q: QuantType, stock: Mapping[str, str], cands: Mapping[str, 
                                                      stock_types=stock_types, change_penalty=penalty,
                                                      extra={"stock_bytes": size, "stock_file": stock_file.name}))
         changed = sum(1 for t in r.tensors if lay.types[t.name] != stock_types[t.name])
-        predicted = kldfit.predict(stock_obs, r.group_errors(lay.types), fit)
+        predicted = kldfit.predict(stock_obs, r.group_errors(lay.types), fit) if stock_obs else None
         row: dict[str, Any] = {"round": rnd, "changed": changed, "penalty": penalty, "predicted_kld": predicted,
                                "bytes": lay.bytes, "types": lay.type_counts()}
         info["rounds"].append(row)
@@ -489,11 +561,18 @@ def _point(r: _Run, q: QuantType, stock: Mapping[str, str], cands: Mapping[str, 
         r.clock.check(f"building {q.name}")
         r.timed("builds", lambda: build(lay, q, inp.reference, inp.workdir, out, toolchain=inp.toolchain,
                                         imatrix=inp.imatrix, threads=o.threads, timeout=o.timeout))
+        if stock_obs is None or stock_scored is None:  # not confirmed on the calibration text (confirm off)
+            rel = save_layout(inp.workdir, q, lay).relative_to(inp.workdir).as_posix()
+            info.update({"status": "built", "file": out.relative_to(inp.workdir).as_posix(), "layout": rel,
+                         "bytes": out.stat().st_size, "budget": lay.budget, "predicted_kld": None,
+                         "measured_kld": None, "stock_kld": None, "optimal": lay.optimal, "confirmed": False})
+            log.info("tune %s (not confirmed): %s", q.name, lay.describe().replace("\n", ";"))
+            return out, info, fit
         plan = r.score(out)
         cmp = compare(stock_scored, plan)
         row.update({"measured_kld": plan.kld, "measured_kld_err": plan.err, "paired": cmp.to_json()})
         r.obs.append(Observation(f"{q.name}-tuned-{rnd}", plan.kld, plan.err, r.group_errors(lay.types)))
-        if cmp.confirmed or not o.confirm:
+        if cmp.confirmed:
             lay = dataclasses.replace(lay, extra={**dict(lay.extra), "calibration": {
                 "chunks": o.probe_chunks, "ctx": o.ctx, "stock_kld": stock_scored.kld, "predicted_kld": predicted,
                 "measured_kld": plan.kld, "measured_kld_err": plan.err, "paired": cmp.to_json(), "round": rnd}})

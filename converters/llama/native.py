@@ -4,8 +4,8 @@
 type with ggml's own quantizer and dequantizer, on chosen rows (:mod:`converters.ladder.tensorerr` uses it). It links
 only ggml's base library (quantization, type traits, the GGUF reader), whose sources are read from the tree's
 ``ggml/src/CMakeLists.txt`` so that another llama.cpp version builds its own list. Built once per (program source,
-ggml sources, compiler flags) into ``<cache>/helpers/`` (about half a minute on 2 cores), under a lock, moved into
-place whole; ``ggufbot toolchain install`` builds it with the toolchain.
+ggml sources, compiler flags) into :func:`helpers_root` (about half a minute on 2 cores), under a lock, moved into
+place whole; ``ggufbot toolchain install`` builds it with the toolchain, and so does the container image's builder.
 """
 
 from __future__ import annotations
@@ -66,12 +66,20 @@ def _key(sources: list[Path], cc: str, cxx: str) -> str:
     return h.hexdigest()[:12]
 
 
+def helpers_root() -> Path:
+    """Beside the toolchain builds: ``<cache>/helpers``, or next to $GGUFBOT_TOOLCHAIN_ROOT (a container image's own
+    copy, built in its builder stage, where the runtime image has no compiler)."""
+    if os.environ.get("GGUFBOT_TOOLCHAIN_ROOT"):
+        return Path(os.environ["GGUFBOT_TOOLCHAIN_ROOT"]).expanduser().parent / "helpers"
+    return cache_root() / "helpers"
+
+
 def tensorerr_program(tc: Toolchain, *, timeout: float = BUILD_TIMEOUT) -> Path:
     """The path of ``ggufbot-tensorerr`` for ``tc``'s ggml, built first when missing (safe across processes)."""
     ggml = tc.root / "ggml"
     sources = base_sources(ggml)
     cc, cxx = _compilers()
-    final = cache_root() / "helpers" / f"tensorerr-{_key(sources, cc, cxx)}"
+    final = helpers_root() / f"tensorerr-{_key(sources, cc, cxx)}"
     exe = final / TENSORERR
     if exe.is_file():
         return exe

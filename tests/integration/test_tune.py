@@ -66,9 +66,12 @@ def test_tuned_files_match_their_layout_and_budget(tuned_workdir):
     rec = records.load(tuned_workdir, "tune")
     assert rec is not None and rec.extra["points"]["Q4_K_M"]["status"] == "built"
     meas = json.loads((tuned_workdir / "tune" / "measurements.json").read_text())
-    assert meas["fit"]["scales"] and all(s > 0 for s in meas["fit"]["scales"].values())
-    # one calibration run per stock file and per plan, each with its errors per group
-    assert {o["name"] for o in meas["observations"]} >= {"Q4_K_M", "Q2_K", "Q4_K_M-tuned-1", "Q2_K-tuned-1"}
+    assert meas["fit"]["scales"] and all(s == 1.0 for s in meas["fit"]["scales"].values())
+    # confirm off: no calibration run at all (one scale for every group; the evaluation's gate is the check)
+    assert meas["observations"] == [] and rec.extra["calibration_runs"] == 0
+    assert set(rec.extra["seconds"]) >= {"errors", "solve", "builds"} and "calibration" not in rec.extra["seconds"]
+    assert rec.extra["points"]["Q4_K_M"]["confirmed"] is False
+    assert not list((tuned_workdir / "tune").glob("calibration-*"))
 
 
 def test_tuned_file_loads_with_finite_perplexity(tuned_workdir, eval_text, toolchain, tmp_path):

@@ -157,3 +157,10 @@ def test_one_size_point_with_the_measuring_program(cheap_dir, calibration_text, 
     assert point["rounds"] and point["rounds"][0]["bytes"] <= files["Q2_K"].stat().st_size
     assert (point["status"] == "built") == bool(outs)
     assert set(summary["seconds"]) >= {"errors", "calibration", "solve", "total"}
+    # the calibration runs are kept for the fit stage and a resumed run: the stock file's score is read back
+    cal = tune.Calibration(toolchain, cheap_dir, inp.reference, calibration_text, ctx=256, chunks=3, threads=2)
+    again = cal.score(files["Q2_K"])
+    assert cal.runs == 0 and again.kld == point["stock_calibration"]["kld"]
+    assert len(again.ln_ppl) == 3 and cal.base_path.is_file()
+    other = tune.Calibration(toolchain, cheap_dir, inp.reference, calibration_text, ctx=256, chunks=2, threads=2)
+    assert other.base_path != cal.base_path and not other.scores  # another chunk count: not the same runs

@@ -35,3 +35,8 @@ def test_an_unknown_scope_is_refused(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         _spec(tmp_path, "--speed", "fast")
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_tune_no_confirm_reaches_the_ladder_options(tmp_path: Path) -> None:
+    assert _spec(tmp_path, "--tune", "Q4_K_M").ladder.tune_confirm is True
+    assert _spec(tmp_path, "--tune", "Q4_K_M", "--tune-no-confirm").ladder.tune_confirm is False

@@ -18,6 +18,10 @@ def test_tune_is_off_by_default_and_reaches_the_job_spec() -> None:
     assert s2.quantize.tune == ("Q4_K_M", "Q2_K")
     spec = JobSpec.from_settings(s2, "acme/Model", "main", calibration=None, evaluation=None)
     assert spec.ladder.tune == ("Q4_K_M", "Q2_K") and spec.ladder.tune_seconds == 900
+    assert s.quantize.tune_confirm is True and spec.ladder.tune_confirm is True
+    s3 = S.from_mapping({"quantize": {"ladder": "small", "tune": ["Q2_K"], "tune_confirm": False}}, env={},
+                        free_disk=10**12)
+    assert JobSpec.from_settings(s3, "acme/Model", "main", calibration=None, evaluation=None).ladder.tune_confirm is False
 
 
 @pytest.mark.parametrize("quantize,why", [
