@@ -335,9 +335,7 @@ def _one(inp: FitInputs, o: FitOptions, b: budget_mod.FitBudget, att: memory.Att
         if cmp.confirmed:
             break
         out.unlink(missing_ok=True)
-        shortfall = (lay.stock_damage - lay.damage) - cmp.gain  # the gain predicted and not measured
-        if cmp.ppl_worse:  # a worse perplexity: pull the plan toward the baseline by its whole predicted gain
-            shortfall = max(shortfall, lay.stock_damage - lay.damage)
+        shortfall = cmp.shortfall(lay.stock_damage - lay.damage)  # the gain predicted and not measured
         if rnd == 2 or shortfall <= 0:
             info.update(status="not built", reason=f"no plan beat {base.type} on the calibration text by more than two "
                                                    "standard errors without a worse perplexity")

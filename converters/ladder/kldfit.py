@@ -197,6 +197,12 @@ class Paired:
         """The plan is better by more than two standard errors, and its perplexity not worse beyond two."""
         return self.gain > 2 * self.err and not self.ppl_worse
 
+    def shortfall(self, predicted_gain: float) -> float:
+        """How much of ``predicted_gain`` the plan did not deliver; with a worse perplexity, at least the whole of it
+        (what a shrink toward stock charges the plan's changes)."""
+        short = predicted_gain - self.gain
+        return max(short, predicted_gain) if self.ppl_worse else short
+
     def to_json(self) -> dict[str, Any]:
         return {"gain": self.gain, "err": self.err, "paired": self.paired,
                 "ln_ppl": list(self.ln_ppl) if self.ln_ppl else None, "ppl_worse": self.ppl_worse,

@@ -68,23 +68,28 @@ PACK_FTYPE = "Q8_0"
 # --------------------------------------------------------------------------------------------------
 # Weights of the error
 # --------------------------------------------------------------------------------------------------
-def read_importance(imatrix: Path | None) -> dict[str, np.ndarray]:
-    """The imatrix GGUF's mean squared activation per input column: ``in_sum2 / counts`` per tensor."""
-    if imatrix is None:
-        return {}
+def _imatrix_entries(imatrix: Path, dtype: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per tensor of an imatrix GGUF: its ``in_sum2`` as (matrices, columns) and its ``counts`` per matrix, in
+    ``dtype`` (entries without counts left out)."""
     ts = tensors(imatrix)
     sums = {t.name[:-len(".in_sum2")]: t for t in ts if t.name.endswith(".in_sum2")}
     counts = {t.name[:-len(".counts")]: t for t in ts if t.name.endswith(".counts")}
-    out: dict[str, np.ndarray] = {}
+    out = {}
     for name, s in sums.items():
         c = counts.get(name)
         if c is None:
             continue
-        v = np.asarray(s.data, dtype=np.float64).reshape(-1, int(s.shape[0]))  # (matrices, columns)
-        n = np.asarray(c.data, dtype=np.float64).reshape(-1)
-        n = np.where(n > 0, n, 1.0)[: v.shape[0]]
-        out[name] = (v / n[:, None]).mean(axis=0)
+        v = np.asarray(s.data, dtype=dtype).reshape(-1, int(s.shape[0]))
+        out[name] = (v, np.asarray(c.data, dtype=dtype).reshape(-1)[: v.shape[0]])
     return out
+
+
+def read_importance(imatrix: Path | None) -> dict[str, np.ndarray]:
+    """The imatrix GGUF's mean squared activation per input column: ``in_sum2 / counts`` per tensor."""
+    if imatrix is None:
+        return {}
+    return {name: (v / np.where(n > 0, n, 1.0)[:, None]).mean(axis=0)
+            for name, (v, n) in _imatrix_entries(imatrix, np.float64).items()}
 
 
 def read_imatrix(imatrix: Path | None) -> dict[str, np.ndarray]:
@@ -92,18 +97,8 @@ def read_imatrix(imatrix: Path | None) -> dict[str, np.ndarray]:
     tensor), shape (matrices, columns), float32; a matrix never counted weighs every column 1 (llama.cpp's rule)."""
     if imatrix is None:
         return {}
-    ts = tensors(imatrix)
-    sums = {t.name[:-len(".in_sum2")]: t for t in ts if t.name.endswith(".in_sum2")}
-    counts = {t.name[:-len(".counts")]: t for t in ts if t.name.endswith(".counts")}
-    out: dict[str, np.ndarray] = {}
-    for name, s in sums.items():
-        c = counts.get(name)
-        if c is None:
-            continue
-        v = np.asarray(s.data, dtype=np.float32).reshape(-1, int(s.shape[0]))
-        n = np.asarray(c.data, dtype=np.float32).reshape(-1)[: v.shape[0]]
-        out[name] = np.where(n[:, None] > 0, v / np.where(n > 0, n, 1.0)[:, None], np.float32(1.0)).astype(np.float32)
-    return out
+    return {name: np.where(n[:, None] > 0, v / np.where(n > 0, n, 1.0)[:, None], np.float32(1.0)).astype(np.float32)
+            for name, (v, n) in _imatrix_entries(imatrix, np.float32).items()}
 
 
 def parse_token_ids(text: str) -> list[int]:

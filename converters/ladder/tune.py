@@ -267,6 +267,10 @@ class Scored:
         return {"kld": self.kld, "kld_err": self.err, "chunk_kld": list(self.chunks),
                 "chunk_ln_ppl_ratio": list(self.ln_ppl)}
 
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Scored":
+        return cls(d["kld"], d["kld_err"], tuple(d["chunk_kld"]), tuple(d.get("chunk_ln_ppl_ratio") or ()))
+
 
 class Calibration:
     """Files scored on ``chunks`` chunks of the calibration text against the reference (never the evaluation text),
@@ -292,9 +296,7 @@ class Calibration:
             try:
                 d = json.loads(self.scores_path.read_text())
                 if d.get("ident") == ident:
-                    self.scores = {k: Scored(v["kld"], v["kld_err"], tuple(v["chunk_kld"]),
-                                             tuple(v.get("chunk_ln_ppl_ratio") or ()))
-                                   for k, v in d.get("scores", {}).items()}
+                    self.scores = {k: Scored.from_json(v) for k, v in d.get("scores", {}).items()}
             except (OSError, ValueError, KeyError, TypeError):
                 self.scores = {}
 
@@ -584,10 +586,8 @@ def _point(r: _Run, q: QuantType, stock: Mapping[str, str], cands: Mapping[str, 
             return out, info, fit
         out.unlink(missing_ok=True)
         # not confirmed: refit on every run so far, and charge each change its share of the shortfall
-        shortfall = (stock_obs.kld - predicted) - cmp.gain
+        shortfall = cmp.shortfall(stock_obs.kld - predicted)
         fit = kldfit.fit(r.obs, sorted(set(r.groups.values())))
-        if cmp.ppl_worse:  # better or not on KLD, a worse perplexity: pull the plan toward stock by its whole gain
-            shortfall = max(shortfall, stock_obs.kld - predicted)
         if shortfall <= 0:
             row["result"] = "gain as predicted but within the noise"
             break

@@ -232,6 +232,9 @@ def test_a_plan_with_a_worse_perplexity_is_not_confirmed_however_much_better_its
     noisy = kldfit.paired(stock, plan, (0.21, 0.04), (0.185, 0.04), stock_ln_ppl=ln_stock,
                           plan_ln_ppl=[x + d for x, d in zip(ln_stock, (0.01, -0.02, 0.02, -0.01))])
     assert not noisy.ppl_worse and noisy.confirmed
+    # what a shrink toward stock charges: the gain predicted and not measured; with a worse perplexity, all of it
+    assert noisy.shortfall(0.05) == pytest.approx(0.05 - noisy.gain)
+    assert worse.gain > 0 and worse.shortfall(0.01) == pytest.approx(0.01) and worse.shortfall(0.1) == pytest.approx(0.1)
 
 
 def test_grid_types_are_the_ones_beating_larger_types():
