@@ -78,11 +78,12 @@ def cmd_install(args: argparse.Namespace) -> int:
     how = f"programs of {b.reused_from}" if b.reused_from else "compiled"
     print(f"{b.version} ready ({'CUDA' if b.cuda else 'CPU'}, {how}) as {b.name} in {b.path}")
     tc = toolchain.find(required=False)
-    if tc is not None:  # the tuner's measuring program, compiled against that tree's ggml (cached)
+    if tc is not None:  # the tuner's measuring and assembling programs, compiled against that tree's ggml (cached)
         try:
-            print(f"{native.TENSORERR} ready in {native.tensorerr_program(tc).parent}")
+            print(f"{native.TENSORERR} and {native.ASSEMBLE} ready in {native.programs(tc)}")
         except (ToolchainError, ToolError) as e:
-            stderr(f"{native.TENSORERR} not built ({e}): tuning will measure whole tensors with llama-quantize")
+            stderr(f"{native.TENSORERR} and {native.ASSEMBLE} not built ({e}): tuning will measure whole tensors and "
+                   "build its files with llama-quantize")
     # asked for on the command line: it is the one in use now; from the settings: only when the pinned build was (a
     # release the bot followed to since then stays in use when the service restarts and installs its settings again)
     explicit = args.source is not None

@@ -323,9 +323,10 @@ def _one(inp: FitInputs, o: FitOptions, b: budget_mod.FitBudget, att: memory.Att
         if changed == 0:
             info.update(status="not built", reason=f"within this budget no plan is predicted better than {base.type}")
             return info, []
+        holders = [wd / f.path for f in lad.files if not f.split and (wd / f.path).is_file()]
         tune.build(lay, quants.get(base.type), inp.reference, wd, out, toolchain=inp.toolchain,
                    imatrix=inp.imatrix, threads=o.threads, timeout=o.timeout,
-                   type_file=wd / names.fit_tensor_types(b.label))
+                   type_file=wd / names.fit_tensor_types(b.label), template=wd / base.path, files=holders)
         if not o.confirm or cal is None:
             break
         s_base, s_plan = cal.score(wd / base.path), cal.score(out, keep=False)

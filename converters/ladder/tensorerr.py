@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -304,7 +305,11 @@ def quantize_missing(tc: Toolchain, reference: Path, workdir: Path, scratch: Pat
     return len(rounds), pairs
 
 
-DEFAULT_ROWS = 256  # rows measured per tensor by the native measurer (see sample_rows; measured in benchmarks/layout.py)
+# rows measured per tensor by the native measurer (see sample_rows). On SmolLM2 (all 1166 pairs of the layout
+# benchmark, token_embd aside), sampled against whole tensors: 192 rows give 0.935-1.052 of the whole error (p5-p95;
+# the ratio of two types' errors in one tensor 0.958-1.041) in 16 s, 256 rows 0.958-1.055 (0.963-1.032) in 22-26 s,
+# 128 rows 0.913-1.075 (0.940-1.062) in 12-19 s, whole tensors 53-63 s (2 threads)
+DEFAULT_ROWS = 192
 
 
 def sample_rows(name: str, n_rows: int, max_rows: int, row_weights: np.ndarray | None, seed: int
@@ -336,20 +341,62 @@ def sample_rows(name: str, n_rows: int, max_rows: int, row_weights: np.ndarray |
     return np.sort(np.concatenate([top, drawn])).astype(np.int64), w.astype(np.float32)
 
 
+@dataclasses.dataclass
+class RowStore:
+    """The quantized bytes of the rows :func:`quantize_native` measured, kept for the builds: a tensor built in a
+    measured type copies these rows (``ggufbot-assemble``) and quantizes only the others. ``bytes_path`` holds the
+    rows of every pair one after another, ``rows_path`` the int64 row indices of the sampled tensors; ``entries``:
+    (tensor, type) -> (offset in bytes_path, offset in rows_path in rows (-1: rows 0..n-1), rows). Lives in a scratch
+    dir for one run (the error cache outlives it; a pair measured in an earlier run has no rows here)."""
+
+    bytes_path: Path
+    rows_path: Path
+    entries: dict[tuple[str, str], tuple[int, int, int]] = dataclasses.field(default_factory=dict)
+    _rows_at: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, directory: Path) -> "RowStore":
+        directory.mkdir(parents=True, exist_ok=True)
+        store = cls(directory / "rows.bin", directory / "rows.i64")
+        for p in (store.bytes_path, store.rows_path):
+            p.write_bytes(b"")
+        return store
+
+    def get(self, name: str, q: str) -> tuple[int, int, int] | None:
+        return self.entries.get((name, q))
+
+    def _add(self, new_bytes: Path, placed: Mapping[tuple[str, str], int], rows: Mapping[str, np.ndarray | None],
+             n_rows: Mapping[str, int]) -> None:
+        base = self.bytes_path.stat().st_size
+        with open(self.bytes_path, "ab") as out, open(new_bytes, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 22)
+        with open(self.rows_path, "ab") as rf:
+            for (name, q), off in placed.items():
+                sel = rows.get(name)
+                if sel is not None and name not in self._rows_at:
+                    self._rows_at[name] = rf.tell() // 8
+                    rf.write(np.ascontiguousarray(sel, dtype="<i8").tobytes())
+                self.entries[(name, q)] = (base + off, self._rows_at[name] if sel is not None else -1, n_rows[name])
+
+
 def quantize_native(program: Path, reference: Path, scratch: Path, wanted: Mapping[str, Iterable[str]],
                     weights: Weights, imatrix: Mapping[str, np.ndarray], cache: ErrorCache, *,
-                    threads: int | None = None, timeout: float | None = None) -> tuple[int, int]:
+                    threads: int | None = None, timeout: float | None = None,
+                    store: RowStore | None = None) -> tuple[int, int]:
     """Measure every wanted pair the cache lacks with ``ggufbot-tensorerr`` (module doc), on the rows
     :func:`sample_rows` picks with the cache key's ``rows`` and ``seed``; returns (tensors read, pairs measured).
     A pair llama.cpp would not write (a row length off the type's block, an imatrix-only type without one) is
-    recorded as unavailable."""
+    recorded as unavailable. ``store``: the measured rows' quantized bytes are added to it."""
     missing = cache.missing(wanted)
     if not missing:
         return 0, 0
     ref = {t.name: t for t in tensors(reference)}
     scratch.mkdir(parents=True, exist_ok=True)
-    wfile, rfile, req = scratch / "weights.f32", scratch / "rows.i64", scratch / "request.txt"
+    wfile, rfile, req = scratch / "weights.f32", scratch / "request-rows.i64", scratch / "request.txt"
+    bfile = scratch / "request-bytes.bin"
     floats, ints, lines = 0, 0, []
+    chosen: dict[str, np.ndarray | None] = {}
+    selected: dict[str, int] = {}
     with open(wfile, "wb") as wf, open(rfile, "wb") as rf:
         for name, qs in missing.items():
             t = ref[name]
@@ -373,25 +420,31 @@ def quantize_native(program: Path, reference: Path, scratch: Path, wanted: Mappi
             if rows is not None:
                 rf.write(np.ascontiguousarray(rows, dtype="<i8").tobytes())
                 rows_off, ints, n_sel = ints, ints + len(rows), len(rows)
+            chosen[name], selected[name] = rows, n_sel
             lines.append(f"{name} {','.join(qs)} {imat_off} {roww_off} {rows_off} {n_sel}")
     req.write_text("\n".join(lines) + "\n")
-    try:
-        res = run([program, reference, req, wfile, rfile, str(threads or proc.cpus())], timeout=timeout,
-                  keep_output=64_000_000)
-    finally:
-        for f in (wfile, rfile, req):
-            f.unlink(missing_ok=True)
     pairs = 0
-    for line in res.stdout.splitlines():
-        parts = line.split()
-        if len(parts) != 3:
-            continue
-        name, q, value = parts
-        if value == "NA":
-            cache.put(name, q, None)
-        else:
-            cache.put(name, q, float(value))
-            pairs += 1
+    placed: dict[tuple[str, str], int] = {}
+    try:
+        res = run([program, reference, req, wfile, rfile, str(threads or proc.cpus()),
+                   *([bfile] if store is not None else [])], timeout=timeout, keep_output=64_000_000)
+        for line in res.stdout.splitlines():
+            parts = line.split()
+            if len(parts) not in (3, 4):
+                continue
+            name, q, value = parts[:3]
+            if value == "NA":
+                cache.put(name, q, None)
+            else:
+                cache.put(name, q, float(value))
+                pairs += 1
+                if len(parts) == 4:
+                    placed[(name, q)] = int(parts[3])
+        if store is not None:
+            store._add(bfile, placed, chosen, selected)
+    finally:
+        for f in (wfile, rfile, req, bfile):
+            f.unlink(missing_ok=True)
     left = cache.missing({n: qs for n, qs in missing.items()})
     if left:
         n, qs = next(iter(left.items()))

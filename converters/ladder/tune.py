@@ -18,8 +18,10 @@ probed each tensor group alone: 8.2x the stock files' cost, and one scale per ki
    stock file's measured KLD plus the scaled difference of the errors. These runs (the reference's logits and each
    stock file's score) are kept in the work dir (:class:`Calibration`) for the fit stage and a resumed run.
 4. **Solve, build, confirm.** :mod:`converters.ladder.layout` picks the type per tensor that minimises the summed
-   damage within the stock file's bytes (dominated types pruned first). The plan is built (its tensor types read
-   back and checked) and scored on the same calibration chunks as the stock file; it is kept only when it beats
+   damage within the stock file's bytes (dominated types pruned first). The plan is built (:func:`build`:
+   ``ggufbot-assemble`` writes llama-quantize's bytes, copying every tensor the ladder's files or the size points
+   tuned before hold in its planned type and every row the error measurement quantized; its tensor types read back
+   and checked) and scored on the same calibration chunks as the stock file; it is kept only when it beats
    the stock file by more than two paired standard errors (per-chunk differences when the KLD figures carry them)
    and its per-chunk ln PPL is not above the stock file's by more than two (the gate's rules, on this text).
    Otherwise the plan's run is added to the observations, the scales are refitted, and the plan is solved once more
@@ -39,7 +41,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,13 +49,11 @@ from typing import Any
 
 import numpy as np
 
-from converters.core import proc
 from converters.core import names, quants, records
 from converters.core.errors import CheckFailed, InputError, ToolchainError, ToolError
-from converters.core.proc import run
 from converters.core.quants import QuantType
 from converters.core.report import KldStats
-from converters.ladder import evaluate, kldfit, layout, tensorerr
+from converters.ladder import assemble, evaluate, kldfit, layout, tensorerr
 from converters.ladder.kldfit import Fit, Observation
 from converters.ladder.layout import TensorInfo
 from converters.ladder.tensorerr import read_importance, weighted_error  # noqa: F401  (the tuner's public API)
@@ -69,6 +68,9 @@ DEFAULT_PROBE_CHUNKS = 8
 # the stage's record: bump when the method changes (3: a tied token embedding never below its stock type; 4: errors
 # on sampled rows by ggufbot-tensorerr, a plan with a worse perplexity on the calibration text not confirmed)
 METHOD = 4
+# ``[quantize] tune = ["default"]`` (the settings' default): these size points, where the ladder has them
+DEFAULT = "default"
+DEFAULT_POINTS = ("Q4_K_M", "Q3_K_M", "Q2_K")
 L_TYPE = "Q8_0"  # the _L layouts' type of the token embedding and the output
 L_KINDS = ("token_embd", "output")
 
@@ -101,9 +103,8 @@ class TuneOptions:
     rows: int = tensorerr.DEFAULT_ROWS  # rows measured per tensor (sampled; 0: whole tensors)
 
 
-def read_types(path: Path) -> dict[str, str]:
-    """Tensor name -> ggml type name, read back with gguf-py."""
-    return tensorerr.tensor_types(path)
+read_types = assemble.read_types
+build = assemble.build  # the tuner's API (the fit stage builds with it too)
 
 
 class Clock:
@@ -170,13 +171,16 @@ class Measurer:
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # the native runs, or files + packed runs
     program: Path | None = None  # ggufbot-tensorerr; None: the files and packed runs
+    store: tensorerr.RowStore | None = None  # the measured rows' quantized bytes, for the builds
 
     @classmethod
     def open(cls, toolchain: Toolchain, workdir: Path, reference: Path, imatrix: Path | None, calibration: Path,
              files: Sequence[Path], *, cache_dir: Path | None = None, threads: int | None = None,
-             timeout: float | None = None, rows: int = tensorerr.DEFAULT_ROWS, native: bool = True) -> "Measurer":
+             timeout: float | None = None, rows: int = tensorerr.DEFAULT_ROWS, native: bool = True,
+             keep_rows: bool = False) -> "Measurer":
         """``rows``: at most this many rows measured per tensor (0: whole tensors); ``native``: use the measuring
-        program (else, or when it cannot be built, whole tensors from the files and packed runs)."""
+        program (else, or when it cannot be built, whole tensors from the files and packed runs); ``keep_rows``: keep
+        the measured rows' quantized bytes in the scratch dir (:attr:`store`) for :func:`build`."""
         program = None
         if native:
             try:
@@ -194,8 +198,9 @@ class Measurer:
         if embd is not None and tensorerr.TOKEN_EMBD not in importance:
             token_rows = tensorerr.token_frequencies(toolchain, reference, calibration, int(embd.shape[1]),
                                                      timeout=timeout)
+        store = tensorerr.RowStore.empty(workdir / TUNE_DIR / "scratch" / "rows") if keep_rows and program else None
         return cls(toolchain, workdir, reference, imatrix, files, cache, tensorerr.Weights(importance, token_rows),
-                   threads, timeout, program=program)
+                   threads, timeout, program=program, store=store)
 
     def errors(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, dict[str, float]]:
         """The error of every wanted pair llama.cpp can produce (pairs it cannot are left out)."""
@@ -215,7 +220,8 @@ class Measurer:
             t0 = time.monotonic()
             n_tensors, measured = tensorerr.quantize_native(
                 self.program, self.reference, self.workdir / TUNE_DIR / "scratch", wanted, self.weights,
-                tensorerr.read_imatrix(self.imatrix), self.cache, threads=self.threads, timeout=self.timeout)
+                tensorerr.read_imatrix(self.imatrix), self.cache, threads=self.threads, timeout=self.timeout,
+                store=self.store)
             self.cache.save()
             self.seconds["native"] = round(self.seconds.get("native", 0.0) + time.monotonic() - t0, 3)
             for k, v in (("cached", hits), ("native_tensors", n_tensors), ("native", measured)):
@@ -340,38 +346,6 @@ def fixed_bytes(stock_file: Path, tensors: Sequence[TensorInfo], stock: Mapping[
     return stock_file.stat().st_size - sum(layout.tensor_bytes(t, stock[t.name]) for t in tensors)
 
 
-def build(layout_: layout.Layout, q: QuantType, reference: Path, workdir: Path, out: Path, *, toolchain: Toolchain,
-          imatrix: Path | None, threads: int | None = None, timeout: float | None = None,
-          type_file: Path | None = None) -> Path:
-    """Quantize with the layout's ``--tensor-type-file`` (written to ``type_file``, default the size point's);
-    check the file's types and size against the plan."""
-    tdir = workdir / TUNE_DIR
-    tdir.mkdir(parents=True, exist_ok=True)
-    tf = type_file or workdir / names.tensor_types(q.name)
-    layout.write_tensor_type_file(tf, layout_.types)
-    tmp = records.tmp_path_for(out)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        argv: list[Any] = [toolchain.program("llama-quantize")]
-        if imatrix is not None:
-            argv += ["--imatrix", os.path.relpath(imatrix, workdir)]
-        argv += ["--tensor-type-file", os.path.abspath(tf), os.path.abspath(reference), os.path.abspath(tmp),
-                 q.base_name, str(threads or proc.cpus())]
-        run(argv, timeout=timeout, cwd=workdir)
-        got = read_types(tmp)
-        wrong = {n: (t, got.get(n)) for n, t in layout_.types.items() if got.get(n) != t}
-        if wrong:
-            raise CheckFailed("tune", f"{len(wrong)} tensor(s) not of the planned type, e.g. "
-                              + ", ".join(f"{n}: {a} planned, {b} written" for n, (a, b) in list(wrong.items())[:3]))
-        if tmp.stat().st_size > layout_.budget + 1024:
-            raise CheckFailed("tune", f"{out.name} is {tmp.stat().st_size} bytes, over the budget of "
-                              f"{layout_.budget + 1024}")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
-
-
 def layout_path(workdir: Path, q: QuantType) -> Path:
     return workdir / names.layout(q.name)
 
@@ -384,9 +358,13 @@ def save_layout(workdir: Path, q: QuantType, lay: layout.Layout) -> Path:
 
 
 def check_points(names_: Sequence[str], ladder: Sequence[str]) -> tuple[QuantType, ...]:
-    """The size points to tune: known types that are in the ladder (the stock file is the budget)."""
-    out = []
+    """The size points to tune: known types that are in the ladder (the stock file is the budget); ``default``
+    stands for those of :data:`DEFAULT_POINTS` the ladder has (none: nothing to tune)."""
+    out: list[QuantType] = []
     for n in names_:
+        if n.strip().lower() == DEFAULT:
+            out += [q for q in map(quants.get, DEFAULT_POINTS) if q.name in ladder and q not in out]
+            continue
         q = quants.get(n)
         if q.name not in ladder:
             raise InputError(f"tune {q.name}: not in the ladder (the stock file of a size point sets its budget)")
@@ -425,6 +403,8 @@ class _Run:
     obs: list[Observation] = dataclasses.field(default_factory=list)
     stock: dict[str, Scored] = dataclasses.field(default_factory=dict)  # each stock file on the calibration text
     cal: Calibration | None = None
+    built: list[Path] = dataclasses.field(default_factory=list)  # the tuned files kept so far (builds copy from them)
+    store: tensorerr.RowStore | None = None  # the measured rows' quantized bytes (builds copy them)
 
     def timed(self, kind: str, fn: Callable[[], Any]) -> Any:
         t0 = time.monotonic()
@@ -461,6 +441,7 @@ def run_points(inp: Inputs, points: Sequence[QuantType], options: TuneOptions, *
                 out, info, fit = _point(r, q, stock[q.name], cands[q.name], fit)
                 if out is not None:
                     outputs.append(out)
+                    r.built.append(out)
                 summary["points"][q.name] = info
             except (InputError, CheckFailed, layout.Infeasible) as e:
                 summary["points"][q.name] = {"status": "not built", "reason": str(e)}
@@ -507,8 +488,9 @@ def _measure(r: _Run, points: Sequence[QuantType], summary: dict[str, Any]
     m = r.timed("errors", lambda: Measurer.open(inp.toolchain, inp.workdir, inp.reference, inp.imatrix,
                                                 inp.calibration, list(inp.stock_files.values()),
                                                 cache_dir=o.cache_dir, threads=o.threads, timeout=o.timeout,
-                                                rows=o.rows))
+                                                rows=o.rows, keep_rows=True))
     r.errors = r.timed("errors", lambda: m.errors(wanted))
+    r.store = m.store
     summary["counts"] = {"tensors": len(r.tensors), "pairs": sum(len(v) for v in wanted.values()), **m.counts,
                          "seconds": m.seconds}
     if r.step:
@@ -562,7 +544,9 @@ def _point(r: _Run, q: QuantType, stock: Mapping[str, str], cands: Mapping[str, 
         last = lay.types
         r.clock.check(f"building {q.name}")
         r.timed("builds", lambda: build(lay, q, inp.reference, inp.workdir, out, toolchain=inp.toolchain,
-                                        imatrix=inp.imatrix, threads=o.threads, timeout=o.timeout))
+                                        imatrix=inp.imatrix, threads=o.threads, timeout=o.timeout,
+                                        template=stock_file, files=[*inp.stock_files.values(), *r.built],
+                                        store=r.store))
         if stock_obs is None or stock_scored is None:  # not confirmed on the calibration text (confirm off)
             rel = save_layout(inp.workdir, q, lay).relative_to(inp.workdir).as_posix()
             info.update({"status": "built", "file": out.relative_to(inp.workdir).as_posix(), "layout": rel,

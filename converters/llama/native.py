@@ -1,11 +1,14 @@
 """Small programs of ggufbot's own, compiled against the toolchain's llama.cpp source tree (its ggml, unchanged).
 
 ``ggufbot-tensorerr`` (``native/tensorerr.cpp``) measures the importance-weighted error of a tensor quantized to a
-type with ggml's own quantizer and dequantizer, on chosen rows (:mod:`converters.ladder.tensorerr` uses it). It links
-only ggml's base library (quantization, type traits, the GGUF reader), whose sources are read from the tree's
-``ggml/src/CMakeLists.txt`` so that another llama.cpp version builds its own list. Built once per (program source,
-ggml sources, compiler flags) into :func:`helpers_root` (about half a minute on 2 cores), under a lock, moved into
-place whole; ``ggufbot toolchain install`` builds it with the toolchain, and so does the container image's builder.
+type with ggml's own quantizer and dequantizer, on chosen rows (:mod:`converters.ladder.tensorerr` uses it).
+``ggufbot-assemble`` (``native/assemble.cpp``) writes a file of planned tensor types byte for byte as llama-quantize
+would, copying each tensor another file already holds in its planned type and quantizing only the rest
+(:func:`converters.ladder.tune.build` uses it). Both link only ggml's base library (quantization, type traits, the
+GGUF reader and writer), whose sources are read from the tree's ``ggml/src/CMakeLists.txt`` so that another
+llama.cpp version builds its own list. Built together once per (program sources, ggml sources, compiler flags) into
+:func:`helpers_root` (about half a minute on 2 cores), under a lock, moved into place whole; ``ggufbot toolchain
+install`` builds them with the toolchain, and so does the container image's builder.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from converters.llama.toolchain import Toolchain, cache_root
 log = logging.getLogger(__name__)
 
 TENSORERR = "ggufbot-tensorerr"
-TENSORERR_SOURCE = Path(__file__).parent / "native" / "tensorerr.cpp"
+ASSEMBLE = "ggufbot-assemble"
+SOURCES = {TENSORERR: Path(__file__).parent / "native" / "tensorerr.cpp",
+           ASSEMBLE: Path(__file__).parent / "native" / "assemble.cpp"}
 # as ggml's CMake builds its base library for a Release build (no -march: the base library is portable, so its
 # float arithmetic, and with it every quantized byte, is what llama-quantize computes)
 C_FLAGS = ("-O3", "-std=gnu11", "-D_GNU_SOURCE", "-D_XOPEN_SOURCE=600", "-DNDEBUG")
@@ -59,7 +64,7 @@ def _compilers() -> tuple[str, str]:
 
 def _key(sources: list[Path], cc: str, cxx: str) -> str:
     h = hashlib.sha256()
-    for p in [TENSORERR_SOURCE, *sources, *sorted((sources[0].parent.parent / "include").glob("*.h")),
+    for p in [*SOURCES.values(), *sources, *sorted((sources[0].parent.parent / "include").glob("*.h")),
               *sorted(sources[0].parent.glob("*.h"))]:
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     h.update(repr((C_FLAGS, CXX_FLAGS, Path(cc).name, Path(cxx).name)).encode())
@@ -76,19 +81,28 @@ def helpers_root() -> Path:
 
 def tensorerr_program(tc: Toolchain, *, timeout: float = BUILD_TIMEOUT) -> Path:
     """The path of ``ggufbot-tensorerr`` for ``tc``'s ggml, built first when missing (safe across processes)."""
+    return programs(tc, timeout=timeout) / TENSORERR
+
+
+def assemble_program(tc: Toolchain, *, timeout: float = BUILD_TIMEOUT) -> Path:
+    """The path of ``ggufbot-assemble`` for ``tc``'s ggml, built first when missing (safe across processes)."""
+    return programs(tc, timeout=timeout) / ASSEMBLE
+
+
+def programs(tc: Toolchain, *, timeout: float = BUILD_TIMEOUT) -> Path:
+    """The folder of ggufbot's programs for ``tc``'s ggml, built first when missing (safe across processes)."""
     ggml = tc.root / "ggml"
     sources = base_sources(ggml)
     cc, cxx = _compilers()
-    final = helpers_root() / f"tensorerr-{_key(sources, cc, cxx)}"
-    exe = final / TENSORERR
-    if exe.is_file():
-        return exe
+    final = helpers_root() / f"native-{_key(sources, cc, cxx)}"
+    if all((final / name).is_file() for name in SOURCES):
+        return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with open(final.parent / f"{final.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if exe.is_file():
-            return exe
-        log.info("building %s against %s (about half a minute)", TENSORERR, ggml)
+        if all((final / name).is_file() for name in SOURCES):
+            return final
+        log.info("building %s against %s (about half a minute)", ", ".join(SOURCES), ggml)
         staging = Path(tempfile.mkdtemp(prefix=f"{final.name}.build-", dir=final.parent))
         try:
             gen = staging / "gen"
@@ -103,9 +117,9 @@ def tensorerr_program(tc: Toolchain, *, timeout: float = BUILD_TIMEOUT) -> Path:
                 compiler, flags = (cc, C_FLAGS) if src.suffix == ".c" else (cxx, CXX_FLAGS)
                 run([compiler, *flags, *inc, "-c", src, "-o", obj], timeout=timeout, cwd=staging)
                 objects.append(obj)
-            out = staging / TENSORERR
-            run([cxx, *CXX_FLAGS, "-I", str(ggml / "include"), TENSORERR_SOURCE, *objects, "-o", out,
-                 "-lpthread", "-lm"], timeout=timeout, cwd=staging)
+            for name, source in SOURCES.items():
+                run([cxx, *CXX_FLAGS, "-I", str(ggml / "include"), source, *objects, "-o", staging / name,
+                     "-lpthread", "-lm"], timeout=timeout, cwd=staging)
             for obj in objects:
                 obj.unlink()
             shutil.rmtree(gen)
@@ -114,7 +128,7 @@ def tensorerr_program(tc: Toolchain, *, timeout: float = BUILD_TIMEOUT) -> Path:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    return exe
+    return final
 
 
 def threads_arg(threads: int | None) -> str:

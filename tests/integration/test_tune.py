@@ -58,9 +58,8 @@ def test_tuned_files_match_their_layout_and_budget(tuned_workdir):
         for t in lay["tensors"]:
             assert t["type"] in t["candidates"] and layout.valid(t["type"], t["shape"][0])
         assert lay["predicted_kld"] <= lay["stock_predicted_kld"] + 1e-12
-        # the type file given to llama-quantize is the plan
-        types_file = tuned_workdir / "tune" / f"{point}-tuned.tensor-types.txt"
-        assert types_file.read_text().split() == layout.tensor_type_lines({t["name"]: t["type"] for t in lay["tensors"]})
+        # built by ggufbot-assemble (a compiler is here): no --tensor-type-file for llama-quantize was written
+        assert not (tuned_workdir / "tune" / f"{point}-tuned.tensor-types.txt").exists()
     from converters.core import records
 
     rec = records.load(tuned_workdir, "tune")

@@ -2,7 +2,7 @@
 // chosen rows, with the pinned llama.cpp's own quantizer (ggml_quantize_chunk, as llama-quantize calls it: row by
 // row, with the imatrix entry of the row's matrix) and dequantizer (the type's to_float).
 //
-//   ggufbot-tensorerr MODEL.gguf REQUEST WEIGHTS ROWS THREADS
+//   ggufbot-tensorerr MODEL.gguf REQUEST WEIGHTS ROWS THREADS [BYTES]
 //
 // REQUEST: one line per tensor, fields separated by single spaces:
 //   NAME TYPES IMATRIX_OFFSET ROW_WEIGHTS_OFFSET ROWS_OFFSET N_ROWS
@@ -15,6 +15,10 @@
 // row_weight[r] * imatrix[matrix(r)][c] * (w - dequantize(quantize(w)))^2, or NA when llama.cpp would not write that
 // type for this tensor (its row length is not a multiple of the type's block, or the type needs an imatrix and none
 // was given). Exits 1 with a message on stderr on bad input.
+//
+// With BYTES (a file path), the quantized bytes of the chosen rows of every measured pair are appended to it, row
+// after row in the order of the request's rows, and the line gets a fourth field: the offset of the pair's first
+// row in BYTES (ggufbot-assemble copies these rows instead of quantizing them again).
 
 #include "ggml.h"
 #include "gguf.h"
@@ -74,8 +78,14 @@ static ggml_type type_by_name(const std::string & name) {
 }
 
 int main(int argc, char ** argv) {
-    if (argc != 6) die("usage: ggufbot-tensorerr MODEL.gguf REQUEST WEIGHTS ROWS THREADS");
+    if (argc != 6 && argc != 7) die("usage: ggufbot-tensorerr MODEL.gguf REQUEST WEIGHTS ROWS THREADS [BYTES]");
     const int n_threads = std::max(1, atoi(argv[5]));
+    FILE * bytes_out = nullptr;
+    long long bytes_at = 0;
+    if (argc == 7) {
+        bytes_out = fopen(argv[6], "wb");
+        if (!bytes_out) die(std::string("cannot write ") + argv[6]);
+    }
 
     struct gguf_init_params params = {/*no_alloc =*/ true, /*ctx =*/ nullptr};
     struct ggml_context * meta = nullptr;
@@ -156,15 +166,17 @@ int main(int argc, char ** argv) {
             const size_t q_row = ggml_row_size(q, n_per_row);
             std::atomic<int64_t> next(0);
             std::vector<double> per_row(sel.size(), 0.0);  // summed in row order after: the same figure every run
+            std::vector<uint8_t> kept(bytes_out ? q_row * sel.size() : 0);
             auto work = [&]() {
-                std::vector<uint8_t> qbuf(q_row);
+                std::vector<uint8_t> own(q_row);
                 std::vector<float> back(n_per_row);
                 for (int64_t i; (i = next.fetch_add(1)) < (int64_t) sel.size();) {
                     const int64_t r = sel[i];
                     const float * x = &ref[i * n_per_row];
                     const float * im = imat ? imat + (r / rows_per_matrix) * n_per_row : nullptr;
-                    ggml_quantize_chunk(q, x, qbuf.data(), 0, 1, n_per_row, im);
-                    qt->to_float(qbuf.data(), back.data(), n_per_row);
+                    uint8_t * qbuf = bytes_out ? &kept[i * q_row] : own.data();
+                    ggml_quantize_chunk(q, x, qbuf, 0, 1, n_per_row, im);
+                    qt->to_float(qbuf, back.data(), n_per_row);
                     double s = 0.0;
                     for (int64_t c = 0; c < n_per_row; ++c) {
                         const double d = (double) x[c] - (double) back[c];
@@ -179,10 +191,17 @@ int main(int argc, char ** argv) {
             for (auto & th : pool) th.join();
             double total = 0.0;
             for (double v : per_row) total += v;
-            printf("%s %s %.17g\n", name.c_str(), ty.c_str(), total);
+            if (bytes_out) {
+                if (fwrite(kept.data(), 1, kept.size(), bytes_out) != kept.size()) die("cannot write the bytes");
+                printf("%s %s %.17g %lld\n", name.c_str(), ty.c_str(), total, bytes_at);
+                bytes_at += (long long) kept.size();
+            } else {
+                printf("%s %s %.17g\n", name.c_str(), ty.c_str(), total);
+            }
         }
         fflush(stdout);
     }
+    if (bytes_out && fclose(bytes_out) != 0) die(std::string("cannot close ") + argv[6]);
     gguf_free(g);
     ggml_free(meta);
     return 0;
