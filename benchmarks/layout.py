@@ -107,7 +107,7 @@ def _summarise(out: Path, points: tuple[str, ...], wall: float) -> dict[str, Any
     lf = {f["type"]: f for f in ladder["files"]}
     rf = {f["type"]: f for f in report["files"]}
     stock_seconds, rows = 0.0, {}
-    worse, better = [], []
+    worse, better, worse_ppl = [], [], []
     for p in points:
         s, t = _figures(rf.get(p)), _figures(rf.get(f"{p}-tuned"))
         q_s = lf.get(p, {}).get("seconds") or 0.0
@@ -130,6 +130,8 @@ def _summarise(out: Path, points: tuple[str, ...], wall: float) -> dict[str, Any
             row["gain_in_paired_se"] = round(pd["gain"] / pd["err"], 2) if pd["err"] else None
             if t["kld_mean"] > s["kld_mean"] or t["bytes"] > s["bytes"]:
                 worse.append(p)
+            if t["ppl_ratio"] > s["ppl_ratio"]:
+                worse_ppl.append(p)
             if pd["gain"] > 2 * pd["err"] and t["bytes"] <= s["bytes"]:
                 better.append(p)
         rows[p] = row
@@ -142,6 +144,9 @@ def _summarise(out: Path, points: tuple[str, ...], wall: float) -> dict[str, Any
             "tuning_cost_ratio": round(tuning / stock_seconds, 3) if tuning and stock_seconds else None,
             "cost_at_most_1x": bool(tuning is not None and stock_seconds and tuning <= stock_seconds),
             "points_worse_than_stock": worse, "points_better_by_2_paired_se": better,
+            # a higher PPL ratio than the stock file's (the gate withholds it when beyond 2 paired errors)
+            "points_with_a_higher_ppl_than_stock": worse_ppl,
+            "points_published_tuned": [p for p in points if (rf.get(f"{p}-tuned") or {}).get("status") == "passed"],
             "wall_seconds": round(wall, 1)}
 
 

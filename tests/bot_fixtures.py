@@ -96,6 +96,7 @@ evaluation_text = "{evaluation}"
 calibration_chunks = 2
 evaluation_chunks = 2
 ctx = 256
+tune = []
 
 [schedule]
 poll_minutes = 60

@@ -48,12 +48,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, default=1, help="quant types to build in parallel (default 1)")
     p.add_argument("--split-max-size", default="45G", help="split files larger than this (e.g. 45G, 500M)")
     p.add_argument("--tune", default="", metavar="TYPE,...",
-                   help="size points that also get a per-tensor tuned file <Model>-<TYPE>-tuned.gguf (e.g. Q4_K_M,Q2_K)")
+                   help="size points that also get a per-tensor tuned file <Model>-<TYPE>-tuned.gguf (e.g. Q4_K_M,Q2_K; "
+                        "'default': Q4_K_M, Q3_K_M and Q2_K where the ladder has them, the bot's default)")
     p.add_argument("--tune-seconds", type=float, default=3600.0, metavar="S",
                    help="time budget of tuning (measurements, probes, solves; default 3600)")
-    p.add_argument("--tune-no-confirm", action="store_true",
-                   help="no calibration run: each tuned plan is built once and judged by the evaluation's gate alone "
-                        "(cheaper; by default each plan must first beat its stock file on the calibration text)")
+    confirm = p.add_mutually_exclusive_group()
+    confirm.add_argument("--tune-confirm", action="store_true",
+                         help="each tuned plan must first beat its stock file on the calibration text (calibration "
+                              "runs, about 3x the cost); by default each plan is built once and judged by the "
+                              "evaluation's gate alone")
+    confirm.add_argument("--tune-no-confirm", action="store_true", help="the default: no calibration run")
     p.add_argument("--fit", action="append", default=[], metavar="SIZE@CTX",
                    help="a memory budget (repeatable), e.g. 16GB@32k: also build <Model>-fit-16GB-32k.gguf, the best "
                         "file whose weights, KV cache and buffers fit it (GB/MB decimal, GiB/MiB binary, k = 1024)")
@@ -142,9 +146,17 @@ def _texts(args: argparse.Namespace, imatrix: bool) -> tuple[Any, Any]:
 def _speed(args: argparse.Namespace) -> speed_mod.SpeedOptions | None:
     """``--speed`` as the speed stage's options: none when nothing is in its scope (a ladder of stock files only,
     scope 'tuned'), so a plain convert makes no speed run and no speed.json, as before."""
-    if args.speed == "all" or (args.speed == "tuned" and (args.tune.strip() or args.fit)):
+    if args.speed == "all" or (args.speed == "tuned" and (_tune_points(args) or args.fit)):
         return speed_mod.SpeedOptions(scope=args.speed)
     return None
+
+
+def _tune_points(args: argparse.Namespace) -> tuple[str, ...]:
+    """``--tune`` as the size points of this ladder (``default`` resolved)."""
+    from converters.ladder import tune
+
+    asked = [t.strip() for t in args.tune.split(",") if t.strip()]
+    return tuple(q.name for q in tune.check_points(asked, [q.name for q in quants.parse_ladder(args.ladder)]))
 
 
 def convert_spec(args: argparse.Namespace, source: Any, model_name: str) -> Any:
@@ -160,8 +172,8 @@ def convert_spec(args: argparse.Namespace, source: Any, model_name: str) -> Any:
         ladder=pipeline.LadderOptions(ladder=tuple(q.name for q in ladder), outtype=args.outtype, imatrix=imatrix,
                                       calibration=cal, calibration_chunks=args.calibration_chunks, ctx=args.ctx,
                                       split_max_bytes=parse_size(args.split_max_size), jobs=args.jobs,
-                                      tune=tuple(t.strip() for t in args.tune.split(",") if t.strip()),
-                                      tune_seconds=args.tune_seconds, tune_confirm=not args.tune_no_confirm,
+                                      tune=_tune_points(args),
+                                      tune_seconds=args.tune_seconds, tune_confirm=args.tune_confirm,
                                       fit=tuple(args.fit),
                                       fit_kv_type=args.fit_kv_type),
         evaluation=EvalSettings(eval_text, chunks=args.eval_chunks, precision=args.eval_precision,

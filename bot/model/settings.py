@@ -152,11 +152,13 @@ class Quantize:
     ctx: int = 512
     split_max_gb: float = 45.0
     jobs: int = 1
-    tune: tuple[str, ...] = ()  # size points to tune per tensor (converters.ladder.tune), e.g. ["Q4_K_M"]; empty: off
+    # size points to tune per tensor (converters.ladder.tune), e.g. ["Q4_K_M"]; "default": those of Q4_K_M, Q3_K_M and
+    # Q2_K the ladder has; empty: off
+    tune: tuple[str, ...] = ("default",)
     tune_seconds: float = 3600.0  # time budget of all tuning measurements, probes and solves of one job
-    # true: each plan is confirmed on the calibration text before it is kept (shrunk toward stock once, else dropped);
-    # false: no calibration run, each plan is built once and judged by the evaluation's gate alone (cheaper)
-    tune_confirm: bool = True
+    # true: each plan is confirmed on the calibration text before it is kept (shrunk toward stock once, else dropped;
+    # about 3x the cost); false: no calibration run, each plan is built once and judged by the evaluation's gate alone
+    tune_confirm: bool = False
     # memory budgets "SIZE@CONTEXT" (GB/MB decimal, GiB/MiB binary, k = 1024 tokens), e.g. ["8GB@8k", "16GB@32k"]:
     # each gets <Model>-fit-16GB-32k.gguf, the best predicted file whose weights + KV cache + buffers fit
     # (converters.ladder.fit); empty: off

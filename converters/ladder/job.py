@@ -335,8 +335,10 @@ def ladder_stages(options: pipeline.LadderOptions, evaluation: EvalSettings | No
     if options.imatrix:
         stages.append(CalibrateStage(options.timeout))
     topts = None
-    if options.tune:
-        topts = tune.TuneOptions(size_points=tuple(options.tune), ctx=options.ctx, time_budget=options.tune_seconds,
+    points = tuple(q.name for q in tune.check_points(options.tune, [q.name for q in quants.parse_ladder(
+        options.ladder)])) if options.tune else ()
+    if points:
+        topts = tune.TuneOptions(size_points=points, ctx=options.ctx, time_budget=options.tune_seconds,
                                  timeout=options.timeout)
         if options.tune_candidates:
             topts = dataclasses.replace(topts, candidates=tuple(options.tune_candidates))

@@ -71,6 +71,7 @@ evaluation_text = "{eval_text}"
 calibration_chunks = 2
 evaluation_chunks = 2
 ctx = 256
+tune = []
 [schedule]
 dispatch_seconds = 0.5
 heartbeat_seconds = 1

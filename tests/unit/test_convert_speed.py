@@ -25,6 +25,7 @@ def _spec(tmp_path: Path, *flags: str):
     (("--fit", "16GB@32k"), "tuned"),
     (("--speed", "all"), "all"),
     (("--tune", "Q4_K_M", "--speed", "off"), None),
+    (("--ladder", "Q8_0", "--tune", "default"), None),  # no default size point in this ladder: nothing tuned
 ])
 def test_speed_options_follow_the_flag_and_what_is_tuned(tmp_path: Path, flags, scope) -> None:
     speed = _spec(tmp_path, *flags).evaluation.speed
@@ -37,6 +38,14 @@ def test_an_unknown_scope_is_refused(tmp_path: Path, capsys) -> None:
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_tune_no_confirm_reaches_the_ladder_options(tmp_path: Path) -> None:
-    assert _spec(tmp_path, "--tune", "Q4_K_M").ladder.tune_confirm is True
+def test_tune_confirm_reaches_the_ladder_options(tmp_path: Path) -> None:
+    assert _spec(tmp_path, "--tune", "Q4_K_M").ladder.tune_confirm is False  # the cheap mode by default
     assert _spec(tmp_path, "--tune", "Q4_K_M", "--tune-no-confirm").ladder.tune_confirm is False
+    assert _spec(tmp_path, "--tune", "Q4_K_M", "--tune-confirm").ladder.tune_confirm is True
+
+
+def test_tune_default_is_the_default_points_of_the_ladder(tmp_path: Path) -> None:
+    assert _spec(tmp_path, "--tune", "default").ladder.tune == ("Q4_K_M", "Q3_K_M", "Q2_K")
+    assert _spec(tmp_path, "--ladder", "Q8_0,Q2_K", "--tune", "default").ladder.tune == ("Q2_K",)
+    assert _spec(tmp_path, "--ladder", "Q8_0", "--tune", "default").ladder.tune == ()
+    assert _spec(tmp_path).ladder.tune == ()  # convert tunes only when asked
