@@ -7,8 +7,9 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 ARGS ?= run
-# the suite in two worker processes (pytest-xdist), each file's tests in one worker, each worker on its own cores
-PYTEST_WORKERS ?= -n 2 --dist loadfile
+# the suite in two worker processes (pytest-xdist), each file's tests in one worker, each worker on its own cores;
+# the files in the suite's order (tests/conftest.py: the longest first), not xdist's (most tests first)
+PYTEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: setup toolchain run test bench clean
 

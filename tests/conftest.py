@@ -34,22 +34,23 @@ def _own_cores() -> None:
 _own_cores()
 
 
-# The longest test files, longest first (seconds measured alone on a quiet 2-core machine, rounded): collected first,
-# so a run in one process starts them first. pytest-xdist (``-n 2 --dist loadfile``: a file's tests stay in one worker,
-# with its module fixtures) re-sorts the files by their number of tests, keeping this order among equals; with
-# ``--no-loadscope-reorder`` it would keep this order and start the long files first (not measured yet). A file
-# missing here only runs later; refresh the list from ``--durations`` when it drifts.
+# The longest test files, longest first (from ``--durations`` of a suite run in two workers): collected first, so the
+# workers start them first and the many short files fill the gaps at the end. pytest-xdist (``-n 2 --dist loadfile``:
+# a file's tests stay in one worker, with its module fixtures) would re-sort the files by their number of tests,
+# which starts the long files (few tests each) last, one worker then running alone for minutes: the Makefile passes
+# ``--no-loadscope-reorder``. A file missing here only runs later; refresh the list when it drifts.
 LONGEST_FIRST = (
-    "e2e/test_bot.py", "e2e/test_boxes.py", "integration/test_gate_damage.py", "e2e/test_follow_llama.py",
-    "integration/test_pipeline.py", "e2e/test_kill_resume.py", "integration/test_runner_variants.py",
-    "integration/test_distill.py", "e2e/test_hostile.py", "integration/test_metapatch.py",
-    "integration/test_evaluate.py", "integration/test_ladder.py", "integration/test_evaluate_identity.py",
-    "integration/test_evaluate_sequential.py", "integration/test_job_early_publish.py",
-    "integration/test_tune_cheap.py", "integration/test_bench.py", "integration/test_convert_cli.py",
-    "integration/test_resume.py", "integration/test_vlm.py", "integration/test_verify.py",
-    "unit/test_tool_limits.py", "integration/test_children.py", "unit/test_hfchild.py",
-    "integration/test_variant_publish.py", "integration/test_tune.py", "integration/test_web.py",
-    "integration/test_signals.py", "integration/test_hostile_template.py", "integration/test_prune.py",
+    "e2e/test_boxes.py", "integration/test_gate_damage.py", "e2e/test_follow_llama.py", "e2e/test_bot.py",
+    "integration/test_pipeline.py", "e2e/test_kill_resume.py", "integration/test_evaluate.py", "e2e/test_hostile.py",
+    "integration/test_runner_variants.py", "integration/test_tune_cheap.py", "integration/test_distill.py",
+    "integration/test_evaluate_sequential.py", "integration/test_metapatch.py", "integration/test_evaluate_identity.py",
+    "integration/test_fit.py", "integration/test_ladder.py", "integration/test_resume.py",
+    "integration/test_job_early_publish.py", "integration/test_vlm.py", "integration/test_convert_cli.py",
+    "integration/test_variant_publish.py", "integration/test_verify.py", "integration/test_prune.py",
+    "unit/test_tool_limits.py", "unit/test_hfchild.py", "integration/test_signals.py", "integration/test_tune.py",
+    "integration/test_children.py", "integration/test_hfmodel_threads.py", "integration/test_two_templates.py",
+    "integration/test_runner_stuck.py", "integration/test_hostile_template.py", "e2e/test_kill_early_publish.py",
+    "integration/test_web.py", "integration/test_bench.py",
 )
 
 

@@ -108,10 +108,10 @@ def test_file_by_file_evaluation_resumes_from_its_records(seq_dir: Path, eval_te
     assert first_batch.chunk_kld == pytest.approx(q2.stats.chunk_kld[:MIN], abs=MIN * 1e-5)
     # and the batches together give what one run over all its chunks gives, within what llama.cpp's own figures
     # move when more chunks share a run (its sequences share one KV cache: with 7 chunks at ctx 256 in one run every
-    # chunk's KLD of a Q2_K moved by up to 0.6 %, against 1e-5 for runs of 2, 4 or 6 chunks)
+    # chunk's KLD of a Q2_K moved by up to 0.6 %, in another run 1.6 %, against 1e-5 for runs of 2, 4 or 6 chunks)
     view = base.write_view(tmp_path / "view.kld", 0, q2.stats.chunks)
     whole, _ = evaluate.run_kld(toolchain, seq_dir / q2.path, view.path, ctx=CTX, threads=2)
     assert whole.kld_mean == pytest.approx(q2.stats.kld_mean, rel=1e-2)
-    assert whole.chunk_kld == pytest.approx(q2.stats.chunk_kld, rel=1e-2)
+    assert whole.chunk_kld == pytest.approx(q2.stats.chunk_kld, rel=3e-2)
     assert whole.same_top_p == pytest.approx(q2.stats.same_top_p, abs=1e-2)
     assert whole.kld_max == pytest.approx(q2.stats.kld_max, rel=5e-2)
