@@ -33,6 +33,7 @@ TENSORERR = "ggufbot-tensorerr"
 ASSEMBLE = "ggufbot-assemble"
 SOURCES = {TENSORERR: Path(__file__).parent / "native" / "tensorerr.cpp",
            ASSEMBLE: Path(__file__).parent / "native" / "assemble.cpp"}
+COMMON = Path(__file__).parent / "native" / "common.h"  # what both include
 # as ggml's CMake builds its base library for a Release build (no -march: the base library is portable, so its
 # float arithmetic, and with it every quantized byte, is what llama-quantize computes)
 C_FLAGS = ("-O3", "-std=gnu11", "-D_GNU_SOURCE", "-D_XOPEN_SOURCE=600", "-DNDEBUG")
@@ -64,7 +65,7 @@ def _compilers() -> tuple[str, str]:
 
 def _key(sources: list[Path], cc: str, cxx: str) -> str:
     h = hashlib.sha256()
-    for p in [*SOURCES.values(), *sources, *sorted((sources[0].parent.parent / "include").glob("*.h")),
+    for p in [*SOURCES.values(), COMMON, *sources, *sorted((sources[0].parent.parent / "include").glob("*.h")),
               *sorted(sources[0].parent.glob("*.h"))]:
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     h.update(repr((C_FLAGS, CXX_FLAGS, Path(cc).name, Path(cxx).name)).encode())

@@ -18,7 +18,8 @@
 // BYTES; they are copied, the other rows quantized. BYTES and ROWS are "-" when no line uses them. Exits 1 with a
 // message on stderr on bad input; prints one line "NAME TYPE copied|quantized ROWS_QUANTIZED" per tensor.
 
-#include "ggml.h"
+#define GGUFBOT_PROGRAM "ggufbot-assemble"
+#include "common.h"
 #include "gguf.h"
 
 #include <fcntl.h>
@@ -37,32 +38,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-static void die(const std::string & msg) {
-    fprintf(stderr, "ggufbot-assemble: %s\n", msg.c_str());
-    exit(1);
-}
-
-struct Mapped {
-    const uint8_t * data = nullptr;
-    size_t size = 0;
-};
-
-static Mapped map_file(const char * path) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) die(std::string("cannot open ") + path);
-    struct stat st;
-    if (fstat(fd, &st) != 0) die(std::string("cannot stat ") + path);
-    Mapped m;
-    m.size = (size_t) st.st_size;
-    if (m.size > 0) {
-        void * p = mmap(nullptr, m.size, PROT_READ, MAP_SHARED, fd, 0);
-        if (p == MAP_FAILED) die(std::string("cannot map ") + path);
-        m.data = (const uint8_t *) p;
-    }
-    close(fd);
-    return m;
-}
 
 struct Gguf {
     std::string path;
@@ -88,17 +63,6 @@ struct Gguf {
         return map.data + off;
     }
 };
-
-static ggml_type type_by_name(const std::string & name) {
-    for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
-        const char * n = ggml_type_name((ggml_type) t);
-        if (n && strcasecmp(n, name.c_str()) == 0 && ggml_get_type_traits((ggml_type) t)->blck_size > 0) {
-            return (ggml_type) t;
-        }
-    }
-    die("unknown ggml type " + name);
-    return GGML_TYPE_COUNT;
-}
 
 struct Step {
     ggml_type type;

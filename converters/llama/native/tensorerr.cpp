@@ -20,7 +20,8 @@
 // after row in the order of the request's rows, and the line gets a fourth field: the offset of the pair's first
 // row in BYTES (ggufbot-assemble copies these rows instead of quantizing them again).
 
-#include "ggml.h"
+#define GGUFBOT_PROGRAM "ggufbot-tensorerr"
+#include "common.h"
 #include "gguf.h"
 
 #include <fcntl.h>
@@ -39,43 +40,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-static void die(const std::string & msg) {
-    fprintf(stderr, "ggufbot-tensorerr: %s\n", msg.c_str());
-    exit(1);
-}
-
-struct Mapped {
-    const uint8_t * data = nullptr;
-    size_t size = 0;
-};
-
-static Mapped map_file(const char * path) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) die(std::string("cannot open ") + path);
-    struct stat st;
-    if (fstat(fd, &st) != 0) die(std::string("cannot stat ") + path);
-    Mapped m;
-    m.size = (size_t) st.st_size;
-    if (m.size > 0) {
-        void * p = mmap(nullptr, m.size, PROT_READ, MAP_SHARED, fd, 0);
-        if (p == MAP_FAILED) die(std::string("cannot map ") + path);
-        m.data = (const uint8_t *) p;
-    }
-    close(fd);
-    return m;
-}
-
-static ggml_type type_by_name(const std::string & name) {
-    for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
-        const char * n = ggml_type_name((ggml_type) t);
-        if (n && strcasecmp(n, name.c_str()) == 0 && ggml_get_type_traits((ggml_type) t)->blck_size > 0) {
-            return (ggml_type) t;
-        }
-    }
-    die("unknown ggml type " + name);
-    return GGML_TYPE_COUNT;
-}
 
 int main(int argc, char ** argv) {
     if (argc != 6 && argc != 7) die("usage: ggufbot-tensorerr MODEL.gguf REQUEST WEIGHTS ROWS THREADS [BYTES]");
