@@ -155,8 +155,7 @@ def _tune_points(args: argparse.Namespace) -> tuple[str, ...]:
     """``--tune`` as the size points of this ladder (``default`` resolved)."""
     from converters.ladder import tune
 
-    asked = [t.strip() for t in args.tune.split(",") if t.strip()]
-    return tuple(q.name for q in tune.check_points(asked, [q.name for q in quants.parse_ladder(args.ladder)]))
+    return tune.point_names([t.strip() for t in args.tune.split(",") if t.strip()], args.ladder)
 
 
 def convert_spec(args: argparse.Namespace, source: Any, model_name: str) -> Any:

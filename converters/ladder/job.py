@@ -335,8 +335,7 @@ def ladder_stages(options: pipeline.LadderOptions, evaluation: EvalSettings | No
     if options.imatrix:
         stages.append(CalibrateStage(options.timeout))
     topts = None
-    points = tuple(q.name for q in tune.check_points(options.tune, [q.name for q in quants.parse_ladder(
-        options.ladder)])) if options.tune else ()
+    points = tune.point_names(options.tune, options.ladder) if options.tune else ()
     if points:
         topts = tune.TuneOptions(size_points=points, ctx=options.ctx, time_budget=options.tune_seconds,
                                  timeout=options.timeout)

@@ -357,6 +357,11 @@ def save_layout(workdir: Path, q: QuantType, lay: layout.Layout) -> Path:
     return p
 
 
+def point_names(names_: Sequence[str], ladder: str | Sequence[str] | None) -> tuple[str, ...]:
+    """:func:`check_points` for a ladder as the settings and the command line give it (``"default"``, a list)."""
+    return tuple(q.name for q in check_points(names_, [q.name for q in quants.parse_ladder(ladder)]))
+
+
 def check_points(names_: Sequence[str], ladder: Sequence[str]) -> tuple[QuantType, ...]:
     """The size points to tune: known types that are in the ladder (the stock file is the budget); ``default``
     stands for those of :data:`DEFAULT_POINTS` the ladder has (none: nothing to tune)."""
