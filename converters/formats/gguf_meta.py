@@ -14,14 +14,19 @@ lists. :func:`read` reads only the header; tensor data is memory-mapped and touc
 Speed: stock ``GGUFReader`` builds a ``numpy.memmap`` view per array element, so a 256k-token vocabulary
 takes tens of seconds to open. :class:`_HeaderReader` is ``GGUFReader`` with plain-ndarray views and one
 view per numeric array (the same fields and ``contents()``), which makes it about 20 times faster; a unit
-test compares it with the stock reader.
+test compares it with the stock reader. :func:`read` also keeps the last few files' metadata, keyed by the file's
+identity and its change time (``st_ctime_ns``, which no write or ``utime`` leaves unchanged): every llama.cpp program
+start checks the file's chat templates first (``verify.require_sandboxed_templates``), and a job starts dozens.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import logging
+import threading
+import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -186,12 +191,34 @@ class GgufMeta:
                 if k.startswith(TOKENIZER_NAMESPACE) or (bool(arch) and k.startswith(arch + ".")) or k == ARCHITECTURE}
 
 
+_READ_CACHE: collections.OrderedDict[tuple[Any, ...], GgufMeta] = collections.OrderedDict()
+_READ_CACHE_SIZE = 8
+_READ_LOCK = threading.Lock()
+
+
 def read(path: Path) -> GgufMeta:
-    """Metadata of a GGUF file; :class:`~converters.core.errors.InputError` when it is missing or not a GGUF."""
-    reader = _open(Path(path))
+    """Metadata of a GGUF file; :class:`~converters.core.errors.InputError` when it is missing or not a GGUF.
+    Read again whenever the file was written, replaced or touched since (see the module doc)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e}") from e
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _READ_LOCK:
+        hit = _READ_CACHE.get(key)
+        if hit is not None:
+            _READ_CACHE.move_to_end(key)
+            return hit if hit.path == path else dataclasses.replace(hit, path=path)
+    reader = _open(path)
     values = {name: _value(f) for name, f in reader.fields.items() if not name.startswith(_READER_FIELD_PREFIX)}
-    return GgufMeta(path=Path(path), values=values, data_offset=int(reader.data_offset),
+    meta = GgufMeta(path=path, values=types.MappingProxyType(values), data_offset=int(reader.data_offset),
                     tensor_count=len(reader.tensors))
+    with _READ_LOCK:
+        _READ_CACHE[key] = meta
+        while len(_READ_CACHE) > _READ_CACHE_SIZE:
+            _READ_CACHE.popitem(last=False)
+    return meta
 
 
 def reader(path: Path) -> gguf.GGUFReader:

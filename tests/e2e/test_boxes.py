@@ -1,6 +1,6 @@
 """Several boxes over PostgreSQL and procrastinate, as real processes: one scheduler (``ggufbot run --no-worker``)
 and three workers (``ggufbot worker``, each with its own data directory, as on its own box), the real Hub client
-against the local Hub server, six tiny releases with a one-type ladder.
+against the local Hub server, four tiny releases with a one-type ladder.
 
 One scenario, in order: a worker is SIGKILLed while it quantizes (its job goes to another worker once its
 heartbeat is ``stale_after_seconds`` old, and starts its stages again there); then PostgreSQL becomes unreachable
@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.llama, pytest.mark.postgres]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AUTHOR = "box-lab"
-N_RELEASES = 6  # two jobs per worker: spread over all, and two left running through the outage
+N_RELEASES = 4  # one job per worker at first (spread over all), the killed one's and the fourth left for the outage
 N_WORKERS = 3
 OUTAGE_S = 30.0
 STALE_S = 20  # a loaded 2-core machine can starve a live worker's heartbeat for several seconds
@@ -210,7 +210,8 @@ def test_kill_and_outage_every_release_published_once(world: World) -> None:
     stall = time.monotonic() - t_kill
 
     # PostgreSQL unreachable for 30 s mid-run
-    wait_for(lambda: world.store.counts().get("published", 0) >= 4, 900, "four published jobs", world.log_tail)
+    wait_for(lambda: world.store.counts().get("published", 0) >= N_RELEASES - 2, 900, "all but two jobs published",
+             world.log_tail)
     running_before = [j.id for j in world.store.jobs([J.Status.RUNNING])]
     world.proxy.cut()
     time.sleep(OUTAGE_S)

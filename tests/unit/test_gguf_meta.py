@@ -61,6 +61,32 @@ def test_values_equal_the_stock_reader(small: Path) -> None:
     assert meta.tensor_count == len(stock.tensors) == 1
 
 
+def test_read_again_whenever_the_file_changed(tmp_path: Path) -> None:
+    """The metadata cache: the same file unchanged is not parsed again; a rewrite in place, a replacement under the
+    same name, or a write that restores the old modification time each give the new file's metadata."""
+    import os
+
+    p = _write(tmp_path / "m.gguf", template="{{ one }}")
+    first = gguf_meta.read(p)
+    assert gguf_meta.read(p) is first  # unchanged: the cached object
+    with pytest.raises(TypeError):
+        first.values["general.architecture"] = "x"  # type: ignore[index]  # read-only: a cached object is shared
+    st = p.stat()
+    _write(tmp_path / "m.gguf", template="{{ two }}")  # rewritten in place, same size
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with the old modification time
+    assert gguf_meta.read(p).chat_templates() == {gguf.Keys.Tokenizer.CHAT_TEMPLATE: "{{ two }}"}
+    other = _write(tmp_path / "n.gguf", template="{{ three }}")
+    os.replace(other, p)
+    assert gguf_meta.read(p).chat_templates() == {gguf.Keys.Tokenizer.CHAT_TEMPLATE: "{{ three }}"}
+    link = tmp_path / "link.gguf"
+    os.link(p, link)  # the same file by another name: the name it was asked by
+    assert gguf_meta.read(link).path == link
+    p.unlink()
+    link.unlink()
+    with pytest.raises(InputError):
+        gguf_meta.read(p)
+
+
 @pytest.mark.parametrize(("key", "expected"), [
     (gguf.Keys.General.ARCHITECTURE, "llama"),
     (gguf.Keys.Tokenizer.LIST, TOKENS),
