@@ -171,10 +171,18 @@ def _measurements(inp: FitInputs, o: FitOptions, ladder: Ladder, cal: tune.Calib
     wd = inp.workdir
     stocks = [wd / f.path for f in stock_files(ladder) if not f.split]
     tensors = tune.catalogue(inp.reference, stocks)
-    stock_types = sorted({t for f in stocks for t in tune.read_types(f).values()
-                          if t in layout.QUANT_SIZES and t not in ("F32", *layout.UNQUANTIZED)})
-    cands = tuple(o.candidates) + tuple(t for t in stock_types if t not in o.candidates)
-    wanted = {t.name: [q for q in cands if layout.valid(q, t.row_length)] for t in tensors}
+    # per tensor: the candidates, and each type a stock file holds that tensor in (every stock layout, the baseline's
+    # among them, stays a plan the solver can pick; a stock type is not a candidate for the other tensors: Q5_1, the
+    # fallback of Q5_K on rows that are not a multiple of 256, is not offered everywhere when the candidates leave
+    # it out)
+    held: dict[str, list[str]] = {}
+    for f in stocks:
+        for name, q in tune.read_types(f).items():
+            if q in layout.QUANT_SIZES and q not in ("F32", *layout.UNQUANTIZED) and q not in held.setdefault(name, []):
+                held[name].append(q)
+    wanted = {t.name: [q for q in o.candidates if layout.valid(q, t.row_length)] for t in tensors}
+    for t in tensors:
+        wanted[t.name] += [q for q in sorted(held.get(t.name, ())) if q not in wanted[t.name]]
     scratch = wd / names.TUNE_DIR / "scratch"
     cal = cal or calibration_for(inp, o)
     assert cal is not None

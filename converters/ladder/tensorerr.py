@@ -43,7 +43,7 @@ import os
 import re
 import shutil
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -382,11 +382,12 @@ class RowStore:
 def quantize_native(program: Path, reference: Path, scratch: Path, wanted: Mapping[str, Iterable[str]],
                     weights: Weights, imatrix: Mapping[str, np.ndarray], cache: ErrorCache, *,
                     threads: int | None = None, timeout: float | None = None,
-                    store: RowStore | None = None) -> tuple[int, int]:
+                    store: RowStore | None = None, held: Collection[tuple[str, str]] = ()) -> tuple[int, int]:
     """Measure every wanted pair the cache lacks with ``ggufbot-tensorerr`` (module doc), on the rows
     :func:`sample_rows` picks with the cache key's ``rows`` and ``seed``; returns (tensors read, pairs measured).
     A pair llama.cpp would not write (a row length off the type's block, an imatrix-only type without one) is
-    recorded as unavailable. ``store``: the measured rows' quantized bytes are added to it."""
+    recorded as unavailable. ``store``: the measured rows' quantized bytes are added to it, except those of the
+    ``held`` (tensor, type) pairs (a file the builds copy from holds those tensors whole)."""
     missing = cache.missing(wanted)
     if not missing:
         return 0, 0
@@ -421,7 +422,8 @@ def quantize_native(program: Path, reference: Path, scratch: Path, wanted: Mappi
                 rf.write(np.ascontiguousarray(rows, dtype="<i8").tobytes())
                 rows_off, ints, n_sel = ints, ints + len(rows), len(rows)
             chosen[name], selected[name] = rows, n_sel
-            lines.append(f"{name} {','.join(qs)} {imat_off} {roww_off} {rows_off} {n_sel}")
+            kinds = [f"{q}-" if store is not None and (name, q) in held else q for q in qs]
+            lines.append(f"{name} {','.join(kinds)} {imat_off} {roww_off} {rows_off} {n_sel}")
     req.write_text("\n".join(lines) + "\n")
     pairs = 0
     placed: dict[tuple[str, str], int] = {}

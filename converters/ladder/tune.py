@@ -202,6 +202,11 @@ class Measurer:
         return cls(toolchain, workdir, reference, imatrix, files, cache, tensorerr.Weights(importance, token_rows),
                    threads, timeout, program=program, store=store)
 
+    def held(self) -> set[tuple[str, str]]:
+        """The (tensor, type) pairs one of the ladder's stock files holds: a build copies those tensors whole, so
+        their measured rows are not kept."""
+        return {(n, q) for f in self.files for n, q in read_types(f).items()}
+
     def errors(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, dict[str, float]]:
         """The error of every wanted pair llama.cpp can produce (pairs it cannot are left out)."""
         ref = {t.name: t for t in tensorerr.tensors(self.reference)}
@@ -221,7 +226,7 @@ class Measurer:
             n_tensors, measured = tensorerr.quantize_native(
                 self.program, self.reference, self.workdir / TUNE_DIR / "scratch", wanted, self.weights,
                 tensorerr.read_imatrix(self.imatrix), self.cache, threads=self.threads, timeout=self.timeout,
-                store=self.store)
+                store=self.store, held=self.held() if self.store is not None else ())
             self.cache.save()
             self.seconds["native"] = round(self.seconds.get("native", 0.0) + time.monotonic() - t0, 3)
             for k, v in (("cached", hits), ("native_tensors", n_tensors), ("native", measured)):

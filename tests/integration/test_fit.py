@@ -104,6 +104,8 @@ def test_fit_damage_is_measured_by_the_tuners_measurer_from_the_ladders_files(
     # every pair in one run of the measuring program
     assert len(runs) == 1 and runs[0] >= len(q4_types) // 2
     names_ = {t.name for t in m.tensors}
+    for t in m.tensors:  # besides the candidates, a tensor is measured only in the types the stock files hold it in
+        assert set(m.errors[t.name]) <= {"Q8_0", q4_types.get(t.name), q8_types.get(t.name)}, (t.name, m.errors[t.name])
     assert "token_embd.weight" in names_ and any(n.startswith("blk.0.") for n in names_)
     lower = 0
     for t in m.tensors:

@@ -206,6 +206,16 @@ def test_assembled_file_is_llama_quantizes_file(cheap_dir, toolchain, tmp_path):
     tensorerr.quantize_native(native.tensorerr_program(toolchain), reference, tmp_path / "scratch", wanted, weights,
                               tensorerr.read_imatrix(imatrix), cache, threads=2, store=store)
     assert len(store.entries) == len(wanted) and store.bytes_path.stat().st_size > 0
+    # a pair that a file the build copies from holds whole: measured the same, its rows not kept
+    first = next(iter(wanted))
+    store2 = tensorerr.RowStore.empty(tmp_path / "rows2")
+    cache2 = tensorerr.ErrorCache(tmp_path / "errs2", cache.key)
+    tensorerr.quantize_native(native.tensorerr_program(toolchain), reference, tmp_path / "scratch", wanted, weights,
+                              tensorerr.read_imatrix(imatrix), cache2, threads=2, store=store2,
+                              held={(first, "IQ4_NL")})
+    assert cache2.table(wanted) == cache.table(wanted)
+    assert set(store2.entries) == set(store.entries) - {(first, "IQ4_NL")}
+    assert 0 < store2.bytes_path.stat().st_size < store.bytes_path.stat().st_size
     # (no other file: the IQ4_XS file holds IQ4_NL tensors, its fallback for 576-wide rows)
     reused = assemble_mod.assemble(program, types, reference, stock_file, [], tmp_path / "e.gguf", imatrix=imatrix,
                            scratch=tmp_path / "scratch", threads=2, store=store)

@@ -18,7 +18,8 @@
 //
 // With BYTES (a file path), the quantized bytes of the chosen rows of every measured pair are appended to it, row
 // after row in the order of the request's rows, and the line gets a fourth field: the offset of the pair's first
-// row in BYTES (ggufbot-assemble copies these rows instead of quantizing them again).
+// row in BYTES (ggufbot-assemble copies these rows instead of quantizing them again). A type written with a trailing
+// '-' (Q4_0-) is measured but its bytes are not kept (a file the build copies from holds the whole tensor already).
 
 #define GGUFBOT_PROGRAM "ggufbot-tensorerr"
 #include "common.h"
@@ -120,6 +121,8 @@ int main(int argc, char ** argv) {
         std::string ty;
         std::istringstream ts(types);
         while (std::getline(ts, ty, ',')) {
+            const bool keep = bytes_out != nullptr && !(ty.size() > 1 && ty.back() == '-');
+            if (!ty.empty() && ty.back() == '-') ty.pop_back();
             const ggml_type q = type_by_name(ty);
             const auto * qt = ggml_get_type_traits(q);
             if (n_per_row % qt->blck_size != 0 || (imat == nullptr && ggml_quantize_requires_imatrix(q)) || !qt->to_float) {
@@ -130,7 +133,7 @@ int main(int argc, char ** argv) {
             const size_t q_row = ggml_row_size(q, n_per_row);
             std::atomic<int64_t> next(0);
             std::vector<double> per_row(sel.size(), 0.0);  // summed in row order after: the same figure every run
-            std::vector<uint8_t> kept(bytes_out ? q_row * sel.size() : 0);
+            std::vector<uint8_t> kept(keep ? q_row * sel.size() : 0);
             auto work = [&]() {
                 std::vector<uint8_t> own(q_row);
                 std::vector<float> back(n_per_row);
@@ -138,7 +141,7 @@ int main(int argc, char ** argv) {
                     const int64_t r = sel[i];
                     const float * x = &ref[i * n_per_row];
                     const float * im = imat ? imat + (r / rows_per_matrix) * n_per_row : nullptr;
-                    uint8_t * qbuf = bytes_out ? &kept[i * q_row] : own.data();
+                    uint8_t * qbuf = keep ? &kept[i * q_row] : own.data();
                     ggml_quantize_chunk(q, x, qbuf, 0, 1, n_per_row, im);
                     qt->to_float(qbuf, back.data(), n_per_row);
                     double s = 0.0;
@@ -155,7 +158,7 @@ int main(int argc, char ** argv) {
             for (auto & th : pool) th.join();
             double total = 0.0;
             for (double v : per_row) total += v;
-            if (bytes_out) {
+            if (keep) {
                 if (fwrite(kept.data(), 1, kept.size(), bytes_out) != kept.size()) die("cannot write the bytes");
                 printf("%s %s %.17g %lld\n", name.c_str(), ty.c_str(), total, bytes_at);
                 bytes_at += (long long) kept.size();
