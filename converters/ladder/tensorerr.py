@@ -347,7 +347,9 @@ class RowStore:
     measured type copies these rows (``ggufbot-assemble``) and quantizes only the others. ``bytes_path`` holds the
     rows of every pair one after another, ``rows_path`` the int64 row indices of the sampled tensors; ``entries``:
     (tensor, type) -> (offset in bytes_path, offset in rows_path in rows (-1: rows 0..n-1), rows). Lives in a scratch
-    dir for one run (the error cache outlives it; a pair measured in an earlier run has no rows here)."""
+    dir for one run (the error cache outlives it; a pair measured in an earlier run has no rows here). The pairs a
+    stock file holds are not kept (``held``: the build copies those tensors whole): on SmolLM2's layout benchmark
+    that leaves 69 of the 108 MB of measured rows (computed from the run's measurements)."""
 
     bytes_path: Path
     rows_path: Path
