@@ -175,7 +175,7 @@ class PipelineStage:
         def open_eval() -> None:
             # the types ladder.json does not list yet are reported as pending until they are measured
             listed = {f.type for f in ladder_so_far().files}
-            expected = [q.name for q in types if q.name not in listed] + tuned
+            expected = [q.name for q in types if q.name not in listed] + tuned + fits
             evaluation.append(evaluate.LadderEvaluation.open(ctx.workdir, evaluate.EvalOptions(**opts),
                                                              toolchain=ctx.toolchain, hooks=ctx.hooks,
                                                              expected=expected))

@@ -98,7 +98,7 @@ def test_fit_damage_is_measured_by_the_tuners_measurer_from_the_ladders_files(
     monkeypatch.setattr(tensorerr, "quantize_native", counting)
     reference = tmp_path / ladder.reference.path
     inp = fit.FitInputs(tmp_path, ladder, reference, tmp_path / ladder.imatrix.gguf, calibration_text, toolchain)
-    m = fit._measurements(inp, fit.FitOptions(budgets=(), candidates=("Q8_0",)), ladder)
+    m = fit._measurements(inp, fit.FitOptions(budgets=(), candidates=("Q8_0",), kld_scales=True), ladder)
     q4_types = tune.read_types(tmp_path / ladder.file("Q4_K_M").path)
     q8_types = tune.read_types(tmp_path / ladder.file("Q8_0").path)
     # every pair in one run of the measuring program

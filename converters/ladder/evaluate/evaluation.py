@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.core import records
-from converters.core.errors import InputError, ParseError, ToolError
+from converters.core.errors import CheckFailed, InputError, ParseError, ToolError
 from converters.core.hooks import NULL_HOOKS, PROGRESS, Hooks
 from converters.core.report import FAILED, PASSED, Check, FileResult, Report
 from converters.core.workdir import LadderFile, WorkDir
@@ -97,9 +97,13 @@ class LadderEvaluation:
         job = prepare(WorkDir(workdir), options, toolchain, hooks)
         ev = cls(job, started, expected)
         if records.complete(job.wd.path, STAGE, record_inputs(job, ev._common)) is not None and job.wd.has_report():
-            log.info("evaluate: %s already evaluated for these inputs; skipped", job.model_name)
-            ev._done = job.wd.report()
-            return ev
+            done = job.wd.report()
+            if _measured_as_on_disk(done, job.wd.path, ev._expected):
+                log.info("evaluate: %s already evaluated for these inputs; skipped", job.model_name)
+                ev._done = done
+                return ev
+            log.info("evaluate: %s: the files still to come (%s) are not those the earlier evaluation measured; "
+                     "evaluated again", job.model_name, ", ".join(ev._expected))
         try:
             ev._start()
         except BaseException:
@@ -213,7 +217,16 @@ class LadderEvaluation:
         docstring; :meth:`settled` says which files became final). A file measured before for the same inputs (a
         resumed job) is taken from its record, not measured again."""
         if self._done is not None:
-            done = self._done.file(lf.type)
+            try:
+                done = self._done.file(lf.type)
+            except KeyError:
+                done = None
+            if done is None or (lf.sha256 and done.sha256 != lf.sha256):
+                # made again since the evaluation opened (a tuned or fit file rebuilt by changed settings): its old
+                # figures are not this file's; the job stops here, and its next run measures the file (the open
+                # above refuses the earlier evaluation once this file is on disk)
+                raise CheckFailed(STAGE, f"{lf.type} changed after the evaluation took the earlier one's figures; "
+                                         "run the job again to measure it")
             if done.type not in self._handed:
                 self._handed.add(done.type)
                 self._settling.ready.append(done)
@@ -374,3 +387,19 @@ def run(workdir: Path | WorkDir, options: EvalOptions, *, toolchain: tc_mod.Tool
         for lf in ev.job.ladder.files:
             ev.measure(lf)
         return ev.finish()
+
+
+def _measured_as_on_disk(done: Report, workdir: Path, expected: Sequence[str]) -> bool:
+    """Every file still to come (``expected``: tuned and memory-budget files, made after the evaluation opens) is in
+    the earlier report, with the content that is on disk now: else that report cannot answer for them."""
+    for t in expected:
+        try:
+            f = done.file(t)
+        except KeyError:
+            return False
+        parts = f.parts or [{"path": f.path, "sha256": f.sha256}]
+        for part in parts:
+            p = workdir / str(part.get("path"))
+            if not p.is_file() or records.content_sha256(p, workdir) != part.get("sha256"):
+                return False
+    return True
