@@ -136,7 +136,11 @@ def _summarise(out: Path, points: tuple[str, ...], wall: float) -> dict[str, Any
                 better.append(p)
         rows[p] = row
     tuning = rec.seconds if rec else None
+    speed = records.load(out, "speed")
     return {"points": rows, "tuning_seconds": tuning,
+            # llama-bench of the tuned files and their stock files (speed scope "tuned", the default): run only because
+            # there are tuned files, so a cost of tuning too, though not part of tuning_seconds (issue 21's measure)
+            "speed_stage_seconds": speed.seconds if speed else None,
             "tuning_split": (rec.extra.get("seconds") if rec else None),
             "measurement_counts": (rec.extra.get("counts") if rec else None),
             "fit": rec.extra.get("fit") if rec else None, "refit": rec.extra.get("refit") if rec else None,
