@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -58,8 +59,16 @@ def test_a_file_the_earlier_report_lacks_or_measured_otherwise_stops_the_job(tmp
     def lf(t: str, sha: str) -> LadderFile:
         return LadderFile(type=t, path=f"M-{t}.gguf", size=2, sha256=sha, parts=(f"M-{t}.gguf",), part_sha256=(sha,))
 
+    class Job:
+        wd = SimpleNamespace(path=tmp_path)
+
+    ev.job = Job()
     assert ev.measure(lf("Q8_0", _sha(stock))).type == "Q8_0"  # measured before, same content: its figures
+    # ladder.json's hash is not the judge: the content on disk is (a file changed in place is measured again by
+    # the open, whose record keys on the content)
+    assert ev.measure(lf("Q8_0", "1" * 64)).type == "Q8_0"
     with pytest.raises(CheckFailed, match="changed after"):
         ev.measure(lf("fit-8GB-4k", "0" * 64))  # not in the earlier report
+    stock.write_bytes(b"q8 made again")
     with pytest.raises(CheckFailed, match="changed after"):
-        ev.measure(lf("Q8_0", "1" * 64))  # another file under the same name
+        ev.measure(lf("Q8_0", _sha(stock)))  # another file under the same name since the report

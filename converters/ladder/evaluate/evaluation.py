@@ -221,7 +221,7 @@ class LadderEvaluation:
                 done = self._done.file(lf.type)
             except KeyError:
                 done = None
-            if done is None or (lf.sha256 and done.sha256 != lf.sha256):
+            if done is None or not _same_as_on_disk(done, self.job.wd.path):
                 # made again since the evaluation opened (a tuned or fit file rebuilt by changed settings): its old
                 # figures are not this file's; the job stops here, and its next run measures the file (the open
                 # above refuses the earlier evaluation once this file is on disk)
@@ -397,9 +397,19 @@ def _measured_as_on_disk(done: Report, workdir: Path, expected: Sequence[str]) -
             f = done.file(t)
         except KeyError:
             return False
-        parts = f.parts or [{"path": f.path, "sha256": f.sha256}]
-        for part in parts:
-            p = workdir / str(part.get("path"))
-            if not p.is_file() or records.content_sha256(p, workdir) != part.get("sha256"):
+        if not _same_as_on_disk(f, workdir):
+            return False
+    return True
+
+
+def _same_as_on_disk(f: FileResult, workdir: Path) -> bool:
+    """The file is on disk with the content it was measured with (or still missing, if it was missing then); the
+    content hash is cached by the file's stat (:func:`converters.core.records.content_sha256`)."""
+    for part in f.parts or [{"path": f.path, "sha256": f.sha256}]:
+        p, sha = workdir / str(part.get("path")), part.get("sha256")
+        if sha is None:
+            if p.exists():
                 return False
+        elif not p.is_file() or records.content_sha256(p, workdir) != sha:
+            return False
     return True
