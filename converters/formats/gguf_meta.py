@@ -192,7 +192,7 @@ class GgufMeta:
 
 
 _READ_CACHE: collections.OrderedDict[tuple[Any, ...], GgufMeta] = collections.OrderedDict()
-_READ_CACHE_SIZE = 8
+_READ_CACHE_SIZE = 4  # a 256k-token vocabulary is tens of MB of Python objects
 _READ_LOCK = threading.Lock()
 
 
