@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,9 @@ log = logging.getLogger(__name__)
 
 
 def read_types(path: Path) -> dict[str, str]:
-    """Tensor name -> ggml type name, read back with gguf-py."""
-    return tensorerr.tensor_types(path)
+    """Tensor name -> ggml type name, read back with gguf-py (once per file version: the tuner and the fit stage ask
+    for the stock files' types many times)."""
+    return dict(_per_version("types", Path(path), tensorerr.tensor_types))
 
 
 def build(layout_: layout.Layout, q: QuantType, reference: Path, workdir: Path, out: Path, *, toolchain: Toolchain,
@@ -133,17 +135,30 @@ def assemble(program: Path, types: Mapping[str, str], reference: Path, template:
             "rows_quantized": sum(int(d[3]) for d in done), "rows_reused": reused}
 
 
-_HOLDERS: dict[tuple[Any, ...], tuple[dict[str, str], dict[str, Any]]] = {}
+_BY_VERSION: dict[tuple[Any, ...], Any] = {}
+_BY_VERSION_LOCK = threading.Lock()
+
+
+def _per_version(kind: str, path: Path, read: Callable[[Path], Any]) -> Any:
+    """``read(path)``, once per version of the file (:func:`converters.core.records.stat_key`: size, mtime, ctime,
+    inode, device); the last 64 answers are kept."""
+    key = (kind, str(path), *records.stat_key(path))
+    with _BY_VERSION_LOCK:
+        if key in _BY_VERSION:
+            return _BY_VERSION[key]
+    value = read(path)
+    with _BY_VERSION_LOCK:
+        _BY_VERSION[key] = value
+        while len(_BY_VERSION) > 64:
+            _BY_VERSION.pop(next(iter(_BY_VERSION)))
+    return value
+
+
+def _imatrix_keys(path: Path) -> dict[str, Any]:
+    return {k: v for k, v in gguf_meta.read(path).values.items() if k.startswith("quantize.imatrix.")}
 
 
 def _holder(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
     """A file's tensor types and its ``quantize.imatrix.*`` metadata, read once per file version (a build reads every
     stock file; each read parses the vocabulary's metadata)."""
-    st = path.stat()
-    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _HOLDERS:
-        meta = gguf_meta.read(path)
-        _HOLDERS[key] = (read_types(path), {k: v for k, v in meta.values.items() if k.startswith("quantize.imatrix.")})
-        while len(_HOLDERS) > 64:
-            _HOLDERS.pop(next(iter(_HOLDERS)))
-    return _HOLDERS[key]
+    return read_types(path), _per_version("imatrix", path, _imatrix_keys)
